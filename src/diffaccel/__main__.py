@@ -1,0 +1,3 @@
+from diffaccel.cli import main
+
+main()

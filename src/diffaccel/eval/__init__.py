@@ -1,0 +1,1 @@
+"""Measuring quality and cost."""

@@ -1,0 +1,112 @@
+"""The main job: sample every requested class from an embedded model, then score the samples."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from diffaccel.eval.cost import count_macs
+from diffaccel.zoo import shapes
+from diffaccel.zoo.pipeline import ShapesPipeline
+
+
+@dataclass
+class GenerateConfig:
+    model: str = "dit"
+    classes: list[str] | None = None
+    per_class: int = 8
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance: float = 3.0
+    seed: int = 0
+    batch_size: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+def image_seed(seed: int, class_id: int, index: int) -> int:
+    """The noise seed of the ``index``-th image of a class: independent of batching and of which
+    other classes are requested, so the same (seed, class, index) always gives the same image."""
+    return int(np.random.SeedSequence([seed, class_id, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def job_items(cfg: GenerateConfig) -> tuple[torch.Tensor, list[int]]:
+    """Labels and noise seeds of every image of a job, class by class."""
+    ids = shapes.class_ids(cfg.classes)
+    labels = [c for c in ids for _ in range(cfg.per_class)]
+    seeds = [image_seed(cfg.seed, c, j) for c in ids for j in range(cfg.per_class)]
+    return torch.tensor(labels), seeds
+
+
+def sample(pipe: ShapesPipeline, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
+           batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Images in [0, 1] for the given labels and per-image seeds, in batches."""
+    out = []
+    starts = range(0, len(labels), batch_size)
+    for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) < 2):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        out.append(pipe(labels[start:start + batch_size], num_inference_steps=steps,
+                        guidance_scale=guidance, generator=gens).images)
+    return torch.cat(out)
+
+
+def macs_per_image(pipe: ShapesPipeline, steps: int, guidance: float) -> int:
+    """Denoiser MACs of one unaccelerated image: one forward per step, two under guidance."""
+    x = torch.zeros(1, pipe.denoiser.config.in_channels, pipe.denoiser.config.sample_size,
+                    pipe.denoiser.config.sample_size)
+    per_forward = count_macs(lambda: pipe.denoise(x, torch.tensor([500]), torch.tensor([0])))
+    return per_forward * steps * (2 if guidance > 1.0 else 1)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> None:
+    """Images (N, 3, H, W) in [0, 1] as one PNG, ``rows`` rows (one per class), upscaled."""
+    n, _, h, w = images.shape
+    cols = -(-n // rows)
+    canvas = torch.ones(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
+    array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(array)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file, so an interruption never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def run_generate(cfg: GenerateConfig, out: Path, pipe: ShapesPipeline, evaluator, progress: bool = True) -> dict:
+    labels, seeds = job_items(cfg)
+    start = time.perf_counter()
+    images = sample(pipe, labels, seeds, cfg.steps, cfg.guidance, cfg.batch_size, progress)
+    seconds = time.perf_counter() - start
+    scores = evaluator.score(images, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images, rows=len(shapes.class_ids(cfg.classes)), path=out / "grid.png")
+    record = {
+        "model": cfg.model,
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "seed": cfg.seed,
+        "classes": [shapes.CLASSES[c] for c in shapes.class_ids(cfg.classes)],
+        "per_class": cfg.per_class,
+        "n_images": len(images),
+        **scores,
+        "fd_samples": len(images),
+        "macs_per_image": macs_per_image(pipe, cfg.steps, cfg.guidance),
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
+        **cfg.extra,
+    }
+    write_json(out / "record.json", record)
+    return record

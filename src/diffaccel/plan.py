@@ -1,0 +1,154 @@
+"""The Plan: a validated, versioned, JSON description of what one sampling run computes.
+
+For every denoising step and every cacheable unit of the model the plan holds an action:
+
+* ``C`` compute the unit,
+* ``R`` reuse its last computed output (or, for residual units, add its last residual),
+* ``F`` forecast it by Taylor extrapolation from its last computed outputs.
+
+A plan may instead carry a runtime ``rule`` that decides reuse per step from the first blocks'
+residual (the first-block / dual-block cache idea). Plans are data: methods produce them, the
+executor applies them, ``diffaccel plan show`` prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffaccel.errors import DiffaccelError
+
+PLAN_VERSION = 1
+ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
+
+
+class PlanError(DiffaccelError):
+    """A plan is malformed or does not fit the model or the call it is applied to."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResidualRule(_Strict):
+    """Decide reuse at run time: always compute the first ``first_blocks`` and last ``last_blocks``
+    units; reuse the ones between when the first blocks' residual changed by less than
+    ``threshold`` (relative L1) since the last computed step."""
+
+    first_blocks: int = Field(1, ge=1)
+    last_blocks: int = Field(0, ge=0)
+    threshold: float = Field(0.1, gt=0)
+    warmup: int = Field(2, ge=1, description="leading steps that always compute")
+    max_consecutive: int = Field(3, ge=1, description="cap on consecutive reused steps")
+    forecast_order: int = Field(0, ge=0, le=2, description="0: reuse; 1-2: Taylor forecast of the skipped units")
+
+
+class Correction(_Strict):
+    """Per-step linear correction of reused units, fitted offline (ERTACache): a reused residual
+    ``r`` becomes ``gain[step] * r + bias[step]`` (bias per channel, or empty for none)."""
+
+    gain: list[float]
+    bias: list[list[float]] = Field(default_factory=list)
+
+
+class NoiseInjection(_Strict):
+    """Faster Diffusion's prior noise injection: add ``strength * z_T`` to the latent after every
+    step from ``from_step`` on (needs a pipeline, whose scheduler step is where latents change)."""
+
+    strength: float = Field(0.003, ge=0)
+    from_step: int = Field(0, ge=0)
+
+
+class Plan(_Strict):
+    version: Literal[1] = PLAN_VERSION
+    adapter: str = Field(description="adapter that defines the units, e.g. 'dit' or 'unet'")
+    model_class: str = Field(description="the diffusers class the plan was made for")
+    units: list[str] = Field(min_length=1, description="unit names, in adapter order")
+    granularity: Literal["block", "component"] = "block"
+    sampler: str = "ddim"
+    num_steps: int | None = Field(None, ge=1, description="steps of the static schedule; None for rule plans")
+    timesteps: list[float] | None = Field(None, description="the scheduler timesteps the plan was made for")
+    schedule: list[str] | None = Field(None, description="one string per step, one action letter per unit")
+    rule: ResidualRule | None = None
+    forecast_order: int = Field(1, ge=1, le=2, description="Taylor order used by 'F' actions")
+    parallel_decode: bool = Field(False, description="batch consecutive decoder-only steps (U-Net)")
+    noise_injection: NoiseInjection | None = None
+    correction: Correction | None = None
+    method: str = "custom"
+    params: dict = Field(default_factory=dict, description="the method's settings, for the record")
+
+    @model_validator(mode="after")
+    def _check(self) -> Plan:
+        if (self.schedule is None) == (self.rule is None):
+            raise ValueError("a plan needs exactly one of 'schedule' (static) or 'rule' (dynamic)")
+        if self.schedule is not None:
+            if self.num_steps is None or len(self.schedule) != self.num_steps:
+                raise ValueError(f"schedule has {len(self.schedule)} steps but num_steps is {self.num_steps}")
+            for i, row in enumerate(self.schedule):
+                if len(row) != len(self.units):
+                    raise ValueError(f"step {i} of the schedule has {len(row)} actions for {len(self.units)} units")
+                bad = sorted(set(row) - set(ACTIONS))
+                if bad:
+                    raise ValueError(f"unknown action {''.join(bad)!r} at step {i}; actions are "
+                                     + ", ".join(f"{k} ({v})" for k, v in ACTIONS.items()))
+            if set(self.schedule[0]) != {"C"}:
+                raise ValueError("the first step must compute every unit (nothing is cached yet)")
+        if self.rule is not None and self.rule.first_blocks + self.rule.last_blocks >= len(self.units):
+            raise ValueError("rule computes every unit: first_blocks + last_blocks must leave units to skip")
+        if self.timesteps is not None and self.num_steps is not None and len(self.timesteps) != self.num_steps:
+            raise ValueError(f"{len(self.timesteps)} timesteps for {self.num_steps} steps")
+        if self.correction is not None and self.num_steps is not None and len(self.correction.gain) != self.num_steps:
+            raise ValueError("correction.gain needs one value per step")
+        return self
+
+    # -- reading ---------------------------------------------------------------------------------
+    def action(self, step: int, unit: int) -> str:
+        return self.schedule[step][unit] if self.schedule is not None else "C"
+
+    def counts(self) -> dict[str, int]:
+        """How many (step, unit) actions of each kind a static plan holds."""
+        rows = "".join(self.schedule or [])
+        return {name: rows.count(letter) for letter, name in ACTIONS.items()}
+
+    # -- files -----------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors())
+            raise PlanError(f"invalid plan: {problems}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"plan file {path} is not valid JSON (truncated or malformed?): {exc}") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"plan file {path} must hold a JSON object")
+        if data.get("version", PLAN_VERSION) != PLAN_VERSION:
+            raise PlanError(f"plan file {path} has version {data.get('version')}; this diffaccel reads "
+                            f"version {PLAN_VERSION}")
+        return cls.from_dict(data)
+
+
+def static_plan(adapter: str, model_class: str, units: list[str], rows: list[str], **fields) -> Plan:
+    """A static plan from its schedule rows (helper for methods)."""
+    return Plan(adapter=adapter, model_class=model_class, units=units, num_steps=len(rows), schedule=rows, **fields)

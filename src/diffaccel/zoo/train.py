@@ -1,0 +1,202 @@
+"""Training of the embedded models and the evaluator: ``python -m diffaccel.zoo.train``.
+
+Reproducible from a seed: the data of step ``s`` is items ``s*B .. (s+1)*B`` of the training split
+and all randomness of that step comes from a generator seeded with ``(seed, s)``, so a run resumed
+from a checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.models.embeddings import LabelEmbedding
+from tqdm import tqdm
+
+from diffaccel.zoo import checkpoint, shapes
+from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
+
+
+@dataclass
+class TrainConfig:
+    model: str = "dit"
+    steps: int = 6000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 300
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    seed: int = 0
+    checkpoint_every: int = 200
+    time_limit_min: float = 0.0  # 0 = no limit; otherwise stop (after a checkpoint) when exceeded
+    overrides: str = "{}"  # JSON of model-config overrides (tiny models in tests)
+
+
+class Denoiser(torch.nn.Module):
+    """One trainable module per model, so training, EMA and checkpoints treat both alike."""
+
+    def __init__(self, kind: str, overrides: dict):
+        super().__init__()
+        self.kind = kind
+        if kind == "dit":
+            self.transformer = build_dit(**overrides)
+            # diffusers draws label dropout independently in every block; we drop labels ourselves,
+            # once per sample, so that all blocks agree on the null class.
+            for module in self.transformer.modules():
+                if isinstance(module, LabelEmbedding):
+                    module.dropout_prob = 0.0
+            _init_dit(self.transformer)
+        elif kind == "unet":
+            self.unet, self.class_embedder = build_unet(**overrides)
+        else:
+            raise ValueError(f"unknown model {kind!r}; choose dit or unet")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dit":
+            return self.transformer(x, timestep=t, class_labels=labels).sample
+        return self.unet(x, t, encoder_hidden_states=self.class_embedder(labels)).sample
+
+
+def _init_dit(model: torch.nn.Module) -> None:
+    """The DiT paper's initialisation (diffusers keeps PyTorch defaults, meant for loading weights):
+    Xavier linears, small embeddings, and zeroed adaLN modulations and output projection, so every
+    block starts as the identity. It makes the small DiT learn markedly faster."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, torch.nn.Embedding):
+            torch.nn.init.normal_(module.weight, std=0.02)
+    for block in model.transformer_blocks:
+        for name, module in block.norm1.emb.named_modules():
+            if isinstance(module, torch.nn.Linear) and "timestep_embedder" in name:
+                torch.nn.init.normal_(module.weight, std=0.02)
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+    for module in (model.proj_out_1, model.proj_out_2):
+        torch.nn.init.zeros_(module.weight)
+        torch.nn.init.zeros_(module.bias)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def diffusion_loss(model: Denoiser, noise_scheduler: DDPMScheduler, images: torch.Tensor, labels: torch.Tensor,
+                   gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+    """v-prediction loss with min-SNR weighting, labels dropped to the null class at random."""
+    n = images.shape[0]
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+    noise = torch.randn(images.shape, generator=gen)
+    drop = torch.rand(n, generator=gen) < cfg.label_dropout
+    labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
+    noisy = noise_scheduler.add_noise(images, noise, t)
+    target = noise_scheduler.get_velocity(images, noise, t)
+    alpha_bar = noise_scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+    per_sample = F.mse_loss(model(noisy, t, labels), target, reduction="none").mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean() / weight.mean().detach()
+
+
+def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
+    """Train (or resume) into ``out``; returns a summary with the final step and recent loss."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = Denoiser(cfg.model, json.loads(cfg.overrides))
+    noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt_path = out / "checkpoint.safetensors"
+    step, losses = 0, []
+    if ckpt_path.exists():
+        step, meta = checkpoint.load(ckpt_path, model, ema, optimizer)
+        losses = meta.get("losses", [])
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    start = time.monotonic()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", disable=not show_progress)
+    model.train()
+    while step < cfg.steps:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        images, labels = shapes.make_batch("train", cfg.batch, start=step * cfg.batch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = diffusion_loss(model, noise_scheduler, torch.from_numpy(images), torch.from_numpy(labels), gen, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if value.dtype.is_floating_point:
+                    ema[name].lerp_(value, 1 - decay)
+                else:
+                    ema[name].copy_(value)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        timed_out = cfg.time_limit_min and time.monotonic() - start > cfg.time_limit_min * 60
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
+            checkpoint.save(ckpt_path, model, ema, optimizer, step, {"losses": losses[-2000:]})
+        if timed_out:
+            break
+    bar.close()
+    return {"step": step, "loss_first": losses[:20], "loss_last": losses[-20:]}
+
+
+def export(out: Path, dest: Path) -> None:
+    """Write the EMA weights of a finished run as a diffusers folder (fp16 safetensors + config)."""
+    cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    model = Denoiser(cfg.model, json.loads(cfg.overrides))
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
+    step, _ = checkpoint.load(out / "checkpoint.safetensors", model, ema, optimizer)
+    model.load_state_dict(ema)
+    parts = {"transformer": model.transformer} if cfg.model == "dit" else {
+        "unet": model.unet, "class_embedder": model.class_embedder}
+    for name, module in parts.items():
+        module.to(torch.float16).save_pretrained(dest / name, safe_serialization=True)
+    (dest / "training.json").write_text(json.dumps({"steps": step, "config": asdict(cfg)}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for field, default in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, config)")
+    parser.add_argument("--export", type=Path, help="after training, write the EMA weights here")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = vars(parser.parse_args(argv))
+    out, dest, threads = args.pop("out"), args.pop("export"), args.pop("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(**args)
+    if cfg.model == "evaluator":
+        from diffaccel.zoo.evaluator import train_evaluator
+
+        train_evaluator(out, seed=cfg.seed, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr)
+        return
+    print(json.dumps(train(cfg, out)["loss_last"][-5:]))
+    if dest:
+        export(out, dest)
+
+
+if __name__ == "__main__":
+    main()
