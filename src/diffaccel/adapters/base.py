@@ -7,7 +7,6 @@ an *output* unit caches its output as is (components, U-Net blocks).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,9 +55,6 @@ class Adapter:
         if granularity not in self.granularities:
             raise ValueError(f"the {self.name} adapter offers granularity {', '.join(self.granularities)}, "
                              f"not {granularity!r}")
-
-    def bind_call(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-        return inspect.signature(model.forward).bind(*args, **kwargs)
 
 
 def block_units(prefix: str, blocks: torch.nn.ModuleList, residual_inputs, components: tuple[str, ...] | None

@@ -1,0 +1,51 @@
+"""Shared helpers for methods: every method ends in ``make_plan`` with its schedule rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from diffaccel.adapters import adapter_for
+from diffaccel.plan import Plan
+
+
+def unit_names(model: torch.nn.Module, granularity: str = "block") -> list[str]:
+    return [u.name for u in adapter_for(model).units(model, granularity)]
+
+
+def make_plan(model: torch.nn.Module, rows: list[str], method: str, params: dict, granularity: str = "block",
+              **fields) -> Plan:
+    adapter = adapter_for(model)
+    return Plan(adapter=adapter.name, model_class=type(model).__name__,
+                units=unit_names(model, granularity), granularity=granularity, num_steps=len(rows),
+                schedule=rows, method=method, params=params, **fields)
+
+
+def key_steps_uniform(num_steps: int, interval: int, warmup: int = 1) -> set[int]:
+    """Steps that compute everything: the first ``warmup`` steps, then every ``interval``-th."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    warmup = max(1, warmup)
+    return set(range(min(warmup, num_steps))) | set(range(warmup - 1, num_steps, interval))
+
+
+def key_steps_early_dense(num_steps: int, interval: int, power: float = 1.6) -> set[int]:
+    """About ``num_steps / interval`` key steps, spaced as ``(k/K)**power`` so that they crowd
+    the start of sampling, where features move fastest (DeepCache's non-uniform schedule)."""
+    count = max(2, -(-num_steps // interval))
+    keys = {round((k / (count - 1)) ** power * (num_steps - 1)) for k in range(count)}
+    return keys | {0}
+
+
+def rows_from(num_steps: int, units: list[str], keys: Iterable[int], skipped: set[str], action: str = "R",
+              ) -> list[str]:
+    """Schedule rows: all-compute at key steps, ``action`` for the ``skipped`` units elsewhere."""
+    keys = set(keys)
+    unknown = skipped - set(units)
+    if unknown:
+        raise ValueError(f"unknown units {sorted(unknown)}; the model has {units}")
+    return ["C" * len(units) if s in keys else "".join(action if u in skipped else "C" for u in units)
+            for s in range(num_steps)]
