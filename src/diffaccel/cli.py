@@ -29,6 +29,40 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def parse_params(interval, branch, order, threshold, params: list[str]) -> dict:
+    """Method settings from the named options and ``--param key=value`` pairs (JSON values)."""
+    import json
+
+    settings = {k: v for k, v in dict(interval=interval, branch=branch, order=order, threshold=threshold).items()
+                if v is not None}
+    for item in params or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param needs key=value, got {item!r}")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    return settings
+
+
+def resolve_plan(pipe, steps: int, method: str | None, plan_file: Path | None, settings: dict):
+    from diffaccel.methods.registry import build
+    from diffaccel.plan import Plan, PlanError
+
+    if method and plan_file:
+        raise ValueError("give either --method or --plan, not both")
+    if plan_file is not None:
+        if settings:
+            raise ValueError("method settings (--interval, --param, ...) go with --method, not --plan")
+        return Plan.load(plan_file)
+    if method:
+        return build(method, pipe, steps, **settings)
+    if settings:
+        raise PlanError("method settings were given without --method")
+    return None
+
+
 @app.command()
 def generate(
     model: ModelName = typer.Option(ModelName.dit, help="embedded model"),
@@ -39,10 +73,19 @@ def generate(
     guidance: float = typer.Option(3.0, help="classifier-free guidance scale (<= 1 disables it)"),
     seed: int = typer.Option(0, min=0, help="base seed; each image's noise follows from it"),
     out: Path = typer.Option(Path("out/generate"), help="output folder"),
+    method: str = typer.Option(None, help="acceleration method (see `diffaccel methods`)"),
+    plan: Path = typer.Option(None, "--plan", help="a plan JSON file to apply"),
+    compare: bool = typer.Option(False, help="also run the unaccelerated model on the same seeds, interleaved"),
+    interval: int = typer.Option(None, help="method setting: full-compute interval"),
+    branch: int = typer.Option(None, help="method setting: U-Net skip branch (deepcache)"),
+    order: int = typer.Option(None, help="method setting: Taylor order (taylorseer)"),
+    threshold: float = typer.Option(None, help="method setting: residual threshold (dynamic, erta)"),
+    param: list[str] = typer.Option(None, help="other method settings, key=value (repeatable)"),
+    save_plan: Path = typer.Option(None, help="also write the plan used to this file"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
 ) -> None:
-    """Sample every class from an embedded model and score the images with the evaluator."""
+    """Sample every class from an embedded model, optionally with a plan, and score the images."""
     import torch
 
     from diffaccel.generate import GenerateConfig, run_generate
@@ -51,25 +94,98 @@ def generate(
 
     if threads:
         torch.set_num_threads(threads)
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
     try:
         if names is not None and not names:
             raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
         shapes.class_ids(names)
         if not torch.isfinite(torch.tensor(guidance)):
             raise ValueError(f"--guidance must be a finite number, got {guidance}")
+        settings = parse_params(interval, branch, order, threshold, param)
         cfg = GenerateConfig(model=model.value, classes=names, per_class=per_class, steps=steps,
                              sampler=sampler.value, guidance=guidance, seed=seed)
         pipe = load_pipeline(cfg.model, cfg.sampler, weights)
-        record = run_generate(cfg, out, pipe, load_evaluator())
+        the_plan = resolve_plan(pipe, steps, method, plan, settings)
+        if the_plan is not None and save_plan is not None:
+            the_plan.save(save_plan)
+        record = run_generate(cfg, out, pipe, load_evaluator(), plan=the_plan, compare=compare)
     except (DiffaccelError, ValueError) as exc:
         fail(str(exc))
-    typer.echo(
-        f"{record['model']}: {record['n_images']} images, {record['steps']} {record['sampler']} steps, "
-        f"guidance {record['guidance']:g} | accuracy {record['accuracy']:.1%} | "
-        f"FD {record['fd']:.2f} (real-vs-real floor {record['fd_floor']:.2f}, {record['fd_samples']} samples) | "
-        f"{record['macs_per_image'] / 1e9:.2f} GMACs/image | {record['seconds']:.1f} s")
+    typer.echo(summary_line(record))
     typer.echo(f"wrote {out / 'grid.png'} and {out / 'record.json'}")
+
+
+def summary_line(record: dict) -> str:
+    head = (f"{record['model']}: {record['n_images']} images, {record['steps']} {record['sampler']} steps, "
+            f"guidance {record['guidance']:g}")
+    if "plan" in record:
+        head += f" | plan {record['plan']['method']}"
+    parts = [head]
+    if "speedup_wall" in record:
+        parts.append(f"speedup {record['speedup_wall']:.2f}x wall, {record['speedup_macs']:.2f}x MACs")
+        parts.append(f"PSNR {record['psnr']:.1f} dB, SSIM {record['ssim']:.3f} vs unaccelerated")
+    elif "speedup_macs" in record:
+        parts.append(f"speedup {record['speedup_macs']:.2f}x MACs")
+    accuracy = f"accuracy {record['accuracy']:.1%}"
+    if "baseline" in record:
+        accuracy += f" (unaccelerated {record['baseline']['accuracy']:.1%})"
+    parts.append(accuracy)
+    parts.append(f"FD {record['fd']:.2f} (floor {record['fd_floor']:.2f}, {record['fd_samples']} samples)")
+    parts.append(f"{record['macs_per_image'] / 1e9:.2f} GMACs/image, {record['seconds']:.1f} s")
+    return " | ".join(parts)
+
+
+plan_app = typer.Typer(help="Make and inspect plans.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("show")
+def plan_show(path: Path = typer.Argument(..., help="plan JSON file"),
+              model: ModelName = typer.Option(None, help="embedded model to measure MACs on "
+                                                         "(default: the one the plan fits, if any)")) -> None:
+    """Print a plan's step x unit map and the MACs it costs relative to the full model."""
+    from diffaccel.plan import Plan
+    from diffaccel.report.plan_view import render_plan
+
+    try:
+        the_plan = Plan.load(path)
+        typer.echo(render_plan(the_plan, model.value if model else None))
+    except (DiffaccelError, ValueError) as exc:
+        fail(str(exc))
+
+
+@plan_app.command("make")
+def plan_make(
+    method: str = typer.Argument(..., help="method name"),
+    model: ModelName = typer.Option(ModelName.dit, help="embedded model"),
+    steps: int = typer.Option(50, min=1),
+    sampler: SamplerName = typer.Option(SamplerName.ddim),
+    interval: int = typer.Option(None), branch: int = typer.Option(None), order: int = typer.Option(None),
+    threshold: float = typer.Option(None),
+    param: list[str] = typer.Option(None, help="other settings, key=value (repeatable)"),
+    out: Path = typer.Option(Path("plan.json"), help="where to write the plan"),
+) -> None:
+    """Make a plan with a method for an embedded model and save it."""
+    from diffaccel.methods.registry import build
+    from diffaccel.zoo.weights import load_pipeline
+
+    try:
+        pipe = load_pipeline(model.value, sampler.value)
+        the_plan = build(method, pipe, steps, **parse_params(interval, branch, order, threshold, param))
+        the_plan.save(out)
+    except (DiffaccelError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the acceleration methods and their settings."""
+    from diffaccel.methods.registry import METHODS, parameters
+
+    for name, (_, adapters, _) in METHODS.items():
+        knobs = ", ".join(f"{k}={v!r}" for k, v in parameters(name).items())
+        typer.echo(f"{name:18s} [{'/'.join(adapters)}]  {knobs}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffaccel.eval.cost import count_macs
+from diffaccel.eval.fidelity import fidelity
+from diffaccel.plan import Plan
+from diffaccel.runtime.executor import Executor
 from diffaccel.zoo import shapes
 from diffaccel.zoo.pipeline import ShapesPipeline
 
@@ -27,7 +30,6 @@ class GenerateConfig:
     guidance: float = 3.0
     seed: int = 0
     batch_size: int = 64
-    extra: dict = field(default_factory=dict)
 
 
 def image_seed(seed: int, class_id: int, index: int) -> int:
@@ -84,14 +86,52 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_generate(cfg: GenerateConfig, out: Path, pipe: ShapesPipeline, evaluator, progress: bool = True) -> dict:
-    labels, seeds = job_items(cfg)
+def _timed(fn) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
-    images = sample(pipe, labels, seeds, cfg.steps, cfg.guidance, cfg.batch_size, progress)
-    seconds = time.perf_counter() - start
-    scores = evaluator.score(images, labels)
-    out.mkdir(parents=True, exist_ok=True)
-    save_grid(images, rows=len(shapes.class_ids(cfg.classes)), path=out / "grid.png")
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run_generate(cfg: GenerateConfig, out: Path, pipe: ShapesPipeline, evaluator, plan: Plan | None = None,
+                 compare: bool = False, progress: bool = True) -> dict:
+    """Generate and score; with a plan, run it (and with ``compare`` the unaccelerated model too,
+    batch by batch interleaved, after one discarded warm-up of each) and add fidelity and speed."""
+    labels, seeds = job_items(cfg)
+    executor = Executor(pipe.denoiser, plan) if plan is not None else None
+
+    def run(batch: slice, accelerated: bool) -> torch.Tensor:
+        def call():
+            return sample(pipe, labels[batch], seeds[batch], cfg.steps, cfg.guidance, cfg.batch_size)
+        if not accelerated:
+            return call()
+        executor.install(pipe.scheduler)
+        try:
+            result = call()
+        finally:
+            executor.remove()
+        spent["macs"] += executor.stats.macs
+        spent["full_macs"] += executor.stats.full_macs
+        return result
+
+    spent = {"macs": 0, "full_macs": 0}
+    batches = [slice(i, i + cfg.batch_size) for i in range(0, len(labels), cfg.batch_size)]
+    if executor is not None:
+        run(slice(0, 1), accelerated=True)  # warm-up: measures unit costs, fills caches of torch
+        if compare:
+            run(slice(0, 1), accelerated=False)
+        spent.update(macs=0, full_macs=0)
+    fast, base, fast_s, base_s = [], [], 0.0, 0.0
+    for batch in tqdm(batches, desc="sampling", disable=not progress or len(batches) < 2):
+        if compare or executor is None:
+            images, seconds = _timed(lambda b=batch: run(b, accelerated=False))
+            base.append(images)
+            base_s += seconds
+        if executor is not None:
+            images, seconds = _timed(lambda b=batch: run(b, accelerated=True))
+            fast.append(images)
+            fast_s += seconds
+    main = torch.cat(fast) if executor is not None else torch.cat(base)
+    full_macs = macs_per_image(pipe, cfg.steps, cfg.guidance)
     record = {
         "model": cfg.model,
         "sampler": cfg.sampler,
@@ -100,13 +140,28 @@ def run_generate(cfg: GenerateConfig, out: Path, pipe: ShapesPipeline, evaluator
         "seed": cfg.seed,
         "classes": [shapes.CLASSES[c] for c in shapes.class_ids(cfg.classes)],
         "per_class": cfg.per_class,
-        "n_images": len(images),
-        **scores,
-        "fd_samples": len(images),
-        "macs_per_image": macs_per_image(pipe, cfg.steps, cfg.guidance),
-        "seconds": seconds,
+        "n_images": len(main),
+        **evaluator.score(main, labels),
+        "fd_samples": len(main),
+        "macs_per_image": full_macs,
+        "seconds": fast_s if executor is not None else base_s,
         "threads": torch.get_num_threads(),
-        **cfg.extra,
     }
+    if executor is not None:
+        record["plan"] = plan.model_dump(exclude_none=True)
+        record["macs_per_image"] = round(full_macs * spent["macs"] / spent["full_macs"])
+        record["speedup_macs"] = spent["full_macs"] / spent["macs"]
+        record["work"] = executor.stats.as_dict()
+    if compare and executor is not None:
+        reference = torch.cat(base)
+        base_scores = evaluator.score(reference, labels)
+        record.update(fidelity(main, reference))
+        record["speedup_wall"] = base_s / fast_s
+        record["baseline"] = {"accuracy": base_scores["accuracy"], "fd": base_scores["fd"],
+                              "macs_per_image": full_macs, "seconds": base_s}
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(main, rows=len(shapes.class_ids(cfg.classes)), path=out / "grid.png")
+    if compare and executor is not None:
+        save_grid(reference, rows=len(shapes.class_ids(cfg.classes)), path=out / "grid_baseline.png")
     write_json(out / "record.json", record)
     return record

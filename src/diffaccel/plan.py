@@ -77,6 +77,7 @@ class Plan(_Strict):
     parallel_decode: bool = Field(False, description="batch consecutive decoder-only steps (U-Net)")
     noise_injection: NoiseInjection | None = None
     correction: Correction | None = None
+    step_scale: list[float] | None = Field(None, description="per-step factor on the solver update (ERTACache)")
     method: str = "custom"
     params: dict = Field(default_factory=dict, description="the method's settings, for the record")
 
@@ -100,6 +101,8 @@ class Plan(_Strict):
             raise ValueError("rule computes every unit: first_blocks + last_blocks must leave units to skip")
         if self.timesteps is not None and self.num_steps is not None and len(self.timesteps) != self.num_steps:
             raise ValueError(f"{len(self.timesteps)} timesteps for {self.num_steps} steps")
+        if self.step_scale is not None and len(self.step_scale) != self.num_steps:
+            raise ValueError("step_scale needs one value per step")
         if self.correction is not None and self.num_steps is not None and len(self.correction.gain) != self.num_steps:
             raise ValueError("correction.gain needs one value per step")
         return self

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffaccel.adapters.base import Adapter, block_units, joint_inputs
+from diffaccel.adapters.base import Adapter, Unit, block_units, hidden_states_input, joint_inputs
+
+
+def image_only_inputs(args: tuple, kwargs: dict) -> tuple[None, object]:
+    """Inputs of a ``context_pre_only`` block, which returns ``(None, hidden_states)``: its text
+    stream has no output, so only the image stream carries a residual."""
+    return None, hidden_states_input(args, kwargs)
 
 
 @dataclass
@@ -16,5 +22,8 @@ class SD3Adapter(Adapter):
 
     def units(self, model, granularity="block"):
         self.check_granularity(granularity)
-        parts = None if granularity == "block" else ("attn", "ff", "ff_context")
-        return block_units("blocks", model.transformer_blocks, joint_inputs, parts)
+        if granularity == "component":
+            return block_units("blocks", model.transformer_blocks, joint_inputs, ("attn", "ff", "ff_context"))
+        return [Unit(f"blocks.{i}", block,
+                     image_only_inputs if getattr(block, "context_pre_only", False) else joint_inputs, "block")
+                for i, block in enumerate(model.transformer_blocks)]

@@ -5,7 +5,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+
+def _register_cpu_attention() -> None:
+    """torch counts attention FLOPs for its GPU kernels only; on a CPU the fused attention kernel
+    would count as zero and every MAC figure would leave out the attention scores. Register the
+    same formula torch uses for the GPU kernels."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return
+    try:
+        @register_flop_formula(op)
+        def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+    except RuntimeError:  # already registered (module reloaded)
+        pass
+
+
+_register_cpu_attention()
 
 
 def count_macs(fn: Callable[[], object]) -> int:
@@ -13,3 +31,13 @@ def count_macs(fn: Callable[[], object]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() // 2
+
+
+def plan_mac_fraction(plan, unit_macs: list[int]) -> float | None:
+    """Share of the full model's MACs a static plan executes, from per-sample MACs
+    ``[total, unit 0, unit 1, ...]``; None for rule plans, whose cost is decided at run time."""
+    if plan.schedule is None:
+        return None
+    total, units = unit_macs[0], unit_macs[1:]
+    spent = sum(total - sum(m for m, a in zip(units, row) if a != "C") for row in plan.schedule)
+    return spent / (total * len(plan.schedule))

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from diffaccel.adapters import Adapter, adapter_for
+from diffaccel.eval.cost import FlopCounterMode  # with CPU attention registered
 from diffaccel.plan import Plan, PlanError
 from diffaccel.runtime.cache import UnitCache, primary, tree_leaves, tree_map
 
@@ -115,8 +115,9 @@ class Executor:
                             lambda *a, _i=index, _f=unit_original, **k: self._unit_forward(_i, _f, a, k))
             if scheduler is not None:
                 self._hook_scheduler(scheduler)
-            elif self.plan.noise_injection is not None:
-                raise PlanError("noise injection acts on the scheduler's latents: pass the pipeline, not the model")
+            elif self.plan.noise_injection is not None or self.plan.step_scale is not None:
+                raise PlanError("noise injection and step adjustment act on the scheduler's latents: "
+                                "pass the pipeline, not the model")
             self._patch(self.model, "_diffaccel_executor", self)
         except BaseException:
             self.remove()
@@ -144,6 +145,10 @@ class Executor:
 
         def on_step(model_output, timestep, sample, *args, **kwargs):
             out = step_fn(model_output, timestep, sample, *args, **kwargs)
+            scale = self.plan.step_scale[run["step"]] if self.plan.step_scale else 1.0
+            if scale != 1.0:
+                prev = out.prev_sample if hasattr(out, "prev_sample") else out[0]
+                prev.sub_(sample).mul_(scale).add_(sample)
             inject = self.plan.noise_injection
             if inject is not None:
                 if run["z"] is None:

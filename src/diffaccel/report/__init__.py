@@ -1,0 +1,1 @@
+"""Human-readable views: plan maps, tables and reports."""

@@ -1,0 +1,67 @@
+"""``diffaccel plan show``: a step x unit map of a plan and what it costs."""
+
+from __future__ import annotations
+
+from diffaccel.eval.cost import plan_mac_fraction
+from diffaccel.plan import Plan
+
+SYMBOLS = {"C": "#", "R": ".", "F": "~"}
+
+
+def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
+    """Per-sample MACs of the embedded model the plan fits (or the one named), else None."""
+    import torch
+
+    from diffaccel.adapters import adapter_for
+    from diffaccel.runtime.executor import Executor
+    from diffaccel.zoo.weights import load_pipeline
+
+    candidates = [model] if model else [m for m in ("dit", "unet") if m == plan.adapter]
+    for name in candidates:
+        pipe = load_pipeline(name)
+        units = [u.name for u in adapter_for(pipe.denoiser).units(pipe.denoiser, plan.granularity)]
+        if units != list(plan.units):
+            continue
+        probe = plan.model_copy(update={"schedule": ["C" * len(units)], "num_steps": 1, "rule": None,
+                                        "timesteps": None, "correction": None, "step_scale": None,
+                                        "noise_injection": None, "parallel_decode": False})
+        executor = Executor(pipe.denoiser, probe)
+        executor.install(pipe.scheduler)
+        try:
+            pipe([0], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+        finally:
+            executor.remove()
+        return next(iter(executor._unit_macs.values()))
+    return None
+
+
+def render_plan(plan: Plan, model: str | None = None) -> str:
+    settings = {k: v for k, v in plan.params.items() if k != "profile"}
+    lines = [f"plan: {plan.method} {settings}",
+             f"model: {plan.model_class} ({plan.adapter} adapter, {len(plan.units)} {plan.granularity} units)"]
+    if plan.schedule is None:
+        rule = plan.rule
+        lines.append(f"runtime rule: first {rule.first_blocks} and last {rule.last_blocks} units always compute; "
+                     f"the others are {'forecast' if rule.forecast_order else 'reused'} while the first blocks' "
+                     f"residual changes by < {rule.threshold:g} (warm-up {rule.warmup} steps, at most "
+                     f"{rule.max_consecutive} in a row)")
+        lines.append("cost: decided at run time (see the record of a run)")
+        return "\n".join(lines)
+    lines.append(f"{plan.num_steps} {plan.sampler} steps; # compute, . reuse, ~ forecast"
+                 + ("; parallel decoding on" if plan.parallel_decode else ""))
+    width = max(len(u) for u in plan.units)
+    for row_index in range(width):
+        label = "".join(u.rjust(width)[row_index] for u in plan.units)
+        lines.append(f"{'':>5} {label}")
+    for step, row in enumerate(plan.schedule):
+        lines.append(f"{step:>5} {''.join(SYMBOLS[a] for a in row)}")
+    counts = plan.counts()
+    lines.append(f"actions: {counts['compute']} compute, {counts['reuse']} reuse, {counts['forecast']} forecast")
+    unit_macs = embedded_unit_macs(plan, model)
+    if unit_macs is not None:
+        fraction = plan_mac_fraction(plan, unit_macs)
+        lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the "
+                     f"embedded {plan.adapter} model")
+    else:
+        lines.append("MACs: the plan does not fit an embedded model; apply it to its model to count them")
+    return "\n".join(lines)
