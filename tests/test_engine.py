@@ -1,0 +1,222 @@
+"""The executor on the embedded pipelines' architectures (random weights, tiny configs)."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+import diffaccel
+from diffaccel import methods
+from diffaccel.plan import Plan, PlanError
+from diffaccel.runtime import CacheError
+from diffaccel.zoo.models import build_dit, build_unet, make_scheduler
+from diffaccel.zoo.pipeline import ShapesDiTPipeline, ShapesUNetPipeline
+
+
+def make_pipes(sampler: str = "ddim"):
+    torch.manual_seed(0)
+    dit = build_dit(num_layers=4, num_attention_heads=2, attention_head_dim=16).eval()
+    unet, embedder = build_unet(block_out_channels=(16, 16, 16), cross_attention_dim=16)
+    embedder.register_to_config(dim=16)
+    dit_pipe = ShapesDiTPipeline(dit, make_scheduler(sampler))
+    unet_pipe = ShapesUNetPipeline(unet.eval(), embedder.eval(), make_scheduler(sampler))
+    for pipe in (dit_pipe, unet_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    return dit_pipe, unet_pipe
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return make_pipes()
+
+
+def call(pipe, labels=(0, 1, 2), steps=6, guidance=3.0, seed=0):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
+    return pipe(list(labels), num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+
+
+def untouched(model: torch.nn.Module) -> bool:
+    return all("forward" not in vars(m) and "_diffaccel_executor" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_all_compute_plan_is_bitwise_identical(pipes, which):
+    pipe = pipes[which]
+    base = call(pipe)
+    with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, interval=1)) as run:
+        out = call(pipe)
+    assert torch.equal(out, base)
+    assert run.stats.reused == 0 and run.stats.macs == run.stats.full_macs
+    assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
+
+
+def plans_for(pipe, steps):
+    model = pipe.denoiser
+    if isinstance(pipe, ShapesDiTPipeline):
+        return [methods.fora(model, steps, 2), methods.taylorseer(model, steps, 2, order=2, warmup=2),
+                methods.fora(model, steps, 2, granularity="component", components=("ff",)),
+                methods.first_block_cache(model, threshold=10.0, warmup=1, max_consecutive=2)]
+    return [methods.deepcache(model, steps, 2, branch=1), methods.deepcache(model, steps, 3, uniform=False),
+            methods.faster_diffusion(model, steps, 2, warmup=1, parallel=True),
+            methods.faster_diffusion(model, steps, 2, warmup=1, parallel=False, noise_strength=0.01)]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_plans_that_reuse_work_run_fewer_macs_counted_like_torch(pipes, which):
+    from diffaccel.eval.cost import count_macs
+
+    pipe = pipes[which]
+    base = call(pipe)
+    for plan in plans_for(pipe, 6):
+        with diffaccel.accelerate(pipe, plan) as run:
+            out = call(pipe)
+            stats = run.stats
+            counted = count_macs(lambda: call(pipe))
+        assert torch.isfinite(out).all() and not torch.equal(out, base), plan.method
+        assert stats.reused + stats.forecast > 0 and stats.macs < stats.full_macs, plan.method
+        assert abs(counted - stats.macs) <= 0.02 * counted, (plan.method, counted, stats.macs)
+        assert untouched(pipe.denoiser)
+
+
+def test_parallel_decoding_matches_sequential_decoding(pipes):
+    pipe = pipes[1]
+    outs = []
+    for parallel in (False, True):
+        plan = methods.faster_diffusion(pipe.denoiser, 8, interval=3, warmup=2, parallel=parallel)
+        with diffaccel.accelerate(pipe, plan) as run:
+            outs.append(call(pipe, steps=8))
+        assert run.stats.forwards == 8
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_no_state_leaks_across_a_random_sequence_of_calls():
+    dit_pipe, unet_pipe = make_pipes()
+    rng = random.Random(0)
+    fresh_dit, fresh_unet = make_pipes()
+    for _ in range(10):
+        pipe, fresh = rng.choice([(dit_pipe, fresh_dit), (unet_pipe, fresh_unet)])
+        steps = rng.choice([4, 6])
+        labels = tuple(rng.randrange(6) for _ in range(rng.choice([1, 2, 3])))
+        guidance = rng.choice([1.0, 3.0])
+        plan = rng.choice(plans_for(pipe, steps) + [None])
+        kwargs = dict(labels=labels, steps=steps, guidance=guidance, seed=rng.randrange(100))
+        if plan is None:
+            got = call(pipe, **kwargs)
+            want = call(fresh, **kwargs)
+        else:
+            with diffaccel.accelerate(pipe, plan):
+                got = call(pipe, **kwargs)
+            with diffaccel.accelerate(fresh, plan):
+                want = call(fresh, **kwargs)
+        assert torch.equal(got, want)
+
+
+def test_one_executor_over_many_calls_keeps_no_state_between_them():
+    pipe, _ = make_pipes()
+    fresh, _ = make_pipes()
+    rule = methods.first_block_cache(pipe.denoiser, threshold=10.0, warmup=1, max_consecutive=2)
+    rng = random.Random(1)
+    diffaccel.enable(pipe, rule)
+    try:
+        for _ in range(8):
+            kwargs = dict(labels=tuple(rng.randrange(6) for _ in range(rng.choice([1, 3]))),
+                          steps=rng.choice([3, 5, 7]), guidance=rng.choice([1.0, 4.0]), seed=rng.randrange(50))
+            got = call(pipe, **kwargs)
+            with diffaccel.accelerate(fresh, rule):
+                want = call(fresh, **kwargs)
+            assert torch.equal(got, want)
+    finally:
+        diffaccel.disable(pipe)
+    assert untouched(pipe.denoiser)
+
+
+def test_model_is_restored_after_an_exception_inside_the_context(pipes):
+    pipe = pipes[0]
+    base = call(pipe)
+    with pytest.raises(RuntimeError, match="boom"):
+        with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
+            call(pipe)
+            raise RuntimeError("boom")
+    assert untouched(pipe.denoiser)
+    assert "set_timesteps" not in vars(pipe.scheduler) and "step" not in vars(pipe.scheduler)
+    assert torch.equal(call(pipe), base)
+
+
+def test_plan_for_another_model_is_refused(pipes):
+    dit_pipe, unet_pipe = pipes
+    with pytest.raises(PlanError, match="made for the 'unet' adapter"):
+        diffaccel.enable(dit_pipe, methods.deepcache(unet_pipe.denoiser, 6))
+    other = build_dit(num_layers=3, num_attention_heads=2, attention_head_dim=16)
+    with pytest.raises(PlanError, match="units do not match"):
+        diffaccel.enable(dit_pipe, methods.fora(other, 6))
+    assert untouched(dit_pipe.denoiser)
+
+
+def test_plan_with_the_wrong_number_of_steps_is_refused_before_running(pipes):
+    pipe = pipes[0]
+    base = call(pipe, steps=5)
+    with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
+        with pytest.raises(PlanError, match="plan is for 6 steps but the pipeline runs 5"):
+            call(pipe, steps=5)
+    assert untouched(pipe.denoiser) and torch.equal(call(pipe, steps=5), base)
+
+
+def test_bad_plan_files_are_rejected_with_what_is_wrong(pipes, tmp_path):
+    good = methods.fora(pipes[0].denoiser, 6, 2)
+    path = good.save(tmp_path / "plan.json")
+    assert Plan.load(path) == good
+    text = path.read_text()
+    cases = {
+        "truncated.json": (text[: len(text) // 2], "not valid JSON"),
+        "list.json": ("[1, 2]", "must hold a JSON object"),
+        "version.json": (json.dumps({**json.loads(text), "version": 9}), "version 9"),
+        "action.json": (text.replace('"CCCC"', '"CXCC"', 1), "unknown action 'X'"),
+        "steps.json": (json.dumps({**json.loads(text), "num_steps": 7}), "schedule has 6 steps but num_steps is 7"),
+        "extra.json": (json.dumps({**json.loads(text), "turbo": True}), "turbo"),
+        "first.json": (text.replace('"CCCC"', '"RRRR"', 1), "first step must compute"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(PlanError, match=message):
+            Plan.load(tmp_path / name)
+    with pytest.raises(PlanError, match="does not exist"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_nan_in_a_cached_tensor_is_reported_and_the_model_left_untouched(pipes):
+    pipe = pipes[0]
+    base = call(pipe)
+    block = pipe.denoiser.transformer_blocks[2]
+    handle = block.ff.register_forward_hook(lambda m, a, out: out * float("nan"))
+    try:
+        with pytest.raises(CacheError, match="unit blocks.2 produced a non-finite value at step 0"):
+            with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
+                call(pipe)
+    finally:
+        handle.remove()
+    assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
+
+
+def test_dpm_solver_and_changing_step_counts_with_a_rule(pipes):
+    dit_pipe, _ = make_pipes("dpm")
+    rule = methods.first_block_cache(dit_pipe.denoiser, threshold=10.0, warmup=1)
+    with diffaccel.accelerate(dit_pipe, rule) as run:
+        for steps in (4, 9):
+            out = call(dit_pipe, steps=steps)
+            assert torch.isfinite(out).all()
+            assert run.stats.forwards == steps and run.stats.reused > 0
+
+
+def test_plan_show_prints_the_map(pipes, monkeypatch):
+    from diffaccel.report import plan_view
+
+    plan = methods.deepcache(pipes[1].denoiser, 6, 3)
+    monkeypatch.setattr(plan_view, "embedded_unit_macs", lambda p, m: [100] + [10] * len(p.units))
+    text = plan_view.render_plan(plan)
+    rows = [line.split()[1] for line in text.splitlines() if re.fullmatch(r"\s+\d+ [#.~]+", line)]
+    assert rows == [r.replace("C", "#").replace("R", ".") for r in plan.schedule]
+    assert "MACs: 66.7% of the full model" in text
+    rule_text = plan_view.render_plan(methods.first_block_cache(pipes[0].denoiser, 0.2))
+    assert "decided at run time" in rule_text
