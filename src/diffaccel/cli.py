@@ -82,6 +82,7 @@ def generate(
     threshold: float = typer.Option(None, help="method setting: residual threshold (dynamic, erta)"),
     param: list[str] = typer.Option(None, help="other method settings, key=value (repeatable)"),
     save_plan: Path = typer.Option(None, help="also write the plan used to this file"),
+    batch_size: int = typer.Option(64, min=1, help="images per pipeline call"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
 ) -> None:
@@ -89,6 +90,7 @@ def generate(
     import torch
 
     from diffaccel.generate import GenerateConfig, run_generate
+    from diffaccel.plan import Plan
     from diffaccel.zoo import shapes
     from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
@@ -103,7 +105,9 @@ def generate(
             raise ValueError(f"--guidance must be a finite number, got {guidance}")
         settings = parse_params(interval, branch, order, threshold, param)
         cfg = GenerateConfig(model=model.value, classes=names, per_class=per_class, steps=steps,
-                             sampler=sampler.value, guidance=guidance, seed=seed)
+                             sampler=sampler.value, guidance=guidance, seed=seed, batch_size=batch_size)
+        if plan is not None:
+            Plan.load(plan)  # a broken plan file fails before any model is loaded
         pipe = load_pipeline(cfg.model, cfg.sampler, weights)
         the_plan = resolve_plan(pipe, steps, method, plan, settings)
         if the_plan is not None and save_plan is not None:
@@ -198,11 +202,20 @@ def train(ctx: typer.Context) -> None:
 
 
 def main() -> None:
+    """Entry point: click's usage errors and our own come out as one line, never a traceback."""
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        code = 130
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.TyperException as exc:  # usage errors: bad option values, unknown options
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if message.strip():  # empty for "no command given", after the help was shown
+            typer.echo(f"error: {' '.join(message.split())}", err=True)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

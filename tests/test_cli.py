@@ -1,0 +1,122 @@
+"""The command line: the main job and its errors (one line, non-zero exit, no traceback)."""
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import requires_weights
+from diffaccel.cli import main
+from diffaccel.zoo.weights import WEIGHTS_DIR
+
+
+@dataclass
+class Result:
+    exit_code: int
+    output: str
+    error: str
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """Run the real entry point (as the installed `diffaccel` script does) and capture it."""
+
+    def invoke(*args) -> Result:
+        monkeypatch.setattr(sys, "argv", ["diffaccel", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return invoke
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = result.error.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.error
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@requires_weights
+def test_generate_writes_grid_and_record(run, tmp_path):
+    result = run("generate", "--classes", "circle,ring", "--per-class", "2", "--steps", "4", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "record.json").read_text())
+    for key in ("model", "sampler", "steps", "guidance", "seed", "n_images", "accuracy", "fd", "fd_floor",
+                "macs_per_image", "seconds"):
+        assert key in record
+    assert record["n_images"] == 4 and record["steps"] == 4 and (tmp_path / "grid.png").stat().st_size > 0
+    assert "accuracy" in result.output and str(tmp_path) in result.output
+
+
+@requires_weights
+def test_generate_with_a_method_and_compare_records_speed_and_fidelity(run, tmp_path):
+    result = run("generate", "--model", "unet", "--classes", "square", "--per-class", "2", "--steps", "6",
+                 "--method", "deepcache", "--interval", "3", "--compare", "--out", str(tmp_path),
+                 "--save-plan", str(tmp_path / "plan.json"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["plan"]["method"] == "deepcache" and record["plan"]["params"]["interval"] == 3
+    assert record["speedup_macs"] > 1.0 and record["speedup_wall"] > 0 and 0 < record["ssim"] <= 1
+    assert record["psnr"] > 10
+    again = run("generate", "--model", "unet", "--classes", "square", "--per-class", "2", "--steps", "6",
+                "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "again"))
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "record.json").read_text())["speedup_macs"] == record["speedup_macs"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--classes", "hexagon"], ["unknown class hexagon", "circle"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--steps", "-3"], ["--steps"]),
+    (["--guidance", "abc"], ["--guidance"]),
+    (["--guidance", "nan"], ["--guidance must be a finite number"]),
+    (["--weights", "/nonexistent/weights"], ["does not exist"]),
+    (["--method", "warpdrive"], ["unknown method 'warpdrive'"]),
+    (["--method", "fora", "--param", "speed=11"], ["fora has no setting speed"]),
+    (["--method", "deepcache"], ["deepcache does not apply to a DiTTransformer2DModel"]),
+])
+def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path):
+    result = run("generate", "--steps", "2", "--per-class", "1", "--out", str(tmp_path), *args)
+    assert_clean_error(result, *fragments)
+
+
+def test_corrupt_weights_give_a_clear_error(run, tmp_path):
+    if not (WEIGHTS_DIR / "dit").exists():
+        pytest.skip("no shipped weights")
+    broken = tmp_path / "dit"
+    shutil.copytree(WEIGHTS_DIR / "dit", broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    result = run("generate", "--weights", str(broken), "--steps", "2", "--per-class", "1", "--out", str(tmp_path))
+    assert_clean_error(result, "corrupt")
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    result = run("generate", "--weights", str(broken), "--steps", "2", "--per-class", "1", "--out", str(tmp_path))
+    assert_clean_error(result, "no weights in")
+
+
+def test_bad_plan_file_is_rejected_before_anything_runs(run, tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"version": 1, "adapter": "dit", "units": ["blocks.0"')
+    result = run("generate", "--plan", str(bad), "--out", str(tmp_path / "out"))
+    assert_clean_error(result, "not valid JSON")
+    assert not (tmp_path / "out").exists()
+    result = run("plan", "show", str(bad))
+    assert_clean_error(result, "not valid JSON")
+
+
+@requires_weights
+def test_plan_make_and_show(run, tmp_path):
+    path = tmp_path / "p.json"
+    result = run("plan", "make", "fora", "--model", "dit", "--steps", "10", "--interval", "2", "--out", str(path))
+    assert result.exit_code == 0, result.output
+    shown = run("plan", "show", str(path))
+    assert shown.exit_code == 0, shown.output
+    assert "MACs:" in shown.output and "of the full model" in shown.output
+    assert shown.output.count("########") == 5  # 5 of 10 steps compute every block
