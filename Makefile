@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/diffaccel generate --out out/demo
+	$(VENV)/bin/diffaccel generate --model dit --method taylorseer --interval 4 --order 2 --compare --per-class 8 --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest

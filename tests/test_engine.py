@@ -220,3 +220,51 @@ def test_plan_show_prints_the_map(pipes, monkeypatch):
     assert "MACs: 66.7% of the full model" in text
     rule_text = plan_view.render_plan(methods.first_block_cache(pipes[0].denoiser, 0.2))
     assert "decided at run time" in rule_text
+
+
+def test_guidance_branches_called_separately_keep_separate_caches():
+    """A sampler that calls the model twice per step (conditional, then unconditional) must get
+    one cache per branch: each branch then matches that branch run alone."""
+    pipe, _ = make_pipes()
+    model = pipe.denoiser
+    plan = methods.fora(model, 5, 2)
+    x0 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    times = [900, 700, 500, 300, 100]
+
+    def loop(labels_per_call):
+        xs = [x0.clone() for _ in labels_per_call]
+        outs = []
+        for t in times:
+            for i, labels in enumerate(labels_per_call):
+                out = model(xs[i], timestep=torch.full((2,), t), class_labels=labels).sample
+                xs[i] = xs[i] - 0.1 * out
+                outs.append(out)
+        return xs
+
+    cond, uncond = torch.tensor([1, 2]), torch.tensor([6, 6])
+    with diffaccel.accelerate(model, plan):
+        both = loop([cond, uncond])
+    with diffaccel.accelerate(model, plan):
+        (only_cond,) = loop([cond])
+    with diffaccel.accelerate(model, plan):
+        (only_uncond,) = loop([uncond])
+    assert torch.equal(both[0], only_cond) and torch.equal(both[1], only_uncond)
+
+
+def test_erta_profiles_calibration_runs_and_fits_corrections(pipes):
+    from diffaccel.methods.erta import erta
+
+    pipe = pipes[0]
+    plan = erta(pipe, num_steps=8, threshold=0.3, warmup=2, per_class=1, classes=[0, 1])
+    assert len(plan.params["profile"]) == 8 and plan.params["calibration_images"] == 2
+    assert plan.correction is not None and len(plan.correction.gain) == 8
+    assert plan.step_scale is not None and all(0.5 <= s <= 1.5 for s in plan.step_scale)
+    reused = [i for i, row in enumerate(plan.schedule) if "R" in row]
+    assert reused and all(plan.step_scale[i] == 1.0 for i in range(8) if i not in reused)
+    with diffaccel.accelerate(pipe, plan) as run:
+        out = call(pipe, steps=8)
+    assert torch.isfinite(out).all() and run.stats.macs < run.stats.full_macs
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan
+    with pytest.raises(PlanError, match="pass the pipeline"):
+        diffaccel.enable(pipe.denoiser, plan)
+    assert untouched(pipe.denoiser)
