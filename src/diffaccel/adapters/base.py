@@ -8,7 +8,7 @@ an *output* unit caches its output as is (components, U-Net blocks).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +46,6 @@ class Adapter:
     supports_parallel_decode: bool = False
     sample_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
-    extra: dict = field(default_factory=dict)
 
     def units(self, model: torch.nn.Module, granularity: str = "block") -> list[Unit]:
         raise NotImplementedError
@@ -57,15 +56,34 @@ class Adapter:
                              f"not {granularity!r}")
 
 
-def block_units(prefix: str, blocks: torch.nn.ModuleList, residual_inputs, components: tuple[str, ...] | None
-                ) -> list[Unit]:
-    """Units of a list of transformer blocks: whole residual blocks, or their named components."""
-    if components is None:
-        return [Unit(f"{prefix}.{i}", block, residual_inputs, "block") for i, block in enumerate(blocks)]
-    units = []
-    for i, block in enumerate(blocks):
-        for part in components:
-            module = getattr(block, part, None)
-            if isinstance(module, torch.nn.Module):
-                units.append(Unit(f"{prefix}.{i}.{part}", module, None, "component"))
-    return units
+@dataclass(frozen=True)
+class BlockList:
+    """One ``nn.ModuleList`` of transformer blocks: where it is, what its units are called, which
+    components can be cached on their own, and how a block's residual inputs are found."""
+
+    prefix: str
+    attribute: str
+    components: tuple[str, ...]
+    inputs: Callable[[torch.nn.Module], Callable[[tuple, dict], Any]] = lambda block: hidden_states_input
+
+
+@dataclass
+class TransformerAdapter(Adapter):
+    """Transformers are chains of residual blocks: block units, or component units per block."""
+
+    granularities: tuple[str, ...] = ("block", "component")
+    block_lists: tuple[BlockList, ...] = ()
+
+    def units(self, model: torch.nn.Module, granularity: str = "block") -> list[Unit]:
+        self.check_granularity(granularity)
+        units = []
+        for blocks in self.block_lists:
+            for i, block in enumerate(getattr(model, blocks.attribute)):
+                if granularity == "block":
+                    units.append(Unit(f"{blocks.prefix}.{i}", block, blocks.inputs(block), "block"))
+                    continue
+                for part in blocks.components:
+                    module = getattr(block, part, None)
+                    if isinstance(module, torch.nn.Module):
+                        units.append(Unit(f"{blocks.prefix}.{i}.{part}", module, None, "component"))
+        return units

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffaccel.adapters.base import Adapter, block_units, joint_inputs
+from diffaccel.adapters.base import BlockList, TransformerAdapter, joint_inputs
+
+
+def _joint(block):
+    return joint_inputs
 
 
 @dataclass
-class FluxAdapter(Adapter):
+class FluxAdapter(TransformerAdapter):
     name: str = "flux"
     model_classes: tuple[str, ...] = ("FluxTransformer2DModel",)
-    granularities: tuple[str, ...] = ("block", "component")
-
-    def units(self, model, granularity="block"):
-        self.check_granularity(granularity)
-        double = None if granularity == "block" else ("attn", "ff", "ff_context")
-        single = None if granularity == "block" else ("attn", "proj_mlp")
-        return (block_units("double", model.transformer_blocks, joint_inputs, double)
-                + block_units("single", model.single_transformer_blocks, joint_inputs, single))
+    block_lists: tuple[BlockList, ...] = (
+        BlockList("double", "transformer_blocks", ("attn", "ff", "ff_context"), _joint),
+        BlockList("single", "single_transformer_blocks", ("attn", "proj_mlp"), _joint),
+    )

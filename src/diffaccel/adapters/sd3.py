@@ -1,29 +1,25 @@
 """Adapter for diffusers ``SD3Transformer2DModel``: joint blocks carry a text and an image stream,
-so a block's residual is a pair ``(text, image)``; the last block may drop the text stream."""
+so a block's residual is a pair ``(text, image)``; the last block (``context_pre_only``) returns
+``(None, image)`` and so has an image residual only."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffaccel.adapters.base import Adapter, Unit, block_units, hidden_states_input, joint_inputs
+from diffaccel.adapters.base import BlockList, TransformerAdapter, hidden_states_input, joint_inputs
 
 
 def image_only_inputs(args: tuple, kwargs: dict) -> tuple[None, object]:
-    """Inputs of a ``context_pre_only`` block, which returns ``(None, hidden_states)``: its text
-    stream has no output, so only the image stream carries a residual."""
     return None, hidden_states_input(args, kwargs)
 
 
+def _inputs(block):
+    return image_only_inputs if getattr(block, "context_pre_only", False) else joint_inputs
+
+
 @dataclass
-class SD3Adapter(Adapter):
+class SD3Adapter(TransformerAdapter):
     name: str = "sd3"
     model_classes: tuple[str, ...] = ("SD3Transformer2DModel",)
-    granularities: tuple[str, ...] = ("block", "component")
-
-    def units(self, model, granularity="block"):
-        self.check_granularity(granularity)
-        if granularity == "component":
-            return block_units("blocks", model.transformer_blocks, joint_inputs, ("attn", "ff", "ff_context"))
-        return [Unit(f"blocks.{i}", block,
-                     image_only_inputs if getattr(block, "context_pre_only", False) else joint_inputs, "block")
-                for i, block in enumerate(model.transformer_blocks)]
+    block_lists: tuple[BlockList, ...] = (
+        BlockList("blocks", "transformer_blocks", ("attn", "ff", "ff_context"), _inputs),)
