@@ -9,8 +9,8 @@ Runs 50-step DDIM (and 20-step DPM-Solver++) on held-out seeds, balanced classes
 from __future__ import annotations
 
 import argparse
-import platform
 import json
+import platform
 from pathlib import Path
 
 import torch
