@@ -61,3 +61,14 @@ def test_export_writes_loadable_diffusers_folder(tmp_path):
         pipe = load_pipeline(kind, weights_dir=tmp_path / f"{kind}-weights")
         images = pipe([0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_stop_after_keeps_the_schedule_of_the_full_run(tmp_path):
+    cfg = TrainConfig(model="dit", steps=6, batch=8, overrides=TINY["dit"], stop_after=3, checkpoint_every=100)
+    assert train(cfg, tmp_path / "stopped", show_progress=False)["step"] == 3
+    cfg.stop_after = 0
+    train(cfg, tmp_path / "stopped", show_progress=False)
+    train(TrainConfig(model="dit", steps=6, batch=8, overrides=TINY["dit"]), tmp_path / "straight", show_progress=False)
+    a = load_ema(tmp_path / "stopped", cfg).state_dict()
+    b = load_ema(tmp_path / "straight", cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -201,6 +201,78 @@ def train(ctx: typer.Context) -> None:
     main(args)
 
 
+class StrategyName(str, Enum):
+    nsga2 = "nsga2"
+    dp = "dp"
+    greedy = "greedy"
+
+
+class ObjectiveName(str, Enum):
+    macs = "macs"
+    latency = "latency"
+
+
+@app.command()
+def search(
+    model: ModelName = typer.Option(ModelName.dit, help="embedded model"),
+    budget: str = typer.Option("psnr>=30", help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X"),
+    objective: ObjectiveName = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, or latency "
+                                                                     "estimated from per-unit wall time"),
+    strategy: StrategyName = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dynamic "
+                                                                   "programming on the profile) or greedy"),
+    time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h"),
+    trials: int = typer.Option(None, min=1, help="nsga2: stop when the study holds this many trials"),
+    out: Path = typer.Option(Path("out/search"), help="output folder (and its study.db, to resume from)"),
+    storage: str = typer.Option(None, help="optuna storage URL shared by workers (default sqlite:///OUT/study.db)"),
+    seed: int = typer.Option(0, min=0, help="search seed (also picks the calibration noise)"),
+    calib_per_class: int = typer.Option(2, help="calibration images per class (calibration seed range)"),
+    heldout_per_class: int = typer.Option(4, min=1, help="held-out images per class (evaluation seeds)"),
+    steps: int = typer.Option(50, min=2, help="denoising steps"),
+    sampler: SamplerName = typer.Option(SamplerName.ddim, help="ddim or dpm"),
+    guidance: float = typer.Option(3.0, help="classifier-free guidance scale"),
+    population: int = typer.Option(16, min=2, help="nsga2 population size"),
+    pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
+    weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
+    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
+) -> None:
+    """Search a static plan that meets a quality budget at the least cost; write plan.json, front.json,
+    front.png and summary.json. Run the same command again to resume an interrupted search."""
+    import torch
+
+    from diffaccel.search import embedded_calibration, parse_budget, parse_duration
+    from diffaccel.search import search as run_search
+    from diffaccel.zoo.weights import load_pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        parse_budget(budget)
+        limit = parse_duration(time_limit)
+        calibrate = embedded_calibration(None, calib_per_class, steps, guidance, seed=seed)
+        heldout = embedded_calibration(None, heldout_per_class, steps, guidance, seed=0, calibration=False)
+        pipe = load_pipeline(model.value, sampler.value, weights)
+        result = run_search(pipe, calibrate, steps, budget=budget, objective=objective.value,
+                            strategy=strategy.value, seed=seed, out=out, storage=storage, time_limit=limit,
+                            trials=trials, population=population, heldout=heldout, pairs=pairs,
+                            model_name=f"{model.value}-{sampler.value}",
+                            log=lambda line: typer.echo(line, err=True))
+    except (DiffaccelError, ValueError) as exc:
+        fail(str(exc))
+    s = result.summary
+    if not result.met:
+        fail(f"no plan meets {s['budget']} on the calibration set; the closest ({s['source']}) reaches "
+             f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall']:.4g}, at "
+             f"{s['calib_speedup_macs']:.2f}x fewer MACs; wrote it to {out / 'plan.json'}")
+    line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, "
+            f"PSNR {s['calib_psnr']:.2f} dB calibration / {s['heldout_psnr']:.2f} dB held-out")
+    hand = s.get("best_handmade")
+    if hand:
+        line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['speedup_macs']:.2f}x MACs, "
+                 f"{hand['speedup_wall']:.2f}x wall, PSNR {hand['calib_psnr']:.2f} / {hand['heldout_psnr']:.2f} dB"
+                 + ("" if hand["met"] else " (misses the budget)"))
+    typer.echo(line)
+
+
 def main() -> None:
     """Entry point: click's usage errors and our own come out as one line, never a traceback."""
     try:

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     time_limit_min: float = 0.0  # 0 = no limit; otherwise stop (after a checkpoint) when exceeded
+    stop_after: int = 0  # 0 = run to `steps`; else stop after this step, keeping the schedule of `steps`
     overrides: str = "{}"  # JSON of model-config overrides (tiny models in tests)
 
 
@@ -131,7 +132,8 @@ def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
     start = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", disable=not show_progress)
     model.train()
-    while step < cfg.steps:
+    last = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < last:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         images, labels = shapes.make_batch("train", cfg.batch, start=step * cfg.batch)
         for group in optimizer.param_groups:
@@ -153,7 +155,7 @@ def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         timed_out = cfg.time_limit_min and time.monotonic() - start > cfg.time_limit_min * 60
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
+        if step % cfg.checkpoint_every == 0 or step == last or timed_out:
             checkpoint.save(ckpt_path, model, ema, optimizer, step, {"losses": losses[-2000:]})
         if timed_out:
             break

@@ -1,0 +1,66 @@
+"""Dynamic programming over recompute steps (as in DDT / CacheQuant).
+
+Given a budget of K full steps out of T (step 0 always one of them) and a dissimilarity matrix
+``D[j, i]`` (the loss of serving step i from full step j < i), choose the full steps that minimise
+``sum_i D[last_full(i), i]`` over the reused steps i. With ``g[c][j]`` the least cost of steps
+``0 .. j-1`` when j is the c-th full step, ``g[c][j] = min_{i<j} g[c-1][i] + seg(i, j)`` where
+``seg(i, j) = sum_{i<m<j} D[i, m]``; the answer is ``min_j g[K][j] + seg(j, T)``: O(K T^2).
+
+The strategy sweeps K for each unit-set level of the search space (``D`` from the profile for
+that level's units) and evaluates the resulting schedules; their non-dominated set is its front.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffaccel.search.profile import level_matrix
+from diffaccel.search.space import Genome, Space
+
+
+def optimal_keys(d: np.ndarray, k: int) -> tuple[list[int], float]:
+    """The ``k`` full steps (including step 0) minimising the summed dissimilarity, and that sum."""
+    steps = d.shape[0]
+    if not 1 <= k <= steps:
+        raise ValueError(f"k must lie in [1, {steps}], got {k}")
+    # seg[i, j]: cost of steps i+1 .. j-1 served from full step i
+    prefix = np.concatenate([np.zeros((steps, 1)), np.cumsum(d, axis=1)], axis=1)  # prefix[i, m] = sum d[i, :m]
+    seg = np.full((steps, steps + 1), np.inf)
+    for i in range(steps):
+        for j in range(i + 1, steps + 1):
+            seg[i, j] = prefix[i, j] - prefix[i, i + 1]
+    g = np.full((k + 1, steps), np.inf)
+    back = np.zeros((k + 1, steps), dtype=int)
+    g[1, 0] = 0.0
+    for c in range(2, k + 1):
+        for j in range(c - 1, steps):
+            totals = g[c - 1, :j] + seg[:j, j]
+            best = int(np.argmin(totals))
+            g[c, j], back[c, j] = totals[best], best
+    finals = g[k] + seg[:, steps]
+    last = int(np.argmin(finals))
+    keys = [last]
+    for c in range(k, 1, -1):
+        keys.append(int(back[c, keys[-1]]))
+    return sorted(keys), float(finals[last])
+
+
+def default_k_values(steps: int) -> list[int]:
+    """About 16 budgets of full steps, from an eighth of the steps to seven eighths."""
+    values = {max(1, min(steps - 1, round(steps * f))) for f in np.linspace(0.12, 0.88, 16)}
+    return sorted(values)
+
+
+def dp_candidates(space: Space, dissimilarity: np.ndarray, k_values: list[int] | None = None
+                  ) -> list[tuple[Genome, str]]:
+    """Schedules for every level and K (fewest full steps first), labelled ``dp <level> K=<k>``."""
+    out: list[tuple[Genome, str]] = []
+    seen: set[Genome] = set()
+    for k in k_values or default_k_values(space.num_steps):
+        for level in space.levels[1:]:
+            keys, _ = optimal_keys(level_matrix(dissimilarity, space, level.name), k)
+            genome = tuple("C" if step in keys else level.name for step in range(1, space.num_steps))
+            if genome not in seen:
+                seen.add(genome)
+                out.append((genome, f"dp {level.name} K={k}"))
+    return out

@@ -1,0 +1,310 @@
+"""Plan search: budgets, DP, the strategies on tiny random-weight pipelines, resumption after a
+kill, refused storage, impossible budgets, and the CLI."""
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffaccel
+from conftest import requires_weights
+from diffaccel.plan import Plan
+from diffaccel.search import (
+    BudgetError,
+    CalibrationError,
+    StorageMismatchError,
+    embedded_calibration,
+    parse_budget,
+    search,
+)
+from diffaccel.search.dp import optimal_keys
+from diffaccel.search.space import Space
+from test_engine import make_pipes
+
+STEPS = 6
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    torch.set_num_threads(1)
+    return make_pipes()
+
+
+def calib(steps=STEPS):
+    return embedded_calibration([0, 1], 1, steps)
+
+
+def quiet(_line):
+    pass
+
+
+# -- budgets -----------------------------------------------------------------------------------------
+def test_budget_parsing():
+    assert parse_budget("psnr>=30").threshold == 30 and parse_budget("psnr>=30").metric == "psnr"
+    assert parse_budget(" SSIM >= 0.95 ").metric == "ssim" and parse_budget("ssim>=.9").threshold == 0.9
+    assert parse_budget("psnr>=2.5e1").threshold == 25
+    for bad in ("psnr>30", "psnr<=30", "fid>=3", "psnr>=", "30", "", "psnr>=abc", "ssim>=1.5", "psnr>=-1"):
+        with pytest.raises(BudgetError):
+            parse_budget(bad)
+
+
+def test_unparsable_budget_fails_before_any_work(pipes):
+    def never(_pipe):
+        raise AssertionError("the calibration set must not run")
+
+    with pytest.raises(BudgetError, match="psnr>=X"):
+        search(pipes[0], never, STEPS, budget="quality>=30", log=quiet)
+
+
+# -- dynamic programming -----------------------------------------------------------------------------
+def brute_force(d: np.ndarray, k: int) -> float:
+    steps = d.shape[0]
+    best = np.inf
+    for rest in itertools.combinations(range(1, steps), k - 1):
+        keys = {0, *rest}
+        cost, last = 0.0, 0
+        for i in range(steps):
+            if i in keys:
+                last = i
+            else:
+                cost += d[last, i]
+        best = min(best, cost)
+    return best
+
+
+def test_dp_finds_the_optimal_recompute_steps():
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        steps = 8
+        d = np.triu(rng.random((steps, steps)), 1) * (1 + np.arange(steps))[None, :] ** (trial % 2)
+        for k in range(1, steps + 1):
+            keys, cost = optimal_keys(d, k)
+            assert len(keys) == k and keys[0] == 0 and len(set(keys)) == k
+            served = [max(j for j in keys if j <= i) for i in range(steps)]
+            assert np.isclose(sum(d[served[i], i] for i in range(steps) if i not in keys), cost)
+            assert np.isclose(cost, brute_force(d, k)), (trial, k)
+
+
+# -- the strategies on tiny pipelines -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dit_search(pipes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dit-search")
+    result = search(pipes[0], calib(), STEPS, budget="psnr>=20", strategy="nsga2", trials=10, population=4,
+                    out=out, heldout=embedded_calibration([2], 1, STEPS, calibration=False), pairs=1, log=quiet)
+    return result, out
+
+
+def check_outputs(out: Path, pipe, result):
+    plan = Plan.load(out / "plan.json")
+    assert plan == result.plan and plan.schedule is not None and set(plan.schedule[0]) == {"C"}
+    front = json.loads((out / "front.json").read_text())
+    assert front["front"] and all({"schedule", "calib_psnr", "mac_fraction"} <= set(p) for p in front["front"])
+    costs = [p["mac_fraction"] for p in front["front"]]
+    psnrs = [p["calib_psnr"] for p in front["front"]]
+    assert costs == sorted(costs) and psnrs == sorted(psnrs)  # non-dominated: dearer only if better
+    assert front["handmade"] and (out / "front.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("calib_psnr", "heldout_psnr", "speedup_macs", "speedup_wall", "best_handmade"):
+        assert key in summary, key
+    hand = summary["best_handmade"]
+    assert {"name", "settings", "calib_psnr", "heldout_psnr", "speedup_macs", "speedup_wall"} <= set(hand)
+    # the plan runs in the executor and saves what the search says it saves
+    with diffaccel.accelerate(pipe, plan) as run:
+        images = calib()(pipe)
+    assert torch.isfinite(images).all() and run.stats.reused > 0
+    assert np.isclose(run.stats.macs / run.stats.full_macs, summary["mac_fraction"], rtol=0.02)
+    assert summary["speedup_macs"] > 1 and summary["heldout_psnr"] > 0
+
+
+def test_nsga2_search_writes_a_runnable_plan_and_its_front(pipes, dit_search):
+    result, out = dit_search
+    assert result.met and result.summary["calib_psnr"] >= 20 and result.summary["trials_complete"] == 10
+    sources = {c.source for c in result.front}
+    assert sources  # seeds and GA children are both labelled
+    check_outputs(out, pipes[0], result)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "greedy"])
+def test_profile_strategies_on_a_unet(pipes, tmp_path, strategy):
+    result = search(pipes[1], calib(), STEPS, budget="psnr>=15", strategy=strategy, out=tmp_path,
+                    heldout=embedded_calibration([2], 1, STEPS, calibration=False), pairs=1, k_values=[2, 3],
+                    greedy_points=4, log=quiet)
+    assert result.met and result.plan.method == f"search-{strategy}"
+    check_outputs(tmp_path, pipes[1], result)
+
+
+def test_latency_objective_and_ssim_budget(pipes):
+    result = search(pipes[0], calib(), STEPS, budget="ssim>=0.5", objective="latency", strategy="greedy",
+                    greedy_points=3, log=quiet)
+    assert result.met and result.chosen.ssim >= 0.5 and 0 < result.chosen.latency_fraction < 1
+    assert result.summary["heldout_psnr"] is None  # no held-out set given
+
+
+def test_space_holds_the_handmade_schedules(pipes):
+    from diffaccel.search.handmade import handmade_plans
+
+    for pipe in pipes:
+        space = Space(pipe.denoiser, 8)
+        plans = handmade_plans(pipe.denoiser, 8)
+        assert plans and all(space.genome(h.plan.schedule) is not None for h in plans)
+        genome = space.genome(plans[0].plan.schedule)
+        assert space.rows(genome) == [r.replace("F", "R") for r in plans[0].plan.schedule]
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+def test_impossible_budget_reports_the_shortfall_and_still_writes(pipes, tmp_path):
+    result = search(pipes[0], calib(), STEPS, budget="psnr>=99", strategy="dp", k_values=[2, 4], out=tmp_path,
+                    log=quiet)
+    assert not result.met and result.shortfall > 0
+    assert np.isclose(result.shortfall, 99 - result.chosen.psnr)
+    assert result.chosen.psnr == max(c.psnr for c in result.front)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["met"] is False and summary["shortfall"] > 0 and (tmp_path / "plan.json").exists()
+
+
+def test_storage_from_another_model_is_refused(pipes, dit_search):
+    _, out = dit_search
+    with pytest.raises(StorageMismatchError, match="another model"):
+        search(pipes[1], calib(), STEPS, budget="psnr>=20", out=out, trials=1, log=quiet)
+    other_steps = make_pipes()[0]
+    with pytest.raises(StorageMismatchError):
+        search(other_steps, calib(STEPS + 1), STEPS + 1, budget="psnr>=20", out=out, trials=1, log=quiet)
+
+
+def test_empty_or_mismatched_calibration_sets(pipes):
+    with pytest.raises(CalibrationError, match="empty"):
+        embedded_calibration([0], 0, STEPS)
+    with pytest.raises(CalibrationError, match="empty"):
+        search(pipes[0], lambda pipe: torch.zeros(0, 3, 16, 16), STEPS, log=quiet)
+    with pytest.raises(CalibrationError, match="steps"):
+        search(pipes[0], calib(STEPS + 2), STEPS, log=quiet)
+    with pytest.raises(CalibrationError, match="match the model"):
+        search(pipes[0], embedded_calibration([9], 1, STEPS), STEPS, log=quiet)
+    with pytest.raises(CalibrationError, match="never ran"):
+        search(pipes[0], lambda pipe: torch.rand(2, 3, 16, 16), STEPS, log=quiet)
+
+
+# -- resumption -----------------------------------------------------------------------------------------
+RESUME = dict(budget="psnr>=20", strategy="nsga2", population=4, seed=3)
+RESUME_TRIALS = 12
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_engine import make_pipes
+    from diffaccel.search import embedded_calibration, search
+    search(make_pipes()[0], embedded_calibration([0, 1], 1, {steps}), {steps}, trials={trials}, out=sys.argv[1],
+           log=lambda m: None, **{resume!r})
+""")
+
+
+def completed(db: Path, state: str = "COMPLETE") -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return con.execute("SELECT COUNT(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
+def front_of(out: Path) -> list[tuple]:
+    front = json.loads((out / "front.json").read_text())["front"]
+    return [(tuple(p["schedule"]), round(p["calib_psnr"], 6), round(p["mac_fraction"], 9)) for p in front]
+
+
+@pytest.fixture(scope="module")
+def straight(pipes, tmp_path_factory):
+    """An uninterrupted search: the front a resumed one must reach."""
+    out = tmp_path_factory.mktemp("straight")
+    search(pipes[0], calib(), STEPS, trials=RESUME_TRIALS, out=out, log=quiet, **RESUME)
+    return front_of(out)
+
+
+def test_killed_search_resumes_to_the_same_front(pipes, straight, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(TESTS), steps=STEPS, trials=RESUME_TRIALS, resume=RESUME))
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent / "src")}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    db = tmp_path / "study.db"
+    while (completed(db) < 5 or not completed(db, "RUNNING")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # kill it during an evaluation
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 5 <= completed(tmp_path / "study.db") < RESUME_TRIALS
+    search(pipes[0], calib(), STEPS, trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)  # the same command
+    assert completed(tmp_path / "study.db") == RESUME_TRIALS
+    assert front_of(tmp_path) == straight
+
+
+def test_a_trial_left_running_is_re_evaluated(pipes, straight, tmp_path):
+    """A kill during an evaluation leaves the trial RUNNING: it is failed, and its parameters
+    evaluated again first."""
+    import optuna
+
+    from diffaccel.search.nsga import ClockSeededNSGAII
+
+    search(pipes[0], calib(), STEPS, trials=7, out=tmp_path, log=quiet, **RESUME)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    name = optuna.get_all_study_names(url)[0]
+    sampler = ClockSeededNSGAII(seed=RESUME["seed"], population_size=RESUME["population"])
+    hanging = optuna.load_study(study_name=name, storage=url, sampler=sampler).ask(
+        Space(pipes[0].denoiser, STEPS).distributions())
+    search(pipes[0], calib(), STEPS, trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    assert trials[hanging.number].state.name == "FAIL"
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == hanging.number]
+    assert len(retried) == 1 and retried[0].params == hanging.params and retried[0].state.name == "COMPLETE"
+    assert front_of(tmp_path) == straight
+
+
+# -- the command line ------------------------------------------------------------------------------
+def run_cli(monkeypatch, capsys, *args):
+    from diffaccel.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["diffaccel", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_bad_budget_is_one_line(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "search", "--budget", "psnr=30", "--out", tmp_path)
+    assert code != 0 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "psnr>=X" in err
+    code, _, err = run_cli(monkeypatch, capsys, "search", "--calib-per-class", "0", "--out", tmp_path)
+    assert code != 0 and "empty" in err and len(err.strip().splitlines()) == 1
+
+
+@requires_weights
+def test_cli_search_on_an_embedded_model(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "search"
+    code, stdout, err = run_cli(monkeypatch, capsys, "search", "--model", "unet", "--budget", "psnr>=20",
+                                "--steps", "4", "--calib-per-class", "1", "--heldout-per-class", "1", "--trials",
+                                "4", "--population", "2", "--pairs", "1", "--out", out)
+    assert code == 0, err
+    assert "x MACs" in stdout and "held-out" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "unet-ddim" and summary["heldout_psnr"] is not None
+    code, stdout, err = run_cli(monkeypatch, capsys, "generate", "--model", "unet", "--classes", "circle",
+                                "--per-class", "2", "--steps", "4", "--plan", out / "plan.json", "--out",
+                                tmp_path / "gen")
+    assert code == 0, err
