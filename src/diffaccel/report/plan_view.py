@@ -8,7 +8,7 @@ from diffaccel.plan import Plan
 SYMBOLS = {"C": "#", "R": ".", "F": "~"}
 
 
-def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
+def embeddedunit_macs(plan: Plan, model: str | None) -> list[int] | None:
     """Per-sample MACs of the embedded model the plan fits (or the one named), else None."""
     import torch
 
@@ -31,7 +31,7 @@ def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
             pipe([0], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
         finally:
             executor.remove()
-        return next(iter(executor._unit_macs.values()))
+        return next(iter(executor.unit_macs.values()))
     return None
 
 
@@ -57,7 +57,7 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
         lines.append(f"{step:>5} {''.join(SYMBOLS[a] for a in row)}")
     counts = plan.counts()
     lines.append(f"actions: {counts['compute']} compute, {counts['reuse']} reuse, {counts['forecast']} forecast")
-    unit_macs = embedded_unit_macs(plan, model)
+    unit_macs = embeddedunit_macs(plan, model)
     if unit_macs is not None:
         fraction = plan_mac_fraction(plan, unit_macs)
         lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the "

@@ -70,7 +70,9 @@ def _float_timestep(t: Any) -> float:
 
 class Executor:
     def __init__(self, model: torch.nn.Module, plan: Plan, adapter: Adapter | None = None,
-                 check_finite: bool = True):
+                 check_finite: bool = True, unit_macs: dict[tuple, list[int]] | None = None):
+        """``unit_macs`` (an earlier executor's ``unit_macs`` for the same model) spares the
+        FLOP-counted first forward of each input shape."""
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.plan = plan
@@ -89,12 +91,18 @@ class Executor:
         self.stats = Stats()
         self._states: dict[tuple, BranchState] = {}
         self._current: BranchState | None = None
-        self._unit_macs: dict[tuple, list[int]] = {}  # per-sample shape -> [total, unit 0, unit 1, ...]
+        # per-sample input shape -> per-sample MACs [whole model, unit 0, unit 1, ...]
+        self.unit_macs: dict[tuple, list[int]] = dict(unit_macs or {})
         self._timesteps: list[float] | None = list(plan.timesteps) if plan.timesteps else None
         self._saved: list[tuple[Any, str, Any, bool]] = []
         self._measuring: list[int] | None = None
         self._keep = max(plan.forecast_order, plan.rule.forecast_order if plan.rule else 0) + 1
         self._skippable = self._rule_span()
+
+    @property
+    def current_step(self) -> int | None:
+        """The step of the model forward running now (None outside one); for hooks and profilers."""
+        return self._current.step if self._current is not None else None
 
     # -- install / remove --------------------------------------------------------------------------
     def _patch(self, obj: Any, name: str, replacement: Any) -> None:
@@ -200,7 +208,7 @@ class Executor:
             return self._template(state.pending.pop(step))
         per_sample = tuple(sample.shape[1:])
         self._shape, self._batch = per_sample, sample.shape[0]
-        if per_sample not in self._unit_macs:
+        if per_sample not in self.unit_macs:
             if step != 0:
                 raise PlanError("the first forward of a new input shape must compute every unit")
             out = self._measured_forward(original, args, kwargs, state)
@@ -210,7 +218,7 @@ class Executor:
                 out = self._parallel_decode(original, bound, state, step, run)
             else:
                 out = self._run(original, args, kwargs, state)
-        total = self._unit_macs[per_sample][0] * self._batch
+        total = self.unit_macs[per_sample][0] * self._batch
         self.stats.full_macs += total
         self.stats.macs += total
         return out
@@ -233,7 +241,7 @@ class Executor:
             with FlopCounterMode(display=False) as counter:
                 out = self._run(original, args, kwargs, state)
             self._measuring[0] = counter.get_total_flops()
-            self._unit_macs[self._shape] = [f // 2 // self._batch for f in self._measuring]
+            self.unit_macs[self._shape] = [f // 2 // self._batch for f in self._measuring]
         finally:
             self._measuring = None
         return out
@@ -299,7 +307,7 @@ class Executor:
         if computed:
             self.stats.computed += 1
             return
-        table = self._unit_macs.get(self._shape)
+        table = self.unit_macs.get(self._shape)
         if table is not None:
             self.stats.macs -= table[index + 1] * self._batch
 
@@ -388,7 +396,7 @@ def accelerate(target: Any, plan: Plan, check_finite: bool = True) -> Iterator[E
         disable(target)
 
 
-def _denoiser(target: Any) -> tuple[torch.nn.Module, Any]:
+def denoiser_and_scheduler(target: Any) -> tuple[torch.nn.Module, Any]:
     if isinstance(target, torch.nn.Module):
         return target, None
     for name in ("transformer", "unet"):
@@ -400,14 +408,14 @@ def _denoiser(target: Any) -> tuple[torch.nn.Module, Any]:
 
 def enable(target: Any, plan: Plan, check_finite: bool = True) -> Executor:
     """Apply ``plan`` until ``disable(target)``; returns the executor (its ``stats`` count the work)."""
-    model, scheduler = _denoiser(target)
+    model, scheduler = denoiser_and_scheduler(target)
     executor = Executor(model, plan, check_finite=check_finite)
     executor.install(scheduler)
     return executor
 
 
 def disable(target: Any) -> None:
-    model, _ = _denoiser(target)
+    model, _ = denoiser_and_scheduler(target)
     executor = getattr(model, "_diffaccel_executor", None)
     if executor is not None:
         executor.remove()

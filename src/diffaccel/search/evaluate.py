@@ -33,7 +33,7 @@ from diffaccel.eval.cost import plan_mac_fraction
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.plan import Plan, PlanError
 from diffaccel.runtime.cache import tree_leaves
-from diffaccel.runtime.executor import Executor, _denoiser
+from diffaccel.runtime.executor import Executor, denoiser_and_scheduler
 from diffaccel.search.errors import CalibrationError
 
 PROFILE_ELEMENTS = 4096
@@ -41,7 +41,7 @@ Calibrate = Callable[[Any], Any]
 
 
 def denoiser(pipe: Any) -> torch.nn.Module:
-    model, _ = _denoiser(pipe)
+    model, _ = denoiser_and_scheduler(pipe)
     return model
 
 
@@ -81,7 +81,7 @@ class CalibrationRun:
     def __init__(self, pipe: Any, calibrate: Calibrate, num_steps: int, units: list[str],
                  granularity: str = "block"):
         self.pipe, self.calibrate, self.num_steps = pipe, calibrate, num_steps
-        self.model, self.scheduler = _denoiser(pipe)
+        self.model, self.scheduler = denoiser_and_scheduler(pipe)
         self.units = units
         plan = all_compute_plan(self.model, units, num_steps, granularity)
         executor = Executor(self.model, plan)
@@ -101,9 +101,9 @@ class CalibrationRun:
         def post(key):
             def hook(module, args, output):
                 now = time.perf_counter()
-                state = executor._current
-                if state is not None:
-                    last["step"] = state.step
+                step = executor.current_step
+                if step is not None:
+                    last["step"] = step
                 if last["step"] > 0:  # step 0 runs under the FLOP counter: too slow to time
                     spent = now - started.pop(key, now)
                     if key < 0:
@@ -113,10 +113,10 @@ class CalibrationRun:
                         times[key + 1] += spent
                 if key < 0:
                     last["overhead"] = 0.0
-                elif state is not None:
+                elif step is not None:
                     flat = torch.cat([leaf.detach().reshape(-1).float() for leaf in tree_leaves(output)])
                     stride = max(1, flat.numel() // PROFILE_ELEMENTS)
-                    store[key][state.step].append(flat[::stride][:PROFILE_ELEMENTS].clone())
+                    store[key][step].append(flat[::stride][:PROFILE_ELEMENTS].clone())
                     last["overhead"] += time.perf_counter() - now
             return hook
 
@@ -138,10 +138,10 @@ class CalibrationRun:
                 handle.remove()
         self.seconds = time.perf_counter() - start
         self.reference = _images(result, "calibration")
-        if executor.stats.forwards == 0 or not executor._unit_macs:
+        if executor.stats.forwards == 0 or not executor.unit_macs:
             raise CalibrationError("the calibration callable never ran the pipeline's model")
-        self._unit_macs = dict(executor._unit_macs)
-        self.unit_macs = next(iter(self._unit_macs.values()))
+        self.shape_macs = dict(executor.unit_macs)
+        self.unit_macs = next(iter(self.shape_macs.values()))
         forwards = max(1, timed_forwards[0])
         self.unit_seconds = [float(t / forwards) for t in times]
         if self.unit_seconds[0] <= 0:
@@ -167,7 +167,7 @@ class CalibrationRun:
 
     def score(self, plan: Plan) -> Scores:
         start = time.perf_counter()
-        images = run_with_plan(self.pipe, self.calibrate, plan, self._unit_macs)[0]
+        images = run_with_plan(self.pipe, self.calibrate, plan, self.shape_macs)[0]
         images = _images(images, "calibration")
         if images.shape != self.reference.shape:
             raise CalibrationError(f"the calibration callable returned {tuple(images.shape)} images under a plan "
@@ -181,10 +181,8 @@ class CalibrationRun:
 def run_with_plan(pipe: Any, fn: Callable, plan: Plan, unit_macs: dict | None = None):
     """``fn(pipe)`` under ``plan``; returns (result, executor). ``unit_macs`` (from an earlier run of
     the same model) spares the executor its FLOP-counted first forward."""
-    model, scheduler = _denoiser(pipe)
-    executor = Executor(model, plan)
-    if unit_macs:
-        executor._unit_macs.update(unit_macs)
+    model, scheduler = denoiser_and_scheduler(pipe)
+    executor = Executor(model, plan, unit_macs=unit_macs)
     executor.install(scheduler)
     try:
         result = fn(pipe)
