@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup lint
+.PHONY: demo test setup lint browser
 
 setup: $(STAMP)
 
@@ -19,7 +19,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/diffaccel generate --model dit --method taylorseer --interval 4 --order 2 --compare --per-class 8 --out out/demo
 
-test: $(STAMP)
+# Headless Chromium for the report test (tests/test_bench.py): installed from Debian when missing and
+# we are root with apt; otherwise (or if apt fails) that one test skips and says why.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the report test (apt-get)"; \
+		( DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		  ( timeout 300 apt-get update -q >/dev/null 2>&1 && \
+		    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ) ) || \
+		echo "could not install chromium; the HTML report test will skip"; \
+	else echo "no chromium and no root apt-get; the HTML report test will skip"; fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -45,6 +45,8 @@ SWEEPS = {
         ("faster_diffusion", {"interval": 3, "parallel": False}), ("faster_diffusion", {"interval": 3}),
         ("faster_diffusion", {"interval": 3, "noise_strength": 0.003}),
         ("fora", {"interval": 3}), ("taylorseer", {"interval": 4, "order": 2}),
+        ("taylorseer", {"interval": 5, "order": 1}), ("taylorseer", {"interval": 5, "order": 2}),
+        ("taylorseer", {"interval": 6, "order": 2}), ("taylorseer", {"interval": 7, "order": 2}),
         ("erta", {"threshold": 0.1}), ("erta", {"threshold": 0.2}),
     ],
 }
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", help="comma-separated methods to run")
+    parser.add_argument("--settings", help="with --only: a JSON list of settings objects to run instead")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,8 +81,9 @@ def main() -> None:
     evaluator = load_evaluator()
     path = args.out / f"engine_{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
     sweep = [row for row in SWEEPS[args.model] if not args.only or row[0] in args.only.split(",")]
+    if args.settings:
+        sweep = [(args.only, settings) for settings in json.loads(args.settings)]
     for index, (method, settings) in enumerate(sweep):
         started = time.time()
         cfg = GenerateConfig(model=args.model, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size)
@@ -105,7 +109,9 @@ def main() -> None:
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__,
         }
-        rows.append(row)
+        # rows of earlier (or concurrent) runs stay unless this run measured the same method and setting
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = [r for r in rows if (r["method"], r["setting"]) != (row["method"], row["setting"])] + [row]
         write_json(path, rows)
         print(f"[{index + 1}/{len(sweep)}] {method} {row['setting']}: {row['speedup_wall']:.2f}x wall, "
               f"{row['speedup_macs']:.2f}x MACs, PSNR {row['psnr']:.1f}, acc {row['accuracy']:.1%} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> No
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON through a temporary file, so an interruption never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
 

@@ -1,0 +1,148 @@
+"""The results file of ``diffaccel bench`` (``results.json``): its schema, summary and loading.
+
+``format_version`` changes whenever a field changes meaning; ``diffaccel report`` refuses other
+versions (and truncated or malformed files) with one line instead of drawing a wrong report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from diffaccel.errors import DiffaccelError
+
+FORMAT_VERSION = 1
+PSNR_FLOOR = 30.0  # the headline: wall-clock speedup at mean PSNR >= this many dB
+
+Family = Literal["diffaccel", "peer", "steps"]
+
+
+class BenchError(DiffaccelError):
+    """A bench or report input is unusable; the message says which and what to do."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Row(_Model):
+    family: Family
+    name: str
+    setting: str
+    settings: dict = {}
+    sampler: str
+    steps: int
+    speedup_macs: float | None
+    speedup_wall: float | None
+    peak_mem_mb: float | None
+    mem_over_baseline_mb: float | None = None
+    psnr: float
+    psnr_min: float | None = None
+    ssim: float
+    accuracy: float
+    fd: float | None
+    fd_floor: float | None = None
+    n_images: int
+    wall_pairs: int
+    seconds_per_image: float | None = None
+    macs_per_image: int | None = None
+    grid: str | None = None  # PNG, relative to the results file
+    notes: str = ""
+
+
+class Skipped(_Model):
+    family: Family
+    name: str
+    setting: str | None = None  # None: every setting of the name
+    reason: str
+
+
+class Baseline(_Model):
+    sampler: str
+    steps: int
+    guidance: float
+    accuracy: float
+    fd: float | None
+    fd_floor: float | None
+    peak_mem_mb: float | None
+    seconds_per_image: float
+    macs_per_image: int
+    sha256: str
+    grid: str | None = None
+
+
+class Best(_Model):
+    family: Family
+    speedup_wall: float | None  # None: no setting reaches the floor (or the name was skipped)
+    speedup_macs: float | None = None
+    psnr: float | None = None
+    setting: str | None = None
+    note: str = ""
+
+
+class Results(_Model):
+    format_version: int
+    tool: str = "diffaccel bench"
+    diffaccel_version: str
+    created: str
+    model: str
+    config: dict
+    machine: dict
+    versions: dict
+    threads: int
+    samples: dict
+    baseline: Baseline
+    rows: list[Row]
+    skipped: list[Skipped]
+    summary: dict[str, Best]
+    psnr_floor: float = PSNR_FLOOR
+    warnings: list[str] = []
+    elapsed_s: float | None = None
+
+
+def summarize(rows: list[dict], skipped: list[dict], floor: float = PSNR_FLOOR) -> dict[str, dict]:
+    """Each name's best wall-clock speedup among its settings with mean PSNR >= ``floor``."""
+    summary: dict[str, dict] = {}
+    for row in rows:
+        entry = summary.setdefault(row["name"], {"family": row["family"], "speedup_wall": None,
+                                                 "note": f"no setting reaches {floor:g} dB"})
+        if row["psnr"] >= floor and row["speedup_wall"] is not None and \
+                (entry["speedup_wall"] is None or row["speedup_wall"] > entry["speedup_wall"]):
+            entry.update(speedup_wall=row["speedup_wall"], speedup_macs=row["speedup_macs"], psnr=row["psnr"],
+                         setting=row["setting"], note="")
+    for item in skipped:
+        if item["name"] not in summary:
+            summary[item["name"]] = {"family": item["family"], "speedup_wall": None,
+                                     "note": f"skipped: {item['reason']}"}
+    return summary
+
+
+def load_results(path: Path) -> Results:
+    """Read and check a results file; every problem is a BenchError with one line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise BenchError(f"results file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchError(f"cannot read results file {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"results file {path} is truncated or not valid JSON ({exc.msg} at line {exc.lineno}); "
+                         "rerun `diffaccel bench`") from None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise BenchError(f"{path} is not a diffaccel bench results file (no format_version)")
+    if data["format_version"] != FORMAT_VERSION:
+        raise BenchError(f"results file {path} has format_version {data['format_version']!r}, but this diffaccel "
+                         f"reads format_version {FORMAT_VERSION}; rerun `diffaccel bench` to make a new one")
+    try:
+        return Results.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BenchError(f"results file {path} is incomplete or malformed: {where}: {first['msg']} "
+                         f"({exc.error_count()} problem(s)); rerun `diffaccel bench`") from None

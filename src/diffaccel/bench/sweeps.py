@@ -1,0 +1,183 @@
+"""What ``diffaccel bench`` runs: every entry is a name (a diffaccel method, a peer or a step-count
+baseline) with a list of settings, one row per setting.
+
+A sweep is a mapping ``name -> [settings, ...]``; the default one per model is below, ``--quick``
+keeps two settings of each, and ``--sweep FILE`` replaces it with a JSON file of the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffaccel.errors import DiffaccelError
+
+FAMILIES = ("diffaccel", "peer", "steps")
+
+
+class SweepError(DiffaccelError, ValueError):
+    """A sweep names something unknown, has no entries or a malformed setting."""
+
+
+# Our methods, at least four settings of the main knob each.
+OURS: dict[str, dict[str, list[dict]]] = {
+    "dit": {
+        "fora": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
+        "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 2}, {"interval": 5, "order": 2},
+                       {"interval": 6, "order": 2}],
+        "first_block_cache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}],
+        "dbcache": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.2, "forecast_order": 1},
+                    {"threshold": 0.3, "forecast_order": 1}],
+        "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
+    },
+    "unet": {
+        "deepcache": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
+        "faster_diffusion": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
+        "fora": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
+        "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 2}, {"interval": 5, "order": 2},
+                       {"interval": 6, "order": 2}],
+        "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
+    },
+}
+
+# Peers (see diffaccel.bench.peers for what each name runs), at a sweep of their own main knob.
+PEER_SWEEPS: dict[str, dict[str, list[dict]]] = {
+    "dit": {
+        "diffusers-fbc": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}],
+        "diffusers-taylorseer": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
+        "diffusers-pab": [{"skip_range": 2}, {"skip_range": 3}, {"skip_range": 4},
+                          {"skip_range": 3, "timestep_range": [0, 1000]}],
+        "diffusers-fastercache": [{"skip_range": 2}, {"skip_range": 3}, {"skip_range": 4}, {"skip_range": 5}],
+        "diffusers-magcache": [{"threshold": 0.02}, {"threshold": 0.06}, {"threshold": 0.12}, {"threshold": 0.24}],
+        "cachedit-dbcache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}],
+        "cachedit-dbcache-taylorseer": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3},
+                                        {"threshold": 0.4}],
+    },
+    "unet": {
+        "deepcache-sdhelper": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
+        "tgate": [{"gate_step": 10}, {"gate_step": 20}, {"gate_step": 30}, {"gate_step": 40}],
+        "tomesd": [{"ratio": 0.25}, {"ratio": 0.5}, {"ratio": 0.75}, {"ratio": 0.5, "max_downsample": 4}],
+    },
+}
+
+# Fewer-step baselines: the same sampler at fewer steps, and the other sampler (DPM-Solver++).
+STEP_NAMES = {"steps-ddim": "ddim", "steps-dpm": "dpm"}
+STEP_KNOBS = {"steps": 20}
+
+
+def family_of(name: str) -> str:
+    from diffaccel.bench.peers import PEERS
+    from diffaccel.methods.registry import METHODS
+
+    if name in METHODS:
+        return "diffaccel"
+    if name in PEERS:
+        return "peer"
+    if name in STEP_NAMES:
+        return "steps"
+    raise SweepError(f"unknown method or peer {name!r}")
+
+
+def step_sweep(sampler: str, steps: int, quick: bool) -> dict[str, list[dict]]:
+    """The main sampler at 10, 20, 30 steps (those below ``steps``) and, under DDIM, DPM-Solver++."""
+    counts = [n for n in ((10, 20) if quick else (10, 20, 30)) if n < steps] or [max(1, steps // 2)]
+    sweep = {f"steps-{sampler}": [{"steps": n} for n in counts]}
+    if sampler == "ddim":
+        sweep["steps-dpm"] = [{"steps": n} for n in ((20,) if quick else (10, 20)) if n <= steps] or \
+            [{"steps": max(1, steps // 2)}]
+    return sweep
+
+
+def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: bool = False) -> dict[str, list[dict]]:
+    if model not in OURS:
+        raise SweepError(f"unknown model {model!r}; choose one of {', '.join(OURS)}")
+    sweep = {**OURS[model], **PEER_SWEEPS[model], **step_sweep(sampler, steps, quick)}
+    if quick:  # two settings of each: a mild one and the most aggressive one
+        sweep = {name: settings if name in STEP_NAMES else [settings[1], settings[-1]]
+                 for name, settings in sweep.items()}
+    return sweep
+
+
+def knobs(name: str) -> dict[str, object]:
+    """The settings a name accepts, with their defaults."""
+    from diffaccel.bench.peers import PEERS
+    from diffaccel.methods.registry import parameters
+
+    family = family_of(name)
+    if family == "diffaccel":
+        return parameters(name)
+    if family == "peer":
+        return dict(PEERS[name].knobs)
+    return dict(STEP_KNOBS)
+
+
+def applies_to(name: str, model: str) -> bool:
+    from diffaccel.bench.peers import PEERS
+    from diffaccel.methods.registry import METHODS
+
+    family = family_of(name)
+    if family == "diffaccel":
+        return model in METHODS[name][1]
+    if family == "peer":
+        return PEERS[name].model == model
+    return True
+
+
+def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, list[dict]]:
+    """Check a sweep for a model: known names that apply to it, non-empty lists of settings dicts with
+    known knobs. Returns it as a plain dict; raises SweepError with one line otherwise."""
+    if not isinstance(sweep, dict):
+        raise SweepError(f"{source} must be a JSON object mapping names to lists of settings")
+    if not sweep:
+        raise SweepError(f"{source} is empty: name at least one method, peer or steps baseline")
+    for name, settings in sweep.items():
+        try:
+            family_of(name)
+        except SweepError:
+            valid = sorted({*OURS[model], *PEER_SWEEPS[model], *STEP_NAMES})
+            raise SweepError(f"{source}: unknown method or peer {name!r}; for the {model} choose from "
+                             f"{', '.join(valid)}") from None
+        if not applies_to(name, model):
+            raise SweepError(f"{source}: {name} does not apply to the {model} model")
+        if not isinstance(settings, list) or not settings:
+            raise SweepError(f"{source}: {name} has an empty sweep; give a list of at least one settings object")
+        allowed = knobs(name)
+        for setting in settings:
+            if not isinstance(setting, dict):
+                raise SweepError(f"{source}: each setting of {name} must be an object, got {setting!r}")
+            unknown = sorted(set(setting) - set(allowed))
+            if unknown:
+                raise SweepError(f"{source}: {name} has no setting {', '.join(unknown)}; "
+                                 f"its settings are {', '.join(allowed) or '(none)'}")
+    return {name: [dict(s) for s in settings] for name, settings in sweep.items()}
+
+
+def load_sweep(path: Path, model: str) -> dict[str, list[dict]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SweepError(f"sweep file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SweepError(f"sweep file {path} is not valid JSON: {exc}") from None
+    return validate(data, model, source=f"sweep file {path}")
+
+
+def only(sweep: dict[str, list[dict]], names: list[str], model: str) -> dict[str, list[dict]]:
+    """Keep the named entries; unknown names and names outside the sweep are errors."""
+    for name in names:
+        try:
+            family_of(name)
+        except SweepError:
+            raise SweepError(f"--only: unknown method or peer {name!r}; the sweep has {', '.join(sweep)}") from None
+        if name not in sweep:
+            raise SweepError(f"--only: {name} is not in the sweep for the {model} model "
+                             f"(it has {', '.join(sweep)})")
+    kept = {name: settings for name, settings in sweep.items() if name in names}
+    if not kept:
+        raise SweepError("--only left an empty sweep")
+    return kept
+
+
+def setting_label(settings: dict) -> str:
+    return ",".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in settings.items()) \
+        or "default"

@@ -1,0 +1,273 @@
+"""diffaccel bench and diffaccel report: a tiny run end to end (workers in subprocesses, a missing
+peer reported as skipped), the peers at tiny size in-process, the HTML in headless Chromium, and
+bad input as one-line errors that never replace a good report."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import requires_weights
+from diffaccel.bench import peers as peer_registry
+from diffaccel.bench import sweeps
+from diffaccel.bench.results import FORMAT_VERSION, load_results
+from diffaccel.bench.runner import BenchConfig, check_config, group_units, items, plan_groups
+from diffaccel.cli import main
+from diffaccel.methods.registry import METHODS
+
+pytestmark = requires_weights
+
+CHROMIUM = Path("/usr/bin/chromium")
+TINY_SWEEP = {
+    "fora": [{"interval": 2}],
+    "diffusers-fbc": [{"threshold": 0.2}],
+    "cachedit-dbcache": [{"threshold": 0.3, "warmup": 1}],
+    "cachedit-dbcache-taylorseer": [{"threshold": 0.2}],  # made to look uninstalled below
+    "steps-ddim": [{"steps": 2}],
+}
+TINY_ARGS = ["--per-class", "1", "--classes", "circle,square", "--batch-size", "1", "--steps", "4", "--threads", "1"]
+
+
+def invoke(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["diffaccel", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny DiT bench through the real entry point: 2 images, 4 steps, one setting per name."""
+    root = tmp_path_factory.mktemp("bench")
+    sweep = root / "sweep.json"
+    sweep.write_text(json.dumps(TINY_SWEEP))
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peer_registry.PEERS["cachedit-dbcache-taylorseer"], "package", "cache_dit_not_installed_here")
+        mp.setattr(sys, "argv", ["diffaccel", "bench", "--model", "dit", "--sweep", str(sweep), "--out", str(out),
+                                 *TINY_ARGS])
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code, f"bench exited with {exc.code}"
+    return out
+
+
+def test_tiny_bench_writes_results_markdown_and_report(tiny_run):
+    results = load_results(tiny_run / "results.json")
+    data = json.loads((tiny_run / "results.json").read_text())
+    assert data["format_version"] == FORMAT_VERSION
+    for key in ("machine", "versions", "threads", "samples", "rows", "skipped", "summary"):
+        assert key in data
+    assert data["threads"] == 1 and data["samples"]["n_images"] == 2 and data["samples"]["fd_samples"] == 2
+    assert "fewer than the 600" in data["samples"]["note"]
+    assert {r.family for r in results.rows} == {"diffaccel", "peer", "steps"}
+    names = {r.name for r in results.rows}
+    assert {"fora", "diffusers-fbc", "steps-ddim"} <= names
+    for row in data["rows"]:
+        for key in ("family", "name", "setting", "speedup_macs", "speedup_wall", "peak_mem_mb", "psnr", "ssim",
+                    "accuracy", "fd"):
+            assert key in row, key
+        assert row["speedup_wall"] > 0 and row["peak_mem_mb"] > 0 and 0 <= row["accuracy"] <= 1
+        assert (tiny_run / row["grid"]).is_file()
+    fora = next(r for r in results.rows if r.name == "fora")
+    assert fora.speedup_macs > 1.5  # reusing every other step's residuals runs fewer MACs
+    steps = next(r for r in results.rows if r.name == "steps-ddim")
+    assert steps.speedup_macs == pytest.approx(2.0, rel=0.01)
+    # a peer that is not installed is reported with the reason, never silently dropped
+    missing = [s for s in results.skipped if s.name == "cachedit-dbcache-taylorseer"]
+    assert missing and "not installed" in missing[0].reason and "diffaccel[peers]" in missing[0].reason
+    assert set(results.summary) == set(TINY_SWEEP)
+    assert results.summary["cachedit-dbcache-taylorseer"].speedup_wall is None
+    table = (tiny_run / "results.md").read_text()
+    assert "Speedup at PSNR >= 30 dB" in table and "| fora |" in table and "not installed" in table
+    page = (tiny_run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4  # two plots, the baseline grid, ours (and the peer's)
+    assert "src='http" not in page and 'src="http' not in page  # self-contained
+
+
+RENDER_CHECK = """<script>
+Promise.all([...document.images].map(i => i.decode().then(() => i, () => i))).then(imgs => {
+  const d = document.createElement('pre'); d.id = 'render-check';
+  d.textContent = JSON.stringify(imgs.map(i => ({id: i.id, cls: i.className, w: i.naturalWidth, h: i.naturalHeight})));
+  document.body.appendChild(d); });
+</script>"""
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: `make test` installs it with apt-get "
+                                                  "when run as root (Debian packages chromium, chromium-driver)")
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text((tiny_run / "report.html").read_text().replace("</body>", RENDER_CHECK + "</body>"))
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dump = subprocess.run([str(CHROMIUM), *flags, "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert "render-check" in dump.stdout, dump.stderr[-2000:]
+    marker = dump.stdout.split('id="render-check">', 1)[1].split("</pre>", 1)[0]
+    images = json.loads(marker.replace("&quot;", '"'))
+    plots = {i["id"]: i for i in images if i["cls"] == "plot"}
+    grids = [i for i in images if i["cls"] == "grid"]
+    assert set(plots) == {"plot-wall", "plot-macs"}
+    assert all(i["w"] > 0 and i["h"] > 0 for i in plots.values()), images
+    assert len(grids) >= 2 and all(i["w"] > 0 and i["h"] > 0 for i in grids), images
+    shot = tmp_path / "report.png"
+    subprocess.run([str(CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1280,2000",
+                    (tiny_run / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 10_000
+    keep = tiny_run / "report-screenshot.png"  # left next to the report for a look by hand
+    shutil.copy(shot, keep)
+
+
+def test_report_command_rerenders_from_saved_results(tiny_run, tmp_path, monkeypatch, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_run, moved)  # the results folder can move: grid paths are relative to it
+    (moved / "report.html").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    code, out, err = invoke(monkeypatch, capsys, "report", moved / "results.json", "--out", elsewhere)
+    assert code == 0, err
+    page = (elsewhere / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == (tiny_run / "report.html").read_text().count(
+        "data:image/png;base64,")
+    assert (elsewhere / "results.md").read_text() == (tiny_run / "results.md").read_text()
+    code, out, err = invoke(monkeypatch, capsys, "report", moved / "results.json")
+    assert code == 0 and (moved / "report.html").is_file()
+
+
+@pytest.mark.parametrize("mutate, fragments", [
+    (lambda text: text[: len(text) // 2], ["truncated"]),
+    (lambda text: json.dumps({**json.loads(text), "format_version": 999}), ["format_version 999", "rerun"]),
+    (lambda text: json.dumps({"rows": []}), ["not a diffaccel bench results file"]),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "baseline"}), ["baseline"]),
+    (lambda text: json.dumps({**json.loads(text), "baseline": {**json.loads(text)["baseline"],
+                                                               "grid": "nowhere/missing.png"}}), ["missing"]),
+])
+def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path, monkeypatch, capsys,
+                                                               mutate, fragments):
+    good = tmp_path / "good"
+    shutil.copytree(tiny_run, good)
+    before = (good / "report.html").read_bytes(), (good / "results.md").read_bytes()
+    bad = good / "bad.json"
+    bad.write_text(mutate((good / "results.json").read_text()))
+    code, _, err = invoke(monkeypatch, capsys, "report", bad, "--out", good)
+    assert_one_line_error(code, err, *fragments)
+    assert ((good / "report.html").read_bytes(), (good / "results.md").read_bytes()) == before
+    assert not list(good.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("sweep, args, fragments", [
+    (None, ["--model", "vae"], ["unknown model 'vae'"]),
+    ({"nope": [{}]}, ["--model", "dit"], ["unknown method or peer 'nope'", "fora"]),
+    ({}, ["--model", "dit"], ["is empty"]),
+    ({"fora": []}, ["--model", "dit"], ["fora has an empty sweep"]),
+    ({"fora": [{"intervall": 2}]}, ["--model", "dit"], ["has no setting intervall"]),
+    ({"tgate": [{"gate_step": 2}]}, ["--model", "dit"], ["tgate does not apply to the dit"]),
+    ("{not json", ["--model", "dit"], ["not valid JSON"]),
+    (None, ["--model", "dit", "--only", "nope"], ["--only", "unknown method or peer 'nope'"]),
+    (None, ["--model", "unet", "--only", "fora", "--classes", "blob"], ["unknown class blob"]),
+])
+def test_bench_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, sweep, args, fragments):
+    extra = []
+    if sweep is not None:
+        path = tmp_path / "sweep.json"
+        path.write_text(sweep if isinstance(sweep, str) else json.dumps(sweep))
+        extra = ["--sweep", path]
+    out = tmp_path / "out"
+    code, _, err = invoke(monkeypatch, capsys, "bench", *args, *extra, "--out", out, "--threads", "1")
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_default_sweeps_cover_every_method_peer_and_step_baseline():
+    for model in ("dit", "unet"):
+        sweep = sweeps.default_sweep(model)
+        sweeps.validate(sweep, model)
+        ours = [n for n, (_, adapters, _) in METHODS.items() if model in adapters]
+        peers = [n for n, spec in peer_registry.PEERS.items() if spec.model == model]
+        for name in ours + peers:
+            assert name in sweep and len(sweep[name]) >= 4, name
+        assert [s["steps"] for s in sweep["steps-ddim"]] == [10, 20, 30]
+        assert "steps-dpm" in sweep
+        quick = sweeps.default_sweep(model, quick=True)
+        assert set(quick) == set(sweep) and all(len(quick[n]) == 2 for n in ours + peers)
+        groups = plan_groups(quick)
+        assert [g["group"] for g in groups] == ["diffaccel", *peers, "steps"]  # each peer in its own process
+    assert {"diffusers-fbc", "diffusers-taylorseer", "diffusers-pab", "diffusers-fastercache", "diffusers-magcache",
+            "cachedit-dbcache", "cachedit-dbcache-taylorseer"} <= set(sweeps.default_sweep("dit"))
+    assert {"deepcache-sdhelper", "tgate", "tomesd"} <= set(sweeps.default_sweep("unet"))
+
+
+def test_quick_size():
+    cfg, sweep = check_config(BenchConfig(model="dit", quick=True))
+    data = items(cfg)
+    assert len(data["labels"]) == 12 and cfg.batch_size == 4
+    assert data["labels"][:6] == list(range(6))  # every batch mixes the classes
+    units = sum(group_units(len(g["entries"]), 3) for g in plan_groups(sweep))
+    assert units < 200
+
+
+def _job(model: str, entries: list[dict], tmp_path: Path, steps: int = 4) -> dict:
+    cfg = BenchConfig(model=model, per_class=1, batch_size=1, classes=["circle", "square"], steps=steps).resolved()
+    return {**items(cfg), "group": "smoke", "family": "peer", "entries": entries, "model": model, "sampler": "ddim",
+            "steps": steps, "guidance": 3.0, "threads": 1, "batch_size": 1, "grid_dir": str(tmp_path),
+            "grid_per_class": 1}
+
+
+def _installed(*names):
+    missing = [n for n in names if peer_registry.PEERS[n].available()]
+    if missing:
+        pytest.skip(f"peers not installed: {', '.join(missing)} (pip install 'diffaccel[peers]')")
+
+
+def test_unet_peers_run_at_tiny_size(tmp_path):
+    """DeepCache's helper, T-GATE and ToMe on the embedded U-Net, in-process (they patch instances only)."""
+    from diffaccel.bench.worker import run_group
+
+    _installed("deepcache-sdhelper", "tgate", "tomesd")
+    entries = [{"name": "deepcache-sdhelper", "settings": {"interval": 2}},
+               {"name": "tgate", "settings": {"gate_step": 2, "sp_interval": 1, "warm_up": 0}},
+               {"name": "tomesd", "settings": {"ratio": 0.5}}]
+    result = run_group(_job("unet", entries, tmp_path, steps=4))
+    assert result["skipped"] == []
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["deepcache-sdhelper"]["speedup_macs"] > 1.2
+    assert rows["tgate"]["speedup_macs"] > 1.2  # two of four steps without guidance
+    assert rows["tomesd"]["speedup_macs"] > 1.0
+    for row in rows.values():
+        assert torch.isfinite(torch.tensor(row["psnr"])) and row["psnr"] < 100
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.filterwarnings("ignore:torch.meshgrid")
+def test_diffusers_hooks_run_on_the_dit_and_a_failing_peer_is_skipped_with_its_reason(tmp_path):
+    from diffaccel.bench.worker import run_group
+
+    entries = [{"name": "diffusers-taylorseer", "settings": {"interval": 2, "warmup": 1}},
+               {"name": "diffusers-pab", "settings": {"skip_range": 2, "timestep_range": [0, 1000]}},
+               {"name": "diffusers-magcache", "settings": {"threshold": 0.5, "retention_ratio": 0.0}},
+               {"name": "diffusers-fastercache", "settings": {"skip_range": 2}}]
+    result = run_group(_job("dit", entries, tmp_path, steps=4))
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"diffusers-taylorseer", "diffusers-pab", "diffusers-magcache"}
+    assert all(r["speedup_macs"] > 1.0 for r in rows.values()), rows
+    assert "calibrated" in rows["diffusers-magcache"]["notes"]
+    (skip,) = result["skipped"]
+    assert skip["name"] == "diffusers-fastercache" and skip["setting"] == "skip_range=2"
+    assert "shape" in skip["reason"] or "size" in skip["reason"], skip  # batched guidance breaks it on a DiT
