@@ -268,3 +268,15 @@ def test_erta_profiles_calibration_runs_and_fits_corrections(pipes):
     with pytest.raises(PlanError, match="pass the pipeline"):
         diffaccel.enable(pipe.denoiser, plan)
     assert untouched(pipe.denoiser)
+
+
+def test_taylor_forecast_is_exact_for_polynomials_of_its_order():
+    from diffaccel.runtime.cache import UnitCache
+
+    cache = UnitCache()
+    for step in (2, 6, 10):  # uneven gaps, nested outputs as U-Net down blocks return them
+        cache.store(step, (torch.tensor([step**2.0]), (torch.tensor([3.0 * step + 1]),)), keep=3)
+    square, (line,) = cache.forecast(11, order=2)
+    assert square.item() == pytest.approx(121.0) and line.item() == pytest.approx(34.0)
+    assert cache.forecast(11, order=1)[1][0].item() == pytest.approx(34.0)
+    assert cache.forecast(11, order=1)[0].item() == pytest.approx(100 + 16)  # the line through 6 and 10
