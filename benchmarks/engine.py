@@ -41,6 +41,7 @@ SWEEPS = {
         ("deepcache", {"interval": 2}), ("deepcache", {"interval": 3}), ("deepcache", {"interval": 4}),
         ("deepcache", {"interval": 5}), ("deepcache", {"interval": 3, "branch": 1}),
         ("deepcache", {"interval": 4, "uniform": False}),
+        ("deepcache", {"interval": 5, "uniform": False, "power": 1.2, "key_steps": 11}),
         ("faster_diffusion", {"interval": 2, "parallel": False}), ("faster_diffusion", {"interval": 2}),
         ("faster_diffusion", {"interval": 3, "parallel": False}), ("faster_diffusion", {"interval": 3}),
         ("faster_diffusion", {"interval": 3, "noise_strength": 0.003}),

@@ -32,10 +32,12 @@ def key_steps_uniform(num_steps: int, interval: int, warmup: int = 1) -> set[int
     return set(range(min(warmup, num_steps))) | set(range(warmup - 1, num_steps, interval))
 
 
-def key_steps_early_dense(num_steps: int, interval: int, power: float = 1.6) -> set[int]:
-    """About ``num_steps / interval`` key steps, spaced as ``(k/K)**power`` so that they crowd
-    the start of sampling, where features move fastest (DeepCache's non-uniform schedule)."""
-    count = max(2, -(-num_steps // interval))
+def key_steps_early_dense(num_steps: int, interval: int, power: float = 1.6, count: int | None = None) -> set[int]:
+    """About ``num_steps / interval`` key steps (or ``count``), spaced as ``(k/K)**power`` so that
+    they crowd the start of sampling, where features move fastest (DeepCache's non-uniform schedule)."""
+    if count is not None and not 2 <= count <= num_steps:
+        raise ValueError(f"key_steps must lie in [2, {num_steps}], got {count}")
+    count = count if count is not None else max(2, -(-num_steps // interval))
     keys = {round((k / (count - 1)) ** power * (num_steps - 1)) for k in range(count)}
     return keys | {0}
 

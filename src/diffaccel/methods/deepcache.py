@@ -9,12 +9,18 @@ from diffaccel.plan import Plan
 
 
 def deepcache(unet, num_steps: int = 50, interval: int = 3, branch: int = 0, uniform: bool = True,
-              power: float = 1.6) -> Plan:
+              power: float = 1.6, key_steps: int | None = None) -> Plan:
     """``interval`` N: one full step then N-1 partial ones (uniform), or about num_steps/N full
-    steps crowded at the start (``uniform=False``, spacing exponent ``power``)."""
+    steps crowded at the start (``uniform=False``, spacing exponent ``power``; ``key_steps``
+    sets the number of full steps directly instead of through N)."""
     units = unit_names(unet)
     levels = len(unet.down_blocks)
-    keys = key_steps_uniform(num_steps, interval) if uniform else key_steps_early_dense(num_steps, interval, power)
+    if uniform:
+        keys = key_steps_uniform(num_steps, interval)
+    else:
+        keys = key_steps_early_dense(num_steps, interval, power, count=key_steps)
     rows = rows_from(num_steps, units, keys, deep_units(levels, branch))
-    return make_plan(unet, rows, "deepcache",
-                     {"interval": interval, "branch": branch, "uniform": uniform, "power": power})
+    params = {"interval": interval, "branch": branch, "uniform": uniform, "power": power}
+    if key_steps is not None:
+        params["key_steps"] = key_steps
+    return make_plan(unet, rows, "deepcache", params)

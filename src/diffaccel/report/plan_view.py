@@ -8,7 +8,7 @@ from diffaccel.plan import Plan
 SYMBOLS = {"C": "#", "R": ".", "F": "~"}
 
 
-def embeddedunit_macs(plan: Plan, model: str | None) -> list[int] | None:
+def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
     """Per-sample MACs of the embedded model the plan fits (or the one named), else None."""
     import torch
 
@@ -57,7 +57,7 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
         lines.append(f"{step:>5} {''.join(SYMBOLS[a] for a in row)}")
     counts = plan.counts()
     lines.append(f"actions: {counts['compute']} compute, {counts['reuse']} reuse, {counts['forecast']} forecast")
-    unit_macs = embeddedunit_macs(plan, model)
+    unit_macs = embedded_unit_macs(plan, model)
     if unit_macs is not None:
         fraction = plan_mac_fraction(plan, unit_macs)
         lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the "
