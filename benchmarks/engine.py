@@ -36,6 +36,7 @@ SWEEPS = {
         ("first_block_cache", {"threshold": 0.2}),
         ("dbcache", {"threshold": 0.1}), ("dbcache", {"threshold": 0.2, "forecast_order": 1}),
         ("erta", {"threshold": 0.1}), ("erta", {"threshold": 0.2}), ("erta", {"threshold": 0.3}),
+        ("erta", {"threshold": 0.2, "correct": False}), ("erta", {"threshold": 0.2, "adjust_steps": True}),
     ],
     "unet": [
         ("deepcache", {"interval": 2}), ("deepcache", {"interval": 3}), ("deepcache", {"interval": 4}),
@@ -49,6 +50,8 @@ SWEEPS = {
         ("taylorseer", {"interval": 5, "order": 1}), ("taylorseer", {"interval": 5, "order": 2}),
         ("taylorseer", {"interval": 6, "order": 2}), ("taylorseer", {"interval": 7, "order": 2}),
         ("erta", {"threshold": 0.1}), ("erta", {"threshold": 0.2}),
+        ("erta", {"threshold": 0.3, "max_consecutive": 4}), ("erta", {"threshold": 0.4, "max_consecutive": 4}),
+        ("erta", {"threshold": 0.4, "max_consecutive": 5}),
     ],
 }
 NAMED = {"interval", "branch", "order", "threshold"}
@@ -62,7 +65,8 @@ def command(model: str, method: str, settings: dict, args) -> str:
         else:
             parts += ["--param", f"{key}={json.dumps(value)}"]
     parts += ["--per-class", str(args.per_class), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-              "--threads", str(args.threads), "--compare", "--out", f"out/engine/{model}-{method}"]
+              "--guidance", str(args.guidance), "--threads", str(args.threads), "--compare",
+              "--out", f"out/engine/{model}-{method}"]
     return shlex.join(parts)
 
 
@@ -73,6 +77,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=100, help="held-out noise seeds (ERTA calibrates elsewhere)")
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--only", help="comma-separated methods to run")
     parser.add_argument("--settings", help="with --only: a JSON list of settings objects to run instead")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -87,7 +92,8 @@ def main() -> None:
         sweep = [(args.only, settings) for settings in json.loads(args.settings)]
     for index, (method, settings) in enumerate(sweep):
         started = time.time()
-        cfg = GenerateConfig(model=args.model, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size)
+        cfg = GenerateConfig(model=args.model, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
+                             guidance=args.guidance)
         plan = build(method, pipe, cfg.steps, **settings)
         record = run_generate(cfg, Path("out/engine") / f"{args.model}-{method}-{index}", pipe, evaluator,
                               plan=plan, compare=True, progress=False)

@@ -9,8 +9,8 @@ wrong with per-step factors fitted on a few calibration runs.
    on consecutive reuses).
 3. Residual correction (transformers): for each reused step, ``r_t ~ K_t * r_cached + B_t`` fitted
    in closed form (least squares; ``K`` a scalar, ``B`` per channel, shared over the units).
-4. Trajectory-aware step adjustment: a factor per reused step scales the solver's update, fitted so
-   that the accelerated calibration trajectories land closest to the full ones.
+4. Trajectory-aware step adjustment: a factor per reused step scales the solver's update, fitted
+   so that the accelerated calibration run's update at that step matches the full run's update.
 """
 
 from __future__ import annotations
@@ -103,23 +103,24 @@ def _fit_correction(residuals: list[torch.Tensor], keys: set[int], n_units: int)
 
 
 def _fit_step_scale(full: list[torch.Tensor], fast: dict, keys: set[int]) -> list[float]:
-    latents = fast["latent"] + [None]
+    """Per reused step, the factor that best maps the accelerated run's update onto the full run's
+    update at the same step (least squares over the calibration images), kept within +-20%."""
+    fast_latents = fast["latent"]
     scales = []
     for step in range(len(full)):
         if step in keys or step + 1 >= len(full):
             scales.append(1.0)
             continue
-        x = latents[step]
-        taken = latents[step + 1] - x
-        wanted = full[step + 1] - x
+        taken = fast_latents[step + 1] - fast_latents[step]
+        wanted = full[step + 1] - full[step]
         phi = float((wanted * taken).sum() / (taken * taken).sum().clamp_min(1e-12))
-        scales.append(min(1.5, max(0.5, phi)))
+        scales.append(min(1.2, max(0.8, phi)))
     return scales
 
 
 @torch.no_grad()
 def erta(pipe, num_steps: int = 50, threshold: float = 0.15, warmup: int = 3, max_consecutive: int = 3,
-         correct: bool = True, adjust_steps: bool = True, guidance: float = 3.0, classes: list[int] | None = None,
+         correct: bool = True, adjust_steps: bool = False, guidance: float = 3.0, classes: list[int] | None = None,
          per_class: int = 2, seed: int = 0) -> Plan:
     """Profile ``per_class`` calibration runs per class (seeds disjoint from evaluation seeds) and
     return the plan, with its profile in ``params``."""
