@@ -52,20 +52,26 @@ class UnitCache:
         return self.values[-1]
 
     def forecast(self, step: int, order: int) -> Any:
-        """Newton extrapolation through the last ``order + 1`` computed points (TaylorSeer): the
-        divided differences estimate the derivatives of the unit's output in the step index."""
+        """Polynomial extrapolation through the last ``order + 1`` computed points (TaylorSeer: the
+        finite differences of those points estimate the derivatives in the step index). Written in
+        Lagrange form, one weighted sum of the cached tensors, which keeps forecasting cheap."""
         k = min(order, len(self.values) - 1)
         if k == 0:
             return self.values[-1]
         xs = self.steps[-(k + 1):]
-        ys = self.values[-(k + 1):]
-        # divided-difference table, built in place: coef[i] = f[x_0..x_i]
-        coef = list(ys)
-        for level in range(1, k + 1):
-            for i in range(k, level - 1, -1):
-                span = xs[i] - xs[i - level]
-                coef[i] = tree_map(lambda a, b, s=span: (a - b) / s, coef[i], coef[i - 1])
-        result = coef[k]
-        for i in range(k - 1, -1, -1):
-            result = tree_map(lambda r, c, d=step - xs[i]: c + r * d, result, coef[i])
-        return result
+        weights = []
+        for j, xj in enumerate(xs):
+            w = 1.0
+            for m, xm in enumerate(xs):
+                if m != j:
+                    w *= (step - xm) / (xj - xm)
+            weights.append(w)
+        points = self.values[-(k + 1):]
+
+        def combine(*leaves: torch.Tensor) -> torch.Tensor:
+            out = leaves[0] * weights[0]
+            for w, leaf in zip(weights[1:], leaves[1:]):
+                out.add_(leaf, alpha=w)
+            return out
+
+        return tree_map(combine, *points)
