@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import requires_weights
+from conftest import requires_weights, run_cli
 from diffaccel.bench import peers as peer_registry
 from diffaccel.bench import sweeps
 from diffaccel.bench.results import FORMAT_VERSION, load_results
@@ -32,15 +32,7 @@ TINY_SWEEP = {
 TINY_ARGS = ["--per-class", "1", "--classes", "circle,square", "--batch-size", "1", "--steps", "4", "--threads", "1"]
 
 
-def invoke(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["diffaccel", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+invoke = run_cli
 
 
 def assert_one_line_error(code, err, *fragments):

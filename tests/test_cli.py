@@ -2,13 +2,11 @@
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 
 import pytest
 
-from conftest import requires_weights
-from diffaccel.cli import main
+from conftest import requires_weights, run_cli
 from diffaccel.zoo.weights import WEIGHTS_DIR
 
 
@@ -24,14 +22,7 @@ def run(monkeypatch, capsys):
     """Run the real entry point (as the installed `diffaccel` script does) and capture it."""
 
     def invoke(*args) -> Result:
-        monkeypatch.setattr(sys, "argv", ["diffaccel", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
+        return Result(*run_cli(monkeypatch, capsys, *args))
 
     return invoke
 
