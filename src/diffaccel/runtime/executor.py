@@ -98,6 +98,9 @@ class Executor:
         self._measuring: list[int] | None = None
         self._keep = max(plan.forecast_order, plan.rule.forecast_order if plan.rule else 0) + 1
         self._skippable = self._rule_span()
+        # the fitted per-channel biases as tensors once, not on every reused unit of every step
+        correction = plan.correction
+        self._bias_rows = [torch.tensor(row) for row in correction.bias] if correction and correction.bias else []
 
     @property
     def current_step(self) -> int | None:
@@ -275,7 +278,7 @@ class Executor:
             value = cache.forecast(state.step, order)
             self.stats.forecast += 1
         value = self._corrected(value, state.step)
-        self._charge(index, computed=False, state=state)
+        self._charge(index, computed=False)
         if state.tile > 1:
             value = tree_map(lambda v: v.repeat(state.tile, *([1] * (v.dim() - 1))), value)
         if unit.residual_inputs is None:
@@ -298,12 +301,12 @@ class Executor:
             raise CacheError(f"unit {unit.name} produced a non-finite value at step {state.step}: the model "
                              "or its input is broken (NaN or infinity); nothing was cached")
         cache.store(state.step, value, self._keep)
-        self._charge(index, computed=True, state=state)
+        self._charge(index, computed=True)
         if self.plan.rule is not None and index == self._skippable.start - 1:
             self._decide(state, out)
         return out
 
-    def _charge(self, index: int, computed: bool, state: BranchState) -> None:
+    def _charge(self, index: int, computed: bool) -> None:
         if computed:
             self.stats.computed += 1
             return
@@ -316,12 +319,12 @@ class Executor:
         if corr is None:
             return value
         gain = corr.gain[step]
-        bias = corr.bias[step] if corr.bias else None
+        bias = self._bias_rows[step] if self._bias_rows else None
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             out = v * gain
-            if bias is not None and len(bias) == v.shape[-1]:
-                out = out + torch.tensor(bias, dtype=v.dtype, device=v.device)
+            if bias is not None and bias.numel() == v.shape[-1]:
+                out = out + bias.to(dtype=v.dtype, device=v.device)
             return out
 
         return tree_map(apply, value)
