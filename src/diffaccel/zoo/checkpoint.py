@@ -18,13 +18,13 @@ def save(path: Path, model: torch.nn.Module, ema: dict[str, torch.Tensor], optim
          step: int, meta: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
-        tensors[f"model/{name}"] = value.contiguous()
+        tensors[f"model/{name}"] = value.detach().cpu().contiguous()
     for name, value in ema.items():
-        tensors[f"ema/{name}"] = value.contiguous()
+        tensors[f"ema/{name}"] = value.cpu().contiguous()
     opt_state = optimizer.state_dict()
     for index, state in opt_state["state"].items():
         for key, value in state.items():
-            tensors[f"opt/{index}/{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"opt/{index}/{key}"] = torch.as_tensor(value).cpu().contiguous()
     header = {"step": step, "param_groups": opt_state["param_groups"], "meta": meta}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"diffaccel": json.dumps(header)})

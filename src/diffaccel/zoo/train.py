@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +42,8 @@ class TrainConfig:
     time_limit_min: float = 0.0  # 0 = no limit; otherwise stop (after a checkpoint) when exceeded
     stop_after: int = 0  # 0 = run to `steps`; else stop after this step, keeping the schedule of `steps`
     overrides: str = "{}"  # JSON of model-config overrides (tiny models in tests)
+    device: str = "cpu"  # "cuda" trains on a GPU; the random draws stay on the CPU, seeded as above
+    workers: int = 0  # processes that render training batches ahead (0 = render in the loop)
 
 
 class Denoiser(torch.nn.Module):
@@ -97,6 +101,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _to_device(value: torch.Tensor, device: str) -> torch.Tensor:
+    """Copy without waiting for the GPU (a copy from pageable memory would stall the queue)."""
+    if device == "cpu":
+        return value
+    return value.pin_memory().to(device, non_blocking=True)
+
+
 def diffusion_loss(model: Denoiser, noise_scheduler: DDPMScheduler, images: torch.Tensor, labels: torch.Tensor,
                    gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
     """v-prediction loss with min-SNR weighting, labels dropped to the null class at random."""
@@ -105,23 +116,41 @@ def diffusion_loss(model: Denoiser, noise_scheduler: DDPMScheduler, images: torc
     noise = torch.randn(images.shape, generator=gen)
     drop = torch.rand(n, generator=gen) < cfg.label_dropout
     labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
-    noisy = noise_scheduler.add_noise(images, noise, t)
-    target = noise_scheduler.get_velocity(images, noise, t)
     alpha_bar = noise_scheduler.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)
     weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+    images, noise, t, labels, weight = (_to_device(v, cfg.device) for v in (images, noise, t, labels, weight))
+    noisy = noise_scheduler.add_noise(images, noise, t)
+    target = noise_scheduler.get_velocity(images, noise, t)
     per_sample = F.mse_loss(model(noisy, t, labels), target, reduction="none").mean(dim=(1, 2, 3))
     return (weight * per_sample).mean() / weight.mean().detach()
+
+
+def _render(args: tuple[int, int]) -> tuple:
+    step, batch = args
+    return shapes.make_batch("train", batch, start=step * batch)
+
+
+def batches(cfg: TrainConfig, first: int, last: int) -> Iterator[tuple]:
+    """Training batches of steps ``first .. last-1`` in order, rendered ahead by worker processes."""
+    jobs = ((step, cfg.batch) for step in range(first, last))
+    if cfg.workers <= 0:
+        yield from map(_render, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
+        yield from pool.imap(_render, jobs, chunksize=4)
 
 
 def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
     """Train (or resume) into ``out``; returns a summary with the final step and recent loss."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = Denoiser(cfg.model, json.loads(cfg.overrides))
+    model = Denoiser(cfg.model, json.loads(cfg.overrides)).to(cfg.device)
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
+    others = [k for k in ema if k not in floats]
     ckpt_path = out / "checkpoint.safetensors"
     step, losses = 0, []
     if ckpt_path.exists():
@@ -133,9 +162,10 @@ def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", disable=not show_progress)
     model.train()
     last = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
-    while step < last:
+    pending: list[torch.Tensor] = []  # losses not yet read back (reading one waits for the GPU)
+    first, warm = step, None
+    for images, labels in batches(cfg, step, last):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        images, labels = shapes.make_batch("train", cfg.batch, start=step * cfg.batch)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = diffusion_loss(model, noise_scheduler, torch.from_numpy(images), torch.from_numpy(labels), gen, cfg)
@@ -145,22 +175,30 @@ def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
         optimizer.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for name, value in model.state_dict().items():
-                if value.dtype.is_floating_point:
-                    ema[name].lerp_(value, 1 - decay)
-                else:
-                    ema[name].copy_(value)
-        losses.append(loss.item())
+            state = model.state_dict()
+            torch._foreach_lerp_([ema[k] for k in floats], [state[k] for k in floats], 1 - decay)
+            for name in others:
+                ema[name].copy_(state[name])
+        pending.append(loss.detach())
         step += 1
+        if step == first + 20:
+            warm = time.monotonic()
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         timed_out = cfg.time_limit_min and time.monotonic() - start > cfg.time_limit_min * 60
-        if step % cfg.checkpoint_every == 0 or step == last or timed_out:
+        save = step % cfg.checkpoint_every == 0 or step == last or timed_out
+        if len(pending) == 50 or save:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if save:
             checkpoint.save(ckpt_path, model, ema, optimizer, step, {"losses": losses[-2000:]})
         if timed_out:
             break
     bar.close()
-    return {"step": step, "loss_first": losses[:20], "loss_last": losses[-20:]}
+    if cfg.device != "cpu":
+        torch.cuda.synchronize()
+    per_step = (time.monotonic() - warm) / (step - first - 20) if warm and step > first + 20 else None
+    return {"step": step, "loss_first": losses[:20], "loss_last": losses[-20:], "seconds_per_step": per_step}
 
 
 def export(out: Path, dest: Path) -> None:
