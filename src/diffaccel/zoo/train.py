@@ -103,8 +103,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _to_device(value: torch.Tensor, device: str) -> torch.Tensor:
     """Copy without waiting for the GPU (a copy from pageable memory would stall the queue)."""
-    if device == "cpu":
-        return value
+    if device == "cpu" or value.device.type != "cpu":
+        return value.to(device)
     return value.pin_memory().to(device, non_blocking=True)
 
 
