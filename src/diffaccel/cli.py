@@ -85,6 +85,8 @@ def generate(
     batch_size: int = typer.Option(64, min=1, help="images per pipeline call"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
+    quant: str = typer.Option(None, help="also quantize the model: w8a8, w4a8, ... (calibrated on first use)"),
+    quant_backend: str = typer.Option("fake", help="fake (simulated, any width) or int8 (real int8 matmuls, W8A8)"),
 ) -> None:
     """Sample every class from an embedded model, optionally with a plan, and score the images."""
     import torch
@@ -110,6 +112,13 @@ def generate(
             Plan.load(plan)  # a broken plan file fails before any model is loaded
         pipe = load_pipeline(cfg.model, cfg.sampler, weights)
         the_plan = resolve_plan(pipe, steps, method, plan, settings)
+        if quant is not None:
+            from diffaccel.methods.ptq import ptq, quant_spec
+
+            if the_plan is None:
+                the_plan = ptq(pipe, steps, bits=quant, backend=quant_backend, guidance=guidance)
+            else:
+                the_plan = the_plan.with_quant(quant_spec(pipe, steps, quant, quant_backend, guidance=guidance))
         if the_plan is not None and save_plan is not None:
             the_plan.save(save_plan)
         record = run_generate(cfg, out, pipe, load_evaluator(), plan=the_plan, compare=compare)
@@ -180,6 +189,55 @@ def plan_make(
     except (DiffaccelError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def quantize(
+    model: ModelName = typer.Option(ModelName.dit, help="embedded model"),
+    bits: str = typer.Option("w8a8", help="weight and activation bits: w8a8, w4a8, ..."),
+    backend: str = typer.Option("fake", help="fake (simulated, any width) or int8 (real int8 matmuls, W8A8 only)"),
+    per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
+    keep: list[str] = typer.Option(None, help="layer-name pattern to keep in floating point (repeatable)"),
+    steps: int = typer.Option(50, min=1, help="denoising steps of the plan"),
+    guidance: float = typer.Option(3.0, help="guidance scale of the calibration runs"),
+    per_class: int = typer.Option(2, min=1, help="calibration runs per class"),
+    sensitivity: bool = typer.Option(False, help="also rank the layers by the error each adds alone"),
+    out: Path = typer.Option(Path("out/quant"), help="folder for plan.json and its calibration file"),
+    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
+) -> None:
+    """Calibrate timestep-aware post-training quantization and write a plan that applies it."""
+    import json
+
+    import torch
+
+    from diffaccel.methods.ptq import ptq
+    from diffaccel.quant import Calibration
+    from diffaccel.quant.sensitivity import record_inputs
+    from diffaccel.quant.sensitivity import sensitivity as rank_layers
+    from diffaccel.zoo.weights import load_pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        pipe = load_pipeline(model.value)
+        the_plan = ptq(pipe, steps, bits=bits, backend=backend, per_step=per_step, keep=tuple(keep or ()),
+                       guidance=guidance, per_class=per_class)
+        out.mkdir(parents=True, exist_ok=True)
+        the_plan.save(out / "plan.json")
+        typer.echo(f"wrote {out / 'plan.json'} and {out / 'plan.calibration.safetensors'} ({the_plan.quant.label}, "
+                   f"{the_plan.quant.backend})")
+        if sensitivity:
+            from diffaccel.methods.erta import _calibration_batch
+
+            labels, gens = _calibration_batch(pipe, None, 1, seed=1)  # calibration seeds, not evaluation ones
+            calls = record_inputs(pipe, labels, [g.initial_seed() for g in gens], steps, guidance)
+            rows = rank_layers(pipe, the_plan.quant, Calibration.load(the_plan.quant.calibration), calls)
+            (out / "sensitivity.json").write_text(json.dumps(rows, indent=2))
+            for row in rows[:10]:
+                typer.echo(f"  {row['relative_error']:.2e}  {row['layer']}")
+            typer.echo(f"wrote {out / 'sensitivity.json'} ({len(rows)} layers, worst first)")
+    except (DiffaccelError, ValueError) as exc:
+        fail(str(exc))
 
 
 @app.command("methods")

@@ -14,12 +14,14 @@ executor applies them, ``diffaccel plan show`` prints them.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffaccel.errors import DiffaccelError
+from diffaccel.quant.spec import QuantSpec
 
 PLAN_VERSION = 1
 ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
@@ -78,6 +80,7 @@ class Plan(_Strict):
     noise_injection: NoiseInjection | None = None
     correction: Correction | None = None
     step_scale: list[float] | None = Field(None, description="per-step factor on the solver update (ERTACache)")
+    quant: QuantSpec | None = Field(None, description="run the model's layers quantized (calibration file beside)")
     method: str = "custom"
     params: dict = Field(default_factory=dict, description="the method's settings, for the record")
 
@@ -121,9 +124,20 @@ class Plan(_Strict):
         return self.model_dump_json(indent=2, exclude_none=True)
 
     def save(self, path: str | Path) -> Path:
+        """Write the plan; a quantization section's calibration file is copied beside it (as
+        ``<name>.calibration.safetensors``) and named relative to it, so the folder travels whole."""
         path = Path(path)
+        plan = self
+        if self.quant is not None:
+            source = Path(self.quant.calibration)
+            target = path.parent / f"{path.stem}.calibration.safetensors"
+            if not source.is_file():
+                raise PlanError(f"the plan's calibration file {source} does not exist")
+            if source.resolve() != target.resolve():
+                shutil.copyfile(source, target)
+            plan = self.with_quant(self.quant.model_copy(update={"calibration": target.name}))
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
+        tmp.write_text(plan.to_json())
         tmp.replace(path)
         return path
 
@@ -149,7 +163,16 @@ class Plan(_Strict):
         if data.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise PlanError(f"plan file {path} has version {data.get('version')}; this diffaccel reads "
                             f"version {PLAN_VERSION}")
-        return cls.from_dict(data)
+        plan = cls.from_dict(data)
+        if plan.quant is not None and not Path(plan.quant.calibration).is_absolute():
+            # a calibration file named in a plan file lives beside it
+            located = plan.quant.model_copy(update={"calibration": str(path.parent / plan.quant.calibration)})
+            plan = plan.model_copy(update={"quant": located})
+        return plan
+
+    def with_quant(self, quant: QuantSpec | None) -> Plan:
+        """The same plan with another quantization section (joint caching + quantization plans)."""
+        return self.model_copy(update={"quant": quant})
 
 
 def static_plan(adapter: str, model_class: str, units: list[str], rows: list[str], **fields) -> Plan:

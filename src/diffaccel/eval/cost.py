@@ -23,7 +23,18 @@ def _register_cpu_attention() -> None:
         pass
 
 
+def _register_int8_matmul() -> None:
+    """Count int8 x int8 matrix products (quantized layers) as the MACs they are."""
+    try:
+        @register_flop_formula(torch.ops.aten._int_mm)
+        def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    except RuntimeError:  # already registered
+        pass
+
+
 _register_cpu_attention()
+_register_int8_matmul()
 
 
 def count_macs(fn: Callable[[], object]) -> int:

@@ -11,6 +11,7 @@ from diffaccel.methods.dynamic import first_block_cache
 from diffaccel.methods.erta import erta
 from diffaccel.methods.faster_diffusion import faster_diffusion
 from diffaccel.methods.forecast import taylorseer
+from diffaccel.methods.ptq import ptq
 from diffaccel.plan import Plan
 
 # name -> (function, adapters it applies to, whether it needs the whole pipeline)
@@ -22,6 +23,7 @@ METHODS: dict[str, tuple[Callable[..., Plan], tuple[str, ...], bool]] = {
     "first_block_cache": (first_block_cache, ("dit", "pixart", "sd3", "flux"), False),
     "dbcache": (first_block_cache, ("dit", "pixart", "sd3", "flux"), False),
     "erta": (erta, ("dit", "pixart", "sd3", "flux", "unet"), True),
+    "ptq": (ptq, ("dit", "pixart", "sd3", "flux", "unet"), True),
 }
 
 

@@ -20,6 +20,8 @@ import torch
 from diffaccel.adapters import Adapter, adapter_for
 from diffaccel.eval.cost import FlopCounterMode  # with CPU attention registered
 from diffaccel.plan import Plan, PlanError
+from diffaccel.quant.apply import QuantHandle, quantize_
+from diffaccel.quant.calibrate import Calibration
 from diffaccel.runtime.cache import UnitCache, primary, tree_leaves, tree_map
 
 
@@ -95,6 +97,7 @@ class Executor:
         self.unit_macs: dict[tuple, list[int]] = dict(unit_macs or {})
         self._timesteps: list[float] | None = list(plan.timesteps) if plan.timesteps else None
         self._saved: list[tuple[Any, str, Any, bool]] = []
+        self._quant = QuantHandle()
         self._measuring: list[int] | None = None
         self._keep = max(plan.forecast_order, plan.rule.forecast_order if plan.rule else 0) + 1
         self._skippable = self._rule_span()
@@ -117,6 +120,9 @@ class Executor:
         if getattr(self.model, "_diffaccel_executor", None) is not None:
             raise PlanError("a plan is already applied to this model; disable it first")
         try:
+            if self.plan.quant is not None:  # first: it checks everything before touching the model
+                calibration = Calibration.load(self.plan.quant.calibration)
+                self._quant = quantize_(self.model, self.plan.quant, calibration, clock=lambda: self.current_step)
             original = self.model.forward
             self._signature = inspect.signature(original)
             self._patch(self.model, "forward", lambda *a, **k: self._model_forward(original, a, k))
@@ -135,6 +141,7 @@ class Executor:
             raise
 
     def remove(self) -> None:
+        self._quant.restore()
         while self._saved:
             obj, name, value, had = self._saved.pop()
             if had:

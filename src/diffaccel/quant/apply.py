@@ -1,0 +1,94 @@
+"""One verb: ``quantize_(model, spec, calibration)`` swaps Linear/Conv2d layers for quantized ones
+and returns a handle whose ``restore()`` puts the original layers back.
+
+Everything is checked before the first layer is swapped, so a bad request leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+
+from diffaccel.quant.calibrate import Calibration, QuantError, quantizable
+from diffaccel.quant.layers import QuantizedLayer, StepClock, quantized
+from diffaccel.quant.spec import FULL_PRECISION, QuantSpec
+
+
+@dataclass
+class QuantHandle:
+    """The swapped layers; ``restore()`` undoes the swap (idempotent)."""
+
+    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        while self.swaps:
+            parent, name, original = self.swaps.pop()
+            setattr(parent, name, original)
+
+
+def layer_bits(spec: QuantSpec, names: list[str], modules: dict[str, torch.nn.Module]) -> dict[str, int]:
+    """Weight bits of every layer after the overrides (last matching pattern wins); checks that each
+    pattern names at least one layer and only layers that can be quantized."""
+    bits = dict.fromkeys(names, spec.weight_bits)
+    for pattern, value in spec.overrides.items():
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            others = [name for name, m in modules.items() if fnmatch.fnmatchcase(name, pattern) and name]
+            if others:
+                kind = type(modules[others[0]]).__name__
+                raise QuantError(f"override {pattern!r} names {others[0]}, a {kind}: only Linear and Conv2d "
+                                 "layers can be quantized")
+            raise QuantError(f"override {pattern!r} matches no Linear or Conv2d layer of this model "
+                             f"(e.g. {', '.join(names[:3])})")
+        for name in matched:
+            bits[name] = value
+    return bits
+
+
+def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
+              clock: StepClock | None = None) -> QuantHandle:
+    """Quantize ``model`` in place as ``spec`` says; ``clock`` returns the current step for per-step
+    scales (the executor passes its own)."""
+    calibration.check(model, spec.act_bits)
+    modules = dict(model.named_modules())
+    layers = quantizable(model)
+    missing = sorted(set(layers) - set(calibration.absmax))
+    if missing:
+        raise QuantError(f"the calibration has no range for {missing[0]} ({len(missing)} layers in all): "
+                         "calibrate this model again")
+    bits = layer_bits(spec, list(layers), modules)
+    replacements: list[tuple[torch.nn.Module, str, torch.nn.Module, QuantizedLayer]] = []
+    for name, layer in layers.items():
+        if bits[name] == FULL_PRECISION:
+            continue
+        ranges = calibration.absmax[name]
+        if not spec.per_step:
+            ranges = ranges[-1:]
+        split = calibration.splits.get(name) if spec.split_shortcut else None
+        if split is None and ranges.shape[1] > 1:
+            ranges = ranges.amax(dim=1, keepdim=True)
+        try:
+            new = quantized(layer, bits[name], spec.act_bits, ranges, split, clock, spec.backend == "int8")
+        except (TypeError, ValueError) as exc:
+            raise QuantError(f"cannot quantize {name}: {exc}") from None
+        parent_name, _, child = name.rpartition(".")
+        replacements.append((modules[parent_name], child, layer, new.to(layer.weight.device)))
+    handle = QuantHandle()
+    for parent, child, original, new in replacements:
+        setattr(parent, child, new)
+        handle.swaps.append((parent, child, original))
+    return handle
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as it stands (quantized layers count their
+    integer weights and scales, not the float originals a handle keeps for ``restore()``)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,143 @@
+"""Quantized stand-ins for ``nn.Linear`` and ``nn.Conv2d``.
+
+Weights: symmetric, one scale per output channel, stored as integers (int8, or two 4-bit values
+per byte at 4 bits and below), never as floats. Activations: symmetric, one scale per tensor (or per
+channel group, for a U-Net skip concatenation), taken from the calibrated range of the current
+denoising step or of the whole trajectory.
+
+``QuantLinear`` with ``real_int8`` multiplies int8 by int8 into int32 (``torch._int_mm``); every
+other case dequantizes and runs the float kernel, which gives the same numbers (fake quantization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+StepClock = Callable[[], "int | None"]
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights (int8 storage) and per-output-channel scales."""
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = flat.abs().amax(dim=1).clamp(min=1e-12) / qmax(bits)
+    q = torch.clamp(torch.round(flat / scale[:, None]), -qmax(bits), qmax(bits)).to(torch.int8)
+    return q.reshape(weight.shape), scale
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit values per byte (the low nibble first); pads an odd count with a zero."""
+    flat = q.reshape(-1).to(torch.int16) & 0xF
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] | (flat[1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    pairs = packed.to(torch.int16)
+    flat = torch.stack([pairs & 0xF, pairs >> 4], dim=1).reshape(-1)[: torch.Size(shape).numel()]
+    return torch.where(flat > 7, flat - 16, flat).to(torch.int8).reshape(shape)
+
+
+class QuantizedLayer(torch.nn.Module):
+    """Shared parts: integer weight storage, activation scales, and their lookup per step."""
+
+    def __init__(self, layer: torch.nn.Module, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
+                 split: int | None, clock: StepClock | None):
+        super().__init__()
+        q, scale = quantize_weight(layer.weight, weight_bits)
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        self.weight_shape = layer.weight.shape
+        self.register_buffer("weight_q", pack_nibbles(q) if weight_bits <= 4 else q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.detach().clone(),
+                                                                       requires_grad=False)
+        # act_absmax: [steps, groups]; row -1 is the whole trajectory's range
+        self.register_buffer("act_scale", act_absmax.float() / qmax(act_bits))
+        self.split = split
+        self.clock = clock
+
+    def integer_weight(self) -> torch.Tensor:
+        if self.weight_bits <= 4:
+            return unpack_nibbles(self.weight_q, self.weight_shape)
+        return self.weight_q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = self.integer_weight().float()
+        return w * self.weight_scale.reshape(-1, *([1] * (w.dim() - 1)))
+
+    def step_scale(self) -> torch.Tensor:
+        """Activation scale(s) of the current step: [groups]."""
+        step = self.clock() if self.clock is not None else None
+        rows = self.act_scale.shape[0]
+        return self.act_scale[step if step is not None and step < rows - 1 else -1]
+
+    def fake_quant_input(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        scale = self.step_scale()
+        if scale.numel() > 1:  # split: one scale per channel group
+            sizes = [self.split, x.shape[channel_dim] - self.split]
+            shape = [1] * x.dim()
+            shape[channel_dim] = x.shape[channel_dim]
+            scale = torch.repeat_interleave(scale, torch.tensor(sizes, device=scale.device)).reshape(shape)
+        limit = qmax(self.act_bits)
+        return torch.clamp(torch.round(x / scale), -limit, limit) * scale
+
+    def extra_repr(self) -> str:
+        split = f", split at channel {self.split}" if self.split else ""
+        return f"W{self.weight_bits}A{self.act_bits}, weight {tuple(self.weight_shape)}{split}"
+
+
+class QuantLinear(QuantizedLayer):
+    def __init__(self, layer: torch.nn.Linear, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
+                 split: int | None = None, clock: StepClock | None = None, real_int8: bool = False):
+        super().__init__(layer, weight_bits, act_bits, act_absmax, split, clock)
+        self.real_int8 = real_int8 and weight_bits == 8 and act_bits == 8 and not split
+        if self.real_int8:  # [in, out] for x @ w; the original [out, in] layout is not kept
+            self.weight_q = self.weight_q.t().contiguous()
+
+    def integer_weight(self) -> torch.Tensor:
+        return self.weight_q.t() if self.real_int8 else super().integer_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.real_int8:
+            return F.linear(self.fake_quant_input(x, -1), self.dequantized_weight(), self.bias)
+        scale = self.step_scale()
+        rows = x.reshape(-1, x.shape[-1])
+        q = torch.clamp(torch.round(rows / scale), -127, 127).to(torch.int8)
+        try:
+            acc = torch._int_mm(q, self.weight_q)
+        except RuntimeError:  # shapes the int8 kernel of this device refuses (e.g. a tiny batch on CUDA)
+            acc = q.float() @ self.weight_q.float()
+        out = acc.float().mul_(scale * self.weight_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class QuantConv2d(QuantizedLayer):
+    def __init__(self, layer: torch.nn.Conv2d, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
+                 split: int | None = None, clock: StepClock | None = None):
+        super().__init__(layer, weight_bits, act_bits, act_absmax, split, clock)
+        self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                              groups=layer.groups)
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"Conv2d with padding_mode {layer.padding_mode!r} is not supported")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.fake_quant_input(x, 1), self.dequantized_weight(), self.bias, **self.conv_args)
+
+
+def quantized(layer: torch.nn.Module, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
+              split: int | None, clock: StepClock | None, real_int8: bool) -> QuantizedLayer:
+    """The quantized stand-in of a Linear or Conv2d layer."""
+    if isinstance(layer, torch.nn.Linear):
+        return QuantLinear(layer, weight_bits, act_bits, act_absmax, split, clock, real_int8)
+    if isinstance(layer, torch.nn.Conv2d):
+        return QuantConv2d(layer, weight_bits, act_bits, act_absmax, split, clock)
+    raise TypeError(f"{type(layer).__name__} layers cannot be quantized; only Linear and Conv2d")

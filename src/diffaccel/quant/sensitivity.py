@@ -1,0 +1,57 @@
+"""Which layers does quantization hurt most? Quantize one layer at a time and measure how far the
+denoiser's output moves, on inputs recorded along calibration trajectories."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from diffaccel.quant.apply import quantize_
+from diffaccel.quant.calibrate import Calibration, quantizable
+from diffaccel.quant.spec import FULL_PRECISION, QuantSpec
+
+
+@torch.no_grad()
+def record_inputs(pipe, labels, seeds: list[int], num_steps: int, guidance: float, every: int = 10) -> list:
+    """The denoiser's (args, kwargs) at every ``every``-th step of one calibration batch."""
+    model = pipe.denoiser
+    calls: list = []
+    counter = {"step": 0}
+
+    def hook(module, args, kwargs):
+        if counter["step"] % every == 0:
+            calls.append((counter["step"], args, kwargs))
+        counter["step"] += 1
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe(labels, num_inference_steps=num_steps, guidance_scale=guidance,
+             generator=[torch.Generator().manual_seed(s) for s in seeds])
+    finally:
+        handle.remove()
+    return calls
+
+
+def _output(model, step: int, args, kwargs, clock: dict) -> torch.Tensor:
+    clock["step"] = step
+    out = model(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+@torch.no_grad()
+def sensitivity(pipe, spec: QuantSpec, calibration: Calibration, calls: list, progress: bool = True) -> list[dict]:
+    """Every quantizable layer with the relative output error it adds alone, worst first."""
+    model = pipe.denoiser
+    clock: dict = {"step": None}
+    reference = [_output(model, step, args, kwargs, clock) for step, args, kwargs in calls]
+    rows = []
+    for name in tqdm(list(quantizable(model)), desc="sensitivity", disable=not progress):
+        alone = spec.model_copy(update={"overrides": {"*": FULL_PRECISION, name: spec.weight_bits}})
+        handle = quantize_(model, alone, calibration, clock=lambda: clock["step"])
+        try:
+            errors = [float((_output(model, step, args, kwargs, clock) - ref).pow(2).mean() / ref.pow(2).mean())
+                      for (step, args, kwargs), ref in zip(calls, reference)]
+        finally:
+            handle.restore()
+        rows.append({"layer": name, "relative_error": sum(errors) / len(errors)})
+    return sorted(rows, key=lambda r: r["relative_error"], reverse=True)

@@ -1,0 +1,48 @@
+"""The quantization section of a plan: which layers run at which bit width, and on which path.
+
+Pure data (no torch), so a plan file can be read and validated without loading a model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FULL_PRECISION = 32  # an override to this width keeps a layer in floating point
+
+
+class QuantSpec(BaseModel):
+    """``W{weight_bits}A{act_bits}`` post-training quantization of a denoiser's Linear and Conv2d
+    layers, with activation ranges calibrated over whole sampling trajectories (``calibration``).
+
+    ``backend``: ``fake`` simulates the integers in floating point (any bit width, quality studies);
+    ``int8`` runs Linear layers as real int8 x int8 matrix products (W8A8 only); convolutions stay
+    simulated on that path."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight_bits: int = Field(8, ge=2, le=8)
+    act_bits: int = Field(8, ge=4, le=8)
+    backend: Literal["fake", "int8"] = "fake"
+    per_step: bool = Field(False, description="one activation scale per denoising step (else one per trajectory)")
+    split_shortcut: bool = Field(True, description="U-Net: separate scales for the two halves of a skip concat")
+    overrides: dict[str, int] = Field(
+        default_factory=dict,
+        description="layer-name pattern (fnmatch) -> weight bits; 32 keeps the layer in floating point")
+    calibration: str = Field(description="safetensors file of calibrated activation ranges")
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantSpec:
+        if self.backend == "int8" and (self.weight_bits, self.act_bits) != (8, 8):
+            raise ValueError(f"the int8 backend runs W8A8 only, not W{self.weight_bits}A{self.act_bits}; "
+                             "use backend 'fake' for other bit widths")
+        for pattern, bits in self.overrides.items():
+            if bits != FULL_PRECISION and not 2 <= bits <= 8:
+                raise ValueError(f"override {pattern!r}: weight bits must lie in 2..8, or be "
+                                 f"{FULL_PRECISION} to keep the layer in floating point (got {bits})")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}"

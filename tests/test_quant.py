@@ -1,0 +1,160 @@
+"""Quantization: calibration, quantized layers, plans with a quant section, and bad input."""
+
+import pytest
+import torch
+
+import diffaccel
+from conftest import run_cli
+from diffaccel import methods
+from diffaccel.plan import Plan, PlanError
+from diffaccel.quant import Calibration, QuantError, QuantSpec, calibrate, quantize_, weight_bytes
+from diffaccel.quant.calibrate import shortcut_splits
+from diffaccel.quant.layers import QuantLinear, pack_nibbles, quantize_weight, unpack_nibbles
+from test_engine import call, make_pipes, untouched
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return make_pipes()
+
+
+@pytest.fixture(scope="module")
+def calibrations(pipes, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calib")
+    paths = []
+    for pipe in pipes:
+        cal = calibrate(pipe, [0, 1, 2, 3], [10, 11, 12, 13], num_steps=STEPS, progress=False)
+        paths.append(cal.save(folder / f"{type(pipe.denoiser).__name__}.safetensors"))
+    return paths
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def same_state(model, saved) -> bool:
+    tensors, types = saved
+    now = model.state_dict()
+    return [type(m) for m in model.modules()] == types and all(torch.equal(now[k], v) for k, v in tensors.items())
+
+
+def test_int8_matmul_path_equals_simulated_quantization():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 40, 64) * 2
+    absmax = x.abs().amax().reshape(1, 1)
+    fake, real = QuantLinear(layer, 8, 8, absmax), QuantLinear(layer, 8, 8, absmax, real_int8=True)
+    assert real.weight_q.dtype == torch.int8
+    torch.testing.assert_close(real(x), fake(x), rtol=1e-5, atol=1e-5)
+    assert (fake(x) - layer(x)).abs().max() < 0.05 * layer(x).abs().max()  # close to fp32, not equal
+    assert not torch.equal(fake(x), layer(x))
+
+
+def test_four_bit_weights_pack_two_per_byte_and_round_trip():
+    q, scale = quantize_weight(torch.randn(7, 5), 4)
+    assert q.abs().max() <= 7 and scale.shape == (7,)
+    packed = pack_nibbles(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == 18  # 35 values -> 18 bytes
+    assert torch.equal(unpack_nibbles(packed, q.shape), q)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_quantized_plan_runs_restores_the_model_and_counts_full_macs(pipes, calibrations, which):
+    pipe = pipes[which]
+    base = call(pipe, steps=STEPS)
+    saved = state(pipe.denoiser)
+    plan = methods.fora(pipe.denoiser, STEPS, interval=1).with_quant(
+        QuantSpec(weight_bits=8, act_bits=8, backend="int8", calibration=str(calibrations[which])))
+    with diffaccel.accelerate(pipe, plan) as run:
+        out = call(pipe, steps=STEPS)
+    assert not torch.equal(out, base) and (out - base).abs().mean() < 0.05
+    assert run.stats.macs == run.stats.full_macs  # int8 products are counted, not dropped
+    assert untouched(pipe.denoiser) and same_state(pipe.denoiser, saved)
+    assert torch.equal(call(pipe, steps=STEPS), base)
+
+
+def test_quantized_weights_take_a_fraction_of_the_memory(pipes, calibrations):
+    model = pipes[0].denoiser
+    full = weight_bytes(model)
+    sizes = {}
+    for bits in (8, 4):
+        handle = quantize_(model, QuantSpec(weight_bits=bits, calibration=str(calibrations[0])),
+                           Calibration.load(calibrations[0]))
+        sizes[bits] = weight_bytes(model)
+        handle.restore()
+    assert sizes[4] < sizes[8] < 0.35 * full
+    assert weight_bytes(model) == full
+
+
+def test_unet_skip_concatenations_get_one_range_per_half(pipes, calibrations):
+    unet = pipes[1].denoiser
+    splits = shortcut_splits(unet)
+    assert splits and all(name.startswith("up_blocks.") for name in splits)
+    cal = Calibration.load(calibrations[1])
+    for name in splits:
+        assert cal.absmax[name].shape == (STEPS + 1, 2)
+    assert cal.absmax["conv_in"].shape == (STEPS + 1, 1)
+
+
+def test_plan_file_carries_its_calibration_beside_it(pipes, calibrations, tmp_path):
+    plan = methods.fora(pipes[0].denoiser, STEPS, interval=2).with_quant(
+        QuantSpec(calibration=str(calibrations[0])))
+    plan.save(tmp_path / "joint.json")
+    assert (tmp_path / "joint.calibration.safetensors").is_file()
+    loaded = Plan.load(tmp_path / "joint.json")
+    assert loaded.quant.calibration == str(tmp_path / "joint.calibration.safetensors")
+    with diffaccel.accelerate(pipes[0], loaded):
+        call(pipes[0], steps=STEPS)
+
+
+def bad_calibration(path, tmp_path, change):
+    cal = Calibration.load(path)
+    change(cal)
+    return cal.save(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("case", ["other model", "other bits", "nan range", "zero range"])
+def test_bad_calibration_is_refused_and_the_model_left_untouched(pipes, calibrations, tmp_path, case):
+    pipe = pipes[0]
+    saved, base = state(pipe.denoiser), call(pipe, steps=STEPS)
+    name = "transformer_blocks.0.attn1.to_q"
+    if case == "other model":
+        path = calibrations[1]
+    elif case == "other bits":
+        path = bad_calibration(calibrations[0], tmp_path, lambda c: setattr(c, "act_bits", 6))
+    elif case == "nan range":
+        path = bad_calibration(calibrations[0], tmp_path, lambda c: c.absmax[name].fill_(float("nan")))
+    else:
+        path = bad_calibration(calibrations[0], tmp_path, lambda c: c.absmax[name].zero_())
+    plan = methods.fora(pipe.denoiser, STEPS, interval=1).with_quant(QuantSpec(calibration=str(path)))
+    with pytest.raises(QuantError) as info:
+        with diffaccel.accelerate(pipe, plan):
+            pass
+    assert {"other model": "another model", "other bits": "6-bit", "nan range": "not finite",
+            "zero range": "is zero"}[case] in str(info.value)
+    assert untouched(pipe.denoiser) and same_state(pipe.denoiser, saved)
+    assert torch.equal(call(pipe, steps=STEPS), base)
+
+
+def test_overrides_on_unsupported_or_missing_layers_are_refused(pipes, calibrations):
+    model = pipes[0].denoiser
+    saved = state(model)
+    cal = Calibration.load(calibrations[0])
+    with pytest.raises(QuantError, match="LayerNorm"):
+        quantize_(model, QuantSpec(overrides={"transformer_blocks.0.norm3": 8}, calibration="x"), cal)
+    with pytest.raises(QuantError, match="matches no"):
+        quantize_(model, QuantSpec(overrides={"nothing.here*": 8}, calibration="x"), cal)
+    assert same_state(model, saved)
+
+
+def test_int8_backend_refuses_other_bit_widths():
+    with pytest.raises(PlanError, match="W8A8 only"):
+        Plan.from_dict({"adapter": "dit", "model_class": "DiTTransformer2DModel", "units": ["a"], "num_steps": 1,
+                        "schedule": ["C"], "quant": {"weight_bits": 4, "backend": "int8", "calibration": "c"}})
+
+
+def test_quantize_command_rejects_bad_bits(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--bits", "w8", "--out", "/tmp/never")
+    assert code == 2 and "w8a8" in err
