@@ -45,9 +45,12 @@ def test_int8_matmul_path_equals_simulated_quantization():
     layer = torch.nn.Linear(64, 96)
     x = torch.randn(3, 40, 64) * 2
     absmax = x.abs().amax().reshape(1, 1)
-    fake, real = QuantLinear(layer, 8, 8, absmax), QuantLinear(layer, 8, 8, absmax, real_int8=True)
+    fake, real = QuantLinear(layer, 8, 8, absmax), QuantLinear(layer, 8, 8, absmax, mode="int8")
     assert real.weight_q.dtype == torch.int8
     torch.testing.assert_close(real(x), fake(x), rtol=1e-5, atol=1e-5)
+    # fbgemm's dynamic kernel measures the activation range itself (7-bit unsigned): close, not equal
+    dynamic = QuantLinear(layer, 8, 8, absmax, mode="int8-dynamic")
+    assert (dynamic(x) - fake(x)).abs().max() < 0.05 * fake(x).abs().max()
     assert (fake(x) - layer(x)).abs().max() < 0.05 * layer(x).abs().max()  # close to fp32, not equal
     assert not torch.equal(fake(x), layer(x))
 
@@ -158,3 +161,9 @@ def test_int8_backend_refuses_other_bit_widths():
 def test_quantize_command_rejects_bad_bits(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "quantize", "--bits", "w8", "--out", "/tmp/never")
     assert code == 2 and "w8a8" in err
+
+
+def test_generate_rejects_a_backend_that_cannot_run_the_bit_width(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--quant", "w4a8", "--quant-backend", "int8",
+                           "--per-class", "1", "--out", "/tmp/never")
+    assert code == 2 and "W8A8 only" in err and len(err.strip().splitlines()) == 1

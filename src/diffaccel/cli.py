@@ -86,7 +86,9 @@ def generate(
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
     quant: str = typer.Option(None, help="also quantize the model: w8a8, w4a8, ... (calibrated on first use)"),
-    quant_backend: str = typer.Option("fake", help="fake (simulated, any width) or int8 (real int8 matmuls, W8A8)"),
+    quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
+                                                   "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
+    quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
 ) -> None:
     """Sample every class from an embedded model, optionally with a plan, and score the images."""
     import torch
@@ -116,9 +118,11 @@ def generate(
             from diffaccel.methods.ptq import ptq, quant_spec
 
             if the_plan is None:
-                the_plan = ptq(pipe, steps, bits=quant, backend=quant_backend, guidance=guidance)
+                the_plan = ptq(pipe, steps, bits=quant, backend=quant_backend, per_step=quant_per_step,
+                               guidance=guidance)
             else:
-                the_plan = the_plan.with_quant(quant_spec(pipe, steps, quant, quant_backend, guidance=guidance))
+                the_plan = the_plan.with_quant(quant_spec(pipe, steps, quant, quant_backend, quant_per_step,
+                                                          guidance=guidance))
         if the_plan is not None and save_plan is not None:
             the_plan.save(save_plan)
         record = run_generate(cfg, out, pipe, load_evaluator(), plan=the_plan, compare=compare)
@@ -195,7 +199,8 @@ def plan_make(
 def quantize(
     model: ModelName = typer.Option(ModelName.dit, help="embedded model"),
     bits: str = typer.Option("w8a8", help="weight and activation bits: w8a8, w4a8, ..."),
-    backend: str = typer.Option("fake", help="fake (simulated, any width) or int8 (real int8 matmuls, W8A8 only)"),
+    backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 matmuls) "
+                                             "or int8-dynamic (fbgemm, fastest on a CPU); int8 paths: W8A8 only"),
     per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
     keep: list[str] = typer.Option(None, help="layer-name pattern to keep in floating point (repeatable)"),
     steps: int = typer.Option(50, min=1, help="denoising steps of the plan"),

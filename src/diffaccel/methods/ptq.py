@@ -12,6 +12,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from diffaccel.methods.base import make_plan, unit_names
 from diffaccel.plan import Plan
 from diffaccel.quant.calibrate import Calibration, QuantError, calibrate, fingerprint
@@ -69,10 +71,14 @@ def quant_spec(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fa
                overrides: dict[str, int] | None = None, guidance: float = 3.0, per_class: int = 2, seed: int = 0,
                calibration: str | None = None) -> QuantSpec:
     weight_bits, act_bits = parse_bits(bits)
-    path = calibration_for(pipe, num_steps, guidance, act_bits, per_class, seed, calibration)
     merged = {**default_overrides(weight_bits, pipe.denoiser), **(overrides or {})}
-    return QuantSpec(weight_bits=weight_bits, act_bits=act_bits, backend=backend, per_step=per_step,
-                     overrides=merged, calibration=str(path))
+    fields = dict(weight_bits=weight_bits, act_bits=act_bits, backend=backend, per_step=per_step, overrides=merged)
+    try:
+        QuantSpec(**fields, calibration="-")  # settings first: a bad one fails before calibrating
+    except ValidationError as exc:
+        raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    path = calibration_for(pipe, num_steps, guidance, act_bits, per_class, seed, calibration)
+    return QuantSpec(**fields, calibration=str(path))
 
 
 def ptq(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fake", per_step: bool = False,

@@ -70,7 +70,7 @@ def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
         if split is None and ranges.shape[1] > 1:
             ranges = ranges.amax(dim=1, keepdim=True)
         try:
-            new = quantized(layer, bits[name], spec.act_bits, ranges, split, clock, spec.backend == "int8")
+            new = quantized(layer, bits[name], spec.act_bits, ranges, split, clock, spec.backend)
         except (TypeError, ValueError) as exc:
             raise QuantError(f"cannot quantize {name}: {exc}") from None
         parent_name, _, child = name.rpartition(".")
@@ -84,9 +84,10 @@ def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers as it stands (quantized layers count their
-    integer weights and scales, not the float originals a handle keeps for ``restore()``)."""
+    integer weights and scales, not the float originals a handle keeps for ``restore()``; fbgemm's
+    packed weights count as their int8 payload)."""
     seen: set[int] = set()
-    total = 0
+    total = sum(getattr(module, "packed_bytes", 0) for module in model.modules())  # fbgemm's opaque copies
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen:
             seen.add(id(tensor))

@@ -93,19 +93,52 @@ class QuantizedLayer(torch.nn.Module):
         return f"W{self.weight_bits}A{self.act_bits}, weight {tuple(self.weight_shape)}{split}"
 
 
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, conv: dict | None = None):
+    """fbgemm's packed form of per-channel int8 weights, which its fused dynamic int8 linear and
+    convolution kernels take."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated
+        warnings.simplefilter("ignore")
+        zero = torch.zeros_like(scale, dtype=torch.long)
+        qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        if conv is None:
+            return torch.ops.quantized.linear_prepack(qweight, bias)
+        return torch.ops.quantized.conv2d_prepack(qweight, bias, list(conv["stride"]), list(conv["padding"]),
+                                                  list(conv["dilation"]), conv["groups"])
+
+
+def _use_fbgemm(module: QuantizedLayer, device: torch.device, conv: dict | None = None) -> None:
+    """Switch a layer to fbgemm's dynamic int8 kernel; the packed copy replaces the plain one."""
+    if device.type != "cpu":
+        raise ValueError("the int8-dynamic backend runs on a CPU only; use int8 on a GPU")
+    module.packed = _fbgemm_pack(module.weight_q, module.weight_scale, module.bias, conv)
+    module.packed_bytes = module.weight_q.numel()  # what the packed int8 payload occupies
+    module.weight_q = torch.empty(0, dtype=torch.int8)
+
+
 class QuantLinear(QuantizedLayer):
+    """``mode``: ``fake`` (simulated), ``int8`` (int8 x int8 products with the calibrated scales) or
+    ``int8-dynamic`` (fbgemm's fused kernel, activation range measured per call; CPU only)."""
+
     def __init__(self, layer: torch.nn.Linear, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
-                 split: int | None = None, clock: StepClock | None = None, real_int8: bool = False):
+                 split: int | None = None, clock: StepClock | None = None, mode: str = "fake"):
         super().__init__(layer, weight_bits, act_bits, act_absmax, split, clock)
-        self.real_int8 = real_int8 and weight_bits == 8 and act_bits == 8 and not split
-        if self.real_int8:  # [in, out] for x @ w; the original [out, in] layout is not kept
+        w8a8 = weight_bits == 8 and act_bits == 8
+        self.mode = mode if w8a8 and not (mode == "int8" and split) else "fake"
+        if self.mode == "int8":  # [in, out] for x @ w; the original [out, in] layout is not kept
             self.weight_q = self.weight_q.t().contiguous()
+        elif self.mode == "int8-dynamic":
+            _use_fbgemm(self, layer.weight.device)
 
     def integer_weight(self) -> torch.Tensor:
-        return self.weight_q.t() if self.real_int8 else super().integer_weight()
+        return self.weight_q.t() if self.mode == "int8" else super().integer_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.real_int8:
+        if self.mode == "int8-dynamic":
+            rows = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self.packed, True)
+            return rows.reshape(*x.shape[:-1], rows.shape[-1])
+        if self.mode == "fake":
             return F.linear(self.fake_quant_input(x, -1), self.dequantized_weight(), self.bias)
         scale = self.step_scale()
         rows = x.reshape(-1, x.shape[-1])
@@ -121,23 +154,30 @@ class QuantLinear(QuantizedLayer):
 
 
 class QuantConv2d(QuantizedLayer):
+    """``mode``: ``fake`` (simulated with the calibrated scales) or ``int8-dynamic`` (fbgemm, CPU)."""
+
     def __init__(self, layer: torch.nn.Conv2d, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
-                 split: int | None = None, clock: StepClock | None = None):
+                 split: int | None = None, clock: StepClock | None = None, mode: str = "fake"):
         super().__init__(layer, weight_bits, act_bits, act_absmax, split, clock)
         self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                               groups=layer.groups)
         if layer.padding_mode != "zeros":
             raise ValueError(f"Conv2d with padding_mode {layer.padding_mode!r} is not supported")
+        self.mode = "int8-dynamic" if mode == "int8-dynamic" and weight_bits == 8 and act_bits == 8 else "fake"
+        if self.mode == "int8-dynamic":
+            _use_fbgemm(self, layer.weight.device, self.conv_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8-dynamic":
+            return torch.ops.quantized.conv2d_dynamic(x, self.packed, True)
         return F.conv2d(self.fake_quant_input(x, 1), self.dequantized_weight(), self.bias, **self.conv_args)
 
 
 def quantized(layer: torch.nn.Module, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
-              split: int | None, clock: StepClock | None, real_int8: bool) -> QuantizedLayer:
-    """The quantized stand-in of a Linear or Conv2d layer."""
+              split: int | None, clock: StepClock | None, mode: str = "fake") -> QuantizedLayer:
+    """The quantized stand-in of a Linear or Conv2d layer (``mode``: see ``QuantLinear``)."""
     if isinstance(layer, torch.nn.Linear):
-        return QuantLinear(layer, weight_bits, act_bits, act_absmax, split, clock, real_int8)
+        return QuantLinear(layer, weight_bits, act_bits, act_absmax, split, clock, mode)
     if isinstance(layer, torch.nn.Conv2d):
-        return QuantConv2d(layer, weight_bits, act_bits, act_absmax, split, clock)
+        return QuantConv2d(layer, weight_bits, act_bits, act_absmax, split, clock, mode)
     raise TypeError(f"{type(layer).__name__} layers cannot be quantized; only Linear and Conv2d")

@@ -17,14 +17,17 @@ class QuantSpec(BaseModel):
     layers, with activation ranges calibrated over whole sampling trajectories (``calibration``).
 
     ``backend``: ``fake`` simulates the integers in floating point (any bit width, quality studies);
-    ``int8`` runs Linear layers as real int8 x int8 matrix products (W8A8 only); convolutions stay
-    simulated on that path."""
+    ``int8`` runs Linear layers as real int8 x int8 matrix products with the calibrated activation
+    scales (``torch._int_mm``, CPU or CUDA); ``int8-dynamic`` runs them through fbgemm's fused
+    dynamic-activation kernel (CPU; the activation range is measured on each call, 7-bit unsigned as
+    fbgemm requires), the fastest path on a CPU. Both int8 paths are W8A8 only; convolutions stay
+    simulated on them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weight_bits: int = Field(8, ge=2, le=8)
     act_bits: int = Field(8, ge=4, le=8)
-    backend: Literal["fake", "int8"] = "fake"
+    backend: Literal["fake", "int8", "int8-dynamic"] = "fake"
     per_step: bool = Field(False, description="one activation scale per denoising step (else one per trajectory)")
     split_shortcut: bool = Field(True, description="U-Net: separate scales for the two halves of a skip concat")
     overrides: dict[str, int] = Field(
@@ -34,8 +37,8 @@ class QuantSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> QuantSpec:
-        if self.backend == "int8" and (self.weight_bits, self.act_bits) != (8, 8):
-            raise ValueError(f"the int8 backend runs W8A8 only, not W{self.weight_bits}A{self.act_bits}; "
+        if self.backend != "fake" and (self.weight_bits, self.act_bits) != (8, 8):
+            raise ValueError(f"the {self.backend} backend runs W8A8 only, not W{self.weight_bits}A{self.act_bits}; "
                              "use backend 'fake' for other bit widths")
         for pattern, bits in self.overrides.items():
             if bits != FULL_PRECISION and not 2 <= bits <= 8:
