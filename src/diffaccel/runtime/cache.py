@@ -51,13 +51,15 @@ class UnitCache:
     def last(self) -> Any:
         return self.values[-1]
 
-    def forecast(self, step: int, order: int) -> Any:
+    def forecast(self, step: int, order: int, base: Any = None) -> Any:
         """Polynomial extrapolation through the last ``order + 1`` computed points (TaylorSeer: the
         finite differences of those points estimate the derivatives in the step index). Written in
-        Lagrange form, one weighted sum of the cached tensors, which keeps forecasting cheap."""
+        Lagrange form, one weighted sum of the cached tensors, which keeps forecasting cheap; with
+        ``base`` (a residual unit's input) the sum starts from it, saving one pass over the tensors."""
         k = min(order, len(self.values) - 1)
         if k == 0:
-            return self.values[-1]
+            last = self.values[-1]
+            return last if base is None else tree_map(lambda b, v: b + v, base, last)
         xs = self.steps[-(k + 1):]
         weights = []
         for j, xj in enumerate(xs):
@@ -74,4 +76,10 @@ class UnitCache:
                 out.add_(leaf, alpha=w)
             return out
 
-        return tree_map(combine, *points)
+        def combine_onto(start: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+            out = torch.add(start, leaves[0], alpha=weights[0])
+            for w, leaf in zip(weights[1:], leaves[1:]):
+                out.add_(leaf, alpha=w)
+            return out
+
+        return tree_map(combine, *points) if base is None else tree_map(combine_onto, base, *points)

@@ -277,15 +277,17 @@ class Executor:
             state.head_input = primary(unit.residual_inputs(args, kwargs)) if unit.residual_inputs else None
         if action == "C" or not cache.ready:
             return self._compute(index, original, args, kwargs, state, cache)
+        self._charge(index, computed=False)
         if action == "R":
             value = cache.last()
             self.stats.reused += 1
         else:
             order = self.plan.rule.forecast_order if self.plan.rule else self.plan.forecast_order
-            value = cache.forecast(state.step, order)
             self.stats.forecast += 1
+            if unit.residual_inputs is not None and self.plan.correction is None and state.tile == 1:
+                return cache.forecast(state.step, order, base=unit.residual_inputs(args, kwargs))
+            value = cache.forecast(state.step, order)
         value = self._corrected(value, state.step)
-        self._charge(index, computed=False)
         if state.tile > 1:
             value = tree_map(lambda v: v.repeat(state.tile, *([1] * (v.dim() - 1))), value)
         if unit.residual_inputs is None:

@@ -1,0 +1,49 @@
+"""Markdown tables of the committed benchmark results, for the README and the closing notes.
+
+    python benchmarks/tables.py engine dit      # or: engine unet, quant dit, quant unet
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def engine(model: str) -> str:
+    rows = sorted(json.loads((RESULTS / f"engine_{model}.json").read_text()),
+                  key=lambda r: (r["method"], r["speedup_macs"]))
+    base_acc = rows[0]["baseline_accuracy"]
+    lines = [f"**{model}** (unaccelerated accuracy {base_acc:.1%}, FD {rows[0]['baseline_fd']:.3f}):", "",
+             "| method | setting | MACs | wall | wall/MACs | PSNR (min) | SSIM | accuracy | FD |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['setting']} | {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | "
+                     f"{r['speedup_wall'] / r['speedup_macs']:.2f} | {r['psnr']:.1f} ({r['psnr_min']:.1f}) | "
+                     f"{r['ssim']:.3f} | {r['accuracy']:.1%} | {r['fd']:.3f} |")
+    good = [r for r in rows if r["psnr"] >= 30 and abs(r["accuracy"] - r["baseline_accuracy"]) <= 0.01]
+    if good:
+        best = max(good, key=lambda r: r["speedup_wall"])
+        lines += ["", f"Best wall-clock speedup at mean PSNR >= 30 dB with accuracy within 1 point: "
+                      f"{best['method']} {best['setting']}: {best['speedup_wall']:.2f}x wall, "
+                      f"{best['speedup_macs']:.2f}x MACs, {best['psnr']:.1f} dB, accuracy {best['accuracy']:.1%}."]
+    return "\n".join(lines)
+
+
+def quant(model: str) -> str:
+    rows = json.loads((RESULTS / f"quant_{model}.json").read_text())
+    lines = [f"**{model}**:", "",
+             "| plan | images | wall vs fp32 | MACs | PSNR | SSIM | accuracy (fp32) | FD (fp32) | weight memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['n_images']} | {r['speedup_wall']:.2f}x | {r['speedup_macs']:.2f}x | "
+                     f"{r['psnr']:.1f} | {r['ssim']:.3f} | {r['accuracy']:.1%} ({r['baseline_accuracy']:.1%}) | "
+                     f"{r['fd']:.3f} ({r['baseline_fd']:.3f}) | {r['weight_memory_ratio']:.1%} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    kind, model = sys.argv[1], sys.argv[2]
+    print({"engine": engine, "quant": quant}[kind](model))
