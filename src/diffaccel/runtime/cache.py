@@ -19,6 +19,13 @@ def tree_map(fn: Callable, *trees: Any) -> Any:
     return fn(*trees)
 
 
+def structure(tree: Any) -> Any:
+    """The nesting of a value with None where it holds None (values of equal structure can be summed)."""
+    if isinstance(tree, (tuple, list)):
+        return tuple(structure(part) for part in tree)
+    return None if tree is None else tuple(tree.shape)
+
+
 def tree_leaves(tree: Any) -> list[torch.Tensor]:
     if isinstance(tree, (tuple, list)):
         return [leaf for part in tree for leaf in tree_leaves(part)]

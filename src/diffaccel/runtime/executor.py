@@ -9,6 +9,7 @@ created when a new trajectory starts and discarded when the run or the context e
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from diffaccel.eval.cost import FlopCounterMode  # with CPU attention registered
 from diffaccel.plan import Plan, PlanError
 from diffaccel.quant.apply import QuantHandle, quantize_
 from diffaccel.quant.calibrate import Calibration
-from diffaccel.runtime.cache import UnitCache, primary, tree_leaves, tree_map
+from diffaccel.runtime.cache import UnitCache, primary, structure, tree_leaves, tree_map
 
 
 class CacheError(PlanError):
@@ -62,6 +63,10 @@ class BranchState:
     consecutive: int = 0
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # parallel-decoded outputs
     tile: int = 1  # batch multiple of the current (parallel-decoding) forward
+    # a run of consecutive residual units skipped alike acts as one: its first unit adds the run's
+    # summed residual, the others pass their input through (one tensor pass instead of one per unit)
+    passthrough: set[int] = field(default_factory=set)  # units that pass their input through this step
+    run_sums: dict[tuple[int, int], UnitCache] = field(default_factory=dict)
 
 
 def _float_timestep(t: Any) -> float:
@@ -209,6 +214,7 @@ class Executor:
         state = self._branch(tuple(sample.shape), t)
         state.step += 1
         state.last_t = t
+        state.passthrough = set()
         step = state.step
         if self.plan.num_steps is not None and step >= self.plan.num_steps:
             raise PlanError(f"the plan is for {self.plan.num_steps} steps but the sampler asked for step "
@@ -278,21 +284,43 @@ class Executor:
         if action == "C" or not cache.ready:
             return self._compute(index, original, args, kwargs, state, cache)
         self._charge(index, computed=False)
-        if action == "R":
-            value = cache.last()
-            self.stats.reused += 1
-        else:
-            order = self.plan.rule.forecast_order if self.plan.rule else self.plan.forecast_order
-            self.stats.forecast += 1
-            if unit.residual_inputs is not None and self.plan.correction is None and state.tile == 1:
-                return cache.forecast(state.step, order, base=unit.residual_inputs(args, kwargs))
-            value = cache.forecast(state.step, order)
+        self.stats.reused += action == "R"
+        self.stats.forecast += action == "F"
+        order = self.plan.rule.forecast_order if self.plan.rule else self.plan.forecast_order
+        if index in state.passthrough:
+            return unit.residual_inputs(args, kwargs)
+        if unit.residual_inputs is not None and self.plan.correction is None and state.tile == 1:
+            run = self._run_cache(state, index, action)
+            base = unit.residual_inputs(args, kwargs)
+            if action == "R":
+                return tree_map(lambda x, r: x + r, base, run.last())
+            return run.forecast(state.step, order, base=base)
+        value = cache.last() if action == "R" else cache.forecast(state.step, order)
         value = self._corrected(value, state.step)
         if state.tile > 1:
             value = tree_map(lambda v: v.repeat(state.tile, *([1] * (v.dim() - 1))), value)
         if unit.residual_inputs is None:
             return value
         return tree_map(lambda x, r: x + r, unit.residual_inputs(args, kwargs), value)
+
+    def _run_cache(self, state: BranchState, first: int, action: str) -> UnitCache:
+        """The summed cache of the run of residual units from ``first`` skipped with ``action`` at
+        this step and computed at the same steps; marks the run's other units as pass-through."""
+        steps, shape = state.caches[first].steps, structure(state.caches[first].last())
+        last = first
+        while (last + 1 < len(self.units) and self.units[last + 1].residual_inputs is not None
+               and self._action(state, last + 1) == action and state.caches[last + 1].steps == steps
+               and structure(state.caches[last + 1].last()) == shape):
+            last += 1
+        state.passthrough = set(range(first + 1, last + 1))
+        if last == first:
+            return state.caches[first]
+        run = state.run_sums.get((first, last))
+        if run is None or run.steps != steps:  # (re)build after the units computed again
+            values = [state.caches[k].values for k in range(first, last + 1)]
+            summed = [tree_map(lambda *leaves: functools.reduce(torch.add, leaves), *point) for point in zip(*values)]
+            run = state.run_sums[(first, last)] = UnitCache(list(steps), summed)
+        return run
 
     def _compute(self, index, original, args, kwargs, state: BranchState, cache: UnitCache):
         unit = self.units[index]
