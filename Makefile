@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/diffaccel generate --model dit --method fora --interval 2 --compare --per-class 8 --out out/demo
+	$(VENV)/bin/diffaccel generate --model dit --method fora --interval 3 --compare --per-class 8 --out out/demo
 
 # Headless Chromium for the report test (tests/test_bench.py): installed from Debian when missing and
 # we are root with apt; otherwise (or if apt fails) that one test skips and says why.
