@@ -42,8 +42,8 @@ ROWS = {
         "W8A8 int8-dynamic (fbgemm)": (None, "w8a8", "int8-dynamic", False, None),
         "W4A8 simulated": (None, "w4a8", "fake", False, None),
         "W4A8 simulated, per-step scales": (None, "w4a8", "fake", True, None),
-        "deepcache 5 + W8A8 int8-dynamic": (("deepcache", {"interval": 5, "uniform": False, "power": 1.2,
-                                                           "key_steps": 11}), "w8a8", "int8-dynamic", False, 100),
+        "taylorseer 8 + W8A8 int8-dynamic": (("taylorseer", {"interval": 8, "order": 1}), "w8a8", "int8-dynamic",
+                                             False, 100),
     },
 }
 
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=100, help="held-out noise seeds")
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", help="comma-separated row names to run")
+    parser.add_argument("--only", help="row names to run, separated by semicolons")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +87,7 @@ def main() -> None:
     evaluator = load_evaluator()
     path = args.out / f"quant_{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    wanted = args.only.split(",") if args.only else list(ROWS[args.model])
+    wanted = [name.strip() for name in args.only.split(";")] if args.only else list(ROWS[args.model])
     for index, name in enumerate(wanted):
         caching, bits, backend, per_step, per_class = ROWS[args.model][name]
         per_class = per_class or args.per_class
