@@ -22,6 +22,7 @@ import torch
 from diffaccel.generate import GenerateConfig, run_generate, write_json
 from diffaccel.methods.ptq import ptq, quant_spec
 from diffaccel.methods.registry import build
+from diffaccel.plan import Plan
 from diffaccel.quant import Calibration, quantize_, weight_bytes
 from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
@@ -44,13 +45,18 @@ ROWS = {
         "W4A8 simulated, per-step scales": (None, "w4a8", "fake", True, None),
         "taylorseer 8 + W8A8 int8-dynamic": (("taylorseer", {"interval": 8, "order": 1}), "w8a8", "int8-dynamic",
                                              False, 100),
+        # the plan `diffaccel search --model unet --strategy dp` found (benchmarks/search.py), saved here
+        "searched DP plan + W8A8 int8-dynamic": (("plan", {"path": "benchmarks/results/plans/unet-dp.json"}),
+                                                 "w8a8", "int8-dynamic", False, 100),
     },
 }
 
 
 def command(model: str, caching, bits: str, backend: str, per_step: bool, per_class: int, args) -> str:
     parts = ["diffaccel", "generate", "--model", model]
-    if caching is not None:
+    if caching is not None and caching[0] == "plan":
+        parts += ["--plan", caching[1]["path"]]
+    elif caching is not None:
         method, settings = caching
         parts += ["--method", method]
         for key, value in settings.items():
@@ -96,8 +102,9 @@ def main() -> None:
         if caching is None:
             plan = ptq(pipe, cfg.steps, bits=bits, backend=backend, per_step=per_step)
         else:
-            plan = build(caching[0], pipe, cfg.steps, **caching[1]).with_quant(
-                quant_spec(pipe, cfg.steps, bits, backend, per_step))
+            cache_plan = Plan.load(caching[1]["path"]) if caching[0] == "plan" else build(
+                caching[0], pipe, cfg.steps, **caching[1])
+            plan = cache_plan.with_quant(quant_spec(pipe, cfg.steps, bits, backend, per_step))
         record = run_generate(cfg, Path("out/quant") / f"{args.model}-{index}", pipe, evaluator, plan=plan,
                               compare=True, progress=False)
         row = {
