@@ -19,6 +19,10 @@ class SweepError(DiffaccelError, ValueError):
     """A sweep names something unknown, has no entries or a malformed setting."""
 
 
+# Quantization alone: bit widths and execution paths (simulated rows measure quality, not speed).
+PTQ_SWEEP = [{"bits": "w8a8", "backend": "int8-dynamic"}, {"bits": "w8a8", "per_step": True},
+             {"bits": "w8a8", "backend": "int8"}, {"bits": "w4a8"}]
+
 # Our methods, at least four settings of the main knob each.
 OURS: dict[str, dict[str, list[dict]]] = {
     "dit": {
@@ -29,6 +33,7 @@ OURS: dict[str, dict[str, list[dict]]] = {
         "dbcache": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.2, "forecast_order": 1},
                     {"threshold": 0.3, "forecast_order": 1}],
         "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
+        "ptq": PTQ_SWEEP,
     },
     "unet": {
         "deepcache": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
@@ -37,6 +42,7 @@ OURS: dict[str, dict[str, list[dict]]] = {
         "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 2}, {"interval": 5, "order": 2},
                        {"interval": 6, "order": 2}],
         "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
+        "ptq": PTQ_SWEEP,
     },
 }
 
