@@ -2,7 +2,7 @@
 
 ``ptq(pipe)`` calibrates the denoiser's layer ranges on calibration runs (seeds disjoint from any
 evaluation seeds), saves them as safetensors and returns an all-compute plan with a quantization
-section. ``quantized_plan(plan, pipe, ...)`` adds the same section to any caching plan.
+section. ``plan.with_quant(quant_spec(pipe, ...))`` adds the same section to any caching plan.
 A calibration for the same model, steps, guidance and inputs is reused from its file.
 """
 

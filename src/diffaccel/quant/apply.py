@@ -47,10 +47,12 @@ def layer_bits(spec: QuantSpec, names: list[str], modules: dict[str, torch.nn.Mo
     return bits
 
 
-def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
-              clock: StepClock | None = None) -> QuantHandle:
-    """Quantize ``model`` in place as ``spec`` says; ``clock`` returns the current step for per-step
-    scales (the executor passes its own)."""
+Replacement = tuple[torch.nn.Module, str, torch.nn.Module, QuantizedLayer]  # parent, name, original, new
+
+
+def quantized_layers(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
+                     clock: StepClock | None = None) -> list[Replacement]:
+    """Check the request and build the quantized stand-ins, without touching the model."""
     calibration.check(model, spec.act_bits)
     modules = dict(model.named_modules())
     layers = quantizable(model)
@@ -59,7 +61,7 @@ def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
         raise QuantError(f"the calibration has no range for {missing[0]} ({len(missing)} layers in all): "
                          "calibrate this model again")
     bits = layer_bits(spec, list(layers), modules)
-    replacements: list[tuple[torch.nn.Module, str, torch.nn.Module, QuantizedLayer]] = []
+    replacements: list[Replacement] = []
     for name, layer in layers.items():
         if bits[name] == FULL_PRECISION:
             continue
@@ -75,11 +77,23 @@ def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
             raise QuantError(f"cannot quantize {name}: {exc}") from None
         parent_name, _, child = name.rpartition(".")
         replacements.append((modules[parent_name], child, layer, new.to(layer.weight.device)))
+    return replacements
+
+
+def swap_in(replacements: list[Replacement]) -> QuantHandle:
+    """Put built stand-ins into the model; the handle puts the originals back."""
     handle = QuantHandle()
     for parent, child, original, new in replacements:
         setattr(parent, child, new)
         handle.swaps.append((parent, child, original))
     return handle
+
+
+def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
+              clock: StepClock | None = None) -> QuantHandle:
+    """Quantize ``model`` in place as ``spec`` says; ``clock`` returns the current step for per-step
+    scales (the executor passes its own)."""
+    return swap_in(quantized_layers(model, spec, calibration, clock))
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

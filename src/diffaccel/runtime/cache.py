@@ -77,16 +77,12 @@ class UnitCache:
             weights.append(w)
         points = self.values[-(k + 1):]
 
-        def combine(*leaves: torch.Tensor) -> torch.Tensor:
-            out = leaves[0] * weights[0]
+        def combine(start: torch.Tensor | None, *leaves: torch.Tensor) -> torch.Tensor:
+            out = leaves[0] * weights[0] if start is None else torch.add(start, leaves[0], alpha=weights[0])
             for w, leaf in zip(weights[1:], leaves[1:]):
                 out.add_(leaf, alpha=w)
             return out
 
-        def combine_onto(start: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
-            out = torch.add(start, leaves[0], alpha=weights[0])
-            for w, leaf in zip(weights[1:], leaves[1:]):
-                out.add_(leaf, alpha=w)
-            return out
-
-        return tree_map(combine, *points) if base is None else tree_map(combine_onto, base, *points)
+        if base is None:
+            return tree_map(lambda *leaves: combine(None, *leaves), *points)
+        return tree_map(combine, base, *points)

@@ -21,7 +21,7 @@ import torch
 from diffaccel.adapters import Adapter, adapter_for
 from diffaccel.eval.cost import FlopCounterMode  # with CPU attention registered
 from diffaccel.plan import Plan, PlanError
-from diffaccel.quant.apply import QuantHandle, quantize_
+from diffaccel.quant.apply import QuantHandle, quantized_layers, swap_in
 from diffaccel.quant.calibrate import Calibration
 from diffaccel.runtime.cache import UnitCache, primary, structure, tree_leaves, tree_map
 
@@ -103,6 +103,9 @@ class Executor:
         self._timesteps: list[float] | None = list(plan.timesteps) if plan.timesteps else None
         self._saved: list[tuple[Any, str, Any, bool]] = []
         self._quant = QuantHandle()
+        # quantized layers are built (and the request checked) once, then swapped in on every install
+        self._quant_layers = [] if plan.quant is None else quantized_layers(
+            model, plan.quant, Calibration.load(plan.quant.calibration), clock=lambda: self.current_step)
         self._measuring: list[int] | None = None
         self._keep = max(plan.forecast_order, plan.rule.forecast_order if plan.rule else 0) + 1
         self._skippable = self._rule_span()
@@ -125,9 +128,7 @@ class Executor:
         if getattr(self.model, "_diffaccel_executor", None) is not None:
             raise PlanError("a plan is already applied to this model; disable it first")
         try:
-            if self.plan.quant is not None:  # first: it checks everything before touching the model
-                calibration = Calibration.load(self.plan.quant.calibration)
-                self._quant = quantize_(self.model, self.plan.quant, calibration, clock=lambda: self.current_step)
+            self._quant = swap_in(self._quant_layers)
             original = self.model.forward
             self._signature = inspect.signature(original)
             self._patch(self.model, "forward", lambda *a, **k: self._model_forward(original, a, k))
