@@ -94,6 +94,35 @@ def test_tiny_bench_writes_results_markdown_and_report(tiny_run):
     assert "src='http" not in page and 'src="http' not in page  # self-contained
 
 
+def test_later_groups_reuse_the_first_groups_baseline_images(tiny_run):
+    run_dir = next(tiny_run.glob("run-*"))
+    assert (run_dir / "baseline.safetensors").is_file()
+    results = {p.name: json.loads(p.read_text()) for p in (run_dir / "jobs").glob("*.result.json")}
+    first = results.pop("fora.result.json")["baseline"]
+    assert first["from_cache"] is False
+    assert results and all(r["baseline"]["from_cache"] and r["baseline"]["matches_cache"] for r in results.values())
+    assert {r["baseline"]["sha256"] for r in results.values()} == {first["sha256"]}
+
+
+def test_resume_reruns_only_the_unfinished_groups(tiny_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run, out)
+    run_dir = next(out.glob("run-*"))
+    (run_dir / "jobs" / "steps.result.json").unlink()  # as if killed during the last group
+    (out / "results.json").unlink()
+    kept = (run_dir / "jobs" / "fora.result.json").read_text()
+    monkeypatch.setattr(peer_registry.PEERS["cachedit-dbcache-taylorseer"], "package", "cache_dit_not_installed_here")
+    sweep = tiny_run.parent / "sweep.json"
+    code, _, err = invoke(monkeypatch, capsys, "bench", "--model", "dit", "--sweep", str(sweep), "--out", str(out),
+                          "--resume", *TINY_ARGS)
+    assert code == 0, err
+    assert f"resuming {run_dir}" in err and "fora: read back" in err and "steps: read back" not in err
+    assert (run_dir / "jobs" / "fora.result.json").read_text() == kept
+    assert (run_dir / "jobs" / "steps.result.json").is_file() and len(list(out.glob("run-*"))) == 1
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["name"] for r in rows} == {r.name for r in load_results(tiny_run / "results.json").rows}
+
+
 # After the load event every <img> has loaded (or failed): its natural size says whether it decoded.
 RENDER_CHECK = """<script>
 window.addEventListener('load', () => {
@@ -205,7 +234,7 @@ def test_default_sweeps_cover_every_method_peer_and_step_baseline():
         quick = sweeps.default_sweep(model, quick=True)
         assert set(quick) == set(sweep) and all(len(quick[n]) == 2 for n in ours + peers)
         groups = plan_groups(quick)
-        assert [g["group"] for g in groups] == ["diffaccel", *peers, "steps"]  # each peer in its own process
+        assert [g["group"] for g in groups] == [*ours, *peers, "steps"]  # each method and peer in its own process
     assert {"diffusers-fbc", "diffusers-taylorseer", "diffusers-pab", "diffusers-fastercache", "diffusers-magcache",
             "cachedit-dbcache", "cachedit-dbcache-taylorseer"} <= set(sweeps.default_sweep("dit"))
     assert {"deepcache-sdhelper", "tgate", "tomesd"} <= set(sweeps.default_sweep("unet"))

@@ -80,6 +80,20 @@ def test_quantized_plan_runs_restores_the_model_and_counts_full_macs(pipes, cali
     assert torch.equal(call(pipe, steps=STEPS), base)
 
 
+@pytest.mark.parametrize("backend", ["int8", "int8-dynamic"])
+def test_flop_counter_sees_the_int8_products(pipes, calibrations, backend):
+    """torch's FLOP counter must count int8 GEMMs as MACs, or a quantized row's MAC ratio is inflated."""
+    from diffaccel.eval.cost import count_macs
+
+    pipe = pipes[0]
+    full = count_macs(lambda: call(pipe, steps=STEPS))
+    plan = methods.fora(pipe.denoiser, STEPS, interval=1).with_quant(
+        QuantSpec(weight_bits=8, act_bits=8, backend=backend, calibration=str(calibrations[0])))
+    with diffaccel.accelerate(pipe, plan):
+        quantized = count_macs(lambda: call(pipe, steps=STEPS))
+    assert quantized == pytest.approx(full, rel=0.01)
+
+
 def test_quantized_weights_take_a_fraction_of_the_memory(pipes, calibrations):
     model = pipes[0].denoiser
     full = weight_bytes(model)

@@ -96,6 +96,29 @@ def test_dp_finds_the_optimal_recompute_steps():
             assert np.isclose(cost, brute_force(d, k)), (trial, k)
 
 
+def test_keysteps_method_computes_only_its_key_steps(pipes):
+    """The DP schedule as a method: ``keys`` all-compute steps, every unit reused elsewhere, fewer MACs;
+    the all-compute extreme reproduces the unaccelerated output exactly."""
+    from diffaccel.eval.cost import plan_mac_fraction
+    from diffaccel.methods.registry import build
+    from test_engine import call
+
+    for pipe in pipes:
+        plan = build("keysteps", pipe, STEPS, guidance=3.0, keys=3, per_class=1)
+        full = ["C" * len(plan.units)]
+        assert [row == full[0] for row in plan.schedule].count(True) == 3 and plan.schedule[0] == full[0]
+        assert all(set(row) == {"R"} for row in plan.schedule if row != full[0])
+        assert plan.params["key_steps"][0] == 0 and len(plan.params["key_steps"]) == 3
+        assert plan_mac_fraction(plan, [1.0] + [1.0 / len(plan.units)] * len(plan.units)) < 0.75
+        exact = build("keysteps", pipe, STEPS, keys=STEPS, per_class=1)
+        with diffaccel.accelerate(pipe, exact):
+            accelerated = call(pipe, steps=STEPS)
+        assert torch.equal(accelerated, call(pipe, steps=STEPS))
+        for bad in ({"keys": 0}, {"keys": STEPS + 1}, {"level": "nowhere"}):
+            with pytest.raises(ValueError):
+                build("keysteps", pipe, STEPS, per_class=1, **bad)
+
+
 # -- the strategies on tiny pipelines -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dit_search(pipes, tmp_path_factory):

@@ -46,7 +46,8 @@ def parse_params(interval, branch, order, threshold, params: list[str]) -> dict:
     return settings
 
 
-def resolve_plan(pipe, steps: int, method: str | None, plan_file: Path | None, settings: dict):
+def resolve_plan(pipe, steps: int, method: str | None, plan_file: Path | None, settings: dict,
+                 guidance: float | None = None):
     from diffaccel.methods.registry import build
     from diffaccel.plan import Plan, PlanError
 
@@ -57,7 +58,7 @@ def resolve_plan(pipe, steps: int, method: str | None, plan_file: Path | None, s
             raise ValueError("method settings (--interval, --param, ...) go with --method, not --plan")
         return Plan.load(plan_file)
     if method:
-        return build(method, pipe, steps, **settings)
+        return build(method, pipe, steps, guidance=guidance, **settings)
     if settings:
         raise PlanError("method settings were given without --method")
     return None
@@ -113,7 +114,7 @@ def generate(
         if plan is not None:
             Plan.load(plan)  # a broken plan file fails before any model is loaded
         pipe = load_pipeline(cfg.model, cfg.sampler, weights)
-        the_plan = resolve_plan(pipe, steps, method, plan, settings)
+        the_plan = resolve_plan(pipe, steps, method, plan, settings, guidance)
         if quant is not None:
             from diffaccel.methods.ptq import ptq, quant_spec
 
@@ -232,9 +233,9 @@ def quantize(
         typer.echo(f"wrote {out / 'plan.json'} and {out / 'plan.calibration.safetensors'} ({the_plan.quant.label}, "
                    f"{the_plan.quant.backend})")
         if sensitivity:
-            from diffaccel.methods.erta import _calibration_batch
+            from diffaccel.methods.base import calibration_batch
 
-            labels, gens = _calibration_batch(pipe, None, 1, seed=1)  # calibration seeds, not evaluation ones
+            labels, gens = calibration_batch(pipe, None, 1, seed=1)  # calibration seeds, not evaluation ones
             calls = record_inputs(pipe, labels, [g.initial_seed() for g in gens], steps, guidance)
             rows = rank_layers(pipe, the_plan.quant, Calibration.load(the_plan.quant.calibration), calls)
             (out / "sensitivity.json").write_text(json.dumps(rows, indent=2))
@@ -353,7 +354,10 @@ def bench(
     guidance: float = typer.Option(3.0, help="classifier-free guidance scale"),
     seed: int = typer.Option(100, min=0, help="base seed of the held-out noise"),
     threads: int = typer.Option(1, help="torch threads in every worker process"),
-    group_timeout: float = typer.Option(6 * 3600.0, help="seconds one group (a peer, our methods) may take"),
+    timed_pairs: int = typer.Option(None, help="batches each group times against the baseline (default 5; "
+                                               "all with --quick)"),
+    resume: bool = typer.Option(False, help="continue the newest unfinished run of the same settings in --out"),
+    group_timeout: float = typer.Option(6 * 3600.0, help="seconds one group (a peer, one of our methods) may take"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
 ) -> None:
     """Benchmark every diffaccel method, the peers and fewer-step baselines on one embedded model:
@@ -371,7 +375,8 @@ def bench(
                           sampler=sampler.value, guidance=guidance, seed=seed, threads=threads, classes=names,
                           sweep=load_sweep(sweep, model) if sweep is not None and model in ("dit", "unet") else None,
                           only=[n.strip() for n in only.split(",") if n.strip()] if only is not None else None,
-                          peers=peers, group_timeout=group_timeout, weights=str(weights) if weights else None)
+                          peers=peers, group_timeout=group_timeout, weights=str(weights) if weights else None,
+                          timed_pairs=timed_pairs, resume=resume)
         if only is not None and not cfg.only:
             raise ValueError("--only is empty")
         path = run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))

@@ -1,6 +1,6 @@
 """``diffaccel bench``: every method, peer and fewer-step baseline on one embedded model, measured alike.
 
-The sweep is split into groups (all of diffaccel's methods; each peer on its own; the step-count
+The sweep is split into groups (each of diffaccel's methods; each peer on its own; the step-count
 baselines). Each group runs in a subprocess (``diffaccel.bench.worker``) with the same seeds,
 sampler, guidance and thread count, and answers through JSON files: the job in, the rows out.
 Progress lines on its stdout drive one progress bar. A peer that is not installed, cannot run a
@@ -9,6 +9,11 @@ setting, crashes or times out is listed under ``skipped`` with the reason.
 Output in ``--out``: ``results.json``, ``results.md`` and ``report.html`` (written through temporary
 files, and only once every group has finished), and ``run-<time>/`` with this run's grids, jobs
 and worker logs (``partial.json`` there holds the rows so far while a run is going on).
+
+The first group samples the baseline on every batch and saves its images in the run folder; the
+others reuse them for quality and time the baseline only on ``timed_pairs`` interleaved batches.
+``--resume`` continues the newest unfinished run of the same configuration in ``--out``: groups
+whose results are on disk are read back, not run again (a long run survives being killed).
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from diffaccel.bench import sweeps
 from diffaccel.bench.results import FORMAT_VERSION, PSNR_FLOOR, BenchError, Results, summarize
 
 PROGRESS = "@@progress"  # a worker's progress lines on stdout: "@@progress N"
-QUICK = {"per_class": 2, "batch_size": 4}  # 12 images, 3 interleaved batches per setting
-FULL = {"per_class": 100, "batch_size": 60}  # 600 images (the protocol's FD minimum), 10 batches
+QUICK = {"per_class": 2, "batch_size": 4, "timed_pairs": None}  # 12 images, 3 interleaved batches, all timed
+FULL = {"per_class": 100, "batch_size": 60, "timed_pairs": 5}  # 600 images (the protocol's FD minimum), 10 batches
 FD_MIN_SAMPLES = 600
 
 
@@ -50,6 +55,8 @@ class BenchConfig:
     sweep: dict | None = None  # name -> [settings]; default: sweeps.default_sweep
     only: list[str] | None = None
     peers: bool = True
+    timed_pairs: int | None = None  # batches timed against the baseline (default: QUICK or FULL)
+    resume: bool = False
     group_timeout: float = 6 * 3600.0
     grid_per_class: int = 8
     weights: str | None = None
@@ -60,6 +67,7 @@ class BenchConfig:
         out = BenchConfig(**{**asdict(self)})
         out.per_class = self.per_class or preset["per_class"]
         out.batch_size = self.batch_size or preset["batch_size"]
+        out.timed_pairs = self.timed_pairs or preset["timed_pairs"]
         return out
 
 
@@ -73,8 +81,8 @@ def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
     if cfg.sampler not in ("ddim", "dpm"):
         raise BenchError(f"unknown sampler {cfg.sampler!r}; choose ddim or dpm")
     cfg = cfg.resolved()
-    for key in ("per_class", "batch_size", "steps", "threads"):
-        if getattr(cfg, key) < 1:
+    for key in ("per_class", "batch_size", "steps", "threads", "timed_pairs"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise BenchError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if cfg.classes is not None and not cfg.classes:
         raise BenchError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
@@ -96,16 +104,11 @@ def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
 
 
 def plan_groups(sweep: dict[str, list[dict]]) -> list[dict]:
-    """Groups in run order: diffaccel's methods together, each peer alone, the step baselines."""
+    """Groups in run order: each of diffaccel's methods, each peer, then the step baselines."""
     groups: list[dict] = []
-    ours = [(n, s) for n, s in sweep.items() if sweeps.family_of(n) == "diffaccel"]
-    if ours:
-        groups.append({"group": "diffaccel", "family": "diffaccel",
-                       "entries": [{"name": n, "settings": x} for n, settings in ours for x in settings]})
-    for name, settings in sweep.items():
-        if sweeps.family_of(name) == "peer":
-            groups.append({"group": name, "family": "peer",
-                           "entries": [{"name": name, "settings": x} for x in settings]})
+    for family in ("diffaccel", "peer"):
+        groups += [{"group": name, "family": family, "entries": [{"name": name, "settings": x} for x in settings]}
+                   for name, settings in sweep.items() if sweeps.family_of(name) == family]
     steps = [(n, s) for n, s in sweep.items() if sweeps.family_of(n) == "steps"]
     if steps:
         groups.append({"group": "steps", "family": "steps",
@@ -114,7 +117,8 @@ def plan_groups(sweep: dict[str, list[dict]]) -> list[dict]:
 
 
 def group_units(n_entries: int, n_batches: int) -> int:
-    """Progress units of a group: warm-ups (baseline + each setting) and every timed run."""
+    """Progress units of a group: warm-ups (baseline + each setting) and one per batch for the
+    baseline (sampled or read back) and for each setting."""
     return 1 + n_entries + n_batches * (1 + n_entries)
 
 
@@ -122,7 +126,7 @@ def items(cfg: BenchConfig) -> dict:
     """Labels and noise seeds, round-robin over classes (every batch holds every class), and one
     calibration image per class from the calibration seed range."""
     from diffaccel.generate import image_seed
-    from diffaccel.methods.erta import CALIBRATION_SEED
+    from diffaccel.methods.base import CALIBRATION_SEED
     from diffaccel.zoo import shapes
 
     ids = shapes.class_ids(cfg.classes)
@@ -203,6 +207,35 @@ def _run_worker(job_path: Path, result_path: Path, log_path: Path, threads: int,
     return json.loads(result_path.read_text()), None, seen[0]
 
 
+def run_identity(cfg: BenchConfig, sweep: dict, data: dict) -> dict:
+    """What a resumed run must share with the run it continues."""
+    import diffaccel
+
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "group_timeout")}
+    return {"diffaccel": diffaccel.__version__, "format_version": FORMAT_VERSION, "config": config,
+            "sweep": sweep, "items": data}
+
+
+def find_resumable(out: Path, identity: dict) -> Path | None:
+    """The newest run folder in ``out`` started with the same configuration, if any."""
+    for run_dir in sorted(out.glob("run-*"), reverse=True):
+        try:
+            if json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(identity)):
+                return run_dir
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _finished(result_path: Path) -> dict | None:
+    """A group's saved result (a run being resumed), or None if it has not finished."""
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return result if isinstance(result, dict) and {"baseline", "rows", "skipped"} <= set(result) else None
+
+
 def _rel(path: str | None, root: Path) -> str | None:
     return None if path is None else os.path.relpath(path, root)
 
@@ -216,10 +249,16 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
     started = time.time()
     cfg, sweep = check_config(cfg)
     out = Path(out)
-    run_dir = out / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    data = items(cfg)
+    identity = run_identity(cfg, sweep, data)
+    run_dir = find_resumable(out, identity) if cfg.resume else None
+    if run_dir is not None and log:
+        log(f"resuming {run_dir}")
+    if run_dir is None:
+        run_dir = out / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for sub in ("jobs", "logs", "grids"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    data = items(cfg)
+    write_json(run_dir / "config.json", identity)
     n_batches = -(-len(data["labels"]) // cfg.batch_size)
     groups = plan_groups(sweep)
 
@@ -235,6 +274,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
     if not runnable:
         raise BenchError("nothing to run: " + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
 
+    timed = n_batches if cfg.timed_pairs is None else min(n_batches, cfg.timed_pairs)
     total = sum(group_units(len(g["entries"]), n_batches) for g in runnable)
     bar = tqdm(total=total, desc=f"bench {cfg.model}", unit="run", disable=not progress, dynamic_ncols=True)
     rows: list[dict] = []
@@ -249,14 +289,24 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
                    "model": cfg.model, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
                    "threads": cfg.threads, "batch_size": cfg.batch_size, "weights": cfg.weights,
                    "grid_dir": str((run_dir / "grids").resolve()), "grid_per_class": cfg.grid_per_class,
-                   "baseline_grid": None if baseline is not None else "baseline"}
+                   "baseline_grid": None if baseline is not None else "baseline",
+                   "baseline_cache": str((run_dir / "baseline.safetensors").resolve()), "timed_pairs": timed}
             job_path = run_dir / "jobs" / f"{group['group']}.json"
-            write_json(job_path, job)
-            result, failure, seen = _run_worker(job_path, run_dir / "jobs" / f"{group['group']}.result.json",
-                                                run_dir / "logs" / f"{group['group']}.log", cfg.threads,
-                                                cfg.group_timeout, bar)
+            result_path = run_dir / "jobs" / f"{group['group']}.result.json"
+            result = _finished(result_path)
+            if result is not None:  # --resume: this group finished in the run being continued
+                failure, seen = None, 0
+                if log:
+                    log(f"{group['group']}: read back from {result_path}")
+            else:
+                write_json(job_path, job)
+                result, failure, seen = _run_worker(job_path, result_path, run_dir / "logs" / f"{group['group']}.log",
+                                                    cfg.threads, cfg.group_timeout, bar)
+                if result is not None:
+                    result["seconds"] = round(time.time() - group_started, 1)
+                    write_json(result_path, result)
             bar.update(max(0, group_units(len(group["entries"]), n_batches) - seen))
-            group_seconds[group["group"]] = round(time.time() - group_started, 1)
+            group_seconds[group["group"]] = result.get("seconds") if result else round(time.time() - group_started, 1)
             if result is None:
                 skipped.extend({"family": group["family"], "name": e["name"],
                                 "setting": sweeps.setting_label(e["settings"]), "reason": failure}
@@ -267,9 +317,9 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
             if baseline is None:
                 baseline = result["baseline"]
                 baseline["grid"] = _rel(baseline.get("grid"), out)
-            elif result["baseline"]["sha256"] != baseline["sha256"]:
-                warnings.append(f"the baseline images of group {group['group']} differ from the first group's: "
-                                "its rows compare against its own baseline")
+            elif result["baseline"]["sha256"] != baseline["sha256"] or result["baseline"].get("matches_cache") is False:
+                warnings.append(f"the baseline images of group {group['group']} differ from the first group's "
+                                "(sampling is not bit-exact between processes here)")
             for row in result["rows"]:
                 row["grid"] = _rel(row.get("grid"), out)
                 rows.append(row)
@@ -291,10 +341,11 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
         "config": {**asdict(cfg), "sweep": sweep, "run_dir": os.path.relpath(run_dir, out)},
         "machine": _machine(), "versions": _versions(), "threads": cfg.threads,
         "samples": {"n_images": n, "per_class": cfg.per_class, "classes": data["classes"],
-                    "batch_size": cfg.batch_size, "wall_pairs": n_batches, "fd_samples": n,
+                    "batch_size": cfg.batch_size, "wall_pairs": timed, "fd_samples": n,
                     "calibration_images": len(data["calib_seeds"]), "quick": cfg.quick, "note": note,
                     "macs": "FlopCounterMode over the first batch (warm-up run), baseline / setting",
-                    "wall": "median over batches of baseline time / setting time, interleaved in one process"},
+                    "wall": "median over batches of baseline time / setting time, interleaved in one process "
+                            f"({timed} timed pairs per group; the first group times every batch)"},
         "baseline": baseline, "rows": rows, "skipped": skipped,
         "summary": summarize(rows, skipped, PSNR_FLOOR), "psnr_floor": PSNR_FLOOR,
         "warnings": warnings, "elapsed_s": round(time.time() - started, 1), "group_seconds": group_seconds,

@@ -19,9 +19,18 @@ class SweepError(DiffaccelError, ValueError):
     """A sweep names something unknown, has no entries or a malformed setting."""
 
 
-# Quantization alone: bit widths and execution paths (simulated rows measure quality, not speed).
-PTQ_SWEEP = [{"bits": "w8a8", "backend": "int8-dynamic"}, {"bits": "w8a8", "per_step": True},
-             {"bits": "w8a8", "backend": "int8"}, {"bits": "w4a8"}]
+
+
+def ptq_sweep(keys: int) -> list[dict]:
+    """Quantization alone (bit widths and execution paths; simulated rows measure quality, not speed)
+    and with the key-step caching plan of ``keys`` steps."""
+    cache = {"method": "keysteps", "keys": keys}
+    return [{"bits": "w8a8", "backend": "int8-dynamic"}, {"bits": "w8a8", "per_step": True},
+            {"bits": "w8a8", "backend": "int8"}, {"bits": "w4a8"},
+            {"bits": "w8a8", "backend": "int8", "cache": cache},
+            {"bits": "w8a8", "backend": "int8-dynamic", "cache": cache},
+            {"bits": "w4a8", "cache": cache}]
+
 
 # Our methods, at least four settings of the main knob each.
 OURS: dict[str, dict[str, list[dict]]] = {
@@ -33,7 +42,8 @@ OURS: dict[str, dict[str, list[dict]]] = {
         "dbcache": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.2, "forecast_order": 1},
                     {"threshold": 0.3, "forecast_order": 1}],
         "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
-        "ptq": PTQ_SWEEP,
+        "keysteps": [{"keys": 10}, {"keys": 12}, {"keys": 14}, {"keys": 16}],
+        "ptq": ptq_sweep(14),
     },
     "unet": {
         "deepcache": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
@@ -42,7 +52,8 @@ OURS: dict[str, dict[str, list[dict]]] = {
         "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 2}, {"interval": 5, "order": 2},
                        {"interval": 6, "order": 2}],
         "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
-        "ptq": PTQ_SWEEP,
+        "keysteps": [{"keys": 8}, {"keys": 10}, {"keys": 12}, {"keys": 14}],
+        "ptq": ptq_sweep(10),
     },
 }
 

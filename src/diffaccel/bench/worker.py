@@ -1,7 +1,7 @@
 """One benchmark group in its own process: ``python -m diffaccel.bench.worker JOB.json RESULT.json``.
 
 A group is one peer (each peer gets a process of its own: some patch diffusers classes globally),
-all of diffaccel's methods, or the step-count baselines. The worker loads the embedded model, runs
+one of diffaccel's methods, or the step-count baselines. The worker loads the embedded model, runs
 the unaccelerated baseline and every setting of the group on the same seeds, batch by batch
 interleaved (baseline, setting 1, setting 2, ... for each batch), and writes one row per setting:
 
@@ -9,6 +9,10 @@ interleaved (baseline, setting 1, setting 2, ... for each batch), and writes one
   around a run of the first batch, which is also the warm-up and is not timed; the ratio is the
   baseline's count over the setting's, for every family alike.
 - wall clock: the median over batches of the baseline's time over the setting's time.
+- the baseline: the first group of a run samples it on every batch and saves its images
+  (``job["baseline_cache"]``, safetensors); later groups load them for the quality metrics and
+  sample the baseline again only on the first ``job["timed_pairs"]`` batches, the interleaved
+  timing pairs (and check that those images match the saved ones).
 - peak memory: the process's peak resident set size during the setting's runs (Linux resets the
   high-water mark before each run), and its excess over the baseline's.
 - PSNR/SSIM against the baseline images of this process, evaluator accuracy and Fréchet distance.
@@ -87,6 +91,25 @@ def _finite(value: float) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+# -- the shared baseline ----------------------------------------------------------------------------------
+def _load_baseline(path: Path, n: int) -> torch.Tensor | None:
+    """The first group's baseline images, or None when there are none yet (or they do not fit)."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    images = load_file(str(path)).get("images")
+    return images if images is not None and len(images) == n else None
+
+
+def _save_baseline(path: Path, images: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"images": images.contiguous()}, str(tmp))
+    tmp.replace(path)
+
+
 # -- candidates ---------------------------------------------------------------------------------------------
 def _ours(ctx, name: str, settings: dict):
     from diffaccel.bench.peers import Candidate
@@ -94,10 +117,7 @@ def _ours(ctx, name: str, settings: dict):
     from diffaccel.runtime.executor import Executor
 
     pipe = ctx.fresh_pipe()
-    params = dict(settings)
-    if name == "erta" and "guidance" not in params:
-        params["guidance"] = ctx.guidance
-    plan = build(name, pipe, ctx.steps, **params)
+    plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, **settings)
     executor = Executor(pipe.denoiser, plan)
     spent = {"macs": 0, "full_macs": 0}
 
@@ -206,12 +226,20 @@ def run_group(job: dict, progress=lambda n: None) -> dict:
             traceback.print_exc()
         progress(1)
 
-    base_images, base_times, base_peak = [], [], 0.0
-    for batch in batches:
-        images, seconds, peak = _measured(lambda b=batch: base_run(b))
+    cache = Path(job["baseline_cache"]) if job.get("baseline_cache") else None
+    cached = _load_baseline(cache, len(labels)) if cache is not None else None
+    timed = len(batches) if cached is None else max(1, min(len(batches), int(job.get("timed_pairs") or len(batches))))
+    base_images, base_times, base_peak, matches = [], [], 0.0, True
+    for index, batch in enumerate(batches):
+        if index < timed:
+            images, seconds, peak = _measured(lambda b=batch: base_run(b))
+            base_times.append(seconds)
+            base_peak = max(base_peak, peak)
+            if cached is not None:
+                matches = matches and torch.equal(images, cached[batch])
+        else:
+            images = cached[batch]
         base_images.append(images)
-        base_times.append(seconds)
-        base_peak = max(base_peak, peak)
         progress(1)
         for item in live:
             if item["failed"] is None:
@@ -228,13 +256,17 @@ def run_group(job: dict, progress=lambda n: None) -> dict:
             progress(1)
 
     reference = torch.cat(base_images)
+    if cache is not None and cached is None:
+        _save_baseline(cache, reference)
     base_scores = evaluator.score(reference, labels)
+    timed_images = sum(len(labels[b]) for b in batches[:timed])
     baseline = {
         "sampler": job["sampler"], "steps": job["steps"], "guidance": job["guidance"],
         "accuracy": base_scores["accuracy"], "fd": _finite(base_scores["fd"]),
         "fd_floor": _finite(base_scores["fd_floor"]), "peak_mem_mb": round(base_peak, 1),
-        "seconds_per_image": sum(base_times) / len(labels), "macs_per_image": base_macs // max(1, n_first),
+        "seconds_per_image": sum(base_times) / timed_images, "macs_per_image": base_macs // max(1, n_first),
         "sha256": hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest(),
+        "from_cache": cached is not None, "matches_cache": matches if cached is not None else None,
     }
     if job.get("baseline_grid"):
         baseline["grid"] = _save_grid(reference, job, job["baseline_grid"])
@@ -253,11 +285,11 @@ def run_group(job: dict, progress=lambda n: None) -> dict:
             "family": job["family"], "name": entry["name"], "setting": item["label"], "settings": entry["settings"],
             "sampler": job["sampler"], "steps": job["steps"],
             "speedup_macs": base_macs / item["macs"] if item["macs"] else None,
-            "speedup_wall": wall_ratio(base_times, item["times"]),
+            "speedup_wall": wall_ratio(base_times, item["times"][:timed]),
             "peak_mem_mb": round(item["peak"], 1), "mem_over_baseline_mb": round(item["peak"] - base_peak, 1),
             "psnr": quality["psnr"], "psnr_min": quality["psnr_min"], "ssim": quality["ssim"],
             "accuracy": scores["accuracy"], "fd": _finite(scores["fd"]), "fd_floor": _finite(scores["fd_floor"]),
-            "n_images": len(images), "wall_pairs": len(item["times"]),
+            "n_images": len(images), "wall_pairs": min(timed, len(item["times"])),
             "seconds_per_image": sum(item["times"]) / len(images), "macs_per_image": item["macs"] // max(1, n_first),
             "grid": _save_grid(images, job, f"{job['group']}-{index}"), "notes": candidate.notes,
         }

@@ -31,6 +31,15 @@ def _register_int8_matmul() -> None:
             return 2 * a_shape[0] * a_shape[1] * b_shape[1]
     except RuntimeError:  # already registered
         pass
+    dynamic = getattr(getattr(torch.ops, "quantized", None), "linear_dynamic", None)
+    if dynamic is None:
+        return
+    try:  # fbgemm's fused dynamic int8 linear: (rows, in) x packed (in, out); out_shape gives ``out``
+        @register_flop_formula(dynamic)
+        def _linear_dynamic_flops(x_shape, packed, *args, out_shape=None, **kwargs) -> int:
+            return 2 * x_shape[0] * x_shape[1] * out_shape[-1]
+    except RuntimeError:
+        pass
 
 
 _register_cpu_attention()

@@ -9,6 +9,20 @@ import torch
 from diffaccel.adapters import adapter_for
 from diffaccel.plan import Plan
 
+CALIBRATION_SEED = 7_000_001  # calibration noise seeds never meet the evaluation seeds (0, 1, ...)
+
+
+def calibration_batch(pipe, classes: list[int] | None, per_class: int, seed: int):
+    """Labels and generators for ``per_class`` calibration images of each class (embedded pipelines)."""
+    from diffaccel.generate import image_seed
+
+    num_classes = pipe.denoiser.config.get("num_embeds_ada_norm") or 6
+    ids = classes if classes is not None else list(range(num_classes))
+    labels = torch.tensor([c for c in ids for _ in range(per_class)])
+    gens = [torch.Generator().manual_seed(image_seed(CALIBRATION_SEED + seed, c, j))
+            for c in ids for j in range(per_class)]
+    return labels, gens
+
 
 def unit_names(model: torch.nn.Module, granularity: str = "block") -> list[str]:
     return [u.name for u in adapter_for(model).units(model, granularity)]

@@ -18,23 +18,10 @@ from __future__ import annotations
 import torch
 
 from diffaccel.adapters import adapter_for
-from diffaccel.methods.base import make_plan, rows_from, unit_names
+from diffaccel.methods.base import calibration_batch, make_plan, rows_from, unit_names
 from diffaccel.methods.block_cache import default_cached_units
 from diffaccel.plan import Correction, Plan
 from diffaccel.runtime.cache import primary
-
-CALIBRATION_SEED = 7_000_001  # calibration noise seeds never meet the evaluation seeds (0, 1, ...)
-
-
-def _calibration_batch(pipe, classes: list[int] | None, per_class: int, seed: int):
-    from diffaccel.generate import image_seed
-
-    num_classes = pipe.denoiser.config.get("num_embeds_ada_norm") or 6
-    ids = classes if classes is not None else list(range(num_classes))
-    labels = torch.tensor([c for c in ids for _ in range(per_class)])
-    gens = [torch.Generator().manual_seed(image_seed(CALIBRATION_SEED + seed, c, j))
-            for c in ids for j in range(per_class)]
-    return labels, gens
 
 
 def _record_run(pipe, labels, gens, num_steps: int, guidance: float, units, plan: Plan | None = None):
@@ -126,7 +113,7 @@ def erta(pipe, num_steps: int = 50, threshold: float = 0.15, warmup: int = 3, ma
     return the plan, with its profile in ``params``."""
     model = pipe.denoiser
     units = adapter_for(model).units(model)
-    labels, gens = _calibration_batch(pipe, classes, per_class, seed)
+    labels, gens = calibration_batch(pipe, classes, per_class, seed)
     full = _record_run(pipe, labels, gens, num_steps, guidance, units)
     outputs = full["output"]
     profile = [0.0] + [float((b - a).abs().mean() / a.abs().mean().clamp_min(1e-12))
@@ -142,7 +129,7 @@ def erta(pipe, num_steps: int = 50, threshold: float = 0.15, warmup: int = 3, ma
         correction = _fit_correction(full["residual"], keys, len(names))
     plan = make_plan(model, rows, "erta", params, correction=correction)
     if adjust_steps:
-        labels, gens = _calibration_batch(pipe, classes, per_class, seed)
+        labels, gens = calibration_batch(pipe, classes, per_class, seed)
         fast = _record_run(pipe, labels, gens, num_steps, guidance, units, plan)
         plan = plan.model_copy(update={"step_scale": _fit_step_scale(full["latent"], fast, keys)})
         plan = Plan.model_validate(plan.model_dump())

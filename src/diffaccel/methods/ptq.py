@@ -46,7 +46,7 @@ def default_overrides(weight_bits: int, model) -> dict[str, int]:
 def calibration_for(pipe, num_steps: int, guidance: float, act_bits: int, per_class: int, seed: int,
                     path: str | Path | None = None, progress: bool = False) -> Path:
     """The calibration file for these settings: loaded if it exists and fits, else made."""
-    from diffaccel.methods.erta import _calibration_batch
+    from diffaccel.methods.base import calibration_batch
 
     model = pipe.denoiser
     if path is None:
@@ -61,7 +61,7 @@ def calibration_for(pipe, num_steps: int, guidance: float, act_bits: int, per_cl
             return path
         except QuantError:
             pass  # stale or foreign: calibrate again
-    labels, gens = _calibration_batch(pipe, None, per_class, seed)
+    labels, gens = calibration_batch(pipe, None, per_class, seed)
     seeds = [g.initial_seed() for g in gens]
     calibrate(pipe, labels, seeds, num_steps, guidance, act_bits, progress=progress).save(path)
     return path
@@ -82,12 +82,24 @@ def quant_spec(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fa
 
 
 def ptq(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fake", per_step: bool = False,
-        keep: tuple[str, ...] = (), guidance: float = 3.0, per_class: int = 2, seed: int = 0) -> Plan:
-    """An all-compute plan whose layers run quantized at ``bits``; ``keep`` lists layer-name
-    patterns to leave in floating point."""
+        keep: tuple[str, ...] = (), cache: dict | None = None, guidance: float = 3.0, per_class: int = 2,
+        seed: int = 0) -> Plan:
+    """A plan whose layers run quantized at ``bits``; ``keep`` lists layer-name patterns to leave in
+    floating point. Without ``cache`` every step computes; ``cache`` names a caching method and its
+    settings (``{"method": "keysteps", "keys": 12}``) whose schedule the quantized model follows."""
     spec = quant_spec(pipe, num_steps, bits, backend, per_step, dict.fromkeys(keep, FULL_PRECISION), guidance,
                       per_class, seed)
     model = pipe.denoiser
-    rows = ["C" * len(unit_names(model))] * num_steps
-    plan = make_plan(model, rows, "ptq", {"bits": bits, "backend": backend, "per_step": per_step, "keep": list(keep)})
-    return plan.with_quant(spec)
+    params = {"bits": bits, "backend": backend, "per_step": per_step, "keep": list(keep)}
+    if cache is None:
+        rows = ["C" * len(unit_names(model))] * num_steps
+        return make_plan(model, rows, "ptq", params).with_quant(spec)
+    from diffaccel.methods.registry import build
+
+    settings = dict(cache)
+    method = settings.pop("method", None)
+    if not isinstance(method, str) or method == "ptq":
+        raise ValueError(f"cache must name a caching method, as {{'method': 'keysteps', 'keys': 12}}; got {cache!r}")
+    caching = build(method, pipe, num_steps, guidance=guidance, **settings)
+    params = {**params, "cache": dict(cache), "cache_params": caching.params}
+    return caching.model_copy(update={"method": f"ptq+{method}", "params": params}).with_quant(spec)

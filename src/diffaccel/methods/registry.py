@@ -11,6 +11,7 @@ from diffaccel.methods.dynamic import first_block_cache
 from diffaccel.methods.erta import erta
 from diffaccel.methods.faster_diffusion import faster_diffusion
 from diffaccel.methods.forecast import taylorseer
+from diffaccel.methods.keysteps import keysteps
 from diffaccel.methods.ptq import ptq
 from diffaccel.plan import Plan
 
@@ -23,6 +24,7 @@ METHODS: dict[str, tuple[Callable[..., Plan], tuple[str, ...], bool]] = {
     "first_block_cache": (first_block_cache, ("dit", "pixart", "sd3", "flux"), False),
     "dbcache": (first_block_cache, ("dit", "pixart", "sd3", "flux"), False),
     "erta": (erta, ("dit", "pixart", "sd3", "flux", "unet"), True),
+    "keysteps": (keysteps, ("dit", "pixart", "sd3", "flux", "unet"), True),
     "ptq": (ptq, ("dit", "pixart", "sd3", "flux", "unet"), True),
 }
 
@@ -34,8 +36,9 @@ def parameters(name: str) -> dict[str, object]:
     return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[1:] if p.name not in skip}
 
 
-def build(name: str, pipe, num_steps: int, **params) -> Plan:
-    """A plan of method ``name`` for the pipeline's denoiser; unknown names or knobs raise ValueError."""
+def build(name: str, pipe, num_steps: int, guidance: float | None = None, **params) -> Plan:
+    """A plan of method ``name`` for the pipeline's denoiser; unknown names or knobs raise ValueError.
+    ``guidance`` reaches the methods that calibrate on sampling runs, unless ``params`` sets it."""
     from diffaccel.adapters import adapter_for
 
     if name not in METHODS:
@@ -51,6 +54,8 @@ def build(name: str, pipe, num_steps: int, **params) -> Plan:
         raise ValueError(f"{name} has no setting {', '.join(unknown)}; its settings are {', '.join(known)}")
     if name == "dbcache" and "last_blocks" not in params:
         params["last_blocks"] = 1
+    if guidance is not None and "guidance" in known and "guidance" not in params:
+        params["guidance"] = guidance
     if "num_steps" in inspect.signature(fn).parameters:
         params["num_steps"] = num_steps
     return fn(pipe if needs_pipe else model, **params)

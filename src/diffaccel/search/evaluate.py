@@ -221,7 +221,7 @@ def embedded_calibration(classes: list[int] | None, per_class: int, num_steps: i
     evaluation seeds) or held-out (evaluation seeds, as ``diffaccel generate --seed``) set for the
     embedded models: ``per_class`` images of each class."""
     from diffaccel.generate import image_seed, sample
-    from diffaccel.methods.erta import CALIBRATION_SEED
+    from diffaccel.methods.base import CALIBRATION_SEED
     from diffaccel.zoo import shapes
 
     if per_class < 1:
