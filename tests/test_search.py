@@ -119,6 +119,23 @@ def test_keysteps_method_computes_only_its_key_steps(pipes):
                 build("keysteps", pipe, STEPS, per_class=1, **bad)
 
 
+def test_equal_quality_reads_the_handmade_front():
+    from diffaccel.search.versus import Point, bracket, cost_at, front, psnr_at
+
+    points = [Point("a", {}, 30.0, 4.0), Point("b", {}, 34.0, 2.0), Point("dominated", {}, 29.0, 3.0),
+              Point("c", {}, 40.0, 1.25)]
+    assert [p.name for p in front(points)] == ["a", "b", "c"]
+    fast, slow, weight = bracket(points, 32.0)
+    assert (fast.name, slow.name, weight) == ("a", "b", 0.5)
+    assert cost_at(points, 32.0) == pytest.approx(0.5 * 0.25 + 0.5 * 0.5)  # cost, not speed, is interpolated
+    assert cost_at(points, 34.0) == pytest.approx(0.5)
+    assert cost_at(points, 41.0) is None and cost_at(points, 29.5) is None  # no extrapolation
+    assert cost_at(points, 32.0, "speedup_wall") is None  # wall-clock not measured for the bracket
+    fast.speedup_wall, slow.speedup_wall = 3.0, 1.5
+    assert cost_at(points, 32.0, "speedup_wall") == pytest.approx(0.5 / 3.0 + 0.5 / 1.5)
+    assert psnr_at(points, 1 / 0.375) == pytest.approx(32.0) and psnr_at(points, 5.0) is None
+
+
 # -- the strategies on tiny pipelines -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dit_search(pipes, tmp_path_factory):
@@ -142,6 +159,11 @@ def check_outputs(out: Path, pipe, result):
         assert key in summary, key
     hand = summary["best_handmade"]
     assert {"name", "settings", "calib_psnr", "heldout_psnr", "speedup_macs", "speedup_wall"} <= set(hand)
+    # the chosen plan is the cheapest that clears the budget by the margin (when one does)
+    points = [p for p in front["front"] if p["calib_psnr"] >= 20 + summary["margin"]]
+    assert summary["margin"] == 0.5 and summary["clears_margin"] == bool(points)
+    if points:
+        assert summary["mac_fraction"] == pytest.approx(min(p["mac_fraction"] for p in points))
     # the plan runs in the executor and saves what the search says it saves
     with diffaccel.accelerate(pipe, plan) as run:
         images = calib()(pipe)

@@ -296,6 +296,8 @@ def search(
     guidance: float = typer.Option(3.0, help="classifier-free guidance scale"),
     population: int = typer.Option(16, min=2, help="nsga2 population size"),
     pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
+    margin: float = typer.Option(None, help="how far the chosen plan's calibration quality must clear the budget, "
+                                            "so that unseen inputs meet it too (default 0.5 dB, or 0.005 SSIM)"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
 ) -> None:
@@ -318,7 +320,7 @@ def search(
         result = run_search(pipe, calibrate, steps, budget=budget, objective=objective.value,
                             strategy=strategy.value, seed=seed, out=out, storage=storage, time_limit=limit,
                             trials=trials, population=population, heldout=heldout, pairs=pairs,
-                            model_name=f"{model.value}-{sampler.value}",
+                            model_name=f"{model.value}-{sampler.value}", margin=margin,
                             log=lambda line: typer.echo(line, err=True))
     except (DiffaccelError, ValueError) as exc:
         fail(str(exc))

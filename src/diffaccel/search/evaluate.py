@@ -45,7 +45,7 @@ def denoiser(pipe: Any) -> torch.nn.Module:
     return model
 
 
-def _images(result: Any, what: str) -> torch.Tensor:
+def images_of(result: Any, what: str) -> torch.Tensor:
     images = getattr(result, "images", result)
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
@@ -137,7 +137,7 @@ class CalibrationRun:
             for handle in handles:
                 handle.remove()
         self.seconds = time.perf_counter() - start
-        self.reference = _images(result, "calibration")
+        self.reference = images_of(result, "calibration")
         if executor.stats.forwards == 0 or not executor.unit_macs:
             raise CalibrationError("the calibration callable never ran the pipeline's model")
         self.shape_macs = dict(executor.unit_macs)
@@ -168,7 +168,7 @@ class CalibrationRun:
     def score(self, plan: Plan) -> Scores:
         start = time.perf_counter()
         images = run_with_plan(self.pipe, self.calibrate, plan, self.shape_macs)[0]
-        images = _images(images, "calibration")
+        images = images_of(images, "calibration")
         if images.shape != self.reference.shape:
             raise CalibrationError(f"the calibration callable returned {tuple(images.shape)} images under a plan "
                                    f"but {tuple(self.reference.shape)} without: it must be deterministic")
@@ -203,11 +203,11 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
         start = time.perf_counter()
         result = fn(pipe)
         base_times.append(time.perf_counter() - start)
-        base = _images(result, "held-out") if base is None else base
+        base = images_of(result, "held-out") if base is None else base
         start = time.perf_counter()
         result, executor = run_with_plan(pipe, fn, plan)
         fast_times.append(time.perf_counter() - start)
-        fast = _images(result, "held-out") if fast is None else fast
+        fast = images_of(result, "held-out") if fast is None else fast
     record = fidelity(fast, base)
     record.update(speedup_macs=executor.stats.full_macs / executor.stats.macs,
                   speedup_wall=wall_ratio(base_times, fast_times), seconds_base=sum(base_times) / len(base_times),
