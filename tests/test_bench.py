@@ -226,15 +226,16 @@ def test_default_sweeps_cover_every_method_peer_and_step_baseline():
         sweep = sweeps.default_sweep(model)
         sweeps.validate(sweep, model)
         ours = [n for n, (_, adapters, _) in METHODS.items() if model in adapters]
-        peers = [n for n, spec in peer_registry.PEERS.items() if spec.model == model]
+        peers = [n for n, spec in peer_registry.PEERS.items() if model in spec.models]
         for name in ours + peers:
             assert name in sweep and len(sweep[name]) >= 4, name
         assert [s["steps"] for s in sweep["steps-ddim"]] == [10, 20, 30]
         assert "steps-dpm" in sweep
         quick = sweeps.default_sweep(model, quick=True)
         assert set(quick) == set(sweep) and all(len(quick[n]) == 2 for n in ours + peers)
-        groups = plan_groups(quick)
+        groups = plan_groups(sweep)
         assert [g["group"] for g in groups] == [*ours, *peers, "steps"]  # each method and peer in its own process
+        assert [g["group"] for g in plan_groups(quick, split_ours=False)] == ["diffaccel", *peers, "steps"]
     assert {"diffusers-fbc", "diffusers-taylorseer", "diffusers-pab", "diffusers-fastercache", "diffusers-magcache",
             "cachedit-dbcache", "cachedit-dbcache-taylorseer"} <= set(sweeps.default_sweep("dit"))
     assert {"deepcache-sdhelper", "tgate", "tomesd"} <= set(sweeps.default_sweep("unet"))
@@ -245,8 +246,8 @@ def test_quick_size():
     data = items(cfg)
     assert len(data["labels"]) == 12 and cfg.batch_size == 4
     assert data["labels"][:6] == list(range(6))  # every batch mixes the classes
-    units = sum(group_units(len(g["entries"]), 3) for g in plan_groups(sweep))
-    assert units < 200
+    units = sum(group_units(len(g["entries"]), 3) for g in plan_groups(sweep, split_ours=False))
+    assert units < 230
 
 
 def _job(model: str, entries: list[dict], tmp_path: Path, steps: int = 4) -> dict:

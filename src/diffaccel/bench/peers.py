@@ -33,6 +33,9 @@ class Candidate:
     close: Callable[[], None] = lambda: None
     notes: str = ""
     extra: Callable[[], dict] | None = None  # more row fields after the timed runs (e.g. executor stats)
+    # MACs are counted on this run instead of ``run`` when torch's FLOP counter cannot see the
+    # candidate's kernels (a library's own int8 ops): the same computation at full precision.
+    count: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
 
 
 @dataclass
@@ -56,7 +59,7 @@ class Context:
 class PeerSpec:
     name: str
     title: str
-    model: str  # the embedded model it applies to
+    models: tuple[str, ...]  # the embedded models it applies to
     package: str  # import name, checked before a worker is started
     requirement: str  # what to install
     knobs: dict[str, object]  # settings and their defaults
@@ -65,7 +68,11 @@ class PeerSpec:
 
     def available(self) -> str | None:
         """None if the peer's package is importable, else why not (one line)."""
-        if importlib.util.find_spec(self.package) is None:
+        try:
+            found = importlib.util.find_spec(self.package) is not None
+        except ModuleNotFoundError:  # the parent of a dotted name is missing
+            found = False
+        if not found:
             return f"{self.requirement} is not installed (pip install 'diffaccel[peers]')"
         return None
 
@@ -300,34 +307,102 @@ def tomesd(ctx: Context, settings: dict) -> Candidate:
     return Candidate(lambda labels, seeds: ctx.sample(pipe, labels, seeds), close=lambda: tome.remove_patch(pipe))
 
 
+# -- quantization libraries (both models) -----------------------------------------------------------------
+def _with_our_cache(ctx: Context, pipe, keys: int | None, quantize: Callable[[torch.nn.Module], None],
+                    counted: bool = True) -> Candidate:
+    """Quantize the pipeline's denoiser with a peer library; with ``keys``, also run diffaccel's
+    key-step caching plan (profiled on the full-precision model first, as a user would combine them).
+    ``counted=False``: the library's kernels are invisible to torch's FLOP counter, so MACs are
+    counted on a full-precision copy running the same plan."""
+    import diffaccel
+
+    plan = None
+    if keys is not None:
+        from diffaccel.methods.registry import build
+
+        plan = build("keysteps", pipe, ctx.steps, guidance=ctx.guidance, keys=int(keys))
+
+    def runner(the_pipe):
+        def run(labels, seeds):
+            if plan is None:
+                return ctx.sample(the_pipe, labels, seeds)
+            with diffaccel.accelerate(the_pipe, plan):
+                return ctx.sample(the_pipe, labels, seeds)
+        return run
+
+    quantize(pipe.denoiser)
+    notes = "" if plan is None else f"with diffaccel keysteps keys={keys}"
+    if not counted:
+        notes = "; ".join(filter(None, [notes, "MACs counted on the full-precision model (int8 kernels are "
+                                               "invisible to torch's FLOP counter)"]))
+    return Candidate(runner(pipe), notes=notes, count=None if counted else runner(ctx.fresh_pipe()))
+
+
+TORCHAO_CONFIGS = {"int8-weight-only": "Int8WeightOnlyConfig", "int8-dynamic": "Int8DynamicActivationInt8WeightConfig"}
+
+
+def torchao_int8(ctx: Context, settings: dict) -> Candidate:
+    """torchao's ``quantize_(model, config)`` on the denoiser (its default filter: every nn.Linear)."""
+    import torchao.quantization as tq
+
+    s = _settings(PEERS["torchao"].knobs, settings)
+    if s["config"] not in TORCHAO_CONFIGS:
+        raise ValueError(f"unknown torchao config {s['config']!r}; choose {', '.join(TORCHAO_CONFIGS)}")
+    config = getattr(tq, TORCHAO_CONFIGS[s["config"]])()
+    return _with_our_cache(ctx, ctx.fresh_pipe(), s["cache_keys"], lambda model: tq.quantize_(model, config))
+
+
+def quanto_int8(ctx: Context, settings: dict) -> Candidate:
+    """optimum-quanto's ``quantize`` + ``freeze``; with int8 activations, their scales come from its
+    ``Calibration`` context over a run of the calibration seeds (as its docs prescribe)."""
+    from optimum import quanto
+
+    s = _settings(PEERS["quanto"].knobs, settings)
+    pipe = ctx.fresh_pipe()
+    activations = getattr(quanto, s["activations"]) if s["activations"] else None
+
+    def quantize(model):
+        quanto.quantize(model, weights=getattr(quanto, s["weights"]), activations=activations)
+        if activations is not None:
+            with quanto.Calibration():
+                ctx.sample(pipe, ctx.calib_labels, ctx.calib_seeds)
+        quanto.freeze(model)
+
+    return _with_our_cache(ctx, pipe, s["cache_keys"], quantize, counted=False)
+
+
 PEERS: dict[str, PeerSpec] = {spec.name: spec for spec in [
-    PeerSpec("diffusers-fbc", "diffusers FirstBlockCache", "dit", "diffusers", "diffusers",
+    PeerSpec("diffusers-fbc", "diffusers FirstBlockCache", ("dit",), "diffusers", "diffusers",
              {"threshold": 0.05}, diffusers_fbc),
-    PeerSpec("diffusers-taylorseer", "diffusers TaylorSeer", "dit", "diffusers", "diffusers",
+    PeerSpec("diffusers-taylorseer", "diffusers TaylorSeer", ("dit",), "diffusers", "diffusers",
              {"interval": 5, "order": 1, "warmup": 3, "factors_dtype": "bfloat16",
               # without these identifiers TaylorSeer hooks nothing on a DiT (see PEERS.md)
               "identifiers": [r"^transformer_blocks\.\d+\.attn\d?"]}, diffusers_taylorseer),
-    PeerSpec("diffusers-pab", "diffusers Pyramid Attention Broadcast", "dit", "diffusers", "diffusers",
+    PeerSpec("diffusers-pab", "diffusers Pyramid Attention Broadcast", ("dit",), "diffusers", "diffusers",
              {"skip_range": 2, "timestep_range": [100, 800]}, diffusers_pab),
-    PeerSpec("diffusers-fastercache", "diffusers FasterCache", "dit", "diffusers", "diffusers",
+    PeerSpec("diffusers-fastercache", "diffusers FasterCache", ("dit",), "diffusers", "diffusers",
              {"skip_range": 2, "timestep_range": [-1, 681], "unconditional_skip": 5}, diffusers_fastercache),
-    PeerSpec("diffusers-magcache", "diffusers MagCache", "dit", "diffusers", "diffusers",
+    PeerSpec("diffusers-magcache", "diffusers MagCache", ("dit",), "diffusers", "diffusers",
              {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}, diffusers_magcache),
-    PeerSpec("cachedit-dbcache", "cache-dit DBCache", "dit", "cache_dit", "cache-dit==1.5.3",
+    PeerSpec("cachedit-dbcache", "cache-dit DBCache", ("dit",), "cache_dit", "cache-dit==1.5.3",
              {"threshold": 0.08, "first_blocks": 1, "last_blocks": 0, "warmup": 4, "max_continuous": -1},
              cachedit_dbcache),
-    PeerSpec("cachedit-dbcache-taylorseer", "cache-dit DBCache + TaylorSeer calibrator", "dit", "cache_dit",
+    PeerSpec("cachedit-dbcache-taylorseer", "cache-dit DBCache + TaylorSeer calibrator", ("dit",), "cache_dit",
              "cache-dit==1.5.3",
              {"threshold": 0.08, "first_blocks": 1, "last_blocks": 0, "warmup": 4, "max_continuous": -1,
               "order": 1}, cachedit_dbcache_taylorseer),
-    PeerSpec("deepcache-sdhelper", "DeepCache (DeepCacheSDHelper)", "unet", "DeepCache", "DeepCache==0.1.1",
+    PeerSpec("deepcache-sdhelper", "DeepCache (DeepCacheSDHelper)", ("unet",), "DeepCache", "DeepCache==0.1.1",
              {"interval": 3, "branch": 0, "skip_mode": "uniform"}, deepcache_sdhelper),
-    PeerSpec("tgate", "T-GATE", "unet", "tgate", "tgate==1.0.0",
+    PeerSpec("tgate", "T-GATE", ("unet",), "tgate", "tgate==1.0.0",
              {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2}, tgate),
-    PeerSpec("tomesd", "ToMe for SD", "unet", "tomesd", "tomesd==0.1.3",
+    PeerSpec("tomesd", "ToMe for SD", ("unet",), "tomesd", "tomesd==0.1.3",
              # tiny U-Nets have attention at 8x8 and below only: max_downsample=2 (PEERS.md);
              # use_rand=False keeps runs reproducible across the interleaved repeats
              {"ratio": 0.5, "max_downsample": 2, "sx": 2, "sy": 2, "use_rand": False}, tomesd),
+    PeerSpec("torchao", "torchao int8", ("dit", "unet"), "torchao", "torchao==0.18.0",
+             {"config": "int8-weight-only", "cache_keys": None}, torchao_int8),
+    PeerSpec("quanto", "optimum-quanto int8", ("dit", "unet"), "optimum.quanto", "optimum-quanto==0.2.7",
+             {"weights": "qint8", "activations": None, "cache_keys": None}, quanto_int8),
 ]}
 
 

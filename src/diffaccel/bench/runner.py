@@ -12,8 +12,9 @@ and worker logs (``partial.json`` there holds the rows so far while a run is goi
 
 The first group samples the baseline on every batch and saves its images in the run folder; the
 others reuse them for quality and time the baseline only on ``timed_pairs`` interleaved batches.
-``--resume`` continues the newest unfinished run of the same configuration in ``--out``: groups
-whose results are on disk are read back, not run again (a long run survives being killed).
+``--resume`` continues the newest run of the same configuration in ``--out``: groups whose results
+are on disk for the same settings are read back, not run again (a long run survives being killed,
+and a sweep that gained entries runs only what is new).
 """
 
 from __future__ import annotations
@@ -103,10 +104,15 @@ def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
     return cfg, sweep
 
 
-def plan_groups(sweep: dict[str, list[dict]]) -> list[dict]:
-    """Groups in run order: each of diffaccel's methods, each peer, then the step baselines."""
+def plan_groups(sweep: dict[str, list[dict]], split_ours: bool = True) -> list[dict]:
+    """Groups in run order: each of diffaccel's methods (or, without ``split_ours``, all of them in
+    one process: fewer start-ups for a quick run), each peer, then the step baselines."""
     groups: list[dict] = []
-    for family in ("diffaccel", "peer"):
+    ours = [(n, s) for n, s in sweep.items() if sweeps.family_of(n) == "diffaccel"]
+    if ours and not split_ours:
+        groups.append({"group": "diffaccel", "family": "diffaccel",
+                       "entries": [{"name": n, "settings": x} for n, settings in ours for x in settings]})
+    for family in ("diffaccel", "peer") if split_ours else ("peer",):
         groups += [{"group": name, "family": family, "entries": [{"name": name, "settings": x} for x in settings]}
                    for name, settings in sweep.items() if sweeps.family_of(name) == family]
     steps = [(n, s) for n, s in sweep.items() if sweeps.family_of(n) == "steps"]
@@ -208,30 +214,46 @@ def _run_worker(job_path: Path, result_path: Path, log_path: Path, threads: int,
 
 
 def run_identity(cfg: BenchConfig, sweep: dict, data: dict) -> dict:
-    """What a resumed run must share with the run it continues."""
+    """What a resumed run must share with the run it continues (all but the sweep: each group is
+    matched on its own settings)."""
     import diffaccel
 
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "group_timeout")}
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "group_timeout", "sweep", "only",
+                                                                 "peers")}
     return {"diffaccel": diffaccel.__version__, "format_version": FORMAT_VERSION, "config": config,
-            "sweep": sweep, "items": data}
+            "items": data, "sweep": sweep}
+
+
+def _same_run(saved: dict, identity: dict) -> bool:
+    def key(record: dict) -> dict:
+        record = json.loads(json.dumps(record))
+        record.pop("sweep", None)
+        for name in ("sweep", "only", "peers"):
+            record.get("config", {}).pop(name, None)
+        return record
+
+    return key(saved) == key(identity)
 
 
 def find_resumable(out: Path, identity: dict) -> Path | None:
     """The newest run folder in ``out`` started with the same configuration, if any."""
     for run_dir in sorted(out.glob("run-*"), reverse=True):
         try:
-            if json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(identity)):
+            if _same_run(json.loads((run_dir / "config.json").read_text()), identity):
                 return run_dir
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, AttributeError):
             continue
     return None
 
 
-def _finished(result_path: Path) -> dict | None:
-    """A group's saved result (a run being resumed), or None if it has not finished."""
+def _finished(result_path: Path, job_path: Path, entries: list[dict]) -> dict | None:
+    """A group's saved result (a run being resumed) if it ran the same settings, else None."""
     try:
         result = json.loads(result_path.read_text())
+        job = json.loads(job_path.read_text())
     except (OSError, json.JSONDecodeError):
+        return None
+    if job.get("entries") != json.loads(json.dumps(entries)):
         return None
     return result if isinstance(result, dict) and {"baseline", "rows", "skipped"} <= set(result) else None
 
@@ -260,7 +282,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", identity)
     n_batches = -(-len(data["labels"]) // cfg.batch_size)
-    groups = plan_groups(sweep)
+    groups = plan_groups(sweep, split_ours=not cfg.quick)
 
     skipped: list[dict] = []
     runnable = []
@@ -293,7 +315,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
                    "baseline_cache": str((run_dir / "baseline.safetensors").resolve()), "timed_pairs": timed}
             job_path = run_dir / "jobs" / f"{group['group']}.json"
             result_path = run_dir / "jobs" / f"{group['group']}.result.json"
-            result = _finished(result_path)
+            result = _finished(result_path, job_path, group["entries"])
             if result is not None:  # --resume: this group finished in the run being continued
                 failure, seen = None, 0
                 if log:

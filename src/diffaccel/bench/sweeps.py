@@ -57,6 +57,17 @@ OURS: dict[str, dict[str, list[dict]]] = {
     },
 }
 
+def quant_peer_sweeps(keys: int) -> dict[str, list[dict]]:
+    """torchao and optimum-quanto int8, each alone and with our key-step plan of ``keys`` steps."""
+    return {
+        "torchao": [{"config": "int8-weight-only"}, {"config": "int8-dynamic"},
+                    {"config": "int8-weight-only", "cache_keys": keys}, {"config": "int8-dynamic", "cache_keys": keys}],
+        "quanto": [{"weights": "qint8"}, {"weights": "qint8", "activations": "qint8"},
+                   {"weights": "qint8", "cache_keys": keys}, {"weights": "qint8", "activations": "qint8",
+                                                               "cache_keys": keys}],
+    }
+
+
 # Peers (see diffaccel.bench.peers for what each name runs), at a sweep of their own main knob.
 PEER_SWEEPS: dict[str, dict[str, list[dict]]] = {
     "dit": {
@@ -69,11 +80,13 @@ PEER_SWEEPS: dict[str, dict[str, list[dict]]] = {
         "cachedit-dbcache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}],
         "cachedit-dbcache-taylorseer": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3},
                                         {"threshold": 0.4}],
+        **quant_peer_sweeps(14),
     },
     "unet": {
         "deepcache-sdhelper": [{"interval": 2}, {"interval": 3}, {"interval": 4}, {"interval": 5}],
         "tgate": [{"gate_step": 10}, {"gate_step": 20}, {"gate_step": 30}, {"gate_step": 40}],
         "tomesd": [{"ratio": 0.25}, {"ratio": 0.5}, {"ratio": 0.75}, {"ratio": 0.5, "max_downsample": 4}],
+        **quant_peer_sweeps(10),
     },
 }
 
@@ -136,7 +149,7 @@ def applies_to(name: str, model: str) -> bool:
     if family == "diffaccel":
         return model in METHODS[name][1]
     if family == "peer":
-        return PEERS[name].model == model
+        return model in PEERS[name].models
     return True
 
 

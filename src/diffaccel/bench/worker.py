@@ -218,7 +218,9 @@ def run_group(job: dict, progress=lambda n: None) -> dict:
         try:
             candidate = open_candidate(job["family"], entry["name"], entry["settings"], ctx)
             macs = count_macs(  # the warm-up, counted
-                lambda c=candidate: _checked(c.run(labels[first], seeds[first]), n_first))
+                lambda c=candidate: _checked((c.count or c.run)(labels[first], seeds[first]), n_first))
+            if candidate.count is not None:
+                _checked(candidate.run(labels[first], seeds[first]), n_first)  # the warm-up
             live.append({"entry": entry, "label": label, "candidate": candidate, "macs": macs, "images": [],
                          "times": [], "peak": 0.0, "failed": None})
         except Exception as exc:  # a peer that cannot run this setting on this model: say why
