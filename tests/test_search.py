@@ -353,3 +353,62 @@ def test_cli_search_on_an_embedded_model(monkeypatch, capsys, tmp_path):
                                 "--per-class", "2", "--steps", "4", "--plan", out / "plan.json", "--out",
                                 tmp_path / "gen")
     assert code == 0, err
+
+
+# -- joint cache + quantization search ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def w8_spec(pipes, tmp_path_factory):
+    from diffaccel.quant.calibrate import calibrate
+    from diffaccel.quant.spec import QuantSpec
+
+    path = calibrate(pipes[0], [0, 1], [10, 11], num_steps=STEPS, progress=False).save(
+        tmp_path_factory.mktemp("joint") / "dit.safetensors")
+    return QuantSpec(weight_bits=8, act_bits=8, calibration=str(path))
+
+
+def test_joint_space_adds_a_bit_width_per_unit(pipes, w8_spec):
+    model = pipes[0].denoiser
+    space = Space(model, STEPS, quant=w8_spec, bits=(8, 4))
+    assert len(space.param_names) == STEPS - 1 + len(space.units)
+    genome = space.complete(["all"] * (STEPS - 1))[:-1] + ("4",)
+    plan = space.plan(genome)
+    assert plan.quant.overrides == {f"{space.unit_paths[-1]}.*": 4} and plan.schedule == space.rows(genome)
+    macs = [100.0] + [20.0] * len(space.units)  # 80 MACs in the units, 20 outside
+    full = space.bit_mac_fraction(space.all_compute(), macs)
+    assert full == pytest.approx(8 / 32)  # W8 everywhere: a quarter of the fp32 bit-operations
+    assert space.bit_mac_fraction(genome, macs) < full  # reuse and 4-bit weights both cut the estimate
+    with pytest.raises(ValueError):
+        Space(model, STEPS, bits=(8, 4))  # per-unit bits need a spec
+    with pytest.raises(ValueError):
+        Space(model, STEPS, quant=w8_spec.model_copy(update={"backend": "int8"}), bits=(8, 4))
+    with pytest.raises(ValueError):
+        Space(model, STEPS, quant=w8_spec, bits=(8, 1))
+
+
+def test_quantization_error_moves_the_dp_key_steps():
+    d = np.triu(np.full((6, 6), 1.0), 1)  # every reuse costs the same: any key steps tie
+    plain, _ = optimal_keys(d, 3)
+    q = np.array([0.0, 0.0, 9.0, 9.0, 0.0, 0.0])  # but steps 2 and 3 quantize badly
+    keys, cost = optimal_keys(d, 3, q)
+    assert not {2, 3} & set(keys) and keys[0] == 0
+    served = [max(j for j in keys if j <= i) for i in range(6)]
+    assert cost == pytest.approx(sum(d[served[i], i] for i in range(6) if i not in keys) +
+                                 sum(q[served[i]] for i in range(6)))
+
+
+@pytest.mark.parametrize("strategy", ["dp", "nsga2"])
+def test_joint_search_quantizes_its_plans_and_ranks_them_by_bit_operations(pipes, w8_spec, tmp_path, strategy):
+    result = search(pipes[0], calib(), STEPS, budget="psnr>=15", strategy=strategy, trials=12, population=4,
+                    objective="bops", quant=w8_spec, bits=(8, 4) if strategy == "nsga2" else None, out=tmp_path,
+                    log=quiet)
+    s = result.summary
+    assert result.plan.quant is not None and result.plan.quant.act_bits == 8
+    assert s["bops_fraction"] <= 0.25 * s["mac_fraction"] + 1e-9  # W8 at most: a quarter of fp32 per MAC
+    assert set(s["quant"]["unit_bits"].values()) <= {8, 4}
+    # the hand-made plans it is compared with run at the same quantization, so they carry a cost too
+    assert json.loads((tmp_path / "front.json").read_text())["handmade"][0]["bops_fraction"] is not None
+    with diffaccel.accelerate(pipes[0], Plan.load(tmp_path / "plan.json")) as run:
+        calib()(pipes[0])
+    assert run.stats.reused > 0
+    with pytest.raises(diffaccel.search.SearchError):
+        search(pipes[0], calib(), STEPS, objective="bops", out=tmp_path / "plain", log=quiet)

@@ -274,14 +274,16 @@ class StrategyName(str, Enum):
 class ObjectiveName(str, Enum):
     macs = "macs"
     latency = "latency"
+    bops = "bops"
 
 
 @app.command()
 def search(
     model: ModelName = typer.Option(ModelName.dit, help="embedded model"),
     budget: str = typer.Option("psnr>=30", help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X"),
-    objective: ObjectiveName = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, or latency "
-                                                                     "estimated from per-unit wall time"),
+    objective: ObjectiveName = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated "
+                                                                     "from per-unit wall time, or bops (MACs "
+                                                                     "weighted by weight bits; with --quant)"),
     strategy: StrategyName = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dynamic "
                                                                    "programming on the profile) or greedy"),
     time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h"),
@@ -298,6 +300,9 @@ def search(
     pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
     margin: float = typer.Option(None, help="how far the chosen plan's calibration quality must clear the budget, "
                                             "so that unseen inputs meet it too (default 0.5 dB, or 0.005 SSIM)"),
+    quant: str = typer.Option(None, help="joint search: quantize every plan, e.g. w8a8 (calibrated on first use)"),
+    quant_backend: str = typer.Option("fake", help="with --quant: fake, int8 or int8-dynamic"),
+    bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
 ) -> None:
@@ -317,10 +322,24 @@ def search(
         calibrate = embedded_calibration(None, calib_per_class, steps, guidance, seed=seed)
         heldout = embedded_calibration(None, heldout_per_class, steps, guidance, seed=0, calibration=False)
         pipe = load_pipeline(model.value, sampler.value, weights)
+        spec, choices = None, None
+        if bits is not None and quant is None:
+            raise ValueError("--bits needs --quant (the spec the per-unit bit widths vary)")
+        if quant is not None:
+            from diffaccel.methods.ptq import quant_spec
+
+            spec = quant_spec(pipe, steps, quant, quant_backend, guidance=guidance)
+            if bits is not None:
+                try:
+                    choices = tuple(int(b) for b in bits.split(",") if b.strip())
+                except ValueError:
+                    raise ValueError(f"--bits must list integers such as 8,4; got {bits!r}") from None
+                if not choices:
+                    raise ValueError("--bits is empty; give the weight bits to choose from, e.g. 8,4")
         result = run_search(pipe, calibrate, steps, budget=budget, objective=objective.value,
                             strategy=strategy.value, seed=seed, out=out, storage=storage, time_limit=limit,
                             trials=trials, population=population, heldout=heldout, pairs=pairs,
-                            model_name=f"{model.value}-{sampler.value}", margin=margin,
+                            model_name=f"{model.value}-{sampler.value}", margin=margin, quant=spec, bits=choices,
                             log=lambda line: typer.echo(line, err=True))
     except (DiffaccelError, ValueError) as exc:
         fail(str(exc))

@@ -6,6 +6,10 @@ Given a budget of K full steps out of T (step 0 always one of them) and a dissim
 ``0 .. j-1`` when j is the c-th full step, ``g[c][j] = min_{i<j} g[c-1][i] + seg(i, j)`` where
 ``seg(i, j) = sum_{i<m<j} D[i, m]``; the answer is ``min_j g[K][j] + seg(j, T)``: O(K T^2).
 
+With quantization (CacheQuant), a full step also carries the quantization error ``q[j]`` of the
+units it computes, and every step served from it inherits that error: ``seg(i, j)`` gains
+``(j - i) * q[i]``. Steps where the quantized model strays least make the better key steps.
+
 The strategy sweeps K for each unit-set level of the search space (``D`` from the profile for
 that level's units) and evaluates the resulting schedules; their non-dominated set is its front.
 """
@@ -14,12 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffaccel.search.profile import level_matrix
+from diffaccel.search.profile import level_errors, level_matrix
 from diffaccel.search.space import Genome, Space
 
 
-def optimal_keys(d: np.ndarray, k: int) -> tuple[list[int], float]:
-    """The ``k`` full steps (including step 0) minimising the summed dissimilarity, and that sum."""
+def optimal_keys(d: np.ndarray, k: int, q: np.ndarray | None = None) -> tuple[list[int], float]:
+    """The ``k`` full steps (including step 0) minimising the summed dissimilarity (plus, with
+    ``q``, each full step's quantization error over the steps it serves), and that sum."""
     steps = d.shape[0]
     if not 1 <= k <= steps:
         raise ValueError(f"k must lie in [1, {steps}], got {k}")
@@ -28,7 +33,7 @@ def optimal_keys(d: np.ndarray, k: int) -> tuple[list[int], float]:
     seg = np.full((steps, steps + 1), np.inf)
     for i in range(steps):
         for j in range(i + 1, steps + 1):
-            seg[i, j] = prefix[i, j] - prefix[i, i + 1]
+            seg[i, j] = prefix[i, j] - prefix[i, i + 1] + (0.0 if q is None else (j - i) * q[i])
     g = np.full((k + 1, steps), np.inf)
     back = np.zeros((k + 1, steps), dtype=int)
     g[1, 0] = 0.0
@@ -53,15 +58,17 @@ def default_k_values(steps: int) -> list[int]:
     return sorted({k for k in (*dense, *coarse) if 1 <= k <= max(1, steps - 1)})
 
 
-def dp_candidates(space: Space, dissimilarity: np.ndarray, k_values: list[int] | None = None
-                  ) -> list[tuple[Genome, str]]:
-    """Schedules for every level and K (fewest full steps first), labelled ``dp <level> K=<k>``."""
+def dp_candidates(space: Space, dissimilarity: np.ndarray, k_values: list[int] | None = None,
+                  quant_error: np.ndarray | None = None) -> list[tuple[Genome, str]]:
+    """Schedules for every level and K (fewest full steps first), labelled ``dp <level> K=<k>``;
+    ``quant_error`` (units x steps) makes the DP account for quantization (see the module doc)."""
     out: list[tuple[Genome, str]] = []
     seen: set[Genome] = set()
     for k in k_values or default_k_values(space.num_steps):
         for level in space.levels[1:]:
-            keys, _ = optimal_keys(level_matrix(dissimilarity, space, level.name), k)
-            genome = tuple("C" if step in keys else level.name for step in range(1, space.num_steps))
+            q = None if quant_error is None else level_errors(quant_error, space, level.name)
+            keys, _ = optimal_keys(level_matrix(dissimilarity, space, level.name), k, q)
+            genome = space.complete(["C" if step in keys else level.name for step in range(1, space.num_steps)])
             if genome not in seen:
                 seen.add(genome)
                 out.append((genome, f"dp {level.name} K={k}"))

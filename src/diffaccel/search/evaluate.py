@@ -146,20 +146,56 @@ class CalibrationRun:
         self.unit_seconds = [float(t / forwards) for t in times]
         if self.unit_seconds[0] <= 0:
             self.unit_seconds = [float(m) for m in self.unit_macs]  # a 1-step run: fall back to MACs
-        self.dissimilarity = self._dissimilarity(store)
+        self.outputs = self._stack(store)
+        self.dissimilarity = self._dissimilarity()
 
-    def _dissimilarity(self, store) -> np.ndarray:
+    def _stack(self, store) -> list[torch.Tensor | None]:
+        """Per unit, its sampled outputs as (steps, elements); None for a unit not called at every step."""
+        stacked = []
+        for u in range(len(self.units)):
+            outs = [torch.cat(store[u][s]) if store[u].get(s) else None for s in range(self.num_steps)]
+            ok = all(o is not None for o in outs) and len({o.numel() for o in outs}) == 1
+            stacked.append(torch.stack(outs).double() if ok else None)
+        return stacked
+
+    def _dissimilarity(self) -> np.ndarray:
         n, steps = len(self.units), self.num_steps
         d = np.zeros((n, steps, steps))
-        for u in range(n):
-            outs = [torch.cat(store[u][s]) if store[u].get(s) else None for s in range(steps)]
-            if any(o is None for o in outs) or len({o.numel() for o in outs}) != 1:
-                continue  # a unit not called at every step (should not happen in a full run)
-            stacked = torch.stack(outs).double()  # (steps, elements)
+        for u, stacked in enumerate(self.outputs):
+            if stacked is None:
+                continue
             norms = stacked.abs().sum(1).clamp_min(1e-12)
             for i in range(1, steps):
                 d[u, :i, i] = ((stacked[:i] - stacked[i]).abs().sum(1) / norms[i]).numpy()
         return d
+
+    def unit_error(self, plan: Plan) -> np.ndarray:
+        """q[u, t]: relative L1 distance of each unit's output under ``plan`` (an all-compute plan with
+        quantization, say) from the full-precision output at the same step, on the calibration set."""
+        executor = Executor(self.model, plan, unit_macs=self.shape_macs)
+        store: dict[int, dict[int, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+
+        def record(key):
+            def hook(module, args, output):
+                if executor.current_step is not None:
+                    flat = torch.cat([leaf.detach().reshape(-1).float() for leaf in tree_leaves(output)])
+                    stride = max(1, flat.numel() // PROFILE_ELEMENTS)
+                    store[key][executor.current_step].append(flat[::stride][:PROFILE_ELEMENTS].clone())
+            return hook
+
+        handles = [u.module.register_forward_hook(record(i)) for i, u in enumerate(executor.units)]
+        executor.install(self.scheduler)
+        try:
+            self.calibrate(self.pipe)
+        finally:
+            executor.remove()
+            for handle in handles:
+                handle.remove()
+        q = np.zeros((len(self.units), self.num_steps))
+        for u, (ref, got) in enumerate(zip(self.outputs, self._stack(store))):
+            if ref is not None and got is not None and ref.shape == got.shape:
+                q[u] = ((got - ref).abs().sum(1) / ref.abs().sum(1).clamp_min(1e-12)).numpy()
+        return q
 
     # -- scoring ---------------------------------------------------------------------------------
     def fractions(self, plan: Plan) -> tuple[float, float]:

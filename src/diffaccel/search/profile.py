@@ -19,7 +19,7 @@ from diffaccel.search.space import Space
 def reuse_mask(space: Space, genome: Sequence[str]) -> np.ndarray:
     """(steps, units) booleans: is the unit reused at the step."""
     mask = np.zeros((space.num_steps, len(space.units)), dtype=bool)
-    for step, level in enumerate(genome, start=1):
+    for step, level in enumerate(space.schedule(genome), start=1):
         reused = space.by_name[level].reused
         mask[step] = [u in reused for u in space.units]
     return mask
@@ -46,6 +46,13 @@ def level_matrix(d: np.ndarray, space: Space, level: str) -> np.ndarray:
     reused = space.by_name[level].reused
     rows = [u for u, name in enumerate(space.units) if name in reused]
     return d[rows].sum(0) / len(space.units)
+
+
+def level_errors(q: np.ndarray, space: Space, level: str) -> np.ndarray:
+    """q[j]: quantization error (relative L1, per step) of ``level``'s units, on the scale of ``level_matrix``."""
+    reused = space.by_name[level].reused
+    rows = [u for u, name in enumerate(space.units) if name in reused]
+    return q[rows].sum(0) / len(space.units)
 
 
 def saving(space: Space, level: str, unit_costs: Sequence[float]) -> float:

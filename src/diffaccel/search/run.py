@@ -12,11 +12,14 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diffaccel.plan import Plan
+from diffaccel.quant.spec import QuantSpec
 from diffaccel.search.errors import BudgetError, SearchError
 from diffaccel.search.evaluate import Calibrate, CalibrationRun, compare, denoiser
 from diffaccel.search.handmade import handmade_plans
@@ -24,7 +27,7 @@ from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, fingerprint
 
 STRATEGIES = ("nsga2", "dp", "greedy")
-OBJECTIVES = ("macs", "latency")
+OBJECTIVES = ("macs", "latency", "bops")  # bops: MACs weighted by weight bits (joint searches)
 _BUDGET = re.compile(r"^\s*(psnr|ssim)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$", re.IGNORECASE)
 
 
@@ -89,17 +92,21 @@ class Candidate:
     source: str
     trial: int | None = None
     extra: dict = field(default_factory=dict)
+    bops_fraction: float | None = None  # joint searches: bit-weighted MACs (``Space.bit_mac_fraction``)
 
     def quality(self, budget: Budget) -> float:
         return self.psnr if budget.metric == "psnr" else self.ssim
 
     def cost(self, objective: str) -> float:
+        if objective == "bops":
+            return self.bops_fraction if self.bops_fraction is not None else self.mac_fraction
         return self.mac_fraction if objective == "macs" else self.latency_fraction
 
     def as_dict(self) -> dict:
         return {"source": self.source, "trial": self.trial, "calib_psnr": self.psnr, "calib_psnr_min": self.psnr_min,
                 "calib_ssim": self.ssim, "mac_fraction": self.mac_fraction,
-                "latency_fraction": self.latency_fraction, **self.extra, "schedule": self.schedule}
+                "latency_fraction": self.latency_fraction, "bops_fraction": self.bops_fraction, **self.extra,
+                "schedule": self.schedule}
 
 
 @dataclass
@@ -144,8 +151,8 @@ def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>
            time_limit: float | None = None, trials: int | None = None, population: int = 16,
            heldout: Calibrate | None = None, pairs: int = 3, model_name: str | None = None,
            calibration_id: str | None = None, granularity: str = "block", greedy_points: int = 20,
-           k_values: list[int] | None = None, margin: float | None = None,
-           log: Callable[[str], None] = print) -> SearchResult:
+           k_values: list[int] | None = None, margin: float | None = None, quant: QuantSpec | None = None,
+           bits: tuple[int, ...] | None = None, log: Callable[[str], None] = print) -> SearchResult:
     """Search static plans for ``pipe``'s denoiser on the calibration set ``calibrate`` (a callable
     running the pipeline for ``num_steps`` steps on fixed inputs and returning images in [0, 1]).
 
@@ -157,6 +164,11 @@ def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>
     against the unaccelerated pipeline (``pairs`` interleaved runs each). ``margin``: how far above the
     budget the calibration quality of the chosen plan must lie (default ``DEFAULT_MARGIN``, in the
     budget's unit; 0 chooses the cheapest plan that just meets it).
+
+    Joint cache + quantization search: ``quant`` quantizes every candidate (and the hand-made plans it
+    is compared with); ``bits`` (e.g. ``(8, 4)``) lets NSGA-II choose each unit's weight bits; the
+    DP then places key steps knowing the quantization error of each step; objective ``bops`` ranks
+    plans by bit-weighted MACs.
     """
     started = time.time()
     the_budget = parse_budget(budget)
@@ -169,8 +181,13 @@ def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>
     margin = DEFAULT_MARGIN[the_budget.metric] if margin is None else float(margin)
     if not math.isfinite(margin) or margin < 0:
         raise SearchError(f"the margin must be a finite number >= 0, got {margin}")
+    if objective == "bops" and quant is None:
+        raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")
     model = denoiser(pipe)
-    space = Space(model, num_steps, granularity)
+    try:
+        space = Space(model, num_steps, granularity, quant, bits)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from None
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +196,8 @@ def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>
         storage = f"sqlite:///{(out / 'study.db').resolve()}"
     name = model_name or space.adapter.name
     calib_id = calibration_id or getattr(calibrate, "description", None) or getattr(calibrate, "__name__", "custom")
+    if quant is not None:  # a joint search is another search: its storage must not mix with a plain one
+        calib_id += f" | quant {quant.model_dump_json(exclude={'calibration'})} bits {list(space.bits)}"
     sampler = None
     if strategy == "nsga2":
         from diffaccel.search.nsga import ClockSeededNSGAII
@@ -213,13 +232,18 @@ def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objecti
         except Exception as exc:  # a plan that breaks the model scores worst, deterministically
             macs, latency = calib.fractions(plan)
             return [0.0, 1.0], {"psnr": 0.0, "psnr_min": 0.0, "ssim": 0.0, "mac_fraction": macs,
-                                "latency_fraction": latency, "error": str(exc)[:200]}
+                                "latency_fraction": latency, "bops_fraction": 1.0, "error": str(exc)[:200]}
         attrs = {"psnr": s.psnr, "psnr_min": s.psnr_min, "ssim": s.ssim, "mac_fraction": s.mac_fraction,
                  "latency_fraction": s.latency_fraction, "seconds": round(s.seconds, 3)}
+        if space.quant is not None:
+            attrs["bops_fraction"] = space.bit_mac_fraction(genome, calib.unit_macs)
         quality = s.psnr if budget.metric == "psnr" else s.ssim
-        return [quality, s.mac_fraction if objective == "macs" else s.latency_fraction], attrs
+        cost = {"macs": s.mac_fraction, "latency": s.latency_fraction}.get(objective, attrs.get("bops_fraction"))
+        return [quality, cost], attrs
 
     handmade = handmade_plans(space.model, space.num_steps)
+    if space.quant is not None:  # compared at the same quantization
+        handmade = [replace(h, plan=h.plan.with_quant(space.quant)) for h in handmade]
     seeds: list[tuple[Genome, str]] = []
     for item in handmade:
         genome = space.genome(item.plan.schedule)
@@ -231,7 +255,12 @@ def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objecti
     elif strategy == "dp":
         from diffaccel.search.dp import dp_candidates
 
-        evaluated = run_list(store, dp_candidates(space, calib.dissimilarity, k_values), evaluate, deadline, log)
+        quant_error = None
+        if space.quant is not None:
+            quant_error = calib.unit_error(space.plan(space.all_compute()))
+            log(f"quantization error per step (mean over units): {np.round(quant_error.mean(0), 4).tolist()}")
+        evaluated = run_list(store, dp_candidates(space, calib.dissimilarity, k_values, quant_error), evaluate,
+                             deadline, log)
     else:
         from diffaccel.search.greedy import greedy_candidates
 
@@ -247,7 +276,7 @@ def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objecti
     chosen, met, shortfall = choose(points, safe, objective)
     if not met:  # nothing clears the margin: the cheapest plan meeting the budget itself, if any
         chosen, met, shortfall = choose(points, budget, objective)
-    hand = _handmade_scores(store, calib, handmade)
+    hand = _handmade_scores(store, calib, handmade, space)
     best_hand = choose(hand, budget, objective) if hand else None
 
     plan = space.plan(chosen.genome, method=f"search-{strategy}", params={
@@ -265,6 +294,10 @@ def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objecti
         "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_min": chosen.psnr_min,
         "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction, "latency_fraction": chosen.latency_fraction,
         "calib_speedup_macs": 1 / chosen.mac_fraction, "source": chosen.source, "trial": chosen.trial,
+        "bops_fraction": chosen.bops_fraction,
+        "quant": None if space.quant is None else {
+            "weight_bits": space.quant.weight_bits, "act_bits": space.quant.act_bits, "backend": space.quant.backend,
+            "bit_choices": list(space.bits), "unit_bits": dict(zip(space.units, space.unit_bits(chosen.genome)))},
         "trials_complete": store.n_complete(), "evaluated_this_run": evaluated, "front_size": len(front),
         "search_seconds": round(time.time() - started, 1),
         "latency_model": "per-unit wall time of the full-compute calibration run (forward hooks), summed over the "
@@ -309,11 +342,11 @@ def _candidates(store: Store, space: Space) -> list[Candidate]:
         extra = {"error": a["error"]} if "error" in a else {}
         out.append(Candidate(genome, space.rows(genome), a.get("psnr", 0.0), a.get("psnr_min", 0.0),
                              a.get("ssim", 0.0), a.get("mac_fraction", 1.0), a.get("latency_fraction", 1.0),
-                             a.get("source", ""), trial.number, extra))
+                             a.get("source", ""), trial.number, extra, a.get("bops_fraction")))
     return out
 
 
-def _handmade_scores(store: Store, calib: CalibrationRun, handmade) -> list[Candidate]:
+def _handmade_scores(store: Store, calib: CalibrationRun, handmade, space: Space) -> list[Candidate]:
     """Calibration scores of the hand-made plans, cached in the study (they survive a restart)."""
     cached = dict(store.study.user_attrs.get("handmade", {}))
     out = []
@@ -331,8 +364,11 @@ def _handmade_scores(store: Store, calib: CalibrationRun, handmade) -> list[Cand
         s = cached[item.key]
         if s["mac_fraction"] >= 1.0 - 1e-9:
             continue
+        genome = space.genome(item.plan.schedule)  # forecasts read as reuse: the same cost
+        bops = None if space.quant is None or genome is None else space.bit_mac_fraction(genome, calib.unit_macs)
         out.append(Candidate(None, list(item.plan.schedule), s["psnr"], s["psnr_min"], s["ssim"], s["mac_fraction"],
-                             s["latency_fraction"], item.key, None, {"name": item.name, "settings": item.settings}))
+                             s["latency_fraction"], item.key, None, {"name": item.name, "settings": item.settings},
+                             bops))
     return out
 
 
