@@ -280,3 +280,47 @@ def test_taylor_forecast_is_exact_for_polynomials_of_its_order():
     assert square.item() == pytest.approx(121.0) and line.item() == pytest.approx(34.0)
     assert cache.forecast(11, order=1)[1][0].item() == pytest.approx(34.0)
     assert cache.forecast(11, order=1)[0].item() == pytest.approx(100 + 16)  # the line through 6 and 10
+
+
+# -- per-channel correction of cached features ------------------------------------------------------------
+def test_feature_correction_fits_every_reused_unit_and_identity_changes_nothing(pipes, tmp_path):
+    from diffaccel.methods.feature_correction import GAIN_RANGE, fit_feature_correction
+    from diffaccel.plan import FeatureCorrection, FeatureFit
+
+    pipe = pipes[0]
+    plan = methods.fora(pipe.denoiser, 6, interval=3)
+    fitted = fit_feature_correction(pipe, plan, per_class=1)
+    reused = {(s, u) for s, row in enumerate(plan.schedule) for u, a in zip(plan.units, row) if a != "C"}
+    fits = fitted.feature_correction.fits
+    assert {(f.step, f.unit) for f in fits} == reused and fitted.feature_correction.axis == -1
+    width = pipe.denoiser.config.num_attention_heads * pipe.denoiser.config.attention_head_dim
+    assert all(len(f.gain) == width and not f.bias for f in fits)
+    assert all(GAIN_RANGE[0] <= g <= GAIN_RANGE[1] for f in fits for g in f.gain)
+    assert any(g != 1.0 for f in fits for g in f.gain)
+    fitted.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json") == fitted
+    with diffaccel.accelerate(pipe, plan):
+        plain = call(pipe)
+    identity = plan.model_copy(update={"feature_correction": FeatureCorrection(
+        axis=-1, fits=[FeatureFit(step=f.step, unit=f.unit, gain=[1.0] * width) for f in fits])})
+    with diffaccel.accelerate(pipe, identity):
+        assert torch.allclose(call(pipe), plain, atol=1e-6)  # per-unit path vs merged runs: same sums
+    with diffaccel.accelerate(pipe, fitted):
+        corrected = call(pipe)
+    assert torch.isfinite(corrected).all() and not torch.equal(corrected, plain)
+
+
+def test_feature_correction_rejects_fits_the_plan_cannot_hold(pipes):
+    from diffaccel.plan import FeatureCorrection, FeatureFit
+
+    plan = methods.fora(pipes[0].denoiser, 6, interval=3)
+    unit = plan.units[1]
+    for fit, fragment in ((FeatureFit(step=0, unit=unit, gain=[1.0]), "computes"),
+                          (FeatureFit(step=1, unit="nowhere", gain=[1.0]), "does not have"),
+                          (FeatureFit(step=9, unit=unit, gain=[1.0]), "does not have")):
+        with pytest.raises(ValueError, match=fragment):
+            Plan.model_validate({**plan.model_dump(), "feature_correction": {"axis": -1, "fits": [fit.model_dump()]}})
+    for bad in ({"gain": [1.0, 2.0], "bias": [0.0]}, {"gain": [float("nan")]}):
+        with pytest.raises(ValueError):
+            FeatureFit(step=1, unit=unit, **bad)
+    assert FeatureCorrection(axis=1).fits == []

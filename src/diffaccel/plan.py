@@ -14,6 +14,7 @@ executor applies them, ``diffaccel plan show`` prints them.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,34 @@ class Correction(_Strict):
     bias: list[list[float]] = Field(default_factory=list)
 
 
+class FeatureFit(_Strict):
+    """One reused (step, unit): its cached value ``v`` is served as ``gain * v (+ bias)``, per channel."""
+
+    step: int = Field(ge=0)
+    unit: str
+    gain: list[float] = Field(min_length=1)
+    bias: list[float] = Field(default_factory=list, description="empty: no bias")
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureFit:
+        if self.bias and len(self.gain) != len(self.bias):
+            raise ValueError(f"step {self.step}, unit {self.unit}: {len(self.gain)} gains for {len(self.bias)} biases")
+        if not all(math.isfinite(v) for v in (*self.gain, *self.bias)):
+            raise ValueError(f"step {self.step}, unit {self.unit}: gains and biases must be finite")
+        return self
+
+
+class FeatureCorrection(_Strict):
+    """Per-channel linear correction of cached features, fitted offline on calibration runs
+    (CacheQuant's decoupled error correction): it maps what a unit computed at its last full step
+    onto what it would compute at the reused step, and so also absorbs the quantization error the
+    cached value carries. ``axis``: the channel axis of the cached tensors (-1 tokens x channels,
+    1 for convolution maps)."""
+
+    axis: int
+    fits: list[FeatureFit] = Field(default_factory=list)
+
+
 class NoiseInjection(_Strict):
     """Faster Diffusion's prior noise injection: add ``strength * z_T`` to the latent after every
     step from ``from_step`` on (needs a pipeline, whose scheduler step is where latents change)."""
@@ -79,6 +108,7 @@ class Plan(_Strict):
     parallel_decode: bool = Field(False, description="batch consecutive decoder-only steps (U-Net)")
     noise_injection: NoiseInjection | None = None
     correction: Correction | None = None
+    feature_correction: FeatureCorrection | None = None
     step_scale: list[float] | None = Field(None, description="per-step factor on the solver update (ERTACache)")
     quant: QuantSpec | None = Field(None, description="run the model's layers quantized (calibration file beside)")
     method: str = "custom"
@@ -108,6 +138,16 @@ class Plan(_Strict):
             raise ValueError("step_scale needs one value per step")
         if self.correction is not None and self.num_steps is not None and len(self.correction.gain) != self.num_steps:
             raise ValueError("correction.gain needs one value per step")
+        if self.feature_correction is not None:
+            if self.schedule is None:
+                raise ValueError("feature_correction needs a static schedule (it corrects its reused steps)")
+            for fit in self.feature_correction.fits:
+                if fit.unit not in self.units or fit.step >= self.num_steps:
+                    raise ValueError(f"feature_correction names step {fit.step}, unit {fit.unit!r}, "
+                                     "which the plan does not have")
+                if self.schedule[fit.step][self.units.index(fit.unit)] == "C":
+                    raise ValueError(f"feature_correction corrects step {fit.step}, unit {fit.unit!r}, "
+                                     "which the plan computes")
         return self
 
     # -- reading ---------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ OURS: dict[str, dict[str, list[dict]]] = {
         "dbcache": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.2, "forecast_order": 1},
                     {"threshold": 0.3, "forecast_order": 1}],
         "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
-        "keysteps": [{"keys": 10}, {"keys": 12}, {"keys": 14}, {"keys": 16}],
+        "keysteps": [{"keys": 10}, {"keys": 12}, {"keys": 14}, {"keys": 16}, {"keys": 12, "correct": True}],
         "ptq": ptq_sweep(14),
     },
     "unet": {
@@ -52,7 +52,7 @@ OURS: dict[str, dict[str, list[dict]]] = {
         "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 2}, {"interval": 5, "order": 2},
                        {"interval": 6, "order": 2}],
         "erta": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}, {"threshold": 0.4}],
-        "keysteps": [{"keys": 8}, {"keys": 10}, {"keys": 12}, {"keys": 14}],
+        "keysteps": [{"keys": 8}, {"keys": 10}, {"keys": 12}, {"keys": 14}, {"keys": 10, "correct": True}],
         "ptq": ptq_sweep(10),
     },
 }

@@ -12,10 +12,12 @@ from __future__ import annotations
 from diffaccel.plan import Plan
 
 
-def keysteps(pipe, num_steps: int = 50, keys: int = 12, level: str = "all", guidance: float = 3.0,
-             per_class: int = 2, seed: int = 0) -> Plan:
+def keysteps(pipe, num_steps: int = 50, keys: int = 12, level: str = "all", correct: bool = False,
+             guidance: float = 3.0, per_class: int = 2, seed: int = 0) -> Plan:
     """A plan that computes ``keys`` of the ``num_steps`` steps and reuses ``level``'s units at the
-    rest (``all``: every unit; the search space's other levels, e.g. ``deep0`` or ``mid``, also work)."""
+    rest (``all``: every unit; the search space's other levels, e.g. ``deep0`` or ``mid``, also work).
+    ``correct``: add a per-channel linear correction of the reused features, fitted offline
+    (``methods.feature_correction``)."""
     from diffaccel.search.dp import optimal_keys
     from diffaccel.search.evaluate import CalibrationRun, embedded_calibration
     from diffaccel.search.profile import level_matrix
@@ -31,6 +33,11 @@ def keysteps(pipe, num_steps: int = 50, keys: int = 12, level: str = "all", guid
     run = CalibrationRun(pipe, calibrate, num_steps, space.units)
     chosen, loss = optimal_keys(level_matrix(run.dissimilarity, space, level), keys)
     genome = tuple("C" if step in chosen else level for step in range(1, num_steps))
-    params = {"keys": keys, "level": level, "key_steps": chosen, "estimated_loss": round(loss, 5),
+    params = {"keys": keys, "level": level, "correct": correct, "key_steps": chosen, "estimated_loss": round(loss, 5),
               "calibration_images": len(run.reference)}
-    return space.plan(genome, "keysteps", params)
+    plan = space.plan(genome, "keysteps", params)
+    if correct:
+        from diffaccel.methods.feature_correction import fit_feature_correction
+
+        plan = fit_feature_correction(pipe, plan, guidance, seed=seed)
+    return plan

@@ -86,7 +86,9 @@ def ptq(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fake", pe
         seed: int = 0) -> Plan:
     """A plan whose layers run quantized at ``bits``; ``keep`` lists layer-name patterns to leave in
     floating point. Without ``cache`` every step computes; ``cache`` names a caching method and its
-    settings (``{"method": "keysteps", "keys": 12}``) whose schedule the quantized model follows."""
+    settings (``{"method": "keysteps", "keys": 12}``) whose schedule the quantized model follows;
+    ``"correct": true`` there fits a per-channel correction of the cached features on the quantized
+    model, so that it absorbs caching and quantization error together."""
     spec = quant_spec(pipe, num_steps, bits, backend, per_step, dict.fromkeys(keep, FULL_PRECISION), guidance,
                       per_class, seed)
     model = pipe.denoiser
@@ -100,6 +102,12 @@ def ptq(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fake", pe
     method = settings.pop("method", None)
     if not isinstance(method, str) or method == "ptq":
         raise ValueError(f"cache must name a caching method, as {{'method': 'keysteps', 'keys': 12}}; got {cache!r}")
+    correct = bool(settings.pop("correct", False))  # fitted below, on the quantized model
     caching = build(method, pipe, num_steps, guidance=guidance, **settings)
     params = {**params, "cache": dict(cache), "cache_params": caching.params}
-    return caching.model_copy(update={"method": f"ptq+{method}", "params": params}).with_quant(spec)
+    plan = caching.model_copy(update={"method": f"ptq+{method}", "params": params}).with_quant(spec)
+    if correct:
+        from diffaccel.methods.feature_correction import fit_feature_correction
+
+        plan = fit_feature_correction(pipe, plan, guidance, seed=seed)
+    return plan

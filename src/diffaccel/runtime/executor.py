@@ -112,6 +112,7 @@ class Executor:
         # the fitted per-channel biases as tensors once, not on every reused unit of every step
         correction = plan.correction
         self._bias_rows = [torch.tensor(row) for row in correction.bias] if correction and correction.bias else []
+        self._feature_fits = self._fits(plan)
 
     @property
     def current_step(self) -> int | None:
@@ -290,7 +291,8 @@ class Executor:
         order = self.plan.rule.forecast_order if self.plan.rule else self.plan.forecast_order
         if index in state.passthrough:
             return unit.residual_inputs(args, kwargs)
-        if unit.residual_inputs is not None and self.plan.correction is None and state.tile == 1:
+        if unit.residual_inputs is not None and self.plan.correction is None \
+                and self.plan.feature_correction is None and state.tile == 1:
             run = self._run_cache(state, index, action)
             base = unit.residual_inputs(args, kwargs)
             if action == "R":
@@ -298,6 +300,9 @@ class Executor:
             return run.forecast(state.step, order, base=base)
         value = cache.last() if action == "R" else cache.forecast(state.step, order)
         value = self._corrected(value, state.step)
+        fit = self._feature_fits.get((state.step, index))
+        if fit is not None:
+            value = self._fitted(value, *fit)
         if state.tile > 1:
             value = tree_map(lambda v: v.repeat(state.tile, *([1] * (v.dim() - 1))), value)
         if unit.residual_inputs is None:
@@ -364,6 +369,29 @@ class Executor:
             if bias is not None and bias.numel() == v.shape[-1]:
                 out = out + bias.to(dtype=v.dtype, device=v.device)
             return out
+
+        return tree_map(apply, value)
+
+    def _fits(self, plan: Plan) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """The per-channel feature corrections as tensors, by (step, unit index)."""
+        fc = plan.feature_correction
+        if fc is None:
+            return {}
+        index = {name: i for i, name in enumerate(plan.units)}
+        return {(f.step, index[f.unit]): (torch.tensor(f.gain), torch.tensor(f.bias) if f.bias else None)
+                for f in fc.fits}
+
+    def _fitted(self, value, gain: torch.Tensor, bias: torch.Tensor | None):
+        axis = self.plan.feature_correction.axis
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            dim = axis % v.dim()
+            if v.shape[dim] != gain.numel():  # another leaf of a tuple output: left as it is
+                return v
+            shape = [1] * v.dim()
+            shape[dim] = -1
+            out = v * gain.to(v).reshape(shape)
+            return out if bias is None else out + bias.to(v).reshape(shape)
 
         return tree_map(apply, value)
 
