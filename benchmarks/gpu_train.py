@@ -55,8 +55,12 @@ def score(weights: Path, model: str, device: str) -> list[dict]:
     return rows
 
 
-def time_plans(weights: Path, model: str, device: str, batch: int = 64, repeats: int = 7) -> list[dict]:
-    """CUDA wall-clock of each plan against the baseline, interleaved, median of ``repeats``."""
+def time_plans(weights: Path | None, model: str, device: str, batch: int = 64, repeats: int = 7,
+               plans: list[tuple[str, dict]] | None = None) -> list[dict]:
+    """CUDA wall-clock of each plan (default ``PLANS_TO_TIME``) against the baseline, interleaved,
+    median of ``repeats``; PSNR of the plan's images against the baseline's."""
+    from diffaccel.eval.fidelity import fidelity
+
     pipe = load_pipeline(model, "ddim", weights_dir=weights).to(device)
     labels = torch.arange(batch) % 6
 
@@ -69,18 +73,22 @@ def time_plans(weights: Path, model: str, device: str, batch: int = 64, repeats:
         sync()
         start = time.perf_counter()
         if plan is None:
-            pipe(labels, num_inference_steps=50, guidance_scale=3.0, generator=gens)
+            images = pipe(labels, num_inference_steps=50, guidance_scale=3.0, generator=gens).images
         else:
             with accelerate(pipe, plan):
-                pipe(labels, num_inference_steps=50, guidance_scale=3.0, generator=gens)
+                images = pipe(labels, num_inference_steps=50, guidance_scale=3.0, generator=gens).images
         sync()
+        timed.images = images
         return time.perf_counter() - start
 
     rows = []
-    for name, params in PLANS_TO_TIME[model]:
+    for name, params in plans or PLANS_TO_TIME[model]:
         try:
-            plan = build(name, pipe, 50, **params)
-            timed(None), timed(plan)  # warm-up
+            plan = build(name, pipe, 50, guidance=3.0, **params)
+            timed(None)  # warm-up
+            reference = timed.images
+            timed(plan)
+            psnr = fidelity(timed.images.float().cpu(), reference.float().cpu())["psnr"]
             base, fast = [], []
             for _ in range(repeats):
                 base.append(timed(None))
@@ -91,7 +99,7 @@ def time_plans(weights: Path, model: str, device: str, batch: int = 64, repeats:
             rows.append({"method": name, "params": params, "batch": batch,
                          "baseline_s": statistics.median(base), "plan_s": statistics.median(fast),
                          "speedup_wall": statistics.median(base) / statistics.median(fast),
-                         "speedup_macs": executor.stats.mac_ratio})
+                         "speedup_macs": executor.stats.mac_ratio, "psnr": psnr})
         except Exception as exc:  # report and go on: this is a measurement run, not a test
             rows.append({"method": name, "params": params, "error": f"{type(exc).__name__}: {exc}"})
         print(json.dumps(rows[-1]), flush=True)
