@@ -298,3 +298,24 @@ def test_diffusers_hooks_run_on_the_dit_and_a_failing_peer_is_skipped_with_its_r
     (skip,) = result["skipped"]
     assert skip["name"] == "diffusers-fastercache" and skip["setting"] == "skip_range=2"
     assert "shape" in skip["reason"] or "size" in skip["reason"], skip  # batched guidance breaks it on a DiT
+
+
+def test_quantization_peers_alone_and_with_our_key_steps(tmp_path):
+    """torchao and optimum-quanto on the DiT: alone they run every MAC (at int8); with our key-step
+    plan they skip most; quanto's kernels are invisible to the FLOP counter, so its MACs are counted
+    at full precision (and the row says so)."""
+    from diffaccel.bench.worker import run_group
+
+    _installed("torchao", "quanto")
+    entries = [{"name": "torchao", "settings": {"config": "int8-dynamic"}},
+               {"name": "torchao", "settings": {"config": "int8-weight-only", "cache_keys": 2}},
+               {"name": "quanto", "settings": {"weights": "qint8"}},
+               {"name": "quanto", "settings": {"weights": "qint8", "activations": "qint8", "cache_keys": 2}}]
+    result = run_group(_job("dit", entries, tmp_path, steps=4))
+    assert result["skipped"] == []
+    alone_torchao, cached_torchao, alone_quanto, cached_quanto = result["rows"]
+    for row in (alone_torchao, alone_quanto):
+        assert row["speedup_macs"] == pytest.approx(1.0, rel=0.02) and row["psnr"] < 100
+    for row in (cached_torchao, cached_quanto):
+        assert row["speedup_macs"] > 1.5 and "keysteps" in row["notes"]
+    assert "full-precision" in alone_quanto["notes"]
