@@ -18,6 +18,7 @@ lets an interrupted benchmark continue where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import time
@@ -30,7 +31,7 @@ from diffaccel.methods.registry import build
 from diffaccel.search import embedded_calibration, parse_duration, search
 from diffaccel.search.evaluate import compare, images_of
 from diffaccel.search.handmade import handmade_plans
-from diffaccel.search.versus import bracket, cost_at, front, measure, psnr_at
+from diffaccel.search.versus import bracket, cost_at, cost_bracket, front, measure, psnr_at, psnr_at_wall
 from diffaccel.zoo.weights import load_pipeline
 
 # Beyond the search's own hand-made set: the aggressive settings that reach the searched plans'
@@ -65,6 +66,15 @@ def equal_quality(pipe, heldout, searched: dict, points: list, by_key: dict, pai
            "handmade_psnr_at_equal_macs": psnr_at(points, macs)}
     if out["handmade_psnr_at_equal_macs"] is not None:
         out["psnr_gain_at_equal_macs"] = psnr - out["handmade_psnr_at_equal_macs"]
+    around = cost_bracket(points, macs)
+    if around is not None:  # the hand-made plans around the searched plan's cost, timed alike
+        for p in around:
+            if p.speedup_wall is None:
+                p.speedup_wall = compare(pipe, heldout, by_key[(p.name, str(p.settings))], pairs)["speedup_wall"]
+        out["equal_cost_bracket"] = [p.as_dict() for p in around]
+        out["handmade_psnr_at_equal_wall"] = psnr_at_wall(around, wall)
+        if out["handmade_psnr_at_equal_wall"] is not None:
+            out["psnr_gain_at_equal_wall"] = psnr - out["handmade_psnr_at_equal_wall"]
     if found is None:
         out["note"] = "the searched plan's PSNR lies outside the hand-made front's range: no equal-PSNR point"
         return out
@@ -108,6 +118,7 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     calibrate = embedded_calibration(None, args.calib_per_class, args.steps, seed=args.seed)
     heldout = embedded_calibration(None, args.heldout_per_class, args.steps, seed=0, calibration=False)
+    previous = json.loads(results.read_text())["rows"] if results.exists() else []  # rows of other strategies
     reference = images_of(heldout(pipe), "held-out")
     hand_points, by_key = handmade_on_heldout(pipe, args.model, args.steps, heldout, reference)
     rows = []
@@ -142,6 +153,9 @@ def main() -> None:
         if eq.get("handmade_psnr_at_equal_macs") is not None:
             print(f"{args.model} {strategy} at equal MACs: hand-made {eq['handmade_psnr_at_equal_macs']:.2f} dB, "
                   f"searched {eq['psnr']:.2f} dB ({eq['psnr_gain_at_equal_macs']:+.2f} dB)", flush=True)
+        if eq.get("handmade_psnr_at_equal_wall") is not None:
+            print(f"{args.model} {strategy} at equal wall-clock: hand-made {eq['handmade_psnr_at_equal_wall']:.2f} "
+                  f"dB, searched {eq['psnr']:.2f} dB ({eq['psnr_gain_at_equal_wall']:+.2f} dB)", flush=True)
         print(f"{args.model} {strategy}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, PSNR "
               f"{s['calib_psnr']:.2f} calib / {s['heldout_psnr']:.2f} held-out"
               + (f" | best hand-made {hand['name']} {hand['settings']}: {hand['speedup_macs']:.2f}x MACs, "
@@ -149,10 +163,11 @@ def main() -> None:
                  + ("" if hand["met"] else " (misses the budget)") if hand else ""),
               flush=True)
         results.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in previous if r["strategy"] not in args.strategies]
         write_json(results, {"model": args.model, "budget": args.budget, "objective": args.objective,
                              "steps": args.steps, "machine": platform.machine(), "torch": torch.__version__,
                              "threads": args.threads, "heldout_images": len(reference),
-                             "handmade_heldout": [p.as_dict() for p in hand_points], "rows": rows})
+                             "handmade_heldout": [p.as_dict() for p in hand_points], "rows": kept + rows})
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_keysteps_method_computes_only_its_key_steps(pipes):
 
 
 def test_equal_quality_reads_the_handmade_front():
-    from diffaccel.search.versus import Point, bracket, cost_at, front, psnr_at
+    from diffaccel.search.versus import Point, bracket, cost_at, cost_bracket, front, psnr_at, psnr_at_wall
 
     points = [Point("a", {}, 30.0, 4.0), Point("b", {}, 34.0, 2.0), Point("dominated", {}, 29.0, 3.0),
               Point("c", {}, 40.0, 1.25)]
@@ -134,6 +134,10 @@ def test_equal_quality_reads_the_handmade_front():
     fast.speedup_wall, slow.speedup_wall = 3.0, 1.5
     assert cost_at(points, 32.0, "speedup_wall") == pytest.approx(0.5 / 3.0 + 0.5 / 1.5)
     assert psnr_at(points, 1 / 0.375) == pytest.approx(32.0) and psnr_at(points, 5.0) is None
+    around = cost_bracket(points, 3.0)
+    assert [p.name for p in around] == ["a", "b"] and cost_bracket(points, 5.0) is None
+    assert psnr_at_wall(around, 2.0) == pytest.approx(32.0)  # cost 0.5 halfway between 1/3 and 2/3
+    assert psnr_at_wall(around, 4.0) is None  # faster than both: no extrapolation
 
 
 # -- the strategies on tiny pipelines -------------------------------------------------------------------

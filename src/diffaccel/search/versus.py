@@ -88,3 +88,24 @@ def psnr_at(points: list[Point], speedup: float) -> float | None:
     if not line or not costs[0] <= 1 / speedup <= costs[-1]:
         return None
     return float(np.interp(1 / speedup, costs, [p.psnr for p in line]))
+
+
+def cost_bracket(points: list[Point], speedup: float) -> tuple[Point, Point] | None:
+    """The two front points whose MAC speedups enclose ``speedup`` (faster first)."""
+    line = front(points)
+    for fast, slow in zip(line, line[1:]):
+        if slow.speedup_macs <= speedup <= fast.speedup_macs:
+            return fast, slow
+    return None
+
+
+def psnr_at_wall(pair: tuple[Point, Point], speedup_wall: float) -> float | None:
+    """PSNR at a wall-clock speedup, linear in cost between two points whose wall-clock was measured."""
+    fast, slow = pair
+    if fast.speedup_wall is None or slow.speedup_wall is None:
+        return None
+    a, b = 1 / fast.speedup_wall, 1 / slow.speedup_wall
+    if not min(a, b) <= 1 / speedup_wall <= max(a, b) or a == b:
+        return None
+    w = (1 / speedup_wall - a) / (b - a)
+    return float((1 - w) * fast.psnr + w * slow.psnr)
