@@ -118,7 +118,6 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     calibrate = embedded_calibration(None, args.calib_per_class, args.steps, seed=args.seed)
     heldout = embedded_calibration(None, args.heldout_per_class, args.steps, seed=0, calibration=False)
-    previous = json.loads(results.read_text())["rows"] if results.exists() else []  # rows of other strategies
     reference = images_of(heldout(pipe), "held-out")
     hand_points, by_key = handmade_on_heldout(pipe, args.model, args.steps, heldout, reference)
     rows = []
@@ -163,6 +162,7 @@ def main() -> None:
                  + ("" if hand["met"] else " (misses the budget)") if hand else ""),
               flush=True)
         results.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(results.read_text())["rows"] if results.exists() else []  # read as late as possible
         kept = [r for r in previous if r["strategy"] not in args.strategies]
         write_json(results, {"model": args.model, "budget": args.budget, "objective": args.objective,
                              "steps": args.steps, "machine": platform.machine(), "torch": torch.__version__,
