@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--margin", type=float, default=None, help="calibration margin over the budget "
                                                                    "(default: diffaccel search's)")
+    parser.add_argument("--correct", action="store_true", help="fit the feature correction to the chosen plan "
+                                                               "(rows named <strategy>+correction)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "search")
     parser.add_argument("--results", type=Path, default=None,
                         help="results file (default benchmarks/results/search_<model>.json)")
@@ -123,21 +125,24 @@ def main() -> None:
     rows = []
     for strategy in args.strategies:
         out = args.out / f"{args.model}-{strategy}"
+        label = f"{strategy}+correction" if args.correct else strategy
         command = (f"diffaccel search --model {args.model} --budget {shlex.quote(args.budget)} --objective "
                    f"{args.objective} --strategy {strategy} --time {args.time} --steps {args.steps} --seed {args.seed} "
                    f"--calib-per-class {args.calib_per_class} --heldout-per-class {args.heldout_per_class} "
                    f"--pairs {args.pairs} --threads {args.threads} --out {out}"
                    + (f" --margin {args.margin}" if args.margin is not None else "")
+                   + (" --correct" if args.correct else "")
                    + (f" --trials {args.trials}" if args.trials and strategy == "nsga2" else ""))
         start = time.time()
         result = search(pipe, calibrate, args.steps, budget=args.budget, objective=args.objective, strategy=strategy,
                         seed=args.seed, out=out, time_limit=parse_duration(args.time),
                         trials=args.trials if strategy == "nsga2" else None, heldout=heldout, pairs=args.pairs,
-                        model_name=f"{args.model}-ddim", margin=args.margin, log=lambda line: print(line, flush=True))
+                        model_name=f"{args.model}-ddim", margin=args.margin, correct=args.correct,
+                        log=lambda line: print(line, flush=True))
         s = result.summary
         hand = s.get("best_handmade", {})
-        row = {"strategy": strategy, "command": command, "seconds": round(time.time() - start, 1),
-               **{k: v for k, v in s.items() if k not in ("unit_macs", "unit_seconds", "units")},
+        row = {**{k: v for k, v in s.items() if k not in ("unit_macs", "unit_seconds", "units")},
+               "strategy": label, "command": command, "seconds": round(time.time() - start, 1),
                "front": [{"calib_psnr": c.psnr, "mac_fraction": c.mac_fraction, "source": c.source}
                          for c in result.front],
                "beats_handmade_macs": (s["met"] and hand.get("met", False)
@@ -163,7 +168,7 @@ def main() -> None:
               flush=True)
         results.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(results.read_text())["rows"] if results.exists() else []  # read as late as possible
-        kept = [r for r in previous if r["strategy"] not in args.strategies]
+        kept = [r for r in previous if r["strategy"] not in {row["strategy"] for row in rows}]
         write_json(results, {"model": args.model, "budget": args.budget, "objective": args.objective,
                              "steps": args.steps, "machine": platform.machine(), "torch": torch.__version__,
                              "threads": args.threads, "heldout_images": len(reference),

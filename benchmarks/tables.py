@@ -1,6 +1,6 @@
 """Markdown tables of the committed benchmark results, for the README and the closing notes.
 
-    python benchmarks/tables.py engine dit      # or: engine unet, quant dit, quant unet
+    python benchmarks/tables.py engine dit      # or: engine unet, quant dit|unet, search dit|unet, joint dit|unet
 """
 
 from __future__ import annotations
@@ -44,6 +44,37 @@ def quant(model: str) -> str:
     return "\n".join(lines)
 
 
+def search(model: str) -> str:
+    data = json.loads((RESULTS / f"search_{model}.json").read_text())
+    lines = [f"**{model}** ({data['heldout_images']} held-out images):", "",
+             "| strategy | search | MACs | wall | PSNR calib / held-out | hand-made at equal PSNR "
+             "| cheaper (MACs / wall) | hand-made PSNR at equal MACs / wall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        eq = r["equal_quality"]
+        hand = (f"{eq['handmade_speedup_macs']:.2f}x MACs, {eq['handmade_speedup_wall']:.2f}x wall"
+                if "handmade_speedup_macs" in eq else "outside the hand-made front")
+        cheaper = f"{eq['cheaper_macs']:.0%} / {eq['cheaper_wall']:.0%}" if "cheaper_macs" in eq else "-"
+        at_cost = " / ".join(f"{eq[k]:.2f} dB" if eq.get(k) is not None else "-"
+                             for k in ("handmade_psnr_at_equal_macs", "handmade_psnr_at_equal_wall"))
+        lines.append(f"| {r['strategy']} | {r['search_seconds'] / 60:.1f} min | {r['speedup_macs']:.2f}x | "
+                     f"{r['speedup_wall']:.2f}x | {r['calib_psnr']:.2f} / {r['heldout_psnr']:.2f} dB | {hand} | "
+                     f"{cheaper} | {at_cost} |")
+    return "\n".join(lines)
+
+
+def joint(model: str) -> str:
+    data = json.loads((RESULTS / f"joint_{model}.json").read_text())
+    lines = [f"**{model}** ({data['heldout_images']} held-out images, PSNR against the fp32 50-step output):", "",
+             "| part | plan | settings | MACs | PSNR | bit-weighted MACs |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        settings = {k: v for k, v in r["settings"].items() if k != "key_steps"}
+        bops = f"{r['bops_fraction']:.3f}" if r.get("bops_fraction") is not None else "-"
+        lines.append(f"| {r['part']} | {r['name']} | {settings} | {r['speedup_macs']:.2f}x | {r['psnr']:.2f} "
+                     f"| {bops} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     kind, model = sys.argv[1], sys.argv[2]
-    print({"engine": engine, "quant": quant}[kind](model))
+    print({"engine": engine, "quant": quant, "search": search, "joint": joint}[kind](model))

@@ -416,3 +416,12 @@ def test_joint_search_quantizes_its_plans_and_ranks_them_by_bit_operations(pipes
     assert run.stats.reused > 0
     with pytest.raises(diffaccel.search.SearchError):
         search(pipes[0], calib(), STEPS, objective="bops", out=tmp_path / "plain", log=quiet)
+
+
+def test_search_can_fit_a_feature_correction_to_the_chosen_plan(pipes, tmp_path):
+    result = search(pipes[0], calib(), STEPS, budget="psnr>=15", strategy="dp", correct=True, out=tmp_path,
+                    heldout=embedded_calibration([2], 1, STEPS, calibration=False), pairs=1, log=quiet)
+    assert result.summary["feature_correction"] is True
+    saved = Plan.load(tmp_path / "plan.json")
+    reused = sum(a != "C" for row in saved.schedule for a in row)
+    assert saved.feature_correction is not None and len(saved.feature_correction.fits) == reused

@@ -303,6 +303,8 @@ def search(
     quant: str = typer.Option(None, help="joint search: quantize every plan, e.g. w8a8 (calibrated on first use)"),
     quant_backend: str = typer.Option("fake", help="with --quant: fake, int8 or int8-dynamic"),
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
+    correct: bool = typer.Option(False, help="fit a per-channel correction of the reused features to the chosen "
+                                             "plan (offline, on calibration images)"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)"),
 ) -> None:
@@ -340,6 +342,7 @@ def search(
                             strategy=strategy.value, seed=seed, out=out, storage=storage, time_limit=limit,
                             trials=trials, population=population, heldout=heldout, pairs=pairs,
                             model_name=f"{model.value}-{sampler.value}", margin=margin, quant=spec, bits=choices,
+                            correct=correct,
                             log=lambda line: typer.echo(line, err=True))
     except (DiffaccelError, ValueError) as exc:
         fail(str(exc))

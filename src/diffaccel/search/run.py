@@ -152,7 +152,8 @@ def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>
            heldout: Calibrate | None = None, pairs: int = 3, model_name: str | None = None,
            calibration_id: str | None = None, granularity: str = "block", greedy_points: int = 20,
            k_values: list[int] | None = None, margin: float | None = None, quant: QuantSpec | None = None,
-           bits: tuple[int, ...] | None = None, log: Callable[[str], None] = print) -> SearchResult:
+           bits: tuple[int, ...] | None = None, correct: bool = False,
+           log: Callable[[str], None] = print) -> SearchResult:
     """Search static plans for ``pipe``'s denoiser on the calibration set ``calibrate`` (a callable
     running the pipeline for ``num_steps`` steps on fixed inputs and returning images in [0, 1]).
 
@@ -169,6 +170,10 @@ def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>
     is compared with); ``bits`` (e.g. ``(8, 4)``) lets NSGA-II choose each unit's weight bits; the
     DP then places key steps knowing the quantization error of each step; objective ``bops`` ranks
     plans by bit-weighted MACs.
+
+    ``correct``: fit a per-channel correction of the reused features to the chosen plan, offline on
+    calibration images (``methods.feature_correction``; class-conditional embedded pipelines), before
+    the held-out check.
     """
     started = time.time()
     the_budget = parse_budget(budget)
@@ -207,14 +212,14 @@ def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>
                   fingerprint(space, calib_id), sampler, check_all_studies=own_file)
     try:
         return _search(pipe, calibrate, space, store, the_budget, objective, strategy, seed, out, time_limit,
-                       trials, heldout, pairs, greedy_points, k_values, margin, log, started, name)
+                       trials, heldout, pairs, greedy_points, k_values, margin, correct, log, started, name)
     finally:
         store.close()
 
 
 def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objective: str, strategy: str, seed: int,
-            out: Path | None, time_limit, trials, heldout, pairs, greedy_points, k_values, margin, log, started,
-            name):
+            out: Path | None, time_limit, trials, heldout, pairs, greedy_points, k_values, margin, correct, log,
+            started, name):
     from diffaccel.search.nsga import run_list, run_nsga
 
     log(f"search: {name}, {space.num_steps} steps, {len(space.units)} units, strategy {strategy}, "
@@ -283,6 +288,11 @@ def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objecti
         "budget": budget.text, "objective": objective, "strategy": strategy, "seed": seed,
         "calib_psnr": round(chosen.psnr, 3), "calib_ssim": round(chosen.ssim, 4),
         "mac_fraction": round(chosen.mac_fraction, 4), "trial": chosen.trial, "source": chosen.source})
+    if correct:
+        from diffaccel.methods.feature_correction import fit_feature_correction
+
+        log("fitting a per-channel correction of the reused features on calibration images")
+        plan = fit_feature_correction(calib.pipe, plan, seed=seed)
     if not met:
         log(f"no plan that saves work meets {budget.text} on the calibration set; the closest reaches "
             f"{chosen.quality(budget):.4g}{budget.unit()} (short by {shortfall:.4g}{budget.unit()}) at "
@@ -294,7 +304,7 @@ def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objecti
         "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_min": chosen.psnr_min,
         "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction, "latency_fraction": chosen.latency_fraction,
         "calib_speedup_macs": 1 / chosen.mac_fraction, "source": chosen.source, "trial": chosen.trial,
-        "bops_fraction": chosen.bops_fraction,
+        "bops_fraction": chosen.bops_fraction, "feature_correction": correct,
         "quant": None if space.quant is None else {
             "weight_bits": space.quant.weight_bits, "act_bits": space.quant.act_bits, "backend": space.quant.backend,
             "bit_choices": list(space.bits), "unit_bits": dict(zip(space.units, space.unit_bits(chosen.genome)))},
