@@ -58,9 +58,15 @@ def search(model: str) -> str:
         at_cost = " / ".join(f"{eq[k]:.2f} dB" if eq.get(k) is not None else "-"
                              for k in ("handmade_psnr_at_equal_macs", "handmade_psnr_at_equal_wall"))
         lines.append(f"| {r['strategy']} | {r['search_seconds'] / 60:.1f} min | {r['speedup_macs']:.2f}x | "
-                     f"{r['speedup_wall']:.2f}x | {r['calib_psnr']:.2f} / {r['heldout_psnr']:.2f} dB | {hand} | "
+                     f"{r['speedup_wall']:.2f}x | {calib_text(r)} / {r['heldout_psnr']:.2f} dB | {hand} | "
                      f"{cheaper} | {at_cost} |")
     return "\n".join(lines)
+
+
+def calib_text(row: dict) -> str:
+    if row.get("calib_psnr_corrected") is not None:
+        return f"{row['calib_psnr']:.2f} ({row['calib_psnr_corrected']:.2f} corrected)"
+    return f"{row['calib_psnr']:.2f}"
 
 
 def joint(model: str) -> str:

@@ -421,7 +421,7 @@ def test_joint_search_quantizes_its_plans_and_ranks_them_by_bit_operations(pipes
 def test_search_can_fit_a_feature_correction_to_the_chosen_plan(pipes, tmp_path):
     result = search(pipes[0], calib(), STEPS, budget="psnr>=15", strategy="dp", correct=True, out=tmp_path,
                     heldout=embedded_calibration([2], 1, STEPS, calibration=False), pairs=1, log=quiet)
-    assert result.summary["feature_correction"] is True
+    assert result.summary["feature_correction"] is True and result.summary["calib_psnr_corrected"] > 0
     saved = Plan.load(tmp_path / "plan.json")
     reused = sum(a != "C" for row in saved.schedule for a in row)
     assert saved.feature_correction is not None and len(saved.feature_correction.fits) == reused
