@@ -123,6 +123,26 @@ def test_resume_reruns_only_the_unfinished_groups(tiny_run, tmp_path, monkeypatc
     assert {r["name"] for r in rows} == {r.name for r in load_results(tiny_run / "results.json").rows}
 
 
+def test_resume_reruns_a_group_whose_result_lacks_a_setting(tiny_run, tmp_path, monkeypatch, capsys):
+    """A killed resume leaves the new job file next to the older result: that result is stale."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run, out)
+    run_dir = next(out.glob("run-*"))
+    result_path = run_dir / "jobs" / "fora.result.json"
+    result = json.loads(result_path.read_text())
+    dropped = result["rows"].pop()
+    result_path.write_text(json.dumps(result))
+    (out / "results.json").unlink()
+    monkeypatch.setattr(peer_registry.PEERS["cachedit-dbcache-taylorseer"], "package", "cache_dit_not_installed_here")
+    sweep = tiny_run.parent / "sweep.json"
+    code, _, err = invoke(monkeypatch, capsys, "bench", "--model", "dit", "--sweep", str(sweep), "--out", str(out),
+                          "--resume", *TINY_ARGS)
+    assert code == 0, err
+    assert "fora: read back" not in err and "steps: read back" in err
+    settings = {r["setting"] for r in json.loads(result_path.read_text())["rows"]}
+    assert dropped["setting"] in settings
+
+
 # After the load event every <img> has loaded (or failed): its natural size says whether it decoded.
 RENDER_CHECK = """<script>
 window.addEventListener('load', () => {

@@ -255,7 +255,13 @@ def _finished(result_path: Path, job_path: Path, entries: list[dict]) -> dict | 
         return None
     if job.get("entries") != json.loads(json.dumps(entries)):
         return None
-    return result if isinstance(result, dict) and {"baseline", "rows", "skipped"} <= set(result) else None
+    if not isinstance(result, dict) or not {"baseline", "rows", "skipped"} <= set(result):
+        return None
+    # The job file is written before its worker runs: a run killed then leaves a new job next to an
+    # older result. Only a result with a row or a skip reason for every setting counts as finished.
+    wanted = {(e["name"], sweeps.setting_label(e["settings"])) for e in entries}
+    done = {(r.get("name"), r.get("setting")) for r in [*result["rows"], *result["skipped"]]}
+    return result if wanted <= done else None
 
 
 def _rel(path: str | None, root: Path) -> str | None:
