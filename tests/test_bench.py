@@ -303,21 +303,29 @@ def test_unet_peers_run_at_tiny_size(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:torch.meshgrid")
-def test_diffusers_hooks_run_on_the_dit_and_a_failing_peer_is_skipped_with_its_reason(tmp_path):
+def test_diffusers_hooks_run_on_the_dit_and_a_failing_peer_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    import dataclasses
+
     from diffaccel.bench.worker import run_group
 
+    def broken(ctx, settings):
+        raise RuntimeError("The size of tensor a (4) must match the size of tensor b (8)")
+
+    monkeypatch.setitem(peer_registry.PEERS, "diffusers-fbc",
+                        dataclasses.replace(peer_registry.PEERS["diffusers-fbc"], open=broken))
     entries = [{"name": "diffusers-taylorseer", "settings": {"interval": 2, "warmup": 1}},
                {"name": "diffusers-pab", "settings": {"skip_range": 2, "timestep_range": [0, 1000]}},
                {"name": "diffusers-magcache", "settings": {"threshold": 0.5, "retention_ratio": 0.0}},
-               {"name": "diffusers-fastercache", "settings": {"skip_range": 2}}]
+               {"name": "diffusers-fastercache", "settings": {"skip_range": 2}},
+               {"name": "diffusers-fbc", "settings": {"threshold": 0.2}}]
     result = run_group(_job("dit", entries, tmp_path, steps=4))
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {"diffusers-taylorseer", "diffusers-pab", "diffusers-magcache"}
+    assert set(rows) == {"diffusers-taylorseer", "diffusers-pab", "diffusers-magcache", "diffusers-fastercache"}
     assert all(r["speedup_macs"] > 1.0 for r in rows.values()), rows
     assert "calibrated" in rows["diffusers-magcache"]["notes"]
     (skip,) = result["skipped"]
-    assert skip["name"] == "diffusers-fastercache" and skip["setting"] == "skip_range=2"
-    assert "shape" in skip["reason"] or "size" in skip["reason"], skip  # batched guidance breaks it on a DiT
+    assert skip["name"] == "diffusers-fbc" and skip["setting"] == "threshold=0.2"
+    assert "size of tensor" in skip["reason"], skip
 
 
 def test_quantization_peers_alone_and_with_our_key_steps(tmp_path):

@@ -153,6 +153,7 @@ def diffusers_pab(ctx: Context, settings: dict) -> Candidate:
 
 def diffusers_fastercache(ctx: Context, settings: dict) -> Candidate:
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+    from diffusers.hooks.faster_cache import _UNCOND_COND_INPUT_KWARGS_IDENTIFIERS
 
     s = _settings(PEERS["diffusers-fastercache"].knobs, settings)
 
@@ -161,7 +162,11 @@ def diffusers_fastercache(ctx: Context, settings: dict) -> Candidate:
             spatial_attention_block_skip_range=s["skip_range"],
             spatial_attention_timestep_skip_range=tuple(s["timestep_range"]),
             unconditional_batch_skip_range=s["unconditional_skip"],
-            current_timestep_callback=lambda: current["t"], tensor_format="BCHW"))
+            current_timestep_callback=lambda: current["t"], tensor_format="BCHW",
+            # the DiT's class labels are batched [unconditional, conditional] like its latents: the
+            # default identifiers omit them, so skipping the unconditional half would mismatch batches
+            _unconditional_conditional_input_kwargs_identifiers=[*_UNCOND_COND_INPUT_KWARGS_IDENTIFIERS,
+                                                                  "class_labels"]))
 
     return _diffusers_hooked(ctx, apply)
 
