@@ -248,7 +248,10 @@ def test_default_sweeps_cover_every_method_peer_and_step_baseline():
         ours = [n for n, (_, adapters, _) in METHODS.items() if model in adapters]
         peers = [n for n, spec in peer_registry.PEERS.items() if model in spec.models]
         for name in ours + peers:
-            assert name in sweep and len(sweep[name]) >= 4, name
+            if name in ("torchao", "quanto"):  # a configuration alone and with our key-step plan
+                assert {"cache_keys" in setting for setting in sweep[name]} == {True, False}, name
+            else:
+                assert name in sweep and len(sweep[name]) >= 4, name
         assert [s["steps"] for s in sweep["steps-ddim"]] == [10, 20, 30]
         assert "steps-dpm" in sweep
         quick = sweeps.default_sweep(model, quick=True)
