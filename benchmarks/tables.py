@@ -1,6 +1,6 @@
 """Markdown tables of the committed benchmark results, for the README and the closing notes.
 
-    python benchmarks/tables.py engine dit      # or: engine unet, quant dit|unet, search dit|unet, joint dit|unet
+    python benchmarks/tables.py engine dit      # or: engine unet, quant|search|joint|bench dit|unet
 """
 
 from __future__ import annotations
@@ -81,6 +81,28 @@ def joint(model: str) -> str:
     return "\n".join(lines)
 
 
+def bench(model: str) -> str:
+    """The summary of a committed ``diffaccel bench`` run: each name's best wall-clock speedup at mean
+    PSNR >= 30 dB, with that row's MACs, FD and accuracy next to the baseline's, fastest first."""
+    data = json.loads((RESULTS / f"bench-{model}" / "results.json").read_text())
+    base = data["baseline"]
+    rows = {(r["name"], r["setting"]): r for r in data["rows"]}
+    lines = [f"**{model}** ({data['samples']['n_images']} images per setting; baseline FD {base['fd']:.3f}, accuracy "
+             f"{base['accuracy']:.1%}):", "",
+             "| name | family | best setting at PSNR >= 30 dB | wall | MACs | PSNR | FD (vs baseline) | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    ranked = sorted(data["summary"].items(), key=lambda kv: -(kv[1]["speedup_wall"] or 0))
+    for name, best in ranked:
+        if best["speedup_wall"] is None:
+            lines.append(f"| {name} | {best['family']} | {best['note'] or '-'} | | | | | |")
+            continue
+        r = rows[(name, best["setting"])]
+        lines.append(f"| {name} | {best['family']} | {best['setting']} | {best['speedup_wall']:.2f}x | "
+                     f"{best['speedup_macs']:.2f}x | {best['psnr']:.2f} | {r['fd']:.3f} "
+                     f"({r['fd'] / base['fd'] - 1:+.1%}) | {r['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     kind, model = sys.argv[1], sys.argv[2]
-    print({"engine": engine, "quant": quant, "search": search, "joint": joint}[kind](model))
+    print({"engine": engine, "quant": quant, "search": search, "joint": joint, "bench": bench}[kind](model))
