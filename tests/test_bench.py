@@ -143,6 +143,22 @@ def test_resume_reruns_a_group_whose_result_lacks_a_setting(tiny_run, tmp_path, 
     assert dropped["setting"] in settings
 
 
+def test_resume_only_a_later_group_still_reports_the_baseline_grid(tiny_run, tmp_path, monkeypatch, capsys):
+    """``--resume --only NAME`` may start with a group that was not the run's first: its result has no
+    baseline grid of its own, and the report uses the one the first group saved."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run, out)
+    (out / "results.json").unlink()
+    sweep = tiny_run.parent / "sweep.json"
+    code, _, err = invoke(monkeypatch, capsys, "bench", "--model", "dit", "--sweep", str(sweep), "--out", str(out),
+                          "--resume", "--only", "steps-ddim", *TINY_ARGS)
+    assert code == 0, err
+    assert "steps: read back" in err
+    results = json.loads((out / "results.json").read_text())
+    assert {r["name"] for r in results["rows"]} == {"steps-ddim"}
+    assert (out / results["baseline"]["grid"]).is_file() and (out / "report.html").is_file()
+
+
 # After the load event every <img> has loaded (or failed): its natural size says whether it decoded.
 RENDER_CHECK = """<script>
 window.addEventListener('load', () => {

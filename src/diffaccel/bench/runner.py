@@ -264,6 +264,13 @@ def _finished(result_path: Path, job_path: Path, entries: list[dict]) -> dict | 
     return result if wanted <= done else None
 
 
+def _saved_baseline_grid(run_dir: Path) -> str | None:
+    """The baseline grid that the run's first group saved: a resumed ``--only`` run may start with a
+    group that was not the first, whose result carries no grid of its own."""
+    path = run_dir / "grids" / "baseline.png"
+    return str(path) if path.is_file() else None
+
+
 def _rel(path: str | None, root: Path) -> str | None:
     return None if path is None else os.path.relpath(path, root)
 
@@ -344,7 +351,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
                 continue
             if baseline is None:
                 baseline = result["baseline"]
-                baseline["grid"] = _rel(baseline.get("grid"), out)
+                baseline["grid"] = _rel(baseline.get("grid") or _saved_baseline_grid(run_dir), out)
             elif result["baseline"]["sha256"] != baseline["sha256"] or result["baseline"].get("matches_cache") is False:
                 warnings.append(f"the baseline images of group {group['group']} differ from the first group's "
                                 "(sampling is not bit-exact between processes here)")
