@@ -71,7 +71,11 @@ PEER_SWEEPS: dict[str, dict[str, list[dict]]] = {
         "diffusers-pab": [{"skip_range": 2}, {"skip_range": 3}, {"skip_range": 4},
                           {"skip_range": 3, "timestep_range": [0, 1000]}],
         "diffusers-fastercache": [{"skip_range": 2}, {"skip_range": 3}, {"skip_range": 4}, {"skip_range": 5}],
-        "diffusers-magcache": [{"threshold": 0.02}, {"threshold": 0.06}, {"threshold": 0.12}, {"threshold": 0.24}],
+        # at its default max_skip_steps=3 and retention_ratio=0.2 MagCache stops at 2.5x MACs (20 of 50
+        # steps computed) while still above 36 dB: the last settings lift that cap to find its 30 dB point
+        "diffusers-magcache": [{"threshold": 0.12}, {"threshold": 0.24}, {"threshold": 0.24, "max_skip_steps": 6},
+                               {"threshold": 0.5, "max_skip_steps": 6},
+                               {"threshold": 1.0, "max_skip_steps": 10, "retention_ratio": 0.1}],
         "cachedit-dbcache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}],
         "cachedit-dbcache-taylorseer": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3},
                                         {"threshold": 0.4}],
