@@ -1,0 +1,280 @@
+"""The diffusion LM: tasks, tokenizer, model forward, samplers, LM plans and their executor."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from diffaccel.errors import WeightsError
+from diffaccel.eval.cost import count_macs
+from diffaccel.lm import (
+    DLMPipeline,
+    LMPlan,
+    LMPlanError,
+    held_out,
+    is_correct,
+    lm_accelerate,
+    load_dlm,
+    make_lm_plan,
+    solve,
+)
+from diffaccel.lm import tasks as T
+from diffaccel.lm.evaluate import compare, score
+from diffaccel.lm.model import KVCache, block_causal_mask, build_model, forward_full, forward_macs, forward_partial
+from diffaccel.lm.pipeline import WEIGHTS_DIR
+from diffaccel.lm.search import parse_budget, search_lm
+from diffaccel.lm.tokenizer import CharTokenizer
+from diffaccel.lm.train import TrainConfig, export, main, train
+from diffaccel.plan import Plan
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+shipped = pytest.mark.skipif(not (WEIGHTS_DIR / "model.safetensors").exists(), reason="shipped LM weights absent")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe() -> DLMPipeline:
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer()
+    return DLMPipeline(build_model(len(tokenizer), **TINY), tokenizer, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def problems() -> list:
+    return held_out("calib", per_task=4)
+
+
+def all_plans() -> list[LMPlan]:
+    return [make_lm_plan("dkv-decode"), make_lm_plan("dkv-decode", refresh_every=3),
+            make_lm_plan("dkv-greedy", window=2), make_lm_plan("prompt-cache"),
+            make_lm_plan("block", block_size=4), make_lm_plan("block", block_size=12)]
+
+
+# -- tasks and tokenizer -----------------------------------------------------------------------------
+def test_task_answers_are_checked_from_the_prompt():
+    assert solve("4821+937=") == "5758"
+    assert solve("sort:93810472") == "01234789"
+    assert solve("rev:abcdef") == "fedcba"
+    assert solve("b372k118q004?k") == "118"
+    assert solve("close:([]{<") == ">})"
+    assert is_correct("12+30=", "42") and not is_correct("12+30=", "43") and not is_correct("12+30=", "042")
+    assert not is_correct("close:(]", ")")  # an ill-formed prompt has no correct answer
+
+
+def test_splits_are_disjoint_and_training_data_is_a_function_of_seed_and_step():
+    evaluation, calibration = held_out("eval", 30), held_out("calib", 30)
+    assert {p.task for p in evaluation} == set(T.TASKS) and len({p.prompt for p in evaluation}) == len(evaluation)
+    assert all(T.split_of(p.prompt) == "eval" for p in evaluation)
+    assert all(T.split_of(p.prompt) == "calib" for p in calibration)
+    batch = T.training_batch(3, 17, 200)
+    assert batch == T.training_batch(3, 17, 200) and batch != T.training_batch(3, 18, 200)
+    assert all(T.split_of(p.prompt) == "train" and p.answer == solve(p.prompt) for p in batch)
+
+
+def test_tokenizer_round_trip_layout_and_vocabulary_file(tmp_path):
+    tok = CharTokenizer()
+    text = "close:([{<>}])+=?0123456789" + "abcdefghijklmnopqrstuvwxyz"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode("42") + [tok.eos_id] + tok.encode("7")) == "42"
+    prompts = tok.encode_prompts(["1+2="], 8)
+    assert prompts.tolist() == [[tok.pad_id] * 4 + tok.encode("1+2=")]
+    assert tok.encode_answers(["3"], 3).tolist() == [tok.encode("3") + [tok.eos_id] * 2]
+    tok.save(tmp_path)
+    assert CharTokenizer.load(tmp_path).tokens == tok.tokens
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tok.encode("A")
+    with pytest.raises(ValueError, match="tokens; the model takes"):
+        tok.encode_prompts(["1234567+1="], 8)
+    (tmp_path / "vocab.json").write_text("{broken")
+    with pytest.raises(WeightsError, match="corrupt"):
+        CharTokenizer.load(tmp_path)
+
+
+# -- the model forward -------------------------------------------------------------------------------
+def test_forward_matches_the_transformers_forward_bidirectional_and_block_causal():
+    torch.manual_seed(0)
+    model = build_model(len(CharTokenizer()), **TINY).eval()
+    tokens = torch.randint(3, 40, (2, 44))
+    for mask in (torch.ones(44, 44, dtype=torch.bool), block_causal_mask(32, 12, 4)):
+        ours = forward_full(model, tokens, attn_mask=None if mask.all() else mask)
+        theirs = LlamaForCausalLM.forward(model, tokens, attention_mask=mask[None, None].expand(2, 1, 44, 44)).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # the config's is_causal=False makes the stock forward bidirectional too; a causal one differs
+    torch.testing.assert_close(LlamaForCausalLM.forward(model, tokens).logits, forward_full(model, tokens),
+                               rtol=1e-4, atol=1e-4)
+    causal = block_causal_mask(0, 44, 1)
+    theirs = LlamaForCausalLM.forward(model, tokens, attention_mask=causal[None, None].expand(2, 1, 44, 44)).logits
+    assert not torch.allclose(theirs, forward_full(model, tokens), atol=1e-3)
+
+
+def test_partial_forward_over_a_cache_recomputes_only_its_positions():
+    torch.manual_seed(0)
+    model = build_model(len(CharTokenizer()), **TINY).eval()
+    tokens = torch.randint(3, 40, (3, 44))
+    cache = KVCache.empty(model, 3, 44)
+    full = forward_full(model, tokens, cache=cache)
+    index = torch.tensor([[40, 41, 43], [32, 35, 42], [33, 34, 36]])
+    part = forward_partial(model, tokens, index, cache)
+    torch.testing.assert_close(part, full.gather(1, index[..., None].expand(-1, -1, full.shape[-1])),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_analytic_macs_match_torch_flop_counter():
+    torch.manual_seed(0)
+    model = build_model(len(CharTokenizer()), **TINY).eval()
+    cfg, tokens = model.config, torch.randint(3, 40, (2, 44))
+    assert count_macs(lambda: forward_full(model, tokens, logits_from=32)) == forward_macs(cfg, 2, 44, 44, 12)
+    cache = KVCache.empty(model, 2, 44)
+    index = torch.tensor([[33, 40], [34, 35]])
+    assert count_macs(lambda: forward_partial(model, tokens, index, cache)) == forward_macs(cfg, 2, 2, 44, 2)
+    assert count_macs(lambda: forward_full(model, tokens[:, :36], attn_mask=block_causal_mask(32, 12, 4)[:36, :36],
+                                           logits_from=32)) == forward_macs(cfg, 2, 36, 36, 4)
+
+
+# -- plans: exactness, state, restore, errors -------------------------------------------------------
+def _exact_guarantees(pipe, problems):
+    base = pipe(problems)
+    for plan in (make_lm_plan("none"), make_lm_plan("dkv-decode", refresh_every=1)):
+        with lm_accelerate(pipe, plan) as run:
+            out = pipe(problems)
+        assert torch.equal(out.tokens, base.tokens), plan.method
+        assert run.stats.macs == run.stats.full_macs
+    outs = {}
+    for cached in (True, False):
+        with lm_accelerate(pipe, make_lm_plan("block", block_size=4, block_cache=cached)):
+            outs[cached] = pipe(problems)
+    assert torch.equal(outs[True].tokens, outs[False].tokens)  # the block cache is exact
+    assert outs[True].macs < outs[False].macs / 2
+    return base
+
+
+def test_all_compute_plan_and_exact_caches_reproduce_tokens_random_model(tiny_pipe, problems):
+    _exact_guarantees(tiny_pipe, problems)
+
+
+@shipped
+def test_shipped_model_answers_and_exact_plans():
+    pipe = load_dlm()
+    problems = held_out("eval", per_task=10)
+    base = _exact_guarantees(pipe, problems)
+    assert score(problems, base.texts)["accuracy"] >= 80.0
+    with lm_accelerate(pipe, make_lm_plan("dkv-decode")) as run:
+        cached = pipe(problems)
+    assert run.stats.mac_ratio > 2.0 and score(problems, cached.texts)["accuracy"] >= 80.0
+
+
+def test_no_state_leaks_between_calls(tiny_pipe, problems):
+    for plan in all_plans():
+        with lm_accelerate(tiny_pipe, plan) as run:
+            first, second = tiny_pipe(problems), tiny_pipe(problems)
+        with lm_accelerate(tiny_pipe, plan):
+            fresh = tiny_pipe(problems)
+        assert torch.equal(first.tokens, fresh.tokens) and torch.equal(second.tokens, fresh.tokens), plan.method
+        assert first.macs == second.macs == fresh.macs and run.stats.macs == 2 * fresh.macs, plan.method
+
+
+def test_plans_skip_work_and_pipeline_is_restored_also_after_an_exception(tiny_pipe, problems):
+    state = {k: v.clone() for k, v in tiny_pipe.model.state_dict().items()}
+    attributes, model_attributes = dict(vars(tiny_pipe)), set(vars(tiny_pipe.model))
+    base = tiny_pipe(problems)
+    for plan in all_plans():
+        with lm_accelerate(tiny_pipe, plan) as run:
+            tiny_pipe(problems)
+        assert run.stats.macs < run.stats.full_macs, plan.method
+    with pytest.raises(RuntimeError, match="boom"):
+        with lm_accelerate(tiny_pipe, make_lm_plan("dkv-decode")):
+            raise RuntimeError("boom")
+    assert vars(tiny_pipe) == attributes and tiny_pipe._lm_run is None
+    assert set(vars(tiny_pipe.model)) == model_attributes
+    assert all(torch.equal(v, state[k]) for k, v in tiny_pipe.model.state_dict().items())
+    assert torch.equal(tiny_pipe(problems).tokens, base.tokens)
+
+
+def test_plans_that_do_not_fit_fail_before_anything_changes(tiny_pipe, problems):
+    attributes = dict(vars(tiny_pipe))
+    image_plan = Plan(adapter="dit", model_class="X", units=["a"], num_steps=1, schedule=["C"])
+    cases = [(tiny_pipe, make_lm_plan("block", block_size=5), "does not divide the answer length 12"),
+             (tiny_pipe, make_lm_plan("dkv-greedy", window=20), "larger than the answer"),
+             (tiny_pipe, LMPlan(method="dkv-decode", kind="dit"), "for a 'dit' model"),
+             (tiny_pipe, LMPlan(method="none", answer_length=8), "answers of 8 tokens"),
+             (tiny_pipe, image_plan, "applies an LMPlan"),
+             (torch.nn.Linear(2, 2), make_lm_plan("none"), "diffusion LM pipeline")]
+    for target, plan, message in cases:
+        with pytest.raises(LMPlanError, match=message):
+            with lm_accelerate(target, plan):
+                pytest.fail("the block must not run")
+        assert vars(tiny_pipe) == attributes
+    with lm_accelerate(tiny_pipe, make_lm_plan("dkv-greedy", window=1)):
+        with pytest.raises(LMPlanError, match="already applied"):
+            with lm_accelerate(tiny_pipe, make_lm_plan("none")):
+                pass
+        with pytest.raises(LMPlanError, match="smaller than the 2 tokens"):
+            tiny_pipe(problems, steps=6)
+    with lm_accelerate(tiny_pipe, make_lm_plan("block", block_size=3)):
+        with pytest.raises(LMPlanError, match="cannot be shared equally by 4 blocks"):
+            tiny_pipe(problems, steps=6)
+    with pytest.raises(LMPlanError, match="between 1 and the answer length"):
+        tiny_pipe(problems, steps=13)
+    assert vars(tiny_pipe) == attributes
+
+
+def test_plan_json_round_trip_and_validation(tmp_path):
+    plan = make_lm_plan("dkv-greedy", window=2, refresh_every=4)
+    assert LMPlan.load(plan.save(tmp_path / "p.json")) == plan
+    for bad, message in [({"method": "dkv-greedy"}, "window"), ({"method": "block"}, "block_size"),
+                         ({"method": "block", "block_size": 4, "refresh_every": 2}, "refresh_every"),
+                         ({"method": "dkv-decode", "refresh_every": -1}, "refresh_every"),
+                         ({"method": "dkv-decode", "surprise": 1}, "surprise"),
+                         ({"method": "block", "block_size": 5, "answer_length": 12}, "does not divide")]:
+        with pytest.raises(LMPlanError, match=message):
+            LMPlan.from_dict(bad)
+    with pytest.raises(LMPlanError, match="unknown LM method"):
+        make_lm_plan("fastest")
+    (tmp_path / "bad.json").write_text('{"method": "dkv-dec')
+    with pytest.raises(LMPlanError, match="not valid JSON"):
+        LMPlan.load(tmp_path / "bad.json")
+    (tmp_path / "v2.json").write_text(json.dumps({"version": 2, "method": "none"}))
+    with pytest.raises(LMPlanError, match="version 2"):
+        LMPlan.load(tmp_path / "v2.json")
+
+
+# -- evaluation and search ---------------------------------------------------------------------------
+def test_compare_and_search_report_what_they_measured(tiny_pipe, problems):
+    result = compare(tiny_pipe, make_lm_plan("dkv-decode"), problems, repeats=1)
+    assert result["speedup_macs"] > 1.5 and result["speedup_wall"] > 0
+    assert set(result["per_task"]) == set(T.TASKS) and 0 <= result["accuracy"] <= 100
+    assert parse_budget("accuracy>=-1", 90.0) == 89.0 and parse_budget("accuracy>=95", 90.0) == 95.0
+    candidates = [make_lm_plan("dkv-decode", refresh_every=1), make_lm_plan("dkv-decode", refresh_every=3)]
+    plan = search_lm(tiny_pipe, "accuracy>=-100", problems, candidates)
+    assert plan.setting() == "refresh_every=3" and plan.params["search"]["chosen"]["speedup"] > 1
+    with pytest.raises(LMPlanError, match="cannot read the budget"):
+        search_lm(tiny_pipe, "psnr>=30", problems, candidates)
+
+
+# -- training ----------------------------------------------------------------------------------------
+def _tiny_config(**fields) -> TrainConfig:
+    return TrainConfig(steps=4, batch=8, warmup=2, checkpoint_every=2, eval_every=0, overrides=json.dumps(TINY),
+                       **fields)
+
+
+def test_training_resumed_equals_uninterrupted_and_exports_a_loadable_model(tmp_path):
+    train(_tiny_config(), tmp_path / "whole")
+    train(_tiny_config(time_limit_min=1e-9), tmp_path / "split")  # stops after its first step
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_tiny_config(), tmp_path / "split")
+    main(["--out", str(tmp_path / "split"), "--resume", "--steps", "4", "--batch", "8", "--warmup", "2",
+          "--checkpoint-every", "2", "--eval-every", "0", "--overrides", json.dumps(TINY),
+          "--export", str(tmp_path / "weights")])
+    from safetensors.torch import load_file
+
+    whole = load_file(tmp_path / "whole" / "checkpoint.safetensors")
+    split = load_file(tmp_path / "split" / "checkpoint.safetensors")
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    pipe = load_dlm(tmp_path / "weights")
+    assert len(pipe(held_out("eval", per_task=1)).texts) == len(T.TASKS)
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"not a model")
+    with pytest.raises(WeightsError, match="corrupt"):
+        load_dlm(tmp_path / "weights")
+    export(tmp_path / "whole", tmp_path / "w2")
+    with pytest.raises(WeightsError, match="no diffusion LM"):
+        load_dlm(tmp_path / "nothing")
