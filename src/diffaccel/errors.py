@@ -1,9 +1,61 @@
-"""Exceptions that carry a message meant for the user: what is wrong and what to do about it."""
+"""Every exception diffaccel raises for the user: each message says what is wrong and what to do.
+
+The CLI prints a ``DiffaccelError`` as one line and exits non-zero. Errors about values the user
+passed also derive from ``ValueError``, so code that catches ``ValueError`` keeps working.
+"""
 
 
 class DiffaccelError(Exception):
-    """Base class; the CLI prints these as one line and exits non-zero."""
+    """Base class of every error meant for the user."""
 
 
 class WeightsError(DiffaccelError):
     """Model weights are missing, corrupt or of the wrong kind."""
+
+
+class UnsupportedModelError(DiffaccelError, ValueError):
+    """No adapter knows this model, or a pipeline has no denoiser diffaccel can find."""
+
+
+class PlanError(DiffaccelError, ValueError):
+    """A plan is malformed or does not fit the model or the call it is applied to."""
+
+
+class CacheError(PlanError):
+    """A cached tensor went bad (NaN or infinity) while a plan was running."""
+
+
+class MethodError(DiffaccelError, ValueError):
+    """A method was asked for with settings that cannot make a plan for this model."""
+
+
+class WorkloadError(DiffaccelError, ValueError):
+    """The calibration workload (the pipeline calls to run) is empty, unreadable or does not fit."""
+
+
+class QuantError(DiffaccelError, ValueError):
+    """Quantization cannot be applied as asked; the model is left as it was."""
+
+
+class SearchError(DiffaccelError):
+    """Base class of the search's errors."""
+
+
+class BudgetError(SearchError, ValueError):
+    """The quality budget cannot be read."""
+
+
+class CalibrationError(SearchError):
+    """The calibration set is empty, broken, or does not fit the model or the search."""
+
+
+class StorageMismatchError(SearchError):
+    """The search storage holds a search of another model (or calibration set)."""
+
+
+class BenchError(DiffaccelError):
+    """A benchmark run cannot start or continue as asked."""
+
+
+class SweepError(BenchError, ValueError):
+    """A sweep of settings is malformed."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +13,11 @@ from tqdm import tqdm
 
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
+from diffaccel.eval.io import write_json
+from diffaccel.eval.timing import wall_ratio
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
+from diffaccel.seeds import image_seed
 from diffaccel.zoo import shapes
 from diffaccel.zoo.pipeline import ShapesPipeline
 
@@ -31,12 +32,6 @@ class GenerateConfig:
     guidance: float = 3.0
     seed: int = 0
     batch_size: int = 64
-
-
-def image_seed(seed: int, class_id: int, index: int) -> int:
-    """The noise seed of the ``index``-th image of a class: independent of batching and of which
-    other classes are requested, so the same (seed, class, index) always gives the same image."""
-    return int(np.random.SeedSequence([seed, class_id, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def job_items(cfg: GenerateConfig) -> tuple[torch.Tensor, list[int]]:
@@ -78,24 +73,6 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> No
     array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(array)
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file, so an interruption never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def wall_ratio(base_times: list[float], fast_times: list[float]) -> float:
-    """Baseline time over accelerated time: the median of the per-batch ratios of interleaved
-    pairs when there are at least three full-size pairs, else the ratio of the totals."""
-    pairs = list(zip(base_times, fast_times))
-    if len(pairs) >= 4:
-        pairs = pairs[:-1]  # the last batch may be smaller; keep equal-sized pairs
-    if len(pairs) >= 3:
-        return float(np.median([b / f for b, f in pairs]))
-    return sum(base_times) / sum(fast_times)
 
 
 def _timed(fn) -> tuple[torch.Tensor, float]:

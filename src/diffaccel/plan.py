@@ -7,7 +7,8 @@ For every denoising step and every cacheable unit of the model the plan holds an
 * ``F`` forecast it by Taylor extrapolation from its last computed outputs.
 
 A plan may instead carry a runtime ``rule`` that decides reuse per step from the first blocks'
-residual (the first-block / dual-block cache idea). Plans are data: methods produce them, the
+residual (the first-block / dual-block cache idea), or neither: then every unit computes at every
+step (a quantization-only plan, or the identity). Plans are data: methods produce them, the
 executor applies them, ``diffaccel plan show`` prints them.
 """
 
@@ -21,15 +22,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from diffaccel.errors import DiffaccelError
+from diffaccel.errors import PlanError
 from diffaccel.quant.spec import QuantSpec
+from diffaccel.resample import carry_per_step, carry_unit_steps, resample_rows
 
 PLAN_VERSION = 1
 ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
-
-
-class PlanError(DiffaccelError):
-    """A plan is malformed or does not fit the model or the call it is applied to."""
 
 
 class _Strict(BaseModel):
@@ -93,6 +91,18 @@ class NoiseInjection(_Strict):
     from_step: int = Field(0, ge=0)
 
 
+class CalibrationInfo(_Strict):
+    """What a calibrated plan was fitted on: the pipeline calls and the weights. Applying the plan
+    to other weights warns (refuses, for calibrated quantization)."""
+
+    weights: str = Field(description="fingerprint of the denoiser's weights (``diffaccel.fingerprint``)")
+    calls: int = Field(ge=0, description="pipeline calls run")
+    images: int = Field(ge=0)
+    inputs: list[str] = Field(default_factory=list, description="the distinct classes or prompts, as given")
+    seeds: str = ""
+    steps: int | None = Field(None, description="denoiser evaluations per call")
+
+
 class Plan(_Strict):
     version: Literal[1] = PLAN_VERSION
     adapter: str = Field(description="adapter that defines the units, e.g. 'dit' or 'unet'")
@@ -111,13 +121,16 @@ class Plan(_Strict):
     feature_correction: FeatureCorrection | None = None
     step_scale: list[float] | None = Field(None, description="per-step factor on the solver update (ERTACache)")
     quant: QuantSpec | None = Field(None, description="run the model's layers quantized (calibration file beside)")
+    calibration: CalibrationInfo | None = Field(None, description="what the plan was fitted on, if anything")
     method: str = "custom"
     params: dict = Field(default_factory=dict, description="the method's settings, for the record")
 
     @model_validator(mode="after")
     def _check(self) -> Plan:
-        if (self.schedule is None) == (self.rule is None):
-            raise ValueError("a plan needs exactly one of 'schedule' (static) or 'rule' (dynamic)")
+        if self.schedule is not None and self.rule is not None:
+            raise ValueError("a plan holds either a 'schedule' (static) or a 'rule' (dynamic), not both")
+        if self.schedule is None and self.num_steps is not None:
+            raise ValueError("num_steps goes with a schedule; a plan without one runs at any step count")
         if self.schedule is not None:
             if self.num_steps is None or len(self.schedule) != self.num_steps:
                 raise ValueError(f"schedule has {len(self.schedule)} steps but num_steps is {self.num_steps}")
@@ -151,8 +164,48 @@ class Plan(_Strict):
         return self
 
     # -- reading ---------------------------------------------------------------------------------
+    @property
+    def step_free(self) -> bool:
+        """True for plans that run at any step count (a rule, or compute-everything with quantization)."""
+        return self.schedule is None
+
     def action(self, step: int, unit: int) -> str:
         return self.schedule[step][unit] if self.schedule is not None else "C"
+
+    def resample(self, num_steps: int) -> Plan:
+        """The same plan for ``num_steps`` denoiser evaluations: each unit keeps its share of compute
+        steps, placed where the plan placed them (the rule: ``diffaccel.resample``). Step-free plans
+        come back unchanged; per-step settings follow the nearest old step of the same kind."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise PlanError(f"a plan needs at least one step, got {num_steps!r}")
+        if self.step_free or self.num_steps == num_steps:
+            return self
+        if self.quant is not None and self.quant.per_step:
+            raise PlanError(f"this plan's quantization scales were calibrated per step for {self.num_steps} "
+                            f"steps: calibrate it again for {num_steps} steps")
+        rows = resample_rows(self.schedule, num_steps)
+        update: dict = {"num_steps": num_steps, "schedule": rows, "timesteps": None,
+                        "params": {**self.params, "resampled_from": self.num_steps}}
+        if self.step_scale is not None:
+            update["step_scale"] = carry_per_step(self.step_scale, self.schedule, rows, 1.0)
+        if self.correction is not None:
+            bias = self.correction.bias
+            update["correction"] = Correction(
+                gain=carry_per_step(self.correction.gain, self.schedule, rows, 1.0),
+                bias=carry_per_step(bias, self.schedule, rows, [0.0] * len(bias[0])) if bias else [])
+        if self.feature_correction is not None:
+            update["feature_correction"] = self._carried_fits(rows)
+        if self.noise_injection is not None:
+            start = round(self.noise_injection.from_step * num_steps / self.num_steps)
+            update["noise_injection"] = self.noise_injection.model_copy(update={"from_step": start})
+        return Plan.from_dict({**self.model_dump(), **update})
+
+    def _carried_fits(self, rows: list[str]) -> FeatureCorrection:
+        by_step = {(fit.step, fit.unit): fit for fit in self.feature_correction.fits}
+        has = [[s for s in range(self.num_steps) if (s, name) in by_step] for name in self.units]
+        fits = [by_step[(old, self.units[u])].model_copy(update={"step": j})
+                for j, u, old in carry_unit_steps(self.num_steps, rows, has)]
+        return FeatureCorrection(axis=self.feature_correction.axis, fits=fits)
 
     def counts(self) -> dict[str, int]:
         """How many (step, unit) actions of each kind a static plan holds."""
@@ -213,8 +266,3 @@ class Plan(_Strict):
     def with_quant(self, quant: QuantSpec | None) -> Plan:
         """The same plan with another quantization section (joint caching + quantization plans)."""
         return self.model_copy(update={"quant": quant})
-
-
-def static_plan(adapter: str, model_class: str, units: list[str], rows: list[str], **fields) -> Plan:
-    """A static plan from its schedule rows (helper for methods)."""
-    return Plan(adapter=adapter, model_class=model_class, units=units, num_steps=len(rows), schedule=rows, **fields)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from diffaccel.errors import MethodError
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -36,24 +38,56 @@ def joint_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]
     return context, hidden
 
 
+@dataclass(frozen=True)
+class Level:
+    """A named set of units reused together at a step (the search space's and keysteps' choices)."""
+
+    name: str
+    reused: frozenset[str]
+
+
 @dataclass
 class Adapter:
-    """Subclasses fill in ``name``, ``model_classes`` and ``units``."""
+    """Subclasses fill in ``name``, ``model_classes``, ``units`` and the reuse structure."""
 
     name: str = ""
     model_classes: tuple[str, ...] = ()
     granularities: tuple[str, ...] = ("block",)
-    supports_parallel_decode: bool = False
+    # what the architecture offers methods: "residual-chain" (units are residual blocks in a chain:
+    # the dynamic rule), "skip-branches" (a U-Net's skip structure: DeepCache, encoder propagation),
+    # "parallel-decode" (decoder-only steps can run batched)
+    capabilities: frozenset[str] = frozenset()
+    channel_axis: int = -1  # channel axis of cached unit outputs (per-channel corrections)
     sample_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
 
     def units(self, model: torch.nn.Module, granularity: str = "block") -> list[Unit]:
         raise NotImplementedError
 
+    def unit_names(self, model: torch.nn.Module, granularity: str = "block") -> list[str]:
+        return [u.name for u in self.units(model, granularity)]
+
+    def levels(self, model: torch.nn.Module, granularity: str = "block") -> list[Level]:
+        """``C`` (reuse nothing), then the structured unit sets worth reusing, cheapest last."""
+        raise NotImplementedError
+
+    def default_reused(self, model: torch.nn.Module, granularity: str = "block",
+                       components: tuple[str, ...] | None = None) -> set[str]:
+        """The units static block caching (FORA) reuses by default."""
+        raise NotImplementedError
+
     def check_granularity(self, granularity: str) -> None:
         if granularity not in self.granularities:
-            raise ValueError(f"the {self.name} adapter offers granularity {', '.join(self.granularities)}, "
+            raise MethodError(f"the {self.name} adapter offers granularity {', '.join(self.granularities)}, "
                              f"not {granularity!r}")
+
+
+def unique_levels(levels: list[Level]) -> list[Level]:
+    """Tiny models can make two levels the same set: keep the first of each."""
+    unique: dict[frozenset, Level] = {}
+    for level in levels:
+        unique.setdefault(level.reused, level)
+    return list(unique.values())
 
 
 @dataclass(frozen=True)
@@ -72,7 +106,26 @@ class TransformerAdapter(Adapter):
     """Transformers are chains of residual blocks: block units, or component units per block."""
 
     granularities: tuple[str, ...] = ("block", "component")
+    capabilities: frozenset[str] = frozenset({"residual-chain"})
     block_lists: tuple[BlockList, ...] = ()
+
+    def levels(self, model: torch.nn.Module, granularity: str = "block") -> list[Level]:
+        """``mid`` (all but the first and last unit: dual-block caching), ``tail`` (all but the first:
+        first-block caching), ``all`` (FORA / TaylorSeer)."""
+        units = self.unit_names(model, granularity)
+        levels = [Level("C", frozenset())]
+        if len(units) >= 3:
+            levels.append(Level("mid", frozenset(units[1:-1])))
+        if len(units) >= 2:
+            levels.append(Level("tail", frozenset(units[1:])))
+        levels.append(Level("all", frozenset(units)))
+        return unique_levels(levels)
+
+    def default_reused(self, model, granularity="block", components=None) -> set[str]:
+        units = self.unit_names(model, granularity)
+        if granularity == "component" and components:
+            return {u for u in units if u.rsplit(".", 1)[-1] in components}
+        return set(units)
 
     def units(self, model: torch.nn.Module, granularity: str = "block") -> list[Unit]:
         self.check_granularity(granularity)

@@ -12,16 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from diffaccel.errors import DiffaccelError
+from diffaccel.errors import BenchError
 
 FORMAT_VERSION = 1
 PSNR_FLOOR = 30.0  # the headline: wall-clock speedup at mean PSNR >= this many dB
 
 Family = Literal["diffaccel", "peer", "steps"]
-
-
-class BenchError(DiffaccelError):
-    """A bench or report input is unusable; the message says which and what to do."""
 
 
 class _Model(BaseModel):

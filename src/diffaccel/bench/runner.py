@@ -278,7 +278,7 @@ def _rel(path: str | None, root: Path) -> str | None:
 def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> Path:
     """Run the benchmark and write results.json, results.md and report.html into ``out``."""
     from diffaccel.bench.peers import PEERS
-    from diffaccel.generate import write_json
+    from diffaccel.eval.io import write_json
     from diffaccel.report.html import render_report, save_report
 
     started = time.time()

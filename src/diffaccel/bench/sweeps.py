@@ -10,13 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffaccel.errors import DiffaccelError
+from diffaccel.errors import SweepError
 
 FAMILIES = ("diffaccel", "peer", "steps")
-
-
-class SweepError(DiffaccelError, ValueError):
-    """A sweep names something unknown, has no entries or a malformed setting."""
 
 
 def ptq_sweep(keys: int) -> list[dict]:

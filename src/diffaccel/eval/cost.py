@@ -42,12 +42,22 @@ def _register_int8_matmul() -> None:
         pass
 
 
-_register_cpu_attention()
-_register_int8_matmul()
+_registered = False
+
+
+def register_flop_formulas() -> None:
+    """Teach torch's FLOP counter the kernels it leaves out (CPU attention, int8 matrix products);
+    called by the executor and ``count_macs`` before they count (idempotent)."""
+    global _registered
+    if not _registered:
+        _register_cpu_attention()
+        _register_int8_matmul()
+        _registered = True
 
 
 def count_macs(fn: Callable[[], object]) -> int:
     """MACs executed by ``fn()`` (torch counts FLOPs = 2 x MACs for matmuls and convolutions)."""
+    register_flop_formulas()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() // 2
@@ -55,9 +65,10 @@ def count_macs(fn: Callable[[], object]) -> int:
 
 def plan_mac_fraction(plan, unit_macs: list[int]) -> float | None:
     """Share of the full model's MACs a static plan executes, from per-sample MACs
-    ``[total, unit 0, unit 1, ...]``; None for rule plans, whose cost is decided at run time."""
+    ``[total, unit 0, unit 1, ...]``; 1 for a plan that computes everything, None for rule plans,
+    whose cost is decided at run time."""
     if plan.schedule is None:
-        return None
+        return None if plan.rule is not None else 1.0
     total, units = unit_macs[0], unit_macs[1:]
     spent = sum(total - sum(m for m, a in zip(units, row) if a != "C") for row in plan.schedule)
     return spent / (total * len(plan.schedule))

@@ -1,31 +1,80 @@
-"""Shared helpers for methods: every method ends in ``make_plan`` with its schedule rows."""
+"""What a method is: a settings model (typed data) and one function that turns settings into a Plan.
+
+Static methods (``fora``, ``deepcache``, ...) need only the denoiser and a step count; calibrated
+methods (``keysteps``, ``erta``, ``ptq``) also run the pipeline on a calibration workload. The
+registry (``registry.py``), the CLI options and ``diffaccel methods`` are all built from the
+``Method`` records each method module declares.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from diffaccel.adapters import adapter_for
+from diffaccel.adapters import Adapter, adapter_for, find_denoiser
+from diffaccel.errors import MethodError
 from diffaccel.plan import Plan
 
-CALIBRATION_SEED = 7_000_001  # calibration noise seeds never meet the evaluation seeds (0, 1, ...)
+
+class Settings(BaseModel):
+    """Base of every method's settings: unknown keys are errors, values are checked on creation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def calibration_batch(pipe, classes: list[int] | None, per_class: int, seed: int):
-    """Labels and generators for ``per_class`` calibration images of each class (embedded pipelines)."""
-    from diffaccel.generate import image_seed
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # the paper idea, in a few words
+    settings: type[Settings]
+    build: Callable[..., Plan]  # static: build(model, num_steps, settings); calibrated: build(pipe, workload, settings)
+    calibrated: bool = False
+    needs: frozenset[str] = frozenset()  # adapter capabilities the method needs
+    defaults: dict[str, Any] | None = None  # overrides of the settings' defaults (a variant, e.g. dbcache)
+    composes: bool = False  # its settings' ``cache`` names another method, whose plan it builds on
 
-    num_classes = pipe.denoiser.config.get("num_embeds_ada_norm") or 6
-    ids = classes if classes is not None else list(range(num_classes))
-    labels = torch.tensor([c for c in ids for _ in range(per_class)])
-    gens = [torch.Generator().manual_seed(image_seed(CALIBRATION_SEED + seed, c, j))
-            for c in ids for j in range(per_class)]
-    return labels, gens
+    def applies(self, adapter: Adapter) -> bool:
+        return self.needs <= adapter.capabilities
+
+    def make_settings(self, **values: Any) -> Settings:
+        try:
+            return self.settings(**{**(self.defaults or {}), **values})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or self.name}: {e['msg']}" for e in exc.errors())
+            known = ", ".join(self.settings.model_fields)
+            raise MethodError(f"{self.name}: {problems} (its settings: {known})") from None
+
+    def knobs(self) -> dict[str, Any]:
+        """The settings and their defaults."""
+        fields = self.settings.model_fields
+        return {name: (self.defaults or {}).get(name, field.default) for name, field in fields.items()}
+
+    def make(self, target: Any, num_steps: int | None, **settings: Any) -> Plan:
+        """A static method's plan for ``target``'s denoiser (a pipeline or the model itself)."""
+        return self.build(denoiser_of(target), num_steps, self.make_settings(**settings))
+
+
+def denoiser_of(target: Any) -> torch.nn.Module:
+    """The denoiser of a pipeline (through the adapters), or the model itself."""
+    return find_denoiser(target)[0]
+
+
+def check_applies(method: Method, model: torch.nn.Module) -> Adapter:
+    adapter = adapter_for(model)
+    if not method.applies(adapter):
+        need = ", ".join(sorted(method.needs - adapter.capabilities))
+        has = ", ".join(sorted(adapter.capabilities)) or "none"
+        raise MethodError(f"{method.name} needs a model with {need} (a U-Net for skip branches, a transformer for "
+                          f"a residual chain); a {type(model).__name__} has {has}")
+    return adapter
 
 
 def unit_names(model: torch.nn.Module, granularity: str = "block") -> list[str]:
-    return [u.name for u in adapter_for(model).units(model, granularity)]
+    return adapter_for(model).unit_names(model, granularity)
 
 
 def make_plan(model: torch.nn.Module, rows: list[str], method: str, params: dict, granularity: str = "block",
@@ -39,9 +88,9 @@ def make_plan(model: torch.nn.Module, rows: list[str], method: str, params: dict
 def key_steps_uniform(num_steps: int, interval: int, warmup: int = 1) -> set[int]:
     """Steps that compute everything: the first ``warmup`` steps, then every ``interval``-th."""
     if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
+        raise MethodError(f"interval must be >= 1, got {interval}")
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise MethodError(f"num_steps must be >= 1, got {num_steps}")
     warmup = max(1, warmup)
     return set(range(min(warmup, num_steps))) | set(range(warmup - 1, num_steps, interval))
 
@@ -50,7 +99,7 @@ def key_steps_early_dense(num_steps: int, interval: int, power: float = 1.6, cou
     """About ``num_steps / interval`` key steps (or ``count``), spaced as ``(k/K)**power`` so that
     they crowd the start of sampling, where features move fastest (DeepCache's non-uniform schedule)."""
     if count is not None and not 2 <= count <= num_steps:
-        raise ValueError(f"key_steps must lie in [2, {num_steps}], got {count}")
+        raise MethodError(f"key_steps must lie in [2, {num_steps}], got {count}")
     count = count if count is not None else max(2, -(-num_steps // interval))
     keys = {round((k / (count - 1)) ** power * (num_steps - 1)) for k in range(count)}
     return keys | {0}
@@ -62,6 +111,6 @@ def rows_from(num_steps: int, units: list[str], keys: Iterable[int], skipped: se
     keys = set(keys)
     unknown = skipped - set(units)
     if unknown:
-        raise ValueError(f"unknown units {sorted(unknown)}; the model has {units}")
+        raise MethodError(f"unknown units {sorted(unknown)}; the model has {units}")
     return ["C" * len(units) if s in keys else "".join(action if u in skipped else "C" for u in units)
             for s in range(num_steps)]

@@ -1,9 +1,9 @@
 """ERTACache: choose reusable steps from an offline residual profile, and correct what reuse gets
 wrong with per-step factors fitted on a few calibration runs.
 
-1. Profiling: full-compute calibration runs record, per step, the residual of the whole block
-   stack (last block's output minus first block's input) and the model output; the relative
-   change of the output between steps is the profile.
+1. Profiling: full-compute runs of the calibration workload record, per step, the residual of the
+   whole block stack (last block's output minus first block's input) and the model output; the
+   relative change of the output between steps is the profile.
 2. Step selection: walking the steps, the profiled change accumulates since the last computed
    step; a step is reused while the sum stays under ``threshold`` (with warm-up steps and a cap
    on consecutive reuses).
@@ -15,49 +15,26 @@ wrong with per-step factors fitted on a few calibration runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
+from pydantic import Field
 
-from diffaccel.adapters import adapter_for
-from diffaccel.methods.base import calibration_batch, make_plan, rows_from, unit_names
-from diffaccel.methods.block_cache import default_cached_units
+from diffaccel.adapters import adapter_for, find_denoiser
+from diffaccel.calibration.record import trajectories
+from diffaccel.calibration.reference import calibration_info
+from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.methods.base import Method, Settings, make_plan, rows_from, unit_names
 from diffaccel.plan import Correction, Plan
-from diffaccel.runtime.cache import primary
 
 
-def _record_run(pipe, labels, gens, num_steps: int, guidance: float, units, plan: Plan | None = None):
-    """One sampling run that records, per step: stack residual, model output and latent."""
-    import diffaccel
-
-    record = {"residual": [], "output": [], "latent": []}
-    first, last = units[0].module, units[-1].module
-    handles = []
-    if units[0].residual_inputs is not None:
-        handles.append(first.register_forward_pre_hook(
-            lambda m, a, k: record.__setitem__("head", primary(units[0].residual_inputs(a, k))), with_kwargs=True))
-        handles.append(last.register_forward_hook(
-            lambda m, a, k, out: record["residual"].append(primary(out) - record["head"]), with_kwargs=True))
-    model = pipe.denoiser
-    handles.append(model.register_forward_hook(
-        lambda m, a, out: record["output"].append((out.sample if hasattr(out, "sample") else out[0]).clone())))
-    step_fn = pipe.scheduler.step
-
-    def step(model_output, timestep, sample, *args, **kwargs):
-        record["latent"].append(sample.clone())
-        return step_fn(model_output, timestep, sample, *args, **kwargs)
-
-    pipe.scheduler.step = step
-    try:
-        if plan is None:
-            images = pipe(labels, num_inference_steps=num_steps, guidance_scale=guidance, generator=gens).images
-        else:
-            with diffaccel.accelerate(pipe, plan):
-                images = pipe(labels, num_inference_steps=num_steps, guidance_scale=guidance, generator=gens).images
-    finally:
-        del pipe.scheduler.step
-        for handle in handles:
-            handle.remove()
-    record["final"] = images
-    return record
+class ErtaSettings(Settings):
+    threshold: float = Field(0.15, gt=0, description="reuse while the accumulated profiled change stays under it")
+    warmup: int = Field(3, ge=0, description="leading steps that always compute")
+    max_consecutive: int = Field(3, ge=0, description="cap on consecutive reused steps")
+    correct: bool = Field(True, description="fit the per-step residual correction (transformers)")
+    adjust_steps: bool = Field(False, description="fit per-step scales of the solver update")
 
 
 def select_steps(profile: list[float], threshold: float, warmup: int, max_consecutive: int) -> set[int]:
@@ -73,7 +50,7 @@ def select_steps(profile: list[float], threshold: float, warmup: int, max_consec
     return keys
 
 
-def _fit_correction(residuals: list[torch.Tensor], keys: set[int], n_units: int) -> Correction:
+def fit_correction(residuals: list[torch.Tensor], keys: set[int], n_units: int) -> Correction:
     gain, bias, last = [], [], 0
     for step, r in enumerate(residuals):
         if step in keys:
@@ -89,16 +66,15 @@ def _fit_correction(residuals: list[torch.Tensor], keys: set[int], n_units: int)
     return Correction(gain=gain, bias=bias)
 
 
-def _fit_step_scale(full: list[torch.Tensor], fast: dict, keys: set[int]) -> list[float]:
+def fit_step_scale(full: list[torch.Tensor], fast: list[torch.Tensor], keys: set[int]) -> list[float]:
     """Per reused step, the factor that best maps the accelerated run's update onto the full run's
     update at the same step (least squares over the calibration images), kept within +-20%."""
-    fast_latents = fast["latent"]
     scales = []
     for step in range(len(full)):
         if step in keys or step + 1 >= len(full):
             scales.append(1.0)
             continue
-        taken = fast_latents[step + 1] - fast_latents[step]
+        taken = fast[step + 1] - fast[step]
         wanted = full[step + 1] - full[step]
         phi = float((wanted * taken).sum() / (taken * taken).sum().clamp_min(1e-12))
         scales.append(min(1.2, max(0.8, phi)))
@@ -106,31 +82,37 @@ def _fit_step_scale(full: list[torch.Tensor], fast: dict, keys: set[int]) -> lis
 
 
 @torch.no_grad()
-def erta(pipe, num_steps: int = 50, threshold: float = 0.15, warmup: int = 3, max_consecutive: int = 3,
-         correct: bool = True, adjust_steps: bool = False, guidance: float = 3.0, classes: list[int] | None = None,
-         per_class: int = 2, seed: int = 0) -> Plan:
-    """Profile ``per_class`` calibration runs per class (seeds disjoint from evaluation seeds) and
-    return the plan, with its profile in ``params``."""
-    model = pipe.denoiser
+def build(pipe: Any, workload: Workload, s: ErtaSettings) -> Plan:
+    model, _ = find_denoiser(pipe)
     units = adapter_for(model).units(model)
-    labels, gens = calibration_batch(pipe, classes, per_class, seed)
-    full = _record_run(pipe, labels, gens, num_steps, guidance, units)
+    full = trajectories(pipe, workload)
     outputs = full["output"]
     profile = [0.0] + [float((b - a).abs().mean() / a.abs().mean().clamp_min(1e-12))
                        for a, b in zip(outputs, outputs[1:])]
-    keys = select_steps(profile, threshold, warmup, max_consecutive)
+    steps = len(outputs)
+    keys = select_steps(profile, s.threshold, s.warmup, s.max_consecutive)
     names = unit_names(model)
-    cached = default_cached_units(model, "block", None)
-    rows = rows_from(num_steps, names, keys, cached)
-    params = {"threshold": threshold, "warmup": warmup, "max_consecutive": max_consecutive,
-              "calibration_images": len(labels), "profile": [round(p, 5) for p in profile]}
+    cached = adapter_for(model).default_reused(model)
+    rows = rows_from(steps, names, keys, cached)
+    params = {"threshold": s.threshold, "warmup": s.warmup, "max_consecutive": s.max_consecutive,
+              "calibration_calls": len(workload), "profile": [round(p, 5) for p in profile]}
     correction = None
-    if correct and units[0].residual_inputs is not None and len(cached) == len(names):
-        correction = _fit_correction(full["residual"], keys, len(names))
-    plan = make_plan(model, rows, "erta", params, correction=correction)
-    if adjust_steps:
-        labels, gens = calibration_batch(pipe, classes, per_class, seed)
-        fast = _record_run(pipe, labels, gens, num_steps, guidance, units, plan)
-        plan = plan.model_copy(update={"step_scale": _fit_step_scale(full["latent"], fast, keys)})
-        plan = Plan.model_validate(plan.model_dump())
+    if s.correct and units[0].residual_inputs is not None and len(cached) == len(names) and full["residual"]:
+        correction = fit_correction(full["residual"], keys, len(names))
+    info = calibration_info(model, workload, len(full["latent"][0]), steps)
+    plan = make_plan(model, rows, "erta", params, correction=correction, calibration=info)
+    if s.adjust_steps:
+        fast = trajectories(pipe, workload, plan)
+        plan = Plan.model_validate({**plan.model_dump(), "step_scale": fit_step_scale(full["latent"], fast["latent"],
+                                                                                          keys)})
     return plan
+
+
+ERTA = Method("erta", "profiled reuse steps with fitted residual correction (ERTACache)", ErtaSettings, build,
+              calibrated=True)
+
+
+def erta(pipe: Any, calls: Workload | Iterable[dict] | None = None, **settings: Any) -> Plan:
+    """An ERTACache plan fitted on ``calls`` (the embedded pipelines' default workload if None);
+    settings: ``ErtaSettings``."""
+    return ERTA.build(pipe, as_workload(calls, pipe), ERTA.make_settings(**settings))

@@ -6,62 +6,34 @@ every reused (step, unit), also computes the unit on the input it actually recei
 channel, least squares then fits ``computed ~ gain * served`` (``+ bias`` with ``bias=True``): a map
 learnt on the accelerated trajectory, so it corrects what reuse gets wrong where the plan will run.
 On the embedded DiT a gain alone generalises better to held-out seeds than gain and bias (which fit
-the calibration images more closely), hence the default. Units whose
-value is not a single tensor (U-Net down blocks also return their skips) are left as they are.
+the calibration images more closely), hence the default. Units whose value is not a single tensor
+(U-Net down blocks also return their skips) are left as they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
-from diffaccel.adapters import adapter_for
-from diffaccel.methods.base import calibration_batch
+from diffaccel.adapters import find_denoiser
+from diffaccel.calibration.record import run_each
+from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.errors import MethodError
+from diffaccel.methods.base import unit_names
 from diffaccel.plan import FeatureCorrection, FeatureFit, Plan
 
 GAIN_RANGE = (0.5, 1.5)  # a fit outside it is an artefact of too little calibration data
 
 
-@torch.no_grad()
-def fit_feature_correction(pipe, plan: Plan, guidance: float = 3.0, per_class: int = 1, seed: int = 0,
-                           bias: bool = False) -> Plan:
-    """``plan`` with a ``feature_correction`` fitted on ``per_class`` calibration images per class."""
-    import diffaccel
+def _sums(stats: dict, key: tuple[int, int], served: torch.Tensor, computed: torch.Tensor, axis: int) -> None:
+    xs, ys = (t.movedim(axis, -1).reshape(-1, t.shape[axis]).double() for t in (served, computed))
+    sums = [xs.sum(0), ys.sum(0), (xs * ys).sum(0), (xs * xs).sum(0), torch.tensor(float(len(xs)))]
+    stats[key] = sums if key not in stats else [a + b for a, b in zip(stats[key], sums)]
 
-    if plan.schedule is None:
-        raise ValueError("a feature correction needs a static plan (a schedule of reused steps)")
-    model = pipe.denoiser
-    adapter = adapter_for(model)
-    units = adapter.units(model, plan.granularity)
-    if [u.name for u in units] != plan.units:
-        raise ValueError("the plan was made for other units than this model's")
-    axis = 1 if adapter.name == "unet" else -1
-    stats: dict[tuple[int, int], list[torch.Tensor]] = {}
-    labels, gens = calibration_batch(pipe, None, per_class, seed)
-    handles = []
-    # an empty correction keeps every reused unit on its own (no merged runs of residual units),
-    # so that each unit's served value is its own cached residual
-    unmerged = plan.model_copy(update={"feature_correction": FeatureCorrection(axis=axis, fits=[])})
-    with diffaccel.accelerate(pipe, unmerged) as executor:
-        def hook(module, args, kwargs, output, index, unit):
-            step = executor.current_step
-            if step is None or not isinstance(output, torch.Tensor) or plan.schedule[step][index] == "C":
-                return
-            computed = type(module).forward(module, *args, **kwargs)  # past the executor's patch
-            base = unit.residual_inputs(args, kwargs) if unit.residual_inputs is not None else 0
-            x, y = output - base, computed - base
-            xs, ys = (t.movedim(axis, -1).reshape(-1, t.shape[axis]).double() for t in (x, y))
-            sums = [xs.sum(0), ys.sum(0), (xs * ys).sum(0), (xs * xs).sum(0), torch.tensor(float(len(xs)))]
-            key = (step, index)
-            stats[key] = sums if key not in stats else [a + b for a, b in zip(stats[key], sums)]
 
-        for index, unit in enumerate(units):
-            handles.append(unit.module.register_forward_hook(
-                lambda m, a, k, out, i=index, u=unit: hook(m, a, k, out, i, u), with_kwargs=True))
-        try:
-            pipe(labels, num_inference_steps=plan.num_steps, guidance_scale=guidance, generator=gens)
-        finally:
-            for handle in handles:
-                handle.remove()
+def _fit(units: list[str], stats: dict, bias: bool) -> list[FeatureFit]:
     fits = []
     for (step, u), (sx, sy, sxy, sxx, n) in sorted(stats.items()):
         if bias:
@@ -71,8 +43,48 @@ def fit_feature_correction(pipe, plan: Plan, guidance: float = 3.0, per_class: i
             gain = torch.where(sxx > 1e-30, sxy / sxx.clamp_min(1e-30), torch.ones_like(sx))
         gain = gain.clamp(*GAIN_RANGE)
         offset = [round(float(b), 6) for b in (sy - gain * sx) / n] if bias else []
-        fits.append(FeatureFit(step=step, unit=plan.units[u], gain=[round(float(g), 5) for g in gain], bias=offset))
-    params = {**plan.params, "feature_correction": {"calibration_images": len(labels), "fits": len(fits)}}
-    correction = FeatureCorrection(axis=axis, fits=fits)
+        fits.append(FeatureFit(step=step, unit=units[u], gain=[round(float(g), 5) for g in gain], bias=offset))
+    return fits
+
+
+@torch.no_grad()
+def fit_feature_correction(pipe: Any, plan: Plan, calls: Workload | Iterable[dict] | None = None,
+                           bias: bool = False) -> Plan:
+    """``plan`` with a ``feature_correction`` fitted on the calibration workload ``calls`` (the
+    embedded pipelines' default one if None)."""
+    if plan.schedule is None:
+        raise MethodError("a feature correction needs a static plan (a schedule of reused steps)")
+    workload = as_workload(calls, pipe, num_steps=plan.num_steps)
+    model, _ = find_denoiser(pipe)
+    if unit_names(model, plan.granularity) != plan.units:
+        raise MethodError("the plan was made for other units than this model's")
+    stats: dict[tuple[int, int], list[torch.Tensor]] = {}
+    current: dict[str, Any] = {}
+    handles = []
+
+    def hook(module, args, kwargs, output, index, unit):
+        executor = current["executor"]
+        step = executor.current_step
+        if step is None or not isinstance(output, torch.Tensor) or plan.schedule[step][index] == "C":
+            return
+        computed = type(module).forward(module, *args, **kwargs)  # past the executor's patch
+        base = unit.residual_inputs(args, kwargs) if unit.residual_inputs is not None else 0
+        _sums(stats, (step, index), output - base, computed - base, executor.adapter.channel_axis)
+
+    def start(executor) -> None:
+        current["executor"] = executor
+        if not handles:
+            for index, unit in enumerate(executor.units):
+                handles.append(unit.module.register_forward_hook(
+                    lambda m, a, k, out, i=index, u=unit: hook(m, a, k, out, i, u), with_kwargs=True))
+
+    try:  # each reused unit served on its own (no merged runs), so its served value is its own cache
+        executor = run_each(pipe, workload, plan, start, merge_runs=False, resample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    fits = _fit(plan.units, stats, bias)
+    params = {**plan.params, "feature_correction": {"calibration_calls": len(workload), "fits": len(fits)}}
+    correction = FeatureCorrection(axis=executor.adapter.channel_axis, fits=fits)
     corrected = plan.model_copy(update={"feature_correction": correction, "params": params})
     return Plan.model_validate(corrected.model_dump())

@@ -1,43 +1,58 @@
 """Key steps by dynamic programming (DDT / CacheQuant): compute the whole model at ``keys`` steps
-chosen from a profile, and reuse every unit's output at the others.
+chosen from a profile, and reuse ``level``'s units at the others.
 
-One full-compute pass over a few calibration images (seeds disjoint from evaluation seeds) records
-how far each unit's output moves between any two steps (``search.evaluate.CalibrationRun``); the
-DP of ``search.dp`` then places the key steps where reuse costs least. This is the schedule the
-plan search finds on both embedded models, packaged as one method with one knob.
+One full-compute run of the calibration workload (seeds disjoint from evaluation seeds) records
+how far each unit's output moves between any two steps (``calibration.reference``); the DP of
+``calibration.dp`` then places the key steps where reuse costs least. This is the schedule the plan
+search finds on the embedded models, packaged as one method with one knob.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import Field
+
+from diffaccel.adapters import adapter_for
+from diffaccel.calibration.dp import optimal_keys, set_matrix
+from diffaccel.calibration.reference import CalibrationRun
+from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.errors import MethodError
+from diffaccel.methods.base import Method, Settings, make_plan, rows_from
+from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 
 
-def keysteps(pipe, num_steps: int = 50, keys: int = 12, level: str = "all", correct: bool = False,
-             guidance: float = 3.0, per_class: int = 2, seed: int = 0) -> Plan:
-    """A plan that computes ``keys`` of the ``num_steps`` steps and reuses ``level``'s units at the
-    rest (``all``: every unit; the search space's other levels, e.g. ``deep0`` or ``mid``, also work).
-    ``correct``: add a per-channel linear correction of the reused features, fitted offline
-    (``methods.feature_correction``)."""
-    from diffaccel.search.dp import optimal_keys
-    from diffaccel.search.evaluate import CalibrationRun, embedded_calibration
-    from diffaccel.search.profile import level_matrix
-    from diffaccel.search.space import Space
+class KeystepsSettings(Settings):
+    keys: int = Field(12, ge=1, description="steps that compute the whole model")
+    level: str = Field("all", description="units reused between key steps: all, or a search level (mid, deep0, ...)")
+    correct: bool = Field(False, description="fit a per-channel correction of the reused features")
 
-    if not 1 <= keys <= num_steps:
-        raise ValueError(f"keys must lie in [1, {num_steps}], got {keys}")
-    space = Space(pipe.denoiser, num_steps)
-    if level not in space.by_name or level == "C":
-        names = [name for name in space.by_name if name != "C"]
-        raise ValueError(f"unknown level {level!r} for this model; choose one of {', '.join(names)}")
-    calibrate = embedded_calibration(None, per_class, num_steps, guidance, seed=seed)
-    run = CalibrationRun(pipe, calibrate, num_steps, space.units)
-    chosen, loss = optimal_keys(level_matrix(run.dissimilarity, space, level), keys)
-    genome = tuple("C" if step in chosen else level for step in range(1, num_steps))
-    params = {"keys": keys, "level": level, "correct": correct, "key_steps": chosen, "estimated_loss": round(loss, 5),
-              "calibration_images": len(run.reference)}
-    plan = space.plan(genome, "keysteps", params)
-    if correct:
-        from diffaccel.methods.feature_correction import fit_feature_correction
 
-        plan = fit_feature_correction(pipe, plan, guidance, seed=seed)
-    return plan
+def build(pipe: Any, workload: Workload, s: KeystepsSettings) -> Plan:
+    run = CalibrationRun(pipe, workload)
+    model, steps = run.model, run.num_steps
+    levels = {level.name: level for level in adapter_for(model).levels(model)}
+    if s.level not in levels or s.level == "C":
+        raise MethodError(f"unknown level {s.level!r} for this model; choose one of "
+                          f"{', '.join(n for n in levels if n != 'C')}")
+    if s.keys > steps:
+        raise MethodError(f"keys must lie in [1, {steps}] (the run has {steps} steps), got {s.keys}")
+    reused = levels[s.level].reused
+    chosen, loss = optimal_keys(set_matrix(run.dissimilarity, run.units, reused), s.keys)
+    params = {"keys": s.keys, "level": s.level, "correct": s.correct, "key_steps": chosen,
+              "estimated_loss": round(loss, 5), "calibration_images": len(run.reference)}
+    rows = rows_from(steps, run.units, chosen, set(reused))
+    plan = make_plan(model, rows, "keysteps", params, calibration=run.info())
+    return fit_feature_correction(pipe, plan, workload) if s.correct else plan
+
+
+KEYSTEPS = Method("keysteps", "key steps placed by DP on a profile (DDT / CacheQuant)", KeystepsSettings, build,
+                  calibrated=True)
+
+
+def keysteps(pipe: Any, calls: Workload | Iterable[dict] | None = None, keys: int = 12, **settings: Any) -> Plan:
+    """A key-step plan fitted on ``calls`` (the pipeline calls to calibrate on; the embedded
+    pipelines' default workload if None); settings: ``KeystepsSettings``."""
+    return KEYSTEPS.build(pipe, as_workload(calls, pipe), KEYSTEPS.make_settings(keys=keys, **settings))

@@ -1,59 +1,62 @@
 """Timestep-aware post-training quantization (PTQ4DM / Q-Diffusion) as a plan producer.
 
-``ptq(pipe)`` calibrates the denoiser's layer ranges on calibration runs (seeds disjoint from any
-evaluation seeds), saves them as safetensors and returns an all-compute plan with a quantization
-section. ``plan.with_quant(quant_spec(pipe, ...))`` adds the same section to any caching plan.
-A calibration for the same model, steps, guidance and inputs is reused from its file.
+``ptq(pipe, calls)`` calibrates the denoiser's layer ranges along the calibration workload's
+trajectories (``calibration.record.activation_ranges``), saves them as safetensors and returns a
+plan with a quantization section: step-free (every step computes) unless ``cache`` names a
+caching method whose schedule the quantized model follows. ``plan.with_quant(quant_spec(pipe,
+calls, ...))`` adds the same section to any caching plan. A calibration for the same weights,
+workload and bits is reused from its file.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
 import tempfile
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
-from diffaccel.methods.base import make_plan, unit_names
+from diffaccel.adapters import find_denoiser
+from diffaccel.calibration.record import activation_ranges
+from diffaccel.calibration.reference import calibration_info, identity_plan
+from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.errors import MethodError, QuantError
+from diffaccel.fingerprint import fingerprint
+from diffaccel.methods.base import Method, Settings
+from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
-from diffaccel.quant.calibrate import Calibration, QuantError, calibrate, fingerprint
-from diffaccel.quant.spec import FULL_PRECISION, QuantSpec
+from diffaccel.quant.calibrate import Calibration, quantizable
+from diffaccel.quant.spec import FULL_PRECISION, QuantSpec, parse_bits
 
 # Layers that carry the timestep or touch pixels directly: one step more precise than the rest
 # (QuEST: time-embedding layers are the most sensitive at low bit widths).
 SENSITIVE = ("*timestep_embedder*", "*time_embedding*", "pos_embed.proj", "proj_out_2", "conv_in", "conv_out")
 
 
-def parse_bits(bits: str) -> tuple[int, int]:
-    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", bits.strip())
-    if not match:
-        raise ValueError(f"bits must look like w8a8 or w4a8, got {bits!r}")
-    return int(match[1]), int(match[2])
-
-
 def default_overrides(weight_bits: int, model) -> dict[str, int]:
     """Below 8-bit weights, the sensitive layers of this model stay at 8 bits."""
     if weight_bits >= 8:
         return {}
-    from fnmatch import fnmatchcase
-
-    from diffaccel.quant.calibrate import quantizable
-
     names = list(quantizable(model))
     return {p: 8 for p in SENSITIVE if any(fnmatchcase(n, p) for n in names)}
 
 
-def calibration_for(pipe, num_steps: int, guidance: float, act_bits: int, per_class: int, seed: int,
-                    path: str | Path | None = None, progress: bool = False) -> Path:
-    """The calibration file for these settings: loaded if it exists and fits, else made."""
-    from diffaccel.methods.base import calibration_batch
+def workload_key(workload: Workload) -> str:
+    text = repr([(sorted((k, repr(v)) for k, v in c.kwargs.items()), c.seeds) for c in workload.calls])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-    model = pipe.denoiser
+
+def calibration_for(pipe: Any, workload: Workload, act_bits: int, path: str | Path | None = None,
+                    progress: bool = False) -> Path:
+    """The calibration file for these weights, workload and bits: loaded if it exists and fits, else made."""
+    model, _ = find_denoiser(pipe)
     if path is None:
         folder = Path(tempfile.gettempdir()) / "diffaccel-calibration"
         folder.mkdir(exist_ok=True)
-        name = f"{fingerprint(model)}-{num_steps}steps-g{guidance:g}-n{per_class}-s{seed}-A{act_bits}"
-        path = folder / f"{name}.safetensors"
+        path = folder / f"{fingerprint(model)}-{workload_key(workload)}-A{act_bits}.safetensors"
     path = Path(path)
     if path.exists():
         try:
@@ -61,53 +64,69 @@ def calibration_for(pipe, num_steps: int, guidance: float, act_bits: int, per_cl
             return path
         except QuantError:
             pass  # stale or foreign: calibrate again
-    labels, gens = calibration_batch(pipe, None, per_class, seed)
-    seeds = [g.initial_seed() for g in gens]
-    calibrate(pipe, labels, seeds, num_steps, guidance, act_bits, progress=progress).save(path)
+    activation_ranges(pipe, workload, act_bits, progress=progress).save(path)
     return path
 
 
-def quant_spec(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fake", per_step: bool = False,
-               overrides: dict[str, int] | None = None, guidance: float = 3.0, per_class: int = 2, seed: int = 0,
-               calibration: str | None = None) -> QuantSpec:
-    weight_bits, act_bits = parse_bits(bits)
-    merged = {**default_overrides(weight_bits, pipe.denoiser), **(overrides or {})}
+def quant_spec(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: str = "w8a8", backend: str = "fake",
+               per_step: bool = False, overrides: dict[str, int] | None = None, calibration: str | None = None,
+               progress: bool = False) -> QuantSpec:
+    """A quantization section calibrated on ``calls`` (the embedded default workload if None)."""
+    try:
+        weight_bits, act_bits = parse_bits(bits)
+    except ValueError as exc:
+        raise MethodError(str(exc)) from None
+    model, _ = find_denoiser(pipe)
+    merged = {**default_overrides(weight_bits, model), **(overrides or {})}
     fields = dict(weight_bits=weight_bits, act_bits=act_bits, backend=backend, per_step=per_step, overrides=merged)
     try:
         QuantSpec(**fields, calibration="-")  # settings first: a bad one fails before calibrating
     except ValidationError as exc:
-        raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
-    path = calibration_for(pipe, num_steps, guidance, act_bits, per_class, seed, calibration)
+        raise MethodError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    path = calibration_for(pipe, as_workload(calls, pipe), act_bits, calibration, progress)
     return QuantSpec(**fields, calibration=str(path))
 
 
-def ptq(pipe, num_steps: int = 50, bits: str = "w8a8", backend: str = "fake", per_step: bool = False,
-        keep: tuple[str, ...] = (), cache: dict | None = None, guidance: float = 3.0, per_class: int = 2,
-        seed: int = 0) -> Plan:
-    """A plan whose layers run quantized at ``bits``; ``keep`` lists layer-name patterns to leave in
-    floating point. Without ``cache`` every step computes; ``cache`` names a caching method and its
-    settings (``{"method": "keysteps", "keys": 12}``) whose schedule the quantized model follows;
-    ``"correct": true`` there fits a per-channel correction of the cached features on the quantized
-    model, so that it absorbs caching and quantization error together."""
-    spec = quant_spec(pipe, num_steps, bits, backend, per_step, dict.fromkeys(keep, FULL_PRECISION), guidance,
-                      per_class, seed)
-    model = pipe.denoiser
-    params = {"bits": bits, "backend": backend, "per_step": per_step, "keep": list(keep)}
-    if cache is None:
-        rows = ["C" * len(unit_names(model))] * num_steps
-        return make_plan(model, rows, "ptq", params).with_quant(spec)
-    from diffaccel.methods.registry import build
+class PtqSettings(Settings):
+    bits: str = Field("w8a8", description="weight and activation bits, e.g. w8a8, w4a8")
+    backend: Literal["fake", "int8", "int8-dynamic"] = Field("fake", description="fake (simulated), int8, "
+                                                                                 "int8-dynamic (fbgemm, CPU)")
+    per_step: bool = Field(False, description="one activation scale per step")
+    keep: tuple[str, ...] = Field((), description="layer-name patterns kept in floating point")
+    cache: dict | None = Field(None, description='a caching method to follow, e.g. {"method": "keysteps", "keys": 12}')
 
-    settings = dict(cache)
-    method = settings.pop("method", None)
-    if not isinstance(method, str) or method == "ptq":
-        raise ValueError(f"cache must name a caching method, as {{'method': 'keysteps', 'keys': 12}}; got {cache!r}")
-    correct = bool(settings.pop("correct", False))  # fitted below, on the quantized model
-    caching = build(method, pipe, num_steps, guidance=guidance, **settings)
-    params = {**params, "cache": dict(cache), "cache_params": caching.params}
-    plan = caching.model_copy(update={"method": f"ptq+{method}", "params": params}).with_quant(spec)
-    if correct:
-        from diffaccel.methods.feature_correction import fit_feature_correction
 
-        plan = fit_feature_correction(pipe, plan, guidance, seed=seed)
-    return plan
+def build(pipe: Any, workload: Workload, s: PtqSettings, caching: Plan | None = None) -> Plan:
+    """The quantized plan; ``caching``: the plan ``s.cache`` names, made by the caller (the registry
+    builds it from the settings; in Python pass a plan to ``ptq(..., cache=plan)``)."""
+    if s.cache is not None and caching is None:
+        raise MethodError(f"cache {s.cache!r} needs its plan built first: use diffaccel.methods.build('ptq', ...) "
+                          "or pass cache=<a caching plan>")
+    spec = quant_spec(pipe, workload, s.bits, s.backend, s.per_step, dict.fromkeys(s.keep, FULL_PRECISION))
+    model, _ = find_denoiser(pipe)
+    params = {"bits": s.bits, "backend": s.backend, "per_step": s.per_step, "keep": list(s.keep)}
+    info = calibration_info(model, workload, 0, Calibration.load(spec.calibration).num_steps)
+    if caching is None:
+        base = identity_plan(model)
+        return base.model_copy(update={"method": "ptq", "params": params, "calibration": info}).with_quant(spec)
+    if caching.quant is not None:
+        raise MethodError("the caching plan is already quantized")
+    cache = dict(s.cache or {"method": caching.method})
+    params = {**params, "cache": cache, "cache_params": caching.params}
+    plan = caching.model_copy(update={"method": f"ptq+{caching.method}", "params": params, "calibration": info})
+    plan = plan.with_quant(spec)
+    return fit_feature_correction(pipe, plan, workload) if cache.get("correct") else plan
+
+
+PTQ = Method("ptq", "timestep-aware post-training quantization (PTQ4DM / Q-Diffusion)", PtqSettings, build,
+             calibrated=True, composes=True)
+
+
+def ptq(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: str = "w8a8", cache: Plan | None = None,
+        **settings: Any) -> Plan:
+    """A plan whose layers run quantized at ``bits``, calibrated on ``calls`` (the embedded default
+    workload if None); ``cache``: a caching plan the quantized model follows (its schedule and
+    settings; correct it on the quantized model with ``fit_feature_correction``). Other settings:
+    ``PtqSettings``."""
+    s = PTQ.make_settings(bits=bits, **settings)
+    return build(pipe, as_workload(calls, pipe), s, cache)

@@ -1,61 +1,68 @@
-"""Methods by name, for the CLI and the benchmarks: ``build(name, pipe, num_steps, **params)``."""
+"""Methods by name, built from the ``Method`` record of each method module: for the CLI, the bench
+and the search. ``build(name, pipe, num_steps, calls=..., **settings)`` makes any of them."""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
 
-from diffaccel.methods.block_cache import fora
-from diffaccel.methods.deepcache import deepcache
-from diffaccel.methods.dynamic import first_block_cache
-from diffaccel.methods.erta import erta
-from diffaccel.methods.faster_diffusion import faster_diffusion
-from diffaccel.methods.forecast import taylorseer
-from diffaccel.methods.keysteps import keysteps
-from diffaccel.methods.ptq import ptq
+from diffaccel.adapters import adapter_for, find_denoiser
+from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.errors import MethodError
+from diffaccel.methods.base import Method, check_applies
+from diffaccel.methods.deepcache import DEEPCACHE
+from diffaccel.methods.erta import ERTA
+from diffaccel.methods.faster_diffusion import FASTER_DIFFUSION
+from diffaccel.methods.first_block_cache import DBCACHE, FIRST_BLOCK_CACHE
+from diffaccel.methods.fora import FORA
+from diffaccel.methods.keysteps import KEYSTEPS
+from diffaccel.methods.ptq import PTQ
+from diffaccel.methods.taylorseer import TAYLORSEER
 from diffaccel.plan import Plan
+from diffaccel.steps import model_evaluations
 
-# name -> (function, adapters it applies to, whether it needs the whole pipeline)
-METHODS: dict[str, tuple[Callable[..., Plan], tuple[str, ...], bool]] = {
-    "deepcache": (deepcache, ("unet",), False),
-    "faster_diffusion": (faster_diffusion, ("unet",), False),
-    "fora": (fora, ("dit", "pixart", "sd3", "flux", "unet"), False),
-    "taylorseer": (taylorseer, ("dit", "pixart", "sd3", "flux", "unet"), False),
-    "first_block_cache": (first_block_cache, ("dit", "pixart", "sd3", "flux"), False),
-    "dbcache": (first_block_cache, ("dit", "pixart", "sd3", "flux"), False),
-    "erta": (erta, ("dit", "pixart", "sd3", "flux", "unet"), True),
-    "keysteps": (keysteps, ("dit", "pixart", "sd3", "flux", "unet"), True),
-    "ptq": (ptq, ("dit", "pixart", "sd3", "flux", "unet"), True),
-}
+METHODS: dict[str, Method] = {m.name: m for m in (DEEPCACHE, FASTER_DIFFUSION, FORA, TAYLORSEER, FIRST_BLOCK_CACHE,
+                                                  DBCACHE, ERTA, KEYSTEPS, PTQ)}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def parameters(name: str) -> dict[str, object]:
-    """The knobs of a method and their defaults."""
-    fn = METHODS[name][0]
-    skip = {"model", "unet", "pipe", "num_steps"}
-    return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[1:] if p.name not in skip}
+    """The settings of a method and their defaults."""
+    return method(name).knobs()
 
 
-def build(name: str, pipe, num_steps: int, guidance: float | None = None, **params) -> Plan:
-    """A plan of method ``name`` for the pipeline's denoiser; unknown names or knobs raise ValueError.
-    ``guidance`` reaches the methods that calibrate on sampling runs, unless ``params`` sets it."""
-    from diffaccel.adapters import adapter_for
+def applicable(model: Any) -> list[str]:
+    """The methods that apply to a model (or a pipeline's denoiser)."""
+    adapter = adapter_for(find_denoiser(model)[0])
+    return [name for name, m in METHODS.items() if m.applies(adapter)]
 
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    fn, adapters, needs_pipe = METHODS[name]
-    model = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    adapter = adapter_for(model).name
-    if adapter not in adapters:
-        raise ValueError(f"{name} does not apply to a {type(model).__name__}; it works on {', '.join(adapters)}")
-    known = parameters(name)
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ValueError(f"{name} has no setting {', '.join(unknown)}; its settings are {', '.join(known)}")
-    if name == "dbcache" and "last_blocks" not in params:
-        params["last_blocks"] = 1
-    if guidance is not None and "guidance" in known and "guidance" not in params:
-        params["guidance"] = guidance
-    if "num_steps" in inspect.signature(fn).parameters:
-        params["num_steps"] = num_steps
-    return fn(pipe if needs_pipe else model, **params)
+
+def build(name: str, pipe: Any, num_steps: int, guidance: float | None = None,
+          calls: Workload | Iterable[dict] | None = None, **settings: Any) -> Plan:
+    """A plan of method ``name`` for ``pipe`` at ``num_steps`` inference steps (for a scheduler that
+    evaluates the model more often, PNDM or Heun say, the plan covers every evaluation).
+    Calibrated methods run ``calls`` (by default the embedded pipelines' workload at these steps
+    and ``guidance``). Unknown names or settings raise MethodError."""
+    spec = method(name)
+    model, scheduler = find_denoiser(pipe)
+    check_applies(spec, model)
+    s = spec.make_settings(**settings)
+    if not spec.calibrated:
+        return spec.build(model, model_evaluations(scheduler, num_steps), s)
+    defaults = {"num_steps": num_steps} if guidance is None else {"num_steps": num_steps, "guidance": guidance}
+    workload = as_workload(calls, pipe, **defaults)
+    if spec.composes and getattr(s, "cache", None):
+        inner = dict(s.cache)
+        inner_name = inner.pop("method", None)
+        inner.pop("correct", None)
+        if not isinstance(inner_name, str) or method(inner_name).composes:
+            raise MethodError(f"cache must name a caching method, as {{'method': 'keysteps', 'keys': 12}}; "
+                              f"got {s.cache!r}")
+        caching = build(inner_name, pipe, num_steps, guidance, workload, **inner)
+        return spec.build(pipe, workload, s, caching)
+    return spec.build(pipe, workload, s)

@@ -7,25 +7,12 @@ Everything is checked before the first layer is swapped, so a bad request leaves
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
 
 import torch
 
 from diffaccel.quant.calibrate import Calibration, QuantError, quantizable
 from diffaccel.quant.layers import QuantizedLayer, StepClock, quantized
 from diffaccel.quant.spec import FULL_PRECISION, QuantSpec
-
-
-@dataclass
-class QuantHandle:
-    """The swapped layers; ``restore()`` undoes the swap (idempotent)."""
-
-    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = field(default_factory=list)
-
-    def restore(self) -> None:
-        while self.swaps:
-            parent, name, original = self.swaps.pop()
-            setattr(parent, name, original)
 
 
 def layer_bits(spec: QuantSpec, names: list[str], modules: dict[str, torch.nn.Module]) -> dict[str, int]:
@@ -80,20 +67,39 @@ def quantized_layers(model: torch.nn.Module, spec: QuantSpec, calibration: Calib
     return replacements
 
 
-def swap_in(replacements: list[Replacement]) -> QuantHandle:
-    """Put built stand-ins into the model; the handle puts the originals back."""
-    handle = QuantHandle()
-    for parent, child, original, new in replacements:
-        setattr(parent, child, new)
-        handle.swaps.append((parent, child, original))
-    return handle
+class QuantHandle:
+    """Quantized stand-ins for some of a model's layers: ``apply()`` swaps them in, ``restore()`` puts
+    the originals back (both idempotent), as often as needed without quantizing again."""
+
+    def __init__(self, replacements: list[Replacement]) -> None:
+        self.replacements = replacements
+        self.applied = False
+
+    def apply(self) -> QuantHandle:
+        if not self.applied:
+            for parent, child, _original, new in self.replacements:
+                setattr(parent, child, new)
+            self.applied = True
+        return self
+
+    def restore(self) -> None:
+        if self.applied:
+            for parent, child, original, _new in reversed(self.replacements):
+                setattr(parent, child, original)
+            self.applied = False
+
+
+def prepare(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
+            clock: StepClock | None = None) -> QuantHandle:
+    """Check the request and build the quantized layers, leaving the model as it is until ``apply()``.
+    ``clock`` returns the current step for per-step scales (the executor passes its own)."""
+    return QuantHandle(quantized_layers(model, spec, calibration, clock))
 
 
 def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
               clock: StepClock | None = None) -> QuantHandle:
-    """Quantize ``model`` in place as ``spec`` says; ``clock`` returns the current step for per-step
-    scales (the executor passes its own)."""
-    return swap_in(quantized_layers(model, spec, calibration, clock))
+    """Quantize ``model`` in place as ``spec`` says; ``handle.restore()`` undoes it."""
+    return prepare(model, spec, calibration, clock).apply()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -1,5 +1,6 @@
 """Timestep-aware calibration (PTQ4DM / Q-Diffusion): the input range of every Linear and Conv2d
-layer, recorded at every step of whole sampling trajectories, and saved as safetensors.
+layer, recorded at every step of whole sampling trajectories (``calibration.record``), and saved
+as safetensors.
 
 Ranges drift along the trajectory, so a range taken at one timestep clips others; we keep one
 range per step (for ``per_step`` plans) and their maximum (the trajectory-wide range). In a U-Net's
@@ -9,7 +10,6 @@ ranges; those layers get one range per half ("split shortcut").
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,31 +17,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from diffaccel.errors import DiffaccelError
+from diffaccel.errors import QuantError
+from diffaccel.fingerprint import fingerprint
 
 FORMAT = "diffaccel-calibration/1"
-
-
-class QuantError(DiffaccelError, ValueError):
-    """Quantization cannot be applied as asked; the model is left as it was."""
 
 
 def quantizable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every Linear and Conv2d layer of the model, by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """Identifies the model (class, config, weights) so a calibration is never applied to another."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
-    for name, value in model.state_dict().items():
-        digest.update(f"{name}{tuple(value.shape)}{float(value.detach().double().abs().sum()):.6e}".encode())
-    return digest.hexdigest()[:16]
 
 
 def shortcut_splits(model: torch.nn.Module) -> dict[str, int]:
@@ -118,46 +103,3 @@ class Calibration:
             if not (ranges[-1] > 0).all():
                 raise QuantError(f"calibrated range of {name} is zero: the calibration inputs never reach "
                                  "this layer; use more varied calibration inputs")
-
-
-@torch.no_grad()
-def calibrate(pipe, labels: list, seeds: list[int], num_steps: int = 50, guidance: float = 3.0,
-              act_bits: int = 8, batch_size: int = 16, split_shortcut: bool = True,
-              progress: bool = True) -> Calibration:
-    """Run the pipeline on calibration inputs (class ids, or prompt embeddings for pipelines that take
-    them as their first argument) and record every layer's input range at every step."""
-    model = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    layers = quantizable(model)
-    splits = shortcut_splits(model) if split_shortcut else {}
-    ranges = {name: torch.zeros(num_steps, 2 if name in splits else 1) for name in layers}
-    clock = {"step": -1}
-
-    def on_model(module, args, kwargs):
-        clock["step"] += 1
-
-    def recorder(name: str):
-        def hook(module, args):
-            x = args[0].detach().float()
-            step = min(clock["step"], num_steps - 1)
-            if name in splits:
-                cut = splits[name]
-                values = torch.stack([x[:, :cut].abs().amax(), x[:, cut:].abs().amax()])
-            else:
-                values = x.abs().amax().reshape(1)
-            ranges[name][step] = torch.maximum(ranges[name][step], values.cpu())
-        return hook
-
-    handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
-    handles += [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
-    try:
-        starts = range(0, len(labels), batch_size)
-        for start in tqdm(starts, desc="calibrating", disable=not progress or len(starts) < 2):
-            clock["step"] = -1
-            gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
-            pipe(labels[start:start + batch_size], num_inference_steps=num_steps, guidance_scale=guidance,
-                 generator=gens)
-    finally:
-        for handle in handles:
-            handle.remove()
-    absmax = {name: torch.cat([r, r.amax(dim=0, keepdim=True)]) for name, r in ranges.items()}
-    return Calibration(type(model).__name__, fingerprint(model), act_bits, num_steps, absmax, splits)

@@ -11,27 +11,6 @@ from diffaccel.quant.calibrate import Calibration, quantizable
 from diffaccel.quant.spec import FULL_PRECISION, QuantSpec
 
 
-@torch.no_grad()
-def record_inputs(pipe, labels, seeds: list[int], num_steps: int, guidance: float, every: int = 10) -> list:
-    """The denoiser's (args, kwargs) at every ``every``-th step of one calibration batch."""
-    model = pipe.denoiser
-    calls: list = []
-    counter = {"step": 0}
-
-    def hook(module, args, kwargs):
-        if counter["step"] % every == 0:
-            calls.append((counter["step"], args, kwargs))
-        counter["step"] += 1
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        pipe(labels, num_inference_steps=num_steps, guidance_scale=guidance,
-             generator=[torch.Generator().manual_seed(s) for s in seeds])
-    finally:
-        handle.remove()
-    return calls
-
-
 def _output(model, step: int, args, kwargs, clock: dict) -> torch.Tensor:
     clock["step"] = step
     out = model(*args, **kwargs)
@@ -39,9 +18,10 @@ def _output(model, step: int, args, kwargs, clock: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sensitivity(pipe, spec: QuantSpec, calibration: Calibration, calls: list, progress: bool = True) -> list[dict]:
-    """Every quantizable layer with the relative output error it adds alone, worst first."""
-    model = pipe.denoiser
+def sensitivity(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration, calls: list,
+                progress: bool = True) -> list[dict]:
+    """Every quantizable layer with the relative output error it adds alone, worst first; ``calls``
+    are the denoiser's recorded ``(step, args, kwargs)`` (``calibration.record.denoiser_calls``)."""
     clock: dict = {"step": None}
     reference = [_output(model, step, args, kwargs, clock) for step, args, kwargs in calls]
     rows = []

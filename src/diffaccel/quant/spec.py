@@ -5,11 +5,20 @@ Pure data (no torch), so a plan file can be read and validated without loading a
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FULL_PRECISION = 32  # an override to this width keeps a layer in floating point
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """``"w8a8"`` -> (8, 8): weight and activation bits."""
+    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", str(bits).strip())
+    if not match:
+        raise ValueError(f"bits must look like w8a8 or w4a8, got {bits!r}")
+    return int(match[1]), int(match[2])
 
 
 class QuantSpec(BaseModel):

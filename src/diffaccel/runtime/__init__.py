@@ -1,5 +1,8 @@
-"""Runtime: the executor that applies plans, its per-run cache state and work counters."""
+"""Runtime: the executor that applies plans, its step clock, per-run state and plan features."""
 
-from diffaccel.runtime.executor import CacheError, Executor, Stats, accelerate, disable, enable
+from diffaccel.errors import CacheError
+from diffaccel.runtime.executor import Executor, PlanWarning
+from diffaccel.runtime.session import accelerate, disable, enable
+from diffaccel.runtime.state import Stats
 
-__all__ = ["CacheError", "Executor", "Stats", "accelerate", "disable", "enable"]
+__all__ = ["CacheError", "Executor", "PlanWarning", "Stats", "accelerate", "disable", "enable"]

@@ -1,12 +1,14 @@
-"""Search static plans on a calibration set, under a quality budget, for the least cost.
+"""Search static plans on a calibration workload, under a quality budget, for the least cost.
 
-    from diffaccel.search import search, embedded_calibration
-    result = search(pipe, calibrate, num_steps=50, budget="psnr>=30", strategy="nsga2", out="out/search")
-    result.plan.save("plan.json")
+    import diffaccel
+    plan = diffaccel.find_plan(pipe, calls=[{"prompt": p, "num_inference_steps": 28} for p in prompts],
+                               budget="psnr>=30", strategy="dp")
 
-``calibrate(pipe)`` runs the pipeline on the calibration inputs and returns images in [0, 1];
-any supported diffusers pipeline works (``embedded_calibration`` builds one for the embedded
-models; the CLI is ``diffaccel search``). Strategies, all producing ordinary static Plans:
+``calls`` are the pipeline calls to calibrate on (prompts or class labels, steps, guidance; noise
+seeds from the calibration range); any supported diffusers pipeline works, and the embedded
+pipelines have a default workload. ``search(pipe, workload, config)`` is the full interface (it
+returns the front and a summary too; the CLI is ``diffaccel search``). Strategies, all producing
+ordinary static Plans:
 
 * ``nsga2``: NSGA-II (optuna) over a compact step x unit-set encoding (``space.py``), seeded with
   the hand-made plans; quality and cost are measured on the calibration set (``nsga.py``);
@@ -16,22 +18,15 @@ models; the CLI is ``diffaccel search``). Strategies, all producing ordinary sta
 
 Every evaluation is an optuna trial, stored as it completes (``store.py``): a search killed at
 any moment continues where it stopped when run again with the same command, and reaches the same
-front as an uninterrupted one with the same seed (``nsga.py`` explains how).
-
-Many workers, many machines: give every worker the same command with ``--storage`` pointing at a
-shared database server, e.g. ``diffaccel search --model dit --budget "psnr>=30" --out out/w1
---storage postgresql://user:password@dbhost/diffaccel`` (``pip install psycopg2-binary``; MySQL
-works too). Each worker asks the storage for the next trial, evaluates it on its own copy of the
-model and calibration set, and writes the result; the NSGA-II sampler builds each generation
-from all workers' completed trials. Trials of a worker that dies are failed and re-enqueued by the
-others once their heartbeat is older than the grace period (``store.GRACE_S``). Several
-processes on one machine can share the default SQLite file the same way (same ``--out``). Any
-worker's outputs reflect the whole shared study when it finishes.
+front as an uninterrupted one with the same seed (``nsga.py`` explains how). Several workers can
+share one study through ``--storage`` (a database URL; see docs/search.md).
 """
 
-from diffaccel.search.errors import BudgetError, CalibrationError, SearchError, StorageMismatchError
-from diffaccel.search.evaluate import compare, embedded_calibration
-from diffaccel.search.run import Budget, SearchResult, parse_budget, parse_duration, search
+from diffaccel.errors import BudgetError, CalibrationError, SearchError, StorageMismatchError
+from diffaccel.search.config import Budget, SearchConfig, parse_budget, parse_duration
+from diffaccel.search.heldout import compare
+from diffaccel.search.result import SearchResult
+from diffaccel.search.run import find_plan, search
 
-__all__ = ["Budget", "BudgetError", "CalibrationError", "SearchError", "SearchResult", "StorageMismatchError",
-           "compare", "embedded_calibration", "parse_budget", "parse_duration", "search"]
+__all__ = ["Budget", "BudgetError", "CalibrationError", "SearchConfig", "SearchError", "SearchResult",
+           "StorageMismatchError", "compare", "find_plan", "parse_budget", "parse_duration", "search"]

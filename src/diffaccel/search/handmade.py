@@ -31,10 +31,10 @@ def handmade_plans(model: torch.nn.Module, num_steps: int) -> list[HandMade]:
     def add(name: str, settings: dict, make) -> None:
         try:
             found.append(HandMade(name, settings, make()))
-        except ValueError:  # a setting that does not fit this model or step count
+        except ValueError:  # a setting that does not fit this model or step count (MethodError)
             pass
 
-    if adapter_for(model).name == "unet":
+    if "skip-branches" in adapter_for(model).capabilities:  # a U-Net
         for interval in intervals[:4]:
             for branch in (0, 1):
                 add("deepcache", {"interval": interval, "branch": branch},

@@ -41,20 +41,6 @@ def estimated_loss(d: np.ndarray, space: Space, genome: Sequence[str]) -> float:
     return sum(unit_loss(d, u, mask[:, u]) for u in range(len(space.units))) / len(space.units)
 
 
-def level_matrix(d: np.ndarray, space: Space, level: str) -> np.ndarray:
-    """D[j, i]: estimated loss of reusing ``level``'s units at step i from a full step j."""
-    reused = space.by_name[level].reused
-    rows = [u for u, name in enumerate(space.units) if name in reused]
-    return d[rows].sum(0) / len(space.units)
-
-
-def level_errors(q: np.ndarray, space: Space, level: str) -> np.ndarray:
-    """q[j]: quantization error (relative L1, per step) of ``level``'s units, on the scale of ``level_matrix``."""
-    reused = space.by_name[level].reused
-    rows = [u for u, name in enumerate(space.units) if name in reused]
-    return q[rows].sum(0) / len(space.units)
-
-
 def saving(space: Space, level: str, unit_costs: Sequence[float]) -> float:
     """Share of one step's cost that reusing ``level`` saves (``unit_costs``: [total, unit 0, ...])."""
     reused = space.by_name[level].reused

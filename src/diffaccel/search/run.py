@@ -1,5 +1,5 @@
-"""Orchestration: budget, calibration run, one strategy, the front, the chosen plan, the held-out
-check against the best hand-made plan, and the output files.
+"""Orchestration: calibration run, one strategy, the front, the chosen plan, the held-out check
+against the best hand-made plan, and the output files.
 
 Outputs (``out``): ``plan.json`` (the cheapest plan meeting the budget on the calibration set;
 ``diffaccel generate --plan`` runs it), ``front.json`` (the strategy's Pareto front over quality
@@ -8,226 +8,102 @@ and cost, with the hand-made plans), ``front.png`` and ``summary.json``.
 
 from __future__ import annotations
 
-import math
-import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffaccel.calibration.reference import Calibrate, CalibrationRun
+from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.errors import SearchError
+from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
-from diffaccel.quant.spec import QuantSpec
-from diffaccel.search.errors import BudgetError, SearchError
-from diffaccel.search.evaluate import Calibrate, CalibrationRun, compare, denoiser
+from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, pareto
+from diffaccel.search.config import CORRECTION_SEED_OFFSET, Budget, SearchConfig
+from diffaccel.search.dp import dp_candidates
+from diffaccel.search.greedy import greedy_candidates
 from diffaccel.search.handmade import handmade_plans
+from diffaccel.search.heldout import compare
+from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
+from diffaccel.search.outputs import write_outputs
+from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
-from diffaccel.search.store import Store, fingerprint
-
-STRATEGIES = ("nsga2", "dp", "greedy")
-OBJECTIVES = ("macs", "latency", "bops")  # bops: MACs weighted by weight bits (joint searches)
-_BUDGET = re.compile(r"^\s*(psnr|ssim)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Budget:
-    metric: str  # "psnr" (dB) or "ssim"
-    threshold: float
-
-    @property
-    def text(self) -> str:
-        return f"{self.metric}>={self.threshold:g}"
-
-    def met(self, quality: float) -> bool:
-        return quality >= self.threshold
-
-    def unit(self) -> str:
-        return " dB" if self.metric == "psnr" else ""
-
-    def raised(self, margin: float) -> Budget:
-        """The budget the calibration set must meet so that unseen inputs still meet this one."""
-        return Budget(self.metric, self.threshold + margin)
-
-
-# A plan chosen on a dozen calibration images loses some quality on other inputs (about 0.1-0.8 dB
-# on the embedded models): by default the calibration set must clear the budget by this much.
-DEFAULT_MARGIN = {"psnr": 0.5, "ssim": 0.005}
-CORRECTION_SEED_OFFSET = 1000  # the feature correction is fitted on calibration seeds the search never scores
-
-
-def parse_budget(text: str) -> Budget:
-    """``psnr>=X`` (dB, mean over the calibration images) or ``ssim>=X`` (0 < X <= 1)."""
-    match = _BUDGET.match(text or "")
-    if match is None:
-        raise BudgetError(f"cannot read the budget {text!r}: write psnr>=X (dB, e.g. psnr>=30) or ssim>=X "
-                          "(e.g. ssim>=0.95)")
-    metric, value = match.group(1).lower(), float(match.group(2))
-    if metric == "ssim" and not 0 < value <= 1:
-        raise BudgetError(f"an SSIM budget must lie in (0, 1], got {value:g}")
-    if metric == "psnr" and value <= 0:
-        raise BudgetError(f"a PSNR budget must be positive (dB), got {value:g}")
-    return Budget(metric, value)
-
-
-def parse_duration(text: str | None) -> float | None:
-    """``90s``, ``15m``, ``2h`` or plain seconds; None or empty for no limit."""
-    if text is None or str(text).strip() in ("", "0", "none"):
-        return None
-    match = re.fullmatch(r"\s*(\d+(\.\d*)?)\s*([smh]?)\s*", str(text))
-    if match is None:
-        raise SearchError(f"cannot read the time limit {text!r}: write e.g. 90s, 15m or 2h")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(3)]
-
-
-@dataclass
-class Candidate:
-    genome: Genome | None
-    schedule: list[str]
-    psnr: float
-    psnr_min: float
-    ssim: float
-    mac_fraction: float
-    latency_fraction: float
-    source: str
-    trial: int | None = None
-    extra: dict = field(default_factory=dict)
-    bops_fraction: float | None = None  # joint searches: bit-weighted MACs (``Space.bit_mac_fraction``)
-
-    def quality(self, budget: Budget) -> float:
-        return self.psnr if budget.metric == "psnr" else self.ssim
-
-    def cost(self, objective: str) -> float:
-        if objective == "bops":
-            return self.bops_fraction if self.bops_fraction is not None else self.mac_fraction
-        return self.mac_fraction if objective == "macs" else self.latency_fraction
-
-    def as_dict(self) -> dict:
-        return {"source": self.source, "trial": self.trial, "calib_psnr": self.psnr, "calib_psnr_min": self.psnr_min,
-                "calib_ssim": self.ssim, "mac_fraction": self.mac_fraction,
-                "latency_fraction": self.latency_fraction, "bops_fraction": self.bops_fraction, **self.extra,
-                "schedule": self.schedule}
-
-
-@dataclass
-class SearchResult:
-    plan: Plan
-    met: bool
-    shortfall: float
-    chosen: Candidate
-    front: list[Candidate]
-    handmade: list[Candidate]
-    summary: dict
-    out: Path | None
-
-
-def pareto(points: list[Candidate], budget: Budget, objective: str) -> list[Candidate]:
-    """Non-dominated candidates (quality up, cost down), cheapest first; duplicates dropped."""
-    ordered = sorted(points, key=lambda c: (c.cost(objective), -c.quality(budget), c.trial or 0))
-    front: list[Candidate] = []
-    best = -math.inf
-    for c in ordered:
-        if c.quality(budget) > best:
-            front.append(c)
-            best = c.quality(budget)
-    return front
-
-
-def choose(points: list[Candidate], budget: Budget, objective: str) -> tuple[Candidate, bool, float]:
-    """The cheapest candidate meeting the budget; else the best-quality one and its shortfall."""
-    meeting = [c for c in points if budget.met(c.quality(budget))]
-    if meeting:
-        return min(meeting, key=lambda c: (c.cost(objective), -c.quality(budget), c.trial or 0)), True, 0.0
-    best = max(points, key=lambda c: (c.quality(budget), -c.cost(objective), -(c.trial or 0)))
-    return best, False, budget.threshold - best.quality(budget)
+from diffaccel.search.store import Store, study_key
 
 
 def study_name(model_name: str, budget: Budget, objective: str, strategy: str, seed: int) -> str:
     return f"{model_name}|{budget.text}|{objective}|{strategy}|seed{seed}"
 
 
-def search(pipe: Any, calibrate: Calibrate, num_steps: int, budget: str = "psnr>=30", objective: str = "macs",
-           strategy: str = "nsga2", seed: int = 0, out: str | Path | None = None, storage: str | None = None,
-           time_limit: float | None = None, trials: int | None = None, population: int = 16,
-           heldout: Calibrate | None = None, pairs: int = 3, model_name: str | None = None,
-           calibration_id: str | None = None, granularity: str = "block", greedy_points: int = 20,
-           k_values: list[int] | None = None, margin: float | None = None, quant: QuantSpec | None = None,
-           bits: tuple[int, ...] | None = None, correct: bool = False,
-           log: Callable[[str], None] = print) -> SearchResult:
-    """Search static plans for ``pipe``'s denoiser on the calibration set ``calibrate`` (a callable
-    running the pipeline for ``num_steps`` steps on fixed inputs and returning images in [0, 1]).
+@dataclass
+class Context:
+    """One running search: its settings, calibration run, space, storage and clock."""
 
-    ``strategy``: ``nsga2`` (stops after ``trials`` completed trials in the study or ``time_limit``
-    seconds), ``dp`` or ``greedy`` (a fixed list of candidates, also cut by ``time_limit``).
+    config: SearchConfig
+    budget: Budget
+    calib: CalibrationRun
+    space: Space
+    store: Store
+    out: Path | None
+    started: float
+    log: Callable[[str], None]
+
+    @property
+    def deadline(self) -> float | None:
+        return self.started + self.config.time_limit if self.config.time_limit else None
+
+
+def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, *, out: str | Path | None = None,
+           storage: str | None = None, heldout: Calibrate | None = None, denoiser: str | None = None,
+           log: Callable[[str], None] = print, **options: Any) -> SearchResult:
+    """Search static plans for ``pipe``'s denoiser on the calibration set ``calibrate`` (a
+    ``Workload``, or a callable running the pipeline on fixed inputs and returning images in [0, 1]).
+
+    ``config`` (or the same settings as keywords, ``SearchConfig``'s fields) says what to find.
     ``out``: folder of the outputs and of the default storage ``sqlite:///out/study.db``;
-    ``storage``: any optuna storage URL instead (several workers may share it). ``heldout``: a
-    second set, on evaluation seeds, on which the chosen and the best hand-made plans are re-measured
-    against the unaccelerated pipeline (``pairs`` interleaved runs each). ``margin``: how far above the
-    budget the calibration quality of the chosen plan must lie (default ``DEFAULT_MARGIN``, in the
-    budget's unit; 0 chooses the cheapest plan that just meets it).
-
-    Joint cache + quantization search: ``quant`` quantizes every candidate (and the hand-made plans it
-    is compared with); ``bits`` (e.g. ``(8, 4)``) lets NSGA-II choose each unit's weight bits; the
-    DP then places key steps knowing the quantization error of each step; objective ``bops`` ranks
-    plans by bit-weighted MACs.
-
-    ``correct``: fit a per-channel correction of the reused features to the chosen plan, offline on
-    calibration images (``methods.feature_correction``; class-conditional embedded pipelines), before
-    the held-out check.
-    """
+    ``storage``: any optuna storage URL instead (several workers may share it). ``heldout``: a second
+    set, on evaluation seeds, on which the chosen and the best hand-made plans are re-measured
+    against the unaccelerated pipeline (``config.pairs`` interleaved runs each)."""
     started = time.time()
-    the_budget = parse_budget(budget)
-    if objective not in OBJECTIVES:
-        raise SearchError(f"unknown objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
-    if strategy not in STRATEGIES:
-        raise SearchError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if trials is not None and trials < 1:
-        raise SearchError(f"trials must be >= 1, got {trials}")
-    margin = DEFAULT_MARGIN[the_budget.metric] if margin is None else float(margin)
-    if not math.isfinite(margin) or margin < 0:
-        raise SearchError(f"the margin must be a finite number >= 0, got {margin}")
-    if objective == "bops" and quant is None:
-        raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")
-    model = denoiser(pipe)
-    try:
-        space = Space(model, num_steps, granularity, quant, bits)
-    except ValueError as exc:
-        raise SearchError(str(exc)) from None
+    config = replace(config or SearchConfig(), **options)
+    config.check()
+    budget = config.parsed_budget()
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    calib = CalibrationRun(pipe, calibrate, config.granularity, denoiser)
+    try:
+        space = Space(calib.model, calib.num_steps, config.granularity, config.quant, config.bits)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from None
     own_file = storage is None and out is not None  # the default storage: one search of one model
     if own_file:
         storage = f"sqlite:///{(out / 'study.db').resolve()}"
-    name = model_name or space.adapter.name
-    calib_id = calibration_id or getattr(calibrate, "description", None) or getattr(calibrate, "__name__", "custom")
-    if quant is not None:  # a joint search is another search: its storage must not mix with a plain one
-        calib_id += f" | quant {quant.model_dump_json(exclude={'calibration'})} bits {list(space.bits)}"
-    sampler = None
-    if strategy == "nsga2":
-        from diffaccel.search.nsga import ClockSeededNSGAII
-
-        sampler = ClockSeededNSGAII(seed=seed, population_size=population)
-    store = Store(storage, study_name(name, the_budget, objective, strategy, seed), space,
-                  fingerprint(space, calib_id), sampler, check_all_studies=own_file)
+    name = config.model_name or space.adapter.name
+    calib_id = config.calibration_id or getattr(calibrate, "description", None) \
+        or getattr(calibrate, "__name__", "custom")
+    if config.quant is not None:  # a joint search is another search: its storage must not mix with a plain one
+        calib_id += f" | quant {config.quant.model_dump_json(exclude={'calibration'})} bits {list(space.bits)}"
+    sampler = ClockSeededNSGAII(seed=config.seed, population_size=config.population) \
+        if config.strategy == "nsga2" else None
+    store = Store(storage, study_name(name, budget, config.objective, config.strategy, config.seed), space,
+                  study_key(space, calib_id), sampler, check_all_studies=own_file)
     try:
-        return _search(pipe, calibrate, space, store, the_budget, objective, strategy, seed, out, time_limit,
-                       trials, heldout, pairs, greedy_points, k_values, margin, correct, log, started, name)
+        ctx = Context(config, budget, calib, space, store, out, started, log)
+        log(f"search: {name}, {space.num_steps} steps, {len(space.units)} units, strategy {config.strategy}, "
+            f"budget {budget.text}, objective {config.objective}; levels {space.describe()}")
+        log(f"calibration: {len(calib.reference)} images, full-compute run {calib.seconds:.1f} s")
+        return _search(ctx, pipe, heldout, name)
     finally:
         store.close()
 
 
-def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objective: str, strategy: str, seed: int,
-            out: Path | None, time_limit, trials, heldout, pairs, greedy_points, k_values, margin, correct, log,
-            started, name):
-    from diffaccel.search.nsga import run_list, run_nsga
-
-    log(f"search: {name}, {space.num_steps} steps, {len(space.units)} units, strategy {strategy}, "
-        f"budget {budget.text}, objective {objective}; levels {space.describe()}")
-    calib = CalibrationRun(pipe, calibrate, space.num_steps, space.units, space.granularity)
-    log(f"calibration: {len(calib.reference)} images, full-compute run {calib.seconds:.1f} s")
-    deadline = started + time_limit if time_limit else None
+def _evaluator(ctx: Context) -> Callable[[Genome], tuple[list[float], dict]]:
+    """Scores one genome on the calibration set: ([quality, cost], attributes to store)."""
+    space, calib, budget, objective = ctx.space, ctx.calib, ctx.budget, ctx.config.objective
 
     def evaluate(genome: Genome) -> tuple[list[float], dict]:
         plan = space.plan(genome)
@@ -247,188 +123,150 @@ def _search(pipe, calibrate, space: Space, store: Store, budget: Budget, objecti
         cost = {"macs": s.mac_fraction, "latency": s.latency_fraction}.get(objective, attrs.get("bops_fraction"))
         return [quality, cost], attrs
 
-    handmade = handmade_plans(space.model, space.num_steps)
-    if space.quant is not None:  # compared at the same quantization
-        handmade = [replace(h, plan=h.plan.with_quant(space.quant)) for h in handmade]
-    seeds: list[tuple[Genome, str]] = []
-    for item in handmade:
-        genome = space.genome(item.plan.schedule)
-        if genome is not None and genome not in [g for g, _ in seeds]:
-            seeds.append((genome, "seed " + item.key))
-    unit_costs = calib.unit_macs if objective == "macs" else calib.unit_seconds
-    if strategy == "nsga2":
-        evaluated = run_nsga(store, seeds, evaluate, trials, deadline, log)
-    elif strategy == "dp":
-        from diffaccel.search.dp import dp_candidates
+    return evaluate
 
+
+def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
+    """Evaluate the strategy's candidates until done or the deadline; returns how many this run did."""
+    config, space, calib, evaluate = ctx.config, ctx.space, ctx.calib, _evaluator(ctx)
+    if config.strategy == "nsga2":
+        return run_nsga(ctx.store, seeds, evaluate, config.trials, ctx.deadline, ctx.log)
+    if config.strategy == "dp":
         quant_error = None
         if space.quant is not None:
             quant_error = calib.unit_error(space.plan(space.all_compute()))
-            log(f"quantization error per step (mean over units): {np.round(quant_error.mean(0), 4).tolist()}")
-        evaluated = run_list(store, dp_candidates(space, calib.dissimilarity, k_values, quant_error), evaluate,
-                             deadline, log)
-    else:
-        from diffaccel.search.greedy import greedy_candidates
+            ctx.log(f"quantization error per step (mean over units): {np.round(quant_error.mean(0), 4).tolist()}")
+        k_values = list(config.k_values) if config.k_values else None
+        return run_list(ctx.store, dp_candidates(space, calib.dissimilarity, k_values, quant_error), evaluate,
+                        ctx.deadline, ctx.log)
+    unit_costs = calib.unit_macs if config.objective == "macs" else calib.unit_seconds
+    return run_list(ctx.store, greedy_candidates(space, calib.dissimilarity, unit_costs, config.greedy_points),
+                    evaluate, ctx.deadline, ctx.log)
 
-        candidates = greedy_candidates(space, calib.dissimilarity, unit_costs, greedy_points)
-        evaluated = run_list(store, candidates, evaluate, deadline, log)
 
-    points = [c for c in _candidates(store, space) if c.mac_fraction < 1.0 - 1e-9 and "error" not in c.extra]
+def _handmade(ctx: Context):
+    handmade = handmade_plans(ctx.space.model, ctx.space.num_steps)
+    if ctx.space.quant is not None:  # compared at the same quantization
+        handmade = [replace(h, plan=h.plan.with_quant(ctx.space.quant)) for h in handmade]
+    seeds: list[tuple[Genome, str]] = []
+    for item in handmade:
+        genome = ctx.space.genome(item.plan.schedule)
+        if genome is not None and genome not in [g for g, _ in seeds]:
+            seeds.append((genome, "seed " + item.key))
+    return handmade, seeds
+
+
+def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> SearchResult:
+    config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
+    handmade, seeds = _handmade(ctx)
+    evaluated = _run_strategy(ctx, seeds)
+    points = [c for c in candidates_of(ctx.store, space) if c.mac_fraction < 1.0 - 1e-9 and "error" not in c.extra]
     if not points:
         raise SearchError("the search evaluated no plan that saves work (time limit too short?); run it again "
                           "with more time: it continues where it stopped")
-    front = pareto(points, budget, objective)
+    front = pareto(points, budget, config.objective)
+    margin = config.effective_margin()
     safe = budget.raised(margin)
-    chosen, met, shortfall = choose(points, safe, objective)
+    chosen, met, shortfall = choose(points, safe, config.objective)
     if not met:  # nothing clears the margin: the cheapest plan meeting the budget itself, if any
-        chosen, met, shortfall = choose(points, budget, objective)
-    hand = _handmade_scores(store, calib, handmade, space)
-    best_hand = choose(hand, budget, objective) if hand else None
+        chosen, met, shortfall = choose(points, budget, config.objective)
+    hand = handmade_scores(ctx.store, calib, handmade, space)
+    best_hand = choose(hand, budget, config.objective) if hand else None
+    plan = _chosen_plan(ctx, chosen)
+    if not met:
+        ctx.log(f"no plan that saves work meets {budget.text} on the calibration set; the closest reaches "
+                f"{chosen.quality(budget):.4g}{budget.unit()} (short by {shortfall:.4g}{budget.unit()}) at "
+                f"{1 / chosen.mac_fraction:.2f}x fewer MACs")
+    summary = _summary(ctx, name, chosen, met, shortfall, safe, front, evaluated)
+    if plan.feature_correction is not None:
+        summary["calib_psnr_corrected"] = plan.params.get("calib_psnr_corrected")
+    if best_hand is not None:
+        summary["best_handmade"] = _handmade_summary(best_hand)
+    _heldout(ctx, summary, plan, heldout, best_hand, handmade)
+    result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, ctx.out)
+    if ctx.out is not None:
+        write_outputs(result, budget, config.objective)
+        ctx.log(f"wrote {ctx.out / 'plan.json'}, front.json, front.png and summary.json")
+    return result
 
-    plan = space.plan(chosen.genome, method=f"search-{strategy}", params={
-        "budget": budget.text, "objective": objective, "strategy": strategy, "seed": seed,
+
+def _chosen_plan(ctx: Context, chosen: Candidate) -> Plan:
+    config, calib = ctx.config, ctx.calib
+    plan = ctx.space.plan(chosen.genome, method=f"search-{config.strategy}", params={
+        "budget": ctx.budget.text, "objective": config.objective, "strategy": config.strategy, "seed": config.seed,
         "calib_psnr": round(chosen.psnr, 3), "calib_ssim": round(chosen.ssim, 4),
         "mac_fraction": round(chosen.mac_fraction, 4), "trial": chosen.trial, "source": chosen.source})
-    if correct:
-        from diffaccel.methods.feature_correction import fit_feature_correction
+    plan = plan.model_copy(update={"calibration": calib.info()})
+    if not config.correct:
+        return plan
+    # fitted on other calibration seeds than the scored ones, so that the calibration PSNR of the
+    # corrected plan is not flattered by its own fit
+    ctx.log("fitting a per-channel correction of the reused features on other calibration images")
+    if not isinstance(calib.calibrate, Workload):
+        raise SearchError("a feature correction needs the calibration set as a Workload (pipeline calls)")
+    fit_on = calib.calibrate.reseeded(CORRECTION_SEED_OFFSET, "calibration seeds for the correction fit")
+    plan = fit_feature_correction(calib.pipe, plan, fit_on)
+    corrected = calib.score(plan).psnr
+    ctx.log(f"calibration PSNR with the correction: {corrected:.2f} dB (without: {chosen.psnr:.2f} dB)")
+    return plan.model_copy(update={"params": {**plan.params, "calib_psnr_corrected": round(corrected, 3)}})
 
-        # fitted on other calibration seeds than the scored ones, so that the calibration PSNR of
-        # the corrected plan below is not flattered by its own fit
-        log("fitting a per-channel correction of the reused features on other calibration images")
-        plan = fit_feature_correction(calib.pipe, plan, seed=seed + CORRECTION_SEED_OFFSET)
-        corrected_psnr = calib.score(plan).psnr
-        log(f"calibration PSNR with the correction: {corrected_psnr:.2f} dB (without: {chosen.psnr:.2f} dB)")
-    if not met:
-        log(f"no plan that saves work meets {budget.text} on the calibration set; the closest reaches "
-            f"{chosen.quality(budget):.4g}{budget.unit()} (short by {shortfall:.4g}{budget.unit()}) at "
-            f"{1 / chosen.mac_fraction:.2f}x fewer MACs")
-    summary = {
-        "model": name, "strategy": strategy, "objective": objective, "budget": budget.text, "seed": seed,
-        "margin": margin, "clears_margin": safe.met(chosen.quality(budget)),
+
+def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: float, safe: Budget,
+             front: list[Candidate], evaluated: int) -> dict:
+    config, space, calib, budget = ctx.config, ctx.space, ctx.calib, ctx.budget
+    return {
+        "model": name, "strategy": config.strategy, "objective": config.objective, "budget": budget.text,
+        "seed": config.seed, "margin": config.effective_margin(), "clears_margin": safe.met(chosen.quality(budget)),
         "num_steps": space.num_steps, "units": space.units, "met": met, "shortfall": shortfall,
         "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_min": chosen.psnr_min,
         "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction, "latency_fraction": chosen.latency_fraction,
         "calib_speedup_macs": 1 / chosen.mac_fraction, "source": chosen.source, "trial": chosen.trial,
-        "bops_fraction": chosen.bops_fraction, "feature_correction": correct,
-        "calib_psnr_corrected": corrected_psnr if correct else None,
+        "bops_fraction": chosen.bops_fraction, "feature_correction": config.correct, "calib_psnr_corrected": None,
         "quant": None if space.quant is None else {
             "weight_bits": space.quant.weight_bits, "act_bits": space.quant.act_bits, "backend": space.quant.backend,
             "bit_choices": list(space.bits), "unit_bits": dict(zip(space.units, space.unit_bits(chosen.genome)))},
-        "trials_complete": store.n_complete(), "evaluated_this_run": evaluated, "front_size": len(front),
-        "search_seconds": round(time.time() - started, 1),
+        "trials_complete": ctx.store.n_complete(), "evaluated_this_run": evaluated, "front_size": len(front),
+        "search_seconds": round(time.time() - ctx.started, 1),
         "latency_model": "per-unit wall time of the full-compute calibration run (forward hooks), summed over the "
                          "units a plan computes; reuse is taken as free",
         "unit_macs": calib.unit_macs, "unit_seconds": calib.unit_seconds,
     }
-    if best_hand is not None:
-        hc, hmet, hshort = best_hand
-        summary["best_handmade"] = {"name": hc.extra["name"], "settings": hc.extra["settings"], "met": hmet,
-                                    "shortfall": hshort, "calib_psnr": hc.psnr, "calib_ssim": hc.ssim,
-                                    "mac_fraction": hc.mac_fraction, "latency_fraction": hc.latency_fraction,
-                                    "calib_speedup_macs": 1 / hc.mac_fraction}
-    if heldout is not None:
-        log("held-out check: the chosen plan against the unaccelerated pipeline")
-        measured = compare(calib.pipe, heldout, plan, pairs)
-        summary.update(heldout_psnr=measured["psnr"], heldout_psnr_min=measured["psnr_min"],
-                       heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
-                       speedup_wall=measured["speedup_wall"], heldout_images=measured["images"],
-                       heldout_pairs=measured["pairs"])
-        if best_hand is not None:
-            hand_plan = next(h.plan for h in handmade if h.key == best_hand[0].source)
-            measured = compare(calib.pipe, heldout, hand_plan, pairs)
-            summary["best_handmade"].update(heldout_psnr=measured["psnr"], heldout_ssim=measured["ssim"],
-                                            speedup_macs=measured["speedup_macs"],
-                                            speedup_wall=measured["speedup_wall"])
-    else:
-        summary.update(heldout_psnr=None, speedup_macs=1 / chosen.mac_fraction, speedup_wall=None)
-    result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, out)
-    if out is not None:
-        write_outputs(result, budget, objective)
-        log(f"wrote {out / 'plan.json'}, front.json, front.png and summary.json")
-    return result
 
 
-def _candidates(store: Store, space: Space) -> list[Candidate]:
-    out = []
-    for trial in store.complete():
-        genome = space.from_params(trial.params)
-        if genome is None:
-            continue
-        a = trial.user_attrs
-        extra = {"error": a["error"]} if "error" in a else {}
-        out.append(Candidate(genome, space.rows(genome), a.get("psnr", 0.0), a.get("psnr_min", 0.0),
-                             a.get("ssim", 0.0), a.get("mac_fraction", 1.0), a.get("latency_fraction", 1.0),
-                             a.get("source", ""), trial.number, extra, a.get("bops_fraction")))
-    return out
+def _handmade_summary(best_hand: tuple[Candidate, bool, float]) -> dict:
+    hc, hmet, hshort = best_hand
+    return {"name": hc.extra["name"], "settings": hc.extra["settings"], "met": hmet, "shortfall": hshort,
+            "calib_psnr": hc.psnr, "calib_ssim": hc.ssim, "mac_fraction": hc.mac_fraction,
+            "latency_fraction": hc.latency_fraction, "calib_speedup_macs": 1 / hc.mac_fraction}
 
 
-def _handmade_scores(store: Store, calib: CalibrationRun, handmade, space: Space) -> list[Candidate]:
-    """Calibration scores of the hand-made plans, cached in the study (they survive a restart)."""
-    cached = dict(store.study.user_attrs.get("handmade", {}))
-    out = []
-    for item in handmade:
-        if item.key not in cached:
-            try:
-                s = calib.score(item.plan)
-            except SearchError:
-                raise
-            except Exception:  # noqa: BLE001 -- a hand-made setting that breaks is left out
-                continue
-            cached[item.key] = {"psnr": s.psnr, "psnr_min": s.psnr_min, "ssim": s.ssim,
-                                "mac_fraction": s.mac_fraction, "latency_fraction": s.latency_fraction}
-            store.study.set_user_attr("handmade", cached)
-        s = cached[item.key]
-        if s["mac_fraction"] >= 1.0 - 1e-9:
-            continue
-        genome = space.genome(item.plan.schedule)  # forecasts read as reuse: the same cost
-        bops = None if space.quant is None or genome is None else space.bit_mac_fraction(genome, calib.unit_macs)
-        out.append(Candidate(None, list(item.plan.schedule), s["psnr"], s["psnr_min"], s["ssim"], s["mac_fraction"],
-                             s["latency_fraction"], item.key, None, {"name": item.name, "settings": item.settings},
-                             bops))
-    return out
-
-
-def write_outputs(result: SearchResult, budget: Budget, objective: str) -> None:
-    from diffaccel.generate import write_json
-
-    out = result.out
-    result.plan.save(out / "plan.json")
-    write_json(out / "front.json", {
-        "budget": budget.text, "objective": objective, "strategy": result.summary["strategy"],
-        "model": result.summary["model"], "units": result.summary["units"],
-        "chosen": result.chosen.as_dict(),
-        "front": [c.as_dict() for c in result.front],
-        "handmade": [c.as_dict() for c in result.handmade],
-    })
-    write_json(out / "summary.json", result.summary)
-    plot_front(result, budget, objective, out / "front.png")
-
-
-def plot_front(result: SearchResult, budget: Budget, objective: str, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # the plot is a convenience; the JSON files hold the same data
+def _heldout(ctx: Context, summary: dict, plan: Plan, heldout: Calibrate | None, best_hand, handmade) -> None:
+    """Re-measure the chosen (and the best hand-made) plan on held-out seeds against the baseline."""
+    if heldout is None:
+        summary.update(heldout_psnr=None, speedup_macs=1 / summary["mac_fraction"], speedup_wall=None)
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ctx.log("held-out check: the chosen plan against the unaccelerated pipeline")
+    measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs)
+    summary.update(heldout_psnr=measured["psnr"], heldout_psnr_min=measured["psnr_min"],
+                   heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
+                   speedup_wall=measured["speedup_wall"], heldout_images=measured["images"],
+                   heldout_pairs=measured["pairs"])
+    if best_hand is not None:
+        hand_plan = next(h.plan for h in handmade if h.key == best_hand[0].source)
+        measured = compare(ctx.calib.pipe, heldout, hand_plan, ctx.config.pairs)
+        summary["best_handmade"].update(heldout_psnr=measured["psnr"], heldout_ssim=measured["ssim"],
+                                        speedup_macs=measured["speedup_macs"], speedup_wall=measured["speedup_wall"])
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    xs = [1 / c.cost(objective) for c in result.front]
-    ys = [c.quality(budget) for c in result.front]
-    ax.plot(xs, ys, "o-", color="tab:blue", label=f"{result.summary['strategy']} front")
-    for name, marker in (("fora", "s"), ("taylorseer", "^"), ("deepcache", "D"), ("faster_diffusion", "v")):
-        hand = [c for c in result.handmade if c.extra.get("name") == name]
-        if hand:
-            ax.scatter([1 / c.cost(objective) for c in hand], [c.quality(budget) for c in hand], marker=marker,
-                       color="tab:orange", alpha=0.8, label=f"{name} (hand-made)")
-    ax.scatter([1 / result.chosen.cost(objective)], [result.chosen.quality(budget)], s=160, facecolors="none",
-               edgecolors="tab:red", linewidths=2, label="chosen")
-    ax.axhline(budget.threshold, color="gray", linestyle="--", linewidth=1, label=f"budget {budget.text}")
-    ax.set_xlabel("speedup (" + ("MACs" if objective == "macs" else "estimated latency") + ")")
-    ax.set_ylabel(f"calibration {budget.metric.upper()}{budget.unit()}")
-    ax.set_title(f"{result.summary['model']}: {result.summary['num_steps']} steps")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def find_plan(pipe: Any, calls: Workload | Iterable[dict] | None = None, budget: str = "psnr>=30",
+              strategy: str = "dp", heldout: Workload | Iterable[dict] | bool | None = True,
+              out: str | Path | None = None, log: Callable[[str], None] = print, **options: Any) -> Plan:
+    """The plan a search finds for ``pipe`` on ``calls`` (the pipeline calls to calibrate on; the
+    embedded pipelines' default workload if None) under ``budget``: the one documented entry point.
+
+    ``heldout``: calls to re-measure the chosen plan on (True: the same calls with other noise
+    seeds; None/False: no held-out check). Other options: ``SearchConfig``'s fields, ``storage``,
+    ``denoiser``. The full result (front, summary) is in ``out`` when given."""
+    workload = as_workload(calls, pipe)
+    check = workload.reseeded() if heldout is True else (None if heldout in (None, False) else as_workload(heldout))
+    return search(pipe, workload, out=out, heldout=check, log=log, budget=budget, strategy=strategy, **options).plan

@@ -12,6 +12,8 @@ later step picks a *level*, a named set of units to reuse:
 * U-Nets: ``C``, ``deep1`` and ``deep0`` (DeepCache at skip branch 1 and 0: reuse what lies below
   the branch), ``enc`` (reuse the encoder, Faster Diffusion's encoder propagation), ``all``.
 
+The levels come from the adapter (``Adapter.levels``).
+
 That is T-1 categorical parameters with 4-5 values each: small enough for a GA to move in, and it
 still holds every hand-made plan of the registry (their schedules map onto it exactly, forecasts
 read as reuse) plus all mixtures of them across steps, which no hand-made method produces.
@@ -26,44 +28,15 @@ completed with the spec's bits for every unit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from diffaccel.adapters import adapter_for
-from diffaccel.adapters.unet import deep_units
 from diffaccel.methods.base import make_plan
 from diffaccel.plan import Plan
 from diffaccel.quant.spec import QuantSpec
 
 Genome = tuple[str, ...]  # the level name of steps 1 .. T-1
-
-
-@dataclass(frozen=True)
-class Level:
-    name: str
-    reused: frozenset[str]
-
-
-def transformer_levels(units: list[str]) -> list[Level]:
-    levels = [Level("C", frozenset())]
-    if len(units) >= 3:
-        levels.append(Level("mid", frozenset(units[1:-1])))
-    if len(units) >= 2:
-        levels.append(Level("tail", frozenset(units[1:])))
-    levels.append(Level("all", frozenset(units)))
-    return levels
-
-
-def unet_levels(units: list[str], num_levels: int) -> list[Level]:
-    levels = [Level("C", frozenset())]
-    for branch in (1, 0):
-        if branch <= num_levels - 2:
-            levels.append(Level(f"deep{branch}", frozenset(deep_units(num_levels, branch))))
-    encoder = {u for u in units if u == "conv_in" or u.startswith("down.") or u == "mid"}
-    levels.append(Level("enc", frozenset(encoder)))
-    levels.append(Level("all", frozenset(units)))
-    return levels
 
 
 class Space:
@@ -78,14 +51,7 @@ class Space:
         self.granularity = granularity
         self.units = [u.name for u in self.adapter.units(model, granularity)]
         self.num_steps = num_steps
-        if self.adapter.name == "unet":
-            levels = unet_levels(self.units, len(model.down_blocks))
-        else:
-            levels = transformer_levels(self.units)
-        unique: dict[frozenset, Level] = {}
-        for level in levels:  # tiny models can make two levels the same set
-            unique.setdefault(level.reused, level)
-        self.levels = list(unique.values())
+        self.levels = self.adapter.levels(model, granularity)
         self.by_name = {level.name: level for level in self.levels}
         self.param_names = [f"s{step:03d}" for step in range(1, num_steps)]
         if bits and quant is None:

@@ -18,39 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from diffaccel.search.errors import StorageMismatchError
+from diffaccel.errors import StorageMismatchError
+from diffaccel.fingerprint import fingerprint
 from diffaccel.search.space import Genome, Space
 
 HEARTBEAT_S = 20
 GRACE_S = 90
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """A cheap digest of the weights: names, shapes and a strided sample of every tensor."""
-    h = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1).float().cpu()
-        sample = flat[:: max(1, flat.numel() // 1024)]
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def fingerprint(space: Space, calibration: str) -> dict:
+def study_key(space: Space, calibration: str) -> dict:
+    """What a stored study must match to be continued: the model, its weights, the space, the calibration set."""
     return {"adapter": space.adapter.name, "model_class": type(space.model).__name__, "units": space.units,
             "granularity": space.granularity, "num_steps": space.num_steps,
-            "weights": weights_digest(space.model), "calibration": calibration}
+            "weights": fingerprint(space.model), "calibration": calibration}
 
 
 def _describe(fp: dict) -> str:

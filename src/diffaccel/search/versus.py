@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from diffaccel.calibration.reference import checked_images, run_with_plan
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.plan import Plan
-from diffaccel.search.evaluate import images_of, run_with_plan
 
 
 @dataclass
@@ -38,11 +38,11 @@ class Point:
 def measure(pipe: Any, heldout: Callable, plans: Iterable[tuple[str, dict, Plan]], reference=None,
             log: Callable[[str], None] = print) -> list[Point]:
     """PSNR and MAC speedup of each plan on the held-out set (one untimed run each)."""
-    reference = images_of(heldout(pipe), "held-out") if reference is None else reference
+    reference = checked_images(heldout(pipe), "held-out") if reference is None else reference
     points = []
     for name, settings, plan in plans:
         result, executor = run_with_plan(pipe, heldout, plan)
-        quality = fidelity(images_of(result, "held-out"), reference)
+        quality = fidelity(checked_images(result, "held-out"), reference)
         speedup = executor.stats.full_macs / max(1, executor.stats.macs)
         points.append(Point(name, settings, quality["psnr"], speedup))
         log(f"  {name} {settings}: {quality['psnr']:.2f} dB, {speedup:.2f}x MACs")

@@ -15,8 +15,9 @@ from diffusers import DiffusionPipeline, DiTTransformer2DModel, UNet2DConditionM
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffaccel.zoo.models import NULL_CLASS, ClassTokenEmbedder
-from diffaccel.zoo.shapes import NUM_CLASSES
+from diffaccel.calibration.workload import Workload
+from diffaccel.seeds import CALIBRATION_SEED, image_seed
+from diffaccel.zoo.models import ClassTokenEmbedder
 
 DEFAULT_GUIDANCE = 3.0
 
@@ -30,6 +31,30 @@ class ShapesPipeline(DiffusionPipeline):
     def denoiser(self) -> torch.nn.Module:
         return getattr(self, self.denoiser_name)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of the loaded model (its last label, ``num_classes``, is the null class)."""
+        raise NotImplementedError
+
+    def workload_calls(self, num_steps: int = 50, guidance: float = DEFAULT_GUIDANCE, per_class: int = 2,
+                       seed: int = 0, calibration: bool = True, classes: list[int] | None = None,
+                       batch_size: int = 64) -> Workload:
+        """``per_class`` images of every class of this model (or of ``classes``), in calls of at most
+        ``batch_size`` images; noise from the calibration seed range unless ``calibration`` is False
+        (then the evaluation seeds ``diffaccel generate --seed`` uses)."""
+        ids = list(range(self.num_classes)) if classes is None else list(classes)
+        if not ids or per_class < 1:
+            raise ValueError(f"a workload needs classes and at least one image per class (got {ids}, {per_class})")
+        base = CALIBRATION_SEED + seed if calibration else seed
+        labels = [c for c in ids for _ in range(per_class)]
+        seeds = [image_seed(base, c, j) for c in ids for j in range(per_class)]
+        calls = [{"class_labels": labels[i:i + batch_size], "num_inference_steps": num_steps,
+                  "guidance_scale": guidance, "seed": seeds[i:i + batch_size]}
+                 for i in range(0, len(labels), batch_size)]
+        text = (f"{'calibration' if calibration else 'evaluation'} seeds base {base}, classes {ids}, "
+                f"{per_class} per class, {num_steps} steps, guidance {guidance:g}")
+        return Workload.from_calls(calls, description=text)
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -37,8 +62,8 @@ class ShapesPipeline(DiffusionPipeline):
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: give at least one class id")
-        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise ValueError(f"class ids must lie in [0, {NUM_CLASSES}), got {labels.tolist()}")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class ids must lie in [0, {self.num_classes}) for this model, got {labels.tolist()}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
@@ -68,7 +93,7 @@ class ShapesPipeline(DiffusionPipeline):
         x = x * self.scheduler.init_noise_sigma
         labels = labels.to(device)
         guided = guidance_scale > 1.0
-        model_labels = torch.cat([torch.full_like(labels, NULL_CLASS), labels]) if guided else labels
+        model_labels = torch.cat([torch.full_like(labels, self.num_classes), labels]) if guided else labels
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
@@ -97,6 +122,10 @@ class ShapesDiTPipeline(ShapesPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.transformer.config.num_embeds_ada_norm)
+
     def denoise(self, x, t, labels):
         return self.transformer(x, timestep=t, class_labels=labels).sample
 
@@ -107,6 +136,10 @@ class ShapesUNetPipeline(ShapesPipeline):
     def __init__(self, unet: UNet2DConditionModel, class_embedder: ClassTokenEmbedder, scheduler):
         super().__init__()
         self.register_modules(unet=unet, class_embedder=class_embedder, scheduler=scheduler)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_embedder.config.num_classes)
 
     def denoise(self, x, t, labels):
         return self.unet(x, t, encoder_hidden_states=self.class_embedder(labels)).sample

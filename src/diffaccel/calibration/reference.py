@@ -1,0 +1,238 @@
+"""The reference run on a calibration workload, and the scoring of plans against it.
+
+One full-compute run of the workload (a ``Workload``, or any callable ``run(pipe) -> images``)
+gives, at once:
+
+* the reference images every candidate is compared with (PSNR / SSIM, ``eval.fidelity``);
+* the number of denoiser evaluations per call (the plan's step count), counted by the executor;
+* per-sample MACs of the model and of each unit (the executor measures them on its first forward);
+* per-forward wall time of the model and of each unit (timed with forward hooks), the basis of
+  the latency estimate: a plan's latency fraction is computed like its MAC fraction, from unit
+  seconds instead of unit MACs (a linear model that ignores the small cost of a cache read);
+* the dissimilarity profile for DP and greedy: each unit's output at every step (a fixed strided
+  subsample of at most ``PROFILE_ELEMENTS`` values per forward) and from it
+  ``d[u, j, i] = |o_i - o_j|_1 / |o_i|_1``, the relative L1 change of unit ``u`` from step j to i.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffaccel.adapters import adapter_for, find_denoiser
+from diffaccel.calibration.workload import Workload, images_of
+from diffaccel.errors import CalibrationError, PlanError, WorkloadError
+from diffaccel.eval.cost import plan_mac_fraction
+from diffaccel.eval.fidelity import fidelity
+from diffaccel.fingerprint import fingerprint
+from diffaccel.plan import CalibrationInfo, Plan
+from diffaccel.runtime.cache import tree_leaves
+from diffaccel.runtime.executor import Executor
+
+PROFILE_ELEMENTS = 4096
+Calibrate = Callable[[Any], Any]  # a Workload, or any run(pipe) -> images
+
+
+def identity_plan(model: torch.nn.Module, granularity: str = "block") -> Plan:
+    """A plan that computes every unit at every step, at any step count (the reference runs)."""
+    adapter = adapter_for(model)
+    return Plan(adapter=adapter.name, model_class=type(model).__name__, units=adapter.unit_names(model, granularity),
+                granularity=granularity, method="none")
+
+
+def calibration_info(model: torch.nn.Module, calibrate: Calibrate, images: int, steps: int) -> CalibrationInfo:
+    """The record a plan fitted on ``calibrate`` carries: the weights, the calls, their inputs."""
+    workload = calibrate if isinstance(calibrate, Workload) else None
+    return CalibrationInfo(
+        weights=fingerprint(model), calls=len(workload) if workload else 0, images=images,
+        inputs=list(workload.inputs[:64]) if workload else [], steps=steps,
+        seeds=workload.description if workload else getattr(calibrate, "description", "custom"))
+
+
+def sampled(output: Any) -> torch.Tensor:
+    """A fixed strided subsample (at most ``PROFILE_ELEMENTS`` values) of a unit's output."""
+    flat = torch.cat([leaf.detach().reshape(-1).float() for leaf in tree_leaves(output)])
+    stride = max(1, flat.numel() // PROFILE_ELEMENTS)
+    return flat[::stride][:PROFILE_ELEMENTS].clone()
+
+
+def checked_images(result: Any, what: str) -> torch.Tensor:
+    """A run's images (N, C, H, W) in [0, 1], or a CalibrationError saying what is wrong with them."""
+    try:
+        images = images_of(result)
+    except WorkloadError as exc:
+        raise CalibrationError(f"the {what} run returned no images: {exc}") from None
+    if not torch.isfinite(images).all():
+        raise CalibrationError(f"the {what} run produced non-finite images")
+    return images
+
+
+@dataclass
+class Scores:
+    psnr: float
+    psnr_min: float
+    ssim: float
+    mac_fraction: float
+    latency_fraction: float
+    seconds: float
+
+
+class CalibrationRun:
+    """The reference run on the calibration workload, and the scoring of plans against it."""
+
+    def __init__(self, pipe: Any, calibrate: Calibrate, granularity: str = "block", denoiser: str | None = None):
+        self.pipe, self.calibrate = pipe, calibrate
+        self.model, self.scheduler = find_denoiser(pipe, denoiser)
+        self.plan = identity_plan(self.model, granularity)
+        self.units = list(self.plan.units)
+        executor = Executor(self.model, self.plan)
+        store: dict[int, dict[int, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+        times = np.zeros(len(self.units) + 1)
+        timed = {"forwards": 0, "step": 0, "overhead": 0.0, "started": {}}
+        handles = self._timing_hooks(executor, store, times, timed)
+        executor.install(self.scheduler)
+        start = time.perf_counter()
+        try:
+            result = self.calibrate(pipe)
+        except (PlanError, WorkloadError) as exc:
+            raise CalibrationError(f"the calibration set does not fit: {exc}") from None
+        except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+            raise CalibrationError(f"running the calibration set failed ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:200]}); does it match the model?") from None
+        finally:
+            executor.remove()
+            for handle in handles:
+                handle.remove()
+        self.seconds = time.perf_counter() - start
+        self.reference = checked_images(result, "calibration")
+        if executor.stats.forwards == 0 or not executor.unit_macs:
+            raise CalibrationError("the calibration workload never ran the pipeline's denoiser")
+        self.num_steps = executor.stats.steps
+        self.shape_macs = dict(executor.unit_macs)
+        self.unit_macs = next(iter(self.shape_macs.values()))
+        forwards = max(1, timed["forwards"])
+        self.unit_seconds = [float(t / forwards) for t in times]
+        if self.unit_seconds[0] <= 0:
+            self.unit_seconds = [float(m) for m in self.unit_macs]  # a 1-step run: fall back to MACs
+        self.outputs = self._stack(store)
+        self.dissimilarity = self._dissimilarity()
+
+    def _timing_hooks(self, executor: Executor, store, times: np.ndarray, timed: dict) -> list:
+        """Forward hooks on the model and every unit: per-forward seconds, and each unit's sampled output."""
+        started = timed["started"]
+
+        def pre(key):
+            def hook(*_):
+                started[key] = time.perf_counter()
+            return hook
+
+        def post(key):
+            def hook(module, args, output):
+                now = time.perf_counter()
+                step = executor.current_step
+                if step is not None:
+                    timed["step"] = step
+                if timed["step"] > 0:  # step 0 runs under the FLOP counter: too slow to time
+                    spent = now - started.pop(key, now)
+                    if key < 0:
+                        times[0] += spent - timed["overhead"]
+                        timed["forwards"] += 1
+                    else:
+                        times[key + 1] += spent
+                if key < 0:
+                    timed["overhead"] = 0.0
+                elif step is not None:
+                    store[key][step].append(sampled(output))
+                    timed["overhead"] += time.perf_counter() - now
+            return hook
+
+        handles = [self.model.register_forward_pre_hook(pre(-1)), self.model.register_forward_hook(post(-1))]
+        for index, unit in enumerate(executor.units):
+            handles += [unit.module.register_forward_pre_hook(pre(index)),
+                        unit.module.register_forward_hook(post(index))]
+        return handles
+
+    def info(self) -> CalibrationInfo:
+        """What the calibration ran, for the record of a plan fitted on it."""
+        return calibration_info(self.model, self.calibrate, len(self.reference), self.num_steps)
+
+    def _stack(self, store) -> list[torch.Tensor | None]:
+        """Per unit, its sampled outputs as (steps, elements); None for a unit not called at every step."""
+        stacked = []
+        for u in range(len(self.units)):
+            outs = [torch.cat(store[u][s]) if store[u].get(s) else None for s in range(self.num_steps)]
+            ok = all(o is not None for o in outs) and len({o.numel() for o in outs}) == 1
+            stacked.append(torch.stack(outs).double() if ok else None)
+        return stacked
+
+    def _dissimilarity(self) -> np.ndarray:
+        n, steps = len(self.units), self.num_steps
+        d = np.zeros((n, steps, steps))
+        for u, stacked in enumerate(self.outputs):
+            if stacked is None:
+                continue
+            norms = stacked.abs().sum(1).clamp_min(1e-12)
+            for i in range(1, steps):
+                d[u, :i, i] = ((stacked[:i] - stacked[i]).abs().sum(1) / norms[i]).numpy()
+        return d
+
+    def unit_error(self, plan: Plan) -> np.ndarray:
+        """q[u, t]: relative L1 distance of each unit's output under ``plan`` (an all-compute plan with
+        quantization, say) from the full-precision output at the same step, on the calibration set."""
+        executor = Executor(self.model, plan, unit_macs=self.shape_macs)
+        store: dict[int, dict[int, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+
+        def record(key):
+            def hook(module, args, output):
+                if executor.current_step is not None:
+                    store[key][executor.current_step].append(sampled(output))
+            return hook
+
+        handles = [u.module.register_forward_hook(record(i)) for i, u in enumerate(executor.units)]
+        executor.install(self.scheduler)
+        try:
+            self.calibrate(self.pipe)
+        finally:
+            executor.remove()
+            for handle in handles:
+                handle.remove()
+        q = np.zeros((len(self.units), self.num_steps))
+        for u, (ref, got) in enumerate(zip(self.outputs, self._stack(store))):
+            if ref is not None and got is not None and ref.shape == got.shape:
+                q[u] = ((got - ref).abs().sum(1) / ref.abs().sum(1).clamp_min(1e-12)).numpy()
+        return q
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def fractions(self, plan: Plan) -> tuple[float, float]:
+        return plan_mac_fraction(plan, self.unit_macs), plan_mac_fraction(plan, self.unit_seconds)
+
+    def score(self, plan: Plan) -> Scores:
+        start = time.perf_counter()
+        images = run_with_plan(self.pipe, self.calibrate, plan, self.shape_macs)[0]
+        images = checked_images(images, "calibration")
+        if images.shape != self.reference.shape:
+            raise CalibrationError(f"the calibration callable returned {tuple(images.shape)} images under a plan "
+                                   f"but {tuple(self.reference.shape)} without: it must be deterministic")
+        quality = fidelity(images, self.reference)
+        macs, latency = self.fractions(plan)
+        return Scores(quality["psnr"], quality["psnr_min"], quality["ssim"], macs, latency,
+                      time.perf_counter() - start)
+
+
+def run_with_plan(pipe: Any, fn: Callable, plan: Plan, unit_macs: dict | None = None, **options: Any):
+    """``fn(pipe)`` under ``plan``; returns (result, executor). ``unit_macs`` (from an earlier run of
+    the same model) spares the executor its FLOP-counted first forward; ``options`` go to the executor."""
+    model, scheduler = find_denoiser(pipe, options.pop("denoiser", None))
+    executor = Executor(model, plan, unit_macs=unit_macs, **options)
+    executor.install(scheduler)
+    try:
+        result = fn(pipe)
+    finally:
+        executor.remove()
+    return result, executor

@@ -1,0 +1,164 @@
+"""The calibration workload: the pipeline calls a method or the search runs to profile, fit or
+calibrate, as data.
+
+A ``Workload`` is a list of ``Call``s, each the keyword arguments of one pipeline call (``prompt``,
+``prompt_embeds``, ``class_labels``, ``num_inference_steps``, ``guidance_scale``, ...) and its
+noise seeds. Users pass their own calls (``calls=[{"prompt": p, "num_inference_steps": 28}]``);
+the embedded pipelines provide a default one covering all their classes
+(``pipe.workload_calls``). Nothing here assumes class labels or a pipeline class of ours: any
+diffusers pipeline that takes ``generator`` (and returns images) runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffaccel.errors import WorkloadError
+from diffaccel.seeds import CALIBRATION_SEED, HELDOUT_SHIFT
+
+RESERVED = ("generator", "output_type", "return_dict")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One pipeline call: its keyword arguments, and one noise seed (one generator for the call) or
+    one per image (a list of generators, as diffusers pipelines accept)."""
+
+    kwargs: dict[str, Any]
+    seeds: tuple[int, ...]
+
+    def generators(self) -> torch.Generator | list[torch.Generator]:
+        gens = [torch.Generator().manual_seed(int(s)) for s in self.seeds]
+        return gens[0] if len(gens) == 1 else gens
+
+    def describe(self) -> list[str]:
+        """The inputs this call asks for, readably (prompts or class ids)."""
+        for key in ("prompt", "class_labels"):
+            value = self.kwargs.get(key)
+            if value is not None:
+                values = value.tolist() if isinstance(value, torch.Tensor) else value
+                return [str(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+        return ["<embeddings>"] if any(k.endswith("embeds") for k in self.kwargs) else ["<call>"]
+
+
+def images_of(result: Any) -> torch.Tensor:
+    """A pipeline's output as a float tensor (N, C, H, W) in [0, 1], whatever its ``output_type``."""
+    images = getattr(result, "images", result)
+    if isinstance(images, tuple):
+        images = images[0]
+    if isinstance(images, list) and images and not isinstance(images[0], torch.Tensor):
+        images = np.stack([np.asarray(im, dtype=np.float32) / (255.0 if not isinstance(im, np.ndarray) else 1.0)
+                           for im in images])
+    if isinstance(images, list) and images:
+        images = torch.stack(images)
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+        if images.dim() == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+            images = images.permute(0, 3, 1, 2)  # NHWC (DiTPipeline, numpy output) -> NCHW
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        raise WorkloadError(f"the pipeline returned no batch of images (got {type(images).__name__}); "
+                            "it must return images, as diffusers pipelines do with output_type='pt'")
+    return images.detach().float().cpu()
+
+
+def _accepts(pipe: Any, name: str) -> bool:
+    params = inspect.signature(pipe.__call__).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@dataclass(frozen=True)
+class Workload:
+    calls: tuple[Call, ...]
+    description: str = ""
+    inputs: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.calls:
+            raise WorkloadError("the workload is empty: give at least one pipeline call")
+
+    @classmethod
+    def from_calls(cls, calls: Iterable[dict | Call], seed: int = CALIBRATION_SEED,
+                   description: str | None = None) -> Workload:
+        """Calls as dicts of pipeline arguments; a ``seed`` key (an int, or a list: one per image)
+        sets the noise, else call ``i`` gets seed ``seed + i``."""
+        out = []
+        for i, call in enumerate(calls):
+            if isinstance(call, Call):
+                out.append(call)
+                continue
+            if not isinstance(call, dict):
+                raise WorkloadError(f"call {i} must be a dict of pipeline arguments, got {type(call).__name__}")
+            kwargs = dict(call)
+            given = kwargs.pop("seed", seed + i)
+            bad = [k for k in RESERVED if k in kwargs]
+            if bad:
+                raise WorkloadError(f"call {i} sets {', '.join(bad)}: diffaccel sets these itself (give seeds "
+                                    "with a 'seed' key instead of a generator)")
+            seeds = tuple(int(s) for s in given) if isinstance(given, (list, tuple)) else (int(given),)
+            out.append(Call(kwargs, seeds))
+        calls = tuple(out)
+        inputs = tuple(dict.fromkeys(x for c in calls for x in c.describe()))
+        text = description or f"{len(calls)} calls, seeds from {seed}"
+        return cls(calls, text, inputs)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    @property
+    def num_inference_steps(self) -> int | None:
+        """The calls' common ``num_inference_steps`` (None if they leave it to the pipeline)."""
+        steps = {c.kwargs.get("num_inference_steps") for c in self.calls}
+        if len(steps) > 1:
+            raise WorkloadError(f"the calls ask for different step counts ({sorted(map(str, steps))}): "
+                                "a plan is made for one")
+        return steps.pop()
+
+    def with_steps(self, num_inference_steps: int) -> Workload:
+        calls = tuple(Call({**c.kwargs, "num_inference_steps": num_inference_steps}, c.seeds) for c in self.calls)
+        return Workload(calls, self.description, self.inputs)
+
+    def reseeded(self, shift: int = HELDOUT_SHIFT, description: str | None = None) -> Workload:
+        """The same inputs with other noise (a held-out check of a plan fitted on this workload)."""
+        calls = tuple(Call(c.kwargs, tuple(s + shift for s in c.seeds)) for c in self.calls)
+        return Workload(calls, description or f"{self.description}, seeds shifted by {shift}", self.inputs)
+
+    def take(self, indices: Sequence[int]) -> Workload:
+        return Workload(tuple(self.calls[i] for i in indices), self.description, self.inputs)
+
+    def run(self, pipe: Any, progress: bool = False) -> torch.Tensor:
+        """Run every call; the images, in order, as one tensor (N, C, H, W) in [0, 1]."""
+        extra = {"output_type": "pt"} if _accepts(pipe, "output_type") else {}
+        out = []
+        for call in tqdm(self.calls, desc="calibration calls", disable=not progress or len(self.calls) < 2):
+            with torch.no_grad():
+                result = pipe(**call.kwargs, generator=call.generators(), **extra)
+            out.append(images_of(result))
+        shapes = {tuple(x.shape[1:]) for x in out}
+        if len(shapes) > 1:
+            raise WorkloadError(f"the calls make images of different sizes ({sorted(shapes)}): use one size")
+        return torch.cat(out)
+
+    def __call__(self, pipe: Any) -> torch.Tensor:
+        return self.run(pipe)
+
+
+def as_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **defaults: Any) -> Workload:
+    """``calls`` as a Workload; None asks the pipeline for its default one (the embedded pipelines
+    have one: ``pipe.workload_calls(**defaults)``), else says what to pass."""
+    if isinstance(calls, Workload):
+        return calls
+    if calls is not None:
+        return Workload.from_calls(list(calls))
+    make = getattr(pipe, "workload_calls", None)
+    if make is None:
+        raise WorkloadError(f"diffaccel cannot guess the inputs of a {type(pipe).__name__}: pass calls=[{{...}}], "
+                            "the keyword arguments of the pipeline calls to calibrate on (prompts or class labels, "
+                            "num_inference_steps, guidance_scale; CLI: --prompts FILE)")
+    return make(**defaults)

@@ -1,0 +1,26 @@
+"""One fingerprint of a model's weights: plans and calibrations remember what they were fitted on.
+
+The digest covers the class, the config and, per tensor, its name, shape and the sum of its
+absolute values (one reduction per tensor: cheap next to a sampling run, also on a GPU), so any
+retraining or fine-tuning changes it while moving the model between devices does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits identifying the model's class, config and weights."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            total = float(value.detach().double().abs().sum()) if value.numel() else 0.0
+            digest.update(f"{name}{tuple(value.shape)}{total:.6e}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,93 @@
+"""The step clock: which denoising step a denoiser call belongs to, read off the scheduler.
+
+A pipeline call starts with ``scheduler.set_timesteps`` and ends each step with ``scheduler.step``;
+every denoiser call between two ``step`` calls belongs to the same step, the k-th of them to
+guidance branch k. Counting this way keeps plans aligned with samplers that repeat or insert
+timesteps (PNDM, Heun, KDPM2): a plan step is one denoiser evaluation of the run, and a run has
+``len(scheduler.timesteps)`` of them (fewer when the pipeline sets a begin index, as img2img does).
+
+The wrappers keep the wrapped methods' signatures (``functools.wraps``): pipelines inspect them to
+decide which arguments to pass (``eta``, ``generator``, custom ``sigmas``), and every argument
+reaches the scheduler unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, sample before, sample after)
+
+
+def timestep_value(t: Any) -> float:
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0])
+    return float(t)
+
+
+def prev_sample(out: Any) -> torch.Tensor:
+    return out.prev_sample if hasattr(out, "prev_sample") else out[0]
+
+
+class StepClock:
+    """Counts steps and guidance branches of the current pipeline call."""
+
+    def __init__(self) -> None:
+        self.active = False  # a scheduler is hooked and a pipeline call has started
+        self.step = 0
+        self.calls = 0  # denoiser calls in the current step so far
+        self.timesteps: list[float] = []
+        self.begin = 0
+
+    @property
+    def expected_steps(self) -> int:
+        return len(self.timesteps) - self.begin
+
+    def start(self, timesteps: Any) -> None:
+        self.active, self.step, self.calls, self.begin = True, 0, 0, 0
+        self.timesteps = [timestep_value(t) for t in timesteps]
+
+    def next_branch(self) -> int:
+        branch = self.calls
+        self.calls += 1
+        return branch
+
+    def hook(self, scheduler: Any, patch: Callable[[Any, str, Any], None], on_run: Callable[[], None],
+             on_step: StepHook | None) -> None:
+        """Wrap ``scheduler``'s ``set_timesteps``, ``set_begin_index`` and ``step`` through ``patch``
+        (which records the originals for restoring). ``on_step`` sees each step's latents."""
+        set_timesteps, step = scheduler.set_timesteps, scheduler.step
+        step_signature = inspect.signature(step)
+
+        @functools.wraps(set_timesteps)
+        def set_timesteps_counted(*args, **kwargs):
+            out = set_timesteps(*args, **kwargs)
+            self.start(scheduler.timesteps)
+            on_run()
+            return out
+
+        @functools.wraps(step)
+        def step_counted(*args, **kwargs):
+            out = step(*args, **kwargs)
+            if on_step is not None:
+                sample = step_signature.bind(*args, **kwargs).arguments["sample"]
+                on_step(self.step, sample, prev_sample(out))
+            self.step += 1
+            self.calls = 0
+            return out
+
+        patch(scheduler, "set_timesteps", set_timesteps_counted)
+        patch(scheduler, "step", step_counted)
+        set_begin_index = getattr(scheduler, "set_begin_index", None)
+        if callable(set_begin_index):
+            @functools.wraps(set_begin_index)
+            def set_begin_index_counted(*args, **kwargs):
+                out = set_begin_index(*args, **kwargs)
+                self.begin = int(getattr(scheduler, "begin_index", None) or 0)
+                return out
+
+            patch(scheduler, "set_begin_index", set_begin_index_counted)

@@ -1,0 +1,81 @@
+"""What a feature is: one part of a plan, applied by the executor through a few narrow hooks.
+
+The executor core only counts steps, keeps per-branch caches, dispatches units and counts MACs.
+Everything else a plan can ask for is a ``Feature`` built from one plan field: it overrides the
+hooks it needs and keeps its own per-branch state (``BranchState.of``). Adding a plan field means
+adding a feature, its schema part and its tests; the core stays as it is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffaccel.adapters import Unit
+from diffaccel.plan import Plan
+from diffaccel.runtime.state import BranchState
+
+if TYPE_CHECKING:
+    from diffaccel.runtime.executor import Executor
+
+
+class Feature:
+    """Hooks default to doing nothing; ``applies(plan)`` says whether a plan needs the feature."""
+
+    edits_served_values = False  # True: reused units must be served one by one, not summed in runs
+    needs_scheduler = False  # True: acts on the latents between steps, so needs the pipeline's scheduler
+
+    def __init__(self, plan: Plan, executor: Executor) -> None:
+        self.plan = plan
+        self.executor = executor
+
+    @classmethod
+    def applies(cls, plan: Plan) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def part(cls, plan: Plan) -> Any:
+        """The plan data the feature is built from (a feature whose part is unchanged survives a resample)."""
+        raise NotImplementedError
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def install(self) -> None:
+        """The plan is being applied (before the model's forwards are wrapped)."""
+
+    def remove(self) -> None:
+        """The plan is being removed: undo what ``install`` did (idempotent)."""
+
+    def start_run(self) -> None:
+        """A pipeline call starts (its per-run state is forgotten)."""
+
+    # -- per forward and unit --------------------------------------------------------------------
+    def forward(self, original, bound, state: BranchState) -> Any:
+        """Produce the model's output for this call instead of running it, or None to run it."""
+        return None
+
+    def before_forward(self, state: BranchState) -> None:
+        """A tracked model forward of this branch starts."""
+
+    def action(self, state: BranchState, index: int, planned: str) -> str:
+        """The action of unit ``index`` at this step (the plan's, unless the feature decides)."""
+        return planned
+
+    def before_unit(self, state: BranchState, index: int, unit: Unit, args: tuple, kwargs: dict) -> None:
+        """Unit ``index`` is about to run or be served."""
+
+    def after_compute(self, state: BranchState, index: int, output: Any) -> None:
+        """Unit ``index`` was computed and cached."""
+
+    def serve(self, value: Any, step: int, index: int) -> Any:
+        """The cached value of unit ``index`` as served at ``step`` (features that correct it)."""
+        return value
+
+    # -- between steps (needs_scheduler) ---------------------------------------------------------
+    def after_step(self, step: int, sample: torch.Tensor, prev: torch.Tensor) -> None:
+        """The scheduler finished ``step``: ``prev`` is the new latent (may be edited in place)."""
+
+
+def overrides(feature: Feature, hook: str) -> bool:
+    """Whether ``feature`` implements ``hook`` (the executor calls only features that do)."""
+    return getattr(type(feature), hook) is not getattr(Feature, hook)

@@ -1,0 +1,40 @@
+"""ERTACache's residual correction: a reused residual ``r`` is served as ``gain[step] * r + bias[step]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffaccel.runtime.cache import tree_map
+from diffaccel.runtime.features.base import Feature
+
+
+class ResidualCorrection(Feature):
+    edits_served_values = True
+
+    def __init__(self, plan, executor) -> None:
+        super().__init__(plan, executor)
+        self.gain = plan.correction.gain
+        # the fitted per-channel biases as tensors once, not on every reused unit of every step
+        self.bias = [torch.tensor(row) for row in plan.correction.bias] if plan.correction.bias else []
+
+    @classmethod
+    def applies(cls, plan) -> bool:
+        return plan.correction is not None
+
+    @classmethod
+    def part(cls, plan) -> Any:
+        return plan.correction
+
+    def serve(self, value: Any, step: int, index: int) -> Any:
+        gain = self.gain[step]
+        bias = self.bias[step] if self.bias else None
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            out = v * gain
+            if bias is not None and bias.numel() == v.shape[-1]:
+                out = out + bias.to(dtype=v.dtype, device=v.device)
+            return out
+
+        return tree_map(apply, value)

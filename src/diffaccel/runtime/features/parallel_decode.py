@@ -1,0 +1,78 @@
+"""Faster Diffusion's parallel decoding: a U-Net step that reuses the whole encoder never reads its
+input latent, so a run of such steps can run as one batch (each copy with its own timestep); the
+later steps of the run then return their precomputed outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffaccel.errors import PlanError
+from diffaccel.runtime.features.base import Feature
+from diffaccel.runtime.state import BranchState
+
+
+@dataclass
+class DecodeState:
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> precomputed output
+
+
+class ParallelDecode(Feature):
+    def __init__(self, plan, executor) -> None:
+        super().__init__(plan, executor)
+        if "parallel-decode" not in executor.adapter.capabilities:
+            raise PlanError(f"parallel decoding needs a U-Net; the {executor.adapter.name} adapter has no decoder")
+        encoder = [i for i, u in enumerate(executor.units) if u.role == "encoder"]
+        self.decoder_only = [all(row[i] == "R" for i in encoder) for row in plan.schedule]
+        self.wrap = None
+
+    @classmethod
+    def applies(cls, plan) -> bool:
+        return plan.parallel_decode and plan.schedule is not None
+
+    @classmethod
+    def part(cls, plan) -> Any:
+        return (plan.parallel_decode, tuple(plan.schedule or ()))
+
+    def run_length(self, step: int) -> int:
+        """Length of the run of decoder-only steps starting at ``step`` (1 if none)."""
+        run = 0
+        while step + run < len(self.decoder_only) and self.decoder_only[step + run]:
+            run += 1
+        return max(run, 1)
+
+    def forward(self, original, bound, state: BranchState) -> Any:
+        own = state.of(self, DecodeState)
+        executor = self.executor
+        if state.step in own.pending:  # computed ahead, in an earlier batched forward
+            executor.stats.forwards += 1
+            return self.wrap(own.pending.pop(state.step))
+        run = self.run_length(state.step)
+        if run == 1:
+            return None
+        timesteps = executor.timesteps()
+        if timesteps is None:
+            raise PlanError("parallel decoding needs the timesteps: pass the pipeline, or a plan with timesteps")
+        adapter = executor.adapter
+        sample = bound.arguments[adapter.sample_arg]
+        batch = sample.shape[0]
+        t_arg = bound.arguments[adapter.timestep_arg]
+        dtype = t_arg.dtype if isinstance(t_arg, torch.Tensor) else torch.float32
+        times = torch.tensor(timesteps[state.step:state.step + run], dtype=dtype, device=sample.device)
+        for name, value in list(bound.arguments.items()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                bound.arguments[name] = value.repeat(run, *([1] * (value.dim() - 1)))
+        bound.arguments[adapter.timestep_arg] = times.repeat_interleave(batch)
+        state.tile = run
+        try:
+            out = executor.run_forward(original, bound.args, bound.kwargs, state, (batch * run, *sample.shape[1:]))
+        finally:
+            state.tile = 1
+        sample_out = out.sample if hasattr(out, "sample") else out[0]
+        chunks = sample_out.chunk(run)
+        for k in range(1, run):
+            own.pending[state.step + k] = chunks[k]
+        self.wrap = (lambda c: type(out)(sample=c)) if hasattr(out, "sample") else (lambda c: (c,))
+        return self.wrap(chunks[0])

@@ -1,0 +1,61 @@
+"""Plan settings that act on the latents between steps, through the scheduler's ``step``:
+ERTACache's per-step scale of the solver update, and Faster Diffusion's prior noise injection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffaccel.runtime.features.base import Feature
+
+
+class StepScale(Feature):
+    """``prev = sample + scale[step] * (prev - sample)``: lengthen or shorten a cached step's update."""
+
+    needs_scheduler = True
+
+    def __init__(self, plan, executor) -> None:
+        super().__init__(plan, executor)
+        self.scale = plan.step_scale
+
+    @classmethod
+    def applies(cls, plan) -> bool:
+        return plan.step_scale is not None
+
+    @classmethod
+    def part(cls, plan) -> Any:
+        return plan.step_scale
+
+    def after_step(self, step: int, sample: torch.Tensor, prev: torch.Tensor) -> None:
+        scale = self.scale[step] if step < len(self.scale) else 1.0
+        if scale != 1.0:
+            prev.sub_(sample).mul_(scale).add_(sample)
+
+
+class NoiseInjection(Feature):
+    """Add ``strength * z_T`` (the run's first latent) to the latent after every step from ``from_step`` on."""
+
+    needs_scheduler = True
+
+    def __init__(self, plan, executor) -> None:
+        super().__init__(plan, executor)
+        self.settings = plan.noise_injection
+        self.z: torch.Tensor | None = None
+
+    @classmethod
+    def applies(cls, plan) -> bool:
+        return plan.noise_injection is not None
+
+    @classmethod
+    def part(cls, plan) -> Any:
+        return plan.noise_injection
+
+    def start_run(self) -> None:
+        self.z = None
+
+    def after_step(self, step: int, sample: torch.Tensor, prev: torch.Tensor) -> None:
+        if self.z is None:
+            self.z = sample.clone()
+        if step >= self.settings.from_step and self.settings.strength > 0:
+            prev.add_(self.z, alpha=self.settings.strength)

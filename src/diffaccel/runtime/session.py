@@ -1,0 +1,50 @@
+"""The verbs users call: ``accelerate(pipe, plan)`` (a context manager), ``enable`` and ``disable``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from diffaccel.adapters import find_denoiser
+from diffaccel.plan import Plan
+from diffaccel.runtime.executor import Executor
+
+
+@contextlib.contextmanager
+def accelerate(target: Any, plan: Plan, check_finite: bool = True, resample: bool = False,
+               denoiser: str | None = None) -> Iterator[Executor]:
+    """Apply ``plan`` to a pipeline (its denoiser: ``pipe.transformer`` / ``pipe.unet``, the one
+    supported model component, or the component named by ``denoiser``) or to a bare model inside
+    the ``with`` block; the model and scheduler are restored on exit, also after an exception.
+
+    ``resample``: run a static plan at another step count by mapping it (``Plan.resample``; logged)
+    instead of refusing the run. ``check_finite``: stop on NaN/inf in a computed unit (one host
+    sync per denoiser call; turn off for the last bit of GPU speed)."""
+    executor = enable(target, plan, check_finite, resample, denoiser)
+    try:
+        yield executor
+    finally:
+        executor.remove()
+
+
+def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = False,
+           denoiser: str | None = None) -> Executor:
+    """Apply ``plan`` until ``disable(target)``; returns the executor (its ``stats`` count the work
+    of the latest pipeline call)."""
+    model, scheduler = find_denoiser(target, denoiser)
+    executor = Executor(model, plan, check_finite=check_finite, resample=resample)
+    executor.install(scheduler)
+    return executor
+
+
+def disable(target: Any) -> None:
+    """Remove whatever plan is applied to ``target``'s models (a no-op if none is)."""
+    models = [target] if hasattr(target, "_diffaccel_executor") else []
+    components = getattr(target, "components", None)
+    source = components if isinstance(components, dict) else vars(target)
+    models += [m for m in source.values() if getattr(m, "_diffaccel_executor", None) is not None]
+    for model in models:
+        executor = getattr(model, "_diffaccel_executor", None)
+        if executor is not None:
+            executor.remove()

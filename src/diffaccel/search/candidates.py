@@ -1,0 +1,106 @@
+"""Evaluated candidates: their scores, the Pareto front and the choice under a budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from diffaccel.calibration.reference import CalibrationRun
+from diffaccel.errors import SearchError
+from diffaccel.search.config import Budget
+from diffaccel.search.space import Genome, Space
+from diffaccel.search.store import Store
+
+
+@dataclass
+class Candidate:
+    genome: Genome | None
+    schedule: list[str]
+    psnr: float
+    psnr_min: float
+    ssim: float
+    mac_fraction: float
+    latency_fraction: float
+    source: str
+    trial: int | None = None
+    extra: dict = field(default_factory=dict)
+    bops_fraction: float | None = None  # joint searches: bit-weighted MACs (``Space.bit_mac_fraction``)
+
+    def quality(self, budget: Budget) -> float:
+        return self.psnr if budget.metric == "psnr" else self.ssim
+
+    def cost(self, objective: str) -> float:
+        if objective == "bops":
+            return self.bops_fraction if self.bops_fraction is not None else self.mac_fraction
+        return self.mac_fraction if objective == "macs" else self.latency_fraction
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "trial": self.trial, "calib_psnr": self.psnr, "calib_psnr_min": self.psnr_min,
+                "calib_ssim": self.ssim, "mac_fraction": self.mac_fraction,
+                "latency_fraction": self.latency_fraction, "bops_fraction": self.bops_fraction, **self.extra,
+                "schedule": self.schedule}
+
+
+
+def pareto(points: list[Candidate], budget: Budget, objective: str) -> list[Candidate]:
+    """Non-dominated candidates (quality up, cost down), cheapest first; duplicates dropped."""
+    ordered = sorted(points, key=lambda c: (c.cost(objective), -c.quality(budget), c.trial or 0))
+    front: list[Candidate] = []
+    best = -math.inf
+    for c in ordered:
+        if c.quality(budget) > best:
+            front.append(c)
+            best = c.quality(budget)
+    return front
+
+
+def choose(points: list[Candidate], budget: Budget, objective: str) -> tuple[Candidate, bool, float]:
+    """The cheapest candidate meeting the budget; else the best-quality one and its shortfall."""
+    meeting = [c for c in points if budget.met(c.quality(budget))]
+    if meeting:
+        return min(meeting, key=lambda c: (c.cost(objective), -c.quality(budget), c.trial or 0)), True, 0.0
+    best = max(points, key=lambda c: (c.quality(budget), -c.cost(objective), -(c.trial or 0)))
+    return best, False, budget.threshold - best.quality(budget)
+
+
+
+def candidates_of(store: Store, space: Space) -> list[Candidate]:
+    out = []
+    for trial in store.complete():
+        genome = space.from_params(trial.params)
+        if genome is None:
+            continue
+        a = trial.user_attrs
+        extra = {"error": a["error"]} if "error" in a else {}
+        out.append(Candidate(genome, space.rows(genome), a.get("psnr", 0.0), a.get("psnr_min", 0.0),
+                             a.get("ssim", 0.0), a.get("mac_fraction", 1.0), a.get("latency_fraction", 1.0),
+                             a.get("source", ""), trial.number, extra, a.get("bops_fraction")))
+    return out
+
+
+def handmade_scores(store: Store, calib: CalibrationRun, handmade, space: Space) -> list[Candidate]:
+    """Calibration scores of the hand-made plans, cached in the study (they survive a restart)."""
+    cached = dict(store.study.user_attrs.get("handmade", {}))
+    out = []
+    for item in handmade:
+        if item.key not in cached:
+            try:
+                s = calib.score(item.plan)
+            except SearchError:
+                raise
+            except Exception:  # noqa: BLE001 -- a hand-made setting that breaks is left out
+                continue
+            cached[item.key] = {"psnr": s.psnr, "psnr_min": s.psnr_min, "ssim": s.ssim,
+                                "mac_fraction": s.mac_fraction, "latency_fraction": s.latency_fraction}
+            store.study.set_user_attr("handmade", cached)
+        s = cached[item.key]
+        if s["mac_fraction"] >= 1.0 - 1e-9:
+            continue
+        genome = space.genome(item.plan.schedule)  # forecasts read as reuse: the same cost
+        bops = None if space.quant is None or genome is None else space.bit_mac_fraction(genome, calib.unit_macs)
+        out.append(Candidate(None, list(item.plan.schedule), s["psnr"], s["psnr_min"], s["ssim"], s["mac_fraction"],
+                             s["latency_fraction"], item.key, None, {"name": item.name, "settings": item.settings},
+                             bops))
+    return out
+
+

@@ -1,0 +1,110 @@
+"""What a search is asked for: the quality budget, the cost to minimise, the strategy and its
+limits, as one typed ``SearchConfig``."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from diffaccel.errors import BudgetError, SearchError
+from diffaccel.quant.spec import QuantSpec
+
+STRATEGIES = ("nsga2", "dp", "greedy")
+OBJECTIVES = ("macs", "latency", "bops")  # bops: MACs weighted by weight bits (joint searches)
+_BUDGET = re.compile(r"^\s*(psnr|ssim)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    metric: str  # "psnr" (dB) or "ssim"
+    threshold: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.metric}>={self.threshold:g}"
+
+    def met(self, quality: float) -> bool:
+        return quality >= self.threshold
+
+    def unit(self) -> str:
+        return " dB" if self.metric == "psnr" else ""
+
+    def raised(self, margin: float) -> Budget:
+        """The budget the calibration set must meet so that unseen inputs still meet this one."""
+        return Budget(self.metric, self.threshold + margin)
+
+
+# A plan chosen on a dozen calibration images loses some quality on other inputs (about 0.1-0.8 dB
+# on the embedded models): by default the calibration set must clear the budget by this much.
+DEFAULT_MARGIN = {"psnr": 0.5, "ssim": 0.005}
+CORRECTION_SEED_OFFSET = 1000  # the feature correction is fitted on calibration seeds the search never scores
+
+
+def parse_budget(text: str) -> Budget:
+    """``psnr>=X`` (dB, mean over the calibration images) or ``ssim>=X`` (0 < X <= 1)."""
+    match = _BUDGET.match(text or "")
+    if match is None:
+        raise BudgetError(f"cannot read the budget {text!r}: write psnr>=X (dB, e.g. psnr>=30) or ssim>=X "
+                          "(e.g. ssim>=0.95)")
+    metric, value = match.group(1).lower(), float(match.group(2))
+    if metric == "ssim" and not 0 < value <= 1:
+        raise BudgetError(f"an SSIM budget must lie in (0, 1], got {value:g}")
+    if metric == "psnr" and value <= 0:
+        raise BudgetError(f"a PSNR budget must be positive (dB), got {value:g}")
+    return Budget(metric, value)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``90s``, ``15m``, ``2h`` or plain seconds; None or empty for no limit."""
+    if text is None or str(text).strip() in ("", "0", "none"):
+        return None
+    match = re.fullmatch(r"\s*(\d+(\.\d*)?)\s*([smh]?)\s*", str(text))
+    if match is None:
+        raise SearchError(f"cannot read the time limit {text!r}: write e.g. 90s, 15m or 2h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(3)]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting of a search; ``check()`` validates it before any work."""
+
+    budget: str = "psnr>=30"
+    objective: str = "macs"  # macs, latency (estimated from unit wall time) or bops (with quant)
+    strategy: str = "nsga2"  # nsga2, dp or greedy
+    seed: int = 0
+    time_limit: float | None = None  # seconds; None for no limit
+    trials: int | None = None  # nsga2: stop when the study holds this many trials
+    population: int = 16
+    pairs: int = 3  # interleaved baseline / plan runs of the held-out check
+    granularity: str = "block"
+    greedy_points: int = 20
+    k_values: tuple[int, ...] | None = None  # dp: budgets of full steps (default: dp.default_k_values)
+    margin: float | None = None  # calibration quality must clear the budget by this much (DEFAULT_MARGIN)
+    quant: QuantSpec | None = None  # joint search: quantize every candidate
+    bits: tuple[int, ...] | None = None  # joint search: per-unit weight bits to choose from
+    correct: bool = False  # fit a feature correction to the chosen plan
+    model_name: str | None = None  # names the study (default: the adapter)
+    calibration_id: str | None = None  # identifies the calibration set in the storage
+
+    def parsed_budget(self) -> Budget:
+        return parse_budget(self.budget)
+
+    def effective_margin(self) -> float:
+        budget = self.parsed_budget()
+        return DEFAULT_MARGIN[budget.metric] if self.margin is None else float(self.margin)
+
+    def check(self) -> None:
+        """Raise a one-line SearchError for a setting that cannot work."""
+        self.parsed_budget()
+        if self.objective not in OBJECTIVES:
+            raise SearchError(f"unknown objective {self.objective!r}; choose {' or '.join(OBJECTIVES)}")
+        if self.strategy not in STRATEGIES:
+            raise SearchError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.trials is not None and self.trials < 1:
+            raise SearchError(f"trials must be >= 1, got {self.trials}")
+        margin = self.effective_margin()
+        if not math.isfinite(margin) or margin < 0:
+            raise SearchError(f"the margin must be a finite number >= 0, got {margin}")
+        if self.objective == "bops" and self.quant is None:
+            raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")

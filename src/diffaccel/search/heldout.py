@@ -1,0 +1,35 @@
+"""The held-out check: a plan against the unaccelerated pipeline on inputs it was not chosen on,
+interleaved in this process (fidelity, MAC and wall-clock speedups)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from diffaccel.calibration.reference import checked_images, run_with_plan
+from diffaccel.eval.fidelity import fidelity
+from diffaccel.eval.timing import wall_ratio
+from diffaccel.plan import Plan
+
+
+def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
+    """Run ``fn`` without and with ``plan``, interleaved ``pairs`` times after one warm-up of each, in
+    this process: fidelity of the plan's images to the unaccelerated ones, MAC and wall speedups."""
+    run_with_plan(pipe, fn, plan)  # warm-up (and the plan's unit MACs)
+    fn(pipe)
+    base_times, fast_times, base, fast, executor = [], [], None, None, None
+    for _ in range(max(1, pairs)):
+        start = time.perf_counter()
+        result = fn(pipe)
+        base_times.append(time.perf_counter() - start)
+        base = checked_images(result, "held-out") if base is None else base
+        start = time.perf_counter()
+        result, executor = run_with_plan(pipe, fn, plan)
+        fast_times.append(time.perf_counter() - start)
+        fast = checked_images(result, "held-out") if fast is None else fast
+    record = fidelity(fast, base)
+    record.update(speedup_macs=executor.stats.full_macs / executor.stats.macs,
+                  speedup_wall=wall_ratio(base_times, fast_times), seconds_base=sum(base_times) / len(base_times),
+                  seconds_plan=sum(fast_times) / len(fast_times), images=len(base), pairs=len(base_times))
+    return record

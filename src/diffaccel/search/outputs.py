@@ -1,0 +1,54 @@
+"""A search's files: ``plan.json`` (the chosen plan), ``front.json`` (the Pareto front with the
+hand-made plans), ``summary.json`` and ``front.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffaccel.eval.io import write_json
+from diffaccel.search.config import Budget
+from diffaccel.search.result import SearchResult
+
+
+def write_outputs(result: SearchResult, budget: Budget, objective: str) -> None:
+    out = result.out
+    result.plan.save(out / "plan.json")
+    write_json(out / "front.json", {
+        "budget": budget.text, "objective": objective, "strategy": result.summary["strategy"],
+        "model": result.summary["model"], "units": result.summary["units"],
+        "chosen": result.chosen.as_dict(),
+        "front": [c.as_dict() for c in result.front],
+        "handmade": [c.as_dict() for c in result.handmade],
+    })
+    write_json(out / "summary.json", result.summary)
+    plot_front(result, budget, objective, out / "front.png")
+
+
+def plot_front(result: SearchResult, budget: Budget, objective: str, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # the plot is a convenience; the JSON files hold the same data
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs = [1 / c.cost(objective) for c in result.front]
+    ys = [c.quality(budget) for c in result.front]
+    ax.plot(xs, ys, "o-", color="tab:blue", label=f"{result.summary['strategy']} front")
+    for name, marker in (("fora", "s"), ("taylorseer", "^"), ("deepcache", "D"), ("faster_diffusion", "v")):
+        hand = [c for c in result.handmade if c.extra.get("name") == name]
+        if hand:
+            ax.scatter([1 / c.cost(objective) for c in hand], [c.quality(budget) for c in hand], marker=marker,
+                       color="tab:orange", alpha=0.8, label=f"{name} (hand-made)")
+    ax.scatter([1 / result.chosen.cost(objective)], [result.chosen.quality(budget)], s=160, facecolors="none",
+               edgecolors="tab:red", linewidths=2, label="chosen")
+    ax.axhline(budget.threshold, color="gray", linestyle="--", linewidth=1, label=f"budget {budget.text}")
+    ax.set_xlabel("speedup (" + ("MACs" if objective == "macs" else "estimated latency") + ")")
+    ax.set_ylabel(f"calibration {budget.metric.upper()}{budget.unit()}")
+    ax.set_title(f"{result.summary['model']}: {result.summary['num_steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,168 @@
+"""Training of the text-to-image zoo: ``python -m diffaccel.zoo.t2i.train --model vae|pixart|sd|t2i_evaluator``.
+
+Order: the VAE first (the denoisers train on its latents), then either denoiser and the evaluator
+in any order. Every run is reproducible from its seed and resumable (see :mod:`.loop`)::
+
+    python -m diffaccel.zoo.t2i.train --model vae --out runs/t2i/vae --export runs/t2i/vae_export
+    python -m diffaccel.zoo.t2i.train --model pixart --out runs/t2i/pixart --vae runs/t2i/vae_export \\
+        --latents runs/t2i/latents.safetensors --export src/diffaccel/zoo/weights/pixart
+    python -m diffaccel.zoo.t2i.train --model pixart --out runs/t2i/pixart --resume   # continue a stopped run
+
+Without ``--resume`` an existing checkpoint in ``--out`` is an error, so that no run is silently
+continued with other settings; with it, the saved settings apply, except the ones given again
+(``--stop-after`` and ``--time-limit-min`` apply to one invocation only and are not carried over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from diffaccel.errors import DiffaccelError
+from diffaccel.zoo.t2i import loop
+
+MODELS = ("vae", "pixart", "sd", "t2i_evaluator")
+DEFAULTS: dict[str, dict] = {
+    "vae": dict(steps=2400, batch=16, lr=1e-3, warmup=100, ema_decay=0.995),
+    "pixart": dict(steps=4000, batch=64, lr=1e-3, warmup=200),
+    "sd": dict(steps=4000, batch=64, lr=1e-3, warmup=200),
+    "t2i_evaluator": dict(steps=1500, batch=64, lr=2e-3, warmup=100, weight_decay=1e-4, ema_decay=0.99),
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "pixart"
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 200
+    time_limit_min: float = 0.0  # 0 = no limit; otherwise stop (after a checkpoint) when exceeded
+    stop_after: int = 0  # 0 = run to `steps`; else stop after this step, keeping the schedule of `steps`
+    overrides: str = "{}"  # JSON of config overrides of the trained model (tiny models in tests)
+    text_overrides: str = "{}"  # JSON of text-encoder config overrides (denoisers)
+    kl_weight: float = 1e-6  # VAE
+    caption_dropout: float = 0.1  # denoisers: captions replaced by "" (the null condition)
+    min_snr_gamma: float = 5.0  # denoisers
+    vae: str = "runs/t2i/vae_export"  # denoisers: the VAE folder whose latents they learn
+    latents: str = "runs/t2i/latents.safetensors"  # denoisers: cache of training-split latents
+    cache_items: int = 50_000  # denoisers: training items in the latent cache (steps cycle through them)
+
+    @classmethod
+    def for_model(cls, model: str, **changes) -> TrainConfig:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        return cls(**{"model": model, **DEFAULTS[model], **changes})
+
+
+def build_task(cfg: TrainConfig):
+    """The trainable module and ``loss_at(step, generator)`` of a configuration."""
+    torch.manual_seed(cfg.seed)
+    overrides = json.loads(cfg.overrides)
+    if cfg.model == "vae":
+        from diffaccel.zoo.t2i.vae import build_vae, train_images, vae_loss
+
+        vae = build_vae(**overrides)
+        return vae, lambda step, gen: vae_loss(vae, train_images(step, cfg.batch), gen, cfg.kl_weight)
+    if cfg.model == "t2i_evaluator":
+        from diffaccel.zoo.t2i.evaluator import CaptionClassifier, classifier_loss
+
+        model = CaptionClassifier(**overrides)
+        return model, lambda step, gen: classifier_loss(model, step, cfg.batch, gen)
+    from diffaccel.zoo.t2i.models import TextToImage, diffusion_loss
+    from diffaccel.zoo.t2i.vae import load_latents
+
+    model = TextToImage(cfg.model, overrides, json.loads(cfg.text_overrides))
+    latents, attributes = load_latents(Path(cfg.vae), Path(cfg.latents), cfg.cache_items)
+
+    def loss_at(step: int, gen: torch.Generator) -> torch.Tensor:
+        index = (torch.arange(cfg.batch) + step * cfg.batch) % len(latents)
+        return diffusion_loss(model, latents[index], attributes[index.numpy()], gen, cfg)
+
+    return model, loss_at
+
+
+def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
+    """Train (or continue) the run in ``out``; returns the final step, recent losses and seconds per step."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    module, loss_at = build_task(cfg)
+    return loop.run(module, loss_at, cfg, out, desc=f"train {cfg.model}", show_progress=show_progress)
+
+
+def saved_config(out: Path) -> TrainConfig:
+    return TrainConfig(**json.loads((out / "train_config.json").read_text()))
+
+
+def export(out: Path, dest: Path) -> dict:
+    """Write the EMA weights of the run in ``out`` to ``dest`` in its shipped form; returns what was measured."""
+    cfg = saved_config(out)
+    if cfg.model == "vae":
+        from diffaccel.zoo.t2i.vae import build_vae, export_vae
+
+        module = build_vae(**json.loads(cfg.overrides))
+        step = loop.load_ema(module, cfg, out)
+        return export_vae(module, dest, {"steps": step, "config": asdict(cfg)})
+    if cfg.model == "t2i_evaluator":
+        from diffaccel.zoo.t2i.evaluator import CaptionClassifier, export_classifier
+
+        module = CaptionClassifier(**json.loads(cfg.overrides))
+        step = loop.load_ema(module, cfg, out)
+        return export_classifier(module, dest, {"steps": step, "config": asdict(cfg)})
+    from diffaccel.zoo.t2i.models import TextToImage
+    from diffaccel.zoo.t2i.pipelines import write_pipeline
+
+    module = TextToImage(cfg.model, json.loads(cfg.overrides), json.loads(cfg.text_overrides))
+    step = loop.load_ema(module, cfg, out)
+    return write_pipeline(module, Path(cfg.vae), dest, {"steps": step, "config": asdict(cfg)})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(TrainConfig):
+        kind = {"int": int, "float": float, "str": str}[str(field.type)]
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
+                            choices=MODELS if field.name == "model" else None)
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, settings)")
+    parser.add_argument("--export", type=Path, help="after training, write the EMA weights here")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    parser.add_argument("--export-only", action="store_true", help="export the run in --out without training")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point; returns the training summary (and what the export measured)."""
+    args = vars(_parser().parse_args(argv))
+    out, dest, resume, only, threads = (args.pop(k) for k in ("out", "export", "resume", "export_only", "threads"))
+    if threads:
+        torch.set_num_threads(threads)
+    given = {k: v for k, v in args.items() if v is not None}
+    has_run = (out / loop.CHECKPOINT).exists()
+    if has_run and not (resume or only):
+        raise DiffaccelError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if (resume or only) and not has_run:
+        raise DiffaccelError(f"nothing to resume in {out}: no {loop.CHECKPOINT} there")
+    if resume or only:  # the saved recipe; when to stop is a setting of each invocation
+        cfg = TrainConfig(**{**asdict(saved_config(out)), "stop_after": 0, "time_limit_min": 0.0, **given})
+    else:
+        cfg = TrainConfig.for_model(given.pop("model", "pixart"), **given)
+    summary = {} if only else train(cfg, out)
+    if summary:
+        print(json.dumps(summary), flush=True)
+    if dest:
+        summary["export"] = export(out, dest)
+        print(json.dumps(summary["export"]), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
