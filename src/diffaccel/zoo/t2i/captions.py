@@ -27,7 +27,7 @@ PALETTE = np.array([
     (0.86, 0.16, 0.16), (0.18, 0.70, 0.25), (0.16, 0.32, 0.88),
     (0.96, 0.86, 0.18), (0.95, 0.95, 0.95), (0.08, 0.08, 0.10),
 ])
-RADII = {"small": (7.0, 10.0), "large": (14.0, 19.0)}  # circumradius range in pixels
+RADII = {"small": (9.0, 12.0), "large": (16.0, 21.0)}  # circumradius range in pixels
 EDGE = 1.25  # width in pixels of the anti-aliased edge
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOURS, "background": COLOURS, "size": SIZES}
 SPLITS = shapes.SPLITS
