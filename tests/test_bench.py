@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import requires_weights, run_cli
+from diffaccel.adapters import adapter_by_name
 from diffaccel.bench import peers as peer_registry
 from diffaccel.bench import sweeps
 from diffaccel.bench.results import FORMAT_VERSION, load_results
@@ -261,7 +262,7 @@ def test_default_sweeps_cover_every_method_peer_and_step_baseline():
     for model in ("dit", "unet"):
         sweep = sweeps.default_sweep(model)
         sweeps.validate(sweep, model)
-        ours = [n for n, (_, adapters, _) in METHODS.items() if model in adapters]
+        ours = [n for n, m in METHODS.items() if m.applies(adapter_by_name(model))]
         peers = [n for n, spec in peer_registry.PEERS.items() if model in spec.models]
         for name in ours + peers:
             if name in ("torchao", "quanto"):  # a configuration alone and with our key-step plan

@@ -255,8 +255,9 @@ def test_erta_profiles_calibration_runs_and_fits_corrections(pipes):
     from diffaccel.methods.erta import erta
 
     pipe = pipes[0]
-    plan = erta(pipe, num_steps=8, threshold=0.3, warmup=2, per_class=1, classes=[0, 1], adjust_steps=True)
-    assert len(plan.params["profile"]) == 8 and plan.params["calibration_images"] == 2
+    calls = pipe.workload_calls(num_steps=8, per_class=1, classes=[0, 1])
+    plan = erta(pipe, calls, threshold=0.3, warmup=2, adjust_steps=True)
+    assert len(plan.params["profile"]) == 8 and plan.calibration.images == 2 and plan.calibration.steps == 8
     assert plan.correction is not None and len(plan.correction.gain) == 8
     assert plan.step_scale is not None and all(0.8 <= s <= 1.2 for s in plan.step_scale)
     reused = [i for i, row in enumerate(plan.schedule) if "R" in row]
@@ -289,7 +290,7 @@ def test_feature_correction_fits_every_reused_unit_and_identity_changes_nothing(
 
     pipe = pipes[0]
     plan = methods.fora(pipe.denoiser, 6, interval=3)
-    fitted = fit_feature_correction(pipe, plan, per_class=1)
+    fitted = fit_feature_correction(pipe, plan, pipe.workload_calls(num_steps=6, per_class=1))
     reused = {(s, u) for s, row in enumerate(plan.schedule) for u, a in zip(plan.units, row) if a != "C"}
     fits = fitted.feature_correction.fits
     assert {(f.step, f.unit) for f in fits} == reused and fitted.feature_correction.axis == -1

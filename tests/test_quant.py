@@ -6,8 +6,9 @@ import torch
 import diffaccel
 from conftest import run_cli
 from diffaccel import methods
+from diffaccel.calibration.record import activation_ranges
 from diffaccel.plan import Plan, PlanError
-from diffaccel.quant import Calibration, QuantError, QuantSpec, calibrate, quantize_, weight_bytes
+from diffaccel.quant import Calibration, QuantError, QuantSpec, quantize_, weight_bytes
 from diffaccel.quant.calibrate import shortcut_splits
 from diffaccel.quant.layers import QuantLinear, pack_nibbles, quantize_weight, unpack_nibbles
 from test_engine import call, make_pipes, untouched
@@ -25,7 +26,7 @@ def calibrations(pipes, tmp_path_factory):
     folder = tmp_path_factory.mktemp("calib")
     paths = []
     for pipe in pipes:
-        cal = calibrate(pipe, [0, 1, 2, 3], [10, 11, 12, 13], num_steps=STEPS, progress=False)
+        cal = activation_ranges(pipe, pipe.workload_calls(STEPS, per_class=1, classes=[0, 1, 2, 3]), progress=False)
         paths.append(cal.save(folder / f"{type(pipe.denoiser).__name__}.safetensors"))
     return paths
 

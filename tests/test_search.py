@@ -18,17 +18,18 @@ import torch
 
 import diffaccel
 from conftest import requires_weights
+from diffaccel.calibration.dp import optimal_keys
+from diffaccel.errors import WorkloadError
 from diffaccel.plan import Plan
 from diffaccel.search import (
     BudgetError,
     CalibrationError,
     StorageMismatchError,
-    embedded_calibration,
     parse_budget,
     search,
 )
-from diffaccel.search.dp import optimal_keys
 from diffaccel.search.space import Space
+from diffaccel.zoo.pipeline import shapes_workload
 from test_engine import make_pipes
 
 STEPS = 6
@@ -42,7 +43,11 @@ def pipes():
 
 
 def calib(steps=STEPS):
-    return embedded_calibration([0, 1], 1, steps)
+    return shapes_workload([0, 1], steps, per_class=1)
+
+
+def heldout(steps=STEPS):
+    return shapes_workload([2], steps, per_class=1, calibration=False)
 
 
 def quiet(_line):
@@ -64,7 +69,7 @@ def test_unparsable_budget_fails_before_any_work(pipes):
         raise AssertionError("the calibration set must not run")
 
     with pytest.raises(BudgetError, match="psnr>=X"):
-        search(pipes[0], never, STEPS, budget="quality>=30", log=quiet)
+        search(pipes[0], never, budget="quality>=30", log=quiet)
 
 
 # -- dynamic programming -----------------------------------------------------------------------------
@@ -104,19 +109,20 @@ def test_keysteps_method_computes_only_its_key_steps(pipes):
     from test_engine import call
 
     for pipe in pipes:
-        plan = build("keysteps", pipe, STEPS, guidance=3.0, keys=3, per_class=1)
+        calls = pipe.workload_calls(STEPS, per_class=1)
+        plan = build("keysteps", pipe, STEPS, guidance=3.0, keys=3, calls=calls)
         full = ["C" * len(plan.units)]
         assert [row == full[0] for row in plan.schedule].count(True) == 3 and plan.schedule[0] == full[0]
         assert all(set(row) == {"R"} for row in plan.schedule if row != full[0])
         assert plan.params["key_steps"][0] == 0 and len(plan.params["key_steps"]) == 3
         assert plan_mac_fraction(plan, [1.0] + [1.0 / len(plan.units)] * len(plan.units)) < 0.75
-        exact = build("keysteps", pipe, STEPS, keys=STEPS, per_class=1)
+        exact = build("keysteps", pipe, STEPS, keys=STEPS, calls=calls)
         with diffaccel.accelerate(pipe, exact):
             accelerated = call(pipe, steps=STEPS)
         assert torch.equal(accelerated, call(pipe, steps=STEPS))
         for bad in ({"keys": 0}, {"keys": STEPS + 1}, {"level": "nowhere"}):
             with pytest.raises(ValueError):
-                build("keysteps", pipe, STEPS, per_class=1, **bad)
+                build("keysteps", pipe, STEPS, calls=calls, **bad)
 
 
 def test_equal_quality_reads_the_handmade_front():
@@ -144,8 +150,8 @@ def test_equal_quality_reads_the_handmade_front():
 @pytest.fixture(scope="module")
 def dit_search(pipes, tmp_path_factory):
     out = tmp_path_factory.mktemp("dit-search")
-    result = search(pipes[0], calib(), STEPS, budget="psnr>=20", strategy="nsga2", trials=10, population=4,
-                    out=out, heldout=embedded_calibration([2], 1, STEPS, calibration=False), pairs=1, log=quiet)
+    result = search(pipes[0], calib(), budget="psnr>=20", strategy="nsga2", trials=10, population=4,
+                    out=out, heldout=heldout(), pairs=1, log=quiet)
     return result, out
 
 
@@ -186,15 +192,15 @@ def test_nsga2_search_writes_a_runnable_plan_and_its_front(pipes, dit_search):
 
 @pytest.mark.parametrize("strategy", ["dp", "greedy"])
 def test_profile_strategies_on_a_unet(pipes, tmp_path, strategy):
-    result = search(pipes[1], calib(), STEPS, budget="psnr>=15", strategy=strategy, out=tmp_path,
-                    heldout=embedded_calibration([2], 1, STEPS, calibration=False), pairs=1, k_values=[2, 3],
+    result = search(pipes[1], calib(), budget="psnr>=15", strategy=strategy, out=tmp_path,
+                    heldout=heldout(), pairs=1, k_values=[2, 3],
                     greedy_points=4, log=quiet)
     assert result.met and result.plan.method == f"search-{strategy}"
     check_outputs(tmp_path, pipes[1], result)
 
 
 def test_latency_objective_and_ssim_budget(pipes):
-    result = search(pipes[0], calib(), STEPS, budget="ssim>=0.5", objective="latency", strategy="greedy",
+    result = search(pipes[0], calib(), budget="ssim>=0.5", objective="latency", strategy="greedy",
                     greedy_points=3, log=quiet)
     assert result.met and result.chosen.ssim >= 0.5 and 0 < result.chosen.latency_fraction < 1
     assert result.summary["heldout_psnr"] is None  # no held-out set given
@@ -213,7 +219,7 @@ def test_space_holds_the_handmade_schedules(pipes):
 
 # -- bad input ---------------------------------------------------------------------------------------------
 def test_impossible_budget_reports_the_shortfall_and_still_writes(pipes, tmp_path):
-    result = search(pipes[0], calib(), STEPS, budget="psnr>=99", strategy="dp", k_values=[2, 4], out=tmp_path,
+    result = search(pipes[0], calib(), budget="psnr>=99", strategy="dp", k_values=[2, 4], out=tmp_path,
                     log=quiet)
     assert not result.met and result.shortfall > 0
     assert np.isclose(result.shortfall, 99 - result.chosen.psnr)
@@ -225,23 +231,21 @@ def test_impossible_budget_reports_the_shortfall_and_still_writes(pipes, tmp_pat
 def test_storage_from_another_model_is_refused(pipes, dit_search):
     _, out = dit_search
     with pytest.raises(StorageMismatchError, match="another model"):
-        search(pipes[1], calib(), STEPS, budget="psnr>=20", out=out, trials=1, log=quiet)
+        search(pipes[1], calib(), budget="psnr>=20", out=out, trials=1, log=quiet)
     other_steps = make_pipes()[0]
     with pytest.raises(StorageMismatchError):
-        search(other_steps, calib(STEPS + 1), STEPS + 1, budget="psnr>=20", out=out, trials=1, log=quiet)
+        search(other_steps, calib(STEPS + 1), budget="psnr>=20", out=out, trials=1, log=quiet)
 
 
 def test_empty_or_mismatched_calibration_sets(pipes):
-    with pytest.raises(CalibrationError, match="empty"):
-        embedded_calibration([0], 0, STEPS)
-    with pytest.raises(CalibrationError, match="empty"):
-        search(pipes[0], lambda pipe: torch.zeros(0, 3, 16, 16), STEPS, log=quiet)
-    with pytest.raises(CalibrationError, match="steps"):
-        search(pipes[0], calib(STEPS + 2), STEPS, log=quiet)
+    with pytest.raises(WorkloadError, match="empty"):
+        shapes_workload([0], STEPS, per_class=0)
+    with pytest.raises(CalibrationError, match="no images"):
+        search(pipes[0], lambda pipe: torch.zeros(0, 3, 16, 16), log=quiet)
     with pytest.raises(CalibrationError, match="match the model"):
-        search(pipes[0], embedded_calibration([9], 1, STEPS), STEPS, log=quiet)
+        search(pipes[0], shapes_workload([9], STEPS, per_class=1), log=quiet)
     with pytest.raises(CalibrationError, match="never ran"):
-        search(pipes[0], lambda pipe: torch.rand(2, 3, 16, 16), STEPS, log=quiet)
+        search(pipes[0], lambda pipe: torch.rand(2, 3, 16, 16), log=quiet)
 
 
 # -- resumption -----------------------------------------------------------------------------------------
@@ -252,8 +256,9 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_engine import make_pipes
-    from diffaccel.search import embedded_calibration, search
-    search(make_pipes()[0], embedded_calibration([0, 1], 1, {steps}), {steps}, trials={trials}, out=sys.argv[1],
+    from diffaccel.search import search
+    from diffaccel.zoo.pipeline import shapes_workload
+    search(make_pipes()[0], shapes_workload([0, 1], {steps}, per_class=1), trials={trials}, out=sys.argv[1],
            log=lambda m: None, **{resume!r})
 """)
 
@@ -277,7 +282,7 @@ def front_of(out: Path) -> list[tuple]:
 def straight(pipes, tmp_path_factory):
     """An uninterrupted search: the front a resumed one must reach."""
     out = tmp_path_factory.mktemp("straight")
-    search(pipes[0], calib(), STEPS, trials=RESUME_TRIALS, out=out, log=quiet, **RESUME)
+    search(pipes[0], calib(), trials=RESUME_TRIALS, out=out, log=quiet, **RESUME)
     return front_of(out)
 
 
@@ -295,7 +300,7 @@ def test_killed_search_resumes_to_the_same_front(pipes, straight, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 5 <= completed(tmp_path / "study.db") < RESUME_TRIALS
-    search(pipes[0], calib(), STEPS, trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)  # the same command
+    search(pipes[0], calib(), trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)  # the same command
     assert completed(tmp_path / "study.db") == RESUME_TRIALS
     assert front_of(tmp_path) == straight
 
@@ -307,13 +312,13 @@ def test_a_trial_left_running_is_re_evaluated(pipes, straight, tmp_path):
 
     from diffaccel.search.nsga import ClockSeededNSGAII
 
-    search(pipes[0], calib(), STEPS, trials=7, out=tmp_path, log=quiet, **RESUME)
+    search(pipes[0], calib(), trials=7, out=tmp_path, log=quiet, **RESUME)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     name = optuna.get_all_study_names(url)[0]
     sampler = ClockSeededNSGAII(seed=RESUME["seed"], population_size=RESUME["population"])
     hanging = optuna.load_study(study_name=name, storage=url, sampler=sampler).ask(
         Space(pipes[0].denoiser, STEPS).distributions())
-    search(pipes[0], calib(), STEPS, trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)
+    search(pipes[0], calib(), trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     assert trials[hanging.number].state.name == "FAIL"
     retried = [t for t in trials if t.user_attrs.get("retry_of") == hanging.number]
@@ -340,7 +345,7 @@ def test_cli_bad_budget_is_one_line(monkeypatch, capsys, tmp_path):
     assert code != 0 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "psnr>=X" in err
     code, _, err = run_cli(monkeypatch, capsys, "search", "--calib-per-class", "0", "--out", tmp_path)
-    assert code != 0 and "empty" in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and "calib-per-class" in err and len(err.strip().splitlines()) == 1
 
 
 @requires_weights
@@ -362,10 +367,10 @@ def test_cli_search_on_an_embedded_model(monkeypatch, capsys, tmp_path):
 # -- joint cache + quantization search ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def w8_spec(pipes, tmp_path_factory):
-    from diffaccel.quant.calibrate import calibrate
+    from diffaccel.calibration.record import activation_ranges
     from diffaccel.quant.spec import QuantSpec
 
-    path = calibrate(pipes[0], [0, 1], [10, 11], num_steps=STEPS, progress=False).save(
+    path = activation_ranges(pipes[0], calib(), progress=False).save(
         tmp_path_factory.mktemp("joint") / "dit.safetensors")
     return QuantSpec(weight_bits=8, act_bits=8, calibration=str(path))
 
@@ -402,7 +407,7 @@ def test_quantization_error_moves_the_dp_key_steps():
 
 @pytest.mark.parametrize("strategy", ["dp", "nsga2"])
 def test_joint_search_quantizes_its_plans_and_ranks_them_by_bit_operations(pipes, w8_spec, tmp_path, strategy):
-    result = search(pipes[0], calib(), STEPS, budget="psnr>=15", strategy=strategy, trials=12, population=4,
+    result = search(pipes[0], calib(), budget="psnr>=15", strategy=strategy, trials=12, population=4,
                     objective="bops", quant=w8_spec, bits=(8, 4) if strategy == "nsga2" else None, out=tmp_path,
                     log=quiet)
     s = result.summary
@@ -415,12 +420,12 @@ def test_joint_search_quantizes_its_plans_and_ranks_them_by_bit_operations(pipes
         calib()(pipes[0])
     assert run.stats.reused > 0
     with pytest.raises(diffaccel.search.SearchError):
-        search(pipes[0], calib(), STEPS, objective="bops", out=tmp_path / "plain", log=quiet)
+        search(pipes[0], calib(), objective="bops", out=tmp_path / "plain", log=quiet)
 
 
 def test_search_can_fit_a_feature_correction_to_the_chosen_plan(pipes, tmp_path):
-    result = search(pipes[0], calib(), STEPS, budget="psnr>=15", strategy="dp", correct=True, out=tmp_path,
-                    heldout=embedded_calibration([2], 1, STEPS, calibration=False), pairs=1, log=quiet)
+    result = search(pipes[0], calib(), budget="psnr>=15", strategy="dp", correct=True, out=tmp_path,
+                    heldout=heldout(), pairs=1, log=quiet)
     assert result.summary["feature_correction"] is True and result.summary["calib_psnr_corrected"] > 0
     saved = Plan.load(tmp_path / "plan.json")
     reused = sum(a != "C" for row in saved.schedule for a in row)

@@ -3,8 +3,9 @@
 import torch
 
 from conftest import requires_weights
-from diffaccel.generate import image_seed, sample
+from diffaccel.seeds import image_seed
 from diffaccel.zoo import shapes
+from diffaccel.zoo.pipeline import sample
 from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
 pytestmark = requires_weights

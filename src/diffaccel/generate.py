@@ -1,32 +1,36 @@
-"""The main job: sample every requested class from an embedded model, then score the samples."""
+"""The main job: run a target's evaluation calls (every requested class of an embedded model, or
+the user's prompts), optionally under a plan and beside the unaccelerated pipeline, and score them."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from diffaccel.eval.cost import count_macs
+from diffaccel.calibration.reference import identity_plan
+from diffaccel.calibration.workload import Call, images_of
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.eval.io import write_json
 from diffaccel.eval.timing import wall_ratio
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
-from diffaccel.seeds import image_seed
+from diffaccel.targets import Target, class_ids
 from diffaccel.zoo import shapes
-from diffaccel.zoo.pipeline import ShapesPipeline
+
+log = logging.getLogger("diffaccel")
 
 
 @dataclass
 class GenerateConfig:
-    model: str = "dit"
     classes: list[str] | None = None
-    per_class: int = 8
+    per_class: int = 8  # images per class (embedded models) or per prompt
     steps: int = 50
     sampler: str = "ddim"
     guidance: float = 3.0
@@ -34,36 +38,8 @@ class GenerateConfig:
     batch_size: int = 64
 
 
-def job_items(cfg: GenerateConfig) -> tuple[torch.Tensor, list[int]]:
-    """Labels and noise seeds of every image of a job, class by class."""
-    ids = shapes.class_ids(cfg.classes)
-    labels = [c for c in ids for _ in range(cfg.per_class)]
-    seeds = [image_seed(cfg.seed, c, j) for c in ids for j in range(cfg.per_class)]
-    return torch.tensor(labels), seeds
-
-
-def sample(pipe: ShapesPipeline, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
-           batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Images in [0, 1] for the given labels and per-image seeds, in batches."""
-    out = []
-    starts = range(0, len(labels), batch_size)
-    for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) < 2):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
-        out.append(pipe(labels[start:start + batch_size], num_inference_steps=steps,
-                        guidance_scale=guidance, generator=gens).images)
-    return torch.cat(out)
-
-
-def macs_per_image(pipe: ShapesPipeline, steps: int, guidance: float) -> int:
-    """Denoiser MACs of one unaccelerated image: one forward per step, two under guidance."""
-    x = torch.zeros(1, pipe.denoiser.config.in_channels, pipe.denoiser.config.sample_size,
-                    pipe.denoiser.config.sample_size)
-    per_forward = count_macs(lambda: pipe.denoise(x, torch.tensor([500]), torch.tensor([0])))
-    return per_forward * steps * (2 if guidance > 1.0 else 1)
-
-
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> None:
-    """Images (N, 3, H, W) in [0, 1] as one PNG, ``rows`` rows (one per class), upscaled."""
+    """Images (N, 3, H, W) in [0, 1] as one PNG, ``rows`` rows (one per class or prompt), upscaled."""
     n, _, h, w = images.shape
     cols = -(-n // rows)
     canvas = torch.ones(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
@@ -75,84 +51,115 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> No
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
+def run_call(pipe: Any, call: Call) -> torch.Tensor:
+    with torch.no_grad():
+        return images_of(pipe(**call.kwargs, generator=call.generators(), output_type="pt"))
+
+
+class Runner:
+    """Runs calls with and without the plan (installing the executor around each accelerated call),
+    and adds up the plan's MACs."""
+
+    def __init__(self, target: Target, plan: Plan | None):
+        self.pipe = target.pipe
+        model, self.scheduler = target.denoiser()
+        # the plan maps onto the run's step count (resample), as the CLI promises and logs
+        self.executor = Executor(model, plan or identity_plan(model), resample=True)
+        self.macs = self.full_macs = 0
+
+    def __call__(self, call: Call, accelerated: bool) -> torch.Tensor:
+        if not accelerated:
+            return run_call(self.pipe, call)
+        self.executor.install(self.scheduler)
+        try:
+            images = run_call(self.pipe, call)
+        finally:
+            self.executor.remove()
+        self.macs += self.executor.stats.macs
+        self.full_macs += self.executor.stats.full_macs
+        return images
+
+
 def _timed(fn) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
 
 
-def run_generate(cfg: GenerateConfig, out: Path, pipe: ShapesPipeline, evaluator, plan: Plan | None = None,
-                 compare: bool = False, progress: bool = True) -> dict:
-    """Generate and score; with a plan, run it (and with ``compare`` the unaccelerated model too,
-    batch by batch interleaved, after one discarded warm-up of each) and add fidelity and speed."""
-    labels, seeds = job_items(cfg)
-    executor = Executor(pipe.denoiser, plan) if plan is not None else None
-
-    def run(batch: slice, accelerated: bool) -> torch.Tensor:
-        def call():
-            return sample(pipe, labels[batch], seeds[batch], cfg.steps, cfg.guidance, cfg.batch_size)
-        if not accelerated:
-            return call()
-        executor.install(pipe.scheduler)
-        try:
-            result = call()
-        finally:
-            executor.remove()
-        spent["macs"] += executor.stats.macs
-        spent["full_macs"] += executor.stats.full_macs
-        return result
-
-    spent = {"macs": 0, "full_macs": 0}
-    batches = [slice(i, i + cfg.batch_size) for i in range(0, len(labels), cfg.batch_size)]
-    if executor is not None:
-        run(slice(0, 1), accelerated=True)  # warm-up: measures unit costs, fills caches of torch
-        if compare:
-            run(slice(0, 1), accelerated=False)
-        spent.update(macs=0, full_macs=0)
+def _sample(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool, progress: bool) -> dict:
+    """Every call, unaccelerated and/or under the plan, interleaved, after one discarded warm-up of each."""
+    warm = runner(calls[0], accelerated=True)  # warm-up: unit costs (and the baseline's MACs without a plan)
+    if plan is not None and compare:
+        runner(calls[0], accelerated=False)
+    per_image_full = runner.full_macs / len(warm)
+    runner.macs = runner.full_macs = 0
     fast, base, base_times, fast_times = [], [], [], []
-    for batch in tqdm(batches, desc="sampling", disable=not progress or len(batches) < 2):
-        if compare or executor is None:
-            images, seconds = _timed(lambda b=batch: run(b, accelerated=False))
+    for call in tqdm(calls, desc="sampling", disable=not progress or len(calls) < 2):
+        if compare or plan is None:
+            images, seconds = _timed(lambda c=call: runner(c, accelerated=False))
             base.append(images)
             base_times.append(seconds)
-        if executor is not None:
-            images, seconds = _timed(lambda b=batch: run(b, accelerated=True))
+        if plan is not None:
+            images, seconds = _timed(lambda c=call: runner(c, accelerated=True))
             fast.append(images)
             fast_times.append(seconds)
-    base_s, fast_s = sum(base_times), sum(fast_times)
-    main = torch.cat(fast) if executor is not None else torch.cat(base)
-    full_macs = macs_per_image(pipe, cfg.steps, cfg.guidance)
+    return {"fast": fast, "base": base, "base_times": base_times, "fast_times": fast_times,
+            "warmup_macs": per_image_full}
+
+
+def _labels(calls: list[Call]) -> torch.Tensor:
+    return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
+
+
+def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | None = None, compare: bool = False,
+                 progress: bool = True) -> dict:
+    """Generate and score; with a plan, run it (and with ``compare`` the unaccelerated pipeline too,
+    call by call interleaved, after one discarded warm-up of each) and add fidelity and speed."""
+    ids = class_ids(target, cfg.classes)
+    workload = target.workload(cfg.steps, cfg.guidance, cfg.per_class, cfg.seed, calibration=False,
+                               classes=ids or None, batch_size=cfg.batch_size)
+    calls = list(workload.calls)
+    runner = Runner(target, plan)
+    done = _sample(runner, calls, plan, compare, progress)
+    main = torch.cat(done["fast"]) if plan is not None else torch.cat(done["base"])
+    n = len(main)
     record = {
-        "model": cfg.model,
-        "sampler": cfg.sampler,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "seed": cfg.seed,
-        "classes": [shapes.CLASSES[c] for c in shapes.class_ids(cfg.classes)],
-        "per_class": cfg.per_class,
-        "n_images": len(main),
-        **evaluator.score(main, labels),
-        "fd_samples": len(main),
-        "macs_per_image": full_macs,
-        "seconds": fast_s if executor is not None else base_s,
+        "model": target.name, "weights": target.weights or "shipped", "sampler": cfg.sampler, "steps": cfg.steps,
+        "guidance": cfg.guidance, "seed": cfg.seed, "per_class": cfg.per_class, "n_images": n,
+        "macs_per_image": round(done["warmup_macs"]),
+        "seconds": sum(done["fast_times"]) if plan is not None else sum(done["base_times"]),
         "threads": torch.get_num_threads(),
     }
-    if executor is not None:
+    if target.embedded:
+        labels = _labels(calls)
+        record["classes"] = [shapes.CLASSES[c] for c in ids]
+        record.update(target.evaluator.score(main, labels), fd_samples=n)
+    else:
+        record["prompts"] = [c.describe()[0] for c in target.calls]
+    if plan is not None:
         record["plan"] = plan.model_dump(exclude_none=True)
-        record["macs_per_image"] = round(full_macs * spent["macs"] / spent["full_macs"])
-        record["speedup_macs"] = spent["full_macs"] / spent["macs"]
-        record["work"] = executor.stats.as_dict()
-    if compare and executor is not None:
-        reference = torch.cat(base)
-        base_scores = evaluator.score(reference, labels)
+        record["macs_per_image"] = round(runner.macs / n)
+        record["speedup_macs"] = runner.full_macs / runner.macs
+        record["work"] = runner.executor.stats.as_dict()
+        if runner.executor.plan is not plan and runner.executor.plan.params.get("resampled_from"):
+            record["resampled_from"] = plan.num_steps
+    if compare and plan is not None:
+        reference = torch.cat(done["base"])
         record.update(fidelity(main, reference))
-        record["speedup_wall"] = wall_ratio(base_times, fast_times)
-        record["wall_pairs"] = len(base_times)
-        record["baseline"] = {"accuracy": base_scores["accuracy"], "fd": base_scores["fd"],
-                              "macs_per_image": full_macs, "seconds": base_s}
-    out.mkdir(parents=True, exist_ok=True)
-    save_grid(main, rows=len(shapes.class_ids(cfg.classes)), path=out / "grid.png")
-    if compare and executor is not None:
-        save_grid(reference, rows=len(shapes.class_ids(cfg.classes)), path=out / "grid_baseline.png")
-    write_json(out / "record.json", record)
+        record["speedup_wall"] = wall_ratio(done["base_times"], done["fast_times"])
+        record["wall_pairs"] = len(done["base_times"])
+        record["baseline"] = {"macs_per_image": round(runner.full_macs / n), "seconds": sum(done["base_times"])}
+        if target.embedded:
+            scores = target.evaluator.score(reference, _labels(calls))
+            record["baseline"].update(accuracy=scores["accuracy"], fd=scores["fd"])
+    _write(out, record, main, torch.cat(done["base"]) if compare and plan is not None else None,
+           len(ids) if target.embedded else len(target.calls))
     return record
+
+
+def _write(out: Path, record: dict, images: torch.Tensor, reference: torch.Tensor | None, rows: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images, rows=rows, path=out / "grid.png")
+    if reference is not None:
+        save_grid(reference, rows=rows, path=out / "grid_baseline.png")
+    write_json(out / "record.json", record)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffaccel.generate import sample
+from diffaccel.zoo.pipeline import sample
 
 
 @dataclass
@@ -335,7 +335,7 @@ def _with_our_cache(ctx: Context, pipe, keys: int | None, quantize: Callable[[to
                 return ctx.sample(the_pipe, labels, seeds)
         return run
 
-    quantize(pipe.denoiser)
+    quantize(pipe.transformer if hasattr(pipe, 'transformer') else pipe.unet)
     notes = "" if plan is None else f"with diffaccel keysteps keys={keys}"
     if not counted:
         notes = "; ".join(filter(None, [notes, "MACs counted on the full-precision model (int8 kernels are "

@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 from diffaccel.bench import sweeps
 from diffaccel.bench.results import FORMAT_VERSION, PSNR_FLOOR, BenchError, Results, summarize
+from diffaccel.seeds import CALIBRATION_SEED, image_seed
+from diffaccel.zoo import shapes
 
 PROGRESS = "@@progress"  # a worker's progress lines on stdout: "@@progress N"
 QUICK = {"per_class": 2, "batch_size": 4, "timed_pairs": None}  # 12 images, 3 interleaved batches, all timed
@@ -131,10 +133,6 @@ def group_units(n_entries: int, n_batches: int) -> int:
 def items(cfg: BenchConfig) -> dict:
     """Labels and noise seeds, round-robin over classes (every batch holds every class), and one
     calibration image per class from the calibration seed range."""
-    from diffaccel.generate import image_seed
-    from diffaccel.methods.base import CALIBRATION_SEED
-    from diffaccel.zoo import shapes
-
     ids = shapes.class_ids(cfg.classes)
     return {
         "classes": ids,

@@ -137,12 +137,13 @@ def knobs(name: str) -> dict[str, object]:
 
 
 def applies_to(name: str, model: str) -> bool:
+    from diffaccel.adapters import adapter_by_name
     from diffaccel.bench.peers import PEERS
     from diffaccel.methods.registry import METHODS
 
     family = family_of(name)
     if family == "diffaccel":
-        return model in METHODS[name][1]
+        return METHODS[name].applies(adapter_by_name(model))  # the embedded models are named as their adapters
     if family == "peer":
         return model in PEERS[name].models
     return True

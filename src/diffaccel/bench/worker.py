@@ -112,13 +112,14 @@ def _save_baseline(path: Path, images: torch.Tensor) -> None:
 
 # -- candidates ---------------------------------------------------------------------------------------------
 def _ours(ctx, name: str, settings: dict):
+    from diffaccel.adapters import find_denoiser
     from diffaccel.bench.peers import Candidate
     from diffaccel.methods.registry import METHODS, build
     from diffaccel.runtime.executor import Executor
 
     pipe = ctx.fresh_pipe()
     plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, **settings)
-    executor = Executor(pipe.denoiser, plan)
+    executor = Executor(find_denoiser(pipe)[0], plan)
     spent = {"macs": 0, "full_macs": 0}
 
     def run(labels, seeds):
@@ -133,7 +134,7 @@ def _ours(ctx, name: str, settings: dict):
     def extra():
         return {"speedup_macs_executor": spent["full_macs"] / spent["macs"] if spent["macs"] else None}
 
-    notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name][2] else ""
+    notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name].calibrated else ""
     return Candidate(run, notes=notes, extra=extra)
 
 
@@ -184,7 +185,8 @@ def run_group(job: dict, progress=lambda n: None) -> dict:
     from diffaccel.bench.sweeps import setting_label
     from diffaccel.eval.cost import count_macs
     from diffaccel.eval.fidelity import fidelity
-    from diffaccel.generate import sample, wall_ratio
+    from diffaccel.eval.timing import wall_ratio
+    from diffaccel.zoo.pipeline import sample
     from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
     torch.set_num_threads(job["threads"])

@@ -41,12 +41,15 @@ class Method:
         return self.needs <= adapter.capabilities
 
     def make_settings(self, **values: Any) -> Settings:
+        known = ", ".join(self.settings.model_fields)
+        unknown = sorted(set(values) - set(self.settings.model_fields))
+        if unknown:
+            raise MethodError(f"{self.name} has no setting {', '.join(unknown)}; its settings are {known}")
         try:
             return self.settings(**{**(self.defaults or {}), **values})
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or self.name}: {e['msg']}" for e in exc.errors())
-            known = ", ".join(self.settings.model_fields)
-            raise MethodError(f"{self.name}: {problems} (its settings: {known})") from None
+            raise MethodError(f"{self.name} settings: {problems}") from None
 
     def knobs(self) -> dict[str, Any]:
         """The settings and their defaults."""
@@ -63,13 +66,15 @@ def denoiser_of(target: Any) -> torch.nn.Module:
     return find_denoiser(target)[0]
 
 
+WHY = {"skip-branches": "a U-Net's skip branches", "residual-chain": "a chain of residual transformer blocks",
+       "parallel-decode": "a U-Net decoder"}
+
+
 def check_applies(method: Method, model: torch.nn.Module) -> Adapter:
     adapter = adapter_for(model)
     if not method.applies(adapter):
-        need = ", ".join(sorted(method.needs - adapter.capabilities))
-        has = ", ".join(sorted(adapter.capabilities)) or "none"
-        raise MethodError(f"{method.name} needs a model with {need} (a U-Net for skip branches, a transformer for "
-                          f"a residual chain); a {type(model).__name__} has {has}")
+        need = " and ".join(WHY.get(n, n) for n in sorted(method.needs - adapter.capabilities))
+        raise MethodError(f"{method.name} does not apply to a {type(model).__name__}: it needs {need}")
     return adapter
 
 

@@ -8,8 +8,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from diffaccel.methods import fora as fora_method
 from diffaccel.methods.base import Method, Settings
+from diffaccel.methods.fora import ForaSettings
+from diffaccel.methods.fora import build as build_fora
 from diffaccel.plan import Plan
 
 
@@ -22,9 +23,9 @@ class TaylorSeerSettings(Settings):
 
 
 def build(model: torch.nn.Module, num_steps: int, s: TaylorSeerSettings) -> Plan:
-    settings = fora_method.ForaSettings(interval=s.interval, warmup=max(s.warmup, s.order + 1),
+    settings = ForaSettings(interval=s.interval, warmup=max(s.warmup, s.order + 1),
                                         granularity=s.granularity, components=s.components, order=s.order)
-    return fora_method.build(model, num_steps, settings)
+    return build_fora(model, num_steps, settings)
 
 
 TAYLORSEER = Method("taylorseer", "Taylor forecasting of cached units (TaylorSeer)", TaylorSeerSettings, build)

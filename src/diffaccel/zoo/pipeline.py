@@ -16,10 +16,29 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffaccel.calibration.workload import Workload
+from diffaccel.errors import WorkloadError
 from diffaccel.seeds import CALIBRATION_SEED, image_seed
 from diffaccel.zoo.models import ClassTokenEmbedder
 
 DEFAULT_GUIDANCE = 3.0
+
+
+def shapes_workload(classes: list[int], num_steps: int = 50, guidance: float = DEFAULT_GUIDANCE, per_class: int = 2,
+                    seed: int = 0, calibration: bool = True, batch_size: int = 64) -> Workload:
+    """``per_class`` images of each class, in calls of at most ``batch_size`` images; noise from the
+    calibration seed range unless ``calibration`` is False (then the evaluation seeds that
+    ``diffaccel generate --seed`` uses)."""
+    if not classes or per_class < 1:
+        raise WorkloadError(f"the workload is empty: give classes and at least one image per class "
+                            f"(got {list(classes)}, {per_class} per class)")
+    base = CALIBRATION_SEED + seed if calibration else seed
+    labels = [c for c in classes for _ in range(per_class)]
+    seeds = [image_seed(base, c, j) for c in classes for j in range(per_class)]
+    calls = [{"class_labels": labels[i:i + batch_size], "num_inference_steps": num_steps, "guidance_scale": guidance,
+              "seed": seeds[i:i + batch_size]} for i in range(0, len(labels), batch_size)]
+    text = (f"{'calibration' if calibration else 'evaluation'} seeds base {base}, classes {list(classes)}, "
+            f"{per_class} per class, {num_steps} steps, guidance {guidance:g}")
+    return Workload.from_calls(calls, description=text)
 
 
 class ShapesPipeline(DiffusionPipeline):
@@ -39,21 +58,9 @@ class ShapesPipeline(DiffusionPipeline):
     def workload_calls(self, num_steps: int = 50, guidance: float = DEFAULT_GUIDANCE, per_class: int = 2,
                        seed: int = 0, calibration: bool = True, classes: list[int] | None = None,
                        batch_size: int = 64) -> Workload:
-        """``per_class`` images of every class of this model (or of ``classes``), in calls of at most
-        ``batch_size`` images; noise from the calibration seed range unless ``calibration`` is False
-        (then the evaluation seeds ``diffaccel generate --seed`` uses)."""
+        """``per_class`` images of every class of this model (or of ``classes``): see ``shapes_workload``."""
         ids = list(range(self.num_classes)) if classes is None else list(classes)
-        if not ids or per_class < 1:
-            raise ValueError(f"a workload needs classes and at least one image per class (got {ids}, {per_class})")
-        base = CALIBRATION_SEED + seed if calibration else seed
-        labels = [c for c in ids for _ in range(per_class)]
-        seeds = [image_seed(base, c, j) for c in ids for j in range(per_class)]
-        calls = [{"class_labels": labels[i:i + batch_size], "num_inference_steps": num_steps,
-                  "guidance_scale": guidance, "seed": seeds[i:i + batch_size]}
-                 for i in range(0, len(labels), batch_size)]
-        text = (f"{'calibration' if calibration else 'evaluation'} seeds base {base}, classes {ids}, "
-                f"{per_class} per class, {num_steps} steps, guidance {guidance:g}")
-        return Workload.from_calls(calls, description=text)
+        return shapes_workload(ids, num_steps, guidance, per_class, seed, calibration, batch_size)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -143,3 +150,14 @@ class ShapesUNetPipeline(ShapesPipeline):
 
     def denoise(self, x, t, labels):
         return self.unet(x, t, encoder_hidden_states=self.class_embedder(labels)).sample
+
+
+def sample(pipe: ShapesPipeline, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
+           batch_size: int = 64) -> torch.Tensor:
+    """Images in [0, 1] for the given labels and per-image seeds, in batches of ``batch_size``."""
+    out = []
+    for start in range(0, len(labels), batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        out.append(pipe(labels[start:start + batch_size], num_inference_steps=steps,
+                        guidance_scale=guidance, generator=gens).images)
+    return torch.cat(out)

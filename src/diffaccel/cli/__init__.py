@@ -1,0 +1,31 @@
+"""Command line: ``diffaccel generate | plan | methods | quantize | search | bench | report | train``,
+one module per command. ``main`` is the installed entry point."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from diffaccel.cli import bench, generate, plans, quantize, search, train  # noqa: F401  (register the commands)
+from diffaccel.cli.common import app
+
+
+def main() -> None:
+    """Entry point: click's usage errors and our own come out as one line, never a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("interrupted", err=True)
+        code = 130
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.TyperException as exc:  # usage errors: bad option values, unknown options
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if message.strip():  # empty for "no command given", after the help was shown
+            typer.echo(f"error: {' '.join(message.split())}", err=True)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code or 0)
+
+
+__all__ = ["app", "main"]

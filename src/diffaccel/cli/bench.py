@@ -1,0 +1,73 @@
+"""``diffaccel bench`` and ``diffaccel report``: every method and peer side by side, and the report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+
+from diffaccel.bench import BenchConfig, load_results, run_bench
+from diffaccel.bench.sweeps import load_sweep
+from diffaccel.cli.common import SamplerName, app, run_guarded
+from diffaccel.report.html import summary_lines, write_report
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(..., help="embedded model: dit or unet"),
+    quick: bool = typer.Option(False, help="a short run: 2 images per class, two settings per method "
+                                           "(Fréchet distances then come from few samples, and say so)"),
+    out: Path = typer.Option(Path("out/bench"), help="output folder (results.json, results.md, report.html)"),
+    sweep: Path = typer.Option(None, help="JSON file: names -> lists of settings objects (replaces the default sweep)"),
+    only: str = typer.Option(None, help="comma-separated methods/peers of the sweep to run"),
+    peers: bool = typer.Option(True, help="run the peers (--no-peers: diffaccel and step baselines only)"),
+    per_class: int = typer.Option(None, help="images per class (default 100; 2 with --quick)"),
+    batch_size: int = typer.Option(None, help="images per pipeline call (default 60; 4 with --quick)"),
+    classes: str = typer.Option(None, help="comma-separated class names (default: all)"),
+    steps: int = typer.Option(50, help="denoising steps of the baseline"),
+    sampler: SamplerName = typer.Option(SamplerName.ddim, help="ddim or dpm (DPM-Solver++)"),
+    guidance: float = typer.Option(3.0, help="classifier-free guidance scale"),
+    seed: int = typer.Option(100, min=0, help="base seed of the held-out noise"),
+    threads: int = typer.Option(1, help="torch threads in every worker process"),
+    timed_pairs: int = typer.Option(None, help="batches each group times against the baseline (default 5; "
+                                               "all with --quick)"),
+    resume: bool = typer.Option(False, help="continue the newest unfinished run of the same settings in --out"),
+    group_timeout: float = typer.Option(6 * 3600.0, help="seconds one group (a peer, one of our methods) may take"),
+    weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
+) -> None:
+    """Benchmark every diffaccel method, the peers and fewer-step baselines on one embedded model:
+    speed (MACs, wall clock), memory and quality, written as results.json, results.md and report.html."""
+    def job():
+        if not math.isfinite(guidance):
+            raise ValueError(f"--guidance must be a finite number, got {guidance}")
+        names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
+        cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size, steps=steps,
+                          sampler=sampler.value, guidance=guidance, seed=seed, threads=threads, classes=names,
+                          sweep=load_sweep(sweep, model) if sweep is not None and model in ("dit", "unet") else None,
+                          only=[n.strip() for n in only.split(",") if n.strip()] if only is not None else None,
+                          peers=peers, group_timeout=group_timeout, weights=str(weights) if weights else None,
+                          timed_pairs=timed_pairs, resume=resume)
+        if only is not None and not cfg.only:
+            raise ValueError("--only is empty")
+        return run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))
+
+    path = run_guarded(job)
+    results = load_results(path)
+    typer.echo(f"speedup at PSNR >= {results.psnr_floor:g} dB:")
+    for name, family, text in summary_lines(results):
+        typer.echo(f"  {name:30s} {family:9s} {text}")
+    typer.echo(f"wrote {path}, {out / 'results.md'} and {out / 'report.html'}")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="a results.json written by `diffaccel bench`"),
+    out: Path = typer.Option(None, help="output folder (default: the results file's folder)"),
+) -> None:
+    """Render results.md and report.html again from a saved results.json, without rerunning."""
+    md, page = run_guarded(lambda: write_report(load_results(results), results.parent,
+                                                out if out is not None else results.parent))
+    typer.echo(f"wrote {md} and {page}")
+
+

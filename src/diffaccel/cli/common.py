@@ -1,0 +1,109 @@
+"""What the commands share: the app, the target options, settings parsing and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+
+from diffaccel.errors import DiffaccelError, PlanError
+from diffaccel.methods.registry import build
+from diffaccel.plan import Plan
+from diffaccel.targets import Target, load_target
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Make diffusion sampling cheaper, and show what it cost in quality.")
+log = logging.getLogger("diffaccel")
+
+# models embedded in the package; the text-to-image and language models join as they ship
+EMBEDDED = ("dit", "unet")
+
+
+class SamplerName(str, Enum):
+    ddim = "ddim"
+    dpm = "dpm"
+
+
+MODEL = typer.Option("dit", help=f"embedded model: {', '.join(EMBEDDED)} (ignored with --pipeline)")
+PIPELINE = typer.Option(None, help="a local diffusers pipeline folder (DiffusionPipeline.from_pretrained, offline)")
+PROMPTS = typer.Option(None, help="with --pipeline: prompts, one per line, or JSON lines of pipeline call arguments")
+SAMPLER = typer.Option(SamplerName.ddim, help="embedded models: ddim or dpm (DPM-Solver++); a pipeline folder "
+                                              "keeps its own scheduler")
+WEIGHTS = typer.Option(None, help="embedded model: weights folder (default: the shipped weights)")
+STEPS = typer.Option(50, min=1, help="denoising steps (num_inference_steps)")
+GUIDANCE = typer.Option(3.0, help="classifier-free guidance scale (<= 1 disables it)")
+THREADS = typer.Option(0, min=0, help="torch threads (0: torch's default)")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def setup(threads: int = 0, guidance: float | None = None) -> None:
+    """Common start of a command: logging to stderr, thread count, a finite guidance."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be a finite number, got {guidance}")
+
+
+def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: SamplerName | str = "ddim",
+           weights: Path | None = None) -> Target:
+    if pipeline is None and model not in EMBEDDED:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(EMBEDDED)}, or give --pipeline PATH")
+    if pipeline is not None and weights is not None:
+        raise ValueError("--weights is for the embedded models; a pipeline folder holds its own weights")
+    return load_target(model, pipeline, prompts, getattr(sampler, "value", sampler), weights)
+
+
+def parse_params(params: list[str] | None, **named: Any) -> dict:
+    """Method settings from named options (None: not given) and ``--param key=value`` pairs (JSON values)."""
+    settings = {k: v for k, v in named.items() if v is not None}
+    for item in params or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param needs key=value, got {item!r}")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    return settings
+
+
+def resolve_plan(tgt: Target, steps: int, guidance: float, method: str | None, plan_file: Path | None,
+                 settings: dict) -> Plan | None:
+    """The plan a command runs: loaded from ``plan_file`` or made with ``method`` (on the target's
+    calibration calls when the method calibrates)."""
+    if method and plan_file:
+        raise ValueError("give either --method or --plan, not both")
+    if plan_file is not None:
+        if settings:
+            raise ValueError("method settings (--interval, --param, ...) go with --method, not --plan")
+        plan = Plan.load(plan_file)
+        if plan.num_steps is not None and plan.num_steps != steps:
+            log.info("plan made for %d denoiser evaluations; runs of another count map it (Plan.resample)",
+                     plan.num_steps)
+        return plan
+    if method:
+        calls = None if tgt.embedded else tgt.workload(steps, guidance, per_class=1)
+        return build(method, tgt.pipe, steps, guidance=guidance, calls=calls, **settings)
+    if settings:
+        raise PlanError("method settings were given without --method")
+    return None
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Call ``fn``; a DiffaccelError or ValueError becomes a one-line error and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except (DiffaccelError, ValueError, OSError) as exc:
+        fail(str(exc))

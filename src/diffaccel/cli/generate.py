@@ -1,0 +1,116 @@
+"""``diffaccel generate``: run the target's calls, optionally under a plan and beside the baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from diffaccel.calibration.reference import identity_plan
+from diffaccel.cli.common import (
+    GUIDANCE,
+    MODEL,
+    PIPELINE,
+    PROMPTS,
+    SAMPLER,
+    STEPS,
+    THREADS,
+    WEIGHTS,
+    SamplerName,
+    app,
+    parse_params,
+    resolve_plan,
+    run_guarded,
+    setup,
+    target,
+)
+from diffaccel.generate import GenerateConfig, run_generate
+from diffaccel.methods.ptq import quant_spec
+from diffaccel.plan import Plan
+from diffaccel.zoo import shapes
+
+
+@app.command()
+def generate(
+    model: str = MODEL,
+    pipeline: Path = PIPELINE,
+    prompts: Path = PROMPTS,
+    classes: str = typer.Option(None, help="embedded models: comma-separated class names (default: all)"),
+    per_class: int = typer.Option(8, min=1, help="images per class (embedded) or per prompt"),
+    steps: int = STEPS,
+    sampler: SamplerName = SAMPLER,
+    guidance: float = GUIDANCE,
+    seed: int = typer.Option(0, min=0, help="base seed; each image's noise follows from it"),
+    out: Path = typer.Option(Path("out/generate"), help="output folder"),
+    method: str = typer.Option(None, help="acceleration method (see `diffaccel methods`)"),
+    plan: Path = typer.Option(None, "--plan", help="a plan JSON file to apply (mapped to --steps if made for others)"),
+    compare: bool = typer.Option(False, help="also run the unaccelerated pipeline on the same seeds, interleaved"),
+    interval: int = typer.Option(None, help="method setting: full-compute interval"),
+    branch: int = typer.Option(None, help="method setting: U-Net skip branch (deepcache)"),
+    order: int = typer.Option(None, help="method setting: Taylor order (taylorseer)"),
+    threshold: float = typer.Option(None, help="method setting: residual threshold (first_block_cache, erta)"),
+    keys: int = typer.Option(None, help="method setting: key steps (keysteps)"),
+    param: list[str] = typer.Option(None, help="other method settings, key=value (repeatable)"),
+    save_plan: Path = typer.Option(None, help="also write the plan used to this file"),
+    batch_size: int = typer.Option(64, min=1, help="embedded models: images per pipeline call"),
+    weights: Path = WEIGHTS,
+    threads: int = THREADS,
+    quant: str = typer.Option(None, help="also quantize the model: w8a8, w4a8, ... (calibrated on first use)"),
+    quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
+                                                   "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
+    quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
+) -> None:
+    """Sample every class of an embedded model (or the prompts of a pipeline folder), optionally with
+    a plan, and score the images: grid.png and record.json in --out."""
+
+    def job() -> dict:
+        setup(threads, guidance)
+        names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
+        if names is not None and not names:
+            raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
+        settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
+        if plan is not None:
+            Plan.load(plan)  # a broken plan file fails before any model is loaded
+        tgt = target(model, pipeline, prompts, sampler, weights)
+        cfg = GenerateConfig(classes=names, per_class=per_class, steps=steps, sampler=sampler.value,
+                             guidance=guidance, seed=seed, batch_size=batch_size)
+        the_plan = resolve_plan(tgt, steps, guidance, method, plan, settings)
+        if quant is not None:
+            calls = tgt.workload(steps, guidance, per_class=2 if tgt.embedded else 1)
+            spec = quant_spec(tgt.pipe, calls, quant, quant_backend, quant_per_step)
+            the_plan = (the_plan or _identity(tgt)).with_quant(spec)
+        if the_plan is not None and save_plan is not None:
+            the_plan.save(save_plan)
+        return run_generate(tgt, cfg, out, plan=the_plan, compare=compare)
+
+    record = run_guarded(job)
+    typer.echo(summary_line(record))
+    typer.echo(f"wrote {out / 'grid.png'} and {out / 'record.json'}")
+
+
+def _identity(tgt) -> Plan:
+    return identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "ptq"})
+
+
+def summary_line(record: dict) -> str:
+    head = (f"{record['model']}: {record['n_images']} images, {record['steps']} {record['sampler']} steps, "
+            f"guidance {record['guidance']:g}")
+    if "plan" in record:
+        head += f" | plan {record['plan']['method']}"
+        if record.get("resampled_from"):
+            head += f" (made for {record['resampled_from']} steps, mapped)"
+    parts = [head]
+    if "speedup_wall" in record:
+        parts.append(f"speedup {record['speedup_wall']:.2f}x wall, {record['speedup_macs']:.2f}x MACs")
+        parts.append(f"PSNR {record['psnr']:.1f} dB (5th pct {record.get('psnr_p5', record['psnr_min']):.1f}), "
+                     f"SSIM {record['ssim']:.3f} vs unaccelerated")
+    elif "speedup_macs" in record:
+        parts.append(f"speedup {record['speedup_macs']:.2f}x MACs")
+    if "accuracy" in record:
+        accuracy = f"accuracy {record['accuracy']:.1%}"
+        if "accuracy" in record.get("baseline", {}):
+            accuracy += f" (unaccelerated {record['baseline']['accuracy']:.1%})"
+        parts.append(accuracy)
+        parts.append(f"FD {record['fd']:.2f} (floor {record['fd_floor']:.2f}, {record['fd_samples']} samples)")
+    parts.append(f"{record['macs_per_image'] / 1e9:.3f} GMACs/image, {record['seconds']:.1f} s")
+    return " | ".join(parts)

@@ -1,0 +1,80 @@
+"""``diffaccel plan make | show`` and ``diffaccel methods``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from diffaccel.cli.common import (
+    GUIDANCE,
+    MODEL,
+    PIPELINE,
+    PROMPTS,
+    SAMPLER,
+    STEPS,
+    WEIGHTS,
+    SamplerName,
+    app,
+    parse_params,
+    resolve_plan,
+    run_guarded,
+    setup,
+    target,
+)
+from diffaccel.methods.registry import METHODS
+from diffaccel.plan import Plan
+from diffaccel.report.plan_view import render_plan
+
+plan_app = typer.Typer(help="Make and inspect plans.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("show")
+def plan_show(path: Path = typer.Argument(..., help="plan JSON file"),
+              model: str = typer.Option(None, help="embedded model to measure MACs on (default: the one the plan "
+                                                   "fits, if any)")) -> None:
+    """Print a plan's step x unit map and the MACs it costs relative to the full model."""
+    typer.echo(run_guarded(lambda: render_plan(Plan.load(path), model)))
+
+
+@plan_app.command("make")
+def plan_make(
+    method: str = typer.Argument(..., help="method name (see `diffaccel methods`)"),
+    model: str = MODEL,
+    pipeline: Path = PIPELINE,
+    prompts: Path = PROMPTS,
+    steps: int = STEPS,
+    sampler: SamplerName = SAMPLER,
+    guidance: float = GUIDANCE,
+    weights: Path = WEIGHTS,
+    interval: int = typer.Option(None, help="method setting: full-compute interval"),
+    branch: int = typer.Option(None, help="method setting: U-Net skip branch (deepcache)"),
+    order: int = typer.Option(None, help="method setting: Taylor order (taylorseer)"),
+    threshold: float = typer.Option(None, help="method setting: residual threshold"),
+    keys: int = typer.Option(None, help="method setting: key steps (keysteps)"),
+    param: list[str] = typer.Option(None, help="other settings, key=value (repeatable)"),
+    out: Path = typer.Option(Path("plan.json"), help="where to write the plan"),
+) -> None:
+    """Make a plan with a method for an embedded model or a pipeline folder, and save it."""
+
+    def job() -> None:
+        setup(guidance=guidance)
+        settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
+        tgt = target(model, pipeline, prompts, sampler, weights)
+        resolve_plan(tgt, steps, guidance, method, None, settings).save(out)
+
+    run_guarded(job)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the acceleration methods, what they need and their settings."""
+    for name, spec in METHODS.items():
+        needs = "/".join(sorted(spec.needs)) or "any model"
+        kind = "calibrated" if spec.calibrated else "static"
+        typer.echo(f"{name:18s} {spec.summary} [{kind}; {needs}]")
+        for knob, field in spec.settings.model_fields.items():
+            default = spec.knobs()[knob]
+            typer.echo(f"    {knob}={default!r}  {field.description or ''}")

@@ -1,0 +1,120 @@
+"""``diffaccel search``: a plan that meets a quality budget at the least cost."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from diffaccel.cli.common import (
+    GUIDANCE,
+    MODEL,
+    PIPELINE,
+    PROMPTS,
+    SAMPLER,
+    STEPS,
+    THREADS,
+    WEIGHTS,
+    SamplerName,
+    app,
+    fail,
+    run_guarded,
+    setup,
+    target,
+)
+from diffaccel.methods.ptq import quant_spec
+from diffaccel.search import SearchConfig, parse_budget, parse_duration
+from diffaccel.search import search as run_search
+
+
+class StrategyName(str, Enum):
+    nsga2 = "nsga2"
+    dp = "dp"
+    greedy = "greedy"
+
+
+class ObjectiveName(str, Enum):
+    macs = "macs"
+    latency = "latency"
+    bops = "bops"
+
+
+def parse_bit_choices(bits: str | None, quant: str | None) -> tuple[int, ...] | None:
+    if bits is None:
+        return None
+    if quant is None:
+        raise ValueError("--bits needs --quant (the spec the per-unit bit widths vary)")
+    try:
+        choices = tuple(int(b) for b in bits.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--bits must list integers such as 8,4; got {bits!r}") from None
+    if not choices:
+        raise ValueError("--bits is empty; give the weight bits to choose from, e.g. 8,4")
+    return choices
+
+
+@app.command()
+def search(
+    model: str = MODEL,
+    pipeline: Path = PIPELINE,
+    prompts: Path = PROMPTS,
+    budget: str = typer.Option("psnr>=30", help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X"),
+    objective: ObjectiveName = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated "
+                                            "from per-unit wall time, or bops (MACs weighted by weight bits)"),
+    strategy: StrategyName = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dynamic programming "
+                                                                   "on the profile) or greedy"),
+    time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h"),
+    trials: int = typer.Option(None, min=1, help="nsga2: stop when the study holds this many trials"),
+    out: Path = typer.Option(Path("out/search"), help="output folder (and its study.db, to resume from)"),
+    storage: str = typer.Option(None, help="optuna storage URL shared by workers (default sqlite:///OUT/study.db)"),
+    seed: int = typer.Option(0, min=0, help="search seed (also picks the calibration noise)"),
+    calib_per_class: int = typer.Option(2, min=1, help="calibration images per class (embedded) or per prompt"),
+    heldout_per_class: int = typer.Option(4, min=1, help="held-out images per class or prompt (evaluation seeds)"),
+    steps: int = STEPS,
+    sampler: SamplerName = SAMPLER,
+    guidance: float = GUIDANCE,
+    population: int = typer.Option(16, min=2, help="nsga2 population size"),
+    pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
+    margin: float = typer.Option(None, help="how far the chosen plan's calibration quality must clear the budget "
+                                            "(default 0.5 dB, or 0.005 SSIM)"),
+    quant: str = typer.Option(None, help="joint search: quantize every plan, e.g. w8a8 (calibrated on first use)"),
+    quant_backend: str = typer.Option("fake", help="with --quant: fake, int8 or int8-dynamic"),
+    bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
+    correct: bool = typer.Option(False, help="fit a per-channel correction of the reused features to the chosen plan"),
+    weights: Path = WEIGHTS,
+    threads: int = THREADS,
+) -> None:
+    """Search a static plan that meets a quality budget at the least cost; write plan.json, front.json,
+    front.png and summary.json. Run the same command again to resume an interrupted search."""
+
+    def job():
+        setup(threads, guidance)
+        parse_budget(budget)
+        limit = parse_duration(time_limit)
+        choices = parse_bit_choices(bits, quant)
+        tgt = target(model, pipeline, prompts, sampler, weights)
+        calibrate = tgt.workload(steps, guidance, calib_per_class, seed)
+        heldout = tgt.workload(steps, guidance, heldout_per_class, 0, calibration=False)
+        spec = quant_spec(tgt.pipe, calibrate, quant, quant_backend) if quant is not None else None
+        name = f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name
+        config = SearchConfig(budget=budget, objective=objective.value, strategy=strategy.value, seed=seed,
+                              time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
+                              quant=spec, bits=choices, correct=correct, model_name=name)
+        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout,
+                          log=lambda line: typer.echo(line, err=True))
+
+    result = run_guarded(job)
+    s = result.summary
+    if not result.met:
+        fail(f"no plan meets {s['budget']} on the calibration set; the closest ({s['source']}) reaches "
+             f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall']:.4g}, at "
+             f"{s['calib_speedup_macs']:.2f}x fewer MACs; wrote it to {out / 'plan.json'}")
+    line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, "
+            f"PSNR {s['calib_psnr']:.2f} dB calibration / {s['heldout_psnr']:.2f} dB held-out")
+    hand = s.get("best_handmade")
+    if hand:
+        line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['speedup_macs']:.2f}x MACs, "
+                 f"{hand['speedup_wall']:.2f}x wall, PSNR {hand['calib_psnr']:.2f} / {hand['heldout_psnr']:.2f} dB"
+                 + ("" if hand["met"] else " (misses the budget)"))
+    typer.echo(line)

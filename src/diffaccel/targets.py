@@ -1,0 +1,132 @@
+"""What a command runs on: an embedded model (``--model dit``) or a user's pipeline folder with
+its prompts (``--pipeline PATH --prompts FILE``), and the workloads built from it.
+
+A ``Target`` knows how to make the calibration workload (noise from the calibration seed range,
+for methods and the search) and the evaluation workload (noise from the user's seed, for
+``generate`` and held-out checks) at a step count and guidance scale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from diffaccel.adapters import find_denoiser
+from diffaccel.calibration.workload import Workload
+from diffaccel.errors import UnsupportedModelError, WeightsError, WorkloadError
+from diffaccel.seeds import CALIBRATION_SEED
+from diffaccel.zoo import shapes
+from diffaccel.zoo.weights import load_evaluator, load_pipeline
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """One prompt per line, or JSON lines of pipeline call arguments (``{"prompt": ..., ...}``)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkloadError(f"cannot read the prompt file {path} ({exc}); give a text file with one prompt per "
+                            "line") from None
+    calls = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                call = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise WorkloadError(f"{path}, line {number}: not valid JSON ({exc.msg}); write one prompt or one "
+                                    "JSON object of pipeline arguments per line") from None
+            if not isinstance(call, dict):
+                raise WorkloadError(f"{path}, line {number}: a JSON line must be an object of pipeline arguments")
+            calls.append(call)
+        else:
+            calls.append({"prompt": line})
+    if not calls:
+        raise WorkloadError(f"the prompt file {path} holds no prompt; write one prompt per line")
+    return calls
+
+
+def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:
+    """A diffusers pipeline from a local folder (offline), with its denoiser checked."""
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json): give the folder "
+                           "that DiffusionPipeline.save_pretrained wrote")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=getattr(torch, dtype))
+    except Exception as exc:  # diffusers raises many kinds for a damaged or foreign folder
+        raise WeightsError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0][:200]}") from None
+    find_denoiser(pipe)  # an unsupported denoiser is a one-line error now, not later
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class Target:
+    name: str
+    pipe: Any
+    calls: list[dict] | None = None  # a user's prompts / call arguments; None for the embedded models
+    weights: str | None = None  # where the weights came from (None: the shipped ones)
+    evaluator: Any = None  # the embedded evaluator (class accuracy, FD), None for other pipelines
+
+    @property
+    def embedded(self) -> bool:
+        return self.calls is None
+
+    def denoiser(self) -> tuple[Any, Any]:
+        """``(denoiser, scheduler)`` of the pipeline."""
+        return find_denoiser(self.pipe)
+
+    def workload(self, steps: int, guidance: float, per_class: int = 2, seed: int = 0, calibration: bool = True,
+                 classes: list[int] | None = None, batch_size: int = 64) -> Workload:
+        """Calibration (``calibration=True``) or evaluation calls at ``steps`` and ``guidance``: every
+        class of an embedded model ``per_class`` times, or each of the user's calls ``per_class`` times
+        with its own noise (a call's own arguments win over these defaults)."""
+        if self.embedded:
+            return self.pipe.workload_calls(steps, guidance, per_class, seed, calibration, classes, batch_size)
+        base = (CALIBRATION_SEED if calibration else 0) + seed
+        calls = [{"num_inference_steps": steps, "guidance_scale": guidance, **call, "seed": base + i * per_class + k}
+                 for i, call in enumerate(self.calls) for k in range(per_class)]
+        kind = "calibration" if calibration else "evaluation"
+        return Workload.from_calls(calls, description=f"{kind} seeds from {base}, {len(self.calls)} prompts x "
+                                                      f"{per_class}, {steps} steps, guidance {guidance:g}")
+
+
+def load_target(model: str | None = None, pipeline: Path | None = None, prompts: Path | None = None,
+                sampler: str = "ddim", weights: Path | None = None) -> Target:
+    """The embedded ``model`` (weights from ``weights`` if given) or the ``pipeline`` folder with ``prompts``."""
+    if pipeline is not None:
+        if prompts is None:
+            raise WorkloadError("--pipeline needs --prompts FILE: the prompts (or JSON lines of call arguments) "
+                                "to run, calibrate and search on")
+        calls = read_prompts(prompts)
+        pipe = load_pipeline_folder(pipeline)
+        return Target(Path(pipeline).name, pipe, calls, str(pipeline))
+    if prompts is not None:
+        raise WorkloadError("--prompts goes with --pipeline; the embedded models take --classes")
+    pipe = load_pipeline(model or "dit", sampler, weights)
+    return Target(model or "dit", pipe, None, str(weights) if weights else None, load_evaluator())
+
+
+def class_ids(target: Target, names: list[str] | None) -> list[int]:
+    """Class ids of ``names`` for an embedded target, checked against the loaded model's classes."""
+    if not target.embedded:
+        if names is not None:
+            raise UnsupportedModelError("--classes is for the embedded class-conditional models; a pipeline "
+                                        "folder runs the prompts of --prompts")
+        return []
+    ids = shapes.class_ids(names)
+    if max(ids) >= target.pipe.num_classes:
+        raise WeightsError(f"the loaded model has {target.pipe.num_classes} classes; class {max(ids)} "
+                           f"({shapes.CLASSES[max(ids)]}) is not one of them")
+    if target.pipe.num_classes != shapes.NUM_CLASSES:
+        raise WeightsError(f"the weights in {target.weights} are a model of {target.pipe.num_classes} classes, not "
+                           f"the {shapes.NUM_CLASSES} shapes classes the embedded evaluator reads: run it as a "
+                           "pipeline folder (--pipeline PATH --prompts FILE of its class labels)")
+    return ids
