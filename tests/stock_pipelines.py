@@ -153,7 +153,8 @@ def flux() -> tuple[FluxPipeline, dict]:
                         tokenizer_2=None)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(5)
-    call = {"prompt_embeds": torch.randn(2, 5, 16, generator=g), "pooled_prompt_embeds": torch.randn(2, 16, generator=g),
+    call = {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
+            "pooled_prompt_embeds": torch.randn(2, 16, generator=g),
             "num_inference_steps": 6, "guidance_scale": 3.5, "height": 16, "width": 16}
     return pipe, call
 
@@ -169,7 +170,8 @@ def dit() -> tuple[DiTPipeline, dict]:
 
 
 class MyPipeline(DiffusionPipeline):
-    """A user's own pipeline: the denoiser sits under a name of its own (``backbone``)."""
+    """A user's own pipeline: the denoiser sits under a name of its own (``backbone``), and guidance
+    runs the two branches as separate calls (as FluxPipeline's true CFG does)."""
 
     def __init__(self, backbone: DiTTransformer2DModel, scheduler: DDIMScheduler):
         super().__init__()
@@ -179,11 +181,15 @@ class MyPipeline(DiffusionPipeline):
     def __call__(self, class_labels, num_inference_steps: int = 10, guidance_scale: float = 1.0,
                  generator=None, output_type: str = "pt"):
         labels = torch.as_tensor(class_labels)
+        null = torch.full_like(labels, self.backbone.config.num_embeds_ada_norm)
         size, channels = self.backbone.config.sample_size, self.backbone.config.in_channels
         x = randn_tensor((len(labels), channels, size, size), generator=generator)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:
             out = self.backbone(x, timestep=t.expand(len(labels)), class_labels=labels).sample
+            if guidance_scale > 1:
+                uncond = self.backbone(x, timestep=t.expand(len(labels)), class_labels=null).sample
+                out = uncond + guidance_scale * (out - uncond)
             x = self.scheduler.step(out, t, x).prev_sample
         return ImagePipelineOutput(images=(x / 2 + 0.5).clamp(0, 1))
 
@@ -194,5 +200,31 @@ def my_pipeline() -> tuple[MyPipeline, dict]:
                                      num_layers=3, sample_size=8, patch_size=2, norm_num_groups=4,
                                      num_embeds_ada_norm=10).eval()
     pipe = MyPipeline(backbone, DDIMScheduler())
-    return pipe, {"class_labels": [2, 7], "num_inference_steps": 6}
+    return pipe, {"class_labels": [2, 7], "num_inference_steps": 6, "guidance_scale": 2.0}
 
+
+def sd_with(name: str, **extra):
+    return lambda: stable_diffusion(sd_scheduler(name, **extra))
+
+
+# name -> (builder, extra call arguments)
+CASES = {
+    "sd-pndm": (stable_diffusion, {}),
+    "sd-ddim-eta": (sd_with("DDIMScheduler"), {"eta": 1.0}),
+    "sd-euler-ancestral": (sd_with("EulerAncestralDiscreteScheduler"), {}),
+    "sd-dpm-multistep": (sd_with("DPMSolverMultistepScheduler"), {}),
+    "sd-heun": (sd_with("HeunDiscreteScheduler"), {}),
+    "pixart-alpha": (pixart, {}),
+    "pixart-sigma": (lambda: pixart(sigma=True), {}),
+    "sd3": (sd3, {}),
+    "flux": (flux, {}),
+    "dit": (dit, {}),
+    "user-pipeline": (my_pipeline, {}),
+}
+
+
+def build(name: str) -> tuple[DiffusionPipeline, dict]:
+    """The pipeline of case ``name`` and its call (with the case's extra arguments)."""
+    make, extra = CASES[name]
+    pipe, call = make()
+    return pipe, {**call, **extra}

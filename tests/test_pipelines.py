@@ -1,0 +1,174 @@
+"""diffaccel on stock diffusers pipelines (tiny configs, random weights, offline) and a user's own
+pipeline: exact all-compute runs with every scheduler, every applicable method, the search, PTQ,
+plans mapped to other step counts, and plans fitted on other weights."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import diffaccel
+from diffaccel import methods
+from diffaccel.adapters import find_denoiser
+from diffaccel.calibration.reference import identity_plan
+from diffaccel.calibration.workload import Workload
+from diffaccel.errors import PlanError, QuantError
+from diffaccel.eval.cost import plan_mac_fraction
+from diffaccel.methods.registry import METHODS, applicable, build
+from diffaccel.runtime import PlanWarning
+from diffaccel.steps import model_evaluations
+from stock_pipelines import CASES
+from stock_pipelines import build as build_case
+
+NAMES = list(CASES)
+
+
+def run(pipe, call: dict, seed: int = 0) -> torch.Tensor:
+    return pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+def untouched(pipe) -> bool:
+    model, scheduler = find_denoiser(pipe)
+    patched = [m for m in model.modules() if "forward" in vars(m) or "_diffaccel_executor" in vars(m)]
+    hooked = [n for n in ("step", "set_timesteps", "set_begin_index") if n in vars(scheduler)]
+    return not patched and not hooked
+
+
+def workload(call: dict) -> Workload:
+    return Workload.from_calls([call, call], seed=123)  # two calls, other noise than the checks below
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_compute_plan_is_bitwise_identical_and_leaves_the_pipeline_as_it_was(name):
+    pipe, call = build_case(name)
+    base = run(pipe, call)
+    model, scheduler = find_denoiser(pipe)
+    steps = model_evaluations(scheduler, call["num_inference_steps"])
+    plan = methods.fora(pipe, steps, interval=1)  # a static plan that computes every unit at every step
+    with diffaccel.accelerate(pipe, plan) as executor:
+        out = run(pipe, call)
+    assert torch.equal(out, base), (name, float((out - base).abs().max()))
+    assert executor.stats.macs == executor.stats.full_macs > 0 and executor.stats.steps == steps
+    assert untouched(pipe) and torch.equal(run(pipe, call), base)
+
+
+def test_schedulers_that_repeat_timesteps_count_every_evaluation():
+    """PNDM evaluates the model N + 1 times, Heun 2N - 1: a plan counts evaluations, and one made for
+    the inference step count is refused with the count it needs, never silently misaligned."""
+    assert model_evaluations(build_case("sd-pndm")[0].scheduler, 10) == 11
+    assert model_evaluations(build_case("sd-heun")[0].scheduler, 10) == 19
+    pipe, call = build_case("sd-pndm")
+    plan = methods.fora(pipe, call["num_inference_steps"], interval=2)
+    with pytest.raises(PlanError, match=r"plan is for 6 steps but the pipeline runs 7.*resample"):
+        with diffaccel.accelerate(pipe, plan):
+            run(pipe, call)
+    assert untouched(pipe)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_applicable_method_builds_a_plan_from_the_pipeline_and_runs(name):
+    pipe, call = build_case(name)
+    calls = workload(call)
+    base = run(pipe, call)
+    names = applicable(pipe)
+    assert {"fora", "taylorseer", "keysteps", "erta", "ptq"} <= set(names)
+    # random weights move a lot between steps: settings that make every method reuse something
+    special = {"ptq": {"bits": "w8a8"}, "keysteps": {"keys": 3}, "erta": {"threshold": 10.0, "warmup": 1}}
+    for method in names:
+        settings = special.get(method, {})
+        plan = build(method, pipe, call["num_inference_steps"], calls=calls, **settings)
+        with diffaccel.accelerate(pipe, plan) as executor:
+            out = run(pipe, call)
+        assert torch.isfinite(out).all() and out.shape == base.shape, (name, method)
+        if method == "ptq":
+            assert plan.quant is not None and plan.calibration.calls == 2
+        elif plan.rule is None:
+            assert executor.stats.macs < executor.stats.full_macs, (name, method)
+        if METHODS[method].calibrated:
+            assert plan.calibration is not None and plan.calibration.weights
+        assert untouched(pipe)
+
+
+@pytest.mark.parametrize("name", ["sd-pndm", "pixart-alpha", "flux", "user-pipeline"])
+def test_dp_search_finds_a_plan_on_the_pipeline(name, tmp_path):
+    pipe, call = build_case(name)
+    plan = diffaccel.find_plan(pipe, calls=workload(call), budget="psnr>=10", strategy="dp", heldout=None,
+                               k_values=(2, 3), out=tmp_path, log=lambda _: None)
+    assert (tmp_path / "plan.json").is_file() and plan.calibration is not None
+    with diffaccel.accelerate(pipe, plan) as executor:
+        assert torch.isfinite(run(pipe, call)).all()
+    assert executor.stats.macs < executor.stats.full_macs and untouched(pipe)
+
+
+def test_w8a8_ptq_calibrates_on_the_pipeline_and_refuses_other_weights():
+    pipe, call = build_case("pixart-alpha")
+    base = run(pipe, call)
+    plan = methods.ptq(pipe, workload(call), bits="w8a8")
+    with diffaccel.accelerate(pipe, plan):
+        out = run(pipe, call)
+    assert not torch.equal(out, base) and (out - base).abs().mean() < 0.05 and untouched(pipe)
+    assert plan.num_steps is None  # quantization alone runs at any step count
+    with diffaccel.accelerate(pipe, plan):
+        assert run(pipe, {**call, "num_inference_steps": 4}).shape == base.shape
+    other, _ = build_case("pixart-alpha")
+    with torch.no_grad():
+        other.transformer.proj_out.weight.mul_(1.01)
+    with pytest.raises((QuantError, PlanError), match="other weights|another model"):
+        with diffaccel.accelerate(other, plan):
+            pass
+    assert untouched(other)
+
+
+def test_a_calibrated_plan_on_other_weights_warns():
+    pipe, call = build_case("dit")
+    plan = methods.keysteps(pipe, workload(call), keys=3)
+    assert plan.calibration.inputs == ["1", "3"] and plan.calibration.calls == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with diffaccel.accelerate(pipe, plan):
+            run(pipe, call)
+    other, _ = build_case("dit")
+    with torch.no_grad():
+        other.transformer.proj_out_2.bias.add_(0.01)
+    with pytest.warns(PlanWarning, match="other weights"):
+        with diffaccel.accelerate(other, plan):
+            run(other, call)
+
+
+def test_a_plan_for_50_steps_runs_at_28_with_the_mac_ratio_it_promises():
+    pipe, call = build_case("dit")
+    plan50 = methods.fora(pipe, 50, interval=3)
+    units = identity_plan(pipe.transformer).units
+    unit_macs = [len(units) + 1.0] + [1.0] * len(units)  # all the work in the units but a sliver
+    promised = 1 / plan_mac_fraction(plan50, unit_macs)
+    plan28 = plan50.resample(28)
+    assert plan28.num_steps == 28 and plan28.params["resampled_from"] == 50
+    assert 1 / plan_mac_fraction(plan28, unit_macs) == pytest.approx(promised, rel=0.08)
+    call = {**call, "num_inference_steps": 28}
+    with pytest.raises(PlanError, match="plan is for 50 steps but the pipeline runs 28"):
+        with diffaccel.accelerate(pipe, plan50):
+            run(pipe, call)
+    with diffaccel.accelerate(pipe, plan50, resample=True) as executor:
+        mapped = run(pipe, call)
+    with diffaccel.accelerate(pipe, plan28) as direct:
+        assert torch.equal(run(pipe, call), mapped)
+    measured = executor.stats.full_macs / executor.stats.macs
+    assert measured == pytest.approx(direct.stats.full_macs / direct.stats.macs)
+    assert measured == pytest.approx(1 / plan_mac_fraction(plan28, next(iter(executor.unit_macs.values()))))
+    assert untouched(pipe)
+
+
+def test_resampling_keeps_a_schedule_dense_where_it_was_dense():
+    from diffaccel.resample import resample_rows
+
+    rows = ["C"] * 10 + ["CR", "RR", "RR", "CC"] * 10
+    rows = ["CC" if r == "C" else r for r in rows][:50]
+    new = resample_rows(rows, 25)
+    assert new[0] == "CC" and len(new) == 25
+    assert sum(r[0] == "C" for r in new[:5]) == 5  # the all-compute start stays all-compute
+    for unit in (0, 1):
+        old = sum(r[unit] == "C" for r in rows) / 50
+        assert sum(r[unit] == "C" for r in new) / 25 == pytest.approx(old, abs=0.05)
+    assert resample_rows(rows, 50) == rows
