@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.calibration.workload import Call, images_of
+from diffaccel.errors import WorkloadError
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.eval.io import write_json
 from diffaccel.eval.timing import wall_ratio
@@ -107,6 +108,12 @@ def _sample(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool,
             "warmup_macs": per_image_full}
 
 
+def _concat(images: list[torch.Tensor]) -> torch.Tensor:
+    if len({tuple(x.shape[1:]) for x in images}) > 1:
+        raise WorkloadError("the calls make images of different sizes; give every prompt the same height and width")
+    return torch.cat(images)
+
+
 def _labels(calls: list[Call]) -> torch.Tensor:
     return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
 
@@ -121,7 +128,7 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
     calls = list(workload.calls)
     runner = Runner(target, plan)
     done = _sample(runner, calls, plan, compare, progress)
-    main = torch.cat(done["fast"]) if plan is not None else torch.cat(done["base"])
+    main = _concat(done["fast"]) if plan is not None else _concat(done["base"])
     n = len(main)
     record = {
         "model": target.name, "weights": target.weights or "shipped", "sampler": cfg.sampler, "steps": cfg.steps,
@@ -135,7 +142,7 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
         record["classes"] = [shapes.CLASSES[c] for c in ids]
         record.update(target.evaluator.score(main, labels), fd_samples=n)
     else:
-        record["prompts"] = [c.describe()[0] for c in target.calls]
+        record["prompts"] = [str(c.get("prompt", c)) for c in target.calls]
     if plan is not None:
         record["plan"] = plan.model_dump(exclude_none=True)
         record["macs_per_image"] = round(runner.macs / n)
@@ -144,7 +151,7 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
         if runner.executor.plan is not plan and runner.executor.plan.params.get("resampled_from"):
             record["resampled_from"] = plan.num_steps
     if compare and plan is not None:
-        reference = torch.cat(done["base"])
+        reference = _concat(done["base"])
         record.update(fidelity(main, reference))
         record["speedup_wall"] = wall_ratio(done["base_times"], done["fast_times"])
         record["wall_pairs"] = len(done["base_times"])
@@ -152,7 +159,7 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
         if target.embedded:
             scores = target.evaluator.score(reference, _labels(calls))
             record["baseline"].update(accuracy=scores["accuracy"], fd=scores["fd"])
-    _write(out, record, main, torch.cat(done["base"]) if compare and plan is not None else None,
+    _write(out, record, main, _concat(done["base"]) if compare and plan is not None else None,
            len(ids) if target.embedded else len(target.calls))
     return record
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.workload import Workload
@@ -58,6 +60,8 @@ def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:
     if not (folder / "model_index.json").is_file():
         raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json): give the folder "
                            "that DiffusionPipeline.save_pretrained wrote")
+    diffusers_logging.disable_progress_bar()  # loading bars would clutter the command's output
+    transformers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=getattr(torch, dtype))
     except Exception as exc:  # diffusers raises many kinds for a damaged or foreign folder
@@ -118,8 +122,8 @@ def class_ids(target: Target, names: list[str] | None) -> list[int]:
     """Class ids of ``names`` for an embedded target, checked against the loaded model's classes."""
     if not target.embedded:
         if names is not None:
-            raise UnsupportedModelError("--classes is for the embedded class-conditional models; a pipeline "
-                                        "folder runs the prompts of --prompts")
+            raise UnsupportedModelError("--classes contradicts --pipeline: classes are for the embedded models; "
+                                        "a pipeline folder runs the prompts of --prompts")
         return []
     ids = shapes.class_ids(names)
     if max(ids) >= target.pipe.num_classes:

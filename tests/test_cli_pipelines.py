@@ -1,0 +1,93 @@
+"""The command line on a user's pipeline folder (``--pipeline PATH --prompts FILE``) and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from conftest import run_cli
+from diffaccel.plan import Plan
+from stock_pipelines import build
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    pipe, _ = build("sd-pndm")
+    pipe.save_pretrained(root / "sd")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n\n# a comment\n{\"prompt\": \"a large blue circle\", "
+                       "\"guidance_scale\": 4.0}\n")
+    return root / "sd", prompts
+
+
+def ok(monkeypatch, capsys, *args) -> str:
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    return out
+
+
+def one_line_error(monkeypatch, capsys, *args) -> str:
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_generate_with_a_method_on_a_pipeline_folder(monkeypatch, capsys, sd_folder, tmp_path):
+    folder, prompts = sd_folder
+    out = ok(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--steps", "4",
+             "--guidance", "5", "--per-class", "2", "--method", "fora", "--interval", "2", "--compare",
+             "--out", tmp_path, "--save-plan", tmp_path / "plan.json")
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["n_images"] == 4 and record["weights"] == str(folder) and record["speedup_macs"] > 1
+    assert record["prompts"] == ["a red circle on a blue background", "a large blue circle"]
+    assert 0 < record["psnr_p5"] <= record["psnr"] and "speedup" in out
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.num_steps == 5  # PNDM evaluates the model once more than its 4 steps
+    # a plan made for other steps is mapped to the run, and the record says so
+    ok(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--steps", "7", "--per-class",
+       "1", "--plan", tmp_path / "plan.json", "--out", tmp_path / "mapped")
+    mapped = json.loads((tmp_path / "mapped" / "record.json").read_text())
+    assert mapped["resampled_from"] == 5 and mapped["work"]["steps"] == 8
+
+
+def test_search_and_quantize_on_a_pipeline_folder(monkeypatch, capsys, sd_folder, tmp_path):
+    folder, prompts = sd_folder
+    out = ok(monkeypatch, capsys, "search", "--pipeline", folder, "--prompts", prompts, "--steps", "4",
+             "--strategy", "dp", "--budget", "psnr>=10", "--calib-per-class", "1", "--heldout-per-class", "1",
+             "--pairs", "1", "--out", tmp_path / "search")
+    summary = json.loads((tmp_path / "search" / "summary.json").read_text())
+    assert summary["model"] == "sd" and summary["calib_images"] == 2 and "held-out" in out
+    assert Plan.load(tmp_path / "search" / "plan.json").calibration.inputs[0] == "a red circle on a blue background"
+    ok(monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", prompts, "--steps", "4", "--per-class",
+       "1", "--out", tmp_path / "quant")
+    plan = Plan.load(tmp_path / "quant" / "plan.json")
+    assert plan.quant is not None and plan.calibration.calls == 2
+
+
+def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, capsys, sd_folder, tmp_path):
+    folder, prompts = sd_folder
+    (tmp_path / "empty").mkdir()
+    assert "not a diffusers pipeline folder" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", tmp_path / "empty", "--prompts", prompts)
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    assert "no adapter for UNet2DModel" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", tmp_path / "ddpm", "--prompts", prompts)
+    assert "cannot read the prompt file" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "missing.txt")
+    (tmp_path / "blank.txt").write_text("\n# nothing\n")
+    assert "holds no prompt" in one_line_error(
+        monkeypatch, capsys, "search", "--pipeline", folder, "--prompts", tmp_path / "blank.txt")
+    (tmp_path / "broken.txt").write_text("{\"prompt\": \n")
+    assert "line 1: not valid JSON" in one_line_error(
+        monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", tmp_path / "broken.txt")
+    assert "--pipeline needs --prompts" in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder)
+    assert "contradict" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--classes", "circle")
