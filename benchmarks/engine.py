@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.generate import GenerateConfig, run_generate, write_json
+from diffaccel.eval.io import write_json
+from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.methods.registry import build
-from diffaccel.zoo.weights import load_evaluator, load_pipeline
+from diffaccel.targets import load_target
 
 SWEEPS = {
     "dit": [
@@ -66,7 +67,7 @@ def command(model: str, method: str, settings: dict, args) -> str:
             parts += ["--param", f"{key}={json.dumps(value)}"]
     parts += ["--per-class", str(args.per_class), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
               "--guidance", str(args.guidance), "--threads", str(args.threads), "--compare",
-              "--out", f"out/engine/{model}-{method}"]
+              "--out", f"out/engine/{model}-{method}"]  # repository-relative
     return shlex.join(parts)
 
 
@@ -83,8 +84,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
-    evaluator = load_evaluator()
+    target = load_target(args.model)
     path = args.out / f"engine_{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep = [row for row in SWEEPS[args.model] if not args.only or row[0] in args.only.split(",")]
@@ -92,17 +92,18 @@ def main() -> None:
         sweep = [(args.only, settings) for settings in json.loads(args.settings)]
     for index, (method, settings) in enumerate(sweep):
         started = time.time()
-        cfg = GenerateConfig(model=args.model, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
+        cfg = GenerateConfig(per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
                              guidance=args.guidance)
-        plan = build(method, pipe, cfg.steps, **settings)
-        record = run_generate(cfg, Path("out/engine") / f"{args.model}-{method}-{index}", pipe, evaluator,
-                              plan=plan, compare=True, progress=False)
+        plan = build(method, target.pipe, cfg.steps, guidance=args.guidance, **settings)
+        record = run_generate(target, cfg, Path("out/engine") / f"{args.model}-{method}-{index}", plan=plan,
+                              compare=True, progress=False)
         row = {
             "method": method,
             "setting": ",".join(f"{k}={v}" for k, v in settings.items()),
             "speedup_macs": round(record["speedup_macs"], 3),
             "speedup_wall": round(record["speedup_wall"], 3),
             "psnr": round(record["psnr"], 2),
+            "psnr_p5": round(record["psnr_p5"], 2),
             "psnr_min": round(record["psnr_min"], 2),
             "ssim": round(record["ssim"], 4),
             "accuracy": record["accuracy"],

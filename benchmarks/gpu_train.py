@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.generate import GenerateConfig, job_items, sample
+from diffaccel.eval.fidelity import fidelity
 from diffaccel.methods.registry import build
 from diffaccel.runtime import accelerate
+from diffaccel.zoo.pipeline import sample, shapes_workload
 from diffaccel.zoo.train import TrainConfig, export, train
 from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
@@ -47,9 +48,9 @@ def score(weights: Path, model: str, device: str) -> list[dict]:
     rows = []
     for sampler, steps in (("ddim", 50), ("dpm", 20)):
         pipe = load_pipeline(model, sampler, weights_dir=weights).to(device)
-        cfg = GenerateConfig(model=model, per_class=100, steps=steps, sampler=sampler, guidance=3.0, seed=0)
-        labels, seeds = job_items(cfg)
-        images = sample(pipe, labels, seeds, steps, cfg.guidance, batch_size=len(labels)).cpu()
+        calls = shapes_workload(list(range(6)), steps, 3.0, per_class=100, calibration=False, batch_size=600)
+        labels = torch.tensor(calls.calls[0].kwargs["class_labels"])
+        images = sample(pipe, labels, list(calls.calls[0].seeds), steps, 3.0, batch_size=len(labels)).cpu()
         rows.append({"sampler": sampler, "steps": steps, **evaluator.score(images, labels)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -59,8 +60,6 @@ def time_plans(weights: Path | None, model: str, device: str, batch: int = 64, r
                plans: list[tuple[str, dict]] | None = None) -> list[dict]:
     """CUDA wall-clock of each plan (default ``PLANS_TO_TIME``) against the baseline, interleaved,
     median of ``repeats``; PSNR of the plan's images against the baseline's."""
-    from diffaccel.eval.fidelity import fidelity
-
     pipe = load_pipeline(model, "ddim", weights_dir=weights).to(device)
     labels = torch.arange(batch) % 6
 

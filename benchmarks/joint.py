@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.generate import write_json
+from diffaccel.calibration.dp import optimal_keys, set_errors, set_matrix
+from diffaccel.calibration.reference import CalibrationRun, checked_images
+from diffaccel.eval.io import write_json
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.methods.ptq import quant_spec
-from diffaccel.search import embedded_calibration, parse_duration, search
-from diffaccel.search.dp import optimal_keys
-from diffaccel.search.evaluate import CalibrationRun, images_of
-from diffaccel.search.profile import level_errors, level_matrix
+from diffaccel.search import parse_duration, search
 from diffaccel.search.space import Space
 from diffaccel.search.versus import measure
 from diffaccel.zoo.weights import load_pipeline
@@ -52,16 +51,17 @@ def main() -> None:
     log = lambda line: print(line, flush=True)  # noqa: E731
     pipe = load_pipeline(args.model)
     steps = args.steps
-    calibrate = embedded_calibration(None, 2, steps)
-    heldout = embedded_calibration(None, args.heldout_per_class, steps, seed=0, calibration=False)
-    reference = images_of(heldout(pipe), "held-out")
-    specs = {bits: quant_spec(pipe, steps, bits) for bits in ("w8a8", "w4a8")}
+    calibrate = pipe.workload_calls(steps, 3.0, 2)
+    heldout = pipe.workload_calls(steps, 3.0, args.heldout_per_class, 0, calibration=False)
+    reference = checked_images(heldout(pipe), "held-out")
+    specs = {bits: quant_spec(pipe, calibrate, bits) for bits in ("w8a8", "w4a8")}
     space = Space(pipe.denoiser, steps)
-    calib = CalibrationRun(pipe, calibrate, steps, space.units)
-    d = level_matrix(calib.dissimilarity, space, "all")
+    calib = CalibrationRun(pipe, calibrate)
+    everything = space.by_name["all"].reused
+    d = set_matrix(calib.dissimilarity, space.units, everything)
     rows = []
     for bits, spec in specs.items():
-        q = level_errors(calib.unit_error(space.plan(space.all_compute()).with_quant(spec)), space, "all")
+        q = set_errors(calib.unit_error(space.plan(space.all_compute()).with_quant(spec)), space.units, everything)
         log(f"{bits}: quantization error per step {[round(float(v), 4) for v in q]}")
         for k in args.keys:
             plain, _ = optimal_keys(d, k)
@@ -74,12 +74,12 @@ def main() -> None:
                 if name == "dp + quantization error":
                     plans.append(("dp + quantization error + feature correction",
                                   {"bits": bits, "keys": k, "key_steps": keys},
-                                  fit_feature_correction(pipe, plan, seed=0)))
+                                  fit_feature_correction(pipe, plan, pipe.workload_calls(steps, 3.0, 1))))
             for point in measure(pipe, heldout, plans, reference, log=log):
                 rows.append({"part": "dp", **point.as_dict(), "same_keys_as_plain": plain == aware})
             write_json(ROOT / "benchmarks" / "results" / f"joint_{args.model}.json", record(args, rows, started))
     spec = specs["w8a8"]
-    result = search(pipe, calibrate, steps, budget=args.budget, objective="bops", strategy="nsga2", seed=0,
+    result = search(pipe, calibrate, budget=args.budget, objective="bops", strategy="nsga2", seed=0,
                     out=args.out / f"{args.model}-nsga2-bits", time_limit=parse_duration(args.time), quant=spec,
                     bits=(8, 4), model_name=f"{args.model}-ddim", log=log)
     s = result.summary

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.generate import GenerateConfig, run_generate, write_json
-from diffaccel.zoo.weights import WEIGHTS_DIR, load_evaluator, load_pipeline
+from diffaccel.eval.io import write_json
+from diffaccel.generate import GenerateConfig, run_generate
+from diffaccel.targets import load_target
+from diffaccel.zoo.weights import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,15 +32,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    evaluator = load_evaluator()
     results = []
     for sampler, steps in (("ddim", 50), ("dpm", 20)):
-        pipe = load_pipeline(args.model, sampler)
+        target = load_target(args.model, sampler=sampler)
         for guidance in args.guidance:
-            cfg = GenerateConfig(model=args.model, per_class=args.per_class, steps=steps, sampler=sampler,
-                                 guidance=guidance, seed=args.seed)
+            cfg = GenerateConfig(per_class=args.per_class, steps=steps, sampler=sampler, guidance=guidance,
+                                 seed=args.seed)
             out = ROOT / "out" / "quality" / f"{args.model}-{sampler}-{guidance:g}"
-            record = run_generate(cfg, out, pipe, evaluator, progress=True)
+            record = run_generate(target, cfg, out, progress=True)
             record["command"] = (f"diffaccel generate --model {args.model} --sampler {sampler} --steps {steps} "
                                  f"--guidance {guidance:g} --per-class {args.per_class} --seed {args.seed} "
                                  f"--threads {args.threads}")

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.generate import GenerateConfig, run_generate, write_json
+from diffaccel.eval.io import write_json
+from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.methods.ptq import ptq, quant_spec
 from diffaccel.methods.registry import build
 from diffaccel.plan import Plan
 from diffaccel.quant import Calibration, quantize_, weight_bytes
-from diffaccel.zoo.weights import load_evaluator, load_pipeline
+from diffaccel.targets import load_target
 
 # name -> (caching method and settings or None, bits, backend, per-step scales, images per class or None)
 ROWS = {
@@ -89,8 +90,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
-    evaluator = load_evaluator()
+    target = load_target(args.model)
+    pipe = target.pipe
     path = args.out / f"quant_{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     wanted = [name.strip() for name in args.only.split(";")] if args.only else list(ROWS[args.model])
@@ -98,14 +99,14 @@ def main() -> None:
         caching, bits, backend, per_step, per_class = ROWS[args.model][name]
         per_class = per_class or args.per_class
         started = time.time()
-        cfg = GenerateConfig(model=args.model, per_class=per_class, seed=args.seed, batch_size=args.batch_size)
+        cfg = GenerateConfig(per_class=per_class, seed=args.seed, batch_size=args.batch_size)
         if caching is None:
-            plan = ptq(pipe, cfg.steps, bits=bits, backend=backend, per_step=per_step)
+            plan = ptq(pipe, pipe.workload_calls(cfg.steps), bits=bits, backend=backend, per_step=per_step)
         else:
             cache_plan = Plan.load(caching[1]["path"]) if caching[0] == "plan" else build(
                 caching[0], pipe, cfg.steps, **caching[1])
-            plan = cache_plan.with_quant(quant_spec(pipe, cfg.steps, bits, backend, per_step))
-        record = run_generate(cfg, Path("out/quant") / f"{args.model}-{index}", pipe, evaluator, plan=plan,
+            plan = cache_plan.with_quant(quant_spec(pipe, pipe.workload_calls(cfg.steps), bits, backend, per_step))
+        record = run_generate(target, cfg, Path("out/quant") / f"{args.model}-{index}", plan=plan,
                               compare=True, progress=False)
         row = {
             "name": name, "bits": bits, "backend": backend, "per_step": per_step,

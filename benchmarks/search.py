@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import time
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from diffaccel.generate import write_json
+from diffaccel.calibration.reference import checked_images
+from diffaccel.eval.io import write_json
 from diffaccel.methods.registry import build
-from diffaccel.search import embedded_calibration, parse_duration, search
-from diffaccel.search.evaluate import compare, images_of
+from diffaccel.search import compare, parse_duration, search
 from diffaccel.search.handmade import handmade_plans
 from diffaccel.search.versus import bracket, cost_at, cost_bracket, front, measure, psnr_at, psnr_at_wall
 from diffaccel.zoo.weights import load_pipeline
@@ -118,9 +119,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = args.results or ROOT / "benchmarks" / "results" / f"search_{args.model}.json"
     pipe = load_pipeline(args.model)
-    calibrate = embedded_calibration(None, args.calib_per_class, args.steps, seed=args.seed)
-    heldout = embedded_calibration(None, args.heldout_per_class, args.steps, seed=0, calibration=False)
-    reference = images_of(heldout(pipe), "held-out")
+    calibrate = pipe.workload_calls(args.steps, 3.0, args.calib_per_class, args.seed)
+    heldout = pipe.workload_calls(args.steps, 3.0, args.heldout_per_class, 0, calibration=False)
+    reference = checked_images(heldout(pipe), "held-out")
     hand_points, by_key = handmade_on_heldout(pipe, args.model, args.steps, heldout, reference)
     rows = []
     for strategy in args.strategies:
@@ -129,12 +130,12 @@ def main() -> None:
         command = (f"diffaccel search --model {args.model} --budget {shlex.quote(args.budget)} --objective "
                    f"{args.objective} --strategy {strategy} --time {args.time} --steps {args.steps} --seed {args.seed} "
                    f"--calib-per-class {args.calib_per_class} --heldout-per-class {args.heldout_per_class} "
-                   f"--pairs {args.pairs} --threads {args.threads} --out {out}"
+                   f"--pairs {args.pairs} --threads {args.threads} --out {os.path.relpath(out, ROOT)}"
                    + (f" --margin {args.margin}" if args.margin is not None else "")
                    + (" --correct" if args.correct else "")
                    + (f" --trials {args.trials}" if args.trials and strategy == "nsga2" else ""))
         start = time.time()
-        result = search(pipe, calibrate, args.steps, budget=args.budget, objective=args.objective, strategy=strategy,
+        result = search(pipe, calibrate, budget=args.budget, objective=args.objective, strategy=strategy,
                         seed=args.seed, out=out, time_limit=parse_duration(args.time),
                         trials=args.trials if strategy == "nsga2" else None, heldout=heldout, pairs=args.pairs,
                         model_name=f"{args.model}-ddim", margin=args.margin, correct=args.correct,
