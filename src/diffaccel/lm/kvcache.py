@@ -20,7 +20,7 @@ created per batch of a call, so no state survives a call.
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForMaskedLM
 
 from diffaccel.lm.model import KVCache, forward_full, forward_macs, forward_partial
 
@@ -28,7 +28,7 @@ from diffaccel.lm.model import KVCache, forward_full, forward_macs, forward_part
 class MacCounter:
     """Forwards and multiply-accumulates executed, counted from the shapes of each forward."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: BertConfig):
         self.config = config
         self.forwards = 0
         self.macs = 0
@@ -41,7 +41,7 @@ class MacCounter:
 class FullRunner:
     """The uncached LLaDA step: every position recomputed, logits for the whole answer."""
 
-    def __init__(self, model: LlamaForCausalLM, prompt_length: int, counter: MacCounter):
+    def __init__(self, model: BertForMaskedLM, prompt_length: int, counter: MacCounter):
         self.model, self.prompt_length, self.counter = model, prompt_length, counter
 
     def logits(self, tokens: torch.Tensor, step: int, masked: torch.Tensor, in_block: torch.Tensor
@@ -60,7 +60,7 @@ class FullRunner:
 class CachedRunner(FullRunner):
     """dKV-Cache-Decode, dKV-Cache-Greedy or prompt caching (see the module docstring)."""
 
-    def __init__(self, model: LlamaForCausalLM, prompt_length: int, counter: MacCounter, method: str,
+    def __init__(self, model: BertForMaskedLM, prompt_length: int, counter: MacCounter, method: str,
                  refresh_every: int = 0, window: int | None = None):
         super().__init__(model, prompt_length, counter)
         if method not in ("dkv-decode", "dkv-greedy", "prompt-cache"):

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import BertForMaskedLM
 
 from diffaccel.errors import WeightsError
 from diffaccel.lm.kvcache import MacCounter
@@ -40,10 +40,10 @@ class DLMPipeline:
     kind = "dlm"
     _lm_run = None  # set on the instance by ``lm_accelerate`` while a plan applies
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer: CharTokenizer, prompt_length: int = PROMPT_LENGTH,
+    def __init__(self, model: BertForMaskedLM, tokenizer: CharTokenizer, prompt_length: int = PROMPT_LENGTH,
                  answer_length: int = ANSWER_LENGTH, batch_size: int = 100):
-        if not isinstance(model, LlamaForCausalLM):
-            raise TypeError(f"DLMPipeline runs a transformers LlamaForCausalLM, not {type(model).__name__}")
+        if not isinstance(model, BertForMaskedLM):
+            raise TypeError(f"DLMPipeline runs a transformers BertForMaskedLM, not {type(model).__name__}")
         if model.config.vocab_size != len(tokenizer):
             raise WeightsError(f"the model has {model.config.vocab_size} token embeddings, the tokenizer "
                                f"{len(tokenizer)} tokens: they do not belong together")
@@ -94,7 +94,7 @@ def load_dlm(weights_dir: str | Path | None = None, batch_size: int = 100) -> DL
     tokenizer = CharTokenizer.load(folder)
     try:
         layout = json.loads((folder / "pipeline.json").read_text())
-        model = LlamaForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+        model = BertForMaskedLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for a damaged folder
         raise WeightsError(f"the diffusion LM in {folder} is corrupt: {str(exc).splitlines()[0][:200]} "
                            "(reinstall diffaccel or re-export it)") from exc

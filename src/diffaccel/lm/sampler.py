@@ -20,7 +20,7 @@ supports this mode (``train.py``).
 from __future__ import annotations
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import BertForMaskedLM
 
 from diffaccel.lm.kvcache import CachedRunner, FullRunner, MacCounter
 from diffaccel.lm.model import KVCache, block_causal_mask, forward_full, forward_partial
@@ -94,7 +94,7 @@ def llada_decode(tokens: torch.Tensor, prompt_length: int, mask_id: int, steps: 
     return tokens
 
 
-def block_decode(model: LlamaForCausalLM, tokens: torch.Tensor, prompt_length: int, mask_id: int, steps: int,
+def block_decode(model: BertForMaskedLM, tokens: torch.Tensor, prompt_length: int, mask_id: int, steps: int,
                  block_size: int, cache: bool, counter: MacCounter) -> torch.Tensor:
     """SDAR-style block diffusion of ``tokens`` ``[B, P + A]`` in place (see the module docstring)."""
     rows, length = tokens.shape
@@ -126,7 +126,7 @@ def block_decode(model: LlamaForCausalLM, tokens: torch.Tensor, prompt_length: i
     return tokens
 
 
-def decode(model: LlamaForCausalLM, tokens: torch.Tensor, prompt_length: int, mask_id: int, steps: int,
+def decode(model: BertForMaskedLM, tokens: torch.Tensor, prompt_length: int, mask_id: int, steps: int,
            block_length: int, plan: LMPlan | None, counter: MacCounter) -> torch.Tensor:
     """Decode one batch with the sampler and cache the plan asks for (None: the LLaDA baseline)."""
     method = plan.method if plan is not None else "none"
