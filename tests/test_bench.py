@@ -16,7 +16,8 @@ from diffaccel.adapters import adapter_by_name
 from diffaccel.bench import peers as peer_registry
 from diffaccel.bench import sweeps
 from diffaccel.bench.results import FORMAT_VERSION, load_results
-from diffaccel.bench.runner import BenchConfig, check_config, group_units, items, plan_groups
+from diffaccel.bench.config import BenchConfig, BenchJob, check_config, items
+from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
 from diffaccel.methods.registry import METHODS
 
@@ -284,17 +285,19 @@ def test_default_sweeps_cover_every_method_peer_and_step_baseline():
 def test_quick_size():
     cfg, sweep = check_config(BenchConfig(model="dit", quick=True))
     data = items(cfg)
-    assert len(data["labels"]) == 12 and cfg.batch_size == 4
-    assert data["labels"][:6] == list(range(6))  # every batch mixes the classes
+    assert data["n_images"] == 12 and cfg.batch_size == 4 and len(data["calls"]) == 3
+    labels = [c for call in data["calls"] for c in call["kwargs"]["class_labels"]]
+    assert labels[:6] == list(range(6))  # every batch mixes the classes
     units = sum(group_units(len(g["entries"]), 3) for g in plan_groups(sweep, split_ours=False))
     assert units < 230
 
 
-def _job(model: str, entries: list[dict], tmp_path: Path, steps: int = 4) -> dict:
+def _job(model: str, entries: list[dict], tmp_path: Path, steps: int = 4) -> BenchJob:
     cfg = BenchConfig(model=model, per_class=1, batch_size=1, classes=["circle", "square"], steps=steps).resolved()
-    return {**items(cfg), "group": "smoke", "family": "peer", "entries": entries, "model": model, "sampler": "ddim",
-            "steps": steps, "guidance": 3.0, "threads": 1, "batch_size": 1, "grid_dir": str(tmp_path),
-            "grid_per_class": 1}
+    data = items(cfg)
+    return BenchJob(group="smoke", family="peer", entries=entries, target={"model": model, "sampler": "ddim"},
+                    steps=steps, guidance=3.0, threads=1, calls=data["calls"], calib_calls=data["calib_calls"],
+                    classes=data["classes"], grid_dir=str(tmp_path), grid_rows=data["grid_rows"], grid_per_row=1)
 
 
 def _installed(*names):

@@ -91,3 +91,44 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
     assert "--pipeline needs --prompts" in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder)
     assert "contradict" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--classes", "circle")
+
+
+def test_bench_on_a_pipeline_folder(monkeypatch, capsys, sd_folder, tmp_path):
+    """Our methods and the step baselines on a stock SD pipeline folder (the peers: next test)."""
+    folder, prompts = sd_folder
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"fora": [{"interval": 2}], "keysteps": [{"keys": 2}], "steps-ddim": [{"steps": 2}]}))
+    out = ok(monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", prompts, "--quick", "--steps", "4",
+             "--guidance", "5", "--per-class", "1", "--sweep", sweep, "--out", tmp_path / "bench")
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(rows) == {"fora", "keysteps", "steps-ddim"} and results["model"] == "sd" and not results["skipped"]
+    assert rows["fora"]["speedup_macs"] > 1 and rows["fora"]["accuracy"] is None and rows["fora"]["psnr"] > 0
+    assert rows["steps-ddim"]["speedup_macs"] > 2  # 2 DDIM steps against 5 PNDM evaluations
+    assert "speedup at PSNR" in out and (tmp_path / "bench" / "report.html").is_file()
+
+
+def test_sd_peers_in_their_natural_form_on_a_stock_pipeline(sd_folder, tmp_path):
+    """DeepCache's helper, ToMe and T-GATE's SD loader on the stock SD pipeline (in-process)."""
+    from diffaccel.bench.config import BenchConfig, BenchJob, items
+    from diffaccel.bench.peers import PEERS
+    from diffaccel.bench.worker import run_group
+
+    missing = [n for n in ("deepcache-sdhelper", "tomesd", "tgate") if PEERS[n].available()]
+    if missing:
+        pytest.skip(f"peers not installed: {', '.join(missing)} (pip install 'diffaccel[peers]')")
+    folder, prompts = sd_folder
+    cfg = BenchConfig(pipeline=str(folder), prompts=str(prompts), per_class=1, batch_size=1, steps=4,
+                      guidance=5.0).resolved()
+    data = items(cfg)
+    entries = [{"name": "deepcache-sdhelper", "settings": {"interval": 2}}, {"name": "tomesd", "settings": {}},
+               {"name": "tgate", "settings": {"gate_step": 2, "sp_interval": 1, "warm_up": 0}}]
+    job = BenchJob(group="sd-peers", family="peer", entries=entries,
+                   target={"pipeline": str(folder), "prompts": str(prompts)}, steps=4, guidance=5.0, threads=1,
+                   calls=data["calls"], calib_calls=data["calib_calls"], classes=None, grid_dir=str(tmp_path),
+                   grid_rows=data["grid_rows"], grid_per_row=1)
+    result = run_group(job)
+    assert result["skipped"] == [], result["skipped"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["deepcache-sdhelper"]["speedup_macs"] > 1.1 and rows["tgate"]["speedup_macs"] > 1.1
+    assert all(0 < r["psnr"] < 100 and r["accuracy"] is None for r in rows.values())

@@ -22,6 +22,14 @@ def fingerprint(model: torch.nn.Module) -> str:
         digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, value in model.state_dict().items():
-            total = float(value.detach().double().abs().sum()) if value.numel() else 0.0
-            digest.update(f"{name}{tuple(value.shape)}{total:.6e}".encode())
+            digest.update(f"{name}{_summary(value)}".encode())
     return digest.hexdigest()[:16]
+
+
+def _summary(value: object) -> str:
+    """Shape and absolute sum of a tensor; a library's packed tensor (quantized weights) or a missing
+    entry contributes its type and shape only."""
+    if type(value) is not torch.Tensor and not isinstance(value, torch.nn.Parameter):
+        return f"{type(value).__name__}{tuple(getattr(value, 'shape', ()))}"
+    total = float(value.detach().double().abs().sum()) if value.numel() else 0.0
+    return f"{tuple(value.shape)}{total:.6e}"

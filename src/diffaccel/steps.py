@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
 
 def model_evaluations(scheduler: Any, num_inference_steps: int) -> int:
     """Denoiser evaluations of a run of ``num_inference_steps`` with ``scheduler`` (that count if
@@ -21,3 +23,12 @@ def model_evaluations(scheduler: Any, num_inference_steps: int) -> int:
         return len(probe.timesteps)
     except Exception:  # noqa: BLE001 -- e.g. flow-matching schedulers that need the pipeline's mu
         return num_inference_steps
+
+
+def scheduler_like(scheduler: Any, sampler: str) -> Any:
+    """A ``ddim`` or ``dpm`` (DPM-Solver++ 2M) scheduler on ``scheduler``'s noise schedule."""
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(scheduler.config)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {sampler!r}; choose ddim or dpm")

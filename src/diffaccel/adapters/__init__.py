@@ -11,10 +11,11 @@ from diffaccel.adapters.registry import (
     adapter_for,
     denoiser_name,
     find_adapter,
+    find_adapter_by_class,
     find_denoiser,
     supported_classes,
 )
 from diffaccel.errors import UnsupportedModelError
 
 __all__ = ["ADAPTERS", "Adapter", "Unit", "UnsupportedModelError", "adapter_by_name", "adapter_for",
-           "denoiser_name", "find_adapter", "find_denoiser", "supported_classes"]
+           "denoiser_name", "find_adapter", "find_adapter_by_class", "find_denoiser", "supported_classes"]

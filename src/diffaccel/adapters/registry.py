@@ -23,11 +23,16 @@ def supported_classes() -> list[str]:
 
 
 def find_adapter(model: torch.nn.Module) -> Adapter | None:
-    names = [cls.__name__ for cls in type(model).__mro__]
-    for adapter in ADAPTERS:
-        if any(name in adapter.model_classes for name in names):
+    for cls in type(model).__mro__:
+        adapter = find_adapter_by_class(cls.__name__)
+        if adapter is not None:
             return adapter
     return None
+
+
+def find_adapter_by_class(class_name: str) -> Adapter | None:
+    """The adapter for a model class name (as a pipeline's model_index.json names it)."""
+    return next((adapter for adapter in ADAPTERS if class_name in adapter.model_classes), None)
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:

@@ -36,9 +36,10 @@ class Row(_Model):
     peak_mem_mb: float | None
     mem_over_baseline_mb: float | None = None
     psnr: float
+    psnr_p5: float | None = None
     psnr_min: float | None = None
     ssim: float
-    accuracy: float
+    accuracy: float | None = None  # the embedded evaluator's; None on a pipeline folder
     fd: float | None
     fd_floor: float | None = None
     n_images: int
@@ -60,7 +61,7 @@ class Baseline(_Model):
     sampler: str
     steps: int
     guidance: float
-    accuracy: float
+    accuracy: float | None = None  # the embedded evaluator's; None on a pipeline folder
     fd: float | None
     fd_floor: float | None
     peak_mem_mb: float | None

@@ -26,84 +26,22 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
 
+import diffaccel
 from diffaccel.bench import sweeps
+from diffaccel.bench.config import PROGRESS, BenchConfig, BenchJob, check_config, items
+from diffaccel.bench.peers import PEERS, peer_versions
 from diffaccel.bench.results import FORMAT_VERSION, PSNR_FLOOR, BenchError, Results, summarize
-from diffaccel.seeds import CALIBRATION_SEED, image_seed
-from diffaccel.zoo import shapes
+from diffaccel.bench.resume import find_resumable, finished_result, run_identity, saved_baseline_grid
+from diffaccel.eval.io import write_json
+from diffaccel.report.html import render_report, save_report
 
-PROGRESS = "@@progress"  # a worker's progress lines on stdout: "@@progress N"
-QUICK = {"per_class": 2, "batch_size": 4, "timed_pairs": None}  # 12 images, 3 interleaved batches, all timed
-FULL = {"per_class": 100, "batch_size": 60, "timed_pairs": 5}  # 600 images (the protocol's FD minimum), 10 batches
 FD_MIN_SAMPLES = 600
-
-
-@dataclass
-class BenchConfig:
-    model: str = "dit"
-    quick: bool = False
-    per_class: int | None = None  # default: QUICK or FULL
-    batch_size: int | None = None
-    steps: int = 50
-    sampler: str = "ddim"
-    guidance: float = 3.0
-    seed: int = 100  # held-out noise seeds (calibration uses a disjoint range)
-    threads: int = 1
-    classes: list[str] | None = None
-    sweep: dict | None = None  # name -> [settings]; default: sweeps.default_sweep
-    only: list[str] | None = None
-    peers: bool = True
-    timed_pairs: int | None = None  # batches timed against the baseline (default: QUICK or FULL)
-    resume: bool = False
-    group_timeout: float = 6 * 3600.0
-    grid_per_class: int = 8
-    weights: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def resolved(self) -> BenchConfig:
-        preset = QUICK if self.quick else FULL
-        out = BenchConfig(**{**asdict(self)})
-        out.per_class = self.per_class or preset["per_class"]
-        out.batch_size = self.batch_size or preset["batch_size"]
-        out.timed_pairs = self.timed_pairs or preset["timed_pairs"]
-        return out
-
-
-def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
-    """Validate everything before any process starts; returns the resolved config and sweep."""
-    from diffaccel.zoo import shapes
-    from diffaccel.zoo.models import MODEL_NAMES
-
-    if cfg.model not in MODEL_NAMES:
-        raise BenchError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if cfg.sampler not in ("ddim", "dpm"):
-        raise BenchError(f"unknown sampler {cfg.sampler!r}; choose ddim or dpm")
-    cfg = cfg.resolved()
-    for key in ("per_class", "batch_size", "steps", "threads", "timed_pairs"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise BenchError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.classes is not None and not cfg.classes:
-        raise BenchError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
-    try:
-        shapes.class_ids(cfg.classes)
-    except ValueError as exc:
-        raise BenchError(str(exc)) from None
-    if cfg.sweep is not None:
-        sweep = sweeps.validate(cfg.sweep, cfg.model)
-    else:
-        sweep = sweeps.default_sweep(cfg.model, cfg.sampler, cfg.steps, cfg.quick)
-    if cfg.only:
-        sweep = sweeps.only(sweep, cfg.only, cfg.model)
-    if not cfg.peers:
-        sweep = {name: s for name, s in sweep.items() if sweeps.family_of(name) != "peer"}
-        if not sweep:
-            raise BenchError("the sweep is empty once peers are left out (--no-peers)")
-    return cfg, sweep
 
 
 def plan_groups(sweep: dict[str, list[dict]], split_ours: bool = True) -> list[dict]:
@@ -130,19 +68,6 @@ def group_units(n_entries: int, n_batches: int) -> int:
     return 1 + n_entries + n_batches * (1 + n_entries)
 
 
-def items(cfg: BenchConfig) -> dict:
-    """Labels and noise seeds, round-robin over classes (every batch holds every class), and one
-    calibration image per class from the calibration seed range."""
-    ids = shapes.class_ids(cfg.classes)
-    return {
-        "classes": ids,
-        "labels": [c for _ in range(cfg.per_class) for c in ids],
-        "seeds": [image_seed(cfg.seed, c, j) for j in range(cfg.per_class) for c in ids],
-        "calib_labels": ids,
-        "calib_seeds": [image_seed(CALIBRATION_SEED, c, 0) for c in ids],
-    }
-
-
 def _machine() -> dict:
     return {"platform": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
@@ -153,9 +78,6 @@ def _versions() -> dict:
     import diffusers
     import numpy
     import torch
-
-    import diffaccel
-    from diffaccel.bench.peers import peer_versions
 
     return {"diffaccel": diffaccel.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "numpy": numpy.__version__, "peers": peer_versions()}
@@ -211,62 +133,10 @@ def _run_worker(job_path: Path, result_path: Path, log_path: Path, threads: int,
     return json.loads(result_path.read_text()), None, seen[0]
 
 
-def run_identity(cfg: BenchConfig, sweep: dict, data: dict) -> dict:
-    """What a resumed run must share with the run it continues (all but the sweep: each group is
-    matched on its own settings)."""
-    import diffaccel
-
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "group_timeout", "sweep", "only",
-                                                                 "peers")}
-    return {"diffaccel": diffaccel.__version__, "format_version": FORMAT_VERSION, "config": config,
-            "items": data, "sweep": sweep}
-
-
-def _same_run(saved: dict, identity: dict) -> bool:
-    def key(record: dict) -> dict:
-        record = json.loads(json.dumps(record))
-        record.pop("sweep", None)
-        for name in ("sweep", "only", "peers"):
-            record.get("config", {}).pop(name, None)
-        return record
-
-    return key(saved) == key(identity)
-
-
-def find_resumable(out: Path, identity: dict) -> Path | None:
-    """The newest run folder in ``out`` started with the same configuration, if any."""
-    for run_dir in sorted(out.glob("run-*"), reverse=True):
-        try:
-            if _same_run(json.loads((run_dir / "config.json").read_text()), identity):
-                return run_dir
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
-    return None
-
-
-def _finished(result_path: Path, job_path: Path, entries: list[dict]) -> dict | None:
-    """A group's saved result (a run being resumed) if it ran the same settings, else None."""
-    try:
-        result = json.loads(result_path.read_text())
-        job = json.loads(job_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if job.get("entries") != json.loads(json.dumps(entries)):
-        return None
-    if not isinstance(result, dict) or not {"baseline", "rows", "skipped"} <= set(result):
-        return None
-    # The job file is written before its worker runs: a run killed then leaves a new job next to an
-    # older result. Only a result with a row or a skip reason for every setting counts as finished.
-    wanted = {(e["name"], sweeps.setting_label(e["settings"])) for e in entries}
-    done = {(r.get("name"), r.get("setting")) for r in [*result["rows"], *result["skipped"]]}
-    return result if wanted <= done else None
-
-
-def _saved_baseline_grid(run_dir: Path) -> str | None:
-    """The baseline grid that the run's first group saved: a resumed ``--only`` run may start with a
-    group that was not the first, whose result carries no grid of its own."""
-    path = run_dir / "grids" / "baseline.png"
-    return str(path) if path.is_file() else None
+def target_of(cfg: BenchConfig) -> dict:
+    if cfg.pipeline is not None:
+        return {"pipeline": str(Path(cfg.pipeline).resolve()), "prompts": str(Path(cfg.prompts).resolve())}
+    return {"model": cfg.model, "sampler": cfg.sampler, "weights": cfg.weights}
 
 
 def _rel(path: str | None, root: Path) -> str | None:
@@ -275,10 +145,6 @@ def _rel(path: str | None, root: Path) -> str | None:
 
 def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> Path:
     """Run the benchmark and write results.json, results.md and report.html into ``out``."""
-    from diffaccel.bench.peers import PEERS
-    from diffaccel.eval.io import write_json
-    from diffaccel.report.html import render_report, save_report
-
     started = time.time()
     cfg, sweep = check_config(cfg)
     out = Path(out)
@@ -292,7 +158,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
     for sub in ("jobs", "logs", "grids"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", identity)
-    n_batches = -(-len(data["labels"]) // cfg.batch_size)
+    n_batches = len(data["calls"])
     groups = plan_groups(sweep, split_ours=not cfg.quick)
 
     skipped: list[dict] = []
@@ -318,21 +184,23 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
         for group in runnable:
             bar.set_postfix_str(group["group"])
             group_started = time.time()
-            job = {**data, "group": group["group"], "family": group["family"], "entries": group["entries"],
-                   "model": cfg.model, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
-                   "threads": cfg.threads, "batch_size": cfg.batch_size, "weights": cfg.weights,
-                   "grid_dir": str((run_dir / "grids").resolve()), "grid_per_class": cfg.grid_per_class,
-                   "baseline_grid": None if baseline is not None else "baseline",
-                   "baseline_cache": str((run_dir / "baseline.safetensors").resolve()), "timed_pairs": timed}
+            job = BenchJob(
+                group=group["group"], family=group["family"], entries=group["entries"], target=target_of(cfg),
+                steps=cfg.steps, guidance=cfg.guidance, threads=cfg.threads, calls=data["calls"],
+                calib_calls=data["calib_calls"], classes=data["classes"],
+                grid_dir=str((run_dir / "grids").resolve()),
+                grid_rows=data["grid_rows"], grid_per_row=cfg.grid_per_class,
+                baseline_grid=None if baseline is not None else "baseline",
+                baseline_cache=str((run_dir / "baseline.safetensors").resolve()), timed_pairs=timed)
             job_path = run_dir / "jobs" / f"{group['group']}.json"
             result_path = run_dir / "jobs" / f"{group['group']}.result.json"
-            result = _finished(result_path, job_path, group["entries"])
+            result = finished_result(result_path, job_path, group["entries"])
             if result is not None:  # --resume: this group finished in the run being continued
                 failure, seen = None, 0
                 if log:
                     log(f"{group['group']}: read back from {result_path}")
             else:
-                write_json(job_path, job)
+                job.save(job_path)
                 result, failure, seen = _run_worker(job_path, result_path, run_dir / "logs" / f"{group['group']}.log",
                                                     cfg.threads, cfg.group_timeout, bar)
                 if result is not None:
@@ -349,7 +217,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
                 continue
             if baseline is None:
                 baseline = result["baseline"]
-                baseline["grid"] = _rel(baseline.get("grid") or _saved_baseline_grid(run_dir), out)
+                baseline["grid"] = _rel(baseline.get("grid") or saved_baseline_grid(run_dir), out)
             elif result["baseline"]["sha256"] != baseline["sha256"] or result["baseline"].get("matches_cache") is False:
                 warnings.append(f"the baseline images of group {group['group']} differ from the first group's "
                                 "(sampling is not bit-exact between processes here)")
@@ -364,7 +232,7 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
         raise BenchError("every group failed; nothing to report: " +
                          "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:3]))
 
-    n = len(data["labels"])
+    n = data["n_images"]
     note = "" if n >= FD_MIN_SAMPLES else (
         f"Fréchet distances from {n} samples per side (fewer than the {FD_MIN_SAMPLES} the protocol asks for): "
         "indicative only" + (" (--quick)" if cfg.quick else ""))
@@ -375,7 +243,8 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
         "machine": _machine(), "versions": _versions(), "threads": cfg.threads,
         "samples": {"n_images": n, "per_class": cfg.per_class, "classes": data["classes"],
                     "batch_size": cfg.batch_size, "wall_pairs": timed, "fd_samples": n,
-                    "calibration_images": len(data["calib_seeds"]), "quick": cfg.quick, "note": note,
+                    "calibration_images": sum(len(c["seeds"]) for c in data["calib_calls"]), "quick": cfg.quick,
+                    "note": note,
                     "macs": "FlopCounterMode over the first batch (warm-up run), baseline / setting",
                     "wall": "median over batches of baseline time / setting time, interleaved in one process "
                             f"({timed} timed pairs per group; the first group times every batch)"},

@@ -113,10 +113,23 @@ def step_sweep(sampler: str, steps: int, quick: bool) -> dict[str, list[dict]]:
     return sweep
 
 
+def kind_of(model: str) -> str:
+    """The default sweep a model kind (an adapter name: dit, pixart, sd3, flux, unet) takes."""
+    from diffaccel.adapters import adapter_by_name
+
+    try:
+        adapter = adapter_by_name(model)
+    except ValueError:
+        raise SweepError(f"unknown model kind {model!r}; choose one of {', '.join(OURS)}") from None
+    return "unet" if "skip-branches" in adapter.capabilities else "dit"
+
+
 def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: bool = False) -> dict[str, list[dict]]:
-    if model not in OURS:
-        raise SweepError(f"unknown model {model!r}; choose one of {', '.join(OURS)}")
-    sweep = {**OURS[model], **PEER_SWEEPS[model], **step_sweep(sampler, steps, quick)}
+    """Our methods, the peers that apply to the model kind and the step baselines."""
+    kind = kind_of(model)
+    every_peer = {**PEER_SWEEPS["dit"], **PEER_SWEEPS["unet"], **PEER_SWEEPS[kind]}
+    peers = {name: settings for name, settings in every_peer.items() if applies_to(name, model)}
+    sweep = {**OURS[kind], **peers, **step_sweep(sampler, steps, quick)}
     if quick:  # two settings of each: a mild one and the most aggressive one
         sweep = {name: settings if name in STEP_NAMES or len(settings) <= 2 else [settings[1], settings[-1]]
                  for name, settings in sweep.items()}
@@ -160,7 +173,7 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
         try:
             family_of(name)
         except SweepError:
-            valid = sorted({*OURS[model], *PEER_SWEEPS[model], *STEP_NAMES})
+            valid = sorted({*OURS[kind_of(model)], *PEER_SWEEPS[kind_of(model)], *STEP_NAMES})
             raise SweepError(f"{source}: unknown method or peer {name!r}; for the {model} choose from "
                              f"{', '.join(valid)}") from None
         if not applies_to(name, model):
@@ -178,14 +191,18 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
     return {name: [dict(s) for s in settings] for name, settings in sweep.items()}
 
 
-def load_sweep(path: Path, model: str) -> dict[str, list[dict]]:
+def read_sweep(path: Path) -> object:
+    """A sweep file's JSON (validated against the model later, by ``validate``)."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise SweepError(f"sweep file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SweepError(f"sweep file {path} is not valid JSON: {exc}") from None
-    return validate(data, model, source=f"sweep file {path}")
+
+
+def load_sweep(path: Path, model: str) -> dict[str, list[dict]]:
+    return validate(read_sweep(path), model, source=f"sweep file {path}")
 
 
 def only(sweep: dict[str, list[dict]], names: list[str], model: str) -> dict[str, list[dict]]:

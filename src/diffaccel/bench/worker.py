@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import re
 import resource
 import sys
@@ -33,8 +32,21 @@ import traceback
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from diffaccel.bench.runner import PROGRESS
+from diffaccel.bench.candidates import open_candidate
+from diffaccel.bench.config import PROGRESS, BenchJob
+from diffaccel.bench.peers import Context
+from diffaccel.bench.sweeps import setting_label
+from diffaccel.calibration.workload import Call
+from diffaccel.eval.cost import count_macs
+from diffaccel.eval.fidelity import fidelity
+from diffaccel.eval.io import write_json
+from diffaccel.eval.timing import wall_ratio
+from diffaccel.generate import save_grid
+from diffaccel.steps import scheduler_like
+from diffaccel.targets import load_pipeline_folder
+from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
 
 # -- memory ----------------------------------------------------------------------------------------------
@@ -94,8 +106,6 @@ def _finite(value: float) -> float | None:
 # -- the shared baseline ----------------------------------------------------------------------------------
 def _load_baseline(path: Path, n: int) -> torch.Tensor | None:
     """The first group's baseline images, or None when there are none yet (or they do not fit)."""
-    from safetensors.torch import load_file
-
     if not path.exists():
         return None
     images = load_file(str(path)).get("images")
@@ -103,61 +113,9 @@ def _load_baseline(path: Path, n: int) -> torch.Tensor | None:
 
 
 def _save_baseline(path: Path, images: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(path.name + ".tmp")
     save_file({"images": images.contiguous()}, str(tmp))
     tmp.replace(path)
-
-
-# -- candidates ---------------------------------------------------------------------------------------------
-def _ours(ctx, name: str, settings: dict):
-    from diffaccel.adapters import find_denoiser
-    from diffaccel.bench.peers import Candidate
-    from diffaccel.methods.registry import METHODS, build
-    from diffaccel.runtime.executor import Executor
-
-    pipe = ctx.fresh_pipe()
-    plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, **settings)
-    executor = Executor(find_denoiser(pipe)[0], plan)
-    spent = {"macs": 0, "full_macs": 0}
-
-    def run(labels, seeds):
-        executor.install(pipe.scheduler)
-        try:
-            return ctx.sample(pipe, labels, seeds)
-        finally:
-            executor.remove()
-            spent["macs"] += executor.stats.macs
-            spent["full_macs"] += executor.stats.full_macs
-
-    def extra():
-        return {"speedup_macs_executor": spent["full_macs"] / spent["macs"] if spent["macs"] else None}
-
-    notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name].calibrated else ""
-    return Candidate(run, notes=notes, extra=extra)
-
-
-def _steps(ctx, name: str, settings: dict):
-    from diffaccel.bench.peers import Candidate
-    from diffaccel.bench.sweeps import STEP_KNOBS, STEP_NAMES
-
-    steps = int({**STEP_KNOBS, **settings}["steps"])
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    pipe = ctx.fresh_pipe(sampler=STEP_NAMES[name])
-    return Candidate(lambda labels, seeds: ctx.sample(pipe, labels, seeds, steps=steps),
-                     notes=f"{STEP_NAMES[name]} at {steps} steps vs the {ctx.sampler} {ctx.steps}-step baseline")
-
-
-def open_candidate(family: str, name: str, settings: dict, ctx):
-    if family == "diffaccel":
-        return _ours(ctx, name, settings)
-    if family == "steps":
-        return _steps(ctx, name, settings)
-    from diffaccel.bench.peers import PEERS
-
-    return PEERS[name].open(ctx, settings)
 
 
 # -- the group ----------------------------------------------------------------------------------------------
@@ -168,140 +126,160 @@ def _class_major(images: torch.Tensor, n_classes: int, per_row: int) -> torch.Te
     return grid[:, :per_row].reshape(-1, *images.shape[1:])
 
 
-def _save_grid(images: torch.Tensor, job: dict, name: str) -> str:
-    from diffaccel.generate import save_grid
-
-    n_classes = len(job["classes"])
-    path = Path(job["grid_dir"]) / f"{name}.png"
+def _save_grid(images: torch.Tensor, job: BenchJob, name: str) -> str:
+    path = Path(job.grid_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(_class_major(images, n_classes, job["grid_per_class"]), rows=n_classes, path=path)
+    save_grid(_class_major(images, job.grid_rows, job.grid_per_row), rows=job.grid_rows, path=path)
     return str(path)
 
 
-def run_group(job: dict, progress=lambda n: None) -> dict:
-    """Run one group (see the module doc) and return ``{"baseline", "rows", "skipped"}``."""
-    import diffaccel.eval.cost  # noqa: F401  (registers the CPU attention FLOP formula)
-    from diffaccel.bench.peers import Context
-    from diffaccel.bench.sweeps import setting_label
-    from diffaccel.eval.cost import count_macs
-    from diffaccel.eval.fidelity import fidelity
-    from diffaccel.eval.timing import wall_ratio
-    from diffaccel.zoo.pipeline import sample
-    from diffaccel.zoo.weights import load_evaluator, load_pipeline
-
-    torch.set_num_threads(job["threads"])
-    torch.manual_seed(0)
-    labels = torch.tensor(job["labels"])
-    seeds = list(job["seeds"])
-    size = job["batch_size"]
-    batches = [slice(i, i + size) for i in range(0, len(labels), size)]
-    weights = Path(job["weights"]) if job.get("weights") else None
+def _pipelines(job: BenchJob):
+    """``fresh_pipe(sampler=None)`` for the job's target: the embedded model with the named sampler,
+    or the pipeline folder with its scheduler swapped for DDIM / DPM-Solver++ when one is named."""
+    target = job.target
 
     def fresh_pipe(sampler: str | None = None):
-        return load_pipeline(job["model"], sampler or job["sampler"], weights)
+        if "pipeline" not in target:
+            weights = Path(target["weights"]) if target.get("weights") else None
+            return load_pipeline(target["model"], sampler or target["sampler"], weights)
+        pipe = load_pipeline_folder(Path(target["pipeline"]))
+        if sampler is not None:
+            pipe.scheduler = scheduler_like(pipe.scheduler, sampler)
+        return pipe
 
-    ctx = Context(model=job["model"], sampler=job["sampler"], steps=job["steps"], guidance=job["guidance"],
-                  fresh_pipe=fresh_pipe, calib_labels=torch.tensor(job["calib_labels"]),
-                  calib_seeds=list(job["calib_seeds"]))
-    base_pipe = fresh_pipe()
-    evaluator = load_evaluator(Path(job["evaluator_weights"]) if job.get("evaluator_weights") else None)
+    return fresh_pipe
 
-    def base_run(batch: slice) -> torch.Tensor:
-        return sample(base_pipe, labels[batch], seeds[batch], job["steps"], job["guidance"], batch_size=size)
 
-    first = batches[0]
-    n_first = len(labels[first])
-    base_macs = count_macs(lambda: base_run(first))  # the baseline's warm-up, counted
-    progress(1)
+def _labels(calls: list[Call]) -> torch.Tensor:
+    return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
 
+
+def _open_all(job: BenchJob, ctx: Context, first: Call, progress) -> tuple[list[dict], list[dict]]:
+    """Every setting of the group, opened and warmed up on the first call (its MACs counted)."""
+    n_first = ctx.shared["n_first"]
     live, skipped = [], []
-    for entry in job["entries"]:
+    for entry in job.entries:
         label = setting_label(entry["settings"])
         try:
-            candidate = open_candidate(job["family"], entry["name"], entry["settings"], ctx)
-            macs = count_macs(  # the warm-up, counted
-                lambda c=candidate: _checked((c.count or c.run)(labels[first], seeds[first]), n_first))
+            candidate = open_candidate(job.family, entry["name"], entry["settings"], ctx)
+            macs = count_macs(lambda c=candidate: _checked((c.count or c.run)(first), n_first))  # warm-up, counted
             if candidate.count is not None:
-                _checked(candidate.run(labels[first], seeds[first]), n_first)  # the warm-up
+                _checked(candidate.run(first), n_first)  # the warm-up
             live.append({"entry": entry, "label": label, "candidate": candidate, "macs": macs, "images": [],
                          "times": [], "peak": 0.0, "failed": None})
         except Exception as exc:  # a peer that cannot run this setting on this model: say why
-            skipped.append({"family": job["family"], "name": entry["name"], "setting": label, "reason": _reason(exc)})
+            skipped.append({"family": job.family, "name": entry["name"], "setting": label, "reason": _reason(exc)})
             traceback.print_exc()
         progress(1)
+    return live, skipped
 
-    cache = Path(job["baseline_cache"]) if job.get("baseline_cache") else None
-    cached = _load_baseline(cache, len(labels)) if cache is not None else None
-    timed = len(batches) if cached is None else max(1, min(len(batches), int(job.get("timed_pairs") or len(batches))))
-    base_images, base_times, base_peak, matches = [], [], 0.0, True
-    for index, batch in enumerate(batches):
+
+def _interleave(job: BenchJob, calls: list[Call], live: list[dict], base_run, cached, progress) -> dict:
+    """Baseline and every live setting, call by call; the baseline timed on the first ``timed`` calls."""
+    timed = len(calls) if cached is None else max(1, min(len(calls), int(job.timed_pairs or len(calls))))
+    base_images, base_times, base_peak, matches, start = [], [], 0.0, True, 0
+    for index, call in enumerate(calls):
+        n = len(call.seeds) if len(call.seeds) > 1 else None
         if index < timed:
-            images, seconds, peak = _measured(lambda b=batch: base_run(b))
+            images, seconds, peak = _measured(lambda c=call: base_run(c))
             base_times.append(seconds)
             base_peak = max(base_peak, peak)
             if cached is not None:
-                matches = matches and torch.equal(images, cached[batch])
+                matches = matches and torch.equal(images, cached[start:start + len(images)])
         else:
-            images = cached[batch]
+            images = cached[start:start + (n or 1)]
+        start += len(images)
         base_images.append(images)
         progress(1)
         for item in live:
             if item["failed"] is None:
                 try:
-                    images, seconds, peak = _measured(
-                        lambda b=batch, c=item["candidate"]: c.run(labels[b], seeds[b]))
-                    _checked(images, len(labels[batch]), base_images[-1])
-                    item["images"].append(images)
+                    out, seconds, peak = _measured(lambda c=call, cand=item["candidate"]: cand.run(c))
+                    _checked(out, len(images), images)
+                    item["images"].append(out)
                     item["times"].append(seconds)
                     item["peak"] = max(item["peak"], peak)
                 except Exception as exc:
                     item["failed"] = _reason(exc)
                     traceback.print_exc()
             progress(1)
+    return {"images": base_images, "times": base_times, "peak": base_peak, "matches": matches, "timed": timed}
 
-    reference = torch.cat(base_images)
+
+def _row(job: BenchJob, index: int, item: dict, reference: torch.Tensor, base: dict, base_macs: int,
+         n_first: int, scores_of) -> dict:
+    entry, candidate = item["entry"], item["candidate"]
+    images = torch.cat(item["images"])
+    quality = fidelity(images, reference)
+    row = {
+        "family": job.family, "name": entry["name"], "setting": item["label"], "settings": entry["settings"],
+        "sampler": job.sampler, "steps": job.steps,
+        "speedup_macs": base_macs / item["macs"] if item["macs"] else None,
+        "speedup_wall": wall_ratio(base["times"], item["times"][:base["timed"]]),
+        "peak_mem_mb": round(item["peak"], 1), "mem_over_baseline_mb": round(item["peak"] - base["peak"], 1),
+        "psnr": quality["psnr"], "psnr_p5": quality["psnr_p5"], "psnr_min": quality["psnr_min"],
+        "ssim": quality["ssim"], **scores_of(images), "n_images": len(images),
+        "wall_pairs": min(base["timed"], len(item["times"])),
+        "seconds_per_image": sum(item["times"]) / len(images), "macs_per_image": item["macs"] // max(1, n_first),
+        "grid": _save_grid(images, job, f"{job.group}-{index}"), "notes": candidate.notes,
+    }
+    if candidate.extra is not None:
+        row.update(candidate.extra())
+    return row
+
+
+def run_group(job: BenchJob, progress=lambda n: None) -> dict:
+    """Run one group (see the module doc) and return ``{"baseline", "rows", "skipped"}``."""
+    torch.set_num_threads(job.threads)
+    torch.manual_seed(0)
+    calls = [Call(c["kwargs"], tuple(c["seeds"])) for c in job.calls]
+    fresh_pipe = _pipelines(job)
+    embedded = "pipeline" not in job.target
+    ctx = Context(model=job.target.get("model", "pipeline"), sampler=job.sampler, steps=job.steps,
+                  guidance=job.guidance, fresh_pipe=fresh_pipe, embedded=embedded,
+                  calib_calls=[Call(c["kwargs"], tuple(c["seeds"])) for c in job.calib_calls])
+    base_pipe = fresh_pipe()
+    evaluator = load_evaluator() if embedded else None
+    labels = _labels(calls) if embedded else None
+
+    def scores_of(images: torch.Tensor) -> dict:
+        if evaluator is None:
+            return {"accuracy": None, "fd": None, "fd_floor": None}
+        s = evaluator.score(images, labels)
+        return {"accuracy": s["accuracy"], "fd": _finite(s["fd"]), "fd_floor": _finite(s["fd_floor"])}
+
+    first = calls[0]
+    n_first = len(Context.sample(base_pipe, first))  # also warms the baseline up
+    base_macs = count_macs(lambda: Context.sample(base_pipe, first))
+    ctx.shared.update(base_pipe=base_pipe, n_first=n_first)
+    progress(1)
+    live, skipped = _open_all(job, ctx, first, progress)
+    cache = Path(job.baseline_cache) if job.baseline_cache else None
+    n_images = sum(len(c.seeds) if len(c.seeds) > 1 else n_first for c in calls)
+    cached = _load_baseline(cache, n_images) if cache is not None else None
+    base = _interleave(job, calls, live, lambda c: Context.sample(base_pipe, c), cached, progress)
+    reference = torch.cat(base["images"])
     if cache is not None and cached is None:
         _save_baseline(cache, reference)
-    base_scores = evaluator.score(reference, labels)
-    timed_images = sum(len(labels[b]) for b in batches[:timed])
+    timed_images = sum(len(x) for x in base["images"][:base["timed"]])
     baseline = {
-        "sampler": job["sampler"], "steps": job["steps"], "guidance": job["guidance"],
-        "accuracy": base_scores["accuracy"], "fd": _finite(base_scores["fd"]),
-        "fd_floor": _finite(base_scores["fd_floor"]), "peak_mem_mb": round(base_peak, 1),
-        "seconds_per_image": sum(base_times) / timed_images, "macs_per_image": base_macs // max(1, n_first),
+        "sampler": job.sampler, "steps": job.steps, "guidance": job.guidance, **scores_of(reference),
+        "peak_mem_mb": round(base["peak"], 1), "seconds_per_image": sum(base["times"]) / timed_images,
+        "macs_per_image": base_macs // max(1, n_first),
         "sha256": hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest(),
-        "from_cache": cached is not None, "matches_cache": matches if cached is not None else None,
+        "from_cache": cached is not None, "matches_cache": base["matches"] if cached is not None else None,
     }
-    if job.get("baseline_grid"):
-        baseline["grid"] = _save_grid(reference, job, job["baseline_grid"])
-
+    if job.baseline_grid:
+        baseline["grid"] = _save_grid(reference, job, job.baseline_grid)
     rows = []
     for index, item in enumerate(live):
-        entry, candidate = item["entry"], item["candidate"]
         if item["failed"] is not None:
-            skipped.append({"family": job["family"], "name": entry["name"], "setting": item["label"],
+            skipped.append({"family": job.family, "name": item["entry"]["name"], "setting": item["label"],
                             "reason": item["failed"]})
             continue
-        images = torch.cat(item["images"])
-        quality = fidelity(images, reference)
-        scores = evaluator.score(images, labels)
-        row = {
-            "family": job["family"], "name": entry["name"], "setting": item["label"], "settings": entry["settings"],
-            "sampler": job["sampler"], "steps": job["steps"],
-            "speedup_macs": base_macs / item["macs"] if item["macs"] else None,
-            "speedup_wall": wall_ratio(base_times, item["times"][:timed]),
-            "peak_mem_mb": round(item["peak"], 1), "mem_over_baseline_mb": round(item["peak"] - base_peak, 1),
-            "psnr": quality["psnr"], "psnr_min": quality["psnr_min"], "ssim": quality["ssim"],
-            "accuracy": scores["accuracy"], "fd": _finite(scores["fd"]), "fd_floor": _finite(scores["fd_floor"]),
-            "n_images": len(images), "wall_pairs": min(timed, len(item["times"])),
-            "seconds_per_image": sum(item["times"]) / len(images), "macs_per_image": item["macs"] // max(1, n_first),
-            "grid": _save_grid(images, job, f"{job['group']}-{index}"), "notes": candidate.notes,
-        }
-        if candidate.extra is not None:
-            row.update(candidate.extra())
-        rows.append(row)
+        rows.append(_row(job, index, item, reference, base, base_macs, n_first, scores_of))
         try:
-            candidate.close()
+            item["candidate"].close()
         except Exception:  # closing is a courtesy: the process ends anyway
             traceback.print_exc()
     return {"baseline": baseline, "rows": rows, "skipped": skipped}
@@ -312,17 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m diffaccel.bench.worker JOB.json RESULT.json", file=sys.stderr)
         return 2
-    job = json.loads(Path(args[0]).read_text())
+    job = BenchJob.load(Path(args[0]))
 
     def progress(n: int) -> None:
         sys.stdout.write(f"{PROGRESS} {n}\n")
         sys.stdout.flush()
 
     result = run_group(job, progress)
-    out = Path(args[1])
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(Path(args[1]), result)
     return 0
 
 

@@ -8,23 +8,25 @@ from pathlib import Path
 import typer
 
 from diffaccel.bench import BenchConfig, load_results, run_bench
-from diffaccel.bench.sweeps import load_sweep
-from diffaccel.cli.common import SamplerName, app, run_guarded
+from diffaccel.bench.sweeps import read_sweep
+from diffaccel.cli.common import PIPELINE, PROMPTS, SamplerName, app, run_guarded
 from diffaccel.report.html import summary_lines, write_report
 
 
 @app.command()
 def bench(
-    model: str = typer.Option(..., help="embedded model: dit or unet"),
+    model: str = typer.Option("dit", help="embedded model: dit or unet (ignored with --pipeline)"),
+    pipeline: Path = PIPELINE,
+    prompts: Path = PROMPTS,
     quick: bool = typer.Option(False, help="a short run: 2 images per class, two settings per method "
                                            "(Fréchet distances then come from few samples, and say so)"),
     out: Path = typer.Option(Path("out/bench"), help="output folder (results.json, results.md, report.html)"),
     sweep: Path = typer.Option(None, help="JSON file: names -> lists of settings objects (replaces the default sweep)"),
     only: str = typer.Option(None, help="comma-separated methods/peers of the sweep to run"),
     peers: bool = typer.Option(True, help="run the peers (--no-peers: diffaccel and step baselines only)"),
-    per_class: int = typer.Option(None, help="images per class (default 100; 2 with --quick)"),
+    per_class: int = typer.Option(None, help="images per class or prompt (default 100; 2 with --quick)"),
     batch_size: int = typer.Option(None, help="images per pipeline call (default 60; 4 with --quick)"),
-    classes: str = typer.Option(None, help="comma-separated class names (default: all)"),
+    classes: str = typer.Option(None, help="embedded models: comma-separated class names (default: all)"),
     steps: int = typer.Option(50, help="denoising steps of the baseline"),
     sampler: SamplerName = typer.Option(SamplerName.ddim, help="ddim or dpm (DPM-Solver++)"),
     guidance: float = typer.Option(3.0, help="classifier-free guidance scale"),
@@ -36,18 +38,21 @@ def bench(
     group_timeout: float = typer.Option(6 * 3600.0, help="seconds one group (a peer, one of our methods) may take"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
 ) -> None:
-    """Benchmark every diffaccel method, the peers and fewer-step baselines on one embedded model:
-    speed (MACs, wall clock), memory and quality, written as results.json, results.md and report.html."""
+    """Benchmark every diffaccel method, the peers and fewer-step baselines on one embedded model or
+    pipeline folder: speed (MACs, wall clock), memory and quality, written as results.json, results.md
+    and report.html."""
+
     def job():
         if not math.isfinite(guidance):
             raise ValueError(f"--guidance must be a finite number, got {guidance}")
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size, steps=steps,
                           sampler=sampler.value, guidance=guidance, seed=seed, threads=threads, classes=names,
-                          sweep=load_sweep(sweep, model) if sweep is not None and model in ("dit", "unet") else None,
+                          sweep=read_sweep(sweep) if sweep is not None else None,
                           only=[n.strip() for n in only.split(",") if n.strip()] if only is not None else None,
                           peers=peers, group_timeout=group_timeout, weights=str(weights) if weights else None,
-                          timed_pairs=timed_pairs, resume=resume)
+                          timed_pairs=timed_pairs, resume=resume,
+                          pipeline=str(pipeline) if pipeline else None, prompts=str(prompts) if prompts else None)
         if only is not None and not cfg.only:
             raise ValueError("--only is empty")
         return run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))

@@ -110,6 +110,10 @@ def plot(results: Results, axis: str) -> bytes:
     return buf.getvalue()
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -128,13 +132,13 @@ def summary_lines(results: Results) -> list[tuple[str, str, str]]:
     return out
 
 
-COLUMNS = ("family", "name", "setting", "speedup wall", "speedup MACs", "peak MB", "+MB", "PSNR", "SSIM",
+COLUMNS = ("family", "name", "setting", "speedup wall", "speedup MACs", "peak MB", "+MB", "PSNR (5th pct)", "SSIM",
            "accuracy", "FD")
 
 
 def _cells(r: Row) -> list[str]:
     return [r.family, r.name, r.setting, _fmt(r.speedup_wall), _fmt(r.speedup_macs), _fmt(r.peak_mem_mb, ".0f"),
-            _fmt(r.mem_over_baseline_mb, "+.0f"), f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.accuracy:.1%}", _fmt(r.fd)]
+            _fmt(r.mem_over_baseline_mb, "+.0f"), f"{r.psnr:.2f} ({_fmt(r.psnr_p5, '.1f')})", f"{r.ssim:.4f}", _pct(r.accuracy), _fmt(r.fd)]
 
 
 def markdown(results: Results) -> str:
@@ -150,7 +154,7 @@ def markdown(results: Results) -> str:
     lines += [f"| {n} | {f} | {t} |" for n, f, t in summary_lines(results)]
     b = results.baseline
     lines += ["", "## All settings", "",
-              f"Baseline: accuracy {b.accuracy:.1%}, FD {_fmt(b.fd)} (floor {_fmt(b.fd_floor)}), "
+              f"Baseline: accuracy {_pct(b.accuracy)}, FD {_fmt(b.fd)} (floor {_fmt(b.fd_floor)}), "
               f"{b.seconds_per_image:.3f} s/image, peak {_fmt(b.peak_mem_mb, '.0f')} MB.", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in results.rows]
@@ -214,7 +218,7 @@ def render_html(results: Results, base: Path) -> str:
     out += [f"<figure><img class='grid' alt='{esc(title)}' src='data:image/png;base64,{b}'>"
             f"<figcaption><b>{esc(title)}</b><br>{esc(cap)}</figcaption></figure>" for title, b, cap in grids]
     b = results.baseline
-    out.append(f"<h2 id='rows'>All settings</h2><p>Baseline: accuracy {b.accuracy:.1%}, FD {_fmt(b.fd)} (real-vs-real "
+    out.append(f"<h2 id='rows'>All settings</h2><p>Baseline: accuracy {_pct(b.accuracy)}, FD {_fmt(b.fd)} (real-vs-real "
                f"floor {_fmt(b.fd_floor)}), {b.seconds_per_image:.3f} s/image, peak RSS "
                f"{_fmt(b.peak_mem_mb, '.0f')} MB. Peak MB: the worker process's peak RSS during the setting's runs; "
                "+MB: its excess over the baseline's in the same process (cache buffers).</p><table><tr>"

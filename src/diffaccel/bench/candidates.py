@@ -1,0 +1,55 @@
+"""diffaccel's own candidates in a bench group: a method's plan under the executor, or the
+pipeline's sampler at fewer steps; and the dispatch to the peers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffaccel.bench.peers import PEERS, Candidate, Context
+from diffaccel.bench.sweeps import STEP_KNOBS, STEP_NAMES
+from diffaccel.calibration.workload import Workload
+from diffaccel.errors import BenchError
+from diffaccel.methods.registry import METHODS, build
+from diffaccel.runtime.executor import Executor
+
+
+def ours(ctx: Context, name: str, settings: dict) -> Candidate:
+    """A method's plan, made on the calibration calls (embedded models: their default workload)."""
+    pipe = ctx.fresh_pipe()
+    calls = None if ctx.embedded else Workload(tuple(ctx.calib_calls), "the bench's calibration calls")
+    plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, calls=calls, **settings)
+    model, scheduler = ctx.denoiser(pipe), pipe.scheduler
+    executor = Executor(model, plan)
+    spent = {"macs": 0, "full_macs": 0}
+
+    def run(call):
+        executor.install(scheduler)
+        try:
+            return ctx.sample(pipe, call)
+        finally:
+            executor.remove()
+            spent["macs"] += executor.stats.macs
+            spent["full_macs"] += executor.stats.full_macs
+
+    def extra() -> dict[str, Any]:
+        return {"speedup_macs_executor": spent["full_macs"] / spent["macs"] if spent["macs"] else None}
+
+    notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name].calibrated else ""
+    return Candidate(run, notes=notes, extra=extra)
+
+
+def fewer_steps(ctx: Context, name: str, settings: dict) -> Candidate:
+    steps = int({**STEP_KNOBS, **settings}["steps"])
+    if steps < 1:
+        raise BenchError(f"steps must be >= 1, got {steps}")
+    pipe = ctx.fresh_pipe(sampler=STEP_NAMES[name])
+    return Candidate(lambda call: ctx.sample(pipe, call, steps=steps),
+                     notes=f"{STEP_NAMES[name]} at {steps} steps vs the {ctx.sampler} {ctx.steps}-step baseline")
+
+
+def open_candidate(family: str, name: str, settings: dict, ctx: Context) -> Candidate:
+    if family == "diffaccel":
+        return ours(ctx, name, settings)
+    if family == "steps":
+        return fewer_steps(ctx, name, settings)
+    return PEERS[name].open(ctx, settings)

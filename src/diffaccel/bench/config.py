@@ -1,0 +1,167 @@
+"""What a bench run is asked for (``BenchConfig``), what each worker process is told (``BenchJob``),
+and the calls every group runs: the same batches, seeds and settings for all of them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffaccel.adapters import find_adapter_by_class
+from diffaccel.bench import sweeps
+from diffaccel.errors import BenchError, DiffaccelError
+from diffaccel.eval.io import write_json
+from diffaccel.seeds import CALIBRATION_SEED, image_seed
+from diffaccel.targets import read_prompts
+from diffaccel.zoo import shapes
+from diffaccel.zoo.models import MODEL_NAMES
+
+PROGRESS = "@@progress"  # a worker's progress lines on stdout: "@@progress N"
+QUICK = {"per_class": 2, "batch_size": 4, "timed_pairs": None}  # 12 images, 3 interleaved batches, all timed
+FULL = {"per_class": 100, "batch_size": 60, "timed_pairs": 5}  # 600 images (the protocol's FD minimum), 10 batches
+
+
+@dataclass
+class BenchConfig:
+    model: str = "dit"  # an embedded model, or the name of the --pipeline folder
+    quick: bool = False
+    per_class: int | None = None  # images per class (embedded) or per prompt; default: QUICK or FULL
+    batch_size: int | None = None
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance: float = 3.0
+    seed: int = 100  # held-out noise seeds (calibration uses a disjoint range)
+    threads: int = 1
+    classes: list[str] | None = None
+    sweep: dict | None = None  # name -> [settings]; default: sweeps.default_sweep
+    only: list[str] | None = None
+    peers: bool = True
+    timed_pairs: int | None = None  # batches timed against the baseline (default: QUICK or FULL)
+    resume: bool = False
+    group_timeout: float = 6 * 3600.0
+    grid_per_class: int = 8
+    weights: str | None = None
+    pipeline: str | None = None  # a diffusers pipeline folder instead of an embedded model
+    prompts: str | None = None  # with pipeline: its prompts file
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> BenchConfig:
+        preset = QUICK if self.quick else FULL
+        out = BenchConfig(**asdict(self))
+        out.per_class = self.per_class or preset["per_class"]
+        out.batch_size = self.batch_size or preset["batch_size"]
+        out.timed_pairs = self.timed_pairs or preset["timed_pairs"]
+        if self.pipeline is not None:
+            out.model = Path(self.pipeline).name
+        return out
+
+
+@dataclass
+class BenchJob:
+    """One group's instructions to its worker process (written as JSON)."""
+
+    group: str
+    family: str
+    entries: list[dict]
+    target: dict  # {"model", "sampler", "weights"} or {"pipeline", "prompts"}
+    steps: int
+    guidance: float
+    threads: int
+    calls: list[dict]  # the held-out batches: {"kwargs": ..., "seeds": [...]}
+    calib_calls: list[dict]  # calibration batches for peers that calibrate (MagCache, quanto)
+    classes: list[int] | None  # embedded models: the class of every image comes from the calls
+    grid_dir: str = ""
+    grid_rows: int = 1
+    grid_per_row: int = 8
+    baseline_grid: str | None = None
+    baseline_cache: str | None = None
+    timed_pairs: int | None = None
+
+    @property
+    def sampler(self) -> str:
+        return self.target.get("sampler", "pipeline")
+
+    def save(self, path: Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> BenchJob:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def adapter_of(cfg: BenchConfig) -> str:
+    """The adapter name of the model benchmarked (the embedded models are named as their adapters),
+    read from a pipeline folder's config files without loading weights."""
+    if cfg.pipeline is None:
+        return cfg.model
+    folder = Path(cfg.pipeline)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise BenchError(f"{folder} is not a diffusers pipeline folder (no readable model_index.json)") from None
+    for name in ("transformer", "unet"):
+        entry = index.get(name)
+        if isinstance(entry, list) and len(entry) == 2:
+            adapter = find_adapter_by_class(entry[1])
+            if adapter is not None:
+                return adapter.name
+            raise BenchError(f"diffaccel has no adapter for {entry[1]} (the {name} of {folder})")
+    raise BenchError(f"found no transformer or unet in {folder}/model_index.json")
+
+
+def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
+    """Validate everything before any process starts; returns the resolved config and sweep."""
+    if cfg.pipeline is None and cfg.model not in MODEL_NAMES:
+        raise BenchError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}, or --pipeline PATH")
+    if cfg.pipeline is not None and cfg.prompts is None:
+        raise BenchError("--pipeline needs --prompts FILE: the prompts to benchmark on")
+    if cfg.sampler not in ("ddim", "dpm"):
+        raise BenchError(f"unknown sampler {cfg.sampler!r}; choose ddim or dpm")
+    cfg = cfg.resolved()
+    for key in ("per_class", "batch_size", "steps", "threads", "timed_pairs"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise BenchError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.classes is not None and (not cfg.classes or cfg.pipeline is not None):
+        raise BenchError("--classes is empty" if not cfg.classes else "--classes is for the embedded models")
+    try:
+        shapes.class_ids(cfg.classes)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    kind = adapter_of(cfg)
+    if cfg.sweep is not None:
+        sweep = sweeps.validate(cfg.sweep, kind)
+    else:
+        sweep = sweeps.default_sweep(kind, cfg.sampler, cfg.steps, cfg.quick)
+    if cfg.only:
+        sweep = sweeps.only(sweep, cfg.only, kind)
+    if not cfg.peers:
+        sweep = {name: s for name, s in sweep.items() if sweeps.family_of(name) != "peer"}
+        if not sweep:
+            raise BenchError("the sweep is empty once peers are left out (--no-peers)")
+    return cfg, sweep
+
+
+def items(cfg: BenchConfig) -> dict:
+    """The held-out batches and the calibration batches. Embedded models: labels round-robin over
+    the classes (every batch holds every class), one calibration image per class. A pipeline folder:
+    each prompt ``per_class`` times, one call per image."""
+    if cfg.pipeline is None:
+        ids = shapes.class_ids(cfg.classes)
+        labels = [c for _ in range(cfg.per_class) for c in ids]
+        seeds = [image_seed(cfg.seed, c, j) for j in range(cfg.per_class) for c in ids]
+        common = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance}
+        calls = [{"kwargs": {"class_labels": labels[i:i + cfg.batch_size], **common},
+                  "seeds": seeds[i:i + cfg.batch_size]} for i in range(0, len(labels), cfg.batch_size)]
+        calib_seeds = [image_seed(CALIBRATION_SEED, c, 0) for c in ids]
+        calib = [{"kwargs": {"class_labels": ids, **common}, "seeds": calib_seeds}]
+        return {"calls": calls, "calib_calls": calib, "classes": ids, "n_images": len(labels),
+                "grid_rows": len(ids)}
+    try:
+        prompts = read_prompts(Path(cfg.prompts))
+    except DiffaccelError as exc:
+        raise BenchError(str(exc)) from None
+    common = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance}
+    calls = [{"kwargs": {**common, **prompt}, "seeds": [cfg.seed + k * len(prompts) + i]}
+             for k in range(cfg.per_class) for i, prompt in enumerate(prompts)]
+    calib = [{"kwargs": {**common, **prompt}, "seeds": [CALIBRATION_SEED + i]} for i, prompt in enumerate(prompts)]
+    return {"calls": calls, "calib_calls": calib, "classes": None, "n_images": len(calls), "grid_rows": len(prompts)}
