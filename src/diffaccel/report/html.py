@@ -138,7 +138,8 @@ COLUMNS = ("family", "name", "setting", "speedup wall", "speedup MACs", "peak MB
 
 def _cells(r: Row) -> list[str]:
     return [r.family, r.name, r.setting, _fmt(r.speedup_wall), _fmt(r.speedup_macs), _fmt(r.peak_mem_mb, ".0f"),
-            _fmt(r.mem_over_baseline_mb, "+.0f"), f"{r.psnr:.2f} ({_fmt(r.psnr_p5, '.1f')})", f"{r.ssim:.4f}", _pct(r.accuracy), _fmt(r.fd)]
+            _fmt(r.mem_over_baseline_mb, "+.0f"), f"{r.psnr:.2f} ({_fmt(r.psnr_p5, '.1f')})", f"{r.ssim:.4f}",
+            _pct(r.accuracy), _fmt(r.fd)]
 
 
 def markdown(results: Results) -> str:
@@ -218,8 +219,8 @@ def render_html(results: Results, base: Path) -> str:
     out += [f"<figure><img class='grid' alt='{esc(title)}' src='data:image/png;base64,{b}'>"
             f"<figcaption><b>{esc(title)}</b><br>{esc(cap)}</figcaption></figure>" for title, b, cap in grids]
     b = results.baseline
-    out.append(f"<h2 id='rows'>All settings</h2><p>Baseline: accuracy {_pct(b.accuracy)}, FD {_fmt(b.fd)} (real-vs-real "
-               f"floor {_fmt(b.fd_floor)}), {b.seconds_per_image:.3f} s/image, peak RSS "
+    out.append(f"<h2 id='rows'>All settings</h2><p>Baseline: accuracy {_pct(b.accuracy)}, FD {_fmt(b.fd)} "
+               f"(real-vs-real floor {_fmt(b.fd_floor)}), {b.seconds_per_image:.3f} s/image, peak RSS "
                f"{_fmt(b.peak_mem_mb, '.0f')} MB. Peak MB: the worker process's peak RSS during the setting's runs; "
                "+MB: its excess over the baseline's in the same process (cache buffers).</p><table><tr>"
                + "".join(f"<th>{esc(c)}</th>" for c in COLUMNS) + "</tr>")
