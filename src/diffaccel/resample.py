@@ -52,7 +52,7 @@ def nearest(step: int, new_steps: int, old_steps: int, among: Sequence[int]) -> 
     return min(among, key=lambda s: (abs(s - position), s))
 
 
-def carry_per_step(values: Sequence, old_rows: Sequence[str], new_rows: Sequence[str], neutral) -> list:
+def carry_per_step(values: Sequence, old_rows: Sequence[str], new_rows: Sequence[str], neutral: object) -> list:
     """A per-step list for the new rows: a step that reuses anything takes the value of the nearest
     old step that reused anything; an all-compute step takes ``neutral``."""
     old_reused = [s for s, row in enumerate(old_rows) if set(row) != {"C"}]

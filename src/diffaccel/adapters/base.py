@@ -121,7 +121,8 @@ class TransformerAdapter(Adapter):
         levels.append(Level("all", frozenset(units)))
         return unique_levels(levels)
 
-    def default_reused(self, model, granularity="block", components=None) -> set[str]:
+    def default_reused(self, model: torch.nn.Module, granularity: str = "block",
+                       components: tuple[str, ...] | None = None) -> set[str]:
         units = self.unit_names(model, granularity)
         if granularity == "component" and components:
             return {u for u in units if u.rsplit(".", 1)[-1] in components}

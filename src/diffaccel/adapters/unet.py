@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from diffaccel.adapters.base import Adapter, Level, Unit, unique_levels
 from diffaccel.errors import MethodError
 
@@ -24,7 +26,7 @@ class UNetAdapter(Adapter):
     channel_axis: int = 1
     sample_arg: str = "sample"
 
-    def units(self, model, granularity="block"):
+    def units(self, model: torch.nn.Module, granularity: str = "block") -> list[Unit]:
         self.check_granularity(granularity)
         units = [Unit("conv_in", model.conv_in, None, "encoder")]
         units += [Unit(f"down.{i}", block, None, "encoder") for i, block in enumerate(model.down_blocks)]
@@ -33,7 +35,7 @@ class UNetAdapter(Adapter):
         units += [Unit(f"up.{j}", block, None, "decoder") for j, block in enumerate(model.up_blocks)]
         return units
 
-    def levels(self, model, granularity="block") -> list[Level]:
+    def levels(self, model: torch.nn.Module, granularity: str = "block") -> list[Level]:
         """``deep1`` / ``deep0`` (DeepCache at skip branch 1 / 0), ``enc`` (the encoder: Faster
         Diffusion's encoder propagation), ``all``."""
         units = self.unit_names(model, granularity)
@@ -46,7 +48,8 @@ class UNetAdapter(Adapter):
         levels.append(Level("all", frozenset(units)))
         return unique_levels(levels)
 
-    def default_reused(self, model, granularity="block", components=None) -> set[str]:
+    def default_reused(self, model: torch.nn.Module, granularity: str = "block",
+                       components: tuple[str, ...] | None = None) -> set[str]:
         return deep_units(len(model.down_blocks), 0)  # everything but the shallowest path
 
 

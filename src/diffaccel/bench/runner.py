@@ -26,10 +26,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import diffusers
+import numpy
+import torch
 from tqdm import tqdm
 
 import diffaccel
@@ -75,10 +79,6 @@ def _machine() -> dict:
 
 
 def _versions() -> dict:
-    import diffusers
-    import numpy
-    import torch
-
     return {"diffaccel": diffaccel.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "numpy": numpy.__version__, "peers": peer_versions()}
 
@@ -143,11 +143,31 @@ def _rel(path: str | None, root: Path) -> str | None:
     return None if path is None else os.path.relpath(path, root)
 
 
-def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> Path:
-    """Run the benchmark and write results.json, results.md and report.html into ``out``."""
-    started = time.time()
+@dataclass
+class Run:
+    """A bench run under way: its folder, the groups' outcomes so far."""
+
+    cfg: BenchConfig
+    sweep: dict
+    data: dict
+    out: Path
+    run_dir: Path
+    log: Callable[[str], None] | None
+    timed: int = 1
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    baseline: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    group_seconds: dict[str, float] = field(default_factory=dict)
+
+    def say(self, line: str) -> None:
+        if self.log:
+            self.log(line)
+
+
+def _start(cfg: BenchConfig, out: Path, log: Callable[[str], None] | None) -> Run:
+    """Checked settings and the run folder: a new one, or with ``resume`` the run it continues."""
     cfg, sweep = check_config(cfg)
-    out = Path(out)
     data = items(cfg)
     identity = run_identity(cfg, sweep, data)
     run_dir = find_resumable(out, identity) if cfg.resume else None
@@ -159,102 +179,111 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log=None) -> P
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", identity)
     n_batches = len(data["calls"])
-    groups = plan_groups(sweep, split_ours=not cfg.quick)
-
-    skipped: list[dict] = []
-    runnable = []
-    for group in groups:
-        if group["family"] == "peer":
-            reason = PEERS[group["group"]].available()
-            if reason is not None:
-                skipped.append({"family": "peer", "name": group["group"], "setting": None, "reason": reason})
-                continue
-        runnable.append(group)
-    if not runnable:
-        raise BenchError("nothing to run: " + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
-
     timed = n_batches if cfg.timed_pairs is None else min(n_batches, cfg.timed_pairs)
-    total = sum(group_units(len(g["entries"]), n_batches) for g in runnable)
-    bar = tqdm(total=total, desc=f"bench {cfg.model}", unit="run", disable=not progress, dynamic_ncols=True)
-    rows: list[dict] = []
-    baseline: dict | None = None
-    warnings: list[str] = []
-    group_seconds: dict[str, float] = {}
-    try:
-        for group in runnable:
-            bar.set_postfix_str(group["group"])
-            group_started = time.time()
-            job = BenchJob(
-                group=group["group"], family=group["family"], entries=group["entries"], target=target_of(cfg),
-                steps=cfg.steps, guidance=cfg.guidance, threads=cfg.threads, calls=data["calls"],
-                calib_calls=data["calib_calls"], classes=data["classes"],
-                grid_dir=str((run_dir / "grids").resolve()),
-                grid_rows=data["grid_rows"], grid_per_row=cfg.grid_per_class,
-                baseline_grid=None if baseline is not None else "baseline",
-                baseline_cache=str((run_dir / "baseline.safetensors").resolve()), timed_pairs=timed)
-            job_path = run_dir / "jobs" / f"{group['group']}.json"
-            result_path = run_dir / "jobs" / f"{group['group']}.result.json"
-            result = finished_result(result_path, job_path, group["entries"])
-            if result is not None:  # --resume: this group finished in the run being continued
-                failure, seen = None, 0
-                if log:
-                    log(f"{group['group']}: read back from {result_path}")
-            else:
-                job.save(job_path)
-                result, failure, seen = _run_worker(job_path, result_path, run_dir / "logs" / f"{group['group']}.log",
-                                                    cfg.threads, cfg.group_timeout, bar)
-                if result is not None:
-                    result["seconds"] = round(time.time() - group_started, 1)
-                    write_json(result_path, result)
-            bar.update(max(0, group_units(len(group["entries"]), n_batches) - seen))
-            group_seconds[group["group"]] = result.get("seconds") if result else round(time.time() - group_started, 1)
-            if result is None:
-                skipped.extend({"family": group["family"], "name": e["name"],
-                                "setting": sweeps.setting_label(e["settings"]), "reason": failure}
-                               for e in group["entries"])
-                if log:
-                    log(f"{group['group']}: {failure}")
-                continue
-            if baseline is None:
-                baseline = result["baseline"]
-                baseline["grid"] = _rel(baseline.get("grid") or saved_baseline_grid(run_dir), out)
-            elif result["baseline"]["sha256"] != baseline["sha256"] or result["baseline"].get("matches_cache") is False:
-                warnings.append(f"the baseline images of group {group['group']} differ from the first group's "
-                                "(sampling is not bit-exact between processes here)")
-            for row in result["rows"]:
-                row["grid"] = _rel(row.get("grid"), out)
-                rows.append(row)
-            skipped.extend(result["skipped"])
-            write_json(run_dir / "partial.json", {"rows": rows, "skipped": skipped, "baseline": baseline})
-    finally:
-        bar.close()
-    if baseline is None:
-        raise BenchError("every group failed; nothing to report: " +
-                         "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:3]))
+    return Run(cfg, sweep, data, out, run_dir, log, timed)
 
-    n = data["n_images"]
+
+def _runnable(run: Run) -> list[dict]:
+    """The groups to run; a peer that is not installed is skipped with the reason."""
+    runnable = []
+    for group in plan_groups(run.sweep, split_ours=not run.cfg.quick):
+        reason = PEERS[group["group"]].available() if group["family"] == "peer" else None
+        if reason is not None:
+            run.skipped.append({"family": "peer", "name": group["group"], "setting": None, "reason": reason})
+        else:
+            runnable.append(group)
+    if not runnable:
+        raise BenchError("nothing to run: " + "; ".join(f"{s['name']}: {s['reason']}" for s in run.skipped))
+    return runnable
+
+
+def _group(run: Run, group: dict, bar: tqdm) -> None:
+    """Run one group in its worker (or read back its result when resuming) and collect its rows."""
+    cfg, data, started = run.cfg, run.data, time.time()
+    job = BenchJob(group=group["group"], family=group["family"], entries=group["entries"], target=target_of(cfg),
+                   steps=cfg.steps, guidance=cfg.guidance, threads=cfg.threads, calls=data["calls"],
+                   calib_calls=data["calib_calls"], classes=data["classes"],
+                   grid_dir=str((run.run_dir / "grids").resolve()), grid_rows=data["grid_rows"],
+                   grid_per_row=cfg.grid_per_class, baseline_grid=None if run.baseline is not None else "baseline",
+                   baseline_cache=str((run.run_dir / "baseline.safetensors").resolve()), timed_pairs=run.timed)
+    job_path = run.run_dir / "jobs" / f"{group['group']}.json"
+    result_path = run.run_dir / "jobs" / f"{group['group']}.result.json"
+    result, failure, seen = finished_result(result_path, job_path, group["entries"]), None, 0
+    if result is not None:  # --resume: this group finished in the run being continued
+        run.say(f"{group['group']}: read back from {result_path}")
+    else:
+        job.save(job_path)
+        result, failure, seen = _run_worker(job_path, result_path, run.run_dir / "logs" / f"{group['group']}.log",
+                                            cfg.threads, cfg.group_timeout, bar)
+        if result is not None:
+            result["seconds"] = round(time.time() - started, 1)
+            write_json(result_path, result)
+    bar.update(max(0, group_units(len(group["entries"]), len(data["calls"])) - seen))
+    run.group_seconds[group["group"]] = result.get("seconds") if result else round(time.time() - started, 1)
+    if result is None:
+        run.skipped.extend({"family": group["family"], "name": e["name"],
+                            "setting": sweeps.setting_label(e["settings"]), "reason": failure}
+                           for e in group["entries"])
+        run.say(f"{group['group']}: {failure}")
+        return
+    _collect(run, group["group"], result)
+
+
+def _collect(run: Run, name: str, result: dict) -> None:
+    if run.baseline is None:
+        run.baseline = result["baseline"]
+        run.baseline["grid"] = _rel(run.baseline.get("grid") or saved_baseline_grid(run.run_dir), run.out)
+    elif result["baseline"]["sha256"] != run.baseline["sha256"] or result["baseline"].get("matches_cache") is False:
+        run.warnings.append(f"the baseline images of group {name} differ from the first group's "
+                            "(sampling is not bit-exact between processes here)")
+    for row in result["rows"]:
+        row["grid"] = _rel(row.get("grid"), run.out)
+        run.rows.append(row)
+    run.skipped.extend(result["skipped"])
+    write_json(run.run_dir / "partial.json", {"rows": run.rows, "skipped": run.skipped, "baseline": run.baseline})
+
+
+def _record(run: Run, started: float) -> dict:
+    cfg, n = run.cfg, run.data["n_images"]
     note = "" if n >= FD_MIN_SAMPLES else (
         f"Fréchet distances from {n} samples per side (fewer than the {FD_MIN_SAMPLES} the protocol asks for): "
         "indicative only" + (" (--quick)" if cfg.quick else ""))
-    record = {
-        "format_version": FORMAT_VERSION, "tool": "diffaccel bench", "diffaccel_version": _versions()["diffaccel"],
+    samples = {"n_images": n, "per_class": cfg.per_class, "classes": run.data["classes"],
+               "batch_size": cfg.batch_size, "wall_pairs": run.timed, "fd_samples": n,
+               "calibration_images": sum(len(c["seeds"]) for c in run.data["calib_calls"]), "quick": cfg.quick,
+               "note": note, "macs": "FlopCounterMode over the first batch (warm-up run), baseline / setting",
+               "wall": "median over batches of baseline time / setting time, interleaved in one process "
+                       f"({run.timed} timed pairs per group; the first group times every batch)"}
+    return {
+        "format_version": FORMAT_VERSION, "tool": "diffaccel bench", "diffaccel_version": diffaccel.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": cfg.model,
-        "config": {**asdict(cfg), "sweep": sweep, "run_dir": os.path.relpath(run_dir, out)},
-        "machine": _machine(), "versions": _versions(), "threads": cfg.threads,
-        "samples": {"n_images": n, "per_class": cfg.per_class, "classes": data["classes"],
-                    "batch_size": cfg.batch_size, "wall_pairs": timed, "fd_samples": n,
-                    "calibration_images": sum(len(c["seeds"]) for c in data["calib_calls"]), "quick": cfg.quick,
-                    "note": note,
-                    "macs": "FlopCounterMode over the first batch (warm-up run), baseline / setting",
-                    "wall": "median over batches of baseline time / setting time, interleaved in one process "
-                            f"({timed} timed pairs per group; the first group times every batch)"},
-        "baseline": baseline, "rows": rows, "skipped": skipped,
-        "summary": summarize(rows, skipped, PSNR_FLOOR), "psnr_floor": PSNR_FLOOR,
-        "warnings": warnings, "elapsed_s": round(time.time() - started, 1), "group_seconds": group_seconds,
+        "config": {**asdict(cfg), "sweep": run.sweep, "run_dir": os.path.relpath(run.run_dir, run.out)},
+        "machine": _machine(), "versions": _versions(), "threads": cfg.threads, "samples": samples,
+        "baseline": run.baseline, "rows": run.rows, "skipped": run.skipped,
+        "summary": summarize(run.rows, run.skipped, PSNR_FLOOR), "psnr_floor": PSNR_FLOOR,
+        "warnings": run.warnings, "elapsed_s": round(time.time() - started, 1), "group_seconds": run.group_seconds,
     }
-    results = Results.model_validate(record)  # the schema diffaccel report reads back
-    rendered = render_report(results, out)  # all of it in memory first: a failure replaces nothing
-    path = out / "results.json"
+
+
+def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """Run the benchmark and write results.json, results.md and report.html into ``out``."""
+    started = time.time()
+    run = _start(cfg, Path(out), log)
+    runnable = _runnable(run)
+    total = sum(group_units(len(g["entries"]), len(run.data["calls"])) for g in runnable)
+    bar = tqdm(total=total, desc=f"bench {run.cfg.model}", unit="run", disable=not progress, dynamic_ncols=True)
+    try:
+        for group in runnable:
+            bar.set_postfix_str(group["group"])
+            _group(run, group, bar)
+    finally:
+        bar.close()
+    if run.baseline is None:
+        raise BenchError("every group failed; nothing to report: " +
+                         "; ".join(f"{s['name']}: {s['reason']}" for s in run.skipped[:3]))
+    results = Results.model_validate(_record(run, started))  # the schema diffaccel report reads back
+    rendered = render_report(results, run.out)  # all of it in memory first: a failure replaces nothing
+    path = run.out / "results.json"
     write_json(path, results.model_dump(mode="json"))
-    save_report(out, rendered)
+    save_report(run.out, rendered)
     return path

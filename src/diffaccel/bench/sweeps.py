@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffaccel.adapters import adapter_by_name
+from diffaccel.bench.peers import PEERS
 from diffaccel.errors import SweepError
+from diffaccel.methods.registry import METHODS, parameters
 
 FAMILIES = ("diffaccel", "peer", "steps")
 
@@ -91,8 +94,6 @@ STEP_KNOBS = {"steps": 20}
 
 
 def family_of(name: str) -> str:
-    from diffaccel.bench.peers import PEERS
-    from diffaccel.methods.registry import METHODS
 
     if name in METHODS:
         return "diffaccel"
@@ -115,7 +116,6 @@ def step_sweep(sampler: str, steps: int, quick: bool) -> dict[str, list[dict]]:
 
 def kind_of(model: str) -> str:
     """The default sweep a model kind (an adapter name: dit, pixart, sd3, flux, unet) takes."""
-    from diffaccel.adapters import adapter_by_name
 
     try:
         adapter = adapter_by_name(model)
@@ -138,8 +138,6 @@ def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: boo
 
 def knobs(name: str) -> dict[str, object]:
     """The settings a name accepts, with their defaults."""
-    from diffaccel.bench.peers import PEERS
-    from diffaccel.methods.registry import parameters
 
     family = family_of(name)
     if family == "diffaccel":
@@ -150,9 +148,6 @@ def knobs(name: str) -> dict[str, object]:
 
 
 def applies_to(name: str, model: str) -> bool:
-    from diffaccel.adapters import adapter_by_name
-    from diffaccel.bench.peers import PEERS
-    from diffaccel.methods.registry import METHODS
 
     family = family_of(name)
     if family == "diffaccel":

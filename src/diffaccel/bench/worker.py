@@ -29,6 +29,7 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -228,7 +229,7 @@ def _row(job: BenchJob, index: int, item: dict, reference: torch.Tensor, base: d
     return row
 
 
-def run_group(job: BenchJob, progress=lambda n: None) -> dict:
+def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -> dict:
     """Run one group (see the module doc) and return ``{"baseline", "rows", "skipped"}``."""
     torch.set_num_threads(job.threads)
     torch.manual_seed(0)

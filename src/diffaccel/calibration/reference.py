@@ -225,7 +225,8 @@ class CalibrationRun:
                       time.perf_counter() - start)
 
 
-def run_with_plan(pipe: Any, fn: Callable, plan: Plan, unit_macs: dict | None = None, **options: Any):
+def run_with_plan(pipe: Any, fn: Callable, plan: Plan, unit_macs: dict | None = None,
+                  **options: Any) -> tuple[Any, Executor]:
     """``fn(pipe)`` under ``plan``; returns (result, executor). ``unit_macs`` (from an earlier run of
     the same model) spares the executor its FLOP-counted first forward; ``options`` go to the executor."""
     model, scheduler = find_denoiser(pipe, options.pop("denoiser", None))

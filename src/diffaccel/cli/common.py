@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def resolve_plan(tgt: Target, steps: int, guidance: float, method: str | None, p
     return None
 
 
-def run_guarded(fn, *args, **kwargs):
+def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a DiffaccelError or ValueError becomes a one-line error and exit code 2."""
     try:
         return fn(*args, **kwargs)

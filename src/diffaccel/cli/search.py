@@ -87,7 +87,6 @@ def search(
 ) -> None:
     """Search a static plan that meets a quality budget at the least cost; write plan.json, front.json,
     front.png and summary.json. Run the same command again to resume an interrupted search."""
-
     def job():
         setup(threads, guidance)
         parse_budget(budget)
@@ -105,11 +104,16 @@ def search(
                           log=lambda line: typer.echo(line, err=True))
 
     result = run_guarded(job)
-    s = result.summary
     if not result.met:
+        s = result.summary
         fail(f"no plan meets {s['budget']} on the calibration set; the closest ({s['source']}) reaches "
              f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall']:.4g}, at "
              f"{s['calib_speedup_macs']:.2f}x fewer MACs; wrote it to {out / 'plan.json'}")
+    typer.echo(summary_line(result.summary))
+
+
+def summary_line(s: dict) -> str:
+    """One line: the chosen plan's speed and quality, and the best hand-made plan's."""
     line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, "
             f"PSNR {s['calib_psnr']:.2f} dB calibration / {s['heldout_psnr']:.2f} dB held-out")
     hand = s.get("best_handmade")
@@ -117,4 +121,4 @@ def search(
         line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['speedup_macs']:.2f}x MACs, "
                  f"{hand['speedup_wall']:.2f}x wall, PSNR {hand['calib_psnr']:.2f} / {hand['heldout_psnr']:.2f} dB"
                  + ("" if hand["met"] else " (misses the budget)"))
-    typer.echo(line)
+    return line

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+if TYPE_CHECKING:  # the plan sits beside cost in the layers; only its type is needed
+    from diffaccel.plan import Plan
 
 
 def _register_cpu_attention() -> None:
@@ -63,7 +67,7 @@ def count_macs(fn: Callable[[], object]) -> int:
     return counter.get_total_flops() // 2
 
 
-def plan_mac_fraction(plan, unit_macs: list[int]) -> float | None:
+def plan_mac_fraction(plan: Plan, unit_macs: list[float]) -> float | None:
     """Share of the full model's MACs a static plan executes, from per-sample MACs
     ``[total, unit 0, unit 1, ...]``; 1 for a plan that computes everything, None for rule plans,
     whose cost is decided at run time."""

@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationError
 
 from diffaccel.adapters import find_denoiser
@@ -36,7 +37,7 @@ from diffaccel.quant.spec import FULL_PRECISION, QuantSpec, parse_bits
 SENSITIVE = ("*timestep_embedder*", "*time_embedding*", "pos_embed.proj", "proj_out_2", "conv_in", "conv_out")
 
 
-def default_overrides(weight_bits: int, model) -> dict[str, int]:
+def default_overrides(weight_bits: int, model: torch.nn.Module) -> dict[str, int]:
     """Below 8-bit weights, the sensitive layers of this model stay at 8 bits."""
     if weight_bits >= 8:
         return {}

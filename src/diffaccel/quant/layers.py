@@ -11,6 +11,7 @@ other case dequantizes and runs the float kernel, which gives the same numbers (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -100,8 +101,6 @@ def _use_fbgemm(module: QuantizedLayer, device: torch.device) -> None:
     the U-Net's post-SiLU activations (mostly positive) while its linear kernel stays within 2%."""
     if device.type != "cpu":
         raise ValueError("the int8-dynamic backend runs on a CPU only; use int8 on a GPU")
-    import warnings
-
     with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated
         warnings.simplefilter("ignore")
         scale = module.weight_scale

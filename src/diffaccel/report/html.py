@@ -9,6 +9,11 @@ import io
 import os
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
 from diffaccel.bench.results import BenchError, Results, Row
 
 COLORS = {"diffaccel": "#1f77b4", "peer": "#d62728", "steps": "#7f7f7f"}
@@ -71,11 +76,6 @@ def _grid_b64(base: Path, rel: str | None, what: str) -> str:
 def plot(results: Results, axis: str) -> bytes:
     """PSNR against speedup (``axis``: "wall" or "macs"), a colour per family, a marker per name,
     each family's Pareto front as a line, the PSNR floor dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     key = "speedup_wall" if axis == "wall" else "speedup_macs"
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
     names: dict[str, list[Row]] = {}

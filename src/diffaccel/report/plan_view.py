@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import torch
+
+from diffaccel.adapters import adapter_for
 from diffaccel.eval.cost import plan_mac_fraction
 from diffaccel.plan import Plan
+from diffaccel.runtime.executor import Executor
+from diffaccel.zoo.weights import load_pipeline
 
 SYMBOLS = {"C": "#", "R": ".", "F": "~"}
 
 
 def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
     """Per-sample MACs of the embedded model the plan fits (or the one named), else None."""
-    import torch
-
-    from diffaccel.adapters import adapter_for
-    from diffaccel.runtime.executor import Executor
-    from diffaccel.zoo.weights import load_pipeline
-
     candidates = [model] if model else [m for m in ("dit", "unet") if m == plan.adapter]
     for name in candidates:
         pipe = load_pipeline(name)

@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,10 +25,10 @@ from diffaccel.eval.cost import FlopCounterMode, register_flop_formulas
 from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import Plan
 from diffaccel.runtime import features as feature_modules
-from diffaccel.runtime.cache import UnitCache, structure, tree_leaves, tree_map
+from diffaccel.runtime.cache import UnitCache, tree_leaves, tree_map
 from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
-from diffaccel.runtime.state import BranchState, Stats
+from diffaccel.runtime.state import BranchState, Stats, merged_run
 
 log = logging.getLogger("diffaccel")
 
@@ -220,7 +221,7 @@ class Executor:
                 return out
         return self.run_forward(original, args, kwargs, state, tuple(sample.shape))
 
-    def run_forward(self, original, args: tuple, kwargs: dict, state: BranchState, shape: tuple):
+    def run_forward(self, original: Callable, args: tuple, kwargs: dict, state: BranchState, shape: tuple) -> Any:
         """Run the model under the plan for branch ``state`` on a sample of ``shape`` and count its MACs."""
         self._shape, self._batch = shape[1:], shape[0]
         batch = self._batch
@@ -293,7 +294,7 @@ class Executor:
         if index in state.passthrough:
             return unit.residual_inputs(args, kwargs)
         if unit.residual_inputs is not None and self._merge and state.tile == 1:
-            run = self._run_cache(state, index, action)
+            run = merged_run(state, self.units, index, action, lambda i: self._action(state, i))
             base = unit.residual_inputs(args, kwargs)
             if action == "R":
                 return tree_map(lambda x, r: x + r, base, run.last())
@@ -306,25 +307,6 @@ class Executor:
         if unit.residual_inputs is None:
             return value
         return tree_map(lambda x, r: x + r, unit.residual_inputs(args, kwargs), value)
-
-    def _run_cache(self, state: BranchState, first: int, action: str) -> UnitCache:
-        """The summed cache of the run of residual units from ``first`` skipped with ``action`` at
-        this step and computed at the same steps; marks the run's other units as pass-through."""
-        steps, shape = state.caches[first].steps, structure(state.caches[first].last())
-        last = first
-        while (last + 1 < len(self.units) and self.units[last + 1].residual_inputs is not None
-               and self._action(state, last + 1) == action and state.caches[last + 1].steps == steps
-               and structure(state.caches[last + 1].last()) == shape):
-            last += 1
-        state.passthrough = set(range(first + 1, last + 1))
-        if last == first:
-            return state.caches[first]
-        run = state.run_sums.get((first, last))
-        if run is None or run.steps != steps:  # (re)build after the units computed again
-            values = [state.caches[k].values for k in range(first, last + 1)]
-            summed = [tree_map(lambda *leaves: functools.reduce(torch.add, leaves), *point) for point in zip(*values)]
-            run = state.run_sums[(first, last)] = UnitCache(list(steps), summed)
-        return run
 
     def _compute(self, index, original, args, kwargs, state: BranchState, cache: UnitCache):
         unit = self.units[index]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffaccel.runtime.cache import UnitCache
+import torch
+
+from diffaccel.adapters import Unit
+from diffaccel.runtime.cache import UnitCache, structure, tree_map
 
 
 @dataclass
@@ -46,9 +51,30 @@ class BranchState:
     features: dict[int, Any] = field(default_factory=dict)  # each feature's own per-branch state, by id
     finite: list[tuple[int, Any]] = field(default_factory=list)  # (unit, isfinite flag) of this forward
 
-    def of(self, feature: object, make) -> Any:
+    def of(self, feature: object, make: Callable[[], Any]) -> Any:
         """The per-branch state of ``feature`` (made by ``make()`` on first use)."""
         key = id(feature)
         if key not in self.features:
             self.features[key] = make()
         return self.features[key]
+
+
+def merged_run(state: BranchState, units: list[Unit], first: int, action: str,
+               action_of: Callable[[int], str]) -> UnitCache:
+    """The summed cache of the run of residual units from ``first`` skipped with ``action`` at this
+    step and computed at the same steps; marks the run's other units as pass-through."""
+    steps, shape = state.caches[first].steps, structure(state.caches[first].last())
+    last = first
+    while (last + 1 < len(units) and units[last + 1].residual_inputs is not None
+           and action_of(last + 1) == action and state.caches[last + 1].steps == steps
+           and structure(state.caches[last + 1].last()) == shape):
+        last += 1
+    state.passthrough = set(range(first + 1, last + 1))
+    if last == first:
+        return state.caches[first]
+    run = state.run_sums.get((first, last))
+    if run is None or run.steps != steps:  # (re)build after the units computed again
+        values = [state.caches[k].values for k in range(first, last + 1)]
+        summed = [tree_map(lambda *leaves: functools.reduce(torch.add, leaves), *point) for point in zip(*values)]
+        run = state.run_sums[(first, last)] = UnitCache(list(steps), summed)
+    return run

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from diffaccel.calibration.reference import CalibrationRun
 from diffaccel.errors import SearchError
 from diffaccel.search.config import Budget
+from diffaccel.search.handmade import HandMade
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store
 
@@ -78,7 +79,7 @@ def candidates_of(store: Store, space: Space) -> list[Candidate]:
     return out
 
 
-def handmade_scores(store: Store, calib: CalibrationRun, handmade, space: Space) -> list[Candidate]:
+def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade], space: Space) -> list[Candidate]:
     """Calibration scores of the hand-made plans, cached in the study (they survive a restart)."""
     cached = dict(store.study.user_attrs.get("handmade", {}))
     out = []

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
 from diffaccel.eval.io import write_json
 from diffaccel.search.config import Budget
 from diffaccel.search.result import SearchResult
@@ -25,13 +30,6 @@ def write_outputs(result: SearchResult, budget: Budget, objective: str) -> None:
 
 
 def plot_front(result: SearchResult, budget: Budget, objective: str, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # the plot is a convenience; the JSON files hold the same data
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs = [1 / c.cost(objective) for c in result.front]
     ys = [c.quality(budget) for c in result.front]

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from optuna.distributions import CategoricalDistribution
 
 from diffaccel.adapters import adapter_for
 from diffaccel.methods.base import make_plan
@@ -150,8 +151,6 @@ class Space:
         return tuple(params[name] for name in self.param_names)
 
     def distributions(self) -> dict:
-        from optuna.distributions import CategoricalDistribution
-
         choices = tuple(level.name for level in self.levels)
         steps = {name: CategoricalDistribution(choices) for name in self.param_names[: self.num_steps - 1]}
         bits = tuple(str(b) for b in self.bits)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import inspect
 import threading
 import warnings
 from collections.abc import Callable
@@ -65,8 +66,6 @@ class Store:
         if storage is None:
             self.storage = optuna.storages.InMemoryStorage()
         else:
-            import inspect
-
             params = inspect.signature(optuna.storages.RDBStorage).parameters
             callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
                 else "failed_trial_callback"  # optuna < 4.9
@@ -156,7 +155,7 @@ class Store:
     def has_waiting(self) -> bool:
         return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
-    def genomes(self, states=(TrialState.COMPLETE,)) -> dict[Genome, FrozenTrial]:
+    def genomes(self, states: tuple[TrialState, ...] = (TrialState.COMPLETE,)) -> dict[Genome, FrozenTrial]:
         out: dict[Genome, FrozenTrial] = {}
         for trial in self.study.get_trials(deepcopy=False, states=states):
             genome = self.space.from_params(trial.params)

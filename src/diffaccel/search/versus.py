@@ -35,7 +35,7 @@ class Point:
                 "speedup_wall": self.speedup_wall, **self.extra}
 
 
-def measure(pipe: Any, heldout: Callable, plans: Iterable[tuple[str, dict, Plan]], reference=None,
+def measure(pipe: Any, heldout: Callable, plans: Iterable[tuple[str, dict, Plan]], reference: Any = None,
             log: Callable[[str], None] = print) -> list[Point]:
     """PSNR and MAC speedup of each plan on the held-out set (one untimed run each)."""
     reference = checked_images(heldout(pipe), "held-out") if reference is None else reference

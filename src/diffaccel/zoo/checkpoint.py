@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -34,8 +35,6 @@ def save(path: Path, model: torch.nn.Module, ema: dict[str, torch.Tensor], optim
 def load(path: Path, model: torch.nn.Module, ema: dict[str, torch.Tensor],
          optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
     """Restore into the given objects; returns ``(step, meta)``."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()["diffaccel"])
     tensors = load_file(str(path))

@@ -84,7 +84,7 @@ def build_unet(**overrides) -> tuple[UNet2DConditionModel, ClassTokenEmbedder]:
     return UNet2DConditionModel(**config), ClassTokenEmbedder(dim=config["cross_attention_dim"])
 
 
-def make_scheduler(sampler: str = "ddim"):
+def make_scheduler(sampler: str = "ddim") -> DDIMScheduler | DPMSolverMultistepScheduler:
     """A fresh diffusers scheduler for ``ddim`` or ``dpm`` (DPM-Solver++ 2M)."""
     if sampler == "ddim":
         # No x0 clipping: with v-prediction, diffusers' DDIM clips x0 but keeps the unclipped noise

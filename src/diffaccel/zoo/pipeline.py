@@ -133,7 +133,7 @@ class ShapesDiTPipeline(ShapesPipeline):
     def num_classes(self) -> int:
         return int(self.transformer.config.num_embeds_ada_norm)
 
-    def denoise(self, x, t, labels):
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.transformer(x, timestep=t, class_labels=labels).sample
 
 
@@ -148,7 +148,7 @@ class ShapesUNetPipeline(ShapesPipeline):
     def num_classes(self) -> int:
         return int(self.class_embedder.config.num_classes)
 
-    def denoise(self, x, t, labels):
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=self.class_embedder(labels)).sample
 
 

@@ -23,6 +23,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from tqdm import tqdm
 
 from diffaccel.zoo import checkpoint, shapes
+from diffaccel.zoo.evaluator import train_evaluator
 from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
 
 
@@ -229,8 +230,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
     cfg = TrainConfig(**args)
     if cfg.model == "evaluator":
-        from diffaccel.zoo.evaluator import train_evaluator
-
         train_evaluator(out, seed=cfg.seed, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr)
         return
     print(json.dumps(train(cfg, out)["loss_last"][-5:]))

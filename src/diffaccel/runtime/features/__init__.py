@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from diffaccel.plan import Plan
 from diffaccel.runtime.features.base import Feature, overrides
 from diffaccel.runtime.features.correction import ResidualCorrection
 from diffaccel.runtime.features.feature_fit import FeatureFitCorrection
@@ -15,7 +18,7 @@ FEATURES: tuple[type[Feature], ...] = (Quantization, ResidualRuleFeature, Residu
                                        ParallelDecode, StepScale, NoiseInjection)
 
 
-def build(plan, executor, existing: list[Feature] | None = None) -> list[Feature]:
+def build(plan: Plan, executor: Any, existing: list[Feature] | None = None) -> list[Feature]:
     """The features ``plan`` needs; one of ``existing`` built from an equal plan part is kept (a
     resampled plan keeps its quantized layers)."""
     out = []

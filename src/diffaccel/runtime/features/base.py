@@ -8,6 +8,8 @@ adding a feature, its schema part and its tests; the core stays as it is.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,7 +52,7 @@ class Feature:
         """A pipeline call starts (its per-run state is forgotten)."""
 
     # -- per forward and unit --------------------------------------------------------------------
-    def forward(self, original, bound, state: BranchState) -> Any:
+    def forward(self, original: Callable, bound: inspect.BoundArguments, state: BranchState) -> Any:
         """Produce the model's output for this call instead of running it, or None to run it."""
         return None
 

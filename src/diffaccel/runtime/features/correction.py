@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from diffaccel.plan import Plan
 from diffaccel.runtime.cache import tree_map
 from diffaccel.runtime.features.base import Feature
 
@@ -13,18 +14,18 @@ from diffaccel.runtime.features.base import Feature
 class ResidualCorrection(Feature):
     edits_served_values = True
 
-    def __init__(self, plan, executor) -> None:
+    def __init__(self, plan: Plan, executor: Any) -> None:
         super().__init__(plan, executor)
         self.gain = plan.correction.gain
         # the fitted per-channel biases as tensors once, not on every reused unit of every step
         self.bias = [torch.tensor(row) for row in plan.correction.bias] if plan.correction.bias else []
 
     @classmethod
-    def applies(cls, plan) -> bool:
+    def applies(cls, plan: Plan) -> bool:
         return plan.correction is not None
 
     @classmethod
-    def part(cls, plan) -> Any:
+    def part(cls, plan: Plan) -> Any:
         return plan.correction
 
     def serve(self, value: Any, step: int, index: int) -> Any:

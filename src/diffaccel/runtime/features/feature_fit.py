@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from diffaccel.plan import Plan
 from diffaccel.runtime.cache import tree_map
 from diffaccel.runtime.features.base import Feature
 
@@ -14,7 +15,7 @@ from diffaccel.runtime.features.base import Feature
 class FeatureFitCorrection(Feature):
     edits_served_values = True
 
-    def __init__(self, plan, executor) -> None:
+    def __init__(self, plan: Plan, executor: Any) -> None:
         super().__init__(plan, executor)
         fc = plan.feature_correction
         self.axis = fc.axis
@@ -23,11 +24,11 @@ class FeatureFitCorrection(Feature):
                      for f in fc.fits}
 
     @classmethod
-    def applies(cls, plan) -> bool:
+    def applies(cls, plan: Plan) -> bool:
         return plan.feature_correction is not None
 
     @classmethod
-    def part(cls, plan) -> Any:
+    def part(cls, plan: Plan) -> Any:
         return plan.feature_correction
 
     def serve(self, value: Any, step: int, index: int) -> Any:

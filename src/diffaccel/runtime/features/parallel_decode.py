@@ -4,12 +4,15 @@ later steps of the run then return their precomputed outputs."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from diffaccel.errors import PlanError
+from diffaccel.plan import Plan
 from diffaccel.runtime.features.base import Feature
 from diffaccel.runtime.state import BranchState
 
@@ -20,7 +23,7 @@ class DecodeState:
 
 
 class ParallelDecode(Feature):
-    def __init__(self, plan, executor) -> None:
+    def __init__(self, plan: Plan, executor: Any) -> None:
         super().__init__(plan, executor)
         if "parallel-decode" not in executor.adapter.capabilities:
             raise PlanError(f"parallel decoding needs a U-Net; the {executor.adapter.name} adapter has no decoder")
@@ -29,11 +32,11 @@ class ParallelDecode(Feature):
         self.wrap = None
 
     @classmethod
-    def applies(cls, plan) -> bool:
+    def applies(cls, plan: Plan) -> bool:
         return plan.parallel_decode and plan.schedule is not None
 
     @classmethod
-    def part(cls, plan) -> Any:
+    def part(cls, plan: Plan) -> Any:
         return (plan.parallel_decode, tuple(plan.schedule or ()))
 
     def run_length(self, step: int) -> int:
@@ -43,7 +46,7 @@ class ParallelDecode(Feature):
             run += 1
         return max(run, 1)
 
-    def forward(self, original, bound, state: BranchState) -> Any:
+    def forward(self, original: Callable, bound: inspect.BoundArguments, state: BranchState) -> Any:
         own = state.of(self, DecodeState)
         executor = self.executor
         if state.step in own.pending:  # computed ahead, in an earlier batched forward

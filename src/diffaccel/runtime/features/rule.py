@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from diffaccel.adapters import Unit
+from diffaccel.plan import Plan
 from diffaccel.runtime.cache import primary
 from diffaccel.runtime.features.base import Feature
 from diffaccel.runtime.state import BranchState
@@ -26,17 +28,17 @@ class RuleState:
 
 
 class ResidualRuleFeature(Feature):
-    def __init__(self, plan, executor) -> None:
+    def __init__(self, plan: Plan, executor: Any) -> None:
         super().__init__(plan, executor)
         self.rule = plan.rule
         self.span = range(self.rule.first_blocks, len(plan.units) - self.rule.last_blocks)
 
     @classmethod
-    def applies(cls, plan) -> bool:
+    def applies(cls, plan: Plan) -> bool:
         return plan.rule is not None
 
     @classmethod
-    def part(cls, plan) -> Any:
+    def part(cls, plan: Plan) -> Any:
         return plan.rule
 
     def before_forward(self, state: BranchState) -> None:
@@ -45,7 +47,7 @@ class ResidualRuleFeature(Feature):
     def action(self, state: BranchState, index: int, planned: str) -> str:
         return state.of(self, RuleState).decision if index in self.span else "C"
 
-    def before_unit(self, state, index, unit, args, kwargs) -> None:
+    def before_unit(self, state: BranchState, index: int, unit: Unit, args: tuple, kwargs: dict) -> None:
         if index == 0:
             inputs = unit.residual_inputs(args, kwargs) if unit.residual_inputs else None
             state.of(self, RuleState).head_input = primary(inputs) if inputs is not None else None

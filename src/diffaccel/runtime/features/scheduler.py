@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from diffaccel.plan import Plan
 from diffaccel.runtime.features.base import Feature
 
 
@@ -15,16 +16,16 @@ class StepScale(Feature):
 
     needs_scheduler = True
 
-    def __init__(self, plan, executor) -> None:
+    def __init__(self, plan: Plan, executor: Any) -> None:
         super().__init__(plan, executor)
         self.scale = plan.step_scale
 
     @classmethod
-    def applies(cls, plan) -> bool:
+    def applies(cls, plan: Plan) -> bool:
         return plan.step_scale is not None
 
     @classmethod
-    def part(cls, plan) -> Any:
+    def part(cls, plan: Plan) -> Any:
         return plan.step_scale
 
     def after_step(self, step: int, sample: torch.Tensor, prev: torch.Tensor) -> None:
@@ -38,17 +39,17 @@ class NoiseInjection(Feature):
 
     needs_scheduler = True
 
-    def __init__(self, plan, executor) -> None:
+    def __init__(self, plan: Plan, executor: Any) -> None:
         super().__init__(plan, executor)
         self.settings = plan.noise_injection
         self.z: torch.Tensor | None = None
 
     @classmethod
-    def applies(cls, plan) -> bool:
+    def applies(cls, plan: Plan) -> bool:
         return plan.noise_injection is not None
 
     @classmethod
-    def part(cls, plan) -> Any:
+    def part(cls, plan: Plan) -> Any:
         return plan.noise_injection
 
     def start_run(self) -> None:
