@@ -22,6 +22,8 @@ With several workers sharing a storage the search is still correct, but no longe
 
 from __future__ import annotations
 
+import logging
+
 import time
 from collections.abc import Callable
 
@@ -34,6 +36,8 @@ from optuna.trial import TrialState
 from diffaccel.search.space import Genome
 from diffaccel.search.store import Store
 
+
+LOG = logging.getLogger("diffaccel")
 
 class ClockSeededNSGAII(NSGAIISampler):
     """NSGA-II whose random draws for a trial depend only on (seed, completed trials so far)."""
@@ -52,7 +56,7 @@ class ClockSeededNSGAII(NSGAIISampler):
 
 
 def run_nsga(store: Store, seeds: list[tuple[Genome, str]], evaluate: Callable, trials: int | None,
-             deadline: float | None, log: Callable[[str], None] = print) -> int:
+             deadline: float | None, log: Callable[[str], None] = LOG.info) -> int:
     """Evaluate trials until ``trials`` have completed in the study (all runs together) or the
     deadline passes; returns how many this call evaluated."""
     labels = {genome: name for genome, name in seeds}
@@ -77,7 +81,7 @@ def _line(trial) -> str:
 
 
 def run_list(store: Store, candidates: list[tuple[Genome, str]], evaluate: Callable, deadline: float | None,
-             log: Callable[[str], None] = print) -> int:
+             log: Callable[[str], None] = LOG.info) -> int:
     """Evaluate a fixed list of candidates (DP, greedy) in order, skipping those already stored."""
     labels = {genome: name for genome, name in candidates}
     done = 0

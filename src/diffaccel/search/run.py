@@ -8,6 +8,8 @@ and cost, with the hand-made plans), ``front.png`` and ``summary.json``.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -34,6 +36,8 @@ from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
 
 
+LOG = logging.getLogger("diffaccel")
+
 def study_name(model_name: str, budget: Budget, objective: str, strategy: str, seed: int) -> str:
     return f"{model_name}|{budget.text}|{objective}|{strategy}|seed{seed}"
 
@@ -58,7 +62,7 @@ class Context:
 
 def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, *, out: str | Path | None = None,
            storage: str | None = None, heldout: Calibrate | None = None, denoiser: str | None = None,
-           log: Callable[[str], None] = print, **options: Any) -> SearchResult:
+           log: Callable[[str], None] = LOG.info, **options: Any) -> SearchResult:
     """Search static plans for ``pipe``'s denoiser on the calibration set ``calibrate`` (a
     ``Workload``, or a callable running the pipeline on fixed inputs and returning images in [0, 1]).
 
@@ -260,7 +264,7 @@ def _heldout(ctx: Context, summary: dict, plan: Plan, heldout: Calibrate | None,
 
 def find_plan(pipe: Any, calls: Workload | Iterable[dict] | None = None, budget: str = "psnr>=30",
               strategy: str = "dp", heldout: Workload | Iterable[dict] | bool | None = True,
-              out: str | Path | None = None, log: Callable[[str], None] = print, **options: Any) -> Plan:
+              out: str | Path | None = None, log: Callable[[str], None] = LOG.info, **options: Any) -> Plan:
     """The plan a search finds for ``pipe`` on ``calls`` (the pipeline calls to calibrate on; the
     embedded pipelines' default workload if None) under ``budget``: the one documented entry point.
 

@@ -8,6 +8,8 @@ and the hand-made PSNR at the searched plan's cost.
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,8 @@ from diffaccel.calibration.reference import checked_images, run_with_plan
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.plan import Plan
 
+
+LOG = logging.getLogger("diffaccel")
 
 @dataclass
 class Point:
@@ -36,7 +40,7 @@ class Point:
 
 
 def measure(pipe: Any, heldout: Callable, plans: Iterable[tuple[str, dict, Plan]], reference: Any = None,
-            log: Callable[[str], None] = print) -> list[Point]:
+            log: Callable[[str], None] = LOG.info) -> list[Point]:
     """PSNR and MAC speedup of each plan on the held-out set (one untimed run each)."""
     reference = checked_images(heldout(pipe), "held-out") if reference is None else reference
     points = []

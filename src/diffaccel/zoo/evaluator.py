@@ -7,6 +7,8 @@ to real images (computed by torchmetrics), next to the real-vs-real distance as 
 
 from __future__ import annotations
 
+import logging
+
 import json
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from tqdm import tqdm
 
 from diffaccel.zoo import shapes
 
+
+
+log = logging.getLogger("diffaccel")
 
 class ShapesClassifier(ModelMixin, ConfigMixin):
     """Images in [0, 1], shape (N, 3, H, W) -> class logits; ``features`` gives the penultimate layer."""
@@ -126,7 +131,7 @@ def train_evaluator(out: Path, seed: int = 0, steps: int = 2000, batch: int = 12
     model.save_pretrained(out, safe_serialization=True)
     (out / "training.json").write_text(json.dumps(
         {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "val_accuracy": accuracy, "val_images": 3000}))
-    print(f"evaluator validation accuracy {accuracy:.4f} on 3000 images")
+    log.info("evaluator validation accuracy %.4f on 3000 images", accuracy)
     return accuracy
 
 

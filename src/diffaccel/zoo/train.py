@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import multiprocessing
 import time
@@ -26,6 +27,9 @@ from diffaccel.zoo import checkpoint, shapes
 from diffaccel.zoo.evaluator import train_evaluator
 from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
 
+
+
+log = logging.getLogger("diffaccel")
 
 @dataclass
 class TrainConfig:
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model == "evaluator":
         train_evaluator(out, seed=cfg.seed, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr)
         return
-    print(json.dumps(train(cfg, out)["loss_last"][-5:]))
+    log.info("last losses: %s", json.dumps(train(cfg, out)["loss_last"][-5:]))
     if dest:
         export(out, dest)
 
