@@ -53,12 +53,13 @@ def all_plans() -> list[LMPlan]:
 
 # -- tasks and tokenizer -----------------------------------------------------------------------------
 def test_task_answers_are_checked_from_the_prompt():
-    assert solve("4821+937=") == "5758"
+    assert solve("4821+0937=") == "05758"
     assert solve("sort:93810472") == "01234789"
     assert solve("rev:abcdef") == "fedcba"
     assert solve("b372k118q004?k") == "118"
     assert solve("close:([]{<") == ">})"
-    assert is_correct("12+30=", "42") and not is_correct("12+30=", "43") and not is_correct("12+30=", "042")
+    assert is_correct("0012+0030=", "00042") and not is_correct("0012+0030=", "00043")
+    assert not is_correct("0012+0030=", "42")
     assert not is_correct("close:(]", ")")  # an ill-formed prompt has no correct answer
 
 

@@ -5,7 +5,7 @@ task has a ``solve(prompt)`` that computes the answer from the prompt alone, so 
 checked, never looked up. The tasks are chosen so that the prompt is most of the sequence (as in
 real use of a language model, where cached prompt keys and values pay off):
 
-* ``add``   ``"4821+937="``           -> ``"5758"``       (1-4 digit addends)
+* ``add``   ``"4821+0937="``          -> ``"05758"``      (4-digit addends and 5-digit sum, zero-padded)
 * ``sort``  ``"sort:93810472"``       -> ``"01234789"``   (6-10 digits)
 * ``rev``   ``"rev:abcdef"``          -> ``"fedcba"``     (5-10 letters)
 * ``get``   ``"b372k118q004?k"``      -> ``"118"``        (4-7 key/value pairs, look one up)
@@ -46,12 +46,14 @@ def split_of(prompt: str) -> str:
 
 # -- prompts ---------------------------------------------------------------------------------------
 def _number(rng: random.Random) -> int:
-    digits = rng.randint(1, 4)
+    digits = rng.randint(1, 4)  # as many small numbers as large ones
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
 def _prompt_add(rng: random.Random) -> str:
-    return f"{_number(rng)}+{_number(rng)}="
+    """Fixed width, so a digit's place value is its position (with variable widths a 4-layer model
+    trained for 40 minutes reached 5 % on addition: it must first work out the operands' lengths)."""
+    return f"{_number(rng):04d}+{_number(rng):04d}="
 
 
 def _prompt_sort(rng: random.Random) -> str:
@@ -87,7 +89,7 @@ def _prompt_close(rng: random.Random) -> str:
 # -- solvers (the answer checkers) -----------------------------------------------------------------
 def _solve_add(prompt: str) -> str:
     left, right = prompt.rstrip("=").split("+")
-    return str(int(left) + int(right))
+    return f"{int(left) + int(right):05d}"
 
 
 def _solve_sort(prompt: str) -> str:
