@@ -1,11 +1,13 @@
-"""Markdown tables of the committed benchmark results, for the README and the closing notes.
+"""Markdown tables of the committed benchmark results, and the benchmarks page built from them.
 
     python benchmarks/tables.py engine dit      # or: engine unet, quant|search|joint|bench dit|unet
+    python benchmarks/tables.py docs            # docs/benchmarks.md from benchmarks/benchmarks.md.in
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -103,6 +105,19 @@ def bench(model: str) -> str:
     return "\n".join(lines)
 
 
+TABLES = {"engine": engine, "quant": quant, "search": search, "joint": joint, "bench": bench}
+
+
+def docs_page() -> str:
+    """The template with every ``{{kind model}}`` replaced by that table."""
+    template = (Path(__file__).parent / "benchmarks.md.in").read_text()
+    return re.sub(r"\{\{(\w+) ([\w-]+)\}\}", lambda m: TABLES[m.group(1)](m.group(2)), template)
+
+
 if __name__ == "__main__":
-    kind, model = sys.argv[1], sys.argv[2]
-    print({"engine": engine, "quant": quant, "search": search, "joint": joint, "bench": bench}[kind](model))
+    if sys.argv[1] == "docs":
+        path = Path(__file__).parent.parent / "docs" / "benchmarks.md"
+        path.write_text(docs_page())
+        print(f"wrote {path}")
+    else:
+        print(TABLES[sys.argv[1]](sys.argv[2]))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from diffaccel.calibration.reference import identity_plan
@@ -41,15 +41,41 @@ class GenerateConfig:
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> None:
     """Images (N, 3, H, W) in [0, 1] as one PNG, ``rows`` rows (one per class or prompt), upscaled."""
+    img = Image.fromarray(grid_array(images, rows))
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+DIFFERENCE_GAIN = 10  # the side-by-side picture shows |accelerated - baseline| times this
+
+
+def grid_array(images: torch.Tensor, rows: int) -> np.ndarray:
+    """Images (N, 3, H, W) in [0, 1] as one HxWx3 uint8 array, ``rows`` rows, one-pixel white gaps."""
     n, _, h, w = images.shape
     cols = -(-n // rows)
     canvas = torch.ones(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
     for i, image in enumerate(images):
         r, c = divmod(i, cols)
         canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
-    array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(array)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    return (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_comparison(images: torch.Tensor, reference: torch.Tensor, rows: int, path: Path, scale: int = 4) -> None:
+    """Baseline, accelerated and the amplified difference (grey levels, white where none) side by
+    side, each labelled, as one PNG."""
+    gray = ((images - reference).abs().mean(1, keepdim=True) * DIFFERENCE_GAIN).clamp(0, 1)
+    panels = [("baseline", reference), ("accelerated", images),
+              (f"|difference| x{DIFFERENCE_GAIN} (white: none)", (1 - gray).expand(-1, 3, -1, -1))]
+    arrays = [Image.fromarray(grid_array(x, rows)) for _, x in panels]
+    arrays = [a.resize((a.width * scale, a.height * scale), Image.NEAREST) for a in arrays]
+    label_h, gap = 16, 8
+    out = Image.new("RGB", (sum(a.width for a in arrays) + gap * (len(arrays) - 1), arrays[0].height + label_h),
+                    "white")
+    draw, x = ImageDraw.Draw(out), 0
+    for (label, _), array in zip(panels, arrays):
+        draw.text((x + 2, 2), label, fill="black")
+        out.paste(array, (x, label_h))
+        x += array.width + gap
+    out.save(path)
 
 
 def run_call(pipe: Any, call: Call) -> torch.Tensor:
@@ -169,4 +195,5 @@ def _write(out: Path, record: dict, images: torch.Tensor, reference: torch.Tenso
     save_grid(images, rows=rows, path=out / "grid.png")
     if reference is not None:
         save_grid(reference, rows=rows, path=out / "grid_baseline.png")
+        save_comparison(images, reference, rows, out / "comparison.png")
     write_json(out / "record.json", record)

@@ -18,6 +18,12 @@ ADAPTERS: tuple[Adapter, ...] = (DiTAdapter(), PixArtAdapter(), SD3Adapter(), Fl
 DENOISER_NAMES = ("transformer", "unet")  # where diffusers pipelines keep the denoiser
 
 
+def register(adapter: Adapter) -> None:
+    """Add an adapter for another architecture (it is tried before the built-in ones)."""
+    global ADAPTERS
+    ADAPTERS = (adapter, *ADAPTERS)
+
+
 def supported_classes() -> list[str]:
     return [cls for adapter in ADAPTERS for cls in adapter.model_classes]
 
@@ -42,7 +48,7 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
         raise UnsupportedModelError(
             f"diffaccel has no adapter for {type(model).__name__}; supported: {', '.join(supported_classes())}. "
             "To add one, subclass diffaccel.adapters.base.Adapter (list the modules to cache in `units`) "
-            "and append an instance to diffaccel.adapters.registry.ADAPTERS (see docs/adapters.md).")
+            "and register it with diffaccel.adapters.register (see docs/adapters.md).")
     return adapter
 
 

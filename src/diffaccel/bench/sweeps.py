@@ -128,7 +128,7 @@ def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: boo
     """Our methods, the peers that apply to the model kind and the step baselines."""
     kind = kind_of(model)
     every_peer = {**PEER_SWEEPS["dit"], **PEER_SWEEPS["unet"], **PEER_SWEEPS[kind]}
-    peers = {name: settings for name, settings in every_peer.items() if applies_to(name, model)}
+    peers = {name: every_peer[name] for name in PEERS if name in every_peer and applies_to(name, model)}
     sweep = {**OURS[kind], **peers, **step_sweep(sampler, steps, quick)}
     if quick:  # two settings of each: a mild one and the most aggressive one
         sweep = {name: settings if name in STEP_NAMES or len(settings) <= 2 else [settings[1], settings[-1]]

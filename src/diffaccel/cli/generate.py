@@ -85,6 +85,8 @@ def generate(
 
     record = run_guarded(job)
     typer.echo(summary_line(record))
+    if (out / "comparison.png").is_file() and compare:
+        typer.echo(f"side by side (baseline | accelerated | difference x10): {out / 'comparison.png'}")
     typer.echo(f"wrote {out / 'grid.png'} and {out / 'record.json'}")
 
 
