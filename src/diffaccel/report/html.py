@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,11 +75,27 @@ def _grid_b64(base: Path, rel: str | None, what: str) -> str:
     return _png_b64(data)
 
 
+DIFFERENCE_GAIN = 10
+
+
+def difference_b64(base_png: str, other_png: str) -> str:
+    """The absolute difference of two sample grids of the same layout, amplified and inverted
+    (white: identical), as a base64 PNG."""
+    a, b = (np.asarray(Image.open(io.BytesIO(base64.b64decode(x))).convert("RGB"), dtype=np.float32)
+            for x in (base_png, other_png))
+    if a.shape != b.shape:
+        raise BenchError("the sample grids to compare have different sizes")
+    diff = np.clip(np.abs(a - b).mean(axis=2) * DIFFERENCE_GAIN, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray((255 - diff).astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def plot(results: Results, axis: str) -> bytes:
     """PSNR against speedup (``axis``: "wall" or "macs"), a colour per family, a marker per name,
     each family's Pareto front as a line, the PSNR floor dashed."""
     key = "speedup_wall" if axis == "wall" else "speedup_macs"
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(13, 6.2), dpi=100)
     names: dict[str, list[Row]] = {}
     for row in results.rows:
         if getattr(row, key) is not None:
@@ -89,7 +107,7 @@ def plot(results: Results, axis: str) -> bytes:
             marker_of[name] = MARKERS[i % len(MARKERS)]
             rows = names[name]
             ax.scatter([getattr(r, key) for r in rows], [r.psnr for r in rows], color=COLORS[family],
-                       marker=marker_of[name], s=36, alpha=0.85, label=f"{name}")
+                       marker=marker_of[name], s=54, alpha=0.85, label=f"{name} ({LABELS[family]})")
         points = [(getattr(r, key), r.psnr) for n in fam_names for r in names[n]]
         front = pareto(points)
         if len(front) > 1:
@@ -97,12 +115,14 @@ def plot(results: Results, axis: str) -> bytes:
                     alpha=0.7, label=f"{LABELS[family]}: Pareto front")
     ax.axhline(results.psnr_floor, color="k", ls="--", lw=0.8)
     ax.axvline(1.0, color="k", ls=":", lw=0.6)
-    ax.set_xlabel("speedup, wall clock (x)" if axis == "wall" else "speedup, MACs executed (x)")
-    ax.set_ylabel("PSNR vs unaccelerated (dB)")
-    ax.set_title(f"{results.model}: quality vs {'wall-clock' if axis == 'wall' else 'MAC'} speedup")
+    ax.set_xlabel("speedup, wall clock (x)" if axis == "wall" else "speedup, MACs executed (x)", fontsize=12)
+    ax.set_ylabel("PSNR vs unaccelerated (dB)", fontsize=12)
+    ax.set_title(f"{results.model}: quality vs {'wall-clock' if axis == 'wall' else 'MAC'} speedup", fontsize=13)
+    ax.tick_params(labelsize=11)
     ax.grid(alpha=0.3)
     if names:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                  ncol=2 if len(names) > 18 else 1)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -175,7 +195,7 @@ td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:nth-child(-n+3),
 figure{display:inline-block;margin:0.5em 1em 0.5em 0;vertical-align:top}
 figcaption{font-size:13px;max-width:420px}
 img.grid{image-rendering:pixelated;border:1px solid #ccc;zoom:1.5}
-img.plot{width:540px;max-width:100%}
+img.plot{width:100%}
 .note{background:#fff6d5;padding:4px 8px}
 """
 
@@ -193,6 +213,10 @@ def render_html(results: Results, base: Path) -> str:
     if peer is not None:
         grids.append((f"best peer at that speed: {peer.name} {peer.setting}", _grid_b64(base, peer.grid, peer.name),
                       f"{_fmt(peer.speedup_wall)}x wall, {_fmt(peer.speedup_macs)}x MACs, PSNR {peer.psnr:.1f} dB"))
+    base_grid = grids[0][1]
+    grids = [grids[0]] + [item for title, b, cap in grids[1:] for item in (
+        (title, b, cap), (f"|difference| x{DIFFERENCE_GAIN}: {title.split(':', 1)[1].strip()}",
+                          difference_b64(base_grid, b), "white where identical to the baseline"))]
     plots = [("wall", _png_b64(plot(results, "wall"))), ("macs", _png_b64(plot(results, "macs")))]
 
     out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>diffaccel bench: "
