@@ -155,10 +155,19 @@ def make_problem(task: str, rng: random.Random, split: str = "train") -> Problem
             return Problem(task, prompt, solve(prompt))
 
 
+# Share of each task in training: the two tasks that need a two-hop lookup (addition: both digits
+# of a place and the carry; look-up: the key, then the value's digit) get more, reversal (learned
+# first in every run) less. With an even mix, both were at 0 % exact match after 2000 steps while
+# reversal was at 100 %.
+TRAINING_MIX = {"add": 0.3, "sort": 0.15, "rev": 0.1, "get": 0.3, "close": 0.15}
+
+
 def training_batch(seed: int, step: int, size: int) -> list[Problem]:
-    """The training problems of step ``step``: a pure function of ``(seed, step)``, tasks mixed."""
+    """The training problems of step ``step``: a pure function of ``(seed, step)``, tasks mixed
+    as ``TRAINING_MIX`` says."""
     rng = random.Random(seed * 1_000_003 + step)
-    return [make_problem(rng.choice(TASKS), rng) for _ in range(size)]
+    names, weights = list(TRAINING_MIX), list(TRAINING_MIX.values())
+    return [make_problem(rng.choices(names, weights)[0], rng) for _ in range(size)]
 
 
 def held_out(split: str = "eval", per_task: int = 100, seed: int = 0,
