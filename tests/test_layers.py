@@ -11,13 +11,13 @@ PACKAGE = SRC / "diffaccel"
 
 # bottom to top: a module may import its own layer and the ones below, never one above
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "fingerprint", "seeds", "resample", "quant.spec"),
-    ("plan", "adapters", "eval", "steps"),
+    ("errors", "fingerprint", "seeds", "resample", "quant.spec", "solvers.spec"),
+    ("plan", "adapters", "eval", "steps", "solvers"),
     ("runtime", "quant"),
     ("calibration",),
     ("methods",),
     ("search",),
-    ("zoo", "lm", "targets", "generate"),
+    ("zoo", "lm", "targets", "generate", "parallel"),
     ("bench", "report"),
     ("cli", "__main__", ""),  # "" is the package root (diffaccel/__init__.py)
 ]

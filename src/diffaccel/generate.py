@@ -1,11 +1,14 @@
 """The main job: run a target's evaluation calls (every requested class of an embedded model, or
-the user's prompts), optionally under a plan and beside the unaccelerated pipeline, and score them."""
+the user's prompts), optionally under a plan and beside the unaccelerated pipeline, and score them.
+
+Under a parallel mode (``diffaccel.parallel``: cfg, patch or batch) each process is one rank of the
+initialised group; rank 0 writes the one record and grid a single process would write."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,12 @@ from diffaccel.errors import WorkloadError
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.eval.io import write_json
 from diffaccel.eval.timing import wall_ratio
+from diffaccel.parallel.agree import check_agreement
+from diffaccel.parallel.errors import ParallelError
+from diffaccel.parallel.exchange import gather_objects
+from diffaccel.parallel.group import Group, alone, current
+from diffaccel.parallel.job import ParallelConfig, check_job, merge_work, split_denoiser
+from diffaccel.parallel.shard import assemble, gather_times, shard
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.targets import Target, class_ids
@@ -97,7 +106,7 @@ class Runner:
     def __call__(self, call: Call, accelerated: bool) -> torch.Tensor:
         if not accelerated:
             return run_call(self.pipe, call)
-        self.executor.install(self.scheduler)
+        self.executor.install(self.scheduler, self.pipe)
         try:
             images = run_call(self.pipe, call)
         finally:
@@ -144,36 +153,86 @@ def _labels(calls: list[Call]) -> torch.Tensor:
     return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
 
 
+def _sample_parallel(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool, progress: bool,
+                     parallel: ParallelConfig | None, group: Group) -> dict:
+    """``_sample`` as one rank of ``group``: the denoiser split (cfg, patch) or this rank's pieces of
+    the calls (batch); the results merged into what one process would have (images on rank 0)."""
+    if parallel is None:
+        done = _sample(runner, calls, plan, compare, progress)
+        done["work"] = runner.executor.stats.as_dict()
+        return done
+    pieces = shard(calls, group) if parallel.mode == "batch" else None
+    mine = calls if pieces is None else [p.call for p in pieces]
+    if not all(gather_objects(bool(mine), group)):
+        raise ParallelError(f"the job has fewer images ({sum(len(c.seeds) for c in calls)}) than ranks "
+                            f"({group.world}): some ranks would have nothing to do; start fewer processes")
+    with split_denoiser(parallel, group, runner.executor.model):
+        done = _sample(runner, mine, plan, compare, progress)
+    last = pieces[-1].index if pieces else len(calls) - 1
+    done["warmup_macs"], done["work"] = merge_work(parallel, group, runner, done["warmup_macs"],
+                                                   runner.executor.stats.as_dict(), last, len(calls))
+    if pieces is not None:
+        seconds = gather_objects((sum(done["base_times"]), sum(done["fast_times"])), group)
+        done["seconds"] = [max(s[0] for s in seconds), max(s[1] for s in seconds)]
+        for key in ("fast", "base"):
+            done[key] = assemble(pieces, done[key], group, len(calls)) if done[key] else []
+        for key in ("base_times", "fast_times"):
+            done[key] = gather_times(pieces, done[key], group)
+    return done
+
+
 def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | None = None, compare: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, parallel: ParallelConfig | None = None) -> dict | None:
     """Generate and score; with a plan, run it (and with ``compare`` the unaccelerated pipeline too,
-    call by call interleaved, after one discarded warm-up of each) and add fidelity and speed."""
+    call by call interleaved, after one discarded warm-up of each) and add fidelity and speed.
+
+    ``parallel``: this process is one rank of the initialised group (``diffaccel.parallel.init``),
+    every rank calls this with the same arguments; rank 0 writes and returns the record, the other
+    ranks return None."""
+    group = current()
     ids = class_ids(target, cfg.classes)
     workload = target.workload(cfg.steps, cfg.guidance, cfg.per_class, cfg.seed, calibration=False,
                                classes=ids or None, batch_size=cfg.batch_size)
     calls = list(workload.calls)
     runner = Runner(target, plan)
-    done = _sample(runner, calls, plan, compare, progress)
+    check_job(parallel, group, runner.executor.model, plan)
+    check_agreement(group, runner.executor.model, plan, {"config": asdict(cfg), "compare": compare, "calls": [
+        c.seeds for c in calls], "parallel": None if parallel is None else asdict(parallel)})
+    done = _sample_parallel(runner, calls, plan, compare, progress and group.main, parallel, group)
+    if not group.main:
+        return None
+    with alone():  # rank 0 scores the images by itself
+        record = _record(target, cfg, ids, calls, plan, compare, runner, done)
+    if parallel is not None:
+        record["parallel"] = parallel.describe(group)
+    _write(out, record, _concat(done["fast"] if plan is not None else done["base"]),
+           _concat(done["base"]) if compare and plan is not None else None,
+           len(ids) if target.embedded else len(target.calls))
+    return record
+
+
+def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Call], plan: Plan | None,
+            compare: bool, runner: Runner, done: dict) -> dict:
     main = _concat(done["fast"]) if plan is not None else _concat(done["base"])
     n = len(main)
+    base_seconds, fast_seconds = done.get("seconds") or [sum(done["base_times"]), sum(done["fast_times"])]
     record = {
         "model": target.name, "weights": target.weights or "shipped", "sampler": cfg.sampler, "steps": cfg.steps,
         "guidance": cfg.guidance, "seed": cfg.seed, "per_class": cfg.per_class, "n_images": n,
         "macs_per_image": round(done["warmup_macs"]),
-        "seconds": sum(done["fast_times"]) if plan is not None else sum(done["base_times"]),
+        "seconds": fast_seconds if plan is not None else base_seconds,
         "threads": torch.get_num_threads(),
     }
     if target.embedded:
-        labels = _labels(calls)
         record["classes"] = [shapes.CLASSES[c] for c in ids]
-        record.update(target.evaluator.score(main, labels), fd_samples=n)
+        record.update(target.evaluator.score(main, _labels(calls)), fd_samples=n)
     else:
         record["prompts"] = [str(c.get("prompt", c)) for c in target.calls]
     if plan is not None:
         record["plan"] = plan.model_dump(exclude_none=True)
         record["macs_per_image"] = round(runner.macs / n)
         record["speedup_macs"] = runner.full_macs / runner.macs
-        record["work"] = runner.executor.stats.as_dict()
+        record["work"] = done["work"]
         if runner.executor.plan is not plan and runner.executor.plan.params.get("resampled_from"):
             record["resampled_from"] = plan.num_steps
     if compare and plan is not None:
@@ -181,12 +240,10 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
         record.update(fidelity(main, reference))
         record["speedup_wall"] = wall_ratio(done["base_times"], done["fast_times"])
         record["wall_pairs"] = len(done["base_times"])
-        record["baseline"] = {"macs_per_image": round(runner.full_macs / n), "seconds": sum(done["base_times"])}
+        record["baseline"] = {"macs_per_image": round(runner.full_macs / n), "seconds": base_seconds}
         if target.embedded:
             scores = target.evaluator.score(reference, _labels(calls))
             record["baseline"].update(accuracy=scores["accuracy"], fd=scores["fd"])
-    _write(out, record, main, _concat(done["base"]) if compare and plan is not None else None,
-           len(ids) if target.embedded else len(target.calls))
     return record
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
+import torch.distributed as dist
 import typer
 
 from diffaccel.calibration.reference import identity_plan
@@ -24,10 +29,19 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
+from diffaccel.errors import DiffaccelError
 from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.methods.ptq import quant_spec
+from diffaccel.parallel import ParallelError, close, init, tag_logging
+from diffaccel.parallel.job import ParallelConfig
 from diffaccel.plan import Plan
 from diffaccel.zoo import shapes
+
+
+class ParallelMode(str, Enum):
+    cfg = "cfg"
+    patch = "patch"
+    batch = "batch"
 
 
 @app.command()
@@ -59,12 +73,19 @@ def generate(
     quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
                                                    "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
     quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
+    parallel: ParallelMode = typer.Option(None, help="run as one of several processes (torchrun --nproc-per-node N "
+                                          "-m diffaccel generate ...): cfg splits each denoiser batch, patch splits "
+                                          "the image into bands (DiT), batch splits the images"),
+    warmup_steps: int = typer.Option(1, min=0, help="--parallel patch: synchronous steps at the start of each call "
+                                                    "before stale activations are used"),
 ) -> None:
     """Sample every class of an embedded model (or the prompts of a pipeline folder), optionally with
     a plan, and score the images: grid.png and record.json in --out."""
 
-    def job() -> dict:
+    def job() -> dict | None:
         setup(threads, guidance)
+        group = init()
+        tag_logging(group)
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         if names is not None and not names:
             raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
@@ -81,13 +102,39 @@ def generate(
             the_plan = (the_plan or _identity(tgt)).with_quant(spec)
         if the_plan is not None and save_plan is not None:
             the_plan.save(save_plan)
-        return run_generate(tgt, cfg, out, plan=the_plan, compare=compare)
+        mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
+        return run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
 
-    record = run_guarded(job)
+    try:
+        record = run_guarded(_rank_tagged, job)
+    finally:
+        close()
+    if record is None:  # a rank other than 0: rank 0 reports
+        return
     typer.echo(summary_line(record))
     if (out / "comparison.png").is_file() and compare:
         typer.echo(f"side by side (baseline | accelerated | difference x10): {out / 'comparison.png'}")
     typer.echo(f"wrote {out / 'grid.png'} and {out / 'record.json'}")
+
+
+def _rank_tagged(job: Callable[[], Any]) -> Any:
+    """Run ``job``; in a group of several processes its errors name the rank they happened on, and a
+    lost peer is a one-line error too."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return job()
+    try:
+        return job()
+    except (DiffaccelError, ValueError, OSError) as exc:
+        raise ParallelError(f"{_tag()} {exc}") from None
+    except dist.DistError as exc:
+        raise ParallelError(f"{_tag()} lost contact with the other ranks ({str(exc).splitlines()[0][:200]}); "
+                            "another rank probably failed: see its error") from None
+
+
+def _tag() -> str:
+    if dist.is_available() and dist.is_initialized():
+        return f"[rank {dist.get_rank()}/{dist.get_world_size()}]"
+    return "[rank ?]"
 
 
 def _identity(tgt) -> Plan:

@@ -1,0 +1,104 @@
+"""A generate job under a parallel mode: which part of the work this rank does, and how the ranks'
+results become the one record a single process would write.
+
+* ``cfg`` and ``patch``: every rank runs every call; the denoiser is split inside (``cfg.py``,
+  ``patch.py``), so every rank ends with the same images. Work counters are summed over ranks.
+* ``batch``: each rank runs its pieces of the calls (``shard.py``); rank 0 gathers the images in
+  call order, the pieces' timings, and the work counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffaccel.parallel.cfg import CFGParallel
+from diffaccel.parallel.errors import ParallelError
+from diffaccel.parallel.exchange import gather_objects, sum_ints
+from diffaccel.parallel.group import Group
+from diffaccel.parallel.patch import PatchParallel, check_supported
+from diffaccel.plan import Plan
+
+log = logging.getLogger("diffaccel")
+
+MODES = ("cfg", "patch", "batch")
+WORK_COUNTS = ("forwards", "steps", "computed", "reused", "forecast")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """``mode``: cfg, patch or batch; ``warmup_steps``: synchronous steps of each call (patch)."""
+
+    mode: str
+    warmup_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ParallelError(f"unknown parallel mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.warmup_steps < 0:
+            raise ParallelError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+
+    def describe(self, group: Group) -> dict:
+        out: dict[str, Any] = {"mode": self.mode, "world_size": group.world}
+        if self.mode == "patch":
+            out["warmup_steps"] = self.warmup_steps
+        return out
+
+
+def check_job(config: ParallelConfig | None, group: Group, model: torch.nn.Module, plan: Plan | None) -> None:
+    """Refuse what cannot run: several processes without a mode, patch on a model without bands or
+    with a runtime rule (ranks would decide differently and their exchanges fall out of step)."""
+    if config is None:
+        if group.world > 1:
+            raise ParallelError(f"{group.world} processes were started but no parallel mode was given: pass "
+                                "--parallel cfg, patch or batch (or start one process)")
+        return
+    if config.mode == "patch":
+        check_supported(model)
+        if plan is not None and plan.rule is not None:
+            raise ParallelError("a runtime-rule plan (first-block / dual-block caching) decides on each rank's own "
+                                "band, so ranks would skip different blocks; patch parallelism needs a static plan")
+    if config.mode == "cfg" and plan is not None and plan.rule is not None and group.world > 1:
+        log.warning("a runtime-rule plan decides on each rank's half of the batch under CFG parallelism (each "
+                    "guidance branch on its own residual): the images differ from the single-process run's")
+    if group.world == 1:
+        log.info("--parallel %s in one process: nothing to split (start several with torchrun --nproc-per-node N)",
+                 config.mode)
+
+
+@contextmanager
+def split_denoiser(config: ParallelConfig | None, group: Group, model: torch.nn.Module) -> Iterator[None]:
+    """The cfg or patch split installed on ``model`` for the duration of the job (nothing for batch)."""
+    wrapper: CFGParallel | PatchParallel | None = None
+    if config is not None and config.mode == "cfg":
+        wrapper = CFGParallel(model, group)
+    elif config is not None and config.mode == "patch":
+        wrapper = PatchParallel(model, group, config.warmup_steps)
+    if wrapper is None:
+        yield
+        return
+    with wrapper:
+        yield
+
+
+def merge_work(config: ParallelConfig, group: Group, runner: Any, warmup_macs: float, last: dict,
+               last_index: int, n_calls: int) -> tuple[float, dict]:
+    """The job's MACs as one process would count them: ``runner.macs`` / ``full_macs`` summed over
+    ranks (set on ``runner``), the per-image warm-up MACs, and the last call's work counters."""
+    runner.macs, runner.full_macs = sum_ints([int(runner.macs), int(runner.full_macs)], group)
+    if config.mode == "batch":  # every rank measured whole images: per image they agree
+        everyone = gather_objects((last_index, last), group)
+        pieces = [work for index, work in everyone if index == n_calls - 1]
+        work = dict(pieces[0])
+        for key in ("macs", "full_macs"):
+            work[key] = sum(p[key] for p in pieces)
+        return warmup_macs, work
+    warm = gather_objects(warmup_macs, group)
+    work = dict(last)
+    work["macs"], work["full_macs"] = sum_ints([last["macs"], last["full_macs"]], group)
+    return float(sum(warm)), work
