@@ -44,6 +44,13 @@ class ParallelMode(str, Enum):
     batch = "batch"
 
 
+PARALLEL = typer.Option(None, help="run as one of several processes (torchrun --nproc-per-node N -m diffaccel "
+                                   "generate ...): cfg splits each denoiser batch, patch splits the image into bands "
+                                   "(DiT), batch splits the images (docs/parallel.md)")
+WARMUP = typer.Option(1, min=0, help="--parallel patch: synchronous steps at the start of each call before stale "
+                                     "activations are used")
+
+
 @app.command()
 def generate(
     model: str = MODEL,
@@ -73,19 +80,15 @@ def generate(
     quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
                                                    "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
     quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
-    parallel: ParallelMode = typer.Option(None, help="run as one of several processes (torchrun --nproc-per-node N "
-                                          "-m diffaccel generate ...): cfg splits each denoiser batch, patch splits "
-                                          "the image into bands (DiT), batch splits the images"),
-    warmup_steps: int = typer.Option(1, min=0, help="--parallel patch: synchronous steps at the start of each call "
-                                                    "before stale activations are used"),
+    parallel: ParallelMode = PARALLEL,
+    warmup_steps: int = WARMUP,
 ) -> None:
     """Sample every class of an embedded model (or the prompts of a pipeline folder), optionally with
     a plan, and score the images: grid.png and record.json in --out."""
 
     def job() -> dict | None:
         setup(threads, guidance)
-        group = init()
-        tag_logging(group)
+        tag_logging(init())
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         if names is not None and not names:
             raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
@@ -105,10 +108,10 @@ def generate(
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
         return run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
 
-    try:
-        record = run_guarded(_rank_tagged, job)
-    finally:
-        close()
+    _report(run_guarded(_rank_tagged, job), out, compare)
+
+
+def _report(record: dict | None, out: Path, compare: bool) -> None:
     if record is None:  # a rank other than 0: rank 0 reports
         return
     typer.echo(summary_line(record))
@@ -119,16 +122,19 @@ def generate(
 
 def _rank_tagged(job: Callable[[], Any]) -> Any:
     """Run ``job``; in a group of several processes its errors name the rank they happened on, and a
-    lost peer is a one-line error too."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return job()
+    lost peer is a one-line error too. The group is left at the end."""
     try:
-        return job()
-    except (DiffaccelError, ValueError, OSError) as exc:
-        raise ParallelError(f"{_tag()} {exc}") from None
-    except dist.DistError as exc:
-        raise ParallelError(f"{_tag()} lost contact with the other ranks ({str(exc).splitlines()[0][:200]}); "
-                            "another rank probably failed: see its error") from None
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            return job()
+        try:
+            return job()
+        except (DiffaccelError, ValueError, OSError) as exc:
+            raise ParallelError(f"{_tag()} {exc}") from None
+        except dist.DistError as exc:
+            raise ParallelError(f"{_tag()} lost contact with the other ranks ({str(exc).splitlines()[0][:200]}); "
+                                "another rank probably failed: see its error") from None
+    finally:
+        close()
 
 
 def _tag() -> str:
