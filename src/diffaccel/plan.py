@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from diffaccel.errors import PlanError
 from diffaccel.quant.spec import QuantSpec
 from diffaccel.resample import carry_per_step, carry_unit_steps, resample_rows
+from diffaccel.solvers.spec import SolverSpec
 
 PLAN_VERSION = 1
 ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
@@ -122,6 +123,7 @@ class Plan(_Strict):
     step_scale: list[float] | None = Field(None, description="per-step factor on the solver update (ERTACache)")
     quant: QuantSpec | None = Field(None, description="run the model's layers quantized (calibration file beside)")
     calibration: CalibrationInfo | None = Field(None, description="what the plan was fitted on, if anything")
+    solver: SolverSpec | None = Field(None, description="run this sampler at these steps instead of the pipeline's")
     method: str = "custom"
     params: dict = Field(default_factory=dict, description="the method's settings, for the record")
 
@@ -145,6 +147,9 @@ class Plan(_Strict):
                 raise ValueError("the first step must compute every unit (nothing is cached yet)")
         if self.rule is not None and self.rule.first_blocks + self.rule.last_blocks >= len(self.units):
             raise ValueError("rule computes every unit: first_blocks + last_blocks must leave units to skip")
+        if self.solver is not None and self.num_steps is not None and self.num_steps != self.solver.evaluations:
+            raise ValueError(f"the schedule has {self.num_steps} steps but the solver {self.solver.label} runs "
+                             f"{self.solver.evaluations} denoiser evaluations")
         if self.timesteps is not None and self.num_steps is not None and len(self.timesteps) != self.num_steps:
             raise ValueError(f"{len(self.timesteps)} timesteps for {self.num_steps} steps")
         if self.step_scale is not None and len(self.step_scale) != self.num_steps:

@@ -23,7 +23,7 @@ def ours(ctx: Context, name: str, settings: dict) -> Candidate:
     spent = {"macs": 0, "full_macs": 0}
 
     def run(call):
-        executor.install(scheduler)
+        executor.install(scheduler, pipe)
         try:
             return ctx.sample(pipe, call)
         finally:

@@ -30,7 +30,7 @@ def run_each(pipe: Any, workload: Workload, plan: Plan | None, before_call: Call
     """Run every call of ``workload`` under ``plan`` (identity if None); returns the executor."""
     model, scheduler = find_denoiser(pipe)
     executor = Executor(model, plan or identity_plan(model), **options)
-    executor.install(scheduler)
+    executor.install(scheduler, pipe)
     try:
         for call in tqdm(workload.calls, desc="calibrating", disable=not progress or len(workload) < 2):
             if before_call is not None:

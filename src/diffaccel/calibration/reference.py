@@ -96,7 +96,7 @@ class CalibrationRun:
         times = np.zeros(len(self.units) + 1)
         timed = {"forwards": 0, "step": 0, "overhead": 0.0, "started": {}}
         handles = self._timing_hooks(executor, store, times, timed)
-        executor.install(self.scheduler)
+        executor.install(self.scheduler, self.pipe)
         start = time.perf_counter()
         try:
             result = self.calibrate(pipe)
@@ -195,7 +195,7 @@ class CalibrationRun:
             return hook
 
         handles = [u.module.register_forward_hook(record(i)) for i, u in enumerate(executor.units)]
-        executor.install(self.scheduler)
+        executor.install(self.scheduler, self.pipe)
         try:
             self.calibrate(self.pipe)
         finally:
@@ -231,7 +231,7 @@ def run_with_plan(pipe: Any, fn: Callable, plan: Plan, unit_macs: dict | None = 
     the same model) spares the executor its FLOP-counted first forward; ``options`` go to the executor."""
     model, scheduler = find_denoiser(pipe, options.pop("denoiser", None))
     executor = Executor(model, plan, unit_macs=unit_macs, **options)
-    executor.install(scheduler)
+    executor.install(scheduler, pipe)
     try:
         result = fn(pipe)
     finally:

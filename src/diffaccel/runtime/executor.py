@@ -29,6 +29,7 @@ from diffaccel.runtime.cache import UnitCache, tree_leaves, tree_map
 from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
 from diffaccel.runtime.state import BranchState, Stats, merged_run
+from diffaccel.solvers.schedulers import solver_scheduler
 
 log = logging.getLogger("diffaccel")
 
@@ -116,10 +117,18 @@ class Executor:
         self._saved.append((obj, name, vars(obj).get(name), had))
         setattr(obj, name, replacement)
 
-    def install(self, scheduler: Any = None) -> None:
+    def install(self, scheduler: Any = None, pipe: Any = None) -> None:
+        """Apply the plan until ``remove()``; ``scheduler`` (the pipeline's) counts steps, ``pipe`` is
+        needed by plans with a solver section, whose scheduler replaces the pipeline's meanwhile."""
         if getattr(self.model, "_diffaccel_executor", None) is not None:
             raise PlanError("a plan is already applied to this model; disable it first")
         try:
+            if self.plan.solver is not None:
+                if pipe is None or not hasattr(pipe, "scheduler"):
+                    raise PlanError("this plan sets the sampler (its solver section): pass the pipeline, "
+                                    "not the model")
+                scheduler = solver_scheduler(self.plan.solver, pipe.scheduler)
+                self._patch(pipe, "scheduler", scheduler)
             if scheduler is None and any(f.needs_scheduler for f in self.features):
                 raise PlanError("noise injection and step adjustment act on the scheduler's latents: "
                                 "pass the pipeline, not the model")

@@ -34,7 +34,7 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
     of the latest pipeline call)."""
     model, scheduler = find_denoiser(target, denoiser)
     executor = Executor(model, plan, check_finite=check_finite, resample=resample)
-    executor.install(scheduler)
+    executor.install(scheduler, target if model is not target else None)
     return executor
 
 

@@ -1,0 +1,106 @@
+"""The schedulers a plan's solver section names, built on the pipeline's own noise schedule, and
+the informed (truncated) start."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from diffaccel.errors import PlanError
+from diffaccel.solvers.evodiff import EVODiffScheduler
+from diffaccel.solvers.spec import SolverSpec
+
+CLASSES: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {"clip_sample": False}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpm++1": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 1}),
+    "dpm++2": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "evodiff": (EVODiffScheduler, {}),
+}
+
+
+def _data_prediction(config: Any, alpha_bar: float, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
+    kind = config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if kind == "v_prediction":
+        return alpha * sample - sigma * model_output
+    return model_output
+
+
+def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
+    """A scheduler running ``spec`` on ``base``'s noise schedule: its ``set_timesteps`` always sets
+    ``spec.steps`` steps (whatever the pipeline asks for); with ``spec.start`` < 1 it is wrapped in
+    an ``InformedStart``."""
+    config = dict(base.config)
+    if "beta_schedule" not in config and "trained_betas" not in config:
+        raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; this pipeline's "
+                        f"{type(base).__name__} has none: leave the plan's solver out for it")
+    cls, extra = CLASSES[spec.name]
+    if spec.spacing is not None:
+        extra = {**extra, "timestep_spacing": spec.spacing}
+    scheduler = cls.from_config(config, **extra)
+    if spec.start < 1:
+        if spec.name == "euler":
+            raise PlanError("an informed start needs a variance-preserving sampler (ddim, dpm++, unipc, evodiff), "
+                            "not euler")
+        return InformedStart(scheduler, spec)
+    set_timesteps = scheduler.set_timesteps
+
+    @functools.wraps(set_timesteps)
+    def set_planned_timesteps(*args: Any, **kwargs: Any) -> None:
+        set_timesteps(spec.steps, device=kwargs.get("device"))
+
+    scheduler.set_timesteps = set_planned_timesteps
+    return scheduler
+
+
+class InformedStart:
+    """Start the trajectory part-way (DiffusionDrive-style truncated start from a cheap prior): one
+    model evaluation at the first timestep estimates the clean sample, which is noised again (with
+    the run's own initial noise) to the first timestep of the tail of a ``steps / start``-step
+    schedule; the wrapped scheduler runs that tail. Everything else is the wrapped scheduler's."""
+
+    def __init__(self, inner: Any, spec: SolverSpec) -> None:
+        self.inner, self.spec = inner, spec
+        self.timesteps = inner.timesteps
+        self._jump, self._target = False, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
+        full = round(self.spec.steps / self.spec.start)
+        self.inner.set_timesteps(full, device=device)
+        skip = full - self.spec.steps
+        if hasattr(self.inner, "set_begin_index"):
+            self.inner.set_begin_index(skip)  # multistep solvers index their own (full) schedule
+        tail = self.inner.timesteps[skip:]
+        self._target, self._jump = int(tail[0]), True
+        self.timesteps = torch.cat([self.inner.timesteps[:1], tail])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample if self._jump else self.inner.scale_model_input(sample, timestep)
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
+             **kwargs: Any) -> Any:
+        if not self._jump:
+            return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        self._jump = False
+        bars = self.inner.alphas_cumprod
+        x0 = _data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
+        target = float(bars[self._target])
+        prev = target ** 0.5 * x0 + (1 - target) ** 0.5 * sample  # the run's own noise, as the first latent
+        return SchedulerOutput(prev_sample=prev) if kwargs.get("return_dict", True) else (prev,)
