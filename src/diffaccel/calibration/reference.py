@@ -34,6 +34,7 @@ from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import CalibrationInfo, Plan
 from diffaccel.runtime.cache import tree_leaves
 from diffaccel.runtime.executor import Executor
+from diffaccel.solvers.spec import SolverSpec
 
 PROFILE_ELEMENTS = 4096
 Calibrate = Callable[[Any], Any]  # a Workload, or any run(pipe) -> images
@@ -76,6 +77,7 @@ def checked_images(result: Any, what: str) -> torch.Tensor:
 @dataclass
 class Scores:
     psnr: float
+    psnr_p5: float
     psnr_min: float
     ssim: float
     mac_fraction: float
@@ -86,10 +88,13 @@ class Scores:
 class CalibrationRun:
     """The reference run on the calibration workload, and the scoring of plans against it."""
 
-    def __init__(self, pipe: Any, calibrate: Calibrate, granularity: str = "block", denoiser: str | None = None):
+    def __init__(self, pipe: Any, calibrate: Calibrate, granularity: str = "block", denoiser: str | None = None,
+                 solver: SolverSpec | None = None):
+        """``solver``: profile the run of that sampler (its plans are then scored against this
+        run's images; a search scores every plan against the pipeline's own run)."""
         self.pipe, self.calibrate = pipe, calibrate
         self.model, self.scheduler = find_denoiser(pipe, denoiser)
-        self.plan = identity_plan(self.model, granularity)
+        self.plan = identity_plan(self.model, granularity).model_copy(update={"solver": solver})
         self.units = list(self.plan.units)
         executor = Executor(self.model, self.plan)
         store: dict[int, dict[int, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
@@ -210,7 +215,13 @@ class CalibrationRun:
 
     # -- scoring ---------------------------------------------------------------------------------
     def fractions(self, plan: Plan) -> tuple[float, float]:
-        return plan_mac_fraction(plan, self.unit_macs), plan_mac_fraction(plan, self.unit_seconds)
+        """MAC and latency fractions of the reference run: a plan with fewer (or more) denoiser
+        evaluations (its solver section) costs that many steps' worth."""
+        steps = plan.solver.evaluations if plan.solver is not None else self.num_steps
+        if plan.schedule is None and plan.rule is not None:
+            return 1.0, 1.0  # decided at run time: unknown here
+        scale = steps / self.num_steps
+        return plan_mac_fraction(plan, self.unit_macs) * scale, plan_mac_fraction(plan, self.unit_seconds) * scale
 
     def score(self, plan: Plan) -> Scores:
         start = time.perf_counter()
@@ -221,7 +232,7 @@ class CalibrationRun:
                                    f"but {tuple(self.reference.shape)} without: it must be deterministic")
         quality = fidelity(images, self.reference)
         macs, latency = self.fractions(plan)
-        return Scores(quality["psnr"], quality["psnr_min"], quality["ssim"], macs, latency,
+        return Scores(quality["psnr"], quality["psnr_p5"], quality["psnr_min"], quality["ssim"], macs, latency,
                       time.perf_counter() - start)
 
 

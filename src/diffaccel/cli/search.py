@@ -32,6 +32,7 @@ class StrategyName(str, Enum):
     nsga2 = "nsga2"
     dp = "dp"
     greedy = "greedy"
+    joint = "joint"
 
 
 class ObjectiveName(str, Enum):
@@ -63,7 +64,8 @@ def search(
     objective: ObjectiveName = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated "
                                             "from per-unit wall time, or bops (MACs weighted by weight bits)"),
     strategy: StrategyName = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dynamic programming "
-                                                                   "on the profile) or greedy"),
+                                                                   "on the profile), greedy, or joint (sampler, "
+                                                                   "steps and caching together)"),
     time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h"),
     trials: int = typer.Option(None, min=1, help="nsga2: stop when the study holds this many trials"),
     out: Path = typer.Option(Path("out/search"), help="output folder (and its study.db, to resume from)"),

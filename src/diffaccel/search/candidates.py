@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from diffaccel.calibration.reference import CalibrationRun
@@ -26,6 +27,11 @@ class Candidate:
     trial: int | None = None
     extra: dict = field(default_factory=dict)
     bops_fraction: float | None = None  # joint searches: bit-weighted MACs (``Space.bit_mac_fraction``)
+    psnr_p5: float | None = None  # the 5th-percentile image of the calibration set
+    plan: object = None  # the candidate's plan, when it is no genome of the space (the joint search)
+
+    def meets(self, budget: Budget) -> bool:
+        return budget.accepts(self.quality(budget), self.psnr_p5)
 
     def quality(self, budget: Budget) -> float:
         return self.psnr if budget.metric == "psnr" else self.ssim
@@ -36,7 +42,8 @@ class Candidate:
         return self.mac_fraction if objective == "macs" else self.latency_fraction
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "trial": self.trial, "calib_psnr": self.psnr, "calib_psnr_min": self.psnr_min,
+        return {"source": self.source, "trial": self.trial, "calib_psnr": self.psnr, "calib_psnr_p5": self.psnr_p5,
+                "calib_psnr_min": self.psnr_min,
                 "calib_ssim": self.ssim, "mac_fraction": self.mac_fraction,
                 "latency_fraction": self.latency_fraction, "bops_fraction": self.bops_fraction, **self.extra,
                 "schedule": self.schedule}
@@ -57,7 +64,7 @@ def pareto(points: list[Candidate], budget: Budget, objective: str) -> list[Cand
 
 def choose(points: list[Candidate], budget: Budget, objective: str) -> tuple[Candidate, bool, float]:
     """The cheapest candidate meeting the budget; else the best-quality one and its shortfall."""
-    meeting = [c for c in points if budget.met(c.quality(budget))]
+    meeting = [c for c in points if c.meets(budget)]
     if meeting:
         return min(meeting, key=lambda c: (c.cost(objective), -c.quality(budget), c.trial or 0)), True, 0.0
     best = max(points, key=lambda c: (c.quality(budget), -c.cost(objective), -(c.trial or 0)))
@@ -75,15 +82,19 @@ def candidates_of(store: Store, space: Space) -> list[Candidate]:
         extra = {"error": a["error"]} if "error" in a else {}
         out.append(Candidate(genome, space.rows(genome), a.get("psnr", 0.0), a.get("psnr_min", 0.0),
                              a.get("ssim", 0.0), a.get("mac_fraction", 1.0), a.get("latency_fraction", 1.0),
-                             a.get("source", ""), trial.number, extra, a.get("bops_fraction")))
+                             a.get("source", ""), trial.number, extra, a.get("bops_fraction"), a.get("psnr_p5")))
     return out
 
 
-def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade], space: Space) -> list[Candidate]:
-    """Calibration scores of the hand-made plans, cached in the study (they survive a restart)."""
+def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade], space: Space,
+                    deadline: float | None = None) -> list[Candidate]:
+    """Calibration scores of the hand-made plans, cached in the study (they survive a restart);
+    those not scored by ``deadline`` are left out."""
     cached = dict(store.study.user_attrs.get("handmade", {}))
     out = []
     for item in handmade:
+        if item.key not in cached and deadline is not None and time.time() >= deadline:
+            continue
         if item.key not in cached:
             try:
                 s = calib.score(item.plan)
@@ -91,7 +102,7 @@ def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade
                 raise
             except Exception:  # noqa: BLE001 -- a hand-made setting that breaks is left out
                 continue
-            cached[item.key] = {"psnr": s.psnr, "psnr_min": s.psnr_min, "ssim": s.ssim,
+            cached[item.key] = {"psnr": s.psnr, "psnr_p5": s.psnr_p5, "psnr_min": s.psnr_min, "ssim": s.ssim,
                                 "mac_fraction": s.mac_fraction, "latency_fraction": s.latency_fraction}
             store.study.set_user_attr("handmade", cached)
         s = cached[item.key]
@@ -101,7 +112,7 @@ def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade
         bops = None if space.quant is None or genome is None else space.bit_mac_fraction(genome, calib.unit_macs)
         out.append(Candidate(None, list(item.plan.schedule), s["psnr"], s["psnr_min"], s["ssim"], s["mac_fraction"],
                              s["latency_fraction"], item.key, None, {"name": item.name, "settings": item.settings},
-                             bops))
+                             bops, s.get("psnr_p5"), item.plan))
     return out
 
 

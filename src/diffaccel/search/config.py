@@ -10,29 +10,35 @@ from dataclasses import dataclass
 from diffaccel.errors import BudgetError, SearchError
 from diffaccel.quant.spec import QuantSpec
 
-STRATEGIES = ("nsga2", "dp", "greedy")
+STRATEGIES = ("nsga2", "dp", "greedy", "joint")
 OBJECTIVES = ("macs", "latency", "bops")  # bops: MACs weighted by weight bits (joint searches)
-_BUDGET = re.compile(r"^\s*(psnr|ssim)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*(psnr_p5|psnr|ssim)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Budget:
-    metric: str  # "psnr" (dB) or "ssim"
+    metric: str  # "psnr" (dB) or "ssim": the mean over the calibration images
     threshold: float
+    tail: float | None = None  # the 5th-percentile PSNR must reach this too (``psnr_p5>=X``)
 
     @property
     def text(self) -> str:
-        return f"{self.metric}>={self.threshold:g}"
+        return f"{self.metric}>={self.threshold:g}" + (f",psnr_p5>={self.tail:g}" if self.tail is not None else "")
 
     def met(self, quality: float) -> bool:
         return quality >= self.threshold
+
+    def accepts(self, quality: float, psnr_p5: float | None) -> bool:
+        """The mean meets the threshold, and the tail its bound (a plan that ruins a few images
+        is not a fast plan)."""
+        return self.met(quality) and (self.tail is None or (psnr_p5 is not None and psnr_p5 >= self.tail))
 
     def unit(self) -> str:
         return " dB" if self.metric == "psnr" else ""
 
     def raised(self, margin: float) -> Budget:
         """The budget the calibration set must meet so that unseen inputs still meet this one."""
-        return Budget(self.metric, self.threshold + margin)
+        return Budget(self.metric, self.threshold + margin, None if self.tail is None else self.tail + margin)
 
 
 # A plan chosen on a dozen calibration images loses some quality on other inputs (about 0.1-0.8 dB
@@ -42,17 +48,25 @@ CORRECTION_SEED_OFFSET = 1000  # the feature correction is fitted on calibration
 
 
 def parse_budget(text: str) -> Budget:
-    """``psnr>=X`` (dB, mean over the calibration images) or ``ssim>=X`` (0 < X <= 1)."""
-    match = _BUDGET.match(text or "")
-    if match is None:
-        raise BudgetError(f"cannot read the budget {text!r}: write psnr>=X (dB, e.g. psnr>=30) or ssim>=X "
-                          "(e.g. ssim>=0.95)")
-    metric, value = match.group(1).lower(), float(match.group(2))
+    """``psnr>=X`` (dB, mean over the calibration images) or ``ssim>=X`` (0 < X <= 1), optionally
+    with a bound on the tail: ``psnr>=30,psnr_p5>=24``."""
+    parts = [p for p in (text or "").split(",") if p.strip()]
+    found: dict[str, float] = {}
+    for part in parts:
+        match = _BUDGET.match(part)
+        if match is None:
+            raise BudgetError(f"cannot read the budget {text!r}: write psnr>=X (dB, e.g. psnr>=30) or ssim>=X "
+                              "(e.g. ssim>=0.95), optionally with psnr_p5>=Y for the 5th-percentile image")
+        found[match.group(1).lower()] = float(match.group(2))
+    main = [m for m in ("psnr", "ssim") if m in found]
+    if len(main) != 1:
+        raise BudgetError(f"the budget {text!r} needs exactly one of psnr>=X or ssim>=X")
+    metric, value = main[0], found[main[0]]
     if metric == "ssim" and not 0 < value <= 1:
         raise BudgetError(f"an SSIM budget must lie in (0, 1], got {value:g}")
     if metric == "psnr" and value <= 0:
         raise BudgetError(f"a PSNR budget must be positive (dB), got {value:g}")
-    return Budget(metric, value)
+    return Budget(metric, value, found.get("psnr_p5"))
 
 
 def parse_duration(text: str | None) -> float | None:

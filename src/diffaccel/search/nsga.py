@@ -23,7 +23,6 @@ With several workers sharing a storage the search is still correct, but no longe
 from __future__ import annotations
 
 import logging
-
 import time
 from collections.abc import Callable
 
@@ -35,7 +34,6 @@ from optuna.trial import TrialState
 
 from diffaccel.search.space import Genome
 from diffaccel.search.store import Store
-
 
 LOG = logging.getLogger("diffaccel")
 

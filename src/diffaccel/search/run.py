@@ -9,10 +9,9 @@ and cost, with the hand-made plans), ``front.png`` and ``summary.json``.
 from __future__ import annotations
 
 import logging
-
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,12 @@ from diffaccel.search.dp import dp_candidates
 from diffaccel.search.greedy import greedy_candidates
 from diffaccel.search.handmade import handmade_plans
 from diffaccel.search.heldout import compare
+from diffaccel.search.joint import JointSearch
 from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
 from diffaccel.search.outputs import write_outputs
 from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
-
 
 LOG = logging.getLogger("diffaccel")
 
@@ -54,10 +53,14 @@ class Context:
     out: Path | None
     started: float
     log: Callable[[str], None]
+    reserve: float = 0.0  # seconds kept back for the held-out check after the strategy
+    joint: list[Candidate] = field(default_factory=list)  # the joint strategy's candidates (not in the store)
 
     @property
     def deadline(self) -> float | None:
-        return self.started + self.config.time_limit if self.config.time_limit else None
+        if not self.config.time_limit:
+            return None
+        return self.started + max(0.0, self.config.time_limit - self.reserve)
 
 
 def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, *, out: str | Path | None = None,
@@ -119,7 +122,8 @@ def _evaluator(ctx: Context) -> Callable[[Genome], tuple[list[float], dict]]:
             macs, latency = calib.fractions(plan)
             return [0.0, 1.0], {"psnr": 0.0, "psnr_min": 0.0, "ssim": 0.0, "mac_fraction": macs,
                                 "latency_fraction": latency, "bops_fraction": 1.0, "error": str(exc)[:200]}
-        attrs = {"psnr": s.psnr, "psnr_min": s.psnr_min, "ssim": s.ssim, "mac_fraction": s.mac_fraction,
+        attrs = {"psnr": s.psnr, "psnr_p5": s.psnr_p5, "psnr_min": s.psnr_min, "ssim": s.ssim,
+                 "mac_fraction": s.mac_fraction,
                  "latency_fraction": s.latency_fraction, "seconds": round(s.seconds, 3)}
         if space.quant is not None:
             attrs["bops_fraction"] = space.bit_mac_fraction(genome, calib.unit_macs)
@@ -133,6 +137,12 @@ def _evaluator(ctx: Context) -> Callable[[Genome], tuple[list[float], dict]]:
 def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
     """Evaluate the strategy's candidates until done or the deadline; returns how many this run did."""
     config, space, calib, evaluate = ctx.config, ctx.space, ctx.calib, _evaluator(ctx)
+    if config.strategy == "joint":
+        joint = JointSearch(calib, ctx.budget.raised(config.effective_margin()), config.objective, ctx.deadline,
+                            ctx.log, quant=config.quant)
+        done = joint.run()
+        ctx.joint = joint.candidates
+        return done
     if config.strategy == "nsga2":
         return run_nsga(ctx.store, seeds, evaluate, config.trials, ctx.deadline, ctx.log)
     if config.strategy == "dp":
@@ -163,9 +173,13 @@ def _handmade(ctx: Context):
 def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> SearchResult:
     config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
     handmade, seeds = _handmade(ctx)
+    ctx.reserve = _heldout_reserve(ctx, heldout)
+    hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline)  # the seeds first, in time
     evaluated = _run_strategy(ctx, seeds)
-    points = [c for c in candidates_of(ctx.store, space) if c.mac_fraction < 1.0 - 1e-9 and "error" not in c.extra]
-    if not points:
+    searched = [c for c in [*candidates_of(ctx.store, space), *ctx.joint]
+                if c.mac_fraction < 1.0 - 1e-9 and "error" not in c.extra]
+    points = searched + hand  # a hand-made plan that beats every searched one is returned, and said so
+    if not searched:
         raise SearchError("the search evaluated no plan that saves work (time limit too short?); run it again "
                           "with more time: it continues where it stopped")
     front = pareto(points, budget, config.objective)
@@ -174,14 +188,18 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     chosen, met, shortfall = choose(points, safe, config.objective)
     if not met:  # nothing clears the margin: the cheapest plan meeting the budget itself, if any
         chosen, met, shortfall = choose(points, budget, config.objective)
-    hand = handmade_scores(ctx.store, calib, handmade, space)
     best_hand = choose(hand, budget, config.objective) if hand else None
+    if chosen.genome is None and chosen.plan is not None and chosen in hand:
+        ctx.log(f"the best hand-made plan ({chosen.source}) beats every searched plan under {budget.text}: "
+                "it is the plan returned")
     plan = _chosen_plan(ctx, chosen)
     if not met:
         ctx.log(f"no plan that saves work meets {budget.text} on the calibration set; the closest reaches "
                 f"{chosen.quality(budget):.4g}{budget.unit()} (short by {shortfall:.4g}{budget.unit()}) at "
                 f"{1 / chosen.mac_fraction:.2f}x fewer MACs")
     summary = _summary(ctx, name, chosen, met, shortfall, safe, front, evaluated)
+    summary["chosen_is_handmade"] = chosen in hand
+    summary["solver"] = plan.solver.label if plan.solver is not None else None
     if plan.feature_correction is not None:
         summary["calib_psnr_corrected"] = plan.params.get("calib_psnr_corrected")
     if best_hand is not None:
@@ -194,12 +212,26 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     return result
 
 
+def _heldout_reserve(ctx: Context, heldout: Calibrate | None) -> float:
+    """Seconds the held-out check will take (baseline and plan, ``pairs`` + 1 times), estimated from the
+    calibration run, so that the whole search ends near its time limit."""
+    if heldout is None or not ctx.config.time_limit:
+        return 0.0
+    calls = len(heldout) / max(1, len(ctx.calib.calibrate)) \
+        if hasattr(heldout, "calls") and hasattr(ctx.calib.calibrate, "calls") else 1.0
+    return ctx.calib.seconds * calls * (ctx.config.pairs + 1) * 2 * 0.75  # plans run faster than the baseline
+
+
 def _chosen_plan(ctx: Context, chosen: Candidate) -> Plan:
     config, calib = ctx.config, ctx.calib
-    plan = ctx.space.plan(chosen.genome, method=f"search-{config.strategy}", params={
-        "budget": ctx.budget.text, "objective": config.objective, "strategy": config.strategy, "seed": config.seed,
-        "calib_psnr": round(chosen.psnr, 3), "calib_ssim": round(chosen.ssim, 4),
-        "mac_fraction": round(chosen.mac_fraction, 4), "trial": chosen.trial, "source": chosen.source})
+    params = {"budget": ctx.budget.text, "objective": config.objective, "strategy": config.strategy,
+              "seed": config.seed, "calib_psnr": round(chosen.psnr, 3), "calib_ssim": round(chosen.ssim, 4),
+              "mac_fraction": round(chosen.mac_fraction, 4), "trial": chosen.trial, "source": chosen.source}
+    if chosen.plan is not None:  # a joint-strategy or hand-made candidate: its plan as scored
+        plan = chosen.plan.model_copy(update={"method": f"search-{config.strategy}",
+                                              "params": {**chosen.plan.params, **params}})
+    else:
+        plan = ctx.space.plan(chosen.genome, method=f"search-{config.strategy}", params=params)
     plan = plan.model_copy(update={"calibration": calib.info()})
     if not config.correct:
         return plan
@@ -220,7 +252,7 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
     config, space, calib, budget = ctx.config, ctx.space, ctx.calib, ctx.budget
     return {
         "model": name, "strategy": config.strategy, "objective": config.objective, "budget": budget.text,
-        "seed": config.seed, "margin": config.effective_margin(), "clears_margin": safe.met(chosen.quality(budget)),
+        "seed": config.seed, "margin": config.effective_margin(), "clears_margin": chosen.meets(safe),
         "num_steps": space.num_steps, "units": space.units, "met": met, "shortfall": shortfall,
         "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_min": chosen.psnr_min,
         "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction, "latency_fraction": chosen.latency_fraction,

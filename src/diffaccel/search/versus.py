@@ -9,7 +9,6 @@ and the hand-made PSNR at the searched plan's cost.
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,6 @@ import numpy as np
 from diffaccel.calibration.reference import checked_images, run_with_plan
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.plan import Plan
-
 
 LOG = logging.getLogger("diffaccel")
 

@@ -1,0 +1,123 @@
+"""The ``joint`` strategy: sampler x steps x start x caching (x quantization), searched together
+against the pipeline's own (e.g. 50-step DDIM) output.
+
+A grid would be large and mostly useless, so the search moves in phases, each cut by the deadline:
+
+1. **samplers**: every solver at increasing step counts (and informed starts), no caching, until a
+   count clears the budget with ``HEADROOM`` dB to spare (more steps would only buy quality that
+   caching can trade for speed);
+2. **caching**: for the cheapest sampler settings that clear the budget, one profile run each
+   (``CalibrationRun`` of that sampler) and the DP's key steps for several budgets of full steps
+   and every unit level: the quality headroom is spent on reuse;
+3. **quantization** (with a quant spec): the best plans again, quantized.
+
+Every candidate is an ordinary plan (solver section, schedule, quant section), scored on the
+calibration set against the pipeline's own output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from diffaccel.adapters import adapter_for
+from diffaccel.calibration.dp import optimal_keys, set_matrix
+from diffaccel.calibration.reference import CalibrationRun, identity_plan
+from diffaccel.errors import SearchError
+from diffaccel.methods.base import make_plan, rows_from
+from diffaccel.plan import Plan
+from diffaccel.search.candidates import Candidate
+from diffaccel.search.config import Budget
+from diffaccel.solvers.spec import SolverSpec
+
+HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
+KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22)
+CONFIGS_CACHED = 6  # sampler settings whose headroom phase 2 spends on caching
+
+
+@dataclass(frozen=True)
+class JointSpace:
+    solvers: tuple[str, ...] = ("ddim", "dpm++2", "dpm++3", "unipc", "evodiff")
+    steps: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25, 30)
+    starts: tuple[float, ...] = (1.0,)
+    key_fractions: tuple[float, ...] = KEY_FRACTIONS
+
+
+class JointSearch:
+    """Runs the phases; ``candidates`` collects every scored plan."""
+
+    def __init__(self, calib: CalibrationRun, budget: Budget, objective: str, deadline: float | None,
+                 log: Callable[[str], None], space: JointSpace | None = None, quant: object = None):
+        self.calib, self.budget, self.objective, self.deadline, self.log = calib, budget, objective, deadline, log
+        self.space = space or JointSpace()
+        self.quant = quant
+        self.candidates: list[Candidate] = []
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
+    def score(self, plan: Plan, source: str) -> Candidate | None:
+        if self.late():
+            return None
+        try:
+            s = self.calib.score(plan)
+        except SearchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a setting that breaks the pipeline is left out
+            self.log(f"  {source}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+            return None
+        candidate = Candidate(None, list(plan.schedule or []), s.psnr, s.psnr_min, s.ssim, s.mac_fraction,
+                              s.latency_fraction, source, len(self.candidates), {}, None, s.psnr_p5, plan)
+        self.candidates.append(candidate)
+        self.log(f"  {source}: {s.psnr:.2f} dB (p5 {s.psnr_p5:.2f}), {1 / s.mac_fraction:.2f}x MACs")
+        return candidate
+
+    def run(self) -> int:
+        configs = self.samplers()
+        for spec in configs[:CONFIGS_CACHED]:
+            self.cached(spec)
+        if self.quant is not None:
+            self.quantized()
+        return len(self.candidates)
+
+    def samplers(self) -> list[SolverSpec]:
+        """Phase 1; returns the sampler settings that clear the budget, cheapest first."""
+        model = self.calib.model
+        base = identity_plan(model)
+        clearing: list[tuple[float, SolverSpec]] = []
+        for name in self.space.solvers:
+            for start in self.space.starts:
+                for steps in self.space.steps:
+                    spec = SolverSpec(name=name, steps=steps, start=start)
+                    c = self.score(base.model_copy(update={"solver": spec, "method": "steps"}), spec.label)
+                    if c is None:
+                        continue
+                    if c.meets(self.budget):
+                        clearing.append((c.cost(self.objective), spec))
+                    if c.psnr >= self.budget.threshold + HEADROOM:
+                        break
+        return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
+
+    def cached(self, spec: SolverSpec) -> None:
+        """Phase 2 for one sampler setting: its profile, then DP key steps at several budgets."""
+        if self.late():
+            return
+        profile = CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
+        steps, model = profile.num_steps, profile.model
+        for level in adapter_for(model).levels(model)[1:]:
+            for fraction in self.space.key_fractions:
+                keys = max(2, round(fraction * steps))
+                if keys >= steps:
+                    continue
+                chosen, _ = optimal_keys(set_matrix(profile.dissimilarity, profile.units, level.reused), keys)
+                rows = rows_from(steps, profile.units, chosen, set(level.reused))
+                plan = make_plan(model, rows, "search-joint", {"keys": keys, "level": level.name, "key_steps": chosen},
+                                 solver=spec)
+                self.score(plan, f"{spec.label} + {level.name} keys {keys}")
+
+    def quantized(self) -> None:
+        """Phase 3: the cheapest plans that clear the budget, quantized."""
+        best = sorted((c for c in self.candidates if c.meets(self.budget)), key=lambda c: c.cost(self.objective))
+        for c in best[:6]:
+            self.score(c.plan.with_quant(self.quant), c.source + " + " + self.quant.label)
