@@ -15,8 +15,8 @@ from conftest import requires_weights, run_cli
 from diffaccel.adapters import adapter_by_name
 from diffaccel.bench import peers as peer_registry
 from diffaccel.bench import sweeps
-from diffaccel.bench.results import FORMAT_VERSION, load_results
 from diffaccel.bench.config import BenchConfig, BenchJob, check_config, items
+from diffaccel.bench.results import FORMAT_VERSION, load_results
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
 from diffaccel.methods.registry import METHODS
@@ -271,7 +271,7 @@ def test_default_sweeps_cover_every_method_peer_and_step_baseline():
             else:
                 assert name in sweep and len(sweep[name]) >= 4, name
         assert [s["steps"] for s in sweep["steps-ddim"]] == [10, 20, 30]
-        assert "steps-dpm" in sweep
+        assert {"steps-dpm", "steps-unipc", "steps-evodiff"} <= set(sweep)
         quick = sweeps.default_sweep(model, quick=True)
         assert set(quick) == set(sweep) and all(len(quick[n]) == 2 for n in ours + peers)
         groups = plan_groups(sweep)

@@ -7,10 +7,12 @@ from typing import Any
 
 from diffaccel.bench.peers import PEERS, Candidate, Context
 from diffaccel.bench.sweeps import STEP_KNOBS, STEP_NAMES
+from diffaccel.calibration.reference import identity_plan
 from diffaccel.calibration.workload import Workload
 from diffaccel.errors import BenchError
 from diffaccel.methods.registry import METHODS, build
 from diffaccel.runtime.executor import Executor
+from diffaccel.solvers.spec import SolverSpec
 
 
 def ours(ctx: Context, name: str, settings: dict) -> Candidate:
@@ -39,12 +41,23 @@ def ours(ctx: Context, name: str, settings: dict) -> Candidate:
 
 
 def fewer_steps(ctx: Context, name: str, settings: dict) -> Candidate:
+    """A plain sampler at fewer steps: an all-compute plan whose solver section sets it."""
     steps = int({**STEP_KNOBS, **settings}["steps"])
     if steps < 1:
         raise BenchError(f"steps must be >= 1, got {steps}")
-    pipe = ctx.fresh_pipe(sampler=STEP_NAMES[name])
-    return Candidate(lambda call: ctx.sample(pipe, call, steps=steps),
-                     notes=f"{STEP_NAMES[name]} at {steps} steps vs the {ctx.sampler} {ctx.steps}-step baseline")
+    pipe = ctx.fresh_pipe()
+    plan = identity_plan(ctx.denoiser(pipe)).model_copy(
+        update={"solver": SolverSpec(name=STEP_NAMES[name], steps=steps), "method": name})
+    executor = Executor(ctx.denoiser(pipe), plan)
+
+    def run(call):
+        executor.install(pipe.scheduler, pipe)
+        try:
+            return ctx.sample(pipe, call)
+        finally:
+            executor.remove()
+
+    return Candidate(run, notes=f"{STEP_NAMES[name]} at {steps} steps vs the {ctx.sampler} {ctx.steps}-step baseline")
 
 
 def open_candidate(family: str, name: str, settings: dict, ctx: Context) -> Candidate:

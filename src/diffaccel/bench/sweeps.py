@@ -89,7 +89,10 @@ PEER_SWEEPS: dict[str, dict[str, list[dict]]] = {
 }
 
 # Fewer-step baselines: the same sampler at fewer steps, and the other sampler (DPM-Solver++).
-STEP_NAMES = {"steps-ddim": "ddim", "steps-dpm": "dpm"}
+# the plain samplers at fewer steps, each run as a plan's solver section (any betas pipeline)
+STEP_NAMES = {"steps-ddim": "ddim", "steps-dpm": "dpm++2", "steps-unipc": "unipc", "steps-evodiff": "evodiff"}
+STEP_COUNTS = {"steps-ddim": (10, 20, 30), "steps-dpm": (8, 10, 15, 20), "steps-unipc": (6, 8, 10, 15),
+               "steps-evodiff": (8, 10, 15, 20)}
 STEP_KNOBS = {"steps": 20}
 
 
@@ -105,12 +108,12 @@ def family_of(name: str) -> str:
 
 
 def step_sweep(sampler: str, steps: int, quick: bool) -> dict[str, list[dict]]:
-    """The main sampler at 10, 20, 30 steps (those below ``steps``) and, under DDIM, DPM-Solver++."""
-    counts = [n for n in ((10, 20) if quick else (10, 20, 30)) if n < steps] or [max(1, steps // 2)]
-    sweep = {f"steps-{sampler}": [{"steps": n} for n in counts]}
-    if sampler == "ddim":
-        sweep["steps-dpm"] = [{"steps": n} for n in ((20,) if quick else (10, 20)) if n <= steps] or \
-            [{"steps": max(1, steps // 2)}]
+    """DDIM, DPM-Solver++, UniPC and EVODiff at step counts below the baseline's (the first thing a
+    user would try instead of an accelerator); ``--quick`` keeps two counts of each."""
+    sweep = {}
+    for name, counts in STEP_COUNTS.items():
+        kept = [n for n in counts if n < steps] or [max(1, steps // 2)]
+        sweep[name] = [{"steps": n} for n in (kept[::max(1, len(kept) - 1)] if quick else kept)]
     return sweep
 
 
