@@ -1,0 +1,291 @@
+"""Parallel sampling over torch.distributed (gloo, 2 CPU processes): CFG parallelism reproduces the
+single-process images (also under a caching plan, on the embedded and on stock diffusers pipelines);
+batch parallelism gives the same images and record; patch parallelism runs, is exact with every step
+synchronous and measurably stale otherwise; and the clear errors.
+
+The two-process work runs once (``torch.multiprocessing.spawn`` through ``diffaccel.parallel.spawn``)
+and each rank writes what it saw to a file; the tests below read and judge it. One test launches the
+command line through torchrun, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffaccel
+from conftest import requires_weights, run_cli
+from diffaccel import methods
+from diffaccel.eval.fidelity import psnr_per_image
+from diffaccel.generate import GenerateConfig, run_generate
+from diffaccel.parallel import ParallelError, cfg_parallel, check_agreement, current, patch_parallel, spawn
+from diffaccel.parallel.job import ParallelConfig, check_job
+from diffaccel.parallel.shard import assemble, shard
+from diffaccel.targets import load_target
+from diffaccel.zoo.weights import load_pipeline
+from stock_pipelines import build as build_case
+
+pytestmark = requires_weights
+STEPS = 8
+STOCK = ("sd-ddim-eta", "pixart-alpha", "dit", "user-pipeline")
+TIMING = {"seconds", "speedup_wall", "wall_pairs", "threads", "parallel"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def figures(record: dict) -> dict:
+    """A record without its timing fields (wall-clock seconds, speedups, thread count, the parallel setting)."""
+    out = {k: v for k, v in record.items() if k not in TIMING}
+    if "baseline" in out:
+        out["baseline"] = {k: v for k, v in out["baseline"].items() if k != "seconds"}
+    return out
+
+
+def same_figures(got: dict, want: dict, exact: bool) -> None:
+    """Equal records: integers, strings and structure exactly; floats exactly, or (``exact`` False:
+    images computed in another reduction order) to 1e-4 relative."""
+    assert type(got) is type(want) or {type(got), type(want)} <= {int, float}, (got, want)
+    if isinstance(want, dict):
+        assert set(got) == set(want), set(got) ^ set(want)
+        for key in want:
+            same_figures(got[key], want[key], exact)
+    elif isinstance(want, list):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            same_figures(a, b, exact)
+    elif isinstance(want, float) and not exact:
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    else:
+        assert got == want
+
+
+def embedded_run(pipe, labels=(0, 1, 2, 3), guidance=3.0, steps=STEPS) -> torch.Tensor:
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(len(labels))]
+    return pipe(list(labels), num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+
+
+def stock_run(name: str, pipe=None) -> torch.Tensor:
+    built, call = build_case(name)
+    pipe = pipe or built
+    return pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+def fora(pipe, steps=STEPS):
+    return methods.fora(pipe.denoiser, steps, interval=2)
+
+
+def small_job(parallel: ParallelConfig | None, out: Path) -> dict | None:
+    target = load_target("dit")
+    cfg = GenerateConfig(classes=["circle", "square", "triangle"], per_class=3, steps=STEPS, batch_size=4)
+    return run_generate(target, cfg, out, plan=fora(target.pipe), compare=True, progress=False, parallel=parallel)
+
+
+# -- what each rank does ----------------------------------------------------------------------------------
+def _attempt(results: dict, key: str, fn) -> None:
+    try:
+        results[key] = fn()
+    except ParallelError as exc:
+        results[key] = f"ParallelError: {exc}"
+    except Exception:  # recorded, so the test shows it
+        results[key] = f"failed: {traceback.format_exc()[-1500:]}"
+
+
+def _cfg_checks(results: dict) -> None:
+    for name in ("dit", "unet"):
+        pipe = load_pipeline(name)
+        _attempt(results, f"cfg-{name}", lambda p=pipe: _with_cfg(p, embedded_run))
+        with diffaccel.accelerate(pipe, fora(pipe)), cfg_parallel(pipe):  # plan first, split second
+            results[f"cfg-plan-{name}"] = embedded_run(pipe)
+        with cfg_parallel(pipe), diffaccel.accelerate(pipe, fora(pipe)) as run:  # and the other order
+            results[f"cfg-plan2-{name}"] = embedded_run(pipe)
+        results[f"cfg-plan-macs-{name}"] = run.stats.macs
+    for name in STOCK:
+        pipe, _ = build_case(name)
+        _attempt(results, f"cfg-stock-{name}", lambda p=pipe, n=name: _with_cfg(p, lambda q: stock_run(n, q)))
+
+
+def _with_cfg(pipe, fn):
+    with cfg_parallel(pipe):
+        return fn(pipe)
+
+
+def _patch_checks(results: dict) -> None:
+    pipe = load_pipeline("dit")
+    for warmup in (STEPS, 1):
+        with patch_parallel(pipe, warmup_steps=warmup):
+            results[f"patch-dit-{warmup}"] = embedded_run(pipe)
+    with diffaccel.accelerate(pipe, fora(pipe)), patch_parallel(pipe, warmup_steps=2):
+        results["patch-plan-dit"] = embedded_run(pipe)
+    for name in ("pixart-alpha", "dit"):
+        stock, _ = build_case(name)
+        for warmup in (100, 1):
+            _attempt(results, f"patch-stock-{name}-{warmup}",
+                     lambda p=stock, n=name, w=warmup: _with_patch(p, w, lambda q: stock_run(n, q)))
+
+
+def _with_patch(pipe, warmup, fn):
+    with patch_parallel(pipe, warmup_steps=warmup):
+        return fn(pipe)
+
+
+def _error_checks(results: dict, rank: int) -> None:
+    unet, dit = load_pipeline("unet"), load_pipeline("dit")
+    _attempt(results, "err-patch-unet", lambda: _with_patch(unet, 1, embedded_run))
+    rule = methods.first_block_cache(dit.denoiser, threshold=0.1)
+    _attempt(results, "err-patch-rule", lambda: check_job(ParallelConfig("patch"), current(), dit.denoiser, rule))
+    _attempt(results, "err-no-mode", lambda: check_job(None, current(), dit.denoiser, None))
+    _attempt(results, "err-one-row", lambda: _with_cfg(dit, lambda p: embedded_run(p, labels=(1,), guidance=1.0)))
+    plan = methods.fora(dit.denoiser, STEPS, interval=2 + rank)  # rank 1 holds another plan
+    _attempt(results, "err-plan", lambda: check_agreement(current(), dit.denoiser, plan))
+    if rank == 1:
+        with torch.no_grad():
+            dit.denoiser.proj_out_2.bias.add_(1e-3)  # rank 1 holds other weights
+    _attempt(results, "err-weights", lambda: check_agreement(current(), dit.denoiser, fora(dit)))
+
+
+def _batch_checks(results: dict, out: Path) -> None:
+    pipe = load_pipeline("dit")
+    calls = list(pipe.workload_calls(STEPS, per_class=3, classes=[0, 1, 2], batch_size=4, calibration=False).calls)
+    pieces = shard(calls, current())
+    images = [pipe(**p.call.kwargs, generator=p.call.generators()).images for p in pieces]
+    merged = assemble(pieces, images, current(), len(calls))
+    results["batch-pieces"] = [(p.index, p.start, p.stop) for p in pieces]
+    if merged is not None:
+        results["batch-images"] = torch.cat(merged)
+    for mode in ("batch", "cfg"):
+        _attempt(results, f"job-{mode}", lambda m=mode: small_job(ParallelConfig(m), out / m))
+
+
+def worker(rank: int, out: str) -> None:
+    results: dict = {}
+    try:
+        _cfg_checks(results)
+        _patch_checks(results)
+        _error_checks(results, rank)
+        _batch_checks(results, Path(out))
+    finally:
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+# -- the tests ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    os.environ.setdefault("DIFFACCEL_DIST_TIMEOUT", "120")  # a hung exchange fails the test, not the suite
+    spawn(worker, 2, (str(out),))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
+
+
+def close_enough(out, ref) -> tuple[bool, float]:
+    """Bitwise equal, or at least 60 dB PSNR (for kernels that reduce a half batch in another order)."""
+    assert isinstance(out, torch.Tensor), out
+    psnr = float(psnr_per_image(out.clamp(0, 1), ref.clamp(0, 1)).min())
+    return torch.equal(out, ref) or psnr >= 60, psnr
+
+
+@pytest.mark.parametrize("name", ["dit", "unet"])
+def test_cfg_parallel_equals_the_single_process_output(ranks, name):
+    results, _ = ranks
+    pipe = load_pipeline(name)
+    reference = embedded_run(pipe)
+    with diffaccel.accelerate(pipe, fora(pipe)) as run:
+        planned = embedded_run(pipe)
+    for rank in (0, 1):  # every rank holds the whole output
+        assert close_enough(results[rank][f"cfg-{name}"], reference)[0]
+        assert close_enough(results[rank][f"cfg-plan-{name}"], planned)[0]
+        assert close_enough(results[rank][f"cfg-plan2-{name}"], planned)[0]
+    assert not torch.equal(planned, reference)  # the plan did change the images
+    # each rank's executor counted its half of the work
+    assert results[0][f"cfg-plan-macs-{name}"] + results[1][f"cfg-plan-macs-{name}"] == run.stats.macs
+
+
+@pytest.mark.parametrize("name", STOCK)
+def test_cfg_parallel_on_stock_pipelines(ranks, name):
+    results, _ = ranks
+    ok, psnr = close_enough(results[0][f"cfg-stock-{name}"], stock_run(name))
+    assert ok, f"{name}: {psnr:.1f} dB"
+
+
+def test_patch_parallel_runs_exact_when_synchronous_and_stale_otherwise(ranks, record_property):
+    results, _ = ranks
+    pipe = load_pipeline("dit")
+    reference = embedded_run(pipe)
+    exact_ok, exact = close_enough(results[0][f"patch-dit-{STEPS}"], reference)
+    stale = results[0]["patch-dit-1"]
+    stale_psnr = float(psnr_per_image(stale, reference).mean())
+    record_property("patch_psnr_warmup_all", exact)
+    record_property("patch_psnr_warmup_1", stale_psnr)
+    print(f"patch parallel vs single process, {STEPS} steps: every step synchronous {exact:.1f} dB, "
+          f"warm-up 1 (stale keys/values) {stale_psnr:.1f} dB")
+    assert exact_ok  # with every step synchronous the bands see exactly what one process sees
+    assert torch.isfinite(stale).all() and stale.shape == reference.shape
+    assert not torch.equal(stale, reference)  # stale activations really were used
+    assert torch.equal(results[0]["patch-dit-1"], results[1]["patch-dit-1"])  # ranks agree on the output
+    assert torch.isfinite(results[0]["patch-plan-dit"]).all()
+    for name in ("pixart-alpha", "dit"):
+        exact_ok, psnr = close_enough(results[0][f"patch-stock-{name}-100"], stock_run(name))
+        assert exact_ok, f"{name}: {psnr:.1f} dB"
+        assert torch.isfinite(results[0][f"patch-stock-{name}-1"]).all()
+
+
+def test_clear_errors(ranks):
+    results, _ = ranks
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["err-patch-unet"].startswith("ParallelError") and "U-Net" in r["err-patch-unet"]
+        assert r["err-patch-rule"].startswith("ParallelError") and "static plan" in r["err-patch-rule"]
+        assert r["err-no-mode"].startswith("ParallelError") and "--parallel" in r["err-no-mode"]
+        assert r["err-one-row"].startswith("ParallelError") and "cannot be split" in r["err-one-row"]
+        assert r["err-plan"].startswith("ParallelError") and "rank 1 disagrees" in r["err-plan"] \
+            and "plan" in r["err-plan"]
+        assert r["err-weights"].startswith("ParallelError") and "weights" in r["err-weights"]
+
+
+def test_batch_parallel_gives_the_same_images_and_record(ranks, tmp_path):
+    results, out = ranks
+    pipe = load_pipeline("dit")
+    calls = pipe.workload_calls(STEPS, per_class=3, classes=[0, 1, 2], batch_size=4, calibration=False)
+    reference = torch.cat([pipe(**c.kwargs, generator=c.generators()).images for c in calls.calls])
+    assert torch.equal(results[0]["batch-images"], reference)
+    assert "batch-images" not in results[1]  # only rank 0 holds the gathered images
+    assert results[0]["batch-pieces"] and results[1]["batch-pieces"]  # both ranks had work
+    single = small_job(None, tmp_path / "single")
+    for mode in ("batch", "cfg"):
+        record = results[0][f"job-{mode}"]
+        assert isinstance(record, dict), record
+        assert results[1][f"job-{mode}"] is None  # rank 0 reports
+        assert record["parallel"] == {"mode": mode, "world_size": 2}
+        # batch keeps every call's rows together (bitwise); cfg halves a call of one image into rows of one,
+        # which this CPU's kernels reduce in another order (differences at the last float bits)
+        same_figures(figures(record), figures(single), exact=mode == "batch")
+        assert record["psnr"] < 100 and record["work"]["reused"] > 0  # the figures are a plan's, not trivial
+    assert (out / "batch" / "grid.png").read_bytes() == (tmp_path / "single" / "grid.png").read_bytes()
+
+
+def test_torchrun_command_line(monkeypatch, capsys, tmp_path):
+    """``torchrun --nproc-per-node 2 -m diffaccel generate --parallel cfg``: the same record as one
+    process; a mode that cannot apply is a rank-tagged one-line error."""
+    args = ["generate", "--model", "dit", "--classes", "circle,square", "--per-class", "2", "--steps", "6",
+            "--method", "fora", "--interval", "2", "--compare"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "one")
+    assert code == 0, err
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DIFFACCEL_DIST_TIMEOUT": "120"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "diffaccel"]
+    proc = subprocess.run([*launch, *args, "--parallel", "cfg", "--out", str(tmp_path / "two")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("speedup") == 1  # one summary, from rank 0
+    one, two = (json.loads((tmp_path / d / "record.json").read_text()) for d in ("one", "two"))
+    same_figures(figures(two), figures(one), exact=False)
+    bad = subprocess.run([*launch, "generate", "--model", "unet", "--classes", "circle", "--per-class", "2",
+                          "--steps", "2", "--parallel", "patch", "--out", str(tmp_path / "bad")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("error: [rank")]
+    assert {line[:16] for line in lines} == {"error: [rank 0/2", "error: [rank 1/2"}, bad.stderr[-2000:]
+    assert all("U-Net" in line for line in lines)
