@@ -4,6 +4,7 @@ the informed (truncated) start."""
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -51,7 +52,8 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
     cls, extra = CLASSES[spec.name]
     if spec.spacing is not None:
         extra = {**extra, "timestep_spacing": spec.spacing}
-    scheduler = cls.from_config(config, **extra)
+    known = inspect.signature(cls.__init__).parameters  # the pipeline's scheduler may carry other keys
+    scheduler = cls.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")}, **extra)
     if spec.start < 1:
         if spec.name == "euler":
             raise PlanError("an informed start needs a variance-preserving sampler (ddim, dpm++, unipc, evodiff), "
