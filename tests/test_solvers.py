@@ -103,3 +103,21 @@ def test_joint_search_picks_sampler_and_caching_together_and_keeps_its_time(pipe
     with diffaccel.accelerate(pipe, Plan.load(tmp_path / "plan.json")) as run:
         assert torch.isfinite(call(pipe, steps=10)).all()
     assert run.stats.full_macs > 0
+
+
+def test_bottleneck_sampling_runs_the_middle_steps_smaller_on_a_dit_and_is_refused_on_a_unet(pipes):
+    dit, unet = pipes
+    spec = SolverSpec(name="ddim", steps=6, bottleneck=(2, 2, 2))
+    with diffaccel.accelerate(dit, with_solver(dit, **spec.model_dump())) as run:
+        out = call(dit)
+    plain = identity_plan(dit.denoiser).model_copy(update={"solver": SolverSpec(name="ddim", steps=6)})
+    with diffaccel.accelerate(dit, plain) as full:
+        call(dit)
+    assert out.shape == call(dit).shape and torch.isfinite(out).all()
+    assert run.stats.macs < 0.75 * full.stats.macs and run.stats.steps == 6
+    with pytest.raises(PlanError, match="bottleneck"):
+        with diffaccel.accelerate(unet, with_solver(unet, **spec.model_dump())):
+            call(unet)
+    assert untouched(unet.denoiser) and untouched(dit.denoiser)
+    with pytest.raises(ValueError, match="sum to"):
+        SolverSpec(name="ddim", steps=6, bottleneck=(2, 2, 3))

@@ -55,7 +55,8 @@ class Adapter:
     granularities: tuple[str, ...] = ("block",)
     # what the architecture offers methods: "residual-chain" (units are residual blocks in a chain:
     # the dynamic rule), "skip-branches" (a U-Net's skip structure: DeepCache, encoder propagation),
-    # "parallel-decode" (decoder-only steps can run batched)
+    # "parallel-decode" (decoder-only steps can run batched), "any-resolution" (the model runs at
+    # other latent sizes mid-run: bottleneck sampling)
     capabilities: frozenset[str] = frozenset()
     channel_axis: int = -1  # channel axis of cached unit outputs (per-channel corrections)
     sample_arg: str = "hidden_states"
@@ -106,7 +107,7 @@ class TransformerAdapter(Adapter):
     """Transformers are chains of residual blocks: block units, or component units per block."""
 
     granularities: tuple[str, ...] = ("block", "component")
-    capabilities: frozenset[str] = frozenset({"residual-chain"})
+    capabilities: frozenset[str] = frozenset({"residual-chain", "any-resolution"})
     block_lists: tuple[BlockList, ...] = ()
 
     def levels(self, model: torch.nn.Module, granularity: str = "block") -> list[Level]:

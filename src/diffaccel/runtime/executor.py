@@ -127,6 +127,9 @@ class Executor:
                 if pipe is None or not hasattr(pipe, "scheduler"):
                     raise PlanError("this plan sets the sampler (its solver section): pass the pipeline, "
                                     "not the model")
+                if self.plan.solver.bottleneck and "any-resolution" not in self.adapter.capabilities:
+                    raise PlanError(f"bottleneck sampling changes the latent size mid-run; the {self.adapter.name} "
+                                    "adapter's model does not support it (DiT and PixArt transformers do)")
                 scheduler = solver_scheduler(self.plan.solver, pipe.scheduler)
                 self._patch(pipe, "scheduler", scheduler)
             if scheduler is None and any(f.needs_scheduler for f in self.features):
@@ -235,8 +238,9 @@ class Executor:
         self._shape, self._batch = shape[1:], shape[0]
         batch = self._batch
         measure = self._shape not in self.unit_macs
-        if measure and state.step != 0:
-            raise PlanError("the first forward of a new input shape must compute every unit")
+        if state.shape is not None and state.shape != self._shape:
+            state.forget()  # the resolution changed mid-run (bottleneck sampling): nothing cached fits
+        state.shape = self._shape
         for feature in self._hooks["before_forward"]:
             feature.before_forward(state)
         self._current = state

@@ -50,6 +50,12 @@ class BranchState:
     run_sums: dict[tuple[int, int], UnitCache] = field(default_factory=dict)
     features: dict[int, Any] = field(default_factory=dict)  # each feature's own per-branch state, by id
     finite: list[tuple[int, Any]] = field(default_factory=list)  # (unit, isfinite flag) of this forward
+    shape: tuple | None = None  # per-sample input shape the caches were filled at
+
+    def forget(self) -> None:
+        """Drop every cached value (each unit computes again at its next call)."""
+        self.caches = defaultdict(UnitCache)
+        self.run_sums = {}
 
     def of(self, feature: object, make: Callable[[], Any]) -> Any:
         """The per-branch state of ``feature`` (made by ``make()`` on first use)."""

@@ -8,6 +8,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -54,6 +55,8 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
         extra = {**extra, "timestep_spacing": spec.spacing}
     known = inspect.signature(cls.__init__).parameters  # the pipeline's scheduler may carry other keys
     scheduler = cls.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")}, **extra)
+    if spec.bottleneck is not None:
+        return Bottleneck(scheduler, spec)
     if spec.start < 1:
         if spec.name == "euler":
             raise PlanError("an informed start needs a variance-preserving sampler (ddim, dpm++, unipc, evodiff), "
@@ -105,4 +108,47 @@ class InformedStart:
         x0 = _data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
         target = float(bars[self._target])
         prev = target ** 0.5 * x0 + (1 - target) ** 0.5 * sample  # the run's own noise, as the first latent
+        return SchedulerOutput(prev_sample=prev) if kwargs.get("return_dict", True) else (prev,)
+
+
+class Bottleneck:
+    """Bottleneck sampling (high-low-high resolution) on DDIM: the first stage at full resolution,
+    the middle stage at 1/scale of it, the last at full resolution again. At each transition the
+    clean-sample estimate is resized (area down, bilinear up) and noised again to the next
+    timestep, with the run's own initial noise resized alike (times ``scale`` going down, which
+    keeps its variance); DDIM is stateless, so nothing else has to follow the resize."""
+
+    def __init__(self, inner: Any, spec: SolverSpec) -> None:
+        self.inner, self.spec = inner, spec
+        self.timesteps = inner.timesteps
+        self._index, self._noise = 0, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
+        self.inner.set_timesteps(self.spec.steps, device=device)
+        self.timesteps = self.inner.timesteps
+        self._index, self._noise = 0, None
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
+             **kwargs: Any) -> Any:
+        i, self._index = self._index, self._index + 1
+        if self._noise is None:
+            self._noise = sample.clone()
+        first, low, _ = self.spec.bottleneck
+        if i not in (first - 1, first + low - 1):
+            return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        bars = self.inner.alphas_cumprod
+        x0 = _data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
+        full = self._noise.shape[-2:]
+        if i == first - 1:  # down
+            size = (full[0] // self.spec.scale, full[1] // self.spec.scale)
+            x0 = F.interpolate(x0, size=size, mode="area")
+            noise = F.interpolate(self._noise, size=size, mode="area") * self.spec.scale
+        else:  # up
+            x0 = F.interpolate(x0, size=full, mode="bilinear", align_corners=False)
+            noise = self._noise
+        target = float(bars[int(self.timesteps[i + 1])])
+        prev = target ** 0.5 * x0 + (1 - target) ** 0.5 * noise
         return SchedulerOutput(prev_sample=prev) if kwargs.get("return_dict", True) else (prev,)

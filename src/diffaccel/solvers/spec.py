@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SOLVERS = ("ddim", "euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
 Spacing = Literal["trailing", "leading", "linspace"]
@@ -25,6 +25,20 @@ class SolverSpec(BaseModel):
     steps: int = Field(20, ge=1, le=1000, description="solver steps (num_inference_steps)")
     spacing: Spacing | None = Field(None, description="timestep spacing (default: the pipeline's)")
     start: float = Field(1.0, gt=0, le=1, description="fraction of the trajectory run (1: from pure noise)")
+    bottleneck: tuple[int, int, int] | None = Field(
+        None, description="bottleneck sampling: steps at full, then reduced, then full resolution (sum = steps)")
+    scale: int = Field(2, ge=2, le=4, description="bottleneck sampling: the reduced resolution is 1/scale")
+
+    @model_validator(mode="after")
+    def _check(self) -> SolverSpec:
+        if self.bottleneck is not None:
+            if sum(self.bottleneck) != self.steps or min(self.bottleneck) < 1:
+                raise ValueError(f"bottleneck stages {list(self.bottleneck)} must be >= 1 steps each and sum to "
+                                 f"the {self.steps} steps")
+            if self.name != "ddim" or self.start < 1:
+                raise ValueError("bottleneck sampling runs with the ddim solver from the first step (its "
+                                 "stages restart the trajectory at each resolution)")
+        return self
 
     @property
     def evaluations(self) -> int:
@@ -36,4 +50,7 @@ class SolverSpec(BaseModel):
         text = f"{self.name} {self.steps}"
         if self.spacing:
             text += f" {self.spacing}"
-        return text + (f" from {self.start:g}" if self.start < 1 else "")
+        text += f" from {self.start:g}" if self.start < 1 else ""
+        if self.bottleneck:
+            text += f" bottleneck {'/'.join(map(str, self.bottleneck))} at 1/{self.scale}"
+        return text
