@@ -88,6 +88,7 @@ class JointSearch:
         clearing: list[tuple[float, SolverSpec]] = []
         for name in self.space.solvers:
             for start in self.space.starts:
+                previous = None
                 for steps in self.space.steps:
                     spec = SolverSpec(name=name, steps=steps, start=start)
                     c = self.score(base.model_copy(update={"solver": spec, "method": "steps"}), spec.label)
@@ -95,8 +96,9 @@ class JointSearch:
                         continue
                     if c.meets(self.budget):
                         clearing.append((c.cost(self.objective), spec))
-                    if c.psnr >= self.budget.threshold + HEADROOM:
-                        break
+                    if c.psnr >= self.budget.threshold + HEADROOM or (previous is not None and c.psnr < previous):
+                        break  # enough headroom, or more steps stopped helping (the sampler saturates)
+                    previous = c.psnr
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
 
     def cached(self, spec: SolverSpec) -> None:
@@ -106,15 +108,19 @@ class JointSearch:
         profile = CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
         steps, model = profile.num_steps, profile.model
         for level in adapter_for(model).levels(model)[1:]:
-            for fraction in self.space.key_fractions:
+            tried: set[int] = set()
+            for fraction in self.space.key_fractions:  # fewer and fewer full steps, until quality breaks
                 keys = max(2, round(fraction * steps))
-                if keys >= steps:
+                if keys >= steps or keys in tried:
                     continue
+                tried.add(keys)
                 chosen, _ = optimal_keys(set_matrix(profile.dissimilarity, profile.units, level.reused), keys)
                 rows = rows_from(steps, profile.units, chosen, set(level.reused))
                 plan = make_plan(model, rows, "search-joint", {"keys": keys, "level": level.name, "key_steps": chosen},
                                  solver=spec)
-                self.score(plan, f"{spec.label} + {level.name} keys {keys}")
+                c = self.score(plan, f"{spec.label} + {level.name} keys {keys}")
+                if c is None or c.psnr < self.budget.threshold - 2:
+                    break
 
     def quantized(self) -> None:
         """Phase 3: the cheapest plans that clear the budget, quantized."""
