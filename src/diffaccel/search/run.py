@@ -254,7 +254,8 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
         "model": name, "strategy": config.strategy, "objective": config.objective, "budget": budget.text,
         "seed": config.seed, "margin": config.effective_margin(), "clears_margin": chosen.meets(safe),
         "num_steps": space.num_steps, "units": space.units, "met": met, "shortfall": shortfall,
-        "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_min": chosen.psnr_min,
+        "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_p5": chosen.psnr_p5,
+        "calib_psnr_min": chosen.psnr_min,
         "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction, "latency_fraction": chosen.latency_fraction,
         "calib_speedup_macs": 1 / chosen.mac_fraction, "source": chosen.source, "trial": chosen.trial,
         "bops_fraction": chosen.bops_fraction, "feature_correction": config.correct, "calib_psnr_corrected": None,
@@ -283,7 +284,8 @@ def _heldout(ctx: Context, summary: dict, plan: Plan, heldout: Calibrate | None,
         return
     ctx.log("held-out check: the chosen plan against the unaccelerated pipeline")
     measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs)
-    summary.update(heldout_psnr=measured["psnr"], heldout_psnr_min=measured["psnr_min"],
+    summary.update(heldout_psnr=measured["psnr"], heldout_psnr_p5=measured["psnr_p5"],
+                   heldout_psnr_min=measured["psnr_min"],
                    heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
                    speedup_wall=measured["speedup_wall"], heldout_images=measured["images"],
                    heldout_pairs=measured["pairs"])
