@@ -8,23 +8,29 @@
   storage (an exclusive ``flock`` on ``<db>.lock`` next to a SQLite file) marks trials left
   RUNNING as failed and enqueues their parameters again, so they are re-evaluated first.
 * Trials record heartbeats; with a database server (``--storage postgresql://...``), trials of a
-  worker that died are failed and re-enqueued by the surviving workers once their heartbeat is
-  older than the grace period.
+  worker that died are failed and re-enqueued by the surviving workers (or a restarted one) once
+  their heartbeat is older than the grace period (``DIFFACCEL_HEARTBEAT_S``, ``DIFFACCEL_GRACE_S``
+  seconds: 20 and 90 unless set).
 * A candidate whose schedule was already evaluated completes with the stored values, without
-  running again.
+  running again; one that another worker is evaluating right now (workers that enqueue the same
+  seed plan at once) waits for that trial and takes its values, so no schedule is evaluated twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import inspect
+import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from diffaccel.errors import StorageMismatchError
@@ -33,6 +39,26 @@ from diffaccel.search.space import Genome, Space
 
 HEARTBEAT_S = 20
 GRACE_S = 90
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """Heartbeat interval and grace period in seconds (environment overrides, for quick tests or long trials)."""
+    beat = int(os.environ.get("DIFFACCEL_HEARTBEAT_S", HEARTBEAT_S))
+    return beat, max(int(os.environ.get("DIFFACCEL_GRACE_S", GRACE_S)), beat + 1)
+
+
+def database_url(url: str) -> str:
+    """``url`` with a PostgreSQL driver SQLAlchemy can load: a bare ``postgresql://`` means psycopg 3
+    to SQLAlchemy 2.1, while the ``distributed`` extra installs psycopg2 (``psycopg2-binary``)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        return url
+    if importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    if importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    raise StorageMismatchError(f"--storage {scheme}://... needs a PostgreSQL driver: pip install psycopg2-binary "
+                               "(or: pip install 'diffaccel[distributed]')")
 
 
 def study_key(space: Space, calibration: str) -> dict:
@@ -54,6 +80,19 @@ def _requeue(study: optuna.Study, trial: FrozenTrial, names: list[str]) -> None:
                             user_attrs={"retry_of": trial.number})
 
 
+def _retrying(fn: Callable[[], object], attempts: int = 6) -> object:
+    """``fn()``, again after a short pause when the database refuses it: workers started together race
+    to create optuna's tables (PostgreSQL: a duplicate ``CREATE TYPE``) and the study's attributes."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except sqlalchemy.exc.DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + 0.1 * (os.getpid() % 5))
+    return None
+
+
 class Store:
     def __init__(self, storage: str | None, study_name: str, space: Space, fp: dict,
                  sampler: optuna.samplers.BaseSampler | None = None, check_all_studies: bool = False):
@@ -69,18 +108,24 @@ class Store:
             params = inspect.signature(optuna.storages.RDBStorage).parameters
             callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
                 else "failed_trial_callback"  # optuna < 4.9
-            self.storage = optuna.storages.RDBStorage(
-                storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                **{callback: lambda study, trial: _requeue(study, trial, self.names)})
+            self.heartbeat, grace = heartbeat_settings()
+            self.storage = _retrying(lambda: optuna.storages.RDBStorage(
+                database_url(storage), heartbeat_interval=self.heartbeat, grace_period=grace,
+                **{callback: lambda study, trial: _requeue(study, trial, self.names)}))
             self._check_others(fp, study_name, check_all_studies)
-        self.study = optuna.create_study(study_name=study_name, storage=self.storage, sampler=sampler,
-                                         directions=["maximize", "minimize"], load_if_exists=True)
+        self.study = _retrying(lambda: optuna.create_study(
+            study_name=study_name, storage=self.storage, sampler=sampler, directions=["maximize", "minimize"],
+            load_if_exists=True))
+        _retrying(lambda: self._claim(fp))
+        self._recover()
+
+    def _claim(self, fp: dict) -> None:
+        """Record the model's fingerprint on a new study, or refuse a study of another model."""
         stored = self.study.user_attrs.get("fingerprint")
         if stored is None:
             self.study.set_user_attr("fingerprint", fp)
         elif stored != fp:
             raise StorageMismatchError(self._mismatch(stored, fp))
-        self._recover()
 
     def _mismatch(self, stored: dict, fp: dict) -> str:
         where = self.url or "the storage"
@@ -171,9 +216,9 @@ class Store:
         self.fail_stale()
         trial = self.study.ask(self.space.distributions())
         genome = self.space.from_params(trial.params)
-        with _heartbeat(self.storage, trial._trial_id, self.url is not None):
-            done = self.genomes().get(genome)
-            if done is not None and done.number != trial.number:
+        with _heartbeat(self.storage, trial._trial_id, self.url is not None, getattr(self, "heartbeat", HEARTBEAT_S)):
+            done = self._evaluated_before(genome, trial.number)
+            if done is not None:
                 values, attrs = list(done.values), {**done.user_attrs, "duplicate_of": done.number}
             else:
                 values, attrs = evaluate(genome)
@@ -185,8 +230,23 @@ class Store:
         return self.study._storage.get_trial(trial._trial_id)
 
 
+    def _evaluated_before(self, genome: Genome, number: int, poll_s: float = 0.2) -> FrozenTrial | None:
+        """The completed trial of ``genome`` other than ``number``; while an earlier trial of it is still
+        running (another worker), wait for it. None when ``genome`` is this trial's to evaluate (also
+        when the earlier one failed: its worker died)."""
+        while True:
+            done = self.genomes().get(genome)
+            if done is not None and done.number != number:
+                return done
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not any(t.number < number and self.space.from_params(t.params) == genome for t in running):
+                return None  # only earlier trials are waited for: two workers never wait for each other
+            time.sleep(poll_s)
+            self.fail_stale()
+
+
 @contextlib.contextmanager
-def _heartbeat(storage, trial_id: int, enabled: bool):
+def _heartbeat(storage, trial_id: int, enabled: bool, interval: float = HEARTBEAT_S):
     if not enabled:
         yield
         return
@@ -198,7 +258,7 @@ def _heartbeat(storage, trial_id: int, enabled: bool):
                 storage.record_heartbeat(trial_id)
             except Exception:  # a transient database error must not kill the search
                 pass
-            if stop.wait(HEARTBEAT_S):
+            if stop.wait(interval):
                 return
 
     thread = threading.Thread(target=beat, daemon=True)
