@@ -132,3 +132,15 @@ def test_sd_peers_in_their_natural_form_on_a_stock_pipeline(sd_folder, tmp_path)
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["deepcache-sdhelper"]["speedup_macs"] > 1.1 and rows["tgate"]["speedup_macs"] > 1.1
     assert all(0 < r["psnr"] < 100 and r["accuracy"] is None for r in rows.values())
+
+
+def test_embedded_set_up_on_other_weights_is_refused_not_run(monkeypatch, capsys, tmp_path):
+    """A DiT of ten classes loaded with --weights: the shapes evaluator reads six, so scoring it would
+    be meaningless; the command says to run it as a pipeline folder instead."""
+    from diffaccel.zoo.models import build_dit
+
+    torch.manual_seed(0)
+    build_dit(num_embeds_ada_norm=10, num_layers=2).save_pretrained(tmp_path / "weights" / "transformer")
+    line = one_line_error(monkeypatch, capsys, "generate", "--model", "dit", "--weights", tmp_path / "weights",
+                          "--per-class", "1", "--steps", "2", "--out", tmp_path / "out")
+    assert "10 classes" in line and "--pipeline" in line and not (tmp_path / "out" / "record.json").exists()
