@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffaccel.plan import Plan
@@ -19,5 +19,6 @@ class SearchResult:
     handmade: list[Candidate]
     summary: dict
     out: Path | None
+    points: list[Candidate] = field(default_factory=list)  # every scored candidate, hand-made ones too
 
 

@@ -205,7 +205,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     if best_hand is not None:
         summary["best_handmade"] = _handmade_summary(best_hand)
     _heldout(ctx, summary, plan, heldout, best_hand, handmade)
-    result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, ctx.out)
+    result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, ctx.out, points)
     if ctx.out is not None:
         write_outputs(result, budget, config.objective)
         ctx.log(f"wrote {ctx.out / 'plan.json'}, front.json, front.png and summary.json")

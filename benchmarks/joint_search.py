@@ -1,0 +1,93 @@
+"""The joint search (sampler x steps x caching) on an embedded model, against the alternatives a
+user would try, measured on held-out seeds in one process.
+
+    python benchmarks/joint_search.py --model dit [--time 15m] [--threads 1]
+
+1. ``diffaccel search --strategy joint`` on the calibration seeds (budget ``psnr>=30`` by default);
+2. on held-out seeds, interleaved with the unaccelerated 50-step DDIM pipeline (``--pairs``
+   repeats): the searched plan, the cheapest plain sampler whose calibration PSNR cleared the
+   budget (the search's own phase-1 rows), and the best hand-made caching plan; each with MAC and
+   wall-clock speedup, PSNR (mean, 5th percentile), SSIM, evaluator accuracy and Fréchet distance.
+
+Results go to ``benchmarks/results/joint_search_<model>.json`` with the commands that reproduce them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from diffaccel.calibration.reference import checked_images, run_with_plan
+from diffaccel.eval.io import write_json
+from diffaccel.search import compare, parse_budget, parse_duration, search
+from diffaccel.search.candidates import choose
+from diffaccel.targets import load_target
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scores(target, plan, heldout, reference, labels) -> dict:
+    images = checked_images(run_with_plan(target.pipe, heldout, plan)[0], "held-out")
+    out = target.evaluator.score(images, labels) if target.evaluator is not None else {}
+    ref = target.evaluator.score(reference, labels) if target.evaluator is not None else {}
+    return {"accuracy": out.get("accuracy"), "fd": out.get("fd"), "baseline_accuracy": ref.get("accuracy"),
+            "baseline_fd": ref.get("fd")}
+
+
+def measure(target, name: str, plan, heldout, reference, labels, pairs: int) -> dict:
+    started = time.time()
+    row = {"name": name, "plan": plan.method, "solver": plan.solver.label if plan.solver else None,
+           **compare(target.pipe, heldout, plan, pairs), **scores(target, plan, heldout, reference, labels)}
+    print(f"{name}: {row['speedup_wall']:.2f}x wall, {row['speedup_macs']:.2f}x MACs, {row['psnr']:.2f} dB "
+          f"(p5 {row['psnr_p5']:.2f}) ({time.time() - started:.0f} s)", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dit")
+    parser.add_argument("--budget", default="psnr>=30")
+    parser.add_argument("--time", default="15m")
+    parser.add_argument("--heldout-per-class", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    target = load_target(args.model)
+    calibrate = target.workload(50, 3.0, 2, 0)
+    heldout = target.workload(50, 3.0, args.heldout_per_class, 0, calibration=False)
+    out = ROOT / "out" / "joint-search" / args.model
+    started = time.time()
+    result = search(target.pipe, calibrate, budget=args.budget, strategy="joint", time_limit=parse_duration(args.time),
+                    heldout=heldout, pairs=args.pairs, out=out, model_name=f"{args.model}-ddim")
+    seconds = time.time() - started
+    reference = checked_images(heldout(target.pipe), "held-out")
+    labels = torch.tensor([int(c) for call in heldout.calls for c in call.kwargs["class_labels"]])
+    rows = [measure(target, "searched (joint)", result.plan, heldout, reference, labels, args.pairs)]
+    budget = parse_budget(result.summary["budget"])
+    plain = [c for c in result.points if c.plan is not None and c.plan.method == "steps" and c.meets(budget)]
+    best_sampler = min(plain, key=lambda c: c.mac_fraction) if plain else None
+    if best_sampler is not None:
+        rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label}", best_sampler.plan, heldout,
+                            reference, labels, args.pairs))
+    hand = choose(result.handmade, budget, "macs")[0] if result.handmade else None
+    if hand is not None and hand.plan is not None:
+        rows.append(measure(target, f"hand-made {hand.source}", hand.plan, heldout, reference, labels, args.pairs))
+    write_json(ROOT / "benchmarks" / "results" / f"joint_search_{args.model}.json", {
+        "model": args.model, "budget": args.budget, "time_limit": args.time, "search_seconds": round(seconds, 1),
+        "summary": {k: v for k, v in result.summary.items() if k not in ("unit_macs", "unit_seconds", "units")},
+        "heldout_images": len(reference), "rows": rows, "threads": args.threads, "machine": platform.machine(),
+        "torch": torch.__version__,
+        "command": f"python benchmarks/joint_search.py --model {args.model} --budget '{args.budget}' --time "
+                   f"{args.time} --heldout-per-class {args.heldout_per_class} --pairs {args.pairs} --threads "
+                   f"{args.threads}",
+        "search_out": os.path.relpath(out, ROOT)})
+
+
+if __name__ == "__main__":
+    main()
