@@ -37,6 +37,7 @@ from diffaccel import methods
 from diffaccel.eval.fidelity import psnr_per_image
 from diffaccel.eval.io import write_json
 from diffaccel.parallel import cfg_parallel, current, patch_parallel, spawn
+from diffaccel.parallel.exchange import gather_objects
 from diffaccel.runtime.executor import Executor
 from diffaccel.zoo.weights import load_pipeline
 
@@ -82,12 +83,13 @@ class Job:
                 out.append(self.pipe(**call.kwargs, generator=call.generators()).images.float().cpu())
         return torch.cat(out)
 
-    def run(self, setting: dict) -> tuple[float, torch.Tensor | None]:
-        """Seconds on rank 0 (and the images there) for one run of ``setting``; every rank calls it."""
+    def run(self, setting: dict) -> tuple[float, float, torch.Tensor | None]:
+        """Wall-clock seconds on rank 0, the busiest rank's CPU seconds, and the images (on rank 0) of
+        one run of ``setting``; every rank calls it."""
         alone = setting["mode"] is None
         if self.group.world > 1:
             dist.barrier()  # start together
-        images, seconds = None, 0.0
+        images, seconds, cpu = None, 0.0, 0.0
         if not alone or self.group.main:
             if setting["plan"]:
                 self.executor.install(self.pipe.scheduler)
@@ -95,16 +97,16 @@ class Job:
             try:
                 with wrapper:
                     _synchronize(self.device)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     images = self.sample(setting)
                     _synchronize(self.device)
-                    seconds = time.perf_counter() - start
+                    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             finally:
                 if setting["plan"]:
                     self.executor.remove()
         if self.group.world > 1:
             dist.barrier()  # the idle rank waits here while rank 0 runs a single-process setting
-        return seconds, images
+        return seconds, max(gather_objects(cpu, self.group)), images
 
 
 def _wrapper(pipe, setting: dict):
@@ -134,25 +136,32 @@ def measure(model: str, args: argparse.Namespace, device: torch.device) -> list[
     rows = settings(model, tuple(args.warmups))
     images: dict[str, torch.Tensor] = {}
     for setting in rows:  # warm-up: first-call costs (unit MACs, allocator) stay out of the timings
-        _, images[setting["name"]] = job.run(setting)
+        _, _, images[setting["name"]] = job.run(setting)
     times: dict[str, list[float]] = {s["name"]: [] for s in rows}
+    cpu: dict[str, list[float]] = {s["name"]: [] for s in rows}
     for rep in range(args.reps):
         for setting in rows if rep % 2 == 0 else rows[::-1]:  # alternate the order against drift
-            seconds, out = job.run(setting)
+            seconds, busiest, out = job.run(setting)
             times[setting["name"]].append(seconds)
+            cpu[setting["name"]].append(busiest)
             images[setting["name"]] = out
     if not job.group.main:
         return []
-    return [row(model, s, times, images, args, job.group.world) for s in rows]
+    return [row(model, s, times, cpu, images, args, job.group.world) for s in rows]
 
 
-def row(model: str, setting: dict, times: dict, images: dict, args: argparse.Namespace, world: int) -> dict:
+def row(model: str, setting: dict, times: dict, cpu: dict, images: dict, args: argparse.Namespace,
+        world: int) -> dict:
+    """One setting's figures: wall-clock speedups (the measure), and the busiest rank's CPU time against
+    one process's (how well the work was split, whatever else shares the machine)."""
     name, reference = setting["name"], setting["reference"]
     base = times["unaccelerated"]
     out = {"model": model, "setting": name, "processes": world if setting["mode"] else 1, "threads_per_process": 1,
            "mode": setting["mode"], "seconds": [round(s, 3) for s in times[name]],
            "median_seconds": round(statistics.median(times[name]), 3),
-           "speedup_vs_unaccelerated_1proc": _paired(base, times[name])}
+           "speedup_vs_unaccelerated_1proc": _paired(base, times[name]),
+           "busiest_rank_cpu_seconds": round(statistics.median(cpu[name]), 3),
+           "cpu_speedup_vs_unaccelerated_1proc": _paired(cpu["unaccelerated"], cpu[name])}
     if setting["mode"] == "independent":  # twice the work: throughput, not speedup
         out["throughput_vs_1proc"] = round(2 * out.pop("speedup_vs_unaccelerated_1proc"), 3)
     if setting.get("warmup") is not None:
@@ -160,6 +169,7 @@ def row(model: str, setting: dict, times: dict, images: dict, args: argparse.Nam
     if setting["plan"] and setting["mode"]:
         plan_alone = times[reference]
         out["speedup_vs_plan_1proc"] = _paired(plan_alone, times[name])
+        out["cpu_speedup_vs_plan_1proc"] = _paired(cpu[reference], cpu[name])
     if reference is not None:
         psnr = psnr_per_image(images[name].clamp(0, 1), images[reference].clamp(0, 1))
         out.update(reference=f"{reference} (1 process)", bitwise=bool(torch.equal(images[name], images[reference])),
@@ -180,9 +190,9 @@ def command(model: str, args: argparse.Namespace) -> str:
 
 def machine() -> dict:
     """What the machine was doing: load averages and the busiest other processes (a shared machine)."""
-    busy = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    busy = subprocess.run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
     return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "busiest_processes": [line.strip() for line in busy.splitlines()[1:8]],
+            "busiest_processes": [line.strip()[:110] for line in busy.splitlines()[1:9]],
             "torch": torch.__version__, "python": platform.python_version()}
 
 
@@ -198,15 +208,20 @@ def worker(rank: int, args: argparse.Namespace) -> None:
                           "reps": args.reps, "machine_before": before, "machine_after": machine(),
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows})
         for r in rows:
-            if "throughput_vs_1proc" in r:
-                print(f"{r['model']:5s} {r['setting']:24s} {r['median_seconds']:8.2f}s "
-                      f"throughput x{r['throughput_vs_1proc']:.2f} of 1 process (the ceiling)", flush=True)
-                continue
-            print(f"{r['model']:5s} {r['setting']:24s} {r['median_seconds']:8.2f}s "
-                  f"x{r['speedup_vs_unaccelerated_1proc']:.2f} vs 1 process"
-                  + (f", x{r['speedup_vs_plan_1proc']:.2f} vs the plan alone" if "speedup_vs_plan_1proc" in r else "")
-                  + (f" | {r['psnr']:.1f} dB{' (bitwise)' if r['bitwise'] else ''}" if "psnr" in r else ""),
-                  flush=True)
+            print(_line(r), flush=True)
+
+
+def _line(r: dict) -> str:
+    head = f"{r['model']:5s} {r['setting']:24s} {r['median_seconds']:8.2f}s "
+    if "throughput_vs_1proc" in r:
+        return head + f"throughput x{r['throughput_vs_1proc']:.2f} of 1 process (the ceiling)"
+    line = head + f"x{r['speedup_vs_unaccelerated_1proc']:.2f} vs 1 process"
+    line += f" (busiest rank's CPU time x{r['cpu_speedup_vs_unaccelerated_1proc']:.2f})"
+    if "speedup_vs_plan_1proc" in r:
+        line += f", x{r['speedup_vs_plan_1proc']:.2f} vs the plan alone (CPU x{r['cpu_speedup_vs_plan_1proc']:.2f})"
+    if "psnr" in r:
+        line += f" | {r['psnr']:.1f} dB{' (bitwise)' if r['bitwise'] else ''}"
+    return line
 
 
 def parse(argv: list[str] | None = None, device: str = "cpu", nprocs: int = 2,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from diffaccel.adapters import find_denoiser
+from diffaccel.parallel.agree import check_agreement
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.exchange import bounds, gather_cat, split_sizes
 from diffaccel.parallel.group import Group, current
@@ -117,9 +118,13 @@ class CFGParallel:
 @contextmanager
 def cfg_parallel(pipe: Any, group: Group | None = None, denoiser: str | None = None) -> Iterator[CFGParallel]:
     """Split ``pipe``'s denoiser calls over the ranks of ``group`` (default: the initialised one)
-    inside the ``with`` block; composable with ``diffaccel.accelerate`` in either order."""
+    inside the ``with`` block; composable with ``diffaccel.accelerate`` in either order. Every rank
+    must hold the same weights (and plan, when one is applied already): checked on entry."""
     model, _ = find_denoiser(pipe, denoiser)
-    wrapper = CFGParallel(model, group).install()
+    wrapper = CFGParallel(model, group)
+    executor = getattr(model, "_diffaccel_executor", None)
+    check_agreement(wrapper.group, model, executor.source_plan if executor is not None else None)
+    wrapper.install()
     try:
         yield wrapper
     finally:

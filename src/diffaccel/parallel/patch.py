@@ -25,6 +25,7 @@ joint text-image attention (SD3, Flux) does not band-split either. Both are clea
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffaccel.adapters import find_denoiser
+from diffaccel.parallel.agree import check_agreement
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.exchange import Pending, bounds, gather_cat, split_sizes, start_gather
 from diffaccel.parallel.group import Group, current
@@ -124,6 +126,7 @@ class PatchParallel:
         self.model, self.group = model, group or current()
         self.warmup_steps = max(1, warmup_steps)  # the first step has nothing stale to use
         self.patch = int(model.config.patch_size)
+        self._signature = inspect.signature(type(model).forward)  # the class's: patches of forward do not matter
         self.processors = [StaleSelfAttention(self) for _ in model.transformer_blocks]
         self._saved: list[Any] = []
         self._handles: list[Any] = []
@@ -170,14 +173,15 @@ class PatchParallel:
     def _start_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Which band (from the input's size), which run and guidance branch, and whether this step
         exchanges synchronously."""
-        sample = kwargs.get("hidden_states", args[0] if args else None)
+        arguments = self._signature.bind(module, *args, **kwargs).arguments
+        sample = arguments["hidden_states"]
         rows, cols = sample.shape[-2] // self.patch, sample.shape[-1] // self.patch
         if rows < self.group.world:
             raise ParallelError(f"an image of {rows} patch rows cannot be split into {self.group.world} bands")
         sizes = split_sizes(rows, self.group.world)
         self.token_sizes = [size * cols for size in sizes]
         self.band = bounds(self.token_sizes)[self.group.rank]
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        timestep = arguments.get("timestep")
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep or 0.0)
         if self.last_t is None or t > self.last_t:  # the timesteps start again: a new pipeline call
             self.reset()
@@ -200,9 +204,13 @@ def patch_parallel(pipe: Any, warmup_steps: int = 1, group: Group | None = None,
                    denoiser: str | None = None) -> Iterator[PatchParallel]:
     """Split ``pipe``'s transformer into bands of patch rows over the ranks inside the ``with`` block;
     the first ``warmup_steps`` steps of each call exchange synchronously, later ones use the other
-    bands' keys and values from the previous step."""
+    bands' keys and values from the previous step. Every rank must hold the same weights (and plan,
+    when one is applied already): checked on entry."""
     model, _ = find_denoiser(pipe, denoiser)
-    wrapper = PatchParallel(model, group, warmup_steps).install()
+    wrapper = PatchParallel(model, group, warmup_steps)
+    executor = getattr(model, "_diffaccel_executor", None)  # a plan applied first is checked too
+    check_agreement(wrapper.group, model, executor.source_plan if executor is not None else None)
+    wrapper.install()
     try:
         yield wrapper
     finally:
