@@ -63,6 +63,17 @@ def measure(name: str, pipe, problems: list, args: argparse.Namespace) -> dict:
     return {"name": name, **result, "command": command}
 
 
+def table(record: dict) -> str:
+    """The rows as a markdown table (for docs/language-models.md)."""
+    lines = ["| row | method | setting | accuracy % | agreement % | MAC speedup | wall speedup | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in record["rows"]:
+        lines.append(f"| {row['name']} | {row['method']} | {row['setting']} | {row['accuracy']:.1f} | "
+                     f"{row['agreement']:.1f} | {row['speedup_macs']:.2f}x | {row['speedup_wall']:.2f}x | "
+                     f"{row['tokens_per_second']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names: " + ", ".join(ROWS))
@@ -73,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--weights", type=Path, default=None, help="an exported LM folder (default: the shipped one)")
+    parser.add_argument("--table", action="store_true", help="print the saved rows as a markdown table and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:

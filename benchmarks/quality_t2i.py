@@ -47,6 +47,24 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     Image.fromarray(array).resize((array.shape[1] * 2, array.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def grid_prompts() -> list[str]:
+    """For the sample grids: the first seen combination of each shape in the eval order, and the first two
+    held-out ones."""
+    seen = [next(c for c in captions.TRAIN_COMBOS if c.shape == s) for s in range(len(captions.SHAPES))]
+    return [captions.caption(c) for c in seen + captions.HELD_OUT_COMBOS[:2]]
+
+
+def sample_grid(model: str, guidance: float, path: Path, seeds: int = 4, weights_dir: Path | None = None) -> None:
+    """One row per prompt of :func:`grid_prompts`, ``seeds`` images each (eval-range seeds past the benchmark's)."""
+    prompts = grid_prompts()
+    listed = [p for p in prompts for _ in range(seeds)]
+    start = captions.SPLITS["eval"] + 100_000
+    images = generate(load_t2i_pipeline(model, "ddim", weights_dir), listed, list(range(start, start + len(listed))),
+                      STEPS["ddim"], guidance)
+    save_grid(images, path, columns=seeds)
+    print(f"wrote {path}: rows, top to bottom: " + "; ".join(prompts))
+
+
 def run_one(model: str, sampler: str, guidance: float, split: str, n: int, batch: int, evaluator,
             weights_dir: Path | None = None) -> tuple[dict, torch.Tensor]:
     pipe = load_t2i_pipeline(model, sampler, weights_dir)
@@ -78,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=["eval", "calib"], default="eval")
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--grid", type=Path, help="also save the first 32 images of the first setting here")
+    parser.add_argument("--grid", type=Path, help="also save a sample grid (8 prompts x 4 seeds, DDIM) here")
     parser.add_argument("--weights-dir", type=Path, help="score this pipeline folder instead (results not written)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -94,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(record), flush=True)
             out = ROOT / "out" / "quality_t2i" / f"{args.model}-{args.split}-{sampler}-{guidance:g}.png"
             save_grid(images[:32], out)
-            if args.grid and len(runs) == 1:
-                save_grid(images[:32], args.grid)
+    if args.grid:
+        sample_grid(args.model, args.guidance[0], args.grid, weights_dir=args.weights_dir)
     if args.split != "eval" or args.weights_dir:
         return
     folder = WEIGHTS_DIR / args.model

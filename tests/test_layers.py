@@ -70,7 +70,7 @@ def test_no_module_imports_a_higher_layer():
 
 def test_imports_inside_functions_are_only_of_optional_dependencies():
     hidden = []
-    for name, path, tree in modules():
+    for _name, path, tree in modules():
         for func in ast.walk(tree):
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue

@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffaccel.lm.evaluate import score
 from diffaccel.lm.model import ANSWER_LENGTH, PROMPT_LENGTH, block_training_layout, build_model, forward_full
+from diffaccel.lm.pipeline import DLMPipeline
 from diffaccel.lm.tasks import Problem, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
@@ -101,9 +103,6 @@ def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tenso
 
 def _evaluate(ema: dict[str, torch.Tensor], cfg: TrainConfig, tokenizer: CharTokenizer) -> dict:
     """Exact match of the EMA weights on 20 calibration problems per task (a progress signal)."""
-    from diffaccel.lm.evaluate import score
-    from diffaccel.lm.pipeline import DLMPipeline
-
     model = build_model(len(tokenizer), **json.loads(cfg.overrides))
     model.load_state_dict(ema)
     pipe = DLMPipeline(model, tokenizer, cfg.prompt_length, cfg.answer_length)

@@ -200,9 +200,9 @@ img.plot{width:100%}
 """
 
 
-def render_html(results: Results, base: Path) -> str:
-    esc = html.escape
-    s = results.samples
+def sample_grids(results: Results, base: Path) -> list[tuple[str, str, str]]:
+    """(title, base64 PNG, caption) of the baseline grid, the best rows' grids and, beside each, its
+    amplified difference to the baseline."""
     ours = best_ours(results)
     peer = best_peer_at(results, ours.speedup_wall if ours else None)
     grids = [("unaccelerated baseline", _grid_b64(base, results.baseline.grid, "the baseline"),
@@ -214,9 +214,15 @@ def render_html(results: Results, base: Path) -> str:
         grids.append((f"best peer at that speed: {peer.name} {peer.setting}", _grid_b64(base, peer.grid, peer.name),
                       f"{_fmt(peer.speedup_wall)}x wall, {_fmt(peer.speedup_macs)}x MACs, PSNR {peer.psnr:.1f} dB"))
     base_grid = grids[0][1]
-    grids = [grids[0]] + [item for title, b, cap in grids[1:] for item in (
+    return [grids[0]] + [item for title, b, cap in grids[1:] for item in (
         (title, b, cap), (f"|difference| x{DIFFERENCE_GAIN}: {title.split(':', 1)[1].strip()}",
                           difference_b64(base_grid, b), "white where identical to the baseline"))]
+
+
+def render_html(results: Results, base: Path) -> str:
+    esc = html.escape
+    s = results.samples
+    grids = sample_grids(results, base)
     plots = [("wall", _png_b64(plot(results, "wall"))), ("macs", _png_b64(plot(results, "macs")))]
 
     out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>diffaccel bench: "

@@ -60,10 +60,10 @@ def run_nsga(store: Store, seeds: list[tuple[Genome, str]], evaluate: Callable, 
     labels = {genome: name for genome, name in seeds}
     done = 0
     while True:
-        complete = store.n_complete()
-        if trials is not None and complete >= trials:
-            return done
         if deadline is not None and time.time() >= deadline:
+            return done
+        complete = store.n_complete()
+        if trials is not None and complete >= trials and not store.settle(deadline):
             return done
         if not store.has_waiting() and complete < len(seeds):
             store.study.enqueue_trial(store.space.params(seeds[complete][0]))

@@ -200,6 +200,20 @@ class Store:
     def has_waiting(self) -> bool:
         return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
+    def settle(self, deadline: float | None, poll_s: float = 0.5) -> bool:
+        """Once the study holds enough trials: wait while other workers' trials still run, so that one
+        whose worker died (its heartbeat stops) is failed and re-enqueued rather than left behind.
+        True when a trial waits to be evaluated."""
+        while True:
+            self.fail_stale()
+            if self.has_waiting():
+                return True
+            if self.url is None or not self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                return False
+            if deadline is not None and time.time() >= deadline:
+                return False
+            time.sleep(poll_s)
+
     def genomes(self, states: tuple[TrialState, ...] = (TrialState.COMPLETE,)) -> dict[Genome, FrozenTrial]:
         out: dict[Genome, FrozenTrial] = {}
         for trial in self.study.get_trials(deepcopy=False, states=states):

@@ -7,9 +7,8 @@ to real images (computed by torchmetrics), next to the real-vs-real distance as 
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,8 +19,6 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from diffaccel.zoo import shapes
-
-
 
 log = logging.getLogger("diffaccel")
 

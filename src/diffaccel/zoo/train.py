@@ -27,8 +27,6 @@ from diffaccel.zoo import checkpoint, shapes
 from diffaccel.zoo.evaluator import train_evaluator
 from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
 
-
-
 log = logging.getLogger("diffaccel")
 
 @dataclass

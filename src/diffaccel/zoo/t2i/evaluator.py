@@ -9,6 +9,7 @@ adherence* is the fraction of images whose four attributes are all read back as 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def classifier_loss(model: CaptionClassifier, step: int, batch: int, gen: torch.
     return sum(F.cross_entropy(logits, targets[:, i]) for i, logits in enumerate(model(x)))
 
 
-def _attribute_targets(prompts_or_attributes) -> torch.Tensor:
+def _attribute_targets(prompts_or_attributes: Sequence) -> torch.Tensor:
     if len(prompts_or_attributes) and isinstance(prompts_or_attributes[0], str):
         return torch.tensor([tuple(captions.parse_caption(p)) for p in prompts_or_attributes], dtype=torch.long)
     return torch.as_tensor(captions.attribute_tensor(list(prompts_or_attributes)))
@@ -83,7 +84,7 @@ class T2IEvaluator:
         chunks = [torch.stack([lg.argmax(1) for lg in self.classifier(c)], 1) for c in images.split(self.batch_size)]
         return torch.cat(chunks) if chunks else torch.zeros(0, len(NAMES), dtype=torch.long)
 
-    def attribute_scores(self, images: torch.Tensor, prompts_or_attributes) -> dict[str, float]:
+    def attribute_scores(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> dict[str, float]:
         """``adherence`` (all four attributes right) and ``accuracy_<attribute>`` for each attribute.
         ``prompts_or_attributes``: captions, or Attributes / (N, 4) index rows."""
         targets = _attribute_targets(prompts_or_attributes)
@@ -94,7 +95,7 @@ class T2IEvaluator:
         scores.update({f"accuracy_{name}": float(right[:, i].float().mean()) for i, name in enumerate(NAMES)})
         return scores
 
-    def adherence(self, images: torch.Tensor, prompts_or_attributes) -> float:
+    def adherence(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> float:
         """Fraction of images whose every attribute named in the prompt is read back."""
         return self.attribute_scores(images, prompts_or_attributes)["adherence"]
 
@@ -107,7 +108,7 @@ class T2IEvaluator:
         images, _ = captions.make_batch(split, count, start=start)
         return torch.from_numpy(images).add(1).div(2)
 
-    def score(self, images: torch.Tensor, prompts_or_attributes) -> dict[str, float]:
+    def score(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> dict[str, float]:
         """Attribute scores, Fréchet distance to as many real ``eval`` images (items 0..n) and the floor:
         the distance between those and the next n real images."""
         n = max(len(images), 2)

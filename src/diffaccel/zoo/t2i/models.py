@@ -14,6 +14,8 @@ caption replaced by ``""`` (the pipelines' null prompt) 10% of the time for clas
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -97,8 +99,15 @@ class TextToImage(torch.nn.Module):
 _NOISE = DDPMScheduler(**SCHEDULER_CONFIG)
 
 
+class LossSettings(Protocol):
+    """The training settings the loss reads (a ``TrainConfig`` has them)."""
+
+    caption_dropout: float
+    min_snr_gamma: float
+
+
 def diffusion_loss(model: TextToImage, latents: torch.Tensor, attributes: np.ndarray, gen: torch.Generator,
-                   cfg) -> torch.Tensor:
+                   cfg: LossSettings) -> torch.Tensor:
     """v-prediction loss with min-SNR weighting; captions dropped to "" with probability ``cfg.caption_dropout``."""
     n = latents.shape[0]
     t = torch.randint(0, _NOISE.config.num_train_timesteps, (n,), generator=gen)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,6 +25,10 @@ import torch
 
 from diffaccel.errors import DiffaccelError
 from diffaccel.zoo.t2i import loop
+from diffaccel.zoo.t2i.evaluator import CaptionClassifier, classifier_loss, export_classifier
+from diffaccel.zoo.t2i.models import TextToImage, diffusion_loss
+from diffaccel.zoo.t2i.pipelines import write_pipeline
+from diffaccel.zoo.t2i.vae import build_vae, export_vae, load_latents, train_images, vae_loss
 
 MODELS = ("vae", "pixart", "sd", "t2i_evaluator")
 DEFAULTS: dict[str, dict] = {
@@ -63,23 +68,16 @@ class TrainConfig:
         return cls(**{"model": model, **DEFAULTS[model], **changes})
 
 
-def build_task(cfg: TrainConfig):
+def build_task(cfg: TrainConfig) -> tuple[torch.nn.Module, Callable[[int, torch.Generator], torch.Tensor]]:
     """The trainable module and ``loss_at(step, generator)`` of a configuration."""
     torch.manual_seed(cfg.seed)
     overrides = json.loads(cfg.overrides)
     if cfg.model == "vae":
-        from diffaccel.zoo.t2i.vae import build_vae, train_images, vae_loss
-
         vae = build_vae(**overrides)
         return vae, lambda step, gen: vae_loss(vae, train_images(step, cfg.batch), gen, cfg.kl_weight)
     if cfg.model == "t2i_evaluator":
-        from diffaccel.zoo.t2i.evaluator import CaptionClassifier, classifier_loss
-
         model = CaptionClassifier(**overrides)
         return model, lambda step, gen: classifier_loss(model, step, cfg.batch, gen)
-    from diffaccel.zoo.t2i.models import TextToImage, diffusion_loss
-    from diffaccel.zoo.t2i.vae import load_latents
-
     model = TextToImage(cfg.model, overrides, json.loads(cfg.text_overrides))
     latents, attributes = load_latents(Path(cfg.vae), Path(cfg.latents), cfg.cache_items)
 
@@ -106,20 +104,13 @@ def export(out: Path, dest: Path) -> dict:
     """Write the EMA weights of the run in ``out`` to ``dest`` in its shipped form; returns what was measured."""
     cfg = saved_config(out)
     if cfg.model == "vae":
-        from diffaccel.zoo.t2i.vae import build_vae, export_vae
-
         module = build_vae(**json.loads(cfg.overrides))
         step = loop.load_ema(module, cfg, out)
         return export_vae(module, dest, {"steps": step, "config": asdict(cfg)})
     if cfg.model == "t2i_evaluator":
-        from diffaccel.zoo.t2i.evaluator import CaptionClassifier, export_classifier
-
         module = CaptionClassifier(**json.loads(cfg.overrides))
         step = loop.load_ema(module, cfg, out)
         return export_classifier(module, dest, {"steps": step, "config": asdict(cfg)})
-    from diffaccel.zoo.t2i.models import TextToImage
-    from diffaccel.zoo.t2i.pipelines import write_pipeline
-
     module = TextToImage(cfg.model, json.loads(cfg.overrides), json.loads(cfg.text_overrides))
     step = loop.load_ema(module, cfg, out)
     return write_pipeline(module, Path(cfg.vae), dest, {"steps": step, "config": asdict(cfg)})

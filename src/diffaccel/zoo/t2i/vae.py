@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
@@ -126,8 +127,6 @@ def cache_latents(vae_folder: Path, path: Path, count: int, batch: int = 256) ->
 def load_latents(vae_folder: Path, path: Path, count: int) -> tuple[torch.Tensor, np.ndarray]:
     """The cached latents and attributes of the first ``count`` training items (cached first if missing)."""
     if path.exists():
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             valid = handle.metadata().get("vae") == weights_digest(vae_folder)
         tensors = load_file(str(path))

@@ -1,0 +1,162 @@
+"""The text-to-image zoo: captioned data, tokenizer, shipped pipelines, evaluator, resumable training."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
+
+from diffaccel.errors import DiffaccelError, WeightsError
+from diffaccel.zoo.t2i import captions, text
+from diffaccel.zoo.t2i.evaluator import load_t2i_evaluator
+from diffaccel.zoo.t2i.pipelines import generate, load_t2i_pipeline
+from diffaccel.zoo.t2i.train import main
+from diffaccel.zoo.t2i.vae import build_vae
+from diffaccel.zoo.weights import WEIGHTS_DIR
+
+SHIPPED = all((WEIGHTS_DIR / name / "model_index.json").exists() for name in ("pixart", "sd"))
+needs_shipped = pytest.mark.skipif(not SHIPPED, reason="the pixart and sd pipelines are not shipped yet (training)")
+
+PROMPTS = ["a small red circle on a blue background", "a large white plus on a black background"]
+
+
+def test_captions_are_deterministic_and_parse_back():
+    for attrs in captions.ALL_COMBOS:
+        assert captions.parse_caption(captions.caption(attrs)) == attrs
+    a, attrs_a = captions.make_batch("val", 12, start=5)
+    b, attrs_b = captions.make_batch("val", 12, start=5)
+    assert np.array_equal(a, b) and attrs_a == attrs_b
+    assert a.shape == (12, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    c, _ = captions.make_batch("val", 12, start=6)
+    assert np.array_equal(a[1:], c[:-1])  # an image depends on its item alone, not on the slice
+    assert not np.array_equal(a[0], a[1])
+    with pytest.raises(ValueError):
+        captions.parse_caption("a small red circle on a red background")
+
+
+def test_splits_are_disjoint_and_hold_out_prompts_from_training():
+    seeds = {split: {s for _, s in captions.items(split, 3000)} for split in captions.SPLITS}
+    splits = list(seeds)
+    for i, first in enumerate(splits):
+        for second in splits[i + 1:]:
+            assert not seeds[first] & seeds[second]
+    held_out = set(captions.HELD_OUT_COMBOS)
+    assert len(held_out) == 36 and len(captions.ALL_COMBOS) == 360
+    train = [a for a, _ in captions.items("train", 3000)]
+    assert not held_out & set(train)
+    assert held_out & {a for a, _ in captions.items("train", 3000, include_held_out=True)}
+    evaluation = [a for a, _ in captions.items("eval", 720)]
+    assert all(count == 2 for count in np.unique([captions.ALL_COMBOS.index(a) for a in evaluation],
+                                                 return_counts=True)[1])
+    assert set(captions.held_out_prompts()) == {captions.caption(a) for a in held_out}
+
+
+@needs_shipped
+def test_tokenizer_round_trip_offline(tmp_path):
+    tokenizer = text.build_tokenizer()
+    text.save_tokenizer(tokenizer, tmp_path)
+    reloaded = PreTrainedTokenizerFast.from_pretrained(tmp_path, local_files_only=True)
+    ids = reloaded(PROMPTS[0]).input_ids
+    assert len(ids) == 10 and ids[0] == reloaded.bos_token_id and ids[-1] == reloaded.eos_token_id
+    assert reloaded.decode(ids, skip_special_tokens=True) == PROMPTS[0]
+    assert ids == tokenizer(PROMPTS[0]).input_ids
+    assert reloaded("").input_ids == [reloaded.bos_token_id, reloaded.eos_token_id]
+    assert reloaded("a purple circle").input_ids[2] == reloaded.unk_token_id
+    padded, mask = text.tokenize(reloaded, PROMPTS)
+    assert padded.shape == (2, text.MAX_LENGTH) and mask.sum(1).tolist() == [10, 10]
+    for name in ("pixart", "sd"):  # the shipped tokenizers are the one our code writes
+        shipped = PreTrainedTokenizerFast.from_pretrained(WEIGHTS_DIR / name / "tokenizer", local_files_only=True)
+        assert shipped.get_vocab() == tokenizer.get_vocab() and shipped.model_max_length == text.MAX_LENGTH
+
+
+@needs_shipped
+@pytest.mark.parametrize("name, cls", [("pixart", PixArtAlphaPipeline), ("sd", StableDiffusionPipeline)])
+def test_shipped_pipelines_load_with_stock_classes_and_are_deterministic(monkeypatch, name, cls):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    stock = cls.from_pretrained(WEIGHTS_DIR / name, local_files_only=True)
+    assert stock.vae.config.latent_channels == 4 and stock.vae.config.scaling_factor != 1.0
+    pipe = load_t2i_pipeline(name)
+    assert type(pipe) is cls and pipe.text_encoder.dtype == torch.float32
+    first = generate(pipe, PROMPTS, [3, 4], steps=4, guidance=4.0)
+    again = generate(pipe, PROMPTS, [3, 4], steps=4, guidance=4.0)
+    other = generate(pipe, PROMPTS, [5, 4], steps=4, guidance=4.0)
+    assert first.shape == (2, 3, 64, 64) and first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first, again)
+    assert not torch.equal(first[0], other[0]) and torch.allclose(first[1], other[1], atol=1e-4)
+    assert type(load_t2i_pipeline(name, "dpm").scheduler).__name__ == "DPMSolverMultistepScheduler"
+
+
+@needs_shipped
+def test_pixart_prompt_embedding_does_not_depend_on_the_padded_length():
+    pipe = load_t2i_pipeline("pixart")
+    seeds = [torch.Generator().manual_seed(1)]
+    short = pipe(prompt=PROMPTS[:1], num_inference_steps=2, guidance_scale=3.0, generator=seeds, output_type="pt",
+                 use_resolution_binning=False, clean_caption=False, max_sequence_length=text.MAX_LENGTH).images
+    seeds = [torch.Generator().manual_seed(1)]
+    default = pipe(prompt=PROMPTS[:1], num_inference_steps=2, guidance_scale=3.0, generator=seeds, output_type="pt",
+                   use_resolution_binning=False, clean_caption=False).images  # 120 tokens
+    assert torch.allclose(short, default, atol=1e-5)
+
+
+def test_evaluator_reads_real_images_and_rejects_wrong_prompts():
+    evaluator = load_t2i_evaluator()
+    images = evaluator.real_images(120)
+    attrs = [a for a, _ in captions.items("eval", 120)]
+    scores = evaluator.attribute_scores(images, [captions.caption(a) for a in attrs])
+    assert scores["adherence"] >= 0.95, scores
+    shifted = attrs[1:] + attrs[:1]  # every image scored against another item's prompt
+    assert evaluator.adherence(images, shifted) < 0.1
+    real = evaluator.real_images(300)
+    floor = evaluator.frechet_distance(evaluator.real_images(300, start=300), real)
+    noise = torch.rand(300, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert evaluator.frechet_distance(noise, real) > 20 * floor
+
+
+@needs_shipped
+def test_missing_or_corrupt_folders_raise_weights_error(tmp_path):
+    with pytest.raises(WeightsError, match="model_index.json"):
+        load_t2i_pipeline("sd", weights_dir=tmp_path / "nowhere")
+    folder = tmp_path / "pixart"
+    shutil.copytree(WEIGHTS_DIR / "pixart", folder)
+    weights = next((folder / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="corrupt"):
+        load_t2i_pipeline("pixart", weights_dir=folder)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(WeightsError, match="text_encoder"):
+        load_t2i_pipeline("pixart", weights_dir=folder)
+    with pytest.raises(WeightsError):
+        load_t2i_evaluator(tmp_path / "nowhere")
+
+
+def _tiny_run(tmp_path, name: str, vae_dir, extra: list[str]) -> dict:
+    tiny = {"pixart": '{"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1, '
+                      '"cross_attention_dim": 32}',
+            "sd": '{"block_out_channels": [16, 16, 32]}'}
+    argv = ["--model", name, "--out", str(tmp_path / name), "--steps", "4", "--batch", "4", "--warmup", "2",
+            "--checkpoint-every", "2", "--vae", str(vae_dir), "--latents", str(tmp_path / "latents.safetensors"),
+            "--cache-items", "12", "--text-overrides", '{"hidden_size": 32, "num_hidden_layers": 1, '
+            '"intermediate_size": 64, "num_attention_heads": 2}', "--overrides", tiny[name]]
+    main(argv + extra)
+    return load_file(str(tmp_path / name / "checkpoint.safetensors"))
+
+
+def test_tiny_training_resumes_to_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    vae = build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4)
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    for name in ("pixart", "sd"):
+        whole = _tiny_run(tmp_path / "whole", name, tmp_path / "vae", [])
+        _tiny_run(tmp_path / "split", name, tmp_path / "vae", ["--stop-after", "2"])
+        with pytest.raises(DiffaccelError, match="--resume"):
+            _tiny_run(tmp_path / "split", name, tmp_path / "vae", [])
+        main(["--out", str(tmp_path / "split" / name), "--resume"])
+        split = load_file(str(tmp_path / "split" / name / "checkpoint.safetensors"))
+        assert whole.keys() == split.keys()
+        assert all(torch.equal(whole[k], split[k]) for k in whole), name
+        saved = json.loads((tmp_path / "split" / name / "train_config.json").read_text())
+        assert saved["steps"] == 4 and saved["stop_after"] == 0
