@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
 
@@ -48,3 +50,24 @@ def check_agreement(group: Group, model: torch.nn.Module, plan: Plan | None, set
             what = ", ".join(f"{key} {theirs.get(key)} (rank 0: {reference[key]})" for key in differ)
             raise ParallelError(f"rank {rank} disagrees with rank 0 on the {' and the '.join(differ)}: {what}; "
                                 "every rank must load the same weights and plan with the same command")
+
+
+class Installable(Protocol):
+    group: Group
+
+    def install(self) -> None: ...
+
+    def remove(self) -> None: ...
+
+
+@contextmanager
+def agreed_and_installed(wrapper: Installable, model: torch.nn.Module) -> Iterator[None]:
+    """Check that every rank holds the same weights (and plan, when one is applied first), then keep
+    ``wrapper`` installed for the ``with`` block."""
+    executor = getattr(model, "_diffaccel_executor", None)
+    check_agreement(wrapper.group, model, executor.source_plan if executor is not None else None)
+    wrapper.install()
+    try:
+        yield
+    finally:
+        wrapper.remove()

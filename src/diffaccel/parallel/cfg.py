@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from diffaccel.adapters import find_denoiser
-from diffaccel.parallel.agree import check_agreement
+from diffaccel.parallel.agree import agreed_and_installed
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.exchange import bounds, gather_cat, split_sizes
 from diffaccel.parallel.group import Group, current
@@ -122,10 +122,5 @@ def cfg_parallel(pipe: Any, group: Group | None = None, denoiser: str | None = N
     must hold the same weights (and plan, when one is applied already): checked on entry."""
     model, _ = find_denoiser(pipe, denoiser)
     wrapper = CFGParallel(model, group)
-    executor = getattr(model, "_diffaccel_executor", None)
-    check_agreement(wrapper.group, model, executor.source_plan if executor is not None else None)
-    wrapper.install()
-    try:
+    with agreed_and_installed(wrapper, model):
         yield wrapper
-    finally:
-        wrapper.remove()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffaccel.adapters import find_denoiser
-from diffaccel.parallel.agree import check_agreement
+from diffaccel.parallel.agree import agreed_and_installed
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.exchange import Pending, bounds, gather_cat, split_sizes, start_gather
 from diffaccel.parallel.group import Group, current
@@ -208,10 +208,5 @@ def patch_parallel(pipe: Any, warmup_steps: int = 1, group: Group | None = None,
     when one is applied already): checked on entry."""
     model, _ = find_denoiser(pipe, denoiser)
     wrapper = PatchParallel(model, group, warmup_steps)
-    executor = getattr(model, "_diffaccel_executor", None)  # a plan applied first is checked too
-    check_agreement(wrapper.group, model, executor.source_plan if executor is not None else None)
-    wrapper.install()
-    try:
+    with agreed_and_installed(wrapper, model):
         yield wrapper
-    finally:
-        wrapper.remove()
