@@ -1,11 +1,13 @@
 """The diffusion LM: tasks, tokenizer, model forward, samplers, LM plans and their executor."""
 
+import itertools
 import json
 
 import pytest
 import torch
 from transformers import BertForMaskedLM
 
+import diffaccel
 from diffaccel.errors import WeightsError
 from diffaccel.eval.cost import count_macs
 from diffaccel.lm import (
@@ -168,7 +170,10 @@ def test_no_state_leaks_between_calls(tiny_pipe, problems):
             first, second = tiny_pipe(problems), tiny_pipe(problems)
         with lm_accelerate(tiny_pipe, plan):
             fresh = tiny_pipe(problems)
+        with diffaccel.accelerate(tiny_pipe, plan):  # the one verb for every plan kind
+            verb = tiny_pipe(problems)
         assert torch.equal(first.tokens, fresh.tokens) and torch.equal(second.tokens, fresh.tokens), plan.method
+        assert torch.equal(verb.tokens, fresh.tokens), plan.method
         assert first.macs == second.macs == fresh.macs and run.stats.macs == 2 * fresh.macs, plan.method
 
 
@@ -198,9 +203,9 @@ def test_plans_that_do_not_fit_fail_before_anything_changes(tiny_pipe, problems)
              (tiny_pipe, LMPlan(method="none", answer_length=8), "answers of 8 tokens"),
              (tiny_pipe, image_plan, "applies an LMPlan"),
              (torch.nn.Linear(2, 2), make_lm_plan("none"), "diffusion LM pipeline")]
-    for target, plan, message in cases:
+    for (target, plan, message), verb in itertools.product(cases, (lm_accelerate, diffaccel.accelerate)):
         with pytest.raises(LMPlanError, match=message):
-            with lm_accelerate(target, plan):
+            with verb(target, plan):
                 pytest.fail("the block must not run")
         assert vars(tiny_pipe) == attributes
     with lm_accelerate(tiny_pipe, make_lm_plan("dkv-greedy", window=1)):
@@ -277,3 +282,41 @@ def test_training_resumed_equals_uninterrupted_and_exports_a_loadable_model(tmp_
     export(tmp_path / "whole", tmp_path / "w2")
     with pytest.raises(WeightsError, match="no diffusion LM"):
         load_dlm(tmp_path / "nothing")
+
+
+def test_cli_trains_generates_compares_and_searches_the_lm(monkeypatch, capsys, tmp_path):
+    from conftest import run_cli
+
+    weights = tmp_path / "weights"
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", "dlm", "--out", tmp_path / "run", "--steps", "2",
+                           "--batch", "8", "--warmup", "1", "--eval-every", "0", "--overrides", json.dumps(TINY),
+                           "--export", weights)
+    assert code == 0, err
+    out = tmp_path / "gen"
+    code, stdout, err = run_cli(monkeypatch, capsys, "generate", "--model", "dlm", "--weights", weights,
+                                "--per-class", "2", "--method", "block", "--param", "block_size=4", "--compare",
+                                "--out", out, "--save-plan", tmp_path / "block.json")
+    assert code == 0, err
+    record = json.loads((out / "record.json").read_text())
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert record["method"] == "block" and record["speedup_macs"] > 1 and record["speedup_wall"] > 0
+    assert {"accuracy", "baseline_accuracy", "tokens_per_second"} <= record.keys()
+    assert len(answers) == 2 * len(T.TASKS) and "MACs" in stdout
+    assert LMPlan.load(tmp_path / "block.json").block_size == 4
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", "dlm", "--weights", weights, "--per-class", "1",
+                           "--plan", tmp_path / "block.json", "--out", tmp_path / "again")
+    assert code == 0, err
+    assert json.loads((tmp_path / "again" / "record.json").read_text())["method"] == "block"
+    code, stdout, err = run_cli(monkeypatch, capsys, "search", "--model", "dlm", "--weights", weights,
+                                "--budget", "accuracy>=-100", "--out", tmp_path / "search")
+    assert code == 0, err
+    chosen = LMPlan.load(tmp_path / "search" / "plan.json")
+    assert chosen.method != "none" and "chosen" in stdout  # any plan meets a floor 100 points down
+    for args, fragment in [(("generate", "--method", "dkv-nothing"), "unknown LM method"),
+                           (("generate", "--compare"), "--compare needs a plan"),
+                           (("search", "--budget", "psnr>=30"), "accuracy>=-1"),
+                           (("quantize",), "generate, search and train")]:
+        code, _, err = run_cli(monkeypatch, capsys, args[0], "--model", "dlm", "--weights", weights,
+                               "--out", tmp_path / "bad", *args[1:])
+        lines = err.strip().splitlines()
+        assert code == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err

@@ -11,11 +11,28 @@
     print(run.stats.mac_ratio)
 """
 
+from contextlib import AbstractContextManager
+from typing import Any
+
 from diffaccel.errors import DiffaccelError, PlanError
+from diffaccel.lm import LMPlan, lm_accelerate
 from diffaccel.plan import Plan
-from diffaccel.runtime import Executor, PlanWarning, accelerate, disable, enable
+from diffaccel.runtime import Executor, PlanWarning, disable, enable
+from diffaccel.runtime import accelerate as accelerate_denoiser
 from diffaccel.search.run import find_plan
 
 __version__ = "0.2.0"
-__all__ = ["DiffaccelError", "Executor", "Plan", "PlanError", "PlanWarning", "accelerate", "disable", "enable",
-           "find_plan"]
+__all__ = ["DiffaccelError", "Executor", "LMPlan", "Plan", "PlanError", "PlanWarning", "accelerate", "disable",
+           "enable", "find_plan"]
+
+
+def accelerate(target: Any, plan: Plan | LMPlan, **options: Any) -> AbstractContextManager:
+    """Apply ``plan`` inside a ``with`` block, restoring everything on exit: an image ``Plan`` to a
+    diffusers pipeline or model (``diffaccel.runtime.accelerate``, whose ``options`` it takes), an
+    ``LMPlan`` to a diffusion-LM pipeline (``diffaccel.lm.lm_accelerate``). A plan of one kind on a
+    target of the other is refused before anything changes."""
+    if isinstance(plan, LMPlan) or getattr(target, "kind", None) == "dlm":
+        if options:
+            raise PlanError(f"an LM plan takes no options ({', '.join(options)})")
+        return lm_accelerate(target, plan)
+    return accelerate_denoiser(target, plan, **options)

@@ -32,12 +32,17 @@ class SamplerName(str, Enum):
 
 
 MODEL = typer.Option("dit", help=f"embedded model: {', '.join(EMBEDDED)} (ignored with --pipeline)")
+ANY_MODEL = typer.Option("dit", help=f"embedded model: {', '.join(EMBEDDED)} (ignored with --pipeline), or "
+                                      "dlm (the diffusion language model)")
 PIPELINE = typer.Option(None, help="a local diffusers pipeline folder (DiffusionPipeline.from_pretrained, offline)")
 PROMPTS = typer.Option(None, help="with --pipeline: prompts, one per line, or JSON lines of pipeline call arguments")
 SAMPLER = typer.Option(SamplerName.ddim, help="embedded models: ddim or dpm (DPM-Solver++); a pipeline folder "
                                               "keeps its own scheduler")
 WEIGHTS = typer.Option(None, help="embedded model: weights folder (default: the shipped weights)")
 STEPS = typer.Option(50, min=1, help="denoising steps (num_inference_steps)")
+DEFAULT_STEPS = 50
+ANY_STEPS = typer.Option(None, min=1, help="denoising steps (num_inference_steps; default 50, dlm: one answer "
+                                          "token per step)")
 GUIDANCE = typer.Option(3.0, help="classifier-free guidance scale (<= 1 disables it)")
 THREADS = typer.Option(0, min=0, help="torch threads (0: torch's default)")
 
@@ -59,6 +64,8 @@ def setup(threads: int = 0, guidance: float | None = None) -> None:
 
 def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: SamplerName | str = "ddim",
            weights: Path | None = None) -> Target:
+    if pipeline is None and model == "dlm":
+        raise ValueError("--model dlm (the diffusion language model) works with generate, search and train")
     if pipeline is None and model not in EMBEDDED:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(EMBEDDED)}, or give --pipeline PATH")
     if pipeline is not None and weights is not None:

@@ -13,12 +13,13 @@ import typer
 
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.cli.common import (
+    ANY_MODEL,
+    ANY_STEPS,
+    DEFAULT_STEPS,
     GUIDANCE,
-    MODEL,
     PIPELINE,
     PROMPTS,
     SAMPLER,
-    STEPS,
     THREADS,
     WEIGHTS,
     SamplerName,
@@ -29,6 +30,7 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
+from diffaccel.cli.lm import LM_MODEL, lm_generate, lm_plan
 from diffaccel.errors import DiffaccelError
 from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.methods.ptq import quant_spec
@@ -53,12 +55,12 @@ WARMUP = typer.Option(1, min=0, help="--parallel patch: synchronous steps at the
 
 @app.command()
 def generate(
-    model: str = MODEL,
+    model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
     classes: str = typer.Option(None, help="embedded models: comma-separated class names (default: all)"),
-    per_class: int = typer.Option(8, min=1, help="images per class (embedded) or per prompt"),
-    steps: int = STEPS,
+    per_class: int = typer.Option(8, min=1, help="images per class (embedded) or per prompt; dlm: problems per task"),
+    steps: int = ANY_STEPS,
     sampler: SamplerName = SAMPLER,
     guidance: float = GUIDANCE,
     seed: int = typer.Option(0, min=0, help="base seed; each image's noise follows from it"),
@@ -89,18 +91,21 @@ def generate(
     def job() -> dict | None:
         setup(threads, guidance)
         tag_logging(init())
-        names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
-        if names is not None and not names:
-            raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
+        if model == LM_MODEL and pipeline is None:
+            settings = parse_params(param)  # refresh_every, window, block_size: --param key=value
+            lm_generate(out, lm_plan(method, plan, settings), steps, per_class, compare, 3, weights, save_plan)
+            return None
+        names = _class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
         if plan is not None:
             Plan.load(plan)  # a broken plan file fails before any model is loaded
         tgt = target(model, pipeline, prompts, sampler, weights)
-        cfg = GenerateConfig(classes=names, per_class=per_class, steps=steps, sampler=sampler.value,
+        num_steps = steps or DEFAULT_STEPS
+        cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,
                              guidance=guidance, seed=seed, batch_size=batch_size)
-        the_plan = resolve_plan(tgt, steps, guidance, method, plan, settings)
+        the_plan = resolve_plan(tgt, num_steps, guidance, method, plan, settings)
         if quant is not None:
-            calls = tgt.workload(steps, guidance, per_class=2 if tgt.embedded else 1)
+            calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1)
             spec = quant_spec(tgt.pipe, calls, quant, quant_backend, quant_per_step)
             the_plan = (the_plan or _identity(tgt)).with_quant(spec)
         if the_plan is not None and save_plan is not None:
@@ -109,6 +114,13 @@ def generate(
         return run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
 
     _report(run_guarded(_rank_tagged, job), out, compare)
+
+
+def _class_names(classes: str | None) -> list[str] | None:
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
+    if names is not None and not names:
+        raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
+    return names
 
 
 def _report(record: dict | None, out: Path, compare: bool) -> None:

@@ -8,12 +8,13 @@ from pathlib import Path
 import typer
 
 from diffaccel.cli.common import (
+    ANY_MODEL,
+    ANY_STEPS,
+    DEFAULT_STEPS,
     GUIDANCE,
-    MODEL,
     PIPELINE,
     PROMPTS,
     SAMPLER,
-    STEPS,
     THREADS,
     WEIGHTS,
     SamplerName,
@@ -23,6 +24,7 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
+from diffaccel.cli.lm import LM_MODEL, lm_search
 from diffaccel.methods.ptq import quant_spec
 from diffaccel.search import SearchConfig, parse_budget, parse_duration
 from diffaccel.search import search as run_search
@@ -55,17 +57,24 @@ def parse_bit_choices(bits: str | None, quant: str | None) -> tuple[int, ...] | 
     return choices
 
 
+BUDGET = typer.Option(None, help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X, also psnr_p5>=X, "
+                                 "comma-separated (default psnr>=30); dlm: accuracy>=-1 (points from the uncached "
+                                 "sampler) or accuracy>=95 (percent)")
+STRATEGY = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dynamic programming on the profile), "
+                                                 "greedy, or joint (sampler, steps and caching together)")
+
+OBJECTIVE = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated from per-unit wall "
+                                                  "time, or bops (MACs weighted by weight bits)")
+
+
 @app.command()
 def search(
-    model: str = MODEL,
+    model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
-    budget: str = typer.Option("psnr>=30", help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X"),
-    objective: ObjectiveName = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated "
-                                            "from per-unit wall time, or bops (MACs weighted by weight bits)"),
-    strategy: StrategyName = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dynamic programming "
-                                                                   "on the profile), greedy, or joint (sampler, "
-                                                                   "steps and caching together)"),
+    budget: str = BUDGET,
+    objective: ObjectiveName = OBJECTIVE,
+    strategy: StrategyName = STRATEGY,
     time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h"),
     trials: int = typer.Option(None, min=1, help="nsga2: stop when the study holds this many trials"),
     out: Path = typer.Option(Path("out/search"), help="output folder (and its study.db, to resume from)"),
@@ -73,7 +82,7 @@ def search(
     seed: int = typer.Option(0, min=0, help="search seed (also picks the calibration noise)"),
     calib_per_class: int = typer.Option(2, min=1, help="calibration images per class (embedded) or per prompt"),
     heldout_per_class: int = typer.Option(4, min=1, help="held-out images per class or prompt (evaluation seeds)"),
-    steps: int = STEPS,
+    steps: int = ANY_STEPS,
     sampler: SamplerName = SAMPLER,
     guidance: float = GUIDANCE,
     population: int = typer.Option(16, min=2, help="nsga2 population size"),
@@ -89,17 +98,24 @@ def search(
 ) -> None:
     """Search a static plan that meets a quality budget at the least cost; write plan.json, front.json,
     front.png and summary.json. Run the same command again to resume an interrupted search."""
+    if model == LM_MODEL and pipeline is None:
+        setup(threads)
+        run_guarded(lm_search, out, budget or "accuracy>=-1", steps, objective.value, weights)
+        return
+
     def job():
         setup(threads, guidance)
-        parse_budget(budget)
+        quality = budget or "psnr>=30"
+        parse_budget(quality)
         limit = parse_duration(time_limit)
         choices = parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
-        calibrate = tgt.workload(steps, guidance, calib_per_class, seed)
-        heldout = tgt.workload(steps, guidance, heldout_per_class, 0, calibration=False)
+        num_steps = steps or DEFAULT_STEPS
+        calibrate = tgt.workload(num_steps, guidance, calib_per_class, seed)
+        heldout = tgt.workload(num_steps, guidance, heldout_per_class, 0, calibration=False)
         spec = quant_spec(tgt.pipe, calibrate, quant, quant_backend) if quant is not None else None
         name = f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name
-        config = SearchConfig(budget=budget, objective=objective.value, strategy=strategy.value, seed=seed,
+        config = SearchConfig(budget=quality, objective=objective.value, strategy=strategy.value, seed=seed,
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
                               quant=spec, bits=choices, correct=correct, model_name=name)
         return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout,

@@ -1,0 +1,94 @@
+"""``--model dlm``: the diffusion language model through ``generate`` and ``search``.
+
+A diffusion LM answers problems instead of drawing images, and its plans (``LMPlan``: dKV-Cache,
+prompt caching, block diffusion) cache tokens rather than steps x units, so these commands take a
+short path of their own: held-out problems of every task, exact-match accuracy, MACs and tokens per
+second, written to ``record.json`` (and ``answers.jsonl``) in ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from diffaccel.eval.io import write_json
+from diffaccel.lm.evaluate import compare as compare_plan
+from diffaccel.lm.evaluate import run, score
+from diffaccel.lm.pipeline import load_dlm
+from diffaccel.lm.plan import LM_METHODS, LMPlan, make_lm_plan
+from diffaccel.lm.search import search_lm
+from diffaccel.lm.tasks import held_out, is_correct
+
+LM_MODEL = "dlm"
+LM_HELP = f"dlm: the diffusion language model (methods {', '.join(m for m in LM_METHODS if m != 'none')})"
+
+
+def lm_plan(method: str | None, plan_file: Path | None, settings: dict[str, Any]) -> LMPlan | None:
+    """The LM plan of ``--method`` (with its settings) or ``--plan``; None for neither."""
+    if method is not None and plan_file is not None:
+        raise ValueError("give --method or --plan, not both")
+    if plan_file is not None:
+        return LMPlan.load(plan_file)
+    if method is None:
+        if settings:
+            raise ValueError(f"method settings ({', '.join(settings)}) need --method")
+        return None
+    return make_lm_plan(method, **settings)
+
+
+def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int, compare: bool, repeats: int,
+                weights: Path | None, save_plan: Path | None) -> dict:
+    """Answer ``per_task`` held-out problems of every task (with ``plan``); with ``compare``, against
+    the uncached sampler on the same problems, interleaved. Writes record.json and answers.jsonl."""
+    if compare and plan is None:
+        raise ValueError("--compare needs a plan to compare with the uncached sampler: give --method or --plan")
+    pipe = load_dlm(weights)
+    problems = held_out("eval", per_task=per_task)
+    call = {"steps": steps or pipe.default_steps}
+    if compare:
+        record = compare_plan(pipe, plan, problems, repeats=repeats, **call)
+        output, _ = run(pipe, problems, plan, **call)  # the answers (compare keeps only their scores)
+    else:
+        output, seconds = run(pipe, problems, plan, **call)
+        record = {"method": plan.method if plan else "none", "setting": plan.setting() if plan else "",
+                  **score(problems, output.texts), "macs": output.macs, "seconds": seconds, "steps": call["steps"],
+                  "tokens_per_second": len(problems) * pipe.answer_length / seconds}
+    record = {"model": LM_MODEL, "weights": str(weights) if weights else None, **record}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "record.json", record)
+    with (out / "answers.jsonl").open("w") as handle:
+        for problem, text in zip(problems, output.texts):
+            handle.write(json.dumps({"task": problem.task, "prompt": problem.prompt, "answer": text,
+                                     "correct": is_correct(problem.prompt, text)}) + "\n")
+    if plan is not None and save_plan is not None:
+        plan.save(save_plan)
+    typer.echo(_summary(record))
+    typer.echo(f"wrote {out / 'record.json'} and {out / 'answers.jsonl'}")
+    return record
+
+
+def lm_search(out: Path, budget: str, steps: int | None, objective: str, weights: Path | None) -> LMPlan:
+    """The fastest LM plan within ``budget`` (``accuracy>=-1``: one point below the uncached sampler)."""
+    pipe = load_dlm(weights)
+    plan = search_lm(pipe, budget, steps=steps, objective="wall" if objective == "latency" else "macs")
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    record = plan.params["search"]
+    write_json(out / "search.json", record)
+    chosen = record["chosen"]
+    typer.echo(f"baseline accuracy {record['baseline_accuracy']:.1f} %, floor {record['floor']:.1f} %; " + (
+        f"chosen {chosen['method']} {chosen['setting']}: {chosen['accuracy']:.1f} %, {chosen['speedup']:.2f}x"
+        if chosen else "no candidate met the budget: the all-compute plan"))
+    typer.echo(f"wrote {out / 'plan.json'} and {out / 'search.json'}")
+    return plan
+
+
+def _summary(record: dict) -> str:
+    line = f"{record['method']} {record['setting']}".strip() + f": accuracy {record['accuracy']:.1f} %"
+    if "speedup_macs" in record:
+        line += (f" (uncached {record['baseline_accuracy']:.1f} %), {record['speedup_macs']:.2f}x MACs, "
+                 f"{record['speedup_wall']:.2f}x wall-clock")
+    return line + f", {record['tokens_per_second']:.0f} tokens/s"
