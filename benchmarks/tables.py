@@ -105,7 +105,36 @@ def bench(model: str) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"engine": engine, "quant": quant, "search": search, "joint": joint, "bench": bench}
+def joint_search(model: str) -> str:
+    data = json.loads((RESULTS / f"joint_search_{model}.json").read_text())
+    lines = [f"**{model}** (search {data['search_seconds']:.0f} s of a {data['time_limit']} limit; "
+             f"{data['heldout_images']} held-out images, budget `{data['budget']}` on calibration):", "",
+             "| plan | sampler | MACs | wall | PSNR (p5, min) | SSIM | accuracy (50-step DDIM) | FD (50-step DDIM) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['name']} | {r['solver'] or 'ddim 50'} | {r['speedup_macs']:.2f}x | "
+                     f"{r['speedup_wall']:.2f}x | "
+                     f"{r['psnr']:.2f} ({r['psnr_p5']:.1f}, {r['psnr_min']:.1f}) | {r['ssim']:.3f} | "
+                     f"{r['accuracy']:.1%} ({r['baseline_accuracy']:.1%}) | {r['fd']:.3f} ({r['baseline_fd']:.3f}) |")
+    return "\n".join(lines)
+
+
+def samplers(model: str) -> str:
+    data = json.loads((RESULTS / f"samplers_{model}.json").read_text())
+    lines = [f"**{model}** ({data['images']} held-out images; PSNR against 50-step DDIM, whose accuracy is "
+             f"{data['baseline_accuracy']:.1%} and FD {data['baseline_fd']:.3f}):", "",
+             "| sampler | steps | PSNR (p5) | SSIM | accuracy | FD |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['solver']} | {r['steps']} | {r['psnr']:.2f} ({r['psnr_p5']:.1f}) | {r['ssim']:.3f} | "
+                     f"{r['accuracy']:.1%} | {r['fd']:.3f} |")
+    most = max(r["steps"] for r in data["rows"])
+    reach = ", ".join(f"{name} {steps if steps is not None else f'more than {most}'}"
+                      for name, steps in data["steps_to_30db"].items())
+    return "\n".join(lines + ["", f"Fewest steps to a mean PSNR of 30 dB: {reach}."])
+
+
+TABLES = {"engine": engine, "quant": quant, "search": search, "joint": joint, "bench": bench,
+          "joint_search": joint_search, "samplers": samplers}
 
 
 def docs_page() -> str:
