@@ -320,3 +320,11 @@ def test_cli_trains_generates_compares_and_searches_the_lm(monkeypatch, capsys, 
                                "--out", tmp_path / "bad", *args[1:])
         lines = err.strip().splitlines()
         assert code == 2 and lines[-1].startswith("error: ") and fragment in lines[-1], err
+
+
+def test_a_task_mix_chooses_the_training_tasks_and_bad_mixes_are_refused():
+    assert {p.task for p in T.training_batch(0, 3, 50, {"get": 1.0})} == {"get"}
+    assert T.training_batch(0, 3, 20) == T.training_batch(0, 3, 20, None)
+    for bad in ({"nope": 1.0}, {"get": -1.0}, {"get": 0.0}, {}):
+        with pytest.raises(ValueError, match="task mix"):
+            T.training_batch(0, 3, 5, bad)

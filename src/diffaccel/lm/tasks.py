@@ -162,11 +162,24 @@ def make_problem(task: str, rng: random.Random, split: str = "train") -> Problem
 TRAINING_MIX = {"add": 0.3, "sort": 0.15, "rev": 0.1, "get": 0.3, "close": 0.15}
 
 
-def training_batch(seed: int, step: int, size: int) -> list[Problem]:
+def check_mix(mix: dict[str, float] | None) -> None:
+    """Refuse task weights that name an unknown task or are not positive numbers."""
+    if mix is None:
+        return
+    unknown = sorted(set(mix) - set(TASKS))
+    if unknown or not mix or not all(isinstance(w, (int, float)) and w >= 0 for w in mix.values()) \
+            or not sum(mix.values()) > 0:
+        raise ValueError(f"a task mix maps tasks ({', '.join(TASKS)}) to non-negative weights with a positive "
+                         f"sum; got {mix}")
+
+
+def training_batch(seed: int, step: int, size: int, mix: dict[str, float] | None = None) -> list[Problem]:
     """The training problems of step ``step``: a pure function of ``(seed, step)``, tasks mixed
-    as ``TRAINING_MIX`` says."""
+    as ``mix`` (default ``TRAINING_MIX``) says."""
+    check_mix(mix)
     rng = random.Random(seed * 1_000_003 + step)
-    names, weights = list(TRAINING_MIX), list(TRAINING_MIX.values())
+    mix = mix or TRAINING_MIX
+    names, weights = list(mix), list(mix.values())
     return [make_problem(rng.choices(names, weights)[0], rng) for _ in range(size)]
 
 

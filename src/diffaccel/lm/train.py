@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffaccel.lm.evaluate import score
 from diffaccel.lm.model import ANSWER_LENGTH, PROMPT_LENGTH, block_training_layout, build_model, forward_full
 from diffaccel.lm.pipeline import DLMPipeline
-from diffaccel.lm.tasks import Problem, held_out, training_batch
+from diffaccel.lm.tasks import Problem, check_mix, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
 
@@ -53,6 +53,7 @@ class TrainConfig:
     overrides: str = "{}"  # JSON of model-config overrides (tiny models in tests)
     prompt_length: int = PROMPT_LENGTH
     answer_length: int = ANSWER_LENGTH
+    mix: str = ""  # JSON task weights, e.g. '{"get": 0.6, "add": 0.1, ...}'; empty: tasks.TRAINING_MIX
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -133,11 +134,13 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     start = time.monotonic()
     model.train()
+    mix = json.loads(cfg.mix) if cfg.mix else None
     while step < cfg.steps:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = masked_diffusion_loss(model, tokenizer, training_batch(cfg.seed, step, cfg.batch), gen, cfg)
+        problems = training_batch(cfg.seed, step, cfg.batch, mix)
+        loss = masked_diffusion_loss(model, tokenizer, problems, gen, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(**args)
-    json.loads(cfg.overrides)  # a malformed --overrides fails here, before any work
+    json.loads(cfg.overrides)  # a malformed --overrides or --mix fails here, before any work
+    check_mix(json.loads(cfg.mix) if cfg.mix else None)
     result = train(cfg, out, resume=resume)
     print(json.dumps({"step": result["step"], "loss_last": result["loss_last"][-5:]}))
     if dest:
