@@ -60,6 +60,7 @@ def measure(name: str, pipe, problems: list, args: argparse.Namespace) -> dict:
     command = f"python benchmarks/dlm.py --rows {name}"
     if args.steps:
         command += f" --steps {args.steps}"
+    command += f" --per-task {args.per_task} --repeats {args.repeats} --threads {args.threads}"
     return {"name": name, **result, "command": command}
 
 
