@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from diffaccel.adapters import Unit
+from diffaccel.adapters import Adapter, Unit
 from diffaccel.plan import Plan
-from diffaccel.runtime.state import BranchState
+from diffaccel.runtime.state import BranchState, Stats
 
-if TYPE_CHECKING:
-    from diffaccel.runtime.executor import Executor
+
+class Host(Protocol):
+    """What a feature may use of the executor that runs it (features do not import the executor)."""
+
+    model: torch.nn.Module
+    adapter: Adapter
+    units: list[Unit]
+    stats: Stats
+
+    @property
+    def current_step(self) -> int | None: ...
+
+    def timesteps(self) -> list[float] | None: ...
+
+    def run_forward(self, original: Callable, args: tuple, kwargs: dict, state: BranchState, shape: tuple) -> Any: ...
 
 
 class Feature:
@@ -28,7 +41,7 @@ class Feature:
     edits_served_values = False  # True: reused units must be served one by one, not summed in runs
     needs_scheduler = False  # True: acts on the latents between steps, so needs the pipeline's scheduler
 
-    def __init__(self, plan: Plan, executor: Executor) -> None:
+    def __init__(self, plan: Plan, executor: Host) -> None:
         self.plan = plan
         self.executor = executor
 
