@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers
 import torch
 import transformers
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
 from diffaccel.errors import WeightsError
@@ -28,7 +29,15 @@ from diffaccel.zoo.t2i import text
 from diffaccel.zoo.t2i.vae import load_vae
 from diffaccel.zoo.weights import WEIGHTS_DIR
 
-PIPELINES: dict[str, type[DiffusionPipeline]] = {"pixart": PixArtAlphaPipeline, "sd": StableDiffusionPipeline}
+# class names, looked up when used: importing StableDiffusionPipeline loads transformers' image processors,
+# which warn about torchvision; a command that never runs these pipelines should not pay for that
+PIPELINES = {"pixart": "PixArtAlphaPipeline", "sd": "StableDiffusionPipeline"}
+
+
+def pipeline_class(name: str) -> type[DiffusionPipeline]:
+    """The stock diffusers class of the ``pixart`` or ``sd`` pipeline (imported quietly on first use)."""
+    with quiet_loading():
+        return getattr(diffusers, PIPELINES[name])
 DENOISER_FOLDER = {"pixart": "transformer", "sd": "unet"}
 DEFAULT_GUIDANCE = {"pixart": 4.0, "sd": 4.0}
 
@@ -77,10 +86,11 @@ def load_t2i_pipeline(name: str, sampler: str = "ddim", weights_dir: Path | None
         raise ValueError(f"unknown sampler {sampler!r}; choose ddim or dpm")
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR / name
     _check_folder(name, folder)
+    cls = pipeline_class(name)  # before quiet_loading: it does not nest
     try:  # the fp16 files load as stored, then convert exactly (no dtype argument: its name changed in diffusers)
         with quiet_loading():
-            pipe = PIPELINES[name].from_pretrained(folder, use_safetensors=True, local_files_only=True,
-                                                   low_cpu_mem_usage=False).to(dtype)
+            pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                      low_cpu_mem_usage=False).to(dtype)
     except Exception as exc:  # diffusers and transformers raise many types for a damaged folder
         raise WeightsError(f"the {name} pipeline in {folder} is corrupt: {str(exc).splitlines()[0][:200]} "
                            "(reinstall diffaccel or re-export it)") from exc
@@ -93,7 +103,7 @@ def load_t2i_pipeline(name: str, sampler: str = "ddim", weights_dir: Path | None
 
 def call_kwargs(pipe: DiffusionPipeline) -> dict:
     """Extra keyword arguments a call of this pipeline needs (PixArt's; none for SD)."""
-    if isinstance(pipe, PixArtAlphaPipeline):
+    if isinstance(pipe, pipeline_class("pixart")):
         return {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": text.MAX_LENGTH}
     return {}
 
@@ -119,10 +129,10 @@ def write_pipeline(model: torch.nn.Module, vae_folder: Path, dest: Path, info: d
     vae, scheduler = load_vae(vae_folder), make_scheduler("ddim")
     scheduler.register_to_config(steps_offset=1)  # unused with trailing spacing; SD's pipeline warns unless 1
     if kind == "pixart":
-        pipe = PixArtAlphaPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=vae,
+        pipe = pipeline_class("pixart")(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=vae,
                                    transformer=model.transformer, scheduler=scheduler)
     else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+        pipe = pipeline_class("sd")(vae=vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                        unet=model.unet, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if dest.exists():
