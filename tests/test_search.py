@@ -326,6 +326,35 @@ def test_a_trial_left_running_is_re_evaluated(pipes, straight, tmp_path):
     assert front_of(tmp_path) == straight
 
 
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_re_evaluated(pipes, straight, tmp_path,
+                                                                             monkeypatch):
+    """With another live process on the study (its lock held), a RUNNING trial that never beat is
+    failed once its start is older than the grace period, and evaluated again."""
+    import fcntl
+
+    import optuna
+
+    from diffaccel.search.nsga import ClockSeededNSGAII
+
+    monkeypatch.setenv("DIFFACCEL_HEARTBEAT_S", "1")
+    monkeypatch.setenv("DIFFACCEL_GRACE_S", "2")
+    search(pipes[0], calib(), trials=7, out=tmp_path, log=quiet, **RESUME)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    name = optuna.get_all_study_names(url)[0]
+    sampler = ClockSeededNSGAII(seed=RESUME["seed"], population_size=RESUME["population"])
+    hanging = optuna.load_study(study_name=name, storage=url, sampler=sampler).ask(
+        Space(pipes[0].denoiser, STEPS).distributions())
+    with open(str(tmp_path / "study.db") + ".lock", "a+") as other:  # a live worker: no fail-all on start
+        fcntl.flock(other, fcntl.LOCK_SH)
+        time.sleep(2.5)
+        search(pipes[0], calib(), trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    assert trials[hanging.number].state.name == "FAIL"
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == hanging.number]
+    assert len(retried) == 1 and retried[0].params == hanging.params and retried[0].state.name == "COMPLETE"
+    assert front_of(tmp_path) == straight
+
+
 # -- the command line ------------------------------------------------------------------------------
 def run_cli(monkeypatch, capsys, *args):
     from diffaccel.cli import main

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import importlib.util
 import inspect
@@ -38,6 +39,7 @@ from diffaccel.fingerprint import fingerprint
 from diffaccel.search.space import Genome, Space
 
 HEARTBEAT_S = 20
+BEATING = "heartbeat"  # user attr: this trial's worker has started beating
 GRACE_S = 90
 
 
@@ -179,8 +181,22 @@ class Store:
                 _requeue(self.study, trial, self.names)
 
     def fail_stale(self) -> None:
-        if self.url is not None:
-            optuna.storages.fail_stale_trials(self.study)
+        """Fail and re-enqueue the trials of dead workers: those whose heartbeat stopped (optuna), and
+        those whose worker died before its first heartbeat (optuna never counts those as stale)."""
+        if self.url is None:
+            return
+        optuna.storages.fail_stale_trials(self.study)
+        grace = heartbeat_settings()[1]
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started = trial.datetime_start
+            if BEATING in trial.user_attrs or started is None or \
+                    (datetime.datetime.now() - started).total_seconds() <= grace:
+                continue
+            try:
+                if self.storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    _requeue(self.study, trial, self.names)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker failed it first (or it finished after all)
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -231,6 +247,8 @@ class Store:
         trial = self.study.ask(self.space.distributions())
         genome = self.space.from_params(trial.params)
         with _heartbeat(self.storage, trial._trial_id, self.url is not None, getattr(self, "heartbeat", HEARTBEAT_S)):
+            if self.url is not None:
+                trial.set_user_attr(BEATING, True)  # from here on, a stopped heartbeat tells this worker died
             done = self._evaluated_before(genome, trial.number)
             if done is not None:
                 values, attrs = list(done.values), {**done.user_attrs, "duplicate_of": done.number}
@@ -265,15 +283,17 @@ def _heartbeat(storage, trial_id: int, enabled: bool, interval: float = HEARTBEA
         yield
         return
     stop = threading.Event()
+    try:  # the first beat before the work starts, so that a trial is never long without one
+        storage.record_heartbeat(trial_id)
+    except Exception:
+        pass
 
     def beat():
-        while True:
+        while not stop.wait(interval):
             try:
                 storage.record_heartbeat(trial_id)
             except Exception:  # a transient database error must not kill the search
                 pass
-            if stop.wait(interval):
-                return
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
