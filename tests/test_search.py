@@ -305,24 +305,36 @@ def test_killed_search_resumes_to_the_same_front(pipes, straight, tmp_path):
     assert front_of(tmp_path) == straight
 
 
-def test_a_trial_left_running_is_re_evaluated(pipes, straight, tmp_path):
-    """A kill during an evaluation leaves the trial RUNNING: it is failed, and its parameters
-    evaluated again first."""
+def _hanging_trial(pipe, tmp_path):
+    """A study of 7 trials plus one asked for and left RUNNING, as by a worker killed before any beat."""
     import optuna
 
     from diffaccel.search.nsga import ClockSeededNSGAII
 
-    search(pipes[0], calib(), trials=7, out=tmp_path, log=quiet, **RESUME)
+    search(pipe, calib(), trials=7, out=tmp_path, log=quiet, **RESUME)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     name = optuna.get_all_study_names(url)[0]
     sampler = ClockSeededNSGAII(seed=RESUME["seed"], population_size=RESUME["population"])
     hanging = optuna.load_study(study_name=name, storage=url, sampler=sampler).ask(
-        Space(pipes[0].denoiser, STEPS).distributions())
-    search(pipes[0], calib(), trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)
+        Space(pipe.denoiser, STEPS).distributions())
+    return url, name, hanging
+
+
+def _assert_failed_and_retried_once(url, name, hanging):
+    import optuna
+
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     assert trials[hanging.number].state.name == "FAIL"
     retried = [t for t in trials if t.user_attrs.get("retry_of") == hanging.number]
     assert len(retried) == 1 and retried[0].params == hanging.params and retried[0].state.name == "COMPLETE"
+
+
+def test_a_trial_left_running_is_re_evaluated(pipes, straight, tmp_path):
+    """A kill during an evaluation leaves the trial RUNNING: it is failed, and its parameters
+    evaluated again first."""
+    url, name, hanging = _hanging_trial(pipes[0], tmp_path)
+    search(pipes[0], calib(), trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)
+    _assert_failed_and_retried_once(url, name, hanging)
     assert front_of(tmp_path) == straight
 
 
@@ -332,26 +344,14 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_re_evaluated(pi
     failed once its start is older than the grace period, and evaluated again."""
     import fcntl
 
-    import optuna
-
-    from diffaccel.search.nsga import ClockSeededNSGAII
-
     monkeypatch.setenv("DIFFACCEL_HEARTBEAT_S", "1")
     monkeypatch.setenv("DIFFACCEL_GRACE_S", "2")
-    search(pipes[0], calib(), trials=7, out=tmp_path, log=quiet, **RESUME)
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    name = optuna.get_all_study_names(url)[0]
-    sampler = ClockSeededNSGAII(seed=RESUME["seed"], population_size=RESUME["population"])
-    hanging = optuna.load_study(study_name=name, storage=url, sampler=sampler).ask(
-        Space(pipes[0].denoiser, STEPS).distributions())
+    url, name, hanging = _hanging_trial(pipes[0], tmp_path)
     with open(str(tmp_path / "study.db") + ".lock", "a+") as other:  # a live worker: no fail-all on start
         fcntl.flock(other, fcntl.LOCK_SH)
         time.sleep(2.5)
         search(pipes[0], calib(), trials=RESUME_TRIALS, out=tmp_path, log=quiet, **RESUME)
-    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-    assert trials[hanging.number].state.name == "FAIL"
-    retried = [t for t in trials if t.user_attrs.get("retry_of") == hanging.number]
-    assert len(retried) == 1 and retried[0].params == hanging.params and retried[0].state.name == "COMPLETE"
+    _assert_failed_and_retried_once(url, name, hanging)
     assert front_of(tmp_path) == straight
 
 
