@@ -67,7 +67,12 @@ def test_task_answers_are_checked_from_the_prompt():
 
 def test_splits_are_disjoint_and_training_data_is_a_function_of_seed_and_step():
     evaluation, calibration = held_out("eval", 30), held_out("calib", 30)
-    assert {p.task for p in evaluation} == set(T.TASKS) and len({p.prompt for p in evaluation}) == len(evaluation)
+    assert {p.task for p in evaluation} == set(T.LANGUAGE) and len({p.prompt for p in evaluation}) == len(evaluation)
+    with_probe = held_out("eval", 30, tasks=T.TASKS)  # a task's problems don't depend on the other tasks asked for
+    assert [p for p in with_probe if p.task != "get"] == evaluation and {p.task for p in with_probe} == set(T.TASKS)
+    with pytest.raises(ValueError, match="unknown task"):
+        held_out("eval", 3, tasks=("add", "nope"))
+    assert {p.task for p in T.training_batch(0, 1, 400)} == set(T.LANGUAGE)
     assert all(T.split_of(p.prompt) == "eval" for p in evaluation)
     assert all(T.split_of(p.prompt) == "calib" for p in calibration)
     batch = T.training_batch(3, 17, 200)
@@ -246,7 +251,7 @@ def test_plan_json_round_trip_and_validation(tmp_path):
 def test_compare_and_search_report_what_they_measured(tiny_pipe, problems):
     result = compare(tiny_pipe, make_lm_plan("dkv-decode"), problems, repeats=1)
     assert result["speedup_macs"] > 1.5 and result["speedup_wall"] > 0
-    assert set(result["per_task"]) == set(T.TASKS) and 0 <= result["accuracy"] <= 100
+    assert set(result["per_task"]) == set(T.LANGUAGE) and 0 <= result["accuracy"] <= 100
     assert parse_budget("accuracy>=-1", 90.0) == 89.0 and parse_budget("accuracy>=95", 90.0) == 95.0
     candidates = [make_lm_plan("dkv-decode", refresh_every=1), make_lm_plan("dkv-decode", refresh_every=3)]
     plan = search_lm(tiny_pipe, "accuracy>=-100", problems, candidates)
@@ -275,7 +280,7 @@ def test_training_resumed_equals_uninterrupted_and_exports_a_loadable_model(tmp_
     split = load_file(tmp_path / "split" / "checkpoint.safetensors")
     assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
     pipe = load_dlm(tmp_path / "weights")
-    assert len(pipe(held_out("eval", per_task=1)).texts) == len(T.TASKS)
+    assert len(pipe(held_out("eval", per_task=1)).texts) == len(T.LANGUAGE)
     (tmp_path / "weights" / "model.safetensors").write_bytes(b"not a model")
     with pytest.raises(WeightsError, match="corrupt"):
         load_dlm(tmp_path / "weights")
@@ -301,7 +306,7 @@ def test_cli_trains_generates_compares_and_searches_the_lm(monkeypatch, capsys, 
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert record["method"] == "block" and record["speedup_macs"] > 1 and record["speedup_wall"] > 0
     assert {"accuracy", "baseline_accuracy", "tokens_per_second"} <= record.keys()
-    assert len(answers) == 2 * len(T.TASKS) and "MACs" in stdout
+    assert len(answers) == 2 * len(T.LANGUAGE) and "MACs" in stdout
     assert LMPlan.load(tmp_path / "block.json").block_size == 4
     code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", "dlm", "--weights", weights, "--per-class", "1",
                            "--plan", tmp_path / "block.json", "--out", tmp_path / "again")
@@ -312,10 +317,21 @@ def test_cli_trains_generates_compares_and_searches_the_lm(monkeypatch, capsys, 
     assert code == 0, err
     chosen = LMPlan.load(tmp_path / "search" / "plan.json")
     assert chosen.method != "none" and "chosen" in stdout  # any plan meets a floor 100 points down
+    code, stdout, err = run_cli(monkeypatch, capsys, "bench", "--model", "dlm", "--weights", weights, "--quick",
+                                "--only", "baseline,block-4,search", "--budget", "accuracy>=-100",
+                                "--out", tmp_path / "bench")
+    assert code == 0, err
+    bench = json.loads((tmp_path / "bench" / "results.json").read_text())
+    rows = {row["name"]: row for row in bench["rows"]}
+    assert list(rows) == ["baseline", "block-4", "search"] and rows["baseline"]["speedup_wall"] == 1.0
+    assert rows["block-4"]["speedup_macs"] > 1 and rows["search"]["method"] != "none"
+    assert all("--model dlm --only" in row["command"] for row in rows.values())
+    assert "| block-4 |" in (tmp_path / "bench" / "results.md").read_text()
     for args, fragment in [(("generate", "--method", "dkv-nothing"), "unknown LM method"),
                            (("generate", "--compare"), "--compare needs a plan"),
                            (("search", "--budget", "psnr>=30"), "accuracy>=-1"),
-                           (("quantize",), "generate, search and train")]:
+                           (("bench", "--only", "block-99"), "unknown or no rows"),
+                           (("quantize",), "generate, search, bench and train")]:
         code, _, err = run_cli(monkeypatch, capsys, args[0], "--model", "dlm", "--weights", weights,
                                "--out", tmp_path / "bad", *args[1:])
         lines = err.strip().splitlines()

@@ -9,13 +9,14 @@ import typer
 
 from diffaccel.bench import BenchConfig, load_results, run_bench
 from diffaccel.bench.sweeps import read_sweep
-from diffaccel.cli.common import PIPELINE, PROMPTS, SamplerName, app, run_guarded
+from diffaccel.cli.common import ANY_MODEL, ANY_STEPS, DEFAULT_STEPS, PIPELINE, PROMPTS, SamplerName, app, run_guarded
+from diffaccel.cli.lm import LM_MODEL, lm_bench
 from diffaccel.report.html import summary_lines, write_report
 
 
 @app.command()
 def bench(
-    model: str = typer.Option("dit", help="embedded model: dit or unet (ignored with --pipeline)"),
+    model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
     quick: bool = typer.Option(False, help="a short run: 2 images per class, two settings per method "
@@ -24,29 +25,44 @@ def bench(
     sweep: Path = typer.Option(None, help="JSON file: names -> lists of settings objects (replaces the default sweep)"),
     only: str = typer.Option(None, help="comma-separated methods/peers of the sweep to run"),
     peers: bool = typer.Option(True, help="run the peers (--no-peers: diffaccel and step baselines only)"),
-    per_class: int = typer.Option(None, help="images per class or prompt (default 100; 2 with --quick)"),
+    per_class: int = typer.Option(None, help="images per class or prompt (default 100; 2 with --quick); dlm: problems "
+                                             "per task (default 100; 5 with --quick)"),
     batch_size: int = typer.Option(None, help="images per pipeline call (default 60; 4 with --quick)"),
     classes: str = typer.Option(None, help="embedded models: comma-separated class names (default: all)"),
-    steps: int = typer.Option(50, help="denoising steps of the baseline"),
+    steps: int = ANY_STEPS,
     sampler: SamplerName = typer.Option(SamplerName.ddim, help="ddim or dpm (DPM-Solver++)"),
     guidance: float = typer.Option(3.0, help="classifier-free guidance scale"),
     seed: int = typer.Option(100, min=0, help="base seed of the held-out noise"),
     threads: int = typer.Option(1, help="torch threads in every worker process"),
     timed_pairs: int = typer.Option(None, help="batches each group times against the baseline (default 5; "
-                                               "all with --quick)"),
+                                               "all with --quick); dlm: timed repeats per row (default 5)"),
+    budget: str = typer.Option("accuracy>=-1", help="dlm: the search row's budget (accuracy points from the uncached "
+                                                    "sampler, or an absolute floor: accuracy>=95)"),
     resume: bool = typer.Option(False, help="continue the newest unfinished run of the same settings in --out"),
     group_timeout: float = typer.Option(6 * 3600.0, help="seconds one group (a peer, one of our methods) may take"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
 ) -> None:
     """Benchmark every diffaccel method, the peers and fewer-step baselines on one embedded model or
     pipeline folder: speed (MACs, wall clock), memory and quality, written as results.json, results.md
-    and report.html."""
+    and report.html. ``--model dlm``: every LM method and the plan searched under ``--budget``,
+    against the uncached sampler on held-out problems (results.json, results.md)."""
+    if model == LM_MODEL and pipeline is None:
+        rows = [n.strip() for n in only.split(",") if n.strip()] if only is not None else None
+        record = run_guarded(lambda: lm_bench(out, budget, per_class or (5 if quick else 100),
+                                              timed_pairs or (1 if quick else 5), steps, rows, weights))
+        typer.echo(f"accuracy of the uncached sampler {record['rows'][0]['baseline_accuracy']:.1f} %")
+        for row in record["rows"]:
+            typer.echo(f"  {row['name']:24s} {row['accuracy']:5.1f} %  {row['speedup_macs']:.2f}x MACs  "
+                       f"{row['speedup_wall']:.2f}x wall")
+        typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+        return
 
     def job():
         if not math.isfinite(guidance):
             raise ValueError(f"--guidance must be a finite number, got {guidance}")
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
-        cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size, steps=steps,
+        cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
+                          steps=steps or DEFAULT_STEPS,
                           sampler=sampler.value, guidance=guidance, seed=seed, threads=threads, classes=names,
                           sweep=read_sweep(sweep) if sweep is not None else None,
                           only=[n.strip() for n in only.split(",") if n.strip()] if only is not None else None,

@@ -65,7 +65,7 @@ def setup(threads: int = 0, guidance: float | None = None) -> None:
 def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: SamplerName | str = "ddim",
            weights: Path | None = None) -> Target:
     if pipeline is None and model == "dlm":
-        raise ValueError("--model dlm (the diffusion language model) works with generate, search and train")
+        raise ValueError("--model dlm (the diffusion language model) works with generate, search, bench and train")
     if pipeline is None and model not in EMBEDDED:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(EMBEDDED)}, or give --pipeline PATH")
     if pipeline is not None and weights is not None:

@@ -1,4 +1,4 @@
-"""``--model dlm``: the diffusion language model through ``generate`` and ``search``.
+"""``--model dlm``: the diffusion language model through ``generate``, ``search`` and ``bench``.
 
 A diffusion LM answers problems instead of drawing images, and its plans (``LMPlan``: dKV-Cache,
 prompt caching, block diffusion) cache tokens rather than steps x units, so these commands take a
@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from diffaccel.eval.io import write_json
+from diffaccel.lm.bench import ROWS, run_rows, table
 from diffaccel.lm.evaluate import compare as compare_plan
 from diffaccel.lm.evaluate import run, score
 from diffaccel.lm.pipeline import load_dlm
@@ -84,6 +85,27 @@ def lm_search(out: Path, budget: str, steps: int | None, objective: str, weights
         if chosen else "no candidate met the budget: the all-compute plan"))
     typer.echo(f"wrote {out / 'plan.json'} and {out / 'search.json'}")
     return plan
+
+
+def lm_bench(out: Path, budget: str, per_task: int, repeats: int, steps: int | None, rows: list[str] | None,
+             weights: Path | None) -> dict:
+    """Every LM method at its standard settings and the plan searched under ``budget`` (on
+    calibration problems), each against the uncached sampler on ``per_task`` held-out problems of
+    every task. Writes results.json (saved after every row) and results.md."""
+    names = rows or list(ROWS)
+    pipe = load_dlm(weights)
+    record: dict = {"model": LM_MODEL, "weights": str(weights) if weights else None, "budget": budget}
+    out.mkdir(parents=True, exist_ok=True)
+
+    def command(name: str) -> str:
+        return (f"diffaccel bench --model dlm --only {name} --budget '{budget}' --per-class {per_task} "
+                f"--timed-pairs {repeats}" + (f" --steps {steps}" if steps else ""))
+
+    record = run_rows(names, pipe, held_out("eval", per_task=per_task), held_out("calib", per_task=max(per_task, 20)),
+                      record, lambda current: write_json(out / "results.json", current), command,
+                      budget=budget, steps=steps, repeats=repeats, log=lambda line: typer.echo(line, err=True))
+    (out / "results.md").write_text(f"# diffaccel bench: dlm, budget {budget}\n\n{table(record)}\n")
+    return record
 
 
 def _summary(record: dict) -> str:

@@ -11,7 +11,7 @@
 from diffaccel.lm.executor import LMRun, LMStats, lm_accelerate
 from diffaccel.lm.pipeline import DLMOutput, DLMPipeline, load_dlm
 from diffaccel.lm.plan import LM_METHODS, LMPlan, LMPlanError, make_lm_plan
-from diffaccel.lm.tasks import TASKS, Problem, held_out, is_correct, solve
+from diffaccel.lm.tasks import LANGUAGE, TASKS, Problem, held_out, is_correct, solve
 
-__all__ = ["LM_METHODS", "TASKS", "DLMOutput", "DLMPipeline", "LMPlan", "LMPlanError", "LMRun", "LMStats",
+__all__ = ["LANGUAGE", "LM_METHODS", "TASKS", "DLMOutput", "DLMPipeline", "LMPlan", "LMPlanError", "LMRun", "LMStats",
            "Problem", "held_out", "is_correct", "lm_accelerate", "load_dlm", "make_lm_plan", "solve"]

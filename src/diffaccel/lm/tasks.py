@@ -1,4 +1,5 @@
-"""The synthetic language the diffusion LM learns: five tasks with answers checkable from the prompt.
+"""The synthetic language the diffusion LM learns: four tasks (and one opt-in probe) with answers
+checkable from the prompt.
 
 Every problem is a prompt string and an answer string over a small character vocabulary; every
 task has a ``solve(prompt)`` that computes the answer from the prompt alone, so correctness is
@@ -8,8 +9,11 @@ real use of a language model, where cached prompt keys and values pay off):
 * ``add``   ``"4821+0937="``          -> ``"05758"``      (4-digit addends and 5-digit sum, zero-padded)
 * ``sort``  ``"sort:93810472"``       -> ``"01234789"``   (6-10 digits)
 * ``rev``   ``"rev:abcdef"``          -> ``"fedcba"``     (5-10 letters)
-* ``get``   ``"b372k118q004?k"``      -> ``"118"``        (4-7 key/value pairs, look one up)
 * ``close`` ``"close:([]{<"``         -> ``"<}])"``-like  (close the open brackets, depth <= 6)
+* ``get``   ``"b372k118q004?k"``      -> ``"118"``        (4-7 key/value pairs, look one up): an opt-in
+  probe, not part of the default language. The shipped 4-layer model was trained with it (30 % of
+  its batches) and never learned it (5 % exact match; see docs/language-models.md), so held-out
+  sets and the default training mix leave it out; ``held_out(tasks=TASKS)`` and ``--mix`` bring it back.
 
 Train, calibration and evaluation problems are disjoint by construction: a problem belongs to the
 split given by a CRC-32 of its prompt (bucket 0 of 64: calibration, bucket 1: evaluation, the rest:
@@ -24,7 +28,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-TASKS = ("add", "sort", "rev", "get", "close")
+TASKS = ("add", "sort", "rev", "get", "close")  # every task the generator knows
+LANGUAGE = ("add", "sort", "rev", "close")  # the default language: held-out sets, training mix
 SPLITS = ("train", "calib", "eval")
 _BUCKETS = 64
 _OPEN, _CLOSE = "([{<", ")]}>"
@@ -155,11 +160,12 @@ def make_problem(task: str, rng: random.Random, split: str = "train") -> Problem
             return Problem(task, prompt, solve(prompt))
 
 
-# Share of each task in training: the two tasks that need a two-hop lookup (addition: both digits
-# of a place and the carry; look-up: the key, then the value's digit) get more, reversal (learned
-# first in every run) less. With an even mix, both were at 0 % exact match after 2000 steps while
-# reversal was at 100 %.
-TRAINING_MIX = {"add": 0.3, "sort": 0.15, "rev": 0.1, "get": 0.3, "close": 0.15}
+# Share of each task in training: addition, which needs a two-hop lookup (both digits of a place
+# and the carry), gets more, reversal (learned first in every run) less. With an even mix, addition
+# was at 0 % exact match after 2000 steps while reversal was at 100 %. The shipped weights were
+# trained with SHIPPED_MIX, which also gave 30 % to the look-up probe (never learned).
+TRAINING_MIX = {"add": 0.45, "sort": 0.2, "rev": 0.15, "close": 0.2}
+SHIPPED_MIX = {"add": 0.3, "sort": 0.15, "rev": 0.1, "get": 0.3, "close": 0.15}
 
 
 def check_mix(mix: dict[str, float] | None) -> None:
@@ -184,14 +190,16 @@ def training_batch(seed: int, step: int, size: int, mix: dict[str, float] | None
 
 
 def held_out(split: str = "eval", per_task: int = 100, seed: int = 0,
-             tasks: tuple[str, ...] = TASKS) -> list[Problem]:
+             tasks: tuple[str, ...] = LANGUAGE) -> list[Problem]:
     """``per_task`` distinct problems of each task from a held-out split (``calib`` or ``eval``),
     task by task; their seeds (``10_000 + ...``) are outside the training seeds' use."""
     if split == "train":
         raise ValueError("held_out draws from 'calib' or 'eval'; training data comes from training_batch")
     problems: list[Problem] = []
-    for index, task in enumerate(tasks):
-        rng = random.Random(10_000 + 1_000 * seed + 10 * index + SPLITS.index(split))
+    for task in tasks:  # seeded by the task's place in TASKS: a task's problems don't depend on the others asked for
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+        rng = random.Random(10_000 + 1_000 * seed + 10 * TASKS.index(task) + SPLITS.index(split))
         seen: set[str] = set()
         for _ in range(200 * per_task):
             problem = make_problem(task, rng, split)
