@@ -53,7 +53,7 @@ class TrainConfig:
     overrides: str = "{}"  # JSON of model-config overrides (tiny models in tests)
     prompt_length: int = PROMPT_LENGTH
     answer_length: int = ANSWER_LENGTH
-    mix: str = ""  # JSON task weights, e.g. '{"get": 0.6, "add": 0.1, ...}'; empty: tasks.TRAINING_MIX (the shipped weights: tasks.SHIPPED_MIX)
+    mix: str = ""  # JSON task weights, e.g. {"add": 0.5, ...}; empty: tasks.TRAINING_MIX (shipped: SHIPPED_MIX)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
