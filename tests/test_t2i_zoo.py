@@ -160,3 +160,39 @@ def test_tiny_training_resumes_to_the_same_weights(tmp_path):
         assert all(torch.equal(whole[k], split[k]) for k in whole), name
         saved = json.loads((tmp_path / "split" / name / "train_config.json").read_text())
         assert saved["steps"] == 4 and saved["stop_after"] == 0
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd"])
+def test_cli_runs_a_t2i_model_by_name_and_scores_prompt_adherence(monkeypatch, capsys, tmp_path, name):
+    from conftest import run_cli
+
+    torch.manual_seed(0)
+    build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4).save_pretrained(tmp_path / "vae",
+                                                                                safe_serialization=True)
+    _tiny_run(tmp_path, name, tmp_path / "vae", ["--export", str(tmp_path / "export")])
+    common = ("--model", name, "--weights", tmp_path / "export", "--per-class", "1", "--steps", "4")
+    code, stdout, err = run_cli(monkeypatch, capsys, "generate", *common, "--method", "fora", "--interval", "2",
+                                "--compare", "--out", tmp_path / "gen")
+    assert code == 0, err
+    record = json.loads((tmp_path / "gen" / "record.json").read_text())
+    assert record["model"] == name and record["n_images"] == 12 and len(record["prompts"]) == 12
+    assert all(captions.parse_caption(p) for p in record["prompts"])  # held-out captions by default
+    assert 0 <= record["adherence"] <= record["accuracy_shape"] == record["accuracy"] <= 1
+    assert {"adherence", "accuracy", "fd"} <= record["baseline"].keys() and record["speedup_macs"] > 1
+    assert "adherence" in stdout
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on a blue background\na purple cloud\n")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", *common, "--prompts", prompts, "--out", tmp_path / "own")
+    assert code == 0, err
+    own = json.loads((tmp_path / "own" / "record.json").read_text())
+    assert own["n_images"] == 2 and "adherence" not in own  # a prompt outside the caption language: no score
+    code, stdout, err = run_cli(monkeypatch, capsys, "bench", *common[:4], "--quick", "--only", "fora", "--no-peers",
+                                "--steps", "4", "--out", tmp_path / "bench")
+    assert code == 0, err
+    prompts_used = [json.loads(line) for line in (tmp_path / "bench" / "prompts.jsonl").read_text().splitlines()]
+    assert [c["prompt"] for c in prompts_used] == record["prompts"]  # the same held-out captions as generate
+    bench = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert any(row["name"] == "fora" for row in bench["rows"]) and bench["model"] == "export"
+    if not SHIPPED:
+        code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", name, "--out", tmp_path / "none")
+        assert code == 2 and "not shipped" in err and f"--model {name}" in err

@@ -228,6 +228,8 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
         record.update(target.evaluator.score(main, _labels(calls)), fd_samples=n)
     else:
         record["prompts"] = [str(c.get("prompt", c)) for c in target.calls]
+        if target.evaluator is not None:  # a t2i zoo model on prompts of its caption language
+            record.update(target.prompt_scores(main, calls))
     if plan is not None:
         record["plan"] = plan.model_dump(exclude_none=True)
         record["macs_per_image"] = round(runner.macs / n)
@@ -244,6 +246,9 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
         if target.embedded:
             scores = target.evaluator.score(reference, _labels(calls))
             record["baseline"].update(accuracy=scores["accuracy"], fd=scores["fd"])
+        elif target.evaluator is not None:
+            scores = target.prompt_scores(reference, calls)
+            record["baseline"].update(adherence=scores["adherence"], accuracy=scores["accuracy"], fd=scores["fd"])
     return record
 
 

@@ -1,5 +1,7 @@
-"""What a command runs on: an embedded model (``--model dit``) or a user's pipeline folder with
-its prompts (``--pipeline PATH --prompts FILE``), and the workloads built from it.
+"""What a command runs on: an embedded model (``--model dit``), one of the text-to-image zoo's
+pipelines (``--model pixart|sd``: stock diffusers pipelines with prompts of the caption language and
+an evaluator of prompt adherence) or a user's pipeline folder with its prompts (``--pipeline PATH
+--prompts FILE``), and the workloads built from it.
 
 A ``Target`` knows how to make the calibration workload (noise from the calibration seed range,
 for methods and the search) and the evaluation workload (noise from the user's seed, for
@@ -23,7 +25,13 @@ from diffaccel.calibration.workload import Workload
 from diffaccel.errors import UnsupportedModelError, WeightsError, WorkloadError
 from diffaccel.seeds import CALIBRATION_SEED
 from diffaccel.zoo import shapes
-from diffaccel.zoo.weights import load_evaluator, load_pipeline
+from diffaccel.zoo.t2i import captions
+from diffaccel.zoo.t2i.evaluator import load_t2i_evaluator
+from diffaccel.zoo.t2i.pipelines import PIPELINES, call_kwargs, load_t2i_pipeline
+from diffaccel.zoo.weights import WEIGHTS_DIR, load_evaluator, load_pipeline
+
+T2I_MODELS = tuple(PIPELINES)  # pixart, sd
+T2I_DEFAULT_PROMPTS = 12  # held-out evaluation prompts a t2i model runs when no --prompts is given
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -77,7 +85,7 @@ class Target:
     pipe: Any
     calls: list[dict] | None = None  # a user's prompts / call arguments; None for the embedded models
     weights: str | None = None  # where the weights came from (None: the shipped ones)
-    evaluator: Any = None  # the embedded evaluator (class accuracy, FD), None for other pipelines
+    evaluator: Any = None  # the embedded or t2i evaluator (accuracy / adherence, FD), None for other pipelines
 
     @property
     def embedded(self) -> bool:
@@ -101,10 +109,60 @@ class Target:
         return Workload.from_calls(calls, description=f"{kind} seeds from {base}, {len(self.calls)} prompts x "
                                                       f"{per_class}, {steps} steps, guidance {guidance:g}")
 
+    def prompt_scores(self, images: torch.Tensor, calls: list) -> dict[str, float]:
+        """A t2i model's adherence, per-attribute accuracy (``accuracy``: the shape's, as the embedded
+        models' class accuracy) and Fréchet distance of ``images``, drawn by ``calls`` in order."""
+        prompts = [prompt for call in calls for prompt in _image_prompts(call)]
+        scores = self.evaluator.score(images, prompts)
+        return {"adherence": scores["adherence"], "accuracy": scores["accuracy_shape"], **scores}
+
+
+def _image_prompts(call: Any) -> list[str]:
+    """The prompt of every image of one call (a call of one prompt and several seeds repeats it)."""
+    prompts = call.describe()
+    return prompts * len(call.seeds) if len(prompts) == 1 else prompts
+
+
+def t2i_folder(model: str, weights: Path | None) -> Path:
+    """The pipeline folder of a t2i zoo model: ``weights``, or the shipped one (an error says how to
+    get one while it is not shipped)."""
+    folder = Path(weights) if weights is not None else WEIGHTS_DIR / model
+    if weights is None and not (folder / "model_index.json").is_file():
+        raise WeightsError(f"the {model} pipeline is not shipped with this version of diffaccel (its training has not "
+                           f"reached the quality bar yet): train one with `diffaccel train --model {model} --out "
+                           f"runs/{model} --export DIR` and pass --weights DIR")
+    return folder
+
+
+def t2i_default_calls() -> list[dict]:
+    """The held-out captions a t2i zoo model runs when no prompts are given."""
+    return [{"prompt": captions.caption(a)} for a, _ in captions.items("eval", T2I_DEFAULT_PROMPTS)]
+
+
+def _t2i_target(model: str, prompts: Path | None, sampler: str, weights: Path | None) -> Target:
+    pipe = load_t2i_pipeline(model, sampler, t2i_folder(model, weights))
+    calls = t2i_default_calls() if prompts is None else read_prompts(prompts)
+    in_language = all(isinstance(c.get("prompt"), str) and _parses(c["prompt"]) for c in calls)
+    calls = [{**call_kwargs(pipe), **call} for call in calls]
+    return Target(model, pipe, calls, str(weights) if weights else None,
+                  load_t2i_evaluator() if in_language else None)
+
+
+def _parses(prompt: str) -> bool:
+    try:
+        captions.parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
+
 
 def load_target(model: str | None = None, pipeline: Path | None = None, prompts: Path | None = None,
                 sampler: str = "ddim", weights: Path | None = None) -> Target:
-    """The embedded ``model`` (weights from ``weights`` if given) or the ``pipeline`` folder with ``prompts``."""
+    """The embedded ``model`` (weights from ``weights`` if given), a t2i zoo model (``pixart``, ``sd``:
+    the shipped folder or ``weights``; default prompts: held-out captions) or the ``pipeline`` folder
+    with ``prompts``."""
+    if pipeline is None and model in T2I_MODELS:
+        return _t2i_target(model, prompts, sampler, weights)
     if pipeline is not None:
         if prompts is None:
             raise WorkloadError("--pipeline needs --prompts FILE: the prompts (or JSON lines of call arguments) "
@@ -113,7 +171,7 @@ def load_target(model: str | None = None, pipeline: Path | None = None, prompts:
         pipe = load_pipeline_folder(pipeline)
         return Target(Path(pipeline).name, pipe, calls, str(pipeline))
     if prompts is not None:
-        raise WorkloadError("--prompts goes with --pipeline; the embedded models take --classes")
+        raise WorkloadError("--prompts goes with --pipeline or --model pixart|sd; the embedded models take --classes")
     pipe = load_pipeline(model or "dit", sampler, weights)
     return Target(model or "dit", pipe, None, str(weights) if weights else None, load_evaluator())
 

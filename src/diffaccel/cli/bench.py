@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from diffaccel.bench.sweeps import read_sweep
 from diffaccel.cli.common import ANY_MODEL, ANY_STEPS, DEFAULT_STEPS, PIPELINE, PROMPTS, SamplerName, app, run_guarded
 from diffaccel.cli.lm import LM_MODEL, lm_bench
 from diffaccel.report.html import summary_lines, write_report
+from diffaccel.targets import T2I_MODELS, t2i_default_calls, t2i_folder
+from diffaccel.zoo.t2i.pipelines import PIXART_CALL
 
 
 @app.command()
@@ -58,6 +61,14 @@ def bench(
         return
 
     def job():
+        nonlocal pipeline, prompts, weights
+        if model in T2I_MODELS and pipeline is None:  # a t2i zoo model runs as its pipeline folder
+            pipeline, weights = t2i_folder(model, weights), None
+            if prompts is None:
+                prompts = out / "prompts.jsonl"
+                extra = PIXART_CALL if model == "pixart" else {}
+                out.mkdir(parents=True, exist_ok=True)
+                prompts.write_text("".join(json.dumps({**call, **extra}) + "\n" for call in t2i_default_calls()))
         if not math.isfinite(guidance):
             raise ValueError(f"--guidance must be a finite number, got {guidance}")
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None

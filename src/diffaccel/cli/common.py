@@ -16,7 +16,7 @@ import typer
 from diffaccel.errors import DiffaccelError, PlanError
 from diffaccel.methods.registry import build
 from diffaccel.plan import Plan
-from diffaccel.targets import Target, load_target
+from diffaccel.targets import T2I_MODELS, Target, load_target
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make diffusion sampling cheaper, and show what it cost in quality.")
@@ -31,14 +31,17 @@ class SamplerName(str, Enum):
     dpm = "dpm"
 
 
-MODEL = typer.Option("dit", help=f"embedded model: {', '.join(EMBEDDED)} (ignored with --pipeline)")
-ANY_MODEL = typer.Option("dit", help=f"embedded model: {', '.join(EMBEDDED)} (ignored with --pipeline), or "
-                                      "dlm (the diffusion language model)")
+MODEL = typer.Option("dit", help=f"embedded model: {', '.join(EMBEDDED)}, or text-to-image: pixart, sd "
+                                  "(ignored with --pipeline)")
+ANY_MODEL = typer.Option("dit", help=f"embedded model: {', '.join(EMBEDDED)}, text-to-image: pixart, sd (ignored "
+                                      "with --pipeline), or dlm (the diffusion language model)")
 PIPELINE = typer.Option(None, help="a local diffusers pipeline folder (DiffusionPipeline.from_pretrained, offline)")
-PROMPTS = typer.Option(None, help="with --pipeline: prompts, one per line, or JSON lines of pipeline call arguments")
-SAMPLER = typer.Option(SamplerName.ddim, help="embedded models: ddim or dpm (DPM-Solver++); a pipeline folder "
-                                              "keeps its own scheduler")
-WEIGHTS = typer.Option(None, help="embedded model: weights folder (default: the shipped weights)")
+PROMPTS = typer.Option(None, help="with --pipeline or --model pixart|sd: prompts, one per line, or JSON lines of "
+                                  "pipeline call arguments (pixart|sd default: 12 held-out captions)")
+SAMPLER = typer.Option(SamplerName.ddim, help="embedded and pixart|sd models: ddim or dpm (DPM-Solver++); a "
+                                              "pipeline folder keeps its own scheduler")
+WEIGHTS = typer.Option(None, help="--model: weights folder, for pixart|sd a pipeline folder (default: the shipped "
+                                  "weights)")
 STEPS = typer.Option(50, min=1, help="denoising steps (num_inference_steps)")
 DEFAULT_STEPS = 50
 ANY_STEPS = typer.Option(None, min=1, help="denoising steps (num_inference_steps; default 50, dlm: one answer "
@@ -66,10 +69,11 @@ def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: Sam
            weights: Path | None = None) -> Target:
     if pipeline is None and model == "dlm":
         raise ValueError("--model dlm (the diffusion language model) works with generate, search, bench and train")
-    if pipeline is None and model not in EMBEDDED:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(EMBEDDED)}, or give --pipeline PATH")
+    if pipeline is None and model not in EMBEDDED + T2I_MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(EMBEDDED + T2I_MODELS)}, or give "
+                         "--pipeline PATH")
     if pipeline is not None and weights is not None:
-        raise ValueError("--weights is for the embedded models; a pipeline folder holds its own weights")
+        raise ValueError("--weights is for --model; a pipeline folder holds its own weights")
     return load_target(model, pipeline, prompts, getattr(sampler, "value", sampler), weights)
 
 

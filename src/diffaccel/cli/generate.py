@@ -173,11 +173,13 @@ def summary_line(record: dict) -> str:
                      f"SSIM {record['ssim']:.3f} vs unaccelerated")
     elif "speedup_macs" in record:
         parts.append(f"speedup {record['speedup_macs']:.2f}x MACs")
-    if "accuracy" in record:
-        accuracy = f"accuracy {record['accuracy']:.1%}"
-        if "accuracy" in record.get("baseline", {}):
-            accuracy += f" (unaccelerated {record['baseline']['accuracy']:.1%})"
-        parts.append(accuracy)
+    for key in ("adherence", "accuracy"):  # adherence: the t2i models' (every attribute of the prompt read back)
+        if key in record:
+            score = f"{key} {record[key]:.1%}"
+            if key in record.get("baseline", {}):
+                score += f" (unaccelerated {record['baseline'][key]:.1%})"
+            parts.append(score)
+    if "fd" in record:
         parts.append(f"FD {record['fd']:.2f} (floor {record['fd_floor']:.2f}, {record['fd_samples']} samples)")
     parts.append(f"{record['macs_per_image'] / 1e9:.3f} GMACs/image, {record['seconds']:.1f} s")
     return " | ".join(parts)

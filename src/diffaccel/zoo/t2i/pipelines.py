@@ -101,11 +101,12 @@ def load_t2i_pipeline(name: str, sampler: str = "ddim", weights_dir: Path | None
     return pipe
 
 
+PIXART_CALL = {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": text.MAX_LENGTH}
+
+
 def call_kwargs(pipe: DiffusionPipeline) -> dict:
     """Extra keyword arguments a call of this pipeline needs (PixArt's; none for SD)."""
-    if isinstance(pipe, pipeline_class("pixart")):
-        return {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": text.MAX_LENGTH}
-    return {}
+    return dict(PIXART_CALL) if isinstance(pipe, pipeline_class("pixart")) else {}
 
 
 @torch.no_grad()
