@@ -16,7 +16,7 @@ from diffaccel.adapters import adapter_by_name
 from diffaccel.bench import peers as peer_registry
 from diffaccel.bench import sweeps
 from diffaccel.bench.config import BenchConfig, BenchJob, check_config, items
-from diffaccel.bench.results import FORMAT_VERSION, load_results
+from diffaccel.bench.results import FORMAT_VERSION, load_results, summarize
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
 from diffaccel.methods.registry import METHODS
@@ -370,3 +370,17 @@ def test_quantization_peers_alone_and_with_our_key_steps(tmp_path):
     for row in (cached_torchao, cached_quanto):
         assert row["speedup_macs"] > 1.5 and "keysteps" in row["notes"]
     assert "full-precision" in alone_quanto["notes"]
+
+
+def test_the_headline_keeps_adherence_within_two_points_where_it_is_scored():
+    rows = [{"name": "fast", "family": "diffaccel", "psnr": 35.0, "speedup_wall": 3.0, "speedup_macs": 3.0,
+             "setting": "loose", "adherence": 0.80},
+            {"name": "fast", "family": "diffaccel", "psnr": 33.0, "speedup_wall": 2.0, "speedup_macs": 2.0,
+             "setting": "tight", "adherence": 0.885},
+            {"name": "blind", "family": "peer", "psnr": 40.0, "speedup_wall": 5.0, "speedup_macs": 5.0,
+             "setting": "s", "adherence": None}]
+    gated = summarize(rows, [], 30.0, baseline_adherence=0.90)
+    assert gated["fast"]["setting"] == "tight" and gated["blind"]["speedup_wall"] is None
+    assert "adherence within 2 points" in gated["blind"]["note"]
+    ungated = summarize(rows, [], 30.0)  # no adherence scored (embedded models, user pipelines): PSNR alone
+    assert ungated["fast"]["setting"] == "loose" and ungated["blind"]["speedup_wall"] == 5.0

@@ -193,6 +193,8 @@ def test_cli_runs_a_t2i_model_by_name_and_scores_prompt_adherence(monkeypatch, c
     assert [c["prompt"] for c in prompts_used] == record["prompts"]  # the same held-out captions as generate
     bench = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert any(row["name"] == "fora" for row in bench["rows"]) and bench["model"] == "export"
+    assert 0 <= bench["baseline"]["adherence"] <= 1 and all(0 <= row["adherence"] <= 1 for row in bench["rows"])
+    assert "adherence" in (tmp_path / "bench" / "results.md").read_text()
     if not SHIPPED:
         code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", name, "--out", tmp_path / "none")
         assert code == 2 and "not shipped" in err and f"--model {name}" in err

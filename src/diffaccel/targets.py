@@ -112,12 +112,12 @@ class Target:
     def prompt_scores(self, images: torch.Tensor, calls: list) -> dict[str, float]:
         """A t2i model's adherence, per-attribute accuracy (``accuracy``: the shape's, as the embedded
         models' class accuracy) and Fréchet distance of ``images``, drawn by ``calls`` in order."""
-        prompts = [prompt for call in calls for prompt in _image_prompts(call)]
+        prompts = [prompt for call in calls for prompt in image_prompts(call)]
         scores = self.evaluator.score(images, prompts)
         return {"adherence": scores["adherence"], "accuracy": scores["accuracy_shape"], **scores}
 
 
-def _image_prompts(call: Any) -> list[str]:
+def image_prompts(call: Any) -> list[str]:
     """The prompt of every image of one call (a call of one prompt and several seeds repeats it)."""
     prompts = call.describe()
     return prompts * len(call.seeds) if len(prompts) == 1 else prompts
@@ -142,16 +142,17 @@ def t2i_default_calls() -> list[dict]:
 def _t2i_target(model: str, prompts: Path | None, sampler: str, weights: Path | None) -> Target:
     pipe = load_t2i_pipeline(model, sampler, t2i_folder(model, weights))
     calls = t2i_default_calls() if prompts is None else read_prompts(prompts)
-    in_language = all(isinstance(c.get("prompt"), str) and _parses(c["prompt"]) for c in calls)
+    evaluator = load_t2i_evaluator() if in_caption_language(calls) else None
     calls = [{**call_kwargs(pipe), **call} for call in calls]
-    return Target(model, pipe, calls, str(weights) if weights else None,
-                  load_t2i_evaluator() if in_language else None)
+    return Target(model, pipe, calls, str(weights) if weights else None, evaluator)
 
 
-def _parses(prompt: str) -> bool:
+def in_caption_language(calls: list[dict]) -> bool:
+    """Whether every call's prompt is a caption the t2i evaluator can score."""
     try:
-        captions.parse_caption(prompt)
-    except ValueError:
+        for call in calls:
+            captions.parse_caption(call.get("prompt"))
+    except (ValueError, AttributeError):
         return False
     return True
 

@@ -43,6 +43,7 @@ class BenchConfig:
     weights: str | None = None
     pipeline: str | None = None  # a diffusers pipeline folder instead of an embedded model
     prompts: str | None = None  # with pipeline: its prompts file
+    adherence: bool = False  # score prompt adherence with the t2i zoo's evaluator (its 64x64 caption language)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> BenchConfig:

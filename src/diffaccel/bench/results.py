@@ -16,6 +16,7 @@ from diffaccel.errors import BenchError
 
 FORMAT_VERSION = 1
 PSNR_FLOOR = 30.0  # the headline: wall-clock speedup at mean PSNR >= this many dB
+ADHERENCE_SLACK = 0.02  # t2i zoo models: the headline also keeps adherence within 2 points of the baseline
 
 Family = Literal["diffaccel", "peer", "steps"]
 
@@ -39,7 +40,8 @@ class Row(_Model):
     psnr_p5: float | None = None
     psnr_min: float | None = None
     ssim: float
-    accuracy: float | None = None  # the embedded evaluator's; None on a pipeline folder
+    accuracy: float | None = None  # the embedded evaluator's (t2i zoo: the shape's); None on a pipeline folder
+    adherence: float | None = None  # t2i zoo models: every attribute of the prompt read back
     fd: float | None
     fd_floor: float | None = None
     n_images: int
@@ -61,7 +63,8 @@ class Baseline(_Model):
     sampler: str
     steps: int
     guidance: float
-    accuracy: float | None = None  # the embedded evaluator's; None on a pipeline folder
+    accuracy: float | None = None  # the embedded evaluator's (t2i zoo: the shape's); None on a pipeline folder
+    adherence: float | None = None  # t2i zoo models: every attribute of the prompt read back
     fd: float | None
     fd_floor: float | None
     peak_mem_mb: float | None
@@ -100,13 +103,24 @@ class Results(_Model):
     elapsed_s: float | None = None
 
 
-def summarize(rows: list[dict], skipped: list[dict], floor: float = PSNR_FLOOR) -> dict[str, dict]:
-    """Each name's best wall-clock speedup among its settings with mean PSNR >= ``floor``."""
+def meets_floor(row: dict, floor: float, baseline_adherence: float | None) -> bool:
+    """Mean PSNR >= ``floor`` and, where adherence is scored, within ADHERENCE_SLACK of the baseline's."""
+    if baseline_adherence is not None and (row.get("adherence") is None or
+                                           row["adherence"] < baseline_adherence - ADHERENCE_SLACK - 1e-9):
+        return False
+    return row["psnr"] >= floor
+
+
+def summarize(rows: list[dict], skipped: list[dict], floor: float = PSNR_FLOOR,
+              baseline_adherence: float | None = None) -> dict[str, dict]:
+    """Each name's best wall-clock speedup among its settings with mean PSNR >= ``floor`` (and
+    adherence within 2 points of ``baseline_adherence`` when it is scored)."""
     summary: dict[str, dict] = {}
+    gate = f"{floor:g} dB" + (" with adherence within 2 points" if baseline_adherence is not None else "")
     for row in rows:
         entry = summary.setdefault(row["name"], {"family": row["family"], "speedup_wall": None,
-                                                 "note": f"no setting reaches {floor:g} dB"})
-        if row["psnr"] >= floor and row["speedup_wall"] is not None and \
+                                                 "note": f"no setting reaches {gate}"})
+        if meets_floor(row, floor, baseline_adherence) and row["speedup_wall"] is not None and \
                 (entry["speedup_wall"] is None or row["speedup_wall"] > entry["speedup_wall"]):
             entry.update(speedup_wall=row["speedup_wall"], speedup_macs=row["speedup_macs"], psnr=row["psnr"],
                          setting=row["setting"], note="")

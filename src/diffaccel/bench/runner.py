@@ -135,7 +135,8 @@ def _run_worker(job_path: Path, result_path: Path, log_path: Path, threads: int,
 
 def target_of(cfg: BenchConfig) -> dict:
     if cfg.pipeline is not None:
-        return {"pipeline": str(Path(cfg.pipeline).resolve()), "prompts": str(Path(cfg.prompts).resolve())}
+        return {"pipeline": str(Path(cfg.pipeline).resolve()), "prompts": str(Path(cfg.prompts).resolve()),
+                "adherence": cfg.adherence}
     return {"model": cfg.model, "sampler": cfg.sampler, "weights": cfg.weights}
 
 
@@ -260,7 +261,8 @@ def _record(run: Run, started: float) -> dict:
         "config": {**asdict(cfg), "sweep": run.sweep, "run_dir": os.path.relpath(run.run_dir, run.out)},
         "machine": _machine(), "versions": _versions(), "threads": cfg.threads, "samples": samples,
         "baseline": run.baseline, "rows": run.rows, "skipped": run.skipped,
-        "summary": summarize(run.rows, run.skipped, PSNR_FLOOR), "psnr_floor": PSNR_FLOOR,
+        "summary": summarize(run.rows, run.skipped, PSNR_FLOOR, (run.baseline or {}).get("adherence")),
+        "psnr_floor": PSNR_FLOOR,
         "warnings": run.warnings, "elapsed_s": round(time.time() - started, 1), "group_seconds": run.group_seconds,
     }
 

@@ -46,7 +46,8 @@ from diffaccel.eval.io import write_json
 from diffaccel.eval.timing import wall_ratio
 from diffaccel.generate import save_grid
 from diffaccel.steps import scheduler_like
-from diffaccel.targets import load_pipeline_folder
+from diffaccel.targets import image_prompts, load_pipeline_folder
+from diffaccel.zoo.t2i.evaluator import load_t2i_evaluator
 from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
 
@@ -155,6 +156,24 @@ def _labels(calls: list[Call]) -> torch.Tensor:
     return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
 
 
+def _scorer(job: BenchJob, calls: list[Call], embedded: bool) -> Callable[[torch.Tensor], dict]:
+    """Accuracy (and for the t2i zoo adherence) and Fréchet distance of a group's images: the embedded
+    evaluator on class labels, the t2i evaluator on the calls' prompts, or nothing for other pipelines."""
+    if embedded:
+        evaluator, targets = load_evaluator(), _labels(calls)
+    elif job.target.get("adherence"):
+        evaluator, targets = load_t2i_evaluator(), [p for call in calls for p in image_prompts(call)]
+    else:
+        return lambda images: {"accuracy": None, "adherence": None, "fd": None, "fd_floor": None}
+
+    def scores_of(images: torch.Tensor) -> dict:
+        s = evaluator.score(images, targets)
+        accuracy = s["accuracy"] if embedded else s["accuracy_shape"]
+        return {"accuracy": accuracy, "adherence": s.get("adherence"), "fd": _finite(s["fd"]),
+                "fd_floor": _finite(s["fd_floor"])}
+    return scores_of
+
+
 def _open_all(job: BenchJob, ctx: Context, first: Call, progress) -> tuple[list[dict], list[dict]]:
     """Every setting of the group, opened and warmed up on the first call (its MACs counted)."""
     n_first = ctx.shared["n_first"]
@@ -240,14 +259,7 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
                   guidance=job.guidance, fresh_pipe=fresh_pipe, embedded=embedded,
                   calib_calls=[Call(c["kwargs"], tuple(c["seeds"])) for c in job.calib_calls])
     base_pipe = fresh_pipe()
-    evaluator = load_evaluator() if embedded else None
-    labels = _labels(calls) if embedded else None
-
-    def scores_of(images: torch.Tensor) -> dict:
-        if evaluator is None:
-            return {"accuracy": None, "fd": None, "fd_floor": None}
-        s = evaluator.score(images, labels)
-        return {"accuracy": s["accuracy"], "fd": _finite(s["fd"]), "fd_floor": _finite(s["fd_floor"])}
+    scores_of = _scorer(job, calls, embedded)
 
     first = calls[0]
     n_first = len(Context.sample(base_pipe, first))  # also warms the baseline up

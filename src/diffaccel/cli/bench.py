@@ -13,7 +13,7 @@ from diffaccel.bench.sweeps import read_sweep
 from diffaccel.cli.common import ANY_MODEL, ANY_STEPS, DEFAULT_STEPS, PIPELINE, PROMPTS, SamplerName, app, run_guarded
 from diffaccel.cli.lm import LM_MODEL, lm_bench
 from diffaccel.report.html import summary_lines, write_report
-from diffaccel.targets import T2I_MODELS, t2i_default_calls, t2i_folder
+from diffaccel.targets import T2I_MODELS, in_caption_language, read_prompts, t2i_default_calls, t2i_folder
 from diffaccel.zoo.t2i.pipelines import PIXART_CALL
 
 
@@ -62,8 +62,10 @@ def bench(
 
     def job():
         nonlocal pipeline, prompts, weights
-        if model in T2I_MODELS and pipeline is None:  # a t2i zoo model runs as its pipeline folder
+        adherence = model in T2I_MODELS and pipeline is None
+        if adherence:  # a t2i zoo model runs as its pipeline folder, scored by the t2i evaluator
             pipeline, weights = t2i_folder(model, weights), None
+            adherence = prompts is None or in_caption_language(read_prompts(prompts))
             if prompts is None:
                 prompts = out / "prompts.jsonl"
                 extra = PIXART_CALL if model == "pixart" else {}
@@ -79,7 +81,8 @@ def bench(
                           only=[n.strip() for n in only.split(",") if n.strip()] if only is not None else None,
                           peers=peers, group_timeout=group_timeout, weights=str(weights) if weights else None,
                           timed_pairs=timed_pairs, resume=resume,
-                          pipeline=str(pipeline) if pipeline else None, prompts=str(prompts) if prompts else None)
+                          pipeline=str(pipeline) if pipeline else None, prompts=str(prompts) if prompts else None,
+                          adherence=adherence)
         if only is not None and not cfg.only:
             raise ValueError("--only is empty")
         return run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))

@@ -16,7 +16,7 @@ from PIL import Image
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from diffaccel.bench.results import BenchError, Results, Row
+from diffaccel.bench.results import BenchError, Results, Row, meets_floor
 
 COLORS = {"diffaccel": "#1f77b4", "peer": "#d62728", "steps": "#7f7f7f"}
 LABELS = {"diffaccel": "diffaccel", "peer": "peers", "steps": "fewer steps"}
@@ -37,7 +37,7 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def best_ours(results: Results) -> Row | None:
     """Our fastest row (wall clock) at the PSNR floor, else our highest-PSNR row."""
     ours = [r for r in results.rows if r.family == "diffaccel" and r.speedup_wall is not None]
-    good = [r for r in ours if r.psnr >= results.psnr_floor]
+    good = [r for r in ours if meets_floor(r.model_dump(), results.psnr_floor, results.baseline.adherence)]
     if good:
         return max(good, key=lambda r: r.speedup_wall)
     return max(ours, key=lambda r: r.psnr) if ours else None
@@ -153,13 +153,13 @@ def summary_lines(results: Results) -> list[tuple[str, str, str]]:
 
 
 COLUMNS = ("family", "name", "setting", "speedup wall", "speedup MACs", "peak MB", "+MB", "PSNR (5th pct)", "SSIM",
-           "accuracy", "FD")
+           "accuracy", "adherence", "FD")
 
 
 def _cells(r: Row) -> list[str]:
     return [r.family, r.name, r.setting, _fmt(r.speedup_wall), _fmt(r.speedup_macs), _fmt(r.peak_mem_mb, ".0f"),
             _fmt(r.mem_over_baseline_mb, "+.0f"), f"{r.psnr:.2f} ({_fmt(r.psnr_p5, '.1f')})", f"{r.ssim:.4f}",
-            _pct(r.accuracy), _fmt(r.fd)]
+            _pct(r.accuracy), _pct(r.adherence), _fmt(r.fd)]
 
 
 def markdown(results: Results) -> str:
@@ -175,7 +175,8 @@ def markdown(results: Results) -> str:
     lines += [f"| {n} | {f} | {t} |" for n, f, t in summary_lines(results)]
     b = results.baseline
     lines += ["", "## All settings", "",
-              f"Baseline: accuracy {_pct(b.accuracy)}, FD {_fmt(b.fd)} (floor {_fmt(b.fd_floor)}), "
+              f"Baseline: accuracy {_pct(b.accuracy)}, adherence {_pct(b.adherence)}, FD {_fmt(b.fd)} "
+              f"(floor {_fmt(b.fd_floor)}), "
               f"{b.seconds_per_image:.3f} s/image, peak {_fmt(b.peak_mem_mb, '.0f')} MB.", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in results.rows]
@@ -249,7 +250,8 @@ def render_html(results: Results, base: Path) -> str:
     out += [f"<figure><img class='grid' alt='{esc(title)}' src='data:image/png;base64,{b}'>"
             f"<figcaption><b>{esc(title)}</b><br>{esc(cap)}</figcaption></figure>" for title, b, cap in grids]
     b = results.baseline
-    out.append(f"<h2 id='rows'>All settings</h2><p>Baseline: accuracy {_pct(b.accuracy)}, FD {_fmt(b.fd)} "
+    out.append(f"<h2 id='rows'>All settings</h2><p>Baseline: accuracy {_pct(b.accuracy)}, adherence "
+               f"{_pct(b.adherence)}, FD {_fmt(b.fd)} "
                f"(real-vs-real floor {_fmt(b.fd_floor)}), {b.seconds_per_image:.3f} s/image, peak RSS "
                f"{_fmt(b.peak_mem_mb, '.0f')} MB. Peak MB: the worker process's peak RSS during the setting's runs; "
                "+MB: its excess over the baseline's in the same process (cache buffers).</p><table><tr>"
