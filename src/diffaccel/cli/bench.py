@@ -51,26 +51,15 @@ def bench(
     against the uncached sampler on held-out problems (results.json, results.md)."""
     if model == LM_MODEL and pipeline is None:
         rows = [n.strip() for n in only.split(",") if n.strip()] if only is not None else None
-        record = run_guarded(lambda: lm_bench(out, budget, per_class or (5 if quick else 100),
-                                              timed_pairs or (1 if quick else 5), steps, rows, weights))
-        typer.echo(f"accuracy of the uncached sampler {record['rows'][0]['baseline_accuracy']:.1f} %")
-        for row in record["rows"]:
-            typer.echo(f"  {row['name']:24s} {row['accuracy']:5.1f} %  {row['speedup_macs']:.2f}x MACs  "
-                       f"{row['speedup_wall']:.2f}x wall")
-        typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+        _bench_lm(out, budget, per_class or (5 if quick else 100), timed_pairs or (1 if quick else 5), steps, rows,
+                  weights)
         return
 
     def job():
         nonlocal pipeline, prompts, weights
-        adherence = model in T2I_MODELS and pipeline is None
-        if adherence:  # a t2i zoo model runs as its pipeline folder, scored by the t2i evaluator
-            pipeline, weights = t2i_folder(model, weights), None
-            adherence = prompts is None or in_caption_language(read_prompts(prompts))
-            if prompts is None:
-                prompts = out / "prompts.jsonl"
-                extra = PIXART_CALL if model == "pixart" else {}
-                out.mkdir(parents=True, exist_ok=True)
-                prompts.write_text("".join(json.dumps({**call, **extra}) + "\n" for call in t2i_default_calls()))
+        adherence = model in T2I_MODELS and pipeline is None  # a t2i zoo model runs as its pipeline folder
+        if adherence:
+            (pipeline, prompts, adherence), weights = _t2i_inputs(model, weights, prompts, out), None
         if not math.isfinite(guidance):
             raise ValueError(f"--guidance must be a finite number, got {guidance}")
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
@@ -87,12 +76,38 @@ def bench(
             raise ValueError("--only is empty")
         return run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))
 
-    path = run_guarded(job)
+    _print_summary(run_guarded(job), out)
+
+
+def _print_summary(path: Path, out: Path) -> None:
     results = load_results(path)
     typer.echo(f"speedup at PSNR >= {results.psnr_floor:g} dB:")
     for name, family, text in summary_lines(results):
         typer.echo(f"  {name:30s} {family:9s} {text}")
     typer.echo(f"wrote {path}, {out / 'results.md'} and {out / 'report.html'}")
+
+
+def _bench_lm(out: Path, budget: str, per_task: int, repeats: int, steps: int | None, rows: list[str] | None,
+              weights: Path | None) -> None:
+    record = run_guarded(lambda: lm_bench(out, budget, per_task, repeats, steps, rows, weights))
+    typer.echo(f"accuracy of the uncached sampler {record['rows'][0]['baseline_accuracy']:.1f} %")
+    for row in record["rows"]:
+        typer.echo(f"  {row['name']:24s} {row['accuracy']:5.1f} %  {row['speedup_macs']:.2f}x MACs  "
+                   f"{row['speedup_wall']:.2f}x wall")
+    typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+def _t2i_inputs(model: str, weights: Path | None, prompts: Path | None, out: Path) -> tuple[Path, Path, bool]:
+    """A t2i zoo model as a pipeline folder, its prompts (the held-out captions, written to
+    ``out/prompts.jsonl``, unless given) and whether the t2i evaluator can score them."""
+    folder = t2i_folder(model, weights)
+    if prompts is not None:
+        return folder, prompts, in_caption_language(read_prompts(prompts))
+    prompts = out / "prompts.jsonl"
+    extra = PIXART_CALL if model == "pixart" else {}
+    out.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(json.dumps({**call, **extra}) + "\n" for call in t2i_default_calls()))
+    return folder, prompts, True
 
 
 @app.command()
