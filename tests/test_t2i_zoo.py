@@ -217,4 +217,6 @@ def test_the_shipped_pipeline_runs_by_name_and_follows_its_prompts(monkeypatch, 
     assert code == 0, err
     record = json.loads((tmp_path / "gen" / "record.json").read_text())
     assert record["weights"] == "shipped" and record["n_images"] == 12
-    assert record["adherence"] >= 0.75, record  # a trained model reads its prompts; random weights score ~0
+    # A trained model follows its prompts (the shipped SD: 9 of these 12 at 20 steps, 94% of 720 images at 50);
+    # all four attributes right by chance is 1/6 x 1/6 x 1/5 x 1/2, about 0.3%. The margin absorbs another CPU.
+    assert record["adherence"] >= 0.5, record
