@@ -382,5 +382,7 @@ def test_the_headline_keeps_adherence_within_two_points_where_it_is_scored():
     gated = summarize(rows, [], 30.0, baseline_adherence=0.90)
     assert gated["fast"]["setting"] == "tight" and gated["blind"]["speedup_wall"] is None
     assert "adherence within 2 points" in gated["blind"]["note"]
+    low = summarize(rows[:1], [], 30.0, baseline_adherence=0.90)["fast"]  # held back by adherence alone: says so
+    assert low["speedup_wall"] is None and "3.00x at 35.0 dB with loose, but adherence 80.0%" in low["note"]
     ungated = summarize(rows, [], 30.0)  # no adherence scored (embedded models, user pipelines): PSNR alone
     assert ungated["fast"]["setting"] == "loose" and ungated["blind"]["speedup_wall"] == 5.0
