@@ -2,9 +2,11 @@
 solver section, against the model's own 50-step DDIM output on held-out seeds.
 
     python benchmarks/samplers.py --model dit [--per-class 20] [--threads 1]
+    python benchmarks/samplers.py --model sd --per-class 4 --guidance 4   # 12 held-out captions x 4 seeds
 
-Per sampler and step count: PSNR (mean, 5th percentile), SSIM, evaluator accuracy and Fréchet
-distance; per sampler, the fewest steps that reach a mean PSNR of 30 dB. Rows and the command
+Per sampler and step count: PSNR (mean, 5th percentile), SSIM, evaluator accuracy (on the t2i
+models also prompt adherence) and Fréchet distance; per sampler, the fewest steps that reach a mean
+PSNR of 30 dB. Rows and the command
 that reproduces them go to ``benchmarks/results/samplers_<model>.json``.
 """
 
@@ -43,6 +45,13 @@ def labels_of(calls) -> torch.Tensor | None:
     return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
 
 
+def scores_of(target, images: torch.Tensor, labels, calls) -> dict:
+    """The evaluator's scores: class accuracy on the embedded models, adherence on the t2i models."""
+    if target.evaluator is None:
+        return {}
+    return target.evaluator.score(images, labels) if target.embedded else target.prompt_scores(images, calls)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dit")
@@ -55,7 +64,7 @@ def main() -> None:
     calls = list(target.workload(50, args.guidance, args.per_class, seed=100, calibration=False).calls)
     reference = sample(target, calls)
     labels = labels_of(calls)
-    base_scores = target.evaluator.score(reference, labels) if target.evaluator is not None else {}
+    base_scores = scores_of(target, reference, labels, calls)
     rows, base = [], identity_plan(target.denoiser()[0])
     for name in SOLVERS:
         for steps in STEPS:
@@ -64,8 +73,10 @@ def main() -> None:
             images = sample(target, calls, plan)
             row = {"solver": name, "steps": steps, **{k: round(v, 3) for k, v in fidelity(images, reference).items()}}
             if target.evaluator is not None:
-                scores = target.evaluator.score(images, labels)
+                scores = scores_of(target, images, labels, calls)
                 row.update(accuracy=scores["accuracy"], fd=round(scores["fd"], 4))
+                if "adherence" in scores:
+                    row["adherence"] = scores["adherence"]
             rows.append(row)
             print(f"{name} {steps}: {row['psnr']:.2f} dB (p5 {row['psnr_p5']:.2f}) {time.time() - started:.0f} s",
                   flush=True)
@@ -74,10 +85,11 @@ def main() -> None:
     write_json(ROOT / "benchmarks" / "results" / f"samplers_{args.model}.json", {
         "model": args.model, "reference": "DDIM 50 steps", "images": len(reference), "guidance": args.guidance,
         "baseline_accuracy": base_scores.get("accuracy"), "baseline_fd": base_scores.get("fd"),
+        "baseline_adherence": base_scores.get("adherence"),
         "steps_to_30db": reach, "rows": rows, "threads": args.threads, "machine": platform.machine(),
         "torch": torch.__version__,
         "command": f"python benchmarks/samplers.py --model {args.model} --per-class {args.per_class} "
-                   f"--threads {args.threads}"})
+                   f"--guidance {args.guidance:g} --threads {args.threads}"})
 
 
 if __name__ == "__main__":
