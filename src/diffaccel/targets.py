@@ -110,11 +110,16 @@ class Target:
                                                       f"{per_class}, {steps} steps, guidance {guidance:g}")
 
     def prompt_scores(self, images: torch.Tensor, calls: list) -> dict[str, float]:
-        """A t2i model's adherence, per-attribute accuracy (``accuracy``: the shape's, as the embedded
-        models' class accuracy) and Fréchet distance of ``images``, drawn by ``calls`` in order."""
-        prompts = [prompt for call in calls for prompt in image_prompts(call)]
-        scores = self.evaluator.score(images, prompts)
-        return {"adherence": scores["adherence"], "accuracy": scores["accuracy_shape"], **scores}
+        """A t2i model's scores of ``images``, drawn by ``calls`` in order (see :func:`prompt_scores`)."""
+        return prompt_scores(self.evaluator, images, calls)
+
+
+def prompt_scores(evaluator: Any, images: torch.Tensor, calls: list) -> dict[str, float]:
+    """The t2i evaluator's adherence, per-attribute accuracy (``accuracy``: the shape's, as the embedded
+    models' class accuracy) and Fréchet distance of ``images``, drawn by ``calls`` in order."""
+    prompts = [prompt for call in calls for prompt in image_prompts(call)]
+    scores = evaluator.score(images, prompts)
+    return {"adherence": scores["adherence"], "accuracy": scores["accuracy_shape"], **scores}
 
 
 def image_prompts(call: Any) -> list[str]:

@@ -46,7 +46,7 @@ from diffaccel.eval.io import write_json
 from diffaccel.eval.timing import wall_ratio
 from diffaccel.generate import save_grid
 from diffaccel.steps import scheduler_like
-from diffaccel.targets import image_prompts, load_pipeline_folder
+from diffaccel.targets import load_pipeline_folder, prompt_scores
 from diffaccel.zoo.t2i.evaluator import load_t2i_evaluator
 from diffaccel.zoo.weights import load_evaluator, load_pipeline
 
@@ -160,16 +160,17 @@ def _scorer(job: BenchJob, calls: list[Call], embedded: bool) -> Callable[[torch
     """Accuracy (and for the t2i zoo adherence) and Fréchet distance of a group's images: the embedded
     evaluator on class labels, the t2i evaluator on the calls' prompts, or nothing for other pipelines."""
     if embedded:
-        evaluator, targets = load_evaluator(), _labels(calls)
+        evaluator, labels = load_evaluator(), _labels(calls)
+        score = lambda images: evaluator.score(images, labels)  # noqa: E731
     elif job.target.get("adherence"):
-        evaluator, targets = load_t2i_evaluator(), [p for call in calls for p in image_prompts(call)]
+        t2i = load_t2i_evaluator()
+        score = lambda images: prompt_scores(t2i, images, calls)  # noqa: E731
     else:
         return lambda images: {"accuracy": None, "adherence": None, "fd": None, "fd_floor": None}
 
     def scores_of(images: torch.Tensor) -> dict:
-        s = evaluator.score(images, targets)
-        accuracy = s["accuracy"] if embedded else s["accuracy_shape"]
-        return {"accuracy": accuracy, "adherence": s.get("adherence"), "fd": _finite(s["fd"]),
+        s = score(images)
+        return {"accuracy": s["accuracy"], "adherence": s.get("adherence"), "fd": _finite(s["fd"]),
                 "fd_floor": _finite(s["fd_floor"])}
     return scores_of
 
