@@ -13,11 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import diffaccel
 from conftest import requires_weights, run_cli
@@ -25,8 +27,10 @@ from diffaccel import methods
 from diffaccel.eval.fidelity import psnr_per_image
 from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.parallel import ParallelError, cfg_parallel, check_agreement, current, patch_parallel, spawn
+from diffaccel.parallel.exchange import gather_cat
 from diffaccel.parallel.job import ParallelConfig, check_job
 from diffaccel.parallel.shard import assemble, shard
+from diffaccel.parallel.shm import exchange_for, usable
 from diffaccel.targets import load_target
 from diffaccel.zoo.weights import load_pipeline
 from stock_pipelines import build as build_case
@@ -161,9 +165,34 @@ def _batch_checks(results: dict, out: Path) -> None:
         _attempt(results, f"job-{mode}", lambda m=mode: small_job(ParallelConfig(m), out / m))
 
 
+def _exchange_checks(results: dict, rank: int) -> None:
+    """Gathers through shared memory against gloo's: uneven pieces, a piece that grows the segment, bools."""
+    group = current()
+    pieces = [torch.arange(5 + rank, dtype=torch.float32).repeat(3, 1).T * (rank + 1),
+              torch.full((1 << 19, 2 - rank), float(rank)), torch.tensor([[rank == 0, True]])]
+    sizes = [[5, 6], [2, 1], [1, 1]]
+    dims = [0, 1, 0]
+    results["shm-used"] = exchange_for(group, 64) is not None
+    results["shm"] = [gather_cat(p, z, d, group) for p, z, d in zip(pieces, sizes, dims)]
+    os.environ["DIFFACCEL_DIST_SHM"] = "0"
+    try:
+        results["gloo"] = [gather_cat(p, z, d, group) for p, z, d in zip(pieces, sizes, dims)]
+    finally:
+        del os.environ["DIFFACCEL_DIST_SHM"]
+    if results["shm-used"]:  # a rank that never comes: an error after the timeout, not a hang
+        if rank == 0:
+            exchange_for(group, 64).timeout_s = 1.0
+            _attempt(results, "shm-timeout", lambda: gather_cat(pieces[0][:5], [5, 5], 0, group))
+        else:
+            time.sleep(3)
+            gather_cat(pieces[0][:5], [5, 5], 0, group)  # late: catches up, the ranks agree again
+        dist.barrier()
+
+
 def worker(rank: int, out: str) -> None:
     results: dict = {}
     try:
+        _exchange_checks(results, rank)
         _cfg_checks(results)
         _patch_checks(results)
         _error_checks(results, rank)
@@ -231,6 +260,17 @@ def test_patch_parallel_runs_exact_when_synchronous_and_stale_otherwise(ranks, r
         exact_ok, psnr = close_enough(results[0][f"patch-stock-{name}-100"], stock_run(name))
         assert exact_ok, f"{name}: {psnr:.1f} dB"
         assert torch.isfinite(results[0][f"patch-stock-{name}-1"]).all()
+
+
+def test_shared_memory_gathers_equal_gloo_and_time_out(ranks):
+    results, _ = ranks
+    assert results[0]["shm-used"] == usable(current().__class__(0, 2))  # used wherever it may be
+    for rank in (0, 1):
+        for shm, gloo in zip(results[rank]["shm"], results[rank]["gloo"]):
+            assert shm.dtype == gloo.dtype and torch.equal(shm, gloo)
+        assert results[rank]["shm"][0].shape == (11, 3) and results[rank]["shm"][1].shape == (1 << 19, 3)
+    if results[0]["shm-used"]:
+        assert results[0]["shm-timeout"].startswith("ParallelError") and "rank 1 did not" in results[0]["shm-timeout"]
 
 
 def test_clear_errors(ranks):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from diffaccel.parallel.group import Group
+from diffaccel.parallel.shm import exchange_for
 
 
 def split_sizes(total: int, world: int) -> list[int]:
@@ -55,11 +56,15 @@ class Pending:
 
 def start_gather(piece: torch.Tensor, sizes: list[int], dim: int, group: Group, async_op: bool = True) -> Pending:
     """Gather every rank's ``piece`` (rank r's has ``sizes[r]`` along ``dim``); with ``async_op`` it
-    runs while this rank computes, and ``Pending.wait`` collects it."""
+    runs while this rank computes, and ``Pending.wait`` collects it. A synchronous gather goes through
+    shared memory when the ranks share a host (``shm.py``)."""
     if group.world == 1:
         return Pending([piece], sizes, dim)
     top = max(sizes)
     local = _padded(piece, dim, top)
+    shared = None if async_op else exchange_for(group, local.numel() * local.element_size())
+    if shared is not None:
+        return Pending(shared.gather(local), sizes, dim)
     buffers = [torch.empty_like(local) for _ in range(group.world)]
     work = dist.all_gather(buffers, local, async_op=async_op)
     return Pending(buffers, sizes, dim, work if async_op else None)

@@ -28,6 +28,7 @@ import torchmetrics.metric
 from diffaccel.parallel.errors import ParallelError
 
 DEFAULT_TIMEOUT_S = 300
+ON_CLOSE: list[Callable[[], None]] = []  # forget per-group state (shared segments) when the group goes
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ def init(timeout_s: float | None = None) -> Group:
 def close() -> None:
     """Leave the group (a no-op for a group of one)."""
     if dist.is_available() and dist.is_initialized():
+        for forget in ON_CLOSE:
+            forget()
         dist.destroy_process_group()
 
 
