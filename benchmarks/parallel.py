@@ -10,12 +10,15 @@ and each speedup is the median over repetitions of the paired ratio.
 
 Settings per model: the unaccelerated pipeline; CFG parallelism; the best caching plan
 (``keysteps``, 12 key steps on the DiT, 8 on the U-Net) in one process and under CFG parallelism;
-on the DiT, patch parallelism for several warm-up settings. The capacity probe runs the unaccelerated
-job on both ranks at once, independently (twice the work, no exchange): its throughput against one
-process is the most any 2-process mode could gain on the machine as loaded then. Quality: PSNR of every output against
-its single-process counterpart (the unaccelerated images, or the plan's own), and whether it is
-bitwise equal. Rows go to ``benchmarks/results/parallel.json`` (``--out``), each with the command
-that reproduces it. ``benchmarks/gpu_parallel.py`` runs the same table with NCCL on GPUs.
+on the DiT, patch parallelism for several warm-up settings. Where same-host exchanges go through
+shared memory (``diffaccel.parallel.shm``), the two CFG settings run once more with every exchange
+through gloo's sockets, interleaved like the rest: the transport's own share of the speedup. The
+capacity probe runs the unaccelerated job on both ranks at once, independently (twice the work, no
+exchange): its throughput against one process is the most any 2-process mode could gain on the
+machine as loaded then. Quality: PSNR of every output against its single-process counterpart (the
+unaccelerated images, or the plan's own), and whether it is bitwise equal. Rows go to
+``benchmarks/results/parallel.json`` (``--out``), each with the command that reproduces it.
+``benchmarks/gpu_parallel.py`` runs the same table with NCCL on GPUs.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch.distributed as dist
 from diffaccel import methods
 from diffaccel.eval.fidelity import psnr_per_image
 from diffaccel.eval.io import write_json
-from diffaccel.parallel import cfg_parallel, current, patch_parallel, spawn
+from diffaccel.parallel import cfg_parallel, current, patch_parallel, shm, spawn
 from diffaccel.parallel.exchange import gather_objects
 from diffaccel.runtime.executor import Executor
 from diffaccel.zoo.weights import load_pipeline
@@ -54,6 +57,9 @@ def settings(model: str, warmups: tuple[int, ...]) -> list[dict]:
             {"name": "cfg", "mode": "cfg", "plan": False, "reference": "unaccelerated"},
             {"name": plan, "mode": None, "plan": True, "reference": "unaccelerated"},
             {"name": f"{plan} + cfg", "mode": "cfg", "plan": True, "reference": plan}]
+    if shm.usable(current()):  # the same two settings with every exchange through gloo's sockets
+        rows += [{**rows[2], "name": "cfg (gloo)", "transport": "gloo"},
+                 {**rows[4], "name": f"{plan} + cfg (gloo)", "transport": "gloo"}]
     if model == "dit":
         rows += [{"name": f"patch, warm-up {w}", "mode": "patch", "plan": False, "warmup": w,
                   "reference": "unaccelerated"} for w in warmups]
@@ -94,6 +100,8 @@ class Job:
             if setting["plan"]:
                 self.executor.install(self.pipe.scheduler)
             wrapper = _wrapper(self.pipe, setting)
+            if setting.get("transport") == "gloo":
+                os.environ["DIFFACCEL_DIST_SHM"] = "0"
             try:
                 with wrapper:
                     _synchronize(self.device)
@@ -102,6 +110,7 @@ class Job:
                     _synchronize(self.device)
                     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             finally:
+                os.environ.pop("DIFFACCEL_DIST_SHM", None)
                 if setting["plan"]:
                     self.executor.remove()
         if self.group.world > 1:
@@ -157,7 +166,8 @@ def row(model: str, setting: dict, times: dict, cpu: dict, images: dict, args: a
     name, reference = setting["name"], setting["reference"]
     base = times["unaccelerated"]
     out = {"model": model, "setting": name, "processes": world if setting["mode"] else 1, "threads_per_process": 1,
-           "mode": setting["mode"], "seconds": [round(s, 3) for s in times[name]],
+           "mode": setting["mode"], "transport": setting.get("transport", _transport(setting, world)),
+           "seconds": [round(s, 3) for s in times[name]],
            "median_seconds": round(statistics.median(times[name]), 3),
            "speedup_vs_unaccelerated_1proc": _paired(base, times[name]),
            "busiest_rank_cpu_seconds": round(statistics.median(cpu[name]), 3),
@@ -176,6 +186,12 @@ def row(model: str, setting: dict, times: dict, cpu: dict, images: dict, args: a
                    psnr=round(float(psnr.mean()), 2), psnr_min=round(float(psnr.min()), 2))
     out["command"] = command(model, args)
     return out
+
+
+def _transport(setting: dict, world: int) -> str | None:
+    if setting["mode"] in (None, "independent"):
+        return None
+    return "shared memory (synchronous gathers)" if shm.usable(current()) and world > 1 else "gloo"
 
 
 def _paired(base: list[float], other: list[float]) -> float:
