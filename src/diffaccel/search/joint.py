@@ -6,9 +6,11 @@ A grid would be large and mostly useless, so the search moves in phases, each cu
 1. **samplers**: every solver at increasing step counts (and informed starts), no caching, until a
    count clears the budget with ``HEADROOM`` dB to spare (more steps would only buy quality that
    caching can trade for speed);
-2. **caching**: for the cheapest sampler settings that clear the budget, one profile run each
-   (``CalibrationRun`` of that sampler) and the DP's key steps for several budgets of full steps
-   and every unit level: the quality headroom is spent on reuse;
+2. **caching**: for the pipeline's own sampler (profiled already by the reference run, so free:
+   key steps at its full step count are often the best plan when fewer-step samplers leave no
+   headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
+   budget, one profile run each (``CalibrationRun`` of that sampler), the DP's key steps for
+   several budgets of full steps and every unit level: the quality headroom is spent on reuse;
 3. **quantization** (with a quant spec): the best plans again, quantized.
 
 Every candidate is an ordinary plan (solver section, schedule, quant section), scored on the
@@ -32,7 +34,7 @@ from diffaccel.search.config import Budget
 from diffaccel.solvers.spec import SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
-KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22)
+KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16)
 CONFIGS_CACHED = 6  # sampler settings whose headroom phase 2 spends on caching
 
 
@@ -75,7 +77,7 @@ class JointSearch:
 
     def run(self) -> int:
         configs = self.samplers()
-        for spec in configs[:CONFIGS_CACHED]:
+        for spec in [None, *configs[:CONFIGS_CACHED]]:  # None: the pipeline's own sampler
             self.cached(spec)
         if self.quant is not None:
             self.quantized()
@@ -101,11 +103,13 @@ class JointSearch:
                     previous = c.psnr
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
 
-    def cached(self, spec: SolverSpec) -> None:
-        """Phase 2 for one sampler setting: its profile, then DP key steps at several budgets."""
+    def cached(self, spec: SolverSpec | None) -> None:
+        """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps
+        at several budgets."""
         if self.late():
             return
-        profile = CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
+        profile = self.calib if spec is None else CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
+        label = spec.label if spec is not None else f"own sampler {profile.num_steps}"
         steps, model = profile.num_steps, profile.model
         for level in adapter_for(model).levels(model)[1:]:
             tried: set[int] = set()
@@ -118,7 +122,7 @@ class JointSearch:
                 rows = rows_from(steps, profile.units, chosen, set(level.reused))
                 plan = make_plan(model, rows, "search-joint", {"keys": keys, "level": level.name, "key_steps": chosen},
                                  solver=spec)
-                c = self.score(plan, f"{spec.label} + {level.name} keys {keys}")
+                c = self.score(plan, f"{label} + {level.name} keys {keys}")
                 if c is None or c.psnr < self.budget.threshold - 2:
                     break
 
