@@ -28,6 +28,7 @@ from diffaccel.search import (
     parse_budget,
     search,
 )
+from diffaccel.search import run as search_run
 from diffaccel.search.space import Space
 from diffaccel.zoo.pipeline import shapes_workload
 from test_engine import make_pipes
@@ -204,6 +205,15 @@ def test_latency_objective_and_ssim_budget(pipes):
                     greedy_points=3, log=quiet)
     assert result.met and result.chosen.ssim >= 0.5 and 0 < result.chosen.latency_fraction < 1
     assert result.summary["heldout_psnr"] is None  # no held-out set given
+
+
+def test_a_search_whose_time_went_to_the_seeds_returns_the_best_seed_and_says_so(pipes, monkeypatch):
+    monkeypatch.setattr(search_run, "_run_strategy", lambda ctx, seeds: 0)  # the deadline came after the seeds
+    lines = []
+    result = search(pipes[0], calib(), budget="psnr>=5", strategy="dp", k_values=[2], log=lines.append)
+    assert result.met and result.summary["chosen_is_handmade"]
+    assert any(line.strip().startswith("hand-made ") for line in lines)  # each seed's score is shown
+    assert any("ran out on the hand-made plans" in line for line in lines)
 
 
 def test_space_holds_the_handmade_schedules(pipes):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from diffaccel.calibration.reference import CalibrationRun
@@ -87,9 +88,9 @@ def candidates_of(store: Store, space: Space) -> list[Candidate]:
 
 
 def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade], space: Space,
-                    deadline: float | None = None) -> list[Candidate]:
+                    deadline: float | None = None, log: Callable[[str], None] | None = None) -> list[Candidate]:
     """Calibration scores of the hand-made plans, cached in the study (they survive a restart);
-    those not scored by ``deadline`` are left out."""
+    those not scored by ``deadline`` are left out. Each new score is logged (``log``)."""
     cached = dict(store.study.user_attrs.get("handmade", {}))
     out = []
     for item in handmade:
@@ -105,6 +106,8 @@ def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade
             cached[item.key] = {"psnr": s.psnr, "psnr_p5": s.psnr_p5, "psnr_min": s.psnr_min, "ssim": s.ssim,
                                 "mac_fraction": s.mac_fraction, "latency_fraction": s.latency_fraction}
             store.study.set_user_attr("handmade", cached)
+            if log is not None:
+                log(f"  hand-made {item.key}: {s.psnr:.2f} dB (p5 {s.psnr_p5:.2f}), {1 / s.mac_fraction:.2f}x MACs")
         s = cached[item.key]
         if s["mac_fraction"] >= 1.0 - 1e-9:
             continue

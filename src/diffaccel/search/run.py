@@ -174,14 +174,19 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
     handmade, seeds = _handmade(ctx)
     ctx.reserve = _heldout_reserve(ctx, heldout)
-    hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline)  # the seeds first, in time
+    ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
+    hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
     evaluated = _run_strategy(ctx, seeds)
     searched = [c for c in [*candidates_of(ctx.store, space), *ctx.joint]
                 if c.mac_fraction < 1.0 - 1e-9 and "error" not in c.extra]
     points = searched + hand  # a hand-made plan that beats every searched one is returned, and said so
-    if not searched:
+    if not points:
         raise SearchError("the search evaluated no plan that saves work (time limit too short?); run it again "
                           "with more time: it continues where it stopped")
+    if not searched:
+        ctx.log("warning: the time limit ran out on the hand-made plans, before the search proper evaluated "
+                "anything: the best hand-made plan is returned; run it again with more time (it continues "
+                "where it stopped)")
     front = pareto(points, budget, config.objective)
     margin = config.effective_margin()
     safe = budget.raised(margin)
