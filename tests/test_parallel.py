@@ -27,6 +27,7 @@ from diffaccel import methods
 from diffaccel.eval.fidelity import psnr_per_image
 from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.parallel import ParallelError, cfg_parallel, check_agreement, current, patch_parallel, spawn
+from diffaccel.parallel.cfg import layout, reassemble, slice_rows
 from diffaccel.parallel.exchange import gather_cat
 from diffaccel.parallel.job import ParallelConfig, check_job
 from diffaccel.parallel.shard import assemble, shard
@@ -271,6 +272,16 @@ def test_shared_memory_gathers_equal_gloo_and_time_out(ranks):
         assert results[rank]["shm"][0].shape == (11, 3) and results[rank]["shm"][1].shape == (1 << 19, 3)
     if results[0]["shm-used"]:
         assert results[0]["shm-timeout"].startswith("ParallelError") and "rank 1 did not" in results[0]["shm-timeout"]
+
+
+@pytest.mark.parametrize("batch,world", [(72, 2), (10, 3), (7, 2), (2, 2), (4, 4), (3, 3)])
+def test_each_rank_takes_a_share_of_both_guidance_halves(batch, world):
+    ranks = layout(batch, world)
+    rows = torch.arange(batch)
+    pieces = [slice_rows(rows, batch, mine) for mine in ranks]
+    assert all(len(p) for p in pieces) and torch.equal(reassemble(pieces, ranks), rows)
+    if batch % 2 == 0 and batch // 2 >= world:  # every rank holds unconditional and conditional rows
+        assert all((p < batch // 2).any() and (p >= batch // 2).any() for p in pieces)
 
 
 def test_clear_errors(ranks):

@@ -1,15 +1,21 @@
 """CFG parallelism: the denoiser's batch split over ranks, the output gathered back.
 
-Pipelines batch classifier-free guidance as ``[unconditional, conditional]``; with two ranks, rank 0
-runs the unconditional half and rank 1 the conditional half of every denoiser call, then one
-``all_gather`` per call reassembles the full output and each rank combines the guidance itself, as
-the pipeline always does. Every rank therefore holds the same latents at every step.
+Pipelines batch classifier-free guidance as ``[unconditional, conditional]``; with two ranks each
+runs half the rows of every denoiser call, then one gather per call reassembles the full output and
+each rank combines the guidance itself, as the pipeline always does. Every rank therefore holds the
+same latents at every step.
 
 It is done with a forward pre-hook (slice every batched input to this rank's rows) and a forward
 hook (gather the output) on the denoiser, not by replacing ``forward``: hooks run outside
 ``forward``, so an executor applying a plan (which wraps ``forward`` and its units) sees a
 consistent half-batch trajectory on each rank, whichever was installed first, and its cached unit
 outputs are this rank's rows only.
+
+Each rank takes a share of *both* halves (with two ranks, rank 0 rows 0-17 and 36-53 of a batch of
+72, rank 1 the rest), not one half each: the conditional rows can cost more than the unconditional
+ones (on the embedded U-Net they run about 20% slower on a CPU, through denormal numbers), and with
+one half each the faster rank would wait at every gather. A batch too small to cut both halves
+(fewer than ``world`` rows each) is cut into contiguous pieces instead.
 
 Splitting a batch is exact when the model treats the rows of a batch independently (every
 diffusers denoiser does); on a CPU the results are bitwise those of the single-process run when the
@@ -30,7 +36,7 @@ import torch
 from diffaccel.adapters import find_denoiser
 from diffaccel.parallel.agree import agreed_and_installed
 from diffaccel.parallel.errors import ParallelError
-from diffaccel.parallel.exchange import bounds, gather_cat, split_sizes
+from diffaccel.parallel.exchange import bounds, split_sizes, start_gather
 from diffaccel.parallel.group import Group, current
 
 SAMPLE_ARGS = ("hidden_states", "sample", "x")
@@ -41,25 +47,56 @@ def _batchless(key: str | None) -> bool:
     return key is not None and key.endswith("_ids")
 
 
-def slice_rows(value: Any, batch: int, start: int, stop: int, key: str | None = None) -> Any:
-    """``value`` with every tensor whose first dimension is the batch cut to rows [start, stop)."""
+Ranges = list[tuple[int, int]]
+
+
+def layout(batch: int, world: int) -> list[Ranges]:
+    """The row ranges ``[start, stop)`` of each rank: a share of each half of the batch, or (a half
+    of fewer than ``world`` rows) a contiguous piece each."""
+    half = batch // 2
+    if batch % 2 or half < world:
+        return [[piece] for piece in bounds(split_sizes(batch, world))]
+    return [[first, (second[0] + half, second[1] + half)]
+            for first, second in zip(bounds(split_sizes(half, world)), bounds(split_sizes(half, world)))]
+
+
+def _take(tensor: torch.Tensor, ranges: Ranges) -> torch.Tensor:
+    return tensor[ranges[0][0]:ranges[0][1]] if len(ranges) == 1 else torch.cat([tensor[a:b] for a, b in ranges])
+
+
+def slice_rows(value: Any, batch: int, ranges: Ranges, key: str | None = None) -> Any:
+    """``value`` with every tensor whose first dimension is the batch cut to the rows of ``ranges``."""
     if isinstance(value, torch.Tensor):
-        return value[start:stop] if value.dim() and value.shape[0] == batch and not _batchless(key) else value
+        return _take(value, ranges) if value.dim() and value.shape[0] == batch and not _batchless(key) else value
     if isinstance(value, dict):
-        return type(value)({k: slice_rows(v, batch, start, stop, k) for k, v in value.items()})
+        return type(value)({k: slice_rows(v, batch, ranges, k) for k, v in value.items()})
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(slice_rows(v, batch, start, stop, key) for v in value)
+        return type(value)(slice_rows(v, batch, ranges, key) for v in value)
     return value
 
 
-def gather_rows(value: Any, rows: int, sizes: list[int], group: Group) -> Any:
-    """``value`` with every tensor of ``rows`` rows replaced by the rows of all ranks, in rank order."""
+def reassemble(pieces: list[torch.Tensor], ranks: list[Ranges]) -> torch.Tensor:
+    """The batch in its original row order from every rank's piece (its ranges' rows, in order)."""
+    parts = []
+    for piece, ranges in zip(pieces, ranks):
+        offset = 0
+        for start, stop in ranges:
+            parts.append((start, piece[offset:offset + stop - start]))
+            offset += stop - start
+    return torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])])
+
+
+def gather_rows(value: Any, ranks: list[Ranges], group: Group) -> Any:
+    """``value`` with every tensor of this rank's row count replaced by the whole batch."""
+    sizes = [sum(b - a for a, b in ranges) for ranges in ranks]
     if isinstance(value, torch.Tensor):
-        return gather_cat(value, sizes, 0, group) if value.dim() and value.shape[0] == rows else value
+        if not (value.dim() and value.shape[0] == sizes[group.rank]):
+            return value
+        return reassemble(start_gather(value, sizes, 0, group, async_op=False).wait(), ranks)
     if isinstance(value, dict):  # diffusers' output classes are ordered dicts (and dataclasses)
-        return type(value)(**{k: gather_rows(v, rows, sizes, group) for k, v in value.items()})
+        return type(value)(**{k: gather_rows(v, ranks, group) for k, v in value.items()})
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(gather_rows(v, rows, sizes, group) for v in value)
+        return type(value)(gather_rows(v, ranks, group) for v in value)
     return value
 
 
@@ -70,7 +107,7 @@ class CFGParallel:
         self.model = model
         self.group = group or current()
         self._handles: list[Any] = []
-        self._sizes: list[list[int]] = []  # per call in flight (a stack: a hooked call inside another)
+        self._layouts: list[list[Ranges]] = []  # per call in flight (a stack: a hooked call inside another)
 
     def install(self) -> CFGParallel:
         if self.group.world > 1 and not self._handles:
@@ -81,7 +118,7 @@ class CFGParallel:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._sizes = [], []
+        self._handles, self._layouts = [], []
 
     def __enter__(self) -> CFGParallel:
         return self.install()
@@ -99,20 +136,19 @@ class CFGParallel:
 
     def _split(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         batch = self._batch(args, kwargs)
-        sizes = split_sizes(batch, self.group.world)
-        if min(sizes) == 0:
+        ranks = layout(batch, self.group.world)
+        if batch < self.group.world:
             raise ParallelError(f"a denoiser call of {batch} row(s) cannot be split over {self.group.world} ranks: "
                                 "CFG parallelism needs a batch of at least one row per rank (guidance on, or "
                                 "several images per call); for calls of one image use --parallel batch")
-        start, stop = bounds(sizes)[self.group.rank]
-        self._sizes.append(sizes)
-        return slice_rows(args, batch, start, stop), slice_rows(kwargs, batch, start, stop)
+        mine = ranks[self.group.rank]
+        self._layouts.append(ranks)
+        return slice_rows(args, batch, mine), slice_rows(kwargs, batch, mine)
 
     def _gather(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        if not self._sizes:  # the pre-hook raised: nothing was split
+        if not self._layouts:  # the pre-hook raised: nothing was split
             return output
-        sizes = self._sizes.pop()
-        return gather_rows(output, sizes[self.group.rank], sizes, self.group)
+        return gather_rows(output, self._layouts.pop(), self.group)
 
 
 @contextmanager
