@@ -1,7 +1,9 @@
 """The ``joint`` strategy: sampler x steps x start x caching (x quantization), searched together
 against the pipeline's own (e.g. 50-step DDIM) output.
 
-A grid would be large and mostly useless, so the search moves in phases, each cut by the deadline:
+A grid would be large and mostly useless, so the search moves in phases, each cut by the deadline
+(the key steps of the pipeline's own sampler, phase 2's first setting, come before phase 1: they
+need no profile run and are the plans a short search must not miss):
 
 1. **samplers**: every solver at increasing step counts (and informed starts), no caching, until a
    count clears the budget with ``HEADROOM`` dB to spare (more steps would only buy quality that
@@ -76,8 +78,9 @@ class JointSearch:
         return candidate
 
     def run(self) -> int:
+        self.cached(None)  # the pipeline's own sampler first: no profile run, the known-good family
         configs = self.samplers()
-        for spec in [None, *configs[:CONFIGS_CACHED]]:  # None: the pipeline's own sampler
+        for spec in configs[:CONFIGS_CACHED]:
             self.cached(spec)
         if self.quant is not None:
             self.quantized()
@@ -111,7 +114,7 @@ class JointSearch:
         profile = self.calib if spec is None else CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
         label = spec.label if spec is not None else f"own sampler {profile.num_steps}"
         steps, model = profile.num_steps, profile.model
-        for level in adapter_for(model).levels(model)[1:]:
+        for level in reversed(adapter_for(model).levels(model)[1:]):  # the most reuse first
             tried: set[int] = set()
             for fraction in self.space.key_fractions:  # fewer and fewer full steps, until quality breaks
                 keys = max(2, round(fraction * steps))

@@ -173,7 +173,7 @@ def _handmade(ctx: Context):
 def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> SearchResult:
     config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
     handmade, seeds = _handmade(ctx)
-    ctx.reserve = _heldout_reserve(ctx, heldout)
+    ctx.reserve = _heldout_reserve(ctx, heldout, 2 if handmade else 1)
     ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
     hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
     evaluated = _run_strategy(ctx, seeds)
@@ -217,14 +217,16 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     return result
 
 
-def _heldout_reserve(ctx: Context, heldout: Calibrate | None) -> float:
-    """Seconds the held-out check will take (baseline and plan, ``pairs`` + 1 times), estimated from the
-    calibration run, so that the whole search ends near its time limit."""
+def _heldout_reserve(ctx: Context, heldout: Calibrate | None, compares: int) -> float:
+    """Seconds the held-out check will take, estimated from the calibration run, so that the whole
+    search ends near its time limit: ``compares`` plans (the chosen one, and the best hand-made one
+    when there is one), each run ``pairs`` + 1 times next to the baseline (a plan at about half its
+    time)."""
     if heldout is None or not ctx.config.time_limit:
         return 0.0
     calls = len(heldout) / max(1, len(ctx.calib.calibrate)) \
         if hasattr(heldout, "calls") and hasattr(ctx.calib.calibrate, "calls") else 1.0
-    return ctx.calib.seconds * calls * (ctx.config.pairs + 1) * 2 * 0.75  # plans run faster than the baseline
+    return ctx.calib.seconds * calls * (ctx.config.pairs + 1) * compares * 1.5
 
 
 def _chosen_plan(ctx: Context, chosen: Candidate) -> Plan:
