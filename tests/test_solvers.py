@@ -10,10 +10,12 @@ import torch
 
 import diffaccel
 from diffaccel import methods
-from diffaccel.calibration.reference import identity_plan
+from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.errors import BudgetError, PlanError
 from diffaccel.plan import Plan
 from diffaccel.search import parse_budget, search
+from diffaccel.search.candidates import Candidate
+from diffaccel.search.joint import JointSearch
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
@@ -105,6 +107,21 @@ def test_joint_search_picks_sampler_and_caching_together_and_keeps_its_time(pipe
     with diffaccel.accelerate(pipe, Plan.load(tmp_path / "plan.json")) as run:
         assert torch.isfinite(call(pipe, steps=10)).all()
     assert run.stats.full_macs > 0
+
+
+def test_joint_search_skips_plans_that_cannot_beat_the_cheapest_one_meeting_the_budget(pipes):
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 6, per_class=1))
+    joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None)
+    plan = methods.fora(pipes[0].denoiser, 6, interval=2)
+    cost = calib.fractions(plan)[0]
+    assert 0 < cost < 1 and not joint._cannot_win(plan)  # nothing meets the budget yet
+    joint.candidates = [Candidate(None, [], 29.0, 20.0, 0.9, cost / 2, cost / 2, "too poor")]
+    assert not joint._cannot_win(plan)  # the cheaper candidate misses the budget
+    joint.candidates.append(Candidate(None, [], 31.0, 25.0, 0.95, cost, cost, "as cheap, and good"))
+    assert joint._cannot_win(plan)
+    by_latency = JointSearch(calib, parse_budget("psnr>=30"), "latency", None, lambda _: None)
+    by_latency.candidates = joint.candidates
+    assert not by_latency._cannot_win(plan)  # measured latency against an estimate: never skipped on
 
 
 def test_bottleneck_sampling_runs_the_middle_steps_smaller_on_a_dit_and_is_refused_on_a_unet(pipes):

@@ -125,9 +125,20 @@ class JointSearch:
                 rows = rows_from(steps, profile.units, chosen, set(level.reused))
                 plan = make_plan(model, rows, "search-joint", {"keys": keys, "level": level.name, "key_steps": chosen},
                                  solver=spec)
+                if self._cannot_win(plan):
+                    continue  # fewer keys next: cheaper, and maybe still good enough
                 c = self.score(plan, f"{label} + {level.name} keys {keys}")
                 if c is None or c.psnr < self.budget.threshold - 2:
                     break
+
+    def _cannot_win(self, plan: Plan) -> bool:
+        """Whether ``plan`` needs at least the MACs of the cheapest candidate already meeting the
+        budget: scoring it could not change the result (its schedule alone says so; under the
+        latency objective the estimate is too loose to skip on)."""
+        if self.objective != "macs":
+            return False
+        best = min((c.cost("macs") for c in self.candidates if c.meets(self.budget)), default=None)
+        return best is not None and self.calib.fractions(plan)[0] >= best
 
     def quantized(self) -> None:
         """Phase 3: the cheapest plans that clear the budget, quantized."""
