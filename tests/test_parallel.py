@@ -26,7 +26,7 @@ from conftest import requires_weights, run_cli
 from diffaccel import methods
 from diffaccel.eval.fidelity import psnr_per_image
 from diffaccel.generate import GenerateConfig, run_generate
-from diffaccel.parallel import ParallelError, cfg_parallel, check_agreement, current, patch_parallel, spawn
+from diffaccel.parallel import ParallelError, cfg_parallel, check_agreement, current, patch_parallel, shm, spawn
 from diffaccel.parallel.cfg import layout, reassemble, slice_rows
 from diffaccel.parallel.exchange import gather_cat
 from diffaccel.parallel.job import ParallelConfig, check_job
@@ -190,6 +190,21 @@ def _exchange_checks(results: dict, rank: int) -> None:
         dist.barrier()
 
 
+def _full_shm_check(results: dict, rank: int) -> None:
+    """A segment that finds no room (rank 0 cannot reserve it) leaves every rank on gloo: run last."""
+    def no_room(*_):
+        raise OSError(28, "No space left on device")
+
+    piece = torch.full((1 << 21,), float(rank))  # larger than the segment so far: it must grow
+    saved = shm.os.posix_fallocate
+    shm.os.posix_fallocate = no_room if rank == 0 else saved
+    try:
+        results["shm-full"] = gather_cat(piece, [1 << 21] * 2, 0, current())
+        results["shm-full-exchange"] = exchange_for(current(), 8 << 21)
+    finally:
+        shm.os.posix_fallocate = saved
+
+
 def worker(rank: int, out: str) -> None:
     results: dict = {}
     try:
@@ -198,6 +213,7 @@ def worker(rank: int, out: str) -> None:
         _patch_checks(results)
         _error_checks(results, rank)
         _batch_checks(results, Path(out))
+        _full_shm_check(results, rank)
     finally:
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
@@ -267,9 +283,12 @@ def test_shared_memory_gathers_equal_gloo_and_time_out(ranks):
     results, _ = ranks
     assert results[0]["shm-used"] == usable(current().__class__(0, 2))  # used wherever it may be
     for rank in (0, 1):
-        for shm, gloo in zip(results[rank]["shm"], results[rank]["gloo"]):
-            assert shm.dtype == gloo.dtype and torch.equal(shm, gloo)
+        for shared, gloo in zip(results[rank]["shm"], results[rank]["gloo"]):
+            assert shared.dtype == gloo.dtype and torch.equal(shared, gloo)
         assert results[rank]["shm"][0].shape == (11, 3) and results[rank]["shm"][1].shape == (1 << 19, 3)
+    for rank in (0, 1):  # no room for a segment: gloo, the same result
+        assert torch.equal(results[rank]["shm-full"], torch.cat([torch.zeros(1 << 21), torch.ones(1 << 21)]))
+        assert results[rank]["shm-full-exchange"] is None
     if results[0]["shm-used"]:
         assert results[0]["shm-timeout"].startswith("ParallelError") and "rank 1 did not" in results[0]["shm-timeout"]
 

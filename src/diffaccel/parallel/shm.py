@@ -8,10 +8,11 @@ numbers have caught up (about 0.1 ms). The bytes are copied, so results are bitw
 
 Slots are double-buffered by the parity of the sequence number: a rank can only be one exchange
 ahead of the slowest one, because it waits for every rank's number before returning, so the slot it
-overwrites was read by everyone. The segment is a file in ``/dev/shm`` (unlinked as soon as every
-rank has mapped it); it grows, collectively, when a piece does not fit (every rank asks for the same
-size at the same call, so they agree without talking). Used only on CPU groups of x86-64 machines,
-whose stores become visible in program order (the data before the number that announces it); set
+overwrites was read by everyone. The segment is a file in ``/dev/shm`` (its pages reserved when
+made, so a full ``/dev/shm`` means gloo rather than a crash; unlinked as soon as every rank has
+mapped it); it grows, collectively, when a piece does not fit (every rank asks for the same size at
+the same call, so they agree without talking). Used only on CPU groups of x86-64 machines, whose
+stores become visible in program order (the data before the number that announces it); set
 ``DIFFACCEL_DIST_SHM=0`` to keep gloo for everything.
 """
 
@@ -83,14 +84,20 @@ class SharedExchange:
 
 def _create(group: Group, nbytes: int) -> SharedExchange | None:
     """Map a new segment on every rank (a collective), or None on every rank if any rank cannot."""
-    path = [None]
+    path: list[str | None] = [None]
     if group.main:
         folder = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
         handle, name = tempfile.mkstemp(prefix="diffaccel-exchange-", dir=folder)
-        os.ftruncate(handle, group.world * 2 * nbytes + 8 * group.world)
-        os.close(handle)
-        path = [name]
+        try:  # reserve the pages now: a full /dev/shm (a container's 64 MB) fails here, not later with SIGBUS
+            os.posix_fallocate(handle, 0, group.world * 2 * nbytes + 8 * group.world)
+            path = [name]
+        except OSError:
+            os.unlink(name)
+        finally:
+            os.close(handle)
     dist.broadcast_object_list(path, src=0)
+    if path[0] is None:  # no room: every rank stays on gloo
+        return None
     try:
         exchange: SharedExchange | None = SharedExchange(group, path[0], nbytes)
     except (OSError, RuntimeError):  # another host (the file is not there), or no room
