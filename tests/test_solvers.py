@@ -15,7 +15,7 @@ from diffaccel.errors import BudgetError, PlanError
 from diffaccel.plan import Plan
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
-from diffaccel.search.joint import JointSearch
+from diffaccel.search.joint import JointSearch, _gap
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
@@ -122,6 +122,14 @@ def test_joint_search_skips_plans_that_cannot_beat_the_cheapest_one_meeting_the_
     by_latency = JointSearch(calib, parse_budget("psnr>=30"), "latency", None, lambda _: None)
     by_latency.candidates = joint.candidates
     assert not by_latency._cannot_win(plan)  # measured latency against an estimate: never skipped on
+
+
+def test_joint_search_bisects_the_key_budget_between_a_pass_and_a_miss():
+    assert _gap({11: True, 8: False}) == (8, 11)  # 9 and 10 untried: bisect
+    assert _gap({11: True, 9: True, 8: False}) is None  # nothing left between
+    assert _gap({11: True, 10: False}) is None
+    assert _gap({40: True, 32: True}) is None and _gap({5: False}) is None  # no miss below a pass
+    assert _gap({25: True, 20: False, 15: True, 11: False}) == (11, 15)  # below the fewest that met
 
 
 def test_bottleneck_sampling_runs_the_middle_steps_smaller_on_a_dit_and_is_refused_on_a_unet(pipes):

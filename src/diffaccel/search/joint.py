@@ -48,6 +48,14 @@ class JointSpace:
     key_fractions: tuple[float, ...] = KEY_FRACTIONS
 
 
+def _gap(meets: dict[int, bool]) -> tuple[int, int] | None:
+    """The most keys that missed the budget below the fewest that met it, and those fewest, when a
+    key count lies between them."""
+    met = min((k for k, ok in meets.items() if ok), default=None)
+    missed = max((k for k, ok in meets.items() if not ok and met is not None and k < met), default=None)
+    return (missed, met) if met is not None and missed is not None and met - missed > 1 else None
+
+
 class JointSearch:
     """Runs the phases; ``candidates`` collects every scored plan."""
 
@@ -108,28 +116,44 @@ class JointSearch:
 
     def cached(self, spec: SolverSpec | None) -> None:
         """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps
-        at several budgets."""
+        at several budgets per level, the last step refined between the fewest keys that met the
+        budget and the most that missed it (a bisection: at most two more runs per level)."""
         if self.late():
             return
         profile = self.calib if spec is None else CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
         label = spec.label if spec is not None else f"own sampler {profile.num_steps}"
-        steps, model = profile.num_steps, profile.model
-        for level in reversed(adapter_for(model).levels(model)[1:]):  # the most reuse first
-            tried: set[int] = set()
+        steps = profile.num_steps
+        for level in reversed(adapter_for(profile.model).levels(profile.model)[1:]):  # the most reuse first
+            meets: dict[int, bool] = {}  # key count -> whether its plan met the budget
             for fraction in self.space.key_fractions:  # fewer and fewer full steps, until quality breaks
                 keys = max(2, round(fraction * steps))
-                if keys >= steps or keys in tried:
+                if keys >= steps or keys in meets:
                     continue
-                tried.add(keys)
-                chosen, _ = optimal_keys(set_matrix(profile.dissimilarity, profile.units, level.reused), keys)
-                rows = rows_from(steps, profile.units, chosen, set(level.reused))
-                plan = make_plan(model, rows, "search-joint", {"keys": keys, "level": level.name, "key_steps": chosen},
-                                 solver=spec)
-                if self._cannot_win(plan):
-                    continue  # fewer keys next: cheaper, and maybe still good enough
-                c = self.score(plan, f"{label} + {level.name} keys {keys}")
-                if c is None or c.psnr < self.budget.threshold - 2:
+                c = self._keys(profile, level, keys, spec, label)
+                if c is False:
+                    continue  # cannot win: fewer keys next, cheaper and maybe still good enough
+                if c is None:
                     break
+                meets[keys] = c.meets(self.budget)
+                if c.psnr < self.budget.threshold - 2:
+                    break
+            while (gap := _gap(meets)) is not None:
+                c = self._keys(profile, level, sum(gap) // 2, spec, label)
+                if not c:
+                    break
+                meets[sum(gap) // 2] = c.meets(self.budget)
+
+    def _keys(self, profile: CalibrationRun, level, keys: int, spec: SolverSpec | None,
+              label: str) -> Candidate | None | bool:
+        """The DP's ``keys`` key steps at ``level`` scored; False when the plan cannot win (not
+        scored), None when the deadline passed or it failed."""
+        chosen, _ = optimal_keys(set_matrix(profile.dissimilarity, profile.units, level.reused), keys)
+        rows = rows_from(profile.num_steps, profile.units, chosen, set(level.reused))
+        plan = make_plan(profile.model, rows, "search-joint", {"keys": keys, "level": level.name, "key_steps": chosen},
+                         solver=spec)
+        if self._cannot_win(plan):
+            return False
+        return self.score(plan, f"{label} + {level.name} keys {keys}")
 
     def _cannot_win(self, plan: Plan) -> bool:
         """Whether ``plan`` needs at least the MACs of the cheapest candidate already meeting the
