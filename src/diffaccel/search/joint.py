@@ -12,7 +12,8 @@ need no profile run and are the plans a short search must not miss):
    key steps at its full step count are often the best plan when fewer-step samplers leave no
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
    budget, one profile run each (``CalibrationRun`` of that sampler), the DP's key steps for
-   several budgets of full steps and every unit level: the quality headroom is spent on reuse;
+   several budgets of full steps and every unit level, bisected between the last budget that met
+   the quality bar and the first that missed it: the quality headroom is spent on reuse;
 3. **quantization** (with a quant spec): the best plans again, quantized.
 
 Every candidate is an ordinary plan (solver section, schedule, quant section), scored on the
