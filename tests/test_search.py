@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -214,6 +215,18 @@ def test_a_search_whose_time_went_to_the_seeds_returns_the_best_seed_and_says_so
     assert result.met and result.summary["chosen_is_handmade"]
     assert any(line.strip().startswith("hand-made ") for line in lines)  # each seed's score is shown
     assert any("ran out on the hand-made plans" in line for line in lines)
+
+
+def test_the_held_out_reserve_leaves_the_search_half_its_limit():
+    lines = []
+    ctx = SimpleNamespace(calib=SimpleNamespace(seconds=100.0, calibrate=None), log=lines.append,
+                          config=SimpleNamespace(pairs=3, time_limit=1200.0))
+    assert search_run._heldout_reserve(ctx, heldout=object(), compares=1) == 100 * 4 * 1.5  # half of 1200
+    ctx.config.time_limit = 3600.0
+    assert search_run._heldout_reserve(ctx, heldout=object(), compares=2) == 1200 and not lines
+    ctx.config.time_limit = 900.0  # a slow machine: the check would take 1200 s of 900
+    assert search_run._heldout_reserve(ctx, heldout=object(), compares=2) == 450
+    assert lines and "more than half" in lines[0]
 
 
 def test_space_holds_the_handmade_schedules(pipes):

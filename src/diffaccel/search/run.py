@@ -226,7 +226,13 @@ def _heldout_reserve(ctx: Context, heldout: Calibrate | None, compares: int) -> 
         return 0.0
     calls = len(heldout) / max(1, len(ctx.calib.calibrate)) \
         if hasattr(heldout, "calls") and hasattr(ctx.calib.calibrate, "calls") else 1.0
-    return ctx.calib.seconds * calls * (ctx.config.pairs + 1) * compares * 1.5
+    seconds = ctx.calib.seconds * calls * (ctx.config.pairs + 1) * compares * 1.5
+    if seconds > ctx.config.time_limit / 2:  # the search proper keeps at least half the limit
+        ctx.log(f"warning: the held-out check is estimated at {seconds:.0f} s, more than half the "
+                f"{ctx.config.time_limit:.0f} s limit: the search keeps half of it and the whole run will "
+                "overrun the limit; give more time, or fewer held-out images (--heldout-per-class) or pairs")
+        seconds = ctx.config.time_limit / 2
+    return seconds
 
 
 def _chosen_plan(ctx: Context, chosen: Candidate) -> Plan:
