@@ -136,11 +136,11 @@ class CFGParallel:
 
     def _split(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         batch = self._batch(args, kwargs)
-        ranks = layout(batch, self.group.world)
         if batch < self.group.world:
             raise ParallelError(f"a denoiser call of {batch} row(s) cannot be split over {self.group.world} ranks: "
                                 "CFG parallelism needs a batch of at least one row per rank (guidance on, or "
                                 "several images per call); for calls of one image use --parallel batch")
+        ranks = layout(batch, self.group.world)
         mine = ranks[self.group.rank]
         self._layouts.append(ranks)
         return slice_rows(args, batch, mine), slice_rows(kwargs, batch, mine)

@@ -139,10 +139,11 @@ class JointSearch:
                 if c.psnr < self.budget.threshold - 2:
                     break
             while (gap := _gap(meets)) is not None:
-                c = self._keys(profile, level, sum(gap) // 2, spec, label)
+                keys = sum(gap) // 2
+                c = self._keys(profile, level, keys, spec, label)
                 if not c:
                     break
-                meets[sum(gap) // 2] = c.meets(self.budget)
+                meets[keys] = c.meets(self.budget)
 
     def _keys(self, profile: CalibrationRun, level, keys: int, spec: SolverSpec | None,
               label: str) -> Candidate | None | bool:
