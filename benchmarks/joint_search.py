@@ -1,7 +1,8 @@
 """The joint search (sampler x steps x caching) on an embedded model, against the alternatives a
 user would try, measured on held-out seeds in one process.
 
-    python benchmarks/joint_search.py --model dit [--time 15m] [--threads 1]
+    python benchmarks/joint_search.py --model dit [--time 15m] [--threads 1] [--calib-per-class 2]
+    python benchmarks/joint_search.py --model dit --quant w8a8 --quant-backend int8 --objective latency
 
 1. ``diffaccel search --strategy joint`` on the calibration seeds (budget ``psnr>=30`` by default);
 2. on held-out seeds, interleaved with the unaccelerated 50-step DDIM pipeline (``--pairs``
@@ -24,6 +25,7 @@ import torch
 
 from diffaccel.calibration.reference import checked_images, run_with_plan
 from diffaccel.eval.io import write_json
+from diffaccel.methods.ptq import quant_spec
 from diffaccel.search import compare, parse_budget, parse_duration, search
 from diffaccel.search.candidates import choose
 from diffaccel.targets import load_target
@@ -56,36 +58,45 @@ def main() -> None:
     parser.add_argument("--heldout-per-class", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calib-per-class", type=int, default=2)
+    parser.add_argument("--objective", default="macs", help="macs, latency (needed with --quant) or bops")
+    parser.add_argument("--quant", default=None, help="e.g. w8a8: the search may also quantize its plans")
+    parser.add_argument("--quant-backend", default="int8", help="with --quant: fake, int8 or int8-dynamic")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
-    calibrate = target.workload(50, 3.0, 2, 0)
+    calibrate = target.workload(50, 3.0, args.calib_per_class, 0)
     heldout = target.workload(50, 3.0, args.heldout_per_class, 0, calibration=False)
     out = ROOT / "out" / "joint-search" / args.model
     started = time.time()
+    spec = quant_spec(target.pipe, calibrate, args.quant, args.quant_backend) if args.quant else None
     result = search(target.pipe, calibrate, budget=args.budget, strategy="joint", time_limit=parse_duration(args.time),
-                    heldout=heldout, pairs=args.pairs, out=out, model_name=f"{args.model}-ddim")
+                    heldout=heldout, pairs=args.pairs, out=out, model_name=f"{args.model}-ddim",
+                    objective=args.objective, quant=spec)
     seconds = time.time() - started
     reference = checked_images(heldout(target.pipe), "held-out")
     labels = torch.tensor([int(c) for call in heldout.calls for c in call.kwargs["class_labels"]])
     rows = [measure(target, "searched (joint)", result.plan, heldout, reference, labels, args.pairs)]
     budget = parse_budget(result.summary["budget"])
-    plain = [c for c in result.points if c.plan is not None and c.plan.method == "steps" and c.meets(budget)]
-    best_sampler = min(plain, key=lambda c: c.mac_fraction) if plain else None
+    plain = [c for c in result.points if c.plan is not None and c.plan.method == "steps"
+             and c.plan.quant is None and c.meets(budget)]
+    best_sampler = min(plain, key=lambda c: c.mac_fraction) if plain else None  # plain: fp32, no caching
     if best_sampler is not None:
         rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label}", best_sampler.plan, heldout,
                             reference, labels, args.pairs))
-    hand = choose(result.handmade, budget, "macs")[0] if result.handmade else None
+    hand = choose(result.handmade, budget, args.objective)[0] if result.handmade else None
     if hand is not None and hand.plan is not None:
         rows.append(measure(target, f"hand-made {hand.source}", hand.plan, heldout, reference, labels, args.pairs))
-    write_json(ROOT / "benchmarks" / "results" / f"joint_search_{args.model}.json", {
+    name = f"joint_search_{args.model}" + (f"_{args.quant}" if args.quant else "")
+    write_json(ROOT / "benchmarks" / "results" / f"{name}.json", {
         "model": args.model, "budget": args.budget, "time_limit": args.time, "search_seconds": round(seconds, 1),
         "summary": {k: v for k, v in result.summary.items() if k not in ("unit_macs", "unit_seconds", "units")},
         "heldout_images": len(reference), "rows": rows, "threads": args.threads, "machine": platform.machine(),
         "torch": torch.__version__,
         "command": f"python benchmarks/joint_search.py --model {args.model} --budget '{args.budget}' --time "
                    f"{args.time} --heldout-per-class {args.heldout_per_class} --pairs {args.pairs} --threads "
-                   f"{args.threads}",
+                   f"{args.threads} --calib-per-class {args.calib_per_class} --objective {args.objective}"
+                   + (f" --quant {args.quant} --quant-backend {args.quant_backend}" if args.quant else ""),
         "search_out": os.path.relpath(out, ROOT)})
 
 

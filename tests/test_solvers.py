@@ -10,12 +10,14 @@ import torch
 
 import diffaccel
 from diffaccel import methods
+from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
-from diffaccel.errors import BudgetError, PlanError
+from diffaccel.errors import BudgetError, PlanError, SearchError
 from diffaccel.plan import Plan
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
-from diffaccel.search.joint import JointSearch, _gap
+from diffaccel.quant.spec import QuantSpec
+from diffaccel.search.joint import JointSearch, _gap, _headroom_for
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
@@ -122,6 +124,25 @@ def test_joint_search_skips_plans_that_cannot_beat_the_cheapest_one_meeting_the_
     by_latency = JointSearch(calib, parse_budget("psnr>=30"), "latency", None, lambda _: None)
     by_latency.candidates = joint.candidates
     assert not by_latency._cannot_win(plan)  # measured latency against an estimate: never skipped on
+
+
+def test_the_joint_search_quantizes_its_best_plans_at_the_measured_speed_of_the_quantized_model(pipes, tmp_path):
+    work = shapes_workload([0], 6, per_class=1)
+    ranges = activation_ranges(pipes[0], work, progress=False).save(tmp_path / "ranges.safetensors")
+    spec = QuantSpec(weight_bits=8, act_bits=8, calibration=str(ranges))
+    joint = JointSearch(CalibrationRun(pipes[0], work), parse_budget("psnr>=1"), "latency", None, lambda _: None,
+                        quant=spec)
+    plain = joint.score(methods.fora(pipes[0].denoiser, 6, interval=2), "fora 2")
+    joint.quantized()
+    quantized = [c for c in joint.candidates if c.plan.quant is not None]
+    assert len(quantized) == 1 and joint.quant_speed > 0
+    assert quantized[0].plan.schedule == plain.plan.schedule and quantized[0].mac_fraction == plain.mac_fraction
+    assert quantized[0].latency_fraction == pytest.approx(plain.latency_fraction * joint.quant_speed)
+    assert quantized[0].bops_fraction == pytest.approx(plain.mac_fraction / 4)  # W8: a quarter of fp32 per MAC
+    # errors add as squared differences: a 36 dB quantization error costs a 30 dB plan about 1.3 dB
+    assert 1.0 < _headroom_for(30, 36) < 1.5 and _headroom_for(30, 29) == 0.0
+    with pytest.raises(SearchError, match="objective latency"):
+        search(pipes[0], work, strategy="joint", quant=spec, log=lambda _: None)
 
 
 def test_joint_search_bisects_the_key_budget_between_a_pass_and_a_miss():

@@ -120,5 +120,8 @@ class SearchConfig:
         margin = self.effective_margin()
         if not math.isfinite(margin) or margin < 0:
             raise SearchError(f"the margin must be a finite number >= 0, got {margin}")
+        if self.strategy == "joint" and self.quant is not None and self.objective == "macs":
+            raise SearchError("quantization leaves the MACs as they are, so a joint search with --quant needs "
+                              "--objective latency (the measured speed of the quantized model) or bops")
         if self.objective == "bops" and self.quant is None:
             raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")

@@ -14,7 +14,11 @@ need no profile run and are the plans a short search must not miss):
    budget, one profile run each (``CalibrationRun`` of that sampler), the DP's key steps for
    several budgets of full steps and every unit level, bisected between the last budget that met
    the quality bar and the first that missed it: the quality headroom is spent on reuse;
-3. **quantization** (with a quant spec): the best plans again, quantized.
+3. **quantization** (with a quant spec): the cheapest plans that clear the budget, and those that
+   clear it with the quantization's own error to spare, again quantized. Quantization leaves the
+   MACs as they are; its latency estimate is the plain plan's scaled by the measured wall-time
+   ratio of the quantized to the plain full-compute calibration run (interleaved, median of two),
+   and its bit-operations by the weight bits (W8: a quarter of fp32 per MAC).
 
 Every candidate is an ordinary plan (solver section, schedule, quant section), scored on the
 calibration set against the pipeline's own output.
@@ -22,6 +26,8 @@ calibration set against the pipeline's own output.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +45,7 @@ from diffaccel.solvers.spec import SolverSpec
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
 KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16)
 CONFIGS_CACHED = 6  # sampler settings whose headroom phase 2 spends on caching
+QUANTIZED = 4  # plans quantized per headroom tier in phase 3
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,13 @@ def _gap(meets: dict[int, bool]) -> tuple[int, int] | None:
     return (missed, met) if met is not None and missed is not None and met - missed > 1 else None
 
 
+def _headroom_for(threshold: float, quant_db: float) -> float:
+    """dB above ``threshold`` a plan needs so that, with an independent error of ``quant_db`` added
+    (errors add as squared differences), it still reaches ``threshold``; 0 when nothing would."""
+    left = 10 ** (-threshold / 10) - 10 ** (-quant_db / 10)
+    return -10 * math.log10(left) - threshold if left > 0 else 0.0
+
+
 class JointSearch:
     """Runs the phases; ``candidates`` collects every scored plan."""
 
@@ -66,11 +80,14 @@ class JointSearch:
         self.space = space or JointSpace()
         self.quant = quant
         self.candidates: list[Candidate] = []
+        self.quant_speed: float | None = None  # measured quantized / plain wall time (phase 3)
 
     def late(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
 
-    def score(self, plan: Plan, source: str) -> Candidate | None:
+    def score(self, plan: Plan, source: str, latency_scale: float = 1.0) -> Candidate | None:
+        """``plan`` scored on the calibration set and kept as a candidate; ``latency_scale`` scales
+        its latency estimate (a quantized plan: the measured speed of the quantized model)."""
         if self.late():
             return None
         try:
@@ -80,8 +97,10 @@ class JointSearch:
         except Exception as exc:  # noqa: BLE001 -- a setting that breaks the pipeline is left out
             self.log(f"  {source}: failed ({type(exc).__name__}: {str(exc)[:120]})")
             return None
+        bops = s.mac_fraction * (plan.quant.weight_bits / 32 if plan.quant is not None else 1.0)
         candidate = Candidate(None, list(plan.schedule or []), s.psnr, s.psnr_min, s.ssim, s.mac_fraction,
-                              s.latency_fraction, source, len(self.candidates), {}, None, s.psnr_p5, plan)
+                              s.latency_fraction * latency_scale, source, len(self.candidates), {}, bops,
+                              s.psnr_p5, plan)
         self.candidates.append(candidate)
         self.log(f"  {source}: {s.psnr:.2f} dB (p5 {s.psnr_p5:.2f}), {1 / s.mac_fraction:.2f}x MACs")
         return candidate
@@ -167,7 +186,25 @@ class JointSearch:
         return best is not None and self.calib.fractions(plan)[0] >= best
 
     def quantized(self) -> None:
-        """Phase 3: the cheapest plans that clear the budget, quantized."""
-        best = sorted((c for c in self.candidates if c.meets(self.budget)), key=lambda c: c.cost(self.objective))
-        for c in best[:6]:
-            self.score(c.plan.with_quant(self.quant), c.source + " + " + self.quant.label)
+        """Phase 3: the cheapest plans that clear the budget, and the cheapest that clear it by the
+        quantization's own error (measured on the full-compute run), quantized."""
+        if self.deadline is not None and time.time() + 4 * self.calib.seconds >= self.deadline:
+            self.log("  no time left to measure the quantized model: phase 3 skipped")
+            return
+        full = identity_plan(self.calib.model)
+        plain, quantized = [], []
+        for _ in range(2):  # interleaved: the machine's drift hits both alike
+            plain.append(self.calib.score(full).seconds)
+            quantized.append(self.calib.score(full.with_quant(self.quant)))
+        self.quant_speed = statistics.median(s.seconds for s in quantized) / statistics.median(plain)
+        self.log(f"  {self.quant.label} ({self.quant.backend}) on the full-compute run: {quantized[0].psnr:.2f} dB, "
+                 f"{1 / self.quant_speed:.2f}x the plain run's speed")
+        chosen: list[Candidate] = []
+        spare = _headroom_for(self.budget.threshold, quantized[0].psnr) if self.budget.metric == "psnr" else 0.0
+        for extra in (0.0, spare):
+            tier = sorted((c for c in self.candidates if c.plan.quant is None and c.meets(self.budget)
+                           and c.quality(self.budget) >= self.budget.threshold + extra),
+                          key=lambda c: c.cost(self.objective))
+            chosen += [c for c in tier[:QUANTIZED] if c not in chosen]
+        for c in chosen:
+            self.score(c.plan.with_quant(self.quant), c.source + " + " + self.quant.label, self.quant_speed)

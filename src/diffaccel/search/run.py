@@ -55,6 +55,7 @@ class Context:
     log: Callable[[str], None]
     reserve: float = 0.0  # seconds kept back for the held-out check after the strategy
     joint: list[Candidate] = field(default_factory=list)  # the joint strategy's candidates (not in the store)
+    quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
 
     @property
     def deadline(self) -> float | None:
@@ -141,7 +142,7 @@ def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
         joint = JointSearch(calib, ctx.budget.raised(config.effective_margin()), config.objective, ctx.deadline,
                             ctx.log, quant=config.quant)
         done = joint.run()
-        ctx.joint = joint.candidates
+        ctx.joint, ctx.quant_speed = joint.candidates, joint.quant_speed
         return done
     if config.strategy == "nsga2":
         return run_nsga(ctx.store, seeds, evaluate, config.trials, ctx.deadline, ctx.log)
@@ -177,6 +178,8 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
     hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
     evaluated = _run_strategy(ctx, seeds)
+    if ctx.quant_speed is not None:  # the quantized hand-made plans are as fast as the quantized model
+        hand = [replace(c, latency_fraction=c.latency_fraction * ctx.quant_speed) for c in hand]
     searched = [c for c in [*candidates_of(ctx.store, space), *ctx.joint]
                 if c.mac_fraction < 1.0 - 1e-9 and "error" not in c.extra]
     points = searched + hand  # a hand-made plan that beats every searched one is returned, and said so
@@ -263,6 +266,9 @@ def _chosen_plan(ctx: Context, chosen: Candidate) -> Plan:
 def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: float, safe: Budget,
              front: list[Candidate], evaluated: int) -> dict:
     config, space, calib, budget = ctx.config, ctx.space, ctx.calib, ctx.budget
+    quant = space.quant if chosen.plan is None else chosen.plan.quant
+    unit_bits = space.unit_bits(chosen.genome) if chosen.genome is not None else [getattr(quant, "weight_bits", 32)] \
+        * len(space.units)
     return {
         "model": name, "strategy": config.strategy, "objective": config.objective, "budget": budget.text,
         "seed": config.seed, "margin": config.effective_margin(), "clears_margin": chosen.meets(safe),
@@ -272,13 +278,16 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
         "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction, "latency_fraction": chosen.latency_fraction,
         "calib_speedup_macs": 1 / chosen.mac_fraction, "source": chosen.source, "trial": chosen.trial,
         "bops_fraction": chosen.bops_fraction, "feature_correction": config.correct, "calib_psnr_corrected": None,
-        "quant": None if space.quant is None else {
-            "weight_bits": space.quant.weight_bits, "act_bits": space.quant.act_bits, "backend": space.quant.backend,
-            "bit_choices": list(space.bits), "unit_bits": dict(zip(space.units, space.unit_bits(chosen.genome)))},
+        "quant": None if quant is None else {
+            "weight_bits": quant.weight_bits, "act_bits": quant.act_bits, "backend": quant.backend,
+            "bit_choices": list(space.bits), "unit_bits": dict(zip(space.units, unit_bits))},
         "trials_complete": ctx.store.n_complete(), "evaluated_this_run": evaluated, "front_size": len(front),
         "search_seconds": round(time.time() - ctx.started, 1),
         "latency_model": "per-unit wall time of the full-compute calibration run (forward hooks), summed over the "
-                         "units a plan computes; reuse is taken as free",
+                         "units a plan computes; reuse is taken as free" + (
+                             "" if ctx.quant_speed is None else "; quantized plans scaled by the measured "
+                             "quantized / plain wall time of the full-compute run"),
+        "quant_speed": ctx.quant_speed,
         "unit_macs": calib.unit_macs, "unit_seconds": calib.unit_seconds,
     }
 
