@@ -33,18 +33,28 @@ from diffaccel.targets import load_target
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def scores(target, plan, heldout, reference, labels) -> dict:
-    images = checked_images(run_with_plan(target.pipe, heldout, plan)[0], "held-out")
-    out = target.evaluator.score(images, labels) if target.evaluator is not None else {}
-    ref = target.evaluator.score(reference, labels) if target.evaluator is not None else {}
+def evaluate(target, images, heldout) -> dict:
+    """Accuracy (and, on a text-to-image model, prompt adherence) and Fréchet distance of ``images``."""
+    if target.evaluator is None:
+        return {}
+    if not target.embedded:
+        return target.prompt_scores(images, list(heldout.calls))
+    labels = torch.tensor([int(c) for call in heldout.calls for c in call.kwargs["class_labels"]])
+    return target.evaluator.score(images, labels)
+
+
+def scores(target, plan, heldout, reference) -> dict:
+    out = evaluate(target, checked_images(run_with_plan(target.pipe, heldout, plan)[0], "held-out"), heldout)
+    ref = evaluate(target, reference, heldout)
     return {"accuracy": out.get("accuracy"), "fd": out.get("fd"), "baseline_accuracy": ref.get("accuracy"),
-            "baseline_fd": ref.get("fd")}
+            "baseline_fd": ref.get("fd"), "adherence": out.get("adherence"),
+            "baseline_adherence": ref.get("adherence")}
 
 
-def measure(target, name: str, plan, heldout, reference, labels, pairs: int) -> dict:
+def measure(target, name: str, plan, heldout, reference, pairs: int) -> dict:
     started = time.time()
     row = {"name": name, "plan": plan.method, "solver": plan.solver.label if plan.solver else None,
-           **compare(target.pipe, heldout, plan, pairs), **scores(target, plan, heldout, reference, labels)}
+           **compare(target.pipe, heldout, plan, pairs), **scores(target, plan, heldout, reference)}
     print(f"{name}: {row['speedup_wall']:.2f}x wall, {row['speedup_macs']:.2f}x MACs, {row['psnr']:.2f} dB "
           f"(p5 {row['psnr_p5']:.2f}) ({time.time() - started:.0f} s)", flush=True)
     return row
@@ -58,44 +68,49 @@ def main() -> None:
     parser.add_argument("--heldout-per-class", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of every run")
     parser.add_argument("--calib-per-class", type=int, default=2)
+    parser.add_argument("--margin", type=float, default=None, help="dB the calibration PSNR must clear the budget by")
     parser.add_argument("--objective", default="macs", help="macs, latency (needed with --quant) or bops")
     parser.add_argument("--quant", default=None, help="e.g. w8a8: the search may also quantize its plans")
     parser.add_argument("--quant-backend", default="int8", help="with --quant: fake, int8 or int8-dynamic")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
-    calibrate = target.workload(50, 3.0, args.calib_per_class, 0)
-    heldout = target.workload(50, 3.0, args.heldout_per_class, 0, calibration=False)
-    out = ROOT / "out" / "joint-search" / args.model
+    calibrate = target.workload(50, args.guidance, args.calib_per_class, 0)
+    heldout = target.workload(50, args.guidance, args.heldout_per_class, 0, calibration=False)
+    name = f"joint_search_{args.model}" + (f"_c{args.calib_per_class}" if args.calib_per_class != 2 else "") \
+        + (f"_m{args.margin:g}" if args.margin is not None else "") + (f"_{args.quant}" if args.quant else "")
+    out = ROOT / "out" / "joint-search" / name  # one study per setting: the storage refuses to mix them
     started = time.time()
     spec = quant_spec(target.pipe, calibrate, args.quant, args.quant_backend) if args.quant else None
     result = search(target.pipe, calibrate, budget=args.budget, strategy="joint", time_limit=parse_duration(args.time),
                     heldout=heldout, pairs=args.pairs, out=out, model_name=f"{args.model}-ddim",
-                    objective=args.objective, quant=spec)
+                    objective=args.objective, quant=spec, margin=args.margin)
     seconds = time.time() - started
     reference = checked_images(heldout(target.pipe), "held-out")
-    labels = torch.tensor([int(c) for call in heldout.calls for c in call.kwargs["class_labels"]])
-    rows = [measure(target, "searched (joint)", result.plan, heldout, reference, labels, args.pairs)]
+    rows = [measure(target, "searched (joint)", result.plan, heldout, reference, args.pairs)]
     budget = parse_budget(result.summary["budget"])
     plain = [c for c in result.points if c.plan is not None and c.plan.method == "steps"
              and c.plan.quant is None and c.meets(budget)]
     best_sampler = min(plain, key=lambda c: c.mac_fraction) if plain else None  # plain: fp32, no caching
     if best_sampler is not None:
         rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label}", best_sampler.plan, heldout,
-                            reference, labels, args.pairs))
+                            reference, args.pairs))
     hand = choose(result.handmade, budget, args.objective)[0] if result.handmade else None
     if hand is not None and hand.plan is not None:
-        rows.append(measure(target, f"hand-made {hand.source}", hand.plan, heldout, reference, labels, args.pairs))
-    name = f"joint_search_{args.model}" + (f"_{args.quant}" if args.quant else "")
+        rows.append(measure(target, f"hand-made {hand.source}", hand.plan, heldout, reference, args.pairs))
     write_json(ROOT / "benchmarks" / "results" / f"{name}.json", {
         "model": args.model, "budget": args.budget, "time_limit": args.time, "search_seconds": round(seconds, 1),
         "summary": {k: v for k, v in result.summary.items() if k not in ("unit_macs", "unit_seconds", "units")},
-        "heldout_images": len(reference), "rows": rows, "threads": args.threads, "machine": platform.machine(),
+        "heldout_images": len(reference), "guidance": args.guidance, "rows": rows, "threads": args.threads,
+        "machine": platform.machine(),
         "torch": torch.__version__,
         "command": f"python benchmarks/joint_search.py --model {args.model} --budget '{args.budget}' --time "
                    f"{args.time} --heldout-per-class {args.heldout_per_class} --pairs {args.pairs} --threads "
-                   f"{args.threads} --calib-per-class {args.calib_per_class} --objective {args.objective}"
+                   f"{args.threads} --calib-per-class {args.calib_per_class} --objective {args.objective} "
+                   f"--guidance {args.guidance:g}"
+                   + (f" --margin {args.margin:g}" if args.margin is not None else "")
                    + (f" --quant {args.quant} --quant-backend {args.quant_backend}" if args.quant else ""),
         "search_out": os.path.relpath(out, ROOT)})
 

@@ -107,15 +107,18 @@ def bench(model: str) -> str:
 
 def joint_search(model: str) -> str:
     data = json.loads((RESULTS / f"joint_search_{model}.json").read_text())
-    lines = [f"**{model}** (search {data['search_seconds']:.0f} s of a {data['time_limit']} limit; "
-             f"{data['heldout_images']} held-out images, budget `{data['budget']}` on calibration):", "",
-             "| plan | sampler | MACs | wall | PSNR (p5, min) | SSIM | accuracy (50-step DDIM) | FD (50-step DDIM) |",
+    t2i = any(r.get("adherence") is not None for r in data["rows"])
+    score = "adherence" if t2i else "accuracy"
+    lines = [f"**{data['model']}** (`{data['command'].removeprefix('python benchmarks/joint_search.py ')}`; search "
+             f"{data['search_seconds']:.0f} s of a {data['time_limit']} limit; {data['heldout_images']} held-out "
+             f"images, budget `{data['budget']}` on calibration):", "",
+             f"| plan | sampler | MACs | wall | PSNR (p5, min) | SSIM | {score} (50-step DDIM) | FD (50-step DDIM) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['name']} | {r['solver'] or 'ddim 50'} | {r['speedup_macs']:.2f}x | "
                      f"{r['speedup_wall']:.2f}x | "
                      f"{r['psnr']:.2f} ({r['psnr_p5']:.1f}, {r['psnr_min']:.1f}) | {r['ssim']:.3f} | "
-                     f"{r['accuracy']:.1%} ({r['baseline_accuracy']:.1%}) | {r['fd']:.3f} ({r['baseline_fd']:.3f}) |")
+                     f"{r[score]:.1%} ({r['baseline_' + score]:.1%}) | {r['fd']:.3f} ({r['baseline_fd']:.3f}) |")
     return "\n".join(lines)
 
 

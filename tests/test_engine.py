@@ -11,6 +11,7 @@ import diffaccel
 from diffaccel import methods
 from diffaccel.plan import Plan, PlanError
 from diffaccel.runtime import CacheError
+from diffaccel.runtime.executor import Executor
 from diffaccel.zoo.models import build_dit, build_unet, make_scheduler
 from diffaccel.zoo.pipeline import ShapesDiTPipeline, ShapesUNetPipeline
 
@@ -78,6 +79,17 @@ def test_plans_that_reuse_work_run_fewer_macs_counted_like_torch(pipes, which):
         assert stats.reused + stats.forecast > 0 and stats.macs < stats.full_macs, plan.method
         assert abs(counted - stats.macs) <= 0.02 * counted, (plan.method, counted, stats.macs)
         assert untouched(pipe.denoiser)
+
+
+def test_later_accelerate_blocks_reuse_the_measured_macs_instead_of_counting_flops_again(pipes, monkeypatch):
+    pipe = pipes[0]
+    plan = methods.fora(pipe.denoiser, 6, interval=2)
+    with diffaccel.accelerate(pipe, plan) as first:
+        call(pipe)
+    monkeypatch.setattr(Executor, "_measured", lambda *_: pytest.fail("FLOPs counted again"))
+    with diffaccel.accelerate(pipe, plan) as second:
+        call(pipe)
+    assert (second.stats.macs, second.stats.full_macs) == (first.stats.macs, first.stats.full_macs)
 
 
 def test_parallel_decoding_matches_sequential_decoding(pipes):

@@ -17,9 +17,11 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 import diffaccel
 from conftest import requires_weights, run_cli
@@ -323,7 +325,10 @@ def test_batch_parallel_gives_the_same_images_and_record(ranks, tmp_path):
     pipe = load_pipeline("dit")
     calls = pipe.workload_calls(STEPS, per_class=3, classes=[0, 1, 2], batch_size=4, calibration=False)
     reference = torch.cat([pipe(**c.kwargs, generator=c.generators()).images for c in calls.calls])
-    assert torch.equal(results[0]["batch-images"], reference)
+    # a call's rows are split between the ranks: bitwise where the kernels give a smaller batch the same
+    # bits (the CPU the figures were measured on), at float rounding on others (e.g. AVX-512/AMX ones)
+    same, psnr = close_enough(results[0]["batch-images"], reference)
+    assert same, psnr
     assert "batch-images" not in results[1]  # only rank 0 holds the gathered images
     assert results[0]["batch-pieces"] and results[1]["batch-pieces"]  # both ranks had work
     single = small_job(None, tmp_path / "single")
@@ -332,11 +337,11 @@ def test_batch_parallel_gives_the_same_images_and_record(ranks, tmp_path):
         assert isinstance(record, dict), record
         assert results[1][f"job-{mode}"] is None  # rank 0 reports
         assert record["parallel"] == {"mode": mode, "world_size": 2}
-        # batch keeps every call's rows together (bitwise); cfg halves a call of one image into rows of one,
-        # which this CPU's kernels reduce in another order (differences at the last float bits)
-        same_figures(figures(record), figures(single), exact=mode == "batch")
+        # both split a call's rows, which some CPUs' kernels reduce in another order (the last float bits)
+        same_figures(figures(record), figures(single), exact=False)
         assert record["psnr"] < 100 and record["work"]["reused"] > 0  # the figures are a plan's, not trivial
-    assert (out / "batch" / "grid.png").read_bytes() == (tmp_path / "single" / "grid.png").read_bytes()
+    grids = [np.asarray(Image.open(f / "grid.png"), dtype=np.int16) for f in (out / "batch", tmp_path / "single")]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 1  # 8-bit rounding at most
 
 
 def test_torchrun_command_line(monkeypatch, capsys, tmp_path):

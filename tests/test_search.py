@@ -22,6 +22,7 @@ from conftest import requires_weights
 from diffaccel.calibration.dp import optimal_keys
 from diffaccel.errors import WorkloadError
 from diffaccel.plan import Plan
+from diffaccel.runtime.executor import Executor
 from diffaccel.search import (
     BudgetError,
     CalibrationError,
@@ -30,6 +31,7 @@ from diffaccel.search import (
     search,
 )
 from diffaccel.search import run as search_run
+from diffaccel.search.heldout import compare
 from diffaccel.search.space import Space
 from diffaccel.zoo.pipeline import shapes_workload
 from test_engine import make_pipes
@@ -182,6 +184,7 @@ def check_outputs(out: Path, pipe, result):
     assert torch.isfinite(images).all() and run.stats.reused > 0
     assert np.isclose(run.stats.macs / run.stats.full_macs, summary["mac_fraction"], rtol=0.02)
     assert summary["speedup_macs"] > 1 and summary["heldout_psnr"] > 0
+    assert summary["heldout_met"] == (summary["heldout_psnr"] >= 20)  # budget psnr>=20, no tail bound
 
 
 def test_nsga2_search_writes_a_runnable_plan_and_its_front(pipes, dit_search):
@@ -215,6 +218,16 @@ def test_a_search_whose_time_went_to_the_seeds_returns_the_best_seed_and_says_so
     assert result.met and result.summary["chosen_is_handmade"]
     assert any(line.strip().startswith("hand-made ") for line in lines)  # each seed's score is shown
     assert any("ran out on the hand-made plans" in line for line in lines)
+
+
+def test_the_held_out_comparison_counts_flops_only_in_its_untimed_runs(pipes, monkeypatch):
+    counted = []
+    measured = Executor._measured
+    monkeypatch.setattr(Executor, "_measured", lambda self, *args: counted.append(1) or measured(self, *args))
+    plan = diffaccel.methods.fora(pipes[0].denoiser, STEPS, interval=2)
+    record = compare(pipes[0], heldout(), plan, pairs=2)
+    assert record["pairs"] == 2 and record["speedup_macs"] > 1
+    assert len(counted) == 2  # the plan's warm-up and the baseline's count; no timed run pays the counter
 
 
 def test_the_held_out_reserve_leaves_the_search_half_its_limit():

@@ -14,9 +14,9 @@ from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.errors import BudgetError, PlanError, SearchError
 from diffaccel.plan import Plan
+from diffaccel.quant.spec import QuantSpec
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
-from diffaccel.quant.spec import QuantSpec
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.pipeline import shapes_workload

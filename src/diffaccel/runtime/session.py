@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
+
+# Per model and unit split, the unit MACs of each input shape measured by an earlier executor: only
+# the first run of a model pays the FLOP-counted forward, not every ``with accelerate(...)`` block.
+_UNIT_MACS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -33,7 +38,10 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
     """Apply ``plan`` until ``disable(target)``; returns the executor (its ``stats`` count the work
     of the latest pipeline call)."""
     model, scheduler = find_denoiser(target, denoiser)
-    executor = Executor(model, plan, check_finite=check_finite, resample=resample)
+    measured = _UNIT_MACS.setdefault(model, {})
+    key = (plan.granularity, tuple(plan.units))
+    executor = Executor(model, plan, check_finite=check_finite, resample=resample, unit_macs=measured.get(key))
+    measured[key] = executor.unit_macs  # the executor's own table: the shapes it measures are remembered
     executor.install(scheduler, target if model is not target else None)
     return executor
 

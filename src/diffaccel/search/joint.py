@@ -51,7 +51,7 @@ QUANTIZED = 4  # plans quantized per headroom tier in phase 3
 @dataclass(frozen=True)
 class JointSpace:
     solvers: tuple[str, ...] = ("ddim", "dpm++2", "dpm++3", "unipc", "evodiff")
-    steps: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25, 30)
+    steps: tuple[int, ...] = (5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30)
     starts: tuple[float, ...] = (1.0,)
     key_fractions: tuple[float, ...] = KEY_FRACTIONS
 

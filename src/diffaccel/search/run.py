@@ -311,6 +311,12 @@ def _heldout(ctx: Context, summary: dict, plan: Plan, heldout: Calibrate | None,
                    heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
                    speedup_wall=measured["speedup_wall"], heldout_images=measured["images"],
                    heldout_pairs=measured["pairs"])
+    quality = measured["psnr"] if ctx.budget.metric == "psnr" else measured["ssim"]
+    summary["heldout_met"] = ctx.budget.accepts(quality, measured["psnr_p5"])
+    if summary["met"] and not summary["heldout_met"]:
+        ctx.log(f"warning: on the held-out seeds the chosen plan misses {ctx.budget.text} ({quality:.4g}"
+                f"{ctx.budget.unit()}, 5th percentile {measured['psnr_p5']:.4g} dB): {len(ctx.calib.reference)} "
+                "calibration images did not tell it apart; search again with more of them or a larger margin")
     if best_hand is not None:
         hand_plan = next(h.plan for h in handmade if h.key == best_hand[0].source)
         measured = compare(ctx.calib.pipe, heldout, hand_plan, ctx.config.pairs)
