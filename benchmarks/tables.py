@@ -143,7 +143,7 @@ TABLES = {"engine": engine, "quant": quant, "search": search, "joint": joint, "b
 def docs_page() -> str:
     """The template with every ``{{kind model}}`` replaced by that table."""
     template = (Path(__file__).parent / "benchmarks.md.in").read_text()
-    return re.sub(r"\{\{(\w+) ([\w-]+)\}\}", lambda m: TABLES[m.group(1)](m.group(2)), template)
+    return re.sub(r"\{\{(\w+) ([\w.-]+)\}\}", lambda m: TABLES[m.group(1)](m.group(2)), template)
 
 
 if __name__ == "__main__":

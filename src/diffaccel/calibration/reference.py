@@ -29,7 +29,7 @@ from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.workload import Workload, images_of
 from diffaccel.errors import CalibrationError, PlanError, WorkloadError
 from diffaccel.eval.cost import plan_mac_fraction
-from diffaccel.eval.fidelity import fidelity
+from diffaccel.eval.fidelity import fidelity, psnr_per_image
 from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import CalibrationInfo, Plan
 from diffaccel.runtime.cache import tree_leaves
@@ -83,6 +83,7 @@ class Scores:
     mac_fraction: float
     latency_fraction: float
     seconds: float
+    psnr_std: float = 0.0  # spread of the per-image PSNR (the automatic search margin's input)
 
 
 class CalibrationRun:
@@ -232,8 +233,9 @@ class CalibrationRun:
                                    f"but {tuple(self.reference.shape)} without: it must be deterministic")
         quality = fidelity(images, self.reference)
         macs, latency = self.fractions(plan)
+        spread = float(psnr_per_image(images, self.reference).std()) if len(images) > 1 else 0.0
         return Scores(quality["psnr"], quality["psnr_p5"], quality["psnr_min"], quality["ssim"], macs, latency,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, spread)
 
 
 def run_with_plan(pipe: Any, fn: Callable, plan: Plan, unit_macs: dict | None = None,

@@ -104,7 +104,8 @@ def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade
             except Exception:  # noqa: BLE001 -- a hand-made setting that breaks is left out
                 continue
             cached[item.key] = {"psnr": s.psnr, "psnr_p5": s.psnr_p5, "psnr_min": s.psnr_min, "ssim": s.ssim,
-                                "mac_fraction": s.mac_fraction, "latency_fraction": s.latency_fraction}
+                                "mac_fraction": s.mac_fraction, "latency_fraction": s.latency_fraction,
+                                "psnr_std": s.psnr_std}
             store.study.set_user_attr("handmade", cached)
             if log is not None:
                 log(f"  hand-made {item.key}: {s.psnr:.2f} dB (p5 {s.psnr_p5:.2f}), {1 / s.mac_fraction:.2f}x MACs")
@@ -114,7 +115,8 @@ def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade
         genome = space.genome(item.plan.schedule)  # forecasts read as reuse: the same cost
         bops = None if space.quant is None or genome is None else space.bit_mac_fraction(genome, calib.unit_macs)
         out.append(Candidate(None, list(item.plan.schedule), s["psnr"], s["psnr_min"], s["ssim"], s["mac_fraction"],
-                             s["latency_fraction"], item.key, None, {"name": item.name, "settings": item.settings},
+                             s["latency_fraction"], item.key, None,
+                             {"name": item.name, "settings": item.settings, "psnr_std": s.get("psnr_std")},
                              bops, s.get("psnr_p5"), item.plan))
     return out
 

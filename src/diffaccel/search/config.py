@@ -41,9 +41,27 @@ class Budget:
         return Budget(self.metric, self.threshold + margin, None if self.tail is None else self.tail + margin)
 
 
-# A plan chosen on a dozen calibration images loses some quality on other inputs (about 0.1-0.8 dB
-# on the embedded models): by default the calibration set must clear the budget by this much.
+# A plan chosen on a dozen calibration images loses some quality on other inputs (0.6-2 dB on the
+# embedded models' joint searches): the calibration set must clear the budget by a margin, at least
+# this much; for a PSNR budget, by default, the one-sided 95% bound on the error of the calibration
+# mean (``auto_margin``), capped at MAX_AUTO_MARGIN.
 DEFAULT_MARGIN = {"psnr": 0.5, "ssim": 0.005}
+MAX_AUTO_MARGIN = 3.0
+Z_ONE_SIDED_95 = 1.645
+
+
+def auto_margin(points: list[tuple[float, float | None]], threshold: float, images: int) -> float:
+    """The PSNR margin for a calibration set of ``images`` images: ``z * spread / sqrt(images)``, within
+    the default and the cap. ``points``: (mean PSNR, per-image PSNR standard deviation) of plans scored
+    on it; the spread is the median over those within 6 dB of ``threshold`` (over all if none is)."""
+    near = [std for psnr, std in points if abs(psnr - threshold) <= 6] or [std for _, std in points]
+    spreads = sorted(v for v in near if v is not None and math.isfinite(v))
+    if not spreads or images < 2:
+        return DEFAULT_MARGIN["psnr"]
+    bound = Z_ONE_SIDED_95 * spreads[len(spreads) // 2] / math.sqrt(images)
+    return min(MAX_AUTO_MARGIN, max(DEFAULT_MARGIN["psnr"], bound))
+
+
 CORRECTION_SEED_OFFSET = 1000  # the feature correction is fitted on calibration seeds the search never scores
 
 
@@ -94,7 +112,7 @@ class SearchConfig:
     granularity: str = "block"
     greedy_points: int = 20
     k_values: tuple[int, ...] | None = None  # dp: budgets of full steps (default: dp.default_k_values)
-    margin: float | None = None  # calibration quality must clear the budget by this much (DEFAULT_MARGIN)
+    margin: float | None = None  # calibration quality must clear the budget by this much (None: automatic)
     quant: QuantSpec | None = None  # joint search: quantize every candidate
     bits: tuple[int, ...] | None = None  # joint search: per-unit weight bits to choose from
     correct: bool = False  # fit a feature correction to the chosen plan

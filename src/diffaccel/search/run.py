@@ -23,7 +23,7 @@ from diffaccel.errors import SearchError
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, pareto
-from diffaccel.search.config import CORRECTION_SEED_OFFSET, Budget, SearchConfig
+from diffaccel.search.config import CORRECTION_SEED_OFFSET, Budget, SearchConfig, auto_margin
 from diffaccel.search.dp import dp_candidates
 from diffaccel.search.greedy import greedy_candidates
 from diffaccel.search.handmade import handmade_plans
@@ -56,6 +56,7 @@ class Context:
     reserve: float = 0.0  # seconds kept back for the held-out check after the strategy
     joint: list[Candidate] = field(default_factory=list)  # the joint strategy's candidates (not in the store)
     quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
+    margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
 
     @property
     def deadline(self) -> float | None:
@@ -139,7 +140,7 @@ def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
     """Evaluate the strategy's candidates until done or the deadline; returns how many this run did."""
     config, space, calib, evaluate = ctx.config, ctx.space, ctx.calib, _evaluator(ctx)
     if config.strategy == "joint":
-        joint = JointSearch(calib, ctx.budget.raised(config.effective_margin()), config.objective, ctx.deadline,
+        joint = JointSearch(calib, ctx.budget.raised(ctx.margin), config.objective, ctx.deadline,
                             ctx.log, quant=config.quant)
         done = joint.run()
         ctx.joint, ctx.quant_speed = joint.candidates, joint.quant_speed
@@ -177,6 +178,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     ctx.reserve = _heldout_reserve(ctx, heldout, 2 if handmade else 1)
     ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
     hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
+    ctx.margin = _margin(ctx, hand)
     evaluated = _run_strategy(ctx, seeds)
     if ctx.quant_speed is not None:  # the quantized hand-made plans are as fast as the quantized model
         hand = [replace(c, latency_fraction=c.latency_fraction * ctx.quant_speed) for c in hand]
@@ -191,8 +193,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
                 "anything: the best hand-made plan is returned; run it again with more time (it continues "
                 "where it stopped)")
     front = pareto(points, budget, config.objective)
-    margin = config.effective_margin()
-    safe = budget.raised(margin)
+    safe = budget.raised(ctx.margin)
     chosen, met, shortfall = choose(points, safe, config.objective)
     if not met:  # nothing clears the margin: the cheapest plan meeting the budget itself, if any
         chosen, met, shortfall = choose(points, budget, config.objective)
@@ -218,6 +219,16 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
         write_outputs(result, budget, config.objective)
         ctx.log(f"wrote {ctx.out / 'plan.json'}, front.json, front.png and summary.json")
     return result
+
+
+def _margin(ctx: Context, hand: list[Candidate]) -> float:
+    """The margin given, or for a PSNR budget the automatic one (``auto_margin``) from the hand-made plans."""
+    if ctx.config.margin is not None or ctx.budget.metric != "psnr":
+        return ctx.config.effective_margin()
+    images = len(ctx.calib.reference)
+    margin = auto_margin([(c.psnr, c.extra.get("psnr_std")) for c in hand], ctx.budget.threshold, images)
+    ctx.log(f"margin: {margin:.2f} dB (the 95% error bound of a mean over {images} calibration images; --margin)")
+    return margin
 
 
 def _heldout_reserve(ctx: Context, heldout: Calibrate | None, compares: int) -> float:
@@ -271,7 +282,7 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
         * len(space.units)
     return {
         "model": name, "strategy": config.strategy, "objective": config.objective, "budget": budget.text,
-        "seed": config.seed, "margin": config.effective_margin(), "clears_margin": chosen.meets(safe),
+        "seed": config.seed, "margin": ctx.margin, "clears_margin": chosen.meets(safe),
         "num_steps": space.num_steps, "units": space.units, "met": met, "shortfall": shortfall,
         "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_p5": chosen.psnr_p5,
         "calib_psnr_min": chosen.psnr_min,
