@@ -87,9 +87,8 @@ def search(
     guidance: float = GUIDANCE,
     population: int = typer.Option(16, min=2, help="nsga2 population size"),
     pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
-    margin: float = typer.Option(None, help="how far the chosen plan's calibration quality must clear the budget "
-                                            "(default: PSNR, the 95% error bound of the calibration mean, 0.5-3 "
-                                            "dB; SSIM, 0.005)"),
+    margin: float = typer.Option(None, help="how far calibration quality must clear the budget (default: "
+                                            "PSNR, the calibration mean's 95% error bound, 0.5-3 dB; SSIM, 0.005)"),
     quant: str = typer.Option(None, help="joint search: quantize every plan, e.g. w8a8 (calibrated on first use)"),
     quant_backend: str = typer.Option("fake", help="with --quant: fake, int8 or int8-dynamic"),
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
