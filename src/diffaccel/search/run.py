@@ -277,9 +277,8 @@ def _chosen_plan(ctx: Context, chosen: Candidate) -> Plan:
 def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: float, safe: Budget,
              front: list[Candidate], evaluated: int) -> dict:
     config, space, calib, budget = ctx.config, ctx.space, ctx.calib, ctx.budget
-    quant = space.quant if chosen.plan is None else chosen.plan.quant
-    unit_bits = space.unit_bits(chosen.genome) if chosen.genome is not None else [getattr(quant, "weight_bits", 32)] \
-        * len(space.units)
+    quant = space.quant if chosen.plan is None else chosen.plan.quant  # a joint plan may be unquantized
+    bits = space.unit_bits(chosen.genome) if chosen.genome else [quant.weight_bits if quant else 32] * len(space.units)
     return {
         "model": name, "strategy": config.strategy, "objective": config.objective, "budget": budget.text,
         "seed": config.seed, "margin": ctx.margin, "clears_margin": chosen.meets(safe),
@@ -291,7 +290,7 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
         "bops_fraction": chosen.bops_fraction, "feature_correction": config.correct, "calib_psnr_corrected": None,
         "quant": None if quant is None else {
             "weight_bits": quant.weight_bits, "act_bits": quant.act_bits, "backend": quant.backend,
-            "bit_choices": list(space.bits), "unit_bits": dict(zip(space.units, unit_bits))},
+            "bit_choices": list(space.bits), "unit_bits": dict(zip(space.units, bits))},
         "trials_complete": ctx.store.n_complete(), "evaluated_this_run": evaluated, "front_size": len(front),
         "search_seconds": round(time.time() - ctx.started, 1),
         "latency_model": "per-unit wall time of the full-compute calibration run (forward hooks), summed over the "
