@@ -86,12 +86,13 @@ def main() -> None:
     spec = quant_spec(target.pipe, calibrate, args.quant, args.quant_backend) if args.quant else None
     result = search(target.pipe, calibrate, budget=args.budget, strategy="joint", time_limit=parse_duration(args.time),
                     heldout=heldout, pairs=args.pairs, out=out, model_name=f"{args.model}-ddim",
-                    objective=args.objective, quant=spec, margin=args.margin)
+                    objective=args.objective, quant=spec, margin=args.margin,
+                    log=lambda line: print(line, flush=True))
     seconds = time.time() - started
     reference = checked_images(heldout(target.pipe), "held-out")
     rows = [measure(target, "searched (joint)", result.plan, heldout, reference, args.pairs)]
     budget = parse_budget(result.summary["budget"])
-    plain = [c for c in result.points if c.plan is not None and c.plan.method == "steps"
+    plain = [c for c in result.points if c.plan is not None and c.plan.method == "steps"  # not fitted timesteps
              and c.plan.quant is None and c.meets(budget)]
     best_sampler = min(plain, key=lambda c: c.mac_fraction) if plain else None  # plain: fp32, no caching
     if best_sampler is not None:

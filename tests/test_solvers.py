@@ -18,7 +18,9 @@ from diffaccel.quant.spec import QuantSpec
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
+from diffaccel.search.timesteps import fit_timesteps, resampled
 from diffaccel.solvers import SolverSpec
+from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
 from test_engine import call, make_pipes, untouched
@@ -169,3 +171,70 @@ def test_bottleneck_sampling_runs_the_middle_steps_smaller_on_a_dit_and_is_refus
     assert untouched(unet.denoiser) and untouched(dit.denoiser)
     with pytest.raises(ValueError, match="sum to"):
         SolverSpec(name="ddim", steps=6, bottleneck=(2, 2, 3))
+
+
+@pytest.mark.parametrize("name", ["euler", "dpm++2", "unipc", "evodiff"])
+def test_explicit_timesteps_equal_to_the_solvers_own_reproduce_its_run_and_others_change_it(pipes, name):
+    pipe = pipes[0]
+    scheduler = solver_scheduler(SolverSpec(name=name, steps=5), pipe.scheduler)
+    scheduler.set_timesteps(5)
+    own = tuple(int(t) for t in scheduler.timesteps)
+    with diffaccel.accelerate(pipe, with_solver(pipe, name=name, steps=5)):
+        base = call(pipe)
+    with diffaccel.accelerate(pipe, with_solver(pipe, name=name, steps=5, timesteps=own)):
+        assert torch.equal(call(pipe), base)
+    moved = (own[0], *(t - 40 for t in own[1:]))
+    with diffaccel.accelerate(pipe, with_solver(pipe, name=name, steps=5, timesteps=moved)) as run:
+        out = call(pipe)
+    assert run.stats.steps == 5 and torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+def test_bad_explicit_timesteps_are_refused_with_what_to_fix(pipes):
+    for bad in ({"name": "unipc", "steps": 3, "timesteps": (900, 500)}, {"name": "unipc", "steps": 3,
+                "timesteps": (900, 900, 100)}, {"name": "ddim", "steps": 2, "timesteps": (900, 100)},
+                {"name": "unipc", "steps": 2, "timesteps": (900, 100), "spacing": "trailing"}):
+        with pytest.raises(ValueError, match="timesteps"):
+            SolverSpec(**bad)
+    pipe = pipes[0]
+    with pytest.raises(PlanError, match="reach 5000"):
+        with diffaccel.accelerate(pipe, with_solver(pipe, name="unipc", steps=2, timesteps=(5000, 10))):
+            call(pipe)
+    assert untouched(pipe.denoiser)
+
+
+def test_a_timestep_fit_moves_the_steps_toward_what_scores_best_within_its_cap_and_deadline():
+    target = (999, 900, 700, 300)
+    spec = SolverSpec(name="unipc", steps=4)
+    runs = []
+
+    def objective(candidate: SolverSpec) -> float:
+        runs.append(candidate.timesteps)
+        return -sum((a - b) ** 2 for a, b in zip(candidate.timesteps, target)) ** 0.5
+
+    own = (999, 749, 499, 249)
+    fit = fit_timesteps(spec, own, objective, evaluations=60)
+    assert runs[0] == own and len(set(runs)) == len(runs) == fit.evaluations <= 60
+    assert fit.spec.timesteps[0] == 999 and list(fit.spec.timesteps) == sorted(fit.spec.timesteps, reverse=True)
+    assert fit.quality == objective(fit.spec) > fit.start_quality + 200  # from 464 away to within ~260
+    # a warm start (an earlier fit at another step count, resampled) is taken when it scores better
+    assert resampled(own, 4) == own and resampled((999, 900, 700, 500, 300), 4) == (999, 850, 600, 350)
+    warmed = fit_timesteps(spec, own, objective, evaluations=2, warm=target)
+    assert warmed.spec.timesteps == target and warmed.quality == 0 and warmed.start_quality == fit.start_quality
+    runs.clear()
+    late = fit_timesteps(spec, own, objective, deadline=time.time() - 1)
+    assert runs == [] and late.spec.timesteps == own and late.evaluations == 0
+
+
+def test_the_joint_search_fits_timesteps_one_step_fewer_at_a_time_while_the_budget_holds(pipes, monkeypatch):
+    monkeypatch.setattr("diffaccel.search.timesteps.EVALUATIONS_PER_STEP", 3)
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 8, per_class=1))
+    lines = []
+    easy = JointSearch(calib, parse_budget("psnr>=1"), "macs", None, lines.append)
+    found = easy.fitted([SolverSpec(name="ddim", steps=4), SolverSpec(name="unipc", steps=5)])
+    assert [spec.steps for spec in found] == [3, 4] and all(spec.name == "unipc" for spec in found)
+    assert all(len(spec.timesteps) == spec.steps and spec.timesteps[0] == 999 for spec in found)
+    fitted = [c for c in easy.candidates if c.plan.method == "fitted-timesteps"]
+    assert [c.plan.solver for c in fitted] == found[::-1] and sum("timesteps fitted" in line for line in lines) == 2
+    hard = JointSearch(calib, parse_budget("psnr>=200"), "macs", None, lambda _: None)
+    assert hard.fitted([SolverSpec(name="unipc", steps=5)]) == [] and len(hard.candidates) == 1  # stops at a miss
+    assert hard.fitted([SolverSpec(name="ddim", steps=5)]) == []  # DDIM assumes even steps: nothing to fit

@@ -8,6 +8,9 @@ need no profile run and are the plans a short search must not miss):
 1. **samplers**: every solver at increasing step counts (and informed starts), no caching, until a
    count clears the budget with ``HEADROOM`` dB to spare (more steps would only buy quality that
    caching can trade for speed);
+1b. **fitted timesteps**: the solver of the cheapest setting that clears the budget, at one step
+   fewer at a time, its timesteps fitted to the reference on the calibration set
+   (``timesteps.py``), while the fit still clears it (each fit gets a third of the time left);
 2. **caching**: for the pipeline's own sampler (profiled already by the reference run, so free:
    key steps at its full step count are often the best plan when fewer-step samplers leave no
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
@@ -40,7 +43,9 @@ from diffaccel.methods.base import make_plan, rows_from
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import Budget
-from diffaccel.solvers.spec import SolverSpec
+from diffaccel.search.timesteps import fit_timesteps, resampled
+from diffaccel.solvers.schedulers import solver_scheduler
+from diffaccel.solvers.spec import PLACEABLE, SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
 KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16)
@@ -108,6 +113,7 @@ class JointSearch:
     def run(self) -> int:
         self.cached(None)  # the pipeline's own sampler first: no profile run, the known-good family
         configs = self.samplers()
+        configs = self.fitted(configs) + configs
         for spec in configs[:CONFIGS_CACHED]:
             self.cached(spec)
         if self.quant is not None:
@@ -133,6 +139,44 @@ class JointSearch:
                         break  # enough headroom, or more steps stopped helping (the sampler saturates)
                     previous = c.psnr
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
+
+    def fitted(self, configs: list[SolverSpec]) -> list[SolverSpec]:
+        """Phase 1b; returns the fitted settings that clear the budget, cheapest first."""
+        plain = [spec for spec in configs if spec.name in PLACEABLE and spec.start == 1 and spec.spacing is None]
+        if not plain:
+            return []
+        found: list[SolverSpec] = []
+        warm = None  # the last fit, the next one's other starting point
+        for steps in range(plain[0].steps - 1, 2, -1):
+            if self.late():
+                break
+            spec = SolverSpec(name=plain[0].name, steps=steps)
+            scheduler = solver_scheduler(spec, self.calib.scheduler)
+            scheduler.set_timesteps(steps)
+            share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
+            fit = fit_timesteps(spec, tuple(int(t) for t in scheduler.timesteps), self._fit_objective, share,
+                                warm=resampled(warm, steps) if warm else None)
+            warm = fit.spec.timesteps
+            self.log(f"  {spec.label}: timesteps fitted in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
+                     f"{fit.quality:.2f}{self.budget.unit()}")
+            c = self.score(identity_plan(self.calib.model).model_copy(
+                update={"solver": fit.spec, "method": "fitted-timesteps"}), fit.spec.label)
+            if c is None or not c.meets(self.budget):
+                break
+            found.insert(0, fit.spec)
+        return found
+
+    def _fit_objective(self, spec: SolverSpec) -> float:
+        """What a timestep fit maximizes: the budget's quality, less three times any shortfall of the
+        tail bound; a setting that fails scores nothing."""
+        try:
+            s = self.calib.score(identity_plan(self.calib.model).model_copy(update={"solver": spec}))
+        except SearchError:
+            raise
+        except Exception:  # noqa: BLE001 -- a placement that breaks the sampler is not a candidate
+            return -math.inf
+        quality = s.psnr if self.budget.metric == "psnr" else s.ssim
+        return quality - 3 * max(0.0, (self.budget.tail or -math.inf) - s.psnr_p5)
 
     def cached(self, spec: SolverSpec | None) -> None:
         """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps

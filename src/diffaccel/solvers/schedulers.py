@@ -67,9 +67,26 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
     @functools.wraps(set_timesteps)
     def set_planned_timesteps(*args: Any, **kwargs: Any) -> None:
         set_timesteps(spec.steps, device=kwargs.get("device"))
+        if spec.timesteps is not None:
+            place_timesteps(scheduler, spec.timesteps)
 
     scheduler.set_timesteps = set_planned_timesteps
     return scheduler
+
+
+def place_timesteps(scheduler: Any, timesteps: tuple[int, ...]) -> None:
+    """Replace the timesteps ``set_timesteps`` chose by ``timesteps`` (same count), with the noise
+    levels (sigmas) of the schedulers that keep them, computed as diffusers does for its own spacings,
+    so that a scheduler's own timesteps given explicitly reproduce its run exactly."""
+    bars = scheduler.alphas_cumprod
+    if max(timesteps) >= len(bars):
+        raise PlanError(f"the plan's timesteps reach {max(timesteps)}; this noise schedule has {len(bars)}")
+    device = scheduler.timesteps.device
+    index = torch.tensor(timesteps, dtype=torch.int64)
+    if getattr(scheduler, "sigmas", None) is not None:
+        sigmas = (((1 - bars) / bars) ** 0.5)[index]
+        scheduler.sigmas = torch.cat([sigmas.float(), scheduler.sigmas[-1:].float().cpu()]).to(scheduler.sigmas.device)
+    scheduler.timesteps = index.to(device=device, dtype=scheduler.timesteps.dtype)
 
 
 class InformedStart:

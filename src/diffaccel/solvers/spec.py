@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SOLVERS = ("ddim", "euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
+# solvers that read each step's noise level off the timestep list (DDIM assumes even steps)
+PLACEABLE = ("euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
 Spacing = Literal["trailing", "leading", "linspace"]
 
 
@@ -28,6 +30,8 @@ class SolverSpec(BaseModel):
     bottleneck: tuple[int, int, int] | None = Field(
         None, description="bottleneck sampling: steps at full, then reduced, then full resolution (sum = steps)")
     scale: int = Field(2, ge=2, le=4, description="bottleneck sampling: the reduced resolution is 1/scale")
+    timesteps: tuple[int, ...] | None = Field(
+        None, description="explicit timesteps, one per step, decreasing (a fitted schedule; default: the spacing's)")
 
     @model_validator(mode="after")
     def _check(self) -> SolverSpec:
@@ -38,6 +42,14 @@ class SolverSpec(BaseModel):
             if self.name != "ddim" or self.start < 1:
                 raise ValueError("bottleneck sampling runs with the ddim solver from the first step (its "
                                  "stages restart the trajectory at each resolution)")
+        if self.timesteps is not None:
+            ts = self.timesteps
+            if len(ts) != self.steps or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0:
+                raise ValueError(f"timesteps must be {self.steps} distinct decreasing values >= 0, one per step; "
+                                 f"got {list(ts)}")
+            if self.name not in PLACEABLE or self.spacing is not None or self.start < 1 or self.bottleneck:
+                raise ValueError(f"explicit timesteps replace the spacing and run from the first step with one of "
+                                 f"{', '.join(PLACEABLE)} (not {self.name}, a spacing, a start or a bottleneck)")
         return self
 
     @property
@@ -51,6 +63,8 @@ class SolverSpec(BaseModel):
         if self.spacing:
             text += f" {self.spacing}"
         text += f" from {self.start:g}" if self.start < 1 else ""
+        if self.timesteps:
+            text += " fitted " + "/".join(map(str, self.timesteps))
         if self.bottleneck:
             text += f" bottleneck {'/'.join(map(str, self.bottleneck))} at 1/{self.scale}"
         return text
