@@ -238,3 +238,32 @@ def test_the_joint_search_fits_timesteps_one_step_fewer_at_a_time_while_the_budg
     hard = JointSearch(calib, parse_budget("psnr>=200"), "macs", None, lambda _: None)
     assert hard.fitted([SolverSpec(name="unipc", steps=5)]) == [] and len(hard.candidates) == 1  # stops at a miss
     assert hard.fitted([SolverSpec(name="ddim", steps=5)]) == []  # DDIM assumes even steps: nothing to fit
+
+
+def test_timestep_fits_start_near_the_budget_and_go_down_while_they_clear_it_else_up(pipes, monkeypatch):
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 4, per_class=1))
+    joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None)
+    base = identity_plan(pipes[0].denoiser)
+    for steps, psnr in ((5, 25.0), (6, 27.5), (7, 29.0), (8, 30.5), (10, 33.0)):  # phase 1's plain rows
+        spec = SolverSpec(name="unipc", steps=steps)
+        joint.candidates.append(Candidate(None, [], psnr, psnr - 5, 0.9, steps / 50, steps / 50, spec.label, 0, {},
+                                          None, psnr - 5, base.model_copy(update={"solver": spec, "method": "steps"})))
+    assert joint._first_fit("unipc", 8) == 6 and joint._first_fit("dpm++2", 8) == 7  # within 3 dB; else one fewer
+
+    def run_fits(clears_from: int) -> tuple[list[int], list[int]]:
+        tried = []
+
+        def fake_fit(spec, warm):
+            tried.append(spec.steps)
+            fitted = spec.model_copy(update={"timesteps": tuple(range(999, 0, -999 // spec.steps))[:spec.steps]})
+            psnr = 31.0 if spec.steps >= clears_from else 29.0
+            return Candidate(None, [], psnr, 26.0, 0.9, 0.1, 0.1, "fit", 0, {}, None, 26.0,
+                             base.model_copy(update={"solver": fitted}))
+
+        monkeypatch.setattr(joint, "_fit", fake_fit)
+        return tried, [spec.steps for spec in joint.fitted([SolverSpec(name="unipc", steps=8)])]
+
+    assert run_fits(3) == ([6, 5, 4, 3], [3, 4, 5, 6])  # down from the first fit while they clear (to 3)
+    assert run_fits(5) == ([6, 5, 4], [5, 6])  # ... and no further than the first miss
+    assert run_fits(7) == ([6, 7], [7])  # the first fit missed: up until one clears
+    assert run_fits(9) == ([6, 7], [])  # never below the plain sampler that cleared

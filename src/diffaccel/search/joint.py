@@ -8,9 +8,10 @@ need no profile run and are the plans a short search must not miss):
 1. **samplers**: every solver at increasing step counts (and informed starts), no caching, until a
    count clears the budget with ``HEADROOM`` dB to spare (more steps would only buy quality that
    caching can trade for speed);
-1b. **fitted timesteps**: the solver of the cheapest setting that clears the budget, at one step
-   fewer at a time, its timesteps fitted to the reference on the calibration set
-   (``timesteps.py``), while the fit still clears it (each fit gets a third of the time left);
+1b. **fitted timesteps**: the solver of the cheapest setting that clears the budget at fewer steps,
+   its timesteps fitted to the reference on the calibration set (``timesteps.py``), from the fewest
+   steps whose plain run came within ``FIT_GAIN`` dB of the budget, down while fits clear it, else
+   up until one does (each fit gets a third of the time left);
 2. **caching**: for the pipeline's own sampler (profiled already by the reference run, so free:
    key steps at its full step count are often the best plan when fewer-step samplers leave no
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
@@ -51,6 +52,7 @@ HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
 KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16)
 CONFIGS_CACHED = 6  # sampler settings whose headroom phase 2 spends on caching
 QUANTIZED = 4  # plans quantized per headroom tier in phase 3
+FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embedded models): where fits start
 
 
 @dataclass(frozen=True)
@@ -141,30 +143,52 @@ class JointSearch:
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
 
     def fitted(self, configs: list[SolverSpec]) -> list[SolverSpec]:
-        """Phase 1b; returns the fitted settings that clear the budget, cheapest first."""
+        """Phase 1b; returns the fitted settings that clear the budget, cheapest first. The first fit
+        is at the fewest steps whose plain run came within ``FIT_GAIN`` dB of the budget; from there
+        down while fits clear it, else up until one does."""
         plain = [spec for spec in configs if spec.name in PLACEABLE and spec.start == 1 and spec.spacing is None]
         if not plain:
             return []
+        name, ceiling = plain[0].name, plain[0].steps
+        steps = self._first_fit(name, ceiling)
         found: list[SolverSpec] = []
-        warm = None  # the last fit, the next one's other starting point
-        for steps in range(plain[0].steps - 1, 2, -1):
-            if self.late():
+        warm, tried, rising = None, set(), False  # warm: the last fit, the next one's other start
+        while 3 <= steps < ceiling and steps not in tried and not self.late():
+            tried.add(steps)
+            c = self._fit(SolverSpec(name=name, steps=steps), warm)
+            if c is None:
                 break
-            spec = SolverSpec(name=plain[0].name, steps=steps)
-            scheduler = solver_scheduler(spec, self.calib.scheduler)
-            scheduler.set_timesteps(steps)
-            share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
-            fit = fit_timesteps(spec, tuple(int(t) for t in scheduler.timesteps), self._fit_objective, share,
-                                warm=resampled(warm, steps) if warm else None)
-            warm = fit.spec.timesteps
-            self.log(f"  {spec.label}: timesteps fitted in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
-                     f"{fit.quality:.2f}{self.budget.unit()}")
-            c = self.score(identity_plan(self.calib.model).model_copy(
-                update={"solver": fit.spec, "method": "fitted-timesteps"}), fit.spec.label)
-            if c is None or not c.meets(self.budget):
+            warm = c.plan.solver.timesteps
+            if c.meets(self.budget):
+                found.append(c.plan.solver)
+                if rising:
+                    break
+                steps -= 1
+            elif found:
                 break
-            found.insert(0, fit.spec)
-        return found
+            else:
+                rising, steps = True, steps + 1
+        return sorted(found, key=lambda spec: spec.steps)
+
+    def _first_fit(self, name: str, ceiling: int) -> int:
+        if self.budget.metric != "psnr":
+            return ceiling - 1
+        near = [c.plan.solver.steps for c in self.candidates if c.plan is not None and c.plan.method == "steps"
+                and c.plan.solver == SolverSpec(name=name, steps=c.plan.solver.steps)
+                and c.psnr >= self.budget.threshold - FIT_GAIN and c.plan.solver.steps < ceiling]
+        return min(near, default=ceiling - 1)
+
+    def _fit(self, spec: SolverSpec, warm: tuple[int, ...] | None) -> Candidate | None:
+        """``spec`` with fitted timesteps, scored as a candidate (None when out of time)."""
+        scheduler = solver_scheduler(spec, self.calib.scheduler)
+        scheduler.set_timesteps(spec.steps)
+        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
+        fit = fit_timesteps(spec, tuple(int(t) for t in scheduler.timesteps), self._fit_objective, share,
+                            warm=resampled(warm, spec.steps) if warm else None)
+        self.log(f"  {spec.label}: timesteps fitted in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
+                 f"{fit.quality:.2f}{self.budget.unit()}")
+        plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
+        return self.score(plan, fit.spec.label)
 
     def _fit_objective(self, spec: SolverSpec) -> float:
         """What a timestep fit maximizes: the budget's quality, less three times any shortfall of the
