@@ -10,7 +10,8 @@ user would try, measured on held-out seeds in one process.
    budget (the search's own phase-1 rows), and the best hand-made caching plan; each with MAC and
    wall-clock speedup, PSNR (mean, 5th percentile), SSIM, evaluator accuracy and Fréchet distance.
 
-Results go to ``benchmarks/results/joint_search_<model>.json`` with the commands that reproduce them.
+Results go to ``benchmarks/results/joint_search_<model>[_c<n>][_m<margin>][_<quant>][_t<time>].json`` (the
+settings that differ from the defaults) with the commands that reproduce them.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def main() -> None:
     calibrate = target.workload(50, args.guidance, args.calib_per_class, 0)
     heldout = target.workload(50, args.guidance, args.heldout_per_class, 0, calibration=False)
     name = f"joint_search_{args.model}" + (f"_c{args.calib_per_class}" if args.calib_per_class != 2 else "") \
-        + (f"_m{args.margin:g}" if args.margin is not None else "") + (f"_{args.quant}" if args.quant else "")
+        + (f"_m{args.margin:g}" if args.margin is not None else "") + (f"_{args.quant}" if args.quant else "") \
+        + (f"_t{args.time}" if args.time != "15m" else "")
     out = ROOT / "out" / "joint-search" / name  # one study per setting: the storage refuses to mix them
     started = time.time()
     spec = quant_spec(target.pipe, calibrate, args.quant, args.quant_backend) if args.quant else None
