@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from diffaccel.adapters import adapter_for
 from diffaccel.calibration.dp import optimal_keys, set_matrix
-from diffaccel.calibration.reference import CalibrationRun, identity_plan
+from diffaccel.calibration.reference import CalibrationRun, Scores, identity_plan
 from diffaccel.errors import SearchError
 from diffaccel.methods.base import make_plan, rows_from
 from diffaccel.plan import Plan
@@ -97,12 +97,8 @@ class JointSearch:
         its latency estimate (a quantized plan: the measured speed of the quantized model)."""
         if self.late():
             return None
-        try:
-            s = self.calib.score(plan)
-        except SearchError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- a setting that breaks the pipeline is left out
-            self.log(f"  {source}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+        s = self._scores(plan, source)
+        if s is None:
             return None
         bops = s.mac_fraction * (plan.quant.weight_bits / 32 if plan.quant is not None else 1.0)
         candidate = Candidate(None, list(plan.schedule or []), s.psnr, s.psnr_min, s.ssim, s.mac_fraction,
@@ -111,6 +107,17 @@ class JointSearch:
         self.candidates.append(candidate)
         self.log(f"  {source}: {s.psnr:.2f} dB (p5 {s.psnr_p5:.2f}), {1 / s.mac_fraction:.2f}x MACs")
         return candidate
+
+    def _scores(self, plan: Plan, source: str | None) -> Scores | None:
+        """``plan``'s calibration scores, or None when it breaks the pipeline (logged as ``source``)."""
+        try:
+            return self.calib.score(plan)
+        except SearchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a setting that breaks the pipeline is left out
+            if source is not None:
+                self.log(f"  {source}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+            return None
 
     def run(self) -> int:
         self.cached(None)  # the pipeline's own sampler first: no profile run, the known-good family
@@ -193,11 +200,8 @@ class JointSearch:
     def _fit_objective(self, spec: SolverSpec) -> float:
         """What a timestep fit maximizes: the budget's quality, less three times any shortfall of the
         tail bound; a setting that fails scores nothing."""
-        try:
-            s = self.calib.score(identity_plan(self.calib.model).model_copy(update={"solver": spec}))
-        except SearchError:
-            raise
-        except Exception:  # noqa: BLE001 -- a placement that breaks the sampler is not a candidate
+        s = self._scores(identity_plan(self.calib.model).model_copy(update={"solver": spec}), None)
+        if s is None:
             return -math.inf
         quality = s.psnr if self.budget.metric == "psnr" else s.ssim
         return quality - 3 * max(0.0, (self.budget.tail or -math.inf) - s.psnr_p5)
