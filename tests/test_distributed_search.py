@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from diffaccel.search.store import database_url
+from diffaccel.search.store import BEATING, WORKER, database_url
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 6
@@ -231,13 +231,16 @@ def test_a_killed_worker_is_replaced_and_its_trial_re_evaluated(pg_url, tmp_path
     deadline = time.time() + 240
     running = []
     while time.time() < deadline and victim.proc.poll() is None:
-        # two trials done, and the current one under way for a while (not a stored value being copied)
-        if len(victim.trials()) >= 2 and time.time() - victim.log.stat().st_mtime > 0.15:
+        # paused (SIGSTOP), the victim cannot finish its trial between our look at the study and the kill
+        if len(victim.trials()) >= 2:
+            os.kill(victim.proc.pid, signal.SIGSTOP)
             running = [t.number for t in study(pg_url).get_trials(deepcopy=False,
-                                                                  states=(optuna.trial.TrialState.RUNNING,))]
-            if len(running) == 2:  # both workers are in the middle of a trial
+                                                                  states=(optuna.trial.TrialState.RUNNING,))
+                       if t.user_attrs.get(WORKER, "").endswith(f":{victim.proc.pid}") and BEATING in t.user_attrs]
+            if running:  # in the middle of a trial it has started evaluating
                 break
-        time.sleep(0.02)
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        time.sleep(0.05)
     assert victim.proc.poll() is None and running, victim.log.read_text()[-2000:]
     victim.kill()  # kill -9 in the middle of a trial
     assert steady.proc.poll() is None, "the other worker must still be running"
@@ -248,7 +251,7 @@ def test_a_killed_worker_is_replaced_and_its_trial_re_evaluated(pg_url, tmp_path
     failed = [t for t in trials if t.state.name == "FAIL"]
     summary = " ".join(f"{t.number}:{t.state.name[:4]}:retry_of={t.user_attrs.get('retry_of')}" for t in trials)
     # the victim's trial, failed once its heartbeat stopped
-    assert len(failed) == 1 and failed[0].number in running, (running, summary)
+    assert len(failed) == 1 and [failed[0].number] == running, (running, summary)
     retries = [t for t in trials if t.user_attrs.get("retry_of") == failed[0].number]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE" and retries[0].params == failed[0].params
     check_study(pg_url, [steady, victim, restarted])

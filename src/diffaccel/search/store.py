@@ -24,6 +24,7 @@ import fcntl
 import importlib.util
 import inspect
 import os
+import socket
 import threading
 import time
 import warnings
@@ -40,6 +41,7 @@ from diffaccel.search.space import Genome, Space
 
 HEARTBEAT_S = 20
 BEATING = "heartbeat"  # user attr: this trial's worker has started beating
+WORKER = "worker"  # user attr: host:pid of the process that evaluates the trial
 GRACE_S = 90
 
 
@@ -248,6 +250,7 @@ class Store:
         genome = self.space.from_params(trial.params)
         with _heartbeat(self.storage, trial._trial_id, self.url is not None, getattr(self, "heartbeat", HEARTBEAT_S)):
             if self.url is not None:
+                trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")
                 trial.set_user_attr(BEATING, True)  # from here on, a stopped heartbeat tells this worker died
             done = self._evaluated_before(genome, trial.number)
             if done is not None:
@@ -261,17 +264,24 @@ class Store:
             self.study.tell(trial, values)
         return self.study._storage.get_trial(trial._trial_id)
 
+    def _receiving(self, trial: FrozenTrial) -> bool:
+        return not all(name in trial.params for name in self.names)
 
     def _evaluated_before(self, genome: Genome, number: int, poll_s: float = 0.2) -> FrozenTrial | None:
         """The completed trial of ``genome`` other than ``number``; while an earlier trial of it is still
         running (another worker), wait for it. None when ``genome`` is this trial's to evaluate (also
         when the earlier one failed: its worker died)."""
         while True:
+            # the running trials are read before the completed ones: an earlier trial that completes
+            # between the two reads is then seen complete, never missed
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             done = self.genomes().get(genome)
             if done is not None and done.number != number:
                 return done
-            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not any(t.number < number and self.space.from_params(t.params) == genome for t in running):
+            # an earlier trial still receiving its parameters (optuna's ask marks it RUNNING first, then
+            # writes them one by one) may be the same schedule: wait until it can be read
+            if not any(t.number < number and (self._receiving(t) or self.space.from_params(t.params) == genome)
+                       for t in running):
                 return None  # only earlier trials are waited for: two workers never wait for each other
             time.sleep(poll_s)
             self.fail_stale()
