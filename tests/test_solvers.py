@@ -4,6 +4,7 @@ budgets that bound the tail."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.errors import BudgetError, PlanError, SearchError
 from diffaccel.plan import Plan
 from diffaccel.quant.spec import QuantSpec
+from diffaccel.search import joint as joint_module
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
@@ -267,3 +269,33 @@ def test_timestep_fits_start_near_the_budget_and_go_down_while_they_clear_it_els
     assert run_fits(5) == ([6, 5, 4], [5, 6])  # ... and no further than the first miss
     assert run_fits(7) == ([6, 7], [7])  # the first fit missed: up until one clears
     assert run_fits(9) == ([6, 7], [])  # never below the plain sampler that cleared
+
+
+def test_sampler_phase_stops_each_solver_at_the_cheapest_clearing_count_and_at_its_time_share(pipes, monkeypatch):
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 4, per_class=1))
+    quality = {"unipc": 26.0, "dpm++3": 25.0, "dpm++2": 24.0, "evodiff": 26.0, "ddim": 18.0}  # PSNR at 5 steps
+
+    def sweep(deadline, clock):
+        joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", deadline, lambda _: None)
+        scored = []
+
+        def fake_score(plan, source, latency_scale=1.0):
+            spec = plan.solver
+            scored.append((spec.name, spec.steps))
+            clock[0] += 1.0
+            psnr = quality[spec.name] + (spec.steps - 5)
+            return Candidate(None, [], psnr, psnr - 5, 0.9, spec.steps / 50, spec.steps / 50, spec.label, 0, {},
+                             None, psnr - 5, plan)
+
+        monkeypatch.setattr(joint, "score", fake_score)
+        return [(spec.name, spec.steps) for spec in joint.samplers()], scored
+
+    clock = [0.0]
+    monkeypatch.setattr(joint_module, "time", SimpleNamespace(time=lambda: clock[0]))  # one second a run
+    found, scored = sweep(None, clock)
+    assert found == [("unipc", 9), ("evodiff", 9)]
+    # no solver runs past the evaluations of the cheapest setting that clears (UniPC 9, swept first)
+    assert len(scored) == 25 and max(steps for _, steps in scored) == 9 and ("ddim", 9) in scored
+    clock[0] = 0.0
+    found, scored = sweep(20.0, clock)  # 40% of 20 s: once something cleared, the phase stops at 8 s
+    assert found == [("unipc", 9)] and scored[-1] == ("dpm++3", 7) and len(scored) == 8

@@ -7,7 +7,8 @@ need no profile run and are the plans a short search must not miss):
 
 1. **samplers**: every solver at increasing step counts (and informed starts), no caching, until a
    count clears the budget with ``HEADROOM`` dB to spare (more steps would only buy quality that
-   caching can trade for speed);
+   caching can trade for speed), or reaches the evaluations of the cheapest setting that clears so
+   far; once one clears, the phase takes at most ``SAMPLERS_SHARE`` of the time it started with;
 1b. **fitted timesteps**: the solver of the cheapest setting that clears the budget at fewer steps,
    its timesteps fitted to the reference on the calibration set (``timesteps.py``), from the fewest
    steps whose plain run came within ``FIT_GAIN`` dB of the budget, down while fits clear it, else
@@ -52,12 +53,14 @@ HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
 KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16)
 CONFIGS_CACHED = 6  # sampler settings whose headroom phase 2 spends on caching
 QUANTIZED = 4  # plans quantized per headroom tier in phase 3
+SAMPLERS_SHARE = 0.4  # of the time left that phase 1 may use once a setting clears
 FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embedded models): where fits start
 
 
 @dataclass(frozen=True)
 class JointSpace:
-    solvers: tuple[str, ...] = ("ddim", "dpm++2", "dpm++3", "unipc", "evodiff")
+    # the usual few-step leaders first: the first setting that clears bounds the others' step counts
+    solvers: tuple[str, ...] = ("unipc", "dpm++3", "dpm++2", "evodiff", "ddim")
     steps: tuple[int, ...] = (5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30)
     starts: tuple[float, ...] = (1.0,)
     key_fractions: tuple[float, ...] = KEY_FRACTIONS
@@ -130,15 +133,21 @@ class JointSearch:
         return len(self.candidates)
 
     def samplers(self) -> list[SolverSpec]:
-        """Phase 1; returns the sampler settings that clear the budget, cheapest first."""
-        model = self.calib.model
-        base = identity_plan(model)
+        """Phase 1; returns the sampler settings that clear the budget, cheapest first. A solver stops
+        at the evaluations of the cheapest setting that clears so far (more could not be cheaper),
+        and the phase stops once something clears and it has used ``SAMPLERS_SHARE`` of the time
+        left at its start (the fit and caching phases need the rest)."""
+        base = identity_plan(self.calib.model)
         clearing: list[tuple[float, SolverSpec]] = []
+        cap = None if self.deadline is None else time.time() + SAMPLERS_SHARE * (self.deadline - time.time())
         for name in self.space.solvers:
             for start in self.space.starts:
                 previous = None
                 for steps in self.space.steps:
                     spec = SolverSpec(name=name, steps=steps, start=start)
+                    if clearing and (spec.evaluations > min(s.evaluations for _, s in clearing)
+                                     or (cap is not None and time.time() >= cap)):
+                        break
                     c = self.score(base.model_copy(update={"solver": spec, "method": "steps"}), spec.label)
                     if c is None:
                         continue
