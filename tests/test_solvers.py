@@ -20,7 +20,7 @@ from diffaccel.search import joint as joint_module
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
-from diffaccel.search.timesteps import fit_timesteps, resampled
+from diffaccel.search.timesteps import fit_timesteps, next_fit_count, resampled
 from diffaccel.solvers import SolverSpec
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.zoo.pipeline import shapes_workload
@@ -263,12 +263,51 @@ def test_timestep_fits_start_near_the_budget_and_go_down_while_they_clear_it_els
                              base.model_copy(update={"solver": fitted}))
 
         monkeypatch.setattr(joint, "_fit", fake_fit)
+        joint.fits.clear()  # a fresh phase 1b on the same phase-1 rows
         return tried, [spec.steps for spec in joint.fitted([SolverSpec(name="unipc", steps=8)])]
 
     assert run_fits(3) == ([6, 5, 4, 3], [3, 4, 5, 6])  # down from the first fit while they clear (to 3)
     assert run_fits(5) == ([6, 5, 4], [5, 6])  # ... and no further than the first miss
     assert run_fits(7) == ([6, 7], [7])  # the first fit missed: up until one clears
     assert run_fits(9) == ([6, 7], [])  # never below the plain sampler that cleared
+
+
+def test_the_next_fit_skips_counts_that_the_last_clearing_fits_gain_says_will_clear():
+    plain = {5: 23.3, 6: 24.3, 7: 25.3, 8: 26.4, 9: 27.4, 10: 28.4, 12: 30.2, 15: 32.2}  # PSNR by step count
+    # a fit at 12 gained 4.85 dB over the plain 12: to clear 32.25 a plain run needs 27.4 -> 9 (10 is 28.4)
+    assert next_fit_count({12: True}, plain, 4.85, 32.25, 20) == 9
+    assert next_fit_count({12: True}, plain, 1.0, 32.25, 20) == 11  # nothing predicted: one fewer
+    assert next_fit_count({12: True, 9: False}, plain, 4.85, 32.25, 20) == 10  # overshot: just above the miss
+    assert next_fit_count({12: True, 10: True, 9: False}, plain, 4.85, 32.25, 20) is None  # clear and miss meet
+    assert next_fit_count({6: False}, plain, 0.0, 32.25, 8) == 7 and next_fit_count({7: False}, plain, 0, 32, 8) is None
+    assert next_fit_count({3: True}, plain, 9.0, 20.0, 8) is None  # never below 3 steps
+
+
+def test_refinement_restarts_the_fit_below_the_cheapest_clear_while_it_gains_and_caches_what_clears(pipes,
+                                                                                                   monkeypatch):
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 4, per_class=1))
+    joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None)
+    base = identity_plan(pipes[0].denoiser)
+    # what each successive fit at a count reaches
+    reached = {7: [31.5], 6: [31.0], 5: [29.0, 29.6, 30.2], 4: [27.0, 27.02]}
+    calls, cached = [], []
+
+    def fake_fit(spec, warm):
+        calls.append((spec.steps, spec.timesteps is not None))  # (count, restarted from its timesteps)
+        psnr = reached[spec.steps].pop(0)
+        fitted = spec.model_copy(update={"timesteps": tuple(range(999, 0, -999 // spec.steps))[:spec.steps]})
+        return Candidate(None, [], psnr, psnr - 4, 0.9, 0.1, 0.1, "fit", 0, {}, None, psnr - 4,
+                         base.model_copy(update={"solver": fitted}))
+
+    monkeypatch.setattr(joint, "_fit", fake_fit)
+    monkeypatch.setattr(joint, "cached", lambda spec: cached.append(spec.steps))
+    assert [spec.steps for spec in joint.fitted([SolverSpec(name="unipc", steps=8)])] == [6, 7]
+    assert calls == [(7, False), (6, False), (5, False)]  # 7 (no plain rows: one below 8) clears, down to a miss
+    calls.clear()
+    joint.refine()
+    # 5 restarted twice (+0.6 dB each) until it clears, cached, then a new fit at 4 and one restart gaining 0.02
+    assert calls == [(5, True), (5, True), (4, False), (4, True)] and cached == [5]
+    assert joint._cheapest_fit() == 5 and joint.fits[4].psnr == 27.0  # the restart that gained too little is not kept
 
 
 def test_sampler_phase_stops_each_solver_at_the_cheapest_clearing_count_and_at_its_time_share(pipes, monkeypatch):
