@@ -277,7 +277,8 @@ def test_the_next_fit_skips_counts_that_the_last_clearing_fits_gain_says_will_cl
     # a fit at 12 gained 4.85 dB over the plain 12: to clear 32.25 a plain run needs 27.4 -> 9 (10 is 28.4)
     assert next_fit_count({12: True}, plain, 4.85, 32.25, 20) == 9
     assert next_fit_count({12: True}, plain, 1.0, 32.25, 20) == 11  # nothing predicted: one fewer
-    assert next_fit_count({12: True, 9: False}, plain, 4.85, 32.25, 20) == 10  # overshot: just above the miss
+    assert next_fit_count({12: True, 9: False}, plain, 4.85, 32.25, 20) == 10  # overshot: halfway back up
+    assert next_fit_count({12: True, 5: False}, plain, 9.9, 32.25, 20) == 8
     assert next_fit_count({12: True, 10: True, 9: False}, plain, 4.85, 32.25, 20) is None  # clear and miss meet
     assert next_fit_count({6: False}, plain, 0.0, 32.25, 8) == 7 and next_fit_count({7: False}, plain, 0, 32, 8) is None
     assert next_fit_count({3: True}, plain, 9.0, 20.0, 8) is None  # never below 3 steps

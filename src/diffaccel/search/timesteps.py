@@ -104,14 +104,15 @@ def next_fit_count(meets: dict[int, bool], plain: dict[int, float], gain: float,
     """The step count to fit next, given the fits so far (count -> whether it cleared ``threshold``):
     below the cheapest that cleared, the fewest whose plain run (``plain``) plus that fit's ``gain``
     over its own plain run would clear (else one fewer), never at or below a count that missed (then
-    the count just above the miss); with none cleared yet, one more than the last miss, below
-    ``ceiling`` (the plain run that cleared). None when the counts that clear and miss meet."""
+    halfway between the miss and the cheapest clear: a jump that overshot costs one fit); with none
+    cleared yet, one more than the last miss, below ``ceiling`` (the plain run that cleared). None
+    when the counts that clear and miss meet."""
     met = min((n for n, ok in meets.items() if ok), default=None)
     missed = max((n for n, ok in meets.items() if not ok and (met is None or n < met)), default=None)
     if met is None:
         return missed + 1 if missed is not None and missed + 1 < ceiling else None
     if missed is not None:
-        return missed + 1 if missed + 1 < met else None
+        return (missed + met) // 2 if met - missed > 1 else None
     jump = [n for n, psnr in plain.items() if n < met - 1 and psnr + gain >= threshold]
     nxt = min(jump, default=met - 1)
     return nxt if nxt >= 3 else None
