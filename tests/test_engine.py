@@ -209,6 +209,14 @@ def test_nan_in_a_cached_tensor_is_reported_and_the_model_left_untouched(pipes):
     finally:
         handle.remove()
     assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
+    handle = pipe.denoiser.proj_out_2.register_forward_hook(lambda m, a, out: out * float("inf"))  # in no unit
+    try:
+        with pytest.raises(CacheError, match="the model produced a non-finite value at step 0"):
+            with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
+                call(pipe)
+    finally:
+        handle.remove()
+    assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
 
 
 def test_dpm_solver_and_changing_step_counts_with_a_rule(pipes):

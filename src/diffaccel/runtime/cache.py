@@ -32,6 +32,13 @@ def tree_leaves(tree: Any) -> list[torch.Tensor]:
     return [] if tree is None else [tree]
 
 
+def all_finite(value: Any) -> bool:
+    """Whether every floating-point tensor in ``value`` (a tensor, a nest of them, a model output) is finite."""
+    leaves = tree_leaves(list(value.values()) if isinstance(value, dict) else value)
+    leaves = [v for v in leaves if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return not leaves or bool(torch.stack([torch.isfinite(v).all() for v in leaves]).all())
+
+
 def primary(tree: Any) -> torch.Tensor:
     """The image-stream tensor of a unit's value: itself, or the last element of a tuple."""
     while isinstance(tree, (tuple, list)):

@@ -24,8 +24,8 @@ def accelerate(target: Any, plan: Plan, check_finite: bool = True, resample: boo
     the ``with`` block; the model and scheduler are restored on exit, also after an exception.
 
     ``resample``: run a static plan at another step count by mapping it (``Plan.resample``; logged)
-    instead of refusing the run. ``check_finite``: stop on NaN/inf in a computed unit (one host
-    sync per denoiser call; turn off for the last bit of GPU speed)."""
+    instead of refusing the run. ``check_finite``: stop on NaN/inf in the denoiser's output, naming the
+    computed unit it came from (one host sync per denoiser call; turn off for the last bit of GPU speed)."""
     executor = enable(target, plan, check_finite, resample, denoiser)
     try:
         yield executor
