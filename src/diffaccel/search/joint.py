@@ -215,9 +215,10 @@ class JointSearch:
 
     def refine(self) -> None:
         """Phase 4: the time left goes on to the step count just below the cheapest fit that cleared:
-        its fit restarted from its best timesteps (Nelder-Mead stalls in a narrow valley; a fresh
-        simplex there often climbs on) while it gains ``RESTART_GAIN`` dB, or a new fit one step
-        further down once it clears; each new clearing fit gets its caching phase."""
+        its fit restarted from its best timesteps with a fresh simplex while that gains
+        ``RESTART_GAIN`` dB (a fit cut short by its time share, as on a slow pipeline, goes on; one
+        that had converged stops after one restart), or a new fit one step further down once it
+        clears; each new clearing fit gets its caching phase."""
         while self.fit_solver is not None and not self.late():
             steps = self._next_fit()
             if steps is None and self.fits:  # the count just below the cheapest clear missed: restart it
