@@ -200,23 +200,16 @@ def test_bad_plan_files_are_rejected_with_what_is_wrong(pipes, tmp_path):
 def test_nan_in_a_cached_tensor_is_reported_and_the_model_left_untouched(pipes):
     pipe = pipes[0]
     base = call(pipe)
-    block = pipe.denoiser.transformer_blocks[2]
-    handle = block.ff.register_forward_hook(lambda m, a, out: out * float("nan"))
-    try:
-        with pytest.raises(CacheError, match="unit blocks.2 produced a non-finite value at step 0"):
-            with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
-                call(pipe)
-    finally:
-        handle.remove()
-    assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
-    handle = pipe.denoiser.proj_out_2.register_forward_hook(lambda m, a, out: out * float("inf"))  # in no unit
-    try:
-        with pytest.raises(CacheError, match="the model produced a non-finite value at step 0"):
-            with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
-                call(pipe)
-    finally:
-        handle.remove()
-    assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
+    for module, value, where in ((pipe.denoiser.transformer_blocks[2].ff, float("nan"), "unit blocks.2"),
+                                 (pipe.denoiser.proj_out_2, float("inf"), "the model")):  # proj_out_2: in no unit
+        handle = module.register_forward_hook(lambda m, a, out, v=value: out * v)
+        try:
+            with pytest.raises(CacheError, match=f"{where} produced a non-finite value at step 0"):
+                with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
+                    call(pipe)
+        finally:
+            handle.remove()
+        assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
 
 
 def test_dpm_solver_and_changing_step_counts_with_a_rule(pipes):
