@@ -2,6 +2,7 @@
 peer reported as skipped), the peers at tiny size in-process, the HTML in headless Chromium, and
 bad input as one-line errors that never replace a good report."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import diffaccel
 from conftest import requires_weights, run_cli
 from diffaccel.adapters import adapter_by_name
 from diffaccel.bench import peers as peer_registry
@@ -20,6 +22,7 @@ from diffaccel.bench.results import FORMAT_VERSION, load_results, summarize
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
 from diffaccel.methods.registry import METHODS
+from diffaccel.targets import load_target
 
 pytestmark = requires_weights
 
@@ -246,6 +249,8 @@ def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path
     ("{not json", ["--model", "dit"], ["not valid JSON"]),
     (None, ["--model", "dit", "--only", "nope"], ["--only", "unknown method or peer 'nope'"]),
     (None, ["--model", "unet", "--only", "fora", "--classes", "blob"], ["unknown class blob"]),
+    ({"plan": [{"file": "nowhere/plan.json"}]}, ["--model", "dit"], ["plan file nowhere/plan.json does not exist"]),
+    ({"plan": [{}]}, ["--model", "dit"], ["a plan entry needs \"file\""]),
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, sweep, args, fragments):
     extra = []
@@ -300,6 +305,20 @@ def _job(model: str, entries: list[dict], tmp_path: Path, steps: int = 4) -> Ben
                     classes=data["classes"], grid_dir=str(tmp_path), grid_rows=data["grid_rows"], grid_per_row=1)
 
 
+def test_a_plan_file_runs_as_a_row_like_the_method_that_made_it(tmp_path):
+    """A searched plan goes beside the peers and the samplers as a sweep entry ``plan``: the same plan
+    from a file gives the row its method's entry gives."""
+    from diffaccel.bench.worker import run_group
+
+    path = diffaccel.methods.fora(load_target("dit").pipe, 4, interval=2).save(tmp_path / "plan.json")
+    entries = [{"name": "plan", "settings": {"file": str(path)}}, {"name": "fora", "settings": {"interval": 2}}]
+    result = run_group(dataclasses.replace(_job("dit", entries, tmp_path), family="diffaccel"))
+    assert result["skipped"] == []
+    from_file, made = result["rows"]
+    assert from_file["name"] == "plan" and made["name"] == "fora"
+    assert from_file["speedup_macs"] == made["speedup_macs"] > 1.5 and from_file["psnr"] == made["psnr"]
+
+
 def _installed(*names):
     missing = [n for n in names if peer_registry.PEERS[n].available()]
     if missing:
@@ -327,7 +346,6 @@ def test_unet_peers_run_at_tiny_size(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:torch.meshgrid")
 def test_diffusers_hooks_run_on_the_dit_and_a_failing_peer_is_skipped_with_its_reason(tmp_path, monkeypatch):
-    import dataclasses
 
     from diffaccel.bench.worker import run_group
 

@@ -18,6 +18,8 @@ from diffaccel.errors import PlanError, QuantError
 from diffaccel.eval.cost import plan_mac_fraction
 from diffaccel.methods.registry import METHODS, applicable, build
 from diffaccel.runtime import PlanWarning
+from diffaccel.search.heldout import compare
+from diffaccel.solvers.spec import SolverSpec
 from diffaccel.steps import model_evaluations
 from stock_pipelines import CASES
 from stock_pipelines import build as build_case
@@ -172,3 +174,15 @@ def test_resampling_keeps_a_schedule_dense_where_it_was_dense():
         old = sum(r[unit] == "C" for r in rows) / 50
         assert sum(r[unit] == "C" for r in new) / 25 == pytest.approx(old, abs=0.05)
     assert resample_rows(rows, 50) == rows
+
+
+def test_the_held_out_mac_speedup_counts_the_whole_call_as_the_clock_does():
+    """Fewer denoiser steps leave the text encoder and the VAE decoder as they were: the held-out
+    MAC speedup of the whole call is below the denoiser's own, and an all-compute plan's is 1."""
+    pipe, call = build_case("sd-dpm-multistep")
+    model = find_denoiser(pipe)[0]
+    fewer = identity_plan(model).model_copy(update={"solver": SolverSpec(name="unipc", steps=3), "method": "steps"})
+    record = compare(pipe, workload(call), fewer, pairs=1)
+    assert 1 < record["speedup_macs"] < record["speedup_macs_denoiser"] == pytest.approx(2)  # 6 steps -> 3
+    assert compare(pipe, workload(call), identity_plan(model), pairs=1)["speedup_macs"] == 1
+    assert untouched(pipe)

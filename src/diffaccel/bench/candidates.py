@@ -6,20 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 from diffaccel.bench.peers import PEERS, Candidate, Context
-from diffaccel.bench.sweeps import STEP_KNOBS, STEP_NAMES
+from diffaccel.bench.sweeps import PLAN_FILE, STEP_KNOBS, STEP_NAMES
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.calibration.workload import Workload
 from diffaccel.errors import BenchError
 from diffaccel.methods.registry import METHODS, build
+from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.solvers.spec import SolverSpec
 
 
 def ours(ctx: Context, name: str, settings: dict) -> Candidate:
-    """A method's plan, made on the calibration calls (embedded models: their default workload)."""
+    """A method's plan, made on the calibration calls (embedded models: their default workload), or
+    a plan file's (a searched plan)."""
     pipe = ctx.fresh_pipe()
     calls = None if ctx.embedded else Workload(tuple(ctx.calib_calls), "the bench's calibration calls")
-    plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, calls=calls, **settings)
+    if name == PLAN_FILE:
+        plan = Plan.load(settings["file"])
+    else:
+        plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, calls=calls, **settings)
     model, scheduler = ctx.denoiser(pipe), pipe.scheduler
     executor = Executor(model, plan)
     spent = {"macs": 0, "full_macs": 0}
@@ -36,7 +41,8 @@ def ours(ctx: Context, name: str, settings: dict) -> Candidate:
     def extra() -> dict[str, Any]:
         return {"speedup_macs_executor": spent["full_macs"] / spent["macs"] if spent["macs"] else None}
 
-    notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name].calibrated else ""
+    calibrated = name == PLAN_FILE or METHODS[name].calibrated
+    notes = "plan calibrated on calibration seeds (not timed)" if calibrated else ""
     return Candidate(run, notes=notes, extra=extra)
 
 

@@ -12,10 +12,14 @@ from pathlib import Path
 
 from diffaccel.adapters import adapter_by_name
 from diffaccel.bench.peers import PEERS
-from diffaccel.errors import SweepError
+from diffaccel.errors import PlanError, SweepError
 from diffaccel.methods.registry import METHODS, parameters
+from diffaccel.plan import Plan
 
 FAMILIES = ("diffaccel", "peer", "steps")
+# a plan file (``{"plan": [{"file": "out/search/plan.json"}]}``): a searched plan beside the peers and
+# the plain samplers in one run
+PLAN_FILE = "plan"
 
 
 def ptq_sweep(keys: int) -> list[dict]:
@@ -98,7 +102,7 @@ STEP_KNOBS = {"steps": 20}
 
 def family_of(name: str) -> str:
 
-    if name in METHODS:
+    if name in METHODS or name == PLAN_FILE:
         return "diffaccel"
     if name in PEERS:
         return "peer"
@@ -143,6 +147,8 @@ def knobs(name: str) -> dict[str, object]:
     """The settings a name accepts, with their defaults."""
 
     family = family_of(name)
+    if name == PLAN_FILE:
+        return {"file": None}
     if family == "diffaccel":
         return parameters(name)
     if family == "peer":
@@ -153,6 +159,8 @@ def knobs(name: str) -> dict[str, object]:
 def applies_to(name: str, model: str) -> bool:
 
     family = family_of(name)
+    if name == PLAN_FILE:
+        return True  # the executor checks the plan's units against the model
     if family == "diffaccel":
         return METHODS[name].applies(adapter_by_name(model))  # the embedded models are named as their adapters
     if family == "peer":
@@ -171,7 +179,7 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
         try:
             family_of(name)
         except SweepError:
-            valid = sorted({*OURS[kind_of(model)], *PEER_SWEEPS[kind_of(model)], *STEP_NAMES})
+            valid = sorted({*OURS[kind_of(model)], *PEER_SWEEPS[kind_of(model)], *STEP_NAMES, PLAN_FILE})
             raise SweepError(f"{source}: unknown method or peer {name!r}; for the {model} choose from "
                              f"{', '.join(valid)}") from None
         if not applies_to(name, model):
@@ -186,7 +194,19 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
             if unknown:
                 raise SweepError(f"{source}: {name} has no setting {', '.join(unknown)}; "
                                  f"its settings are {', '.join(allowed) or '(none)'}")
+            if name == PLAN_FILE:
+                _check_plan_file(setting, source)
     return {name: [dict(s) for s in settings] for name, settings in sweep.items()}
+
+
+def _check_plan_file(setting: dict, source: str) -> None:
+    """A plan entry names a readable plan file (before any worker starts)."""
+    if not isinstance(setting.get("file"), str):
+        raise SweepError(f'{source}: a plan entry needs "file": the path of a plan JSON file')
+    try:
+        Plan.load(setting["file"])
+    except PlanError as exc:
+        raise SweepError(f"{source}: {exc}") from None
 
 
 def read_sweep(path: Path) -> object:

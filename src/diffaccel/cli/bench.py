@@ -25,7 +25,8 @@ def bench(
     quick: bool = typer.Option(False, help="a short run: 2 images per class, two settings per method "
                                            "(Fréchet distances then come from few samples, and say so)"),
     out: Path = typer.Option(Path("out/bench"), help="output folder (results.json, results.md, report.html)"),
-    sweep: Path = typer.Option(None, help="JSON file: names -> lists of settings objects (replaces the default sweep)"),
+    sweep: Path = typer.Option(None, help="JSON file: names -> lists of settings objects (replaces the default "
+                                          "sweep); \"plan\": [{\"file\": \"plan.json\"}] adds a plan file's row"),
     only: str = typer.Option(None, help="comma-separated methods/peers of the sweep to run"),
     peers: bool = typer.Option(True, help="run the peers (--no-peers: diffaccel and step baselines only)"),
     per_class: int = typer.Option(None, help="images per class or prompt (default 100; 2 with --quick); dlm: problems "
