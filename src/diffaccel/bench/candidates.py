@@ -41,8 +41,10 @@ def ours(ctx: Context, name: str, settings: dict) -> Candidate:
     def extra() -> dict[str, Any]:
         return {"speedup_macs_executor": spent["full_macs"] / spent["macs"] if spent["macs"] else None}
 
-    calibrated = name == PLAN_FILE or METHODS[name].calibrated
-    notes = "plan calibrated on calibration seeds (not timed)" if calibrated else ""
+    if name == PLAN_FILE:
+        notes = "plan read from a file (made before the run, not timed)"
+    else:
+        notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name].calibrated else ""
     return Candidate(run, notes=notes, extra=extra)
 
 
