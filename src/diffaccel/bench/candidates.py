@@ -17,14 +17,22 @@ from diffaccel.solvers.spec import SolverSpec
 
 
 def ours(ctx: Context, name: str, settings: dict) -> Candidate:
-    """A method's plan, made on the calibration calls (embedded models: their default workload), or
-    a plan file's (a searched plan)."""
+    """A method's plan, made on the calibration calls (embedded models: their default workload)."""
     pipe = ctx.fresh_pipe()
     calls = None if ctx.embedded else Workload(tuple(ctx.calib_calls), "the bench's calibration calls")
-    if name == PLAN_FILE:
-        plan = Plan.load(settings["file"])
-    else:
-        plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, calls=calls, **settings)
+    plan = build(name, pipe, ctx.steps, guidance=ctx.guidance, calls=calls, **settings)
+    notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name].calibrated else ""
+    return planned(ctx, pipe, plan, notes)
+
+
+def plan_file(ctx: Context, settings: dict) -> Candidate:
+    """A plan read from a file (a searched plan), beside the methods and peers in the same run."""
+    return planned(ctx, ctx.fresh_pipe(), Plan.load(settings["file"]),
+                   "plan read from a file (made before the run, not timed)")
+
+
+def planned(ctx: Context, pipe: Any, plan: Plan, notes: str) -> Candidate:
+    """Sampling with ``plan`` under the executor; reports the executor's own MAC count beside the bench's."""
     model, scheduler = ctx.denoiser(pipe), pipe.scheduler
     executor = Executor(model, plan)
     spent = {"macs": 0, "full_macs": 0}
@@ -41,10 +49,6 @@ def ours(ctx: Context, name: str, settings: dict) -> Candidate:
     def extra() -> dict[str, Any]:
         return {"speedup_macs_executor": spent["full_macs"] / spent["macs"] if spent["macs"] else None}
 
-    if name == PLAN_FILE:
-        notes = "plan read from a file (made before the run, not timed)"
-    else:
-        notes = "plan calibrated on calibration seeds (not timed)" if METHODS[name].calibrated else ""
     return Candidate(run, notes=notes, extra=extra)
 
 
@@ -56,19 +60,13 @@ def fewer_steps(ctx: Context, name: str, settings: dict) -> Candidate:
     pipe = ctx.fresh_pipe()
     plan = identity_plan(ctx.denoiser(pipe)).model_copy(
         update={"solver": SolverSpec(name=STEP_NAMES[name], steps=steps), "method": name})
-    executor = Executor(ctx.denoiser(pipe), plan)
-
-    def run(call):
-        executor.install(pipe.scheduler, pipe)
-        try:
-            return ctx.sample(pipe, call)
-        finally:
-            executor.remove()
-
-    return Candidate(run, notes=f"{STEP_NAMES[name]} at {steps} steps vs the {ctx.sampler} {ctx.steps}-step baseline")
+    notes = f"{STEP_NAMES[name]} at {steps} steps vs the {ctx.sampler} {ctx.steps}-step baseline"
+    return planned(ctx, pipe, plan, notes)
 
 
 def open_candidate(family: str, name: str, settings: dict, ctx: Context) -> Candidate:
+    if name == PLAN_FILE:
+        return plan_file(ctx, settings)
     if family == "diffaccel":
         return ours(ctx, name, settings)
     if family == "steps":

@@ -8,6 +8,8 @@ keeps two settings of each, and ``--sweep FILE`` replaces it with a JSON file of
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffaccel.adapters import adapter_by_name
@@ -16,7 +18,6 @@ from diffaccel.errors import PlanError, SweepError
 from diffaccel.methods.registry import METHODS, parameters
 from diffaccel.plan import Plan
 
-FAMILIES = ("diffaccel", "peer", "steps")
 # a plan file (``{"plan": [{"file": "out/search/plan.json"}]}``): a searched plan beside the peers and
 # the plain samplers in one run
 PLAN_FILE = "plan"
@@ -100,15 +101,32 @@ STEP_COUNTS = {"steps-ddim": (10, 20, 30), "steps-dpm": (8, 10, 15, 20), "steps-
 STEP_KNOBS = {"steps": 20}
 
 
-def family_of(name: str) -> str:
+@dataclass(frozen=True)
+class Entry:
+    """What a sweep knows of one name: the family of its rows, the settings it accepts (with their
+    defaults), whether it applies to a model kind, and a check of one setting beyond its knob names."""
 
-    if name in METHODS or name == PLAN_FILE:
-        return "diffaccel"
+    family: str
+    knobs: dict[str, object]
+    applies: Callable[[str], bool]
+    check: Callable[[dict, str], None] = lambda setting, source: None
+
+
+def entry(name: str) -> Entry:
+    """The sweep's view of a name: a plan file, one of our methods, a peer or a step baseline."""
+    if name == PLAN_FILE:  # the executor checks the plan's units against the model
+        return Entry("diffaccel", {"file": None}, lambda model: True, _check_plan_file)
+    if name in METHODS:  # the embedded models are named as their adapters
+        return Entry("diffaccel", parameters(name), lambda model: METHODS[name].applies(adapter_by_name(model)))
     if name in PEERS:
-        return "peer"
+        return Entry("peer", dict(PEERS[name].knobs), lambda model: model in PEERS[name].models)
     if name in STEP_NAMES:
-        return "steps"
+        return Entry("steps", dict(STEP_KNOBS), lambda model: True)
     raise SweepError(f"unknown method or peer {name!r}")
+
+
+def family_of(name: str) -> str:
+    return entry(name).family
 
 
 def step_sweep(sampler: str, steps: int, quick: bool) -> dict[str, list[dict]]:
@@ -143,29 +161,8 @@ def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: boo
     return sweep
 
 
-def knobs(name: str) -> dict[str, object]:
-    """The settings a name accepts, with their defaults."""
-
-    family = family_of(name)
-    if name == PLAN_FILE:
-        return {"file": None}
-    if family == "diffaccel":
-        return parameters(name)
-    if family == "peer":
-        return dict(PEERS[name].knobs)
-    return dict(STEP_KNOBS)
-
-
 def applies_to(name: str, model: str) -> bool:
-
-    family = family_of(name)
-    if name == PLAN_FILE:
-        return True  # the executor checks the plan's units against the model
-    if family == "diffaccel":
-        return METHODS[name].applies(adapter_by_name(model))  # the embedded models are named as their adapters
-    if family == "peer":
-        return model in PEERS[name].models
-    return True
+    return entry(name).applies(model)
 
 
 def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, list[dict]]:
@@ -177,16 +174,16 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
         raise SweepError(f"{source} is empty: name at least one method, peer or steps baseline")
     for name, settings in sweep.items():
         try:
-            family_of(name)
+            spec = entry(name)
         except SweepError:
             valid = sorted({*OURS[kind_of(model)], *PEER_SWEEPS[kind_of(model)], *STEP_NAMES, PLAN_FILE})
             raise SweepError(f"{source}: unknown method or peer {name!r}; for the {model} choose from "
                              f"{', '.join(valid)}") from None
-        if not applies_to(name, model):
+        if not spec.applies(model):
             raise SweepError(f"{source}: {name} does not apply to the {model} model")
         if not isinstance(settings, list) or not settings:
             raise SweepError(f"{source}: {name} has an empty sweep; give a list of at least one settings object")
-        allowed = knobs(name)
+        allowed = spec.knobs
         for setting in settings:
             if not isinstance(setting, dict):
                 raise SweepError(f"{source}: each setting of {name} must be an object, got {setting!r}")
@@ -194,8 +191,7 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
             if unknown:
                 raise SweepError(f"{source}: {name} has no setting {', '.join(unknown)}; "
                                  f"its settings are {', '.join(allowed) or '(none)'}")
-            if name == PLAN_FILE:
-                _check_plan_file(setting, source)
+            spec.check(setting, source)
     return {name: [dict(s) for s in settings] for name, settings in sweep.items()}
 
 
