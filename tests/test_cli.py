@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import requires_weights, run_cli
-from diffaccel.zoo.weights import WEIGHTS_DIR
+from diffaccel.calibration.reference import identity_plan
+from diffaccel.solvers import SolverSpec
+from diffaccel.zoo.weights import WEIGHTS_DIR, load_pipeline
 
 
 @dataclass
@@ -61,6 +63,24 @@ def test_generate_with_a_method_and_compare_records_speed_and_fidelity(run, tmp_
                 "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "again"))
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "again" / "record.json").read_text())["speedup_macs"] == record["speedup_macs"]
+
+
+@requires_weights
+def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tmp_path):
+    """A plan that swaps the sampler computes every step it runs (the executor's ratio is 1), yet runs
+    5 of the baseline's 10 steps: the MAC speedup compares the two runs, as bench does."""
+    model = load_pipeline("dit").denoiser
+    identity_plan(model).model_copy(update={"solver": SolverSpec(name="unipc", steps=5)}).save(tmp_path / "p.json")
+    args = ("generate", "--model", "dit", "--classes", "circle", "--per-class", "2", "--steps", "10",
+            "--plan", str(tmp_path / "p.json"))
+    result = run(*args, "--compare", "--out", str(tmp_path / "compared"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "compared" / "record.json").read_text())
+    assert record["speedup_macs"] == pytest.approx(2.0, rel=0.01) and record["speedup_macs_executor"] == 1
+    assert "2.00x MACs" in result.output
+    alone = run(*args, "--out", str(tmp_path / "alone"))  # no baseline run: no claim of a speedup
+    assert alone.exit_code == 0, alone.output
+    assert "speedup_macs" not in json.loads((tmp_path / "alone" / "record.json").read_text())
 
 
 @pytest.mark.parametrize("args,fragments", [

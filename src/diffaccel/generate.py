@@ -20,6 +20,7 @@ from tqdm import tqdm
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.calibration.workload import Call, images_of
 from diffaccel.errors import WorkloadError
+from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.eval.io import write_json
 from diffaccel.eval.timing import wall_ratio
@@ -123,11 +124,17 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
 
 
 def _sample(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool, progress: bool) -> dict:
-    """Every call, unaccelerated and/or under the plan, interleaved, after one discarded warm-up of each."""
-    warm = runner(calls[0], accelerated=True)  # warm-up: unit costs (and the baseline's MACs without a plan)
-    if plan is not None and compare:
-        runner(calls[0], accelerated=False)
+    """Every call, unaccelerated and/or under the plan, interleaved, after one discarded warm-up of each.
+    The warm-ups run under torch's FLOP counter: the MACs of each side's whole call (text encoder and
+    decoder too, as ``bench`` counts them), so a plan that changes the sampler or its steps compares
+    with the baseline's own run, not with the plan's forwards done in full."""
+    held: list = []
+    plan_macs = count_macs(lambda: held.append(runner(calls[0], accelerated=True)))  # also the unit costs
+    base_macs = count_macs(lambda: runner(calls[0], accelerated=False)) if plan is not None and compare else None
+    warm = held[0]
     per_image_full = runner.full_macs / len(warm)
+    # per image: the baseline's whole call, and what the plan's call runs outside the denoiser
+    call_macs = None if base_macs is None else (base_macs / len(warm), (plan_macs - runner.macs) / len(warm))
     runner.macs = runner.full_macs = 0
     fast, base, base_times, fast_times = [], [], [], []
     for call in tqdm(calls, desc="sampling", disable=not progress or len(calls) < 2):
@@ -140,7 +147,8 @@ def _sample(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool,
             fast.append(images)
             fast_times.append(seconds)
     return {"fast": fast, "base": base, "base_times": base_times, "fast_times": fast_times,
-            "warmup_macs": per_image_full}
+            "warmup_macs": per_image_full,
+            "call_macs": call_macs}
 
 
 def _concat(images: list[torch.Tensor]) -> torch.Tensor:
@@ -168,6 +176,8 @@ def _sample_parallel(runner: Runner, calls: list[Call], plan: Plan | None, compa
                             f"({group.world}): some ranks would have nothing to do; start fewer processes")
     with split_denoiser(parallel, group, runner.executor.model):
         done = _sample(runner, mine, plan, compare, progress)
+    if parallel.mode != "batch":  # each rank counted its share of the denoiser and all of the rest
+        done["call_macs"] = None
     last = pieces[-1].index if pieces else len(calls) - 1
     done["warmup_macs"], done["work"] = merge_work(parallel, group, runner, done["warmup_macs"],
                                                    runner.executor.stats.as_dict(), last, len(calls))
@@ -233,7 +243,10 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
     if plan is not None:
         record["plan"] = plan.model_dump(exclude_none=True)
         record["macs_per_image"] = round(runner.macs / n)
-        record["speedup_macs"] = runner.full_macs / runner.macs
+        # the executor's: the work its caching skipped, at the plan's own sampler and steps
+        record["speedup_macs_executor"] = runner.full_macs / runner.macs
+        if plan.solver is None:
+            record["speedup_macs"] = record["speedup_macs_executor"]
         record["work"] = done["work"]
         if runner.executor.plan is not plan and runner.executor.plan.params.get("resampled_from"):
             record["resampled_from"] = plan.num_steps
@@ -243,6 +256,10 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
         record["speedup_wall"] = wall_ratio(done["base_times"], done["fast_times"])
         record["wall_pairs"] = len(done["base_times"])
         record["baseline"] = {"macs_per_image": round(runner.full_macs / n), "seconds": base_seconds}
+        if done.get("call_macs"):  # whole calls, each at its own sampler and steps; the plan's denoiser
+            base, outside = done["call_macs"]  # MACs over every call (a rule plan's work varies by call)
+            record["speedup_macs"] = base / (outside + runner.macs / n)
+            record["baseline"]["macs_per_image"] = round(base)
         if target.embedded:
             scores = target.evaluator.score(reference, _labels(calls))
             record["baseline"].update(accuracy=scores["accuracy"], fd=scores["fd"])

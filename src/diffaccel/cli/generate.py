@@ -168,7 +168,8 @@ def summary_line(record: dict) -> str:
             head += f" (made for {record['resampled_from']} steps, mapped)"
     parts = [head]
     if "speedup_wall" in record:
-        parts.append(f"speedup {record['speedup_wall']:.2f}x wall, {record['speedup_macs']:.2f}x MACs")
+        macs = f"{record['speedup_macs']:.2f}x MACs" if "speedup_macs" in record else "MACs not counted across ranks"
+        parts.append(f"speedup {record['speedup_wall']:.2f}x wall, {macs}")
         parts.append(f"PSNR {record['psnr']:.1f} dB (5th pct {record.get('psnr_p5', record['psnr_min']):.1f}), "
                      f"SSIM {record['ssim']:.3f} vs unaccelerated")
     elif "speedup_macs" in record:
