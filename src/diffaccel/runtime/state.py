@@ -28,6 +28,9 @@ class Stats:
 
     @property
     def mac_ratio(self) -> float:
+        """What the plan's caching saved on the forwards it ran. A plan with a ``solver`` section also
+        runs fewer forwards than the pipeline's own sampler would: ``generate --compare`` and ``bench``
+        count that against the pipeline's own run."""
         return self.full_macs / self.macs if self.macs else float("nan")
 
     def as_dict(self) -> dict:
