@@ -77,6 +77,7 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "compared" / "record.json").read_text())
     assert record["speedup_macs"] == pytest.approx(2.0, rel=0.01) and record["speedup_macs_executor"] == 1
+    assert record["baseline"]["macs_per_image"] / record["macs_per_image"] == pytest.approx(record["speedup_macs"])
     assert "2.00x MACs" in result.output
     alone = run(*args, "--out", str(tmp_path / "alone"))  # no baseline run: no claim of a speedup
     assert alone.exit_code == 0, alone.output

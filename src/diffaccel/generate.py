@@ -258,6 +258,7 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
         record["baseline"] = {"macs_per_image": round(runner.full_macs / n), "seconds": base_seconds}
         if done.get("call_macs"):  # whole calls, each at its own sampler and steps; the plan's denoiser
             base, outside = done["call_macs"]  # MACs over every call (a rule plan's work varies by call)
+            record["macs_per_image"] = round(outside + runner.macs / n)
             record["speedup_macs"] = base / (outside + runner.macs / n)
             record["baseline"]["macs_per_image"] = round(base)
         if target.embedded:
