@@ -125,16 +125,24 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
 
 def _sample(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool, progress: bool) -> dict:
     """Every call, unaccelerated and/or under the plan, interleaved, after one discarded warm-up of each.
-    The warm-ups run under torch's FLOP counter: the MACs of each side's whole call (text encoder and
+    With ``compare`` the warm-ups run under torch's FLOP counter: the MACs of each side's whole call (text encoder and
     decoder too, as ``bench`` counts them), so a plan that changes the sampler or its steps compares
     with the baseline's own run, not with the plan's forwards done in full."""
     held: list = []
-    plan_macs = count_macs(lambda: held.append(runner(calls[0], accelerated=True)))  # also the unit costs
-    base_macs = count_macs(lambda: runner(calls[0], accelerated=False)) if plan is not None and compare else None
+
+    def warm_up() -> None:  # also measures the unit costs
+        held.append(runner(calls[0], accelerated=True))
+
+    call_macs = None
+    if plan is not None and compare:
+        plan_macs = count_macs(warm_up)
+        base_macs = count_macs(lambda: runner(calls[0], accelerated=False))
+        # per image: the baseline's whole call, and what the plan's call runs outside the denoiser
+        call_macs = (base_macs / len(held[0]), (plan_macs - runner.macs) / len(held[0]))
+    else:
+        warm_up()
     warm = held[0]
     per_image_full = runner.full_macs / len(warm)
-    # per image: the baseline's whole call, and what the plan's call runs outside the denoiser
-    call_macs = None if base_macs is None else (base_macs / len(warm), (plan_macs - runner.macs) / len(warm))
     runner.macs = runner.full_macs = 0
     fast, base, base_times, fast_times = [], [], [], []
     for call in tqdm(calls, desc="sampling", disable=not progress or len(calls) < 2):
