@@ -236,9 +236,15 @@ def test_the_joint_search_fits_timesteps_one_step_fewer_at_a_time_while_the_budg
     assert [spec.steps for spec in found] == [3, 4] and all(spec.name == "unipc" for spec in found)
     assert all(len(spec.timesteps) == spec.steps and spec.timesteps[0] == 999 for spec in found)
     fitted = [c for c in easy.candidates if c.plan.method == "fitted-timesteps"]
-    assert [c.plan.solver for c in fitted] == found[::-1] and sum("timesteps fitted" in line for line in lines) == 2
+    assert [c.plan.solver for c in fitted] == [s.model_copy(update={"coefficients": None}) for s in found[::-1]]
+    assert sum("timesteps fitted" in line for line in lines) == 2
+    corrected = [c for c in easy.candidates if c.plan.method == "fitted-solver"]  # phase 1c: two fits per count
+    assert len(corrected) == 4 and all(c.plan.solver.coefficients for c in corrected)
+    for spec in found:  # each count keeps whichever of its fits scored best
+        same = [c for c in fitted + corrected if c.plan.solver.timesteps == spec.timesteps]
+        assert len(same) == 3 and max(same, key=lambda c: c.psnr).plan.solver == spec
     hard = JointSearch(calib, parse_budget("psnr>=200"), "macs", None, lambda _: None)
-    assert hard.fitted([SolverSpec(name="unipc", steps=5)]) == [] and len(hard.candidates) == 1  # stops at a miss
+    assert hard.fitted([SolverSpec(name="unipc", steps=5)]) == [] and len(hard.candidates) == 3  # stops at a miss
     assert hard.fitted([SolverSpec(name="ddim", steps=5)]) == []  # DDIM assumes even steps: nothing to fit
 
 

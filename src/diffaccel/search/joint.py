@@ -14,6 +14,9 @@ need no profile run and are the plans a short search must not miss):
    steps whose plain run came within ``FIT_GAIN`` dB of the budget, then down while fits clear it
    (skipping counts that the first fit's gain over its plain run says will clear), else up until
    one does (each fit gets a third of the time left);
+1c. **fitted coefficients**: each timestep fit also with its steps' coefficients fitted to the
+   reference trajectory (``coefficients.py``: one calibration run per step), kept where it scores
+   better (phases 1b, 1c and 4 live in ``fits.py``);
 2. **caching**: for the pipeline's own sampler (profiled already by the reference run, so free:
    key steps at its full step count are often the best plan when fewer-step samplers leave no
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
@@ -47,18 +50,16 @@ from diffaccel.errors import SearchError
 from diffaccel.methods.base import make_plan, rows_from
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate
+from diffaccel.search.coefficients import ReferenceTrajectory
 from diffaccel.search.config import Budget
-from diffaccel.search.timesteps import fit_timesteps, next_fit_count, resampled
-from diffaccel.solvers.schedulers import solver_scheduler
-from diffaccel.solvers.spec import PLACEABLE, SolverSpec
+from diffaccel.search.fits import FitPhases
+from diffaccel.solvers.spec import SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
 KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16)
 CONFIGS_CACHED = 6  # sampler settings whose headroom phase 2 spends on caching
 QUANTIZED = 4  # plans quantized per headroom tier in phase 3
 SAMPLERS_SHARE = 0.4  # of the time left that phase 1 may use once a setting clears
-FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embedded models): where fits start
-RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _headroom_for(threshold: float, quant_db: float) -> float:
     return -10 * math.log10(left) - threshold if left > 0 else 0.0
 
 
-class JointSearch:
+class JointSearch(FitPhases):
     """Runs the phases; ``candidates`` collects every scored plan."""
 
     def __init__(self, calib: CalibrationRun, budget: Budget, objective: str, deadline: float | None,
@@ -99,6 +100,7 @@ class JointSearch:
         self.fit_ceiling = 0  # ... below the steps of its plain run that cleared
         self.fits: dict[int, Candidate] = {}  # the best fit per step count
         self._fit_scores: dict[tuple, Scores] = {}  # every fit run's scores, by solver and timesteps
+        self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
 
     def late(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
@@ -167,105 +169,6 @@ class JointSearch:
                         break  # enough headroom, or more steps stopped helping (the sampler saturates)
                     previous = c.psnr
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
-
-    def fitted(self, configs: list[SolverSpec]) -> list[SolverSpec]:
-        """Phase 1b; returns the fitted settings that clear the budget, cheapest first. The first fit
-        is at the fewest steps whose plain run came within ``FIT_GAIN`` dB of the budget; the next
-        is chosen by ``_next_fit``, until the counts that clear and those that miss meet."""
-        plain = [spec for spec in configs if spec.name in PLACEABLE and spec.start == 1 and spec.spacing is None]
-        if not plain:
-            return []
-        self.fit_solver, self.fit_ceiling = plain[0].name, plain[0].steps
-        steps = self._first_fit(self.fit_solver, self.fit_ceiling)
-        steps = steps if 3 <= steps < self.fit_ceiling else None
-        while steps is not None and not self.late():
-            c = self._fit(SolverSpec(name=self.fit_solver, steps=steps), self._warm())
-            if c is None:
-                break
-            self.fits[steps] = c
-            steps = self._next_fit()
-        return [c.plan.solver for _, c in sorted(self.fits.items()) if c.meets(self.budget)]
-
-    def _cheapest_fit(self) -> int | None:
-        return min((n for n, c in self.fits.items() if c.meets(self.budget)), default=None)
-
-    def _warm(self) -> tuple[int, ...] | None:
-        """Where the next fit starts: the cheapest fit that cleared, else the last one, resampled."""
-        c = self.fits.get(self._cheapest_fit()) or (list(self.fits.values())[-1] if self.fits else None)
-        return c.plan.solver.timesteps if c is not None else None
-
-    def _next_fit(self) -> int | None:
-        meets = {n: c.meets(self.budget) for n, c in self.fits.items()}
-        plain = self._plain_psnr(self.fit_solver)
-        met = self._cheapest_fit()
-        gain = 0.0 if met is None else self.fits[met].psnr - plain.get(met, self.fits[met].psnr)
-        return next_fit_count(meets, plain, gain, self.budget.threshold, self.fit_ceiling)
-
-    def _plain_psnr(self, name: str) -> dict[int, float]:
-        """Phase 1's scores of ``name`` with its own timesteps, by step count."""
-        return {c.plan.solver.steps: c.psnr for c in self.candidates if c.plan is not None
-                and c.plan.method == "steps" and c.plan.solver == SolverSpec(name=name, steps=c.plan.solver.steps)}
-
-    def _first_fit(self, name: str, ceiling: int) -> int:
-        if self.budget.metric != "psnr":
-            return ceiling - 1
-        near = [n for n, psnr in self._plain_psnr(name).items()
-                if psnr >= self.budget.threshold - FIT_GAIN and n < ceiling]
-        return min(near, default=ceiling - 1)
-
-    def refine(self) -> None:
-        """Phase 4: the time left goes on to the step count just below the cheapest fit that cleared:
-        its fit restarted from its best timesteps with a fresh simplex while that gains
-        ``RESTART_GAIN`` dB (a fit cut short by its time share, as on a slow pipeline, goes on; one
-        that had converged stops after one restart), or a new fit one step further down once it
-        clears; each new clearing fit gets its caching phase."""
-        while self.fit_solver is not None and not self.late():
-            steps = self._next_fit()
-            if steps is None and self.fits:  # the count just below the cheapest clear missed: restart it
-                met = self._cheapest_fit()
-                steps = max((n for n in self.fits if met is None or n < met), default=None)
-            if steps is None:
-                return
-            before = self.fits.get(steps)
-            spec = before.plan.solver if before else SolverSpec(name=self.fit_solver, steps=steps)
-            c = self._fit(spec, None if before else self._warm())
-            if c is None or (before is not None and c.psnr < before.psnr + RESTART_GAIN):
-                return
-            self.fits[steps] = c
-            if c.meets(self.budget):
-                self.cached(c.plan.solver)
-
-    def _fit(self, spec: SolverSpec, warm: tuple[int, ...] | None) -> Candidate | None:
-        """``spec`` with fitted timesteps (from its own when it has them: a restart), kept as a
-        candidate with the scores of the fit's best run (None when out of time)."""
-        own = spec.timesteps
-        if own is None:
-            scheduler = solver_scheduler(spec, self.calib.scheduler)
-            scheduler.set_timesteps(spec.steps)
-            own = tuple(int(t) for t in scheduler.timesteps)
-        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
-        fit = fit_timesteps(spec.model_copy(update={"timesteps": None}), own, self._fit_objective, share,
-                            warm=resampled(warm, spec.steps) if warm else None)
-        how = "fit restarted" if spec.timesteps else "timesteps fitted"
-        self.log(f"  {spec.label}: {how} in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
-                 f"{fit.quality:.2f}{self.budget.unit()}")
-        scores = self._fit_scores.get((spec.name, fit.spec.timesteps))
-        if scores is None:
-            return None
-        plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
-        return self._keep(plan, scores, fit.spec.label)
-
-    def _fit_objective(self, spec: SolverSpec) -> float:
-        """What a timestep fit maximizes: the budget's quality, less three times any shortfall of the
-        tail bound; a setting that fails scores nothing."""
-        key = (spec.name, spec.timesteps)
-        s = self._fit_scores.get(key) or self._scores(identity_plan(self.calib.model).model_copy(
-            update={"solver": spec}), None)
-        if s is None:
-            return -math.inf
-        self._fit_scores[key] = s  # a restart begins at its best timesteps: scored already
-        quality = s.psnr if self.budget.metric == "psnr" else s.ssim
-        return quality - 3 * max(0.0, (self.budget.tail or -math.inf) - s.psnr_p5)
 
     def cached(self, spec: SolverSpec | None) -> None:
         """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps

@@ -18,6 +18,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from diffaccel.errors import PlanError
+from diffaccel.solvers.corrected import Corrected, data_prediction
 from diffaccel.solvers.evodiff import EVODiffScheduler
 from diffaccel.solvers.spec import SolverSpec
 
@@ -32,20 +33,10 @@ CLASSES: dict[str, tuple[type, dict]] = {
 }
 
 
-def _data_prediction(config: Any, alpha_bar: float, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
-    kind = config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if kind == "v_prediction":
-        return alpha * sample - sigma * model_output
-    return model_output
-
-
 def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
     """A scheduler running ``spec`` on ``base``'s noise schedule: its ``set_timesteps`` always sets
     ``spec.steps`` steps (whatever the pipeline asks for); with ``spec.start`` < 1 it is wrapped in
-    an ``InformedStart``."""
+    an ``InformedStart``, with ``spec.coefficients`` in a ``Corrected``."""
     config = dict(base.config)
     if "beta_schedule" not in config and "trained_betas" not in config:
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; this pipeline's "
@@ -71,7 +62,7 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
             place_timesteps(scheduler, spec.timesteps)
 
     scheduler.set_timesteps = set_planned_timesteps
-    return scheduler
+    return Corrected(scheduler, spec.coefficients) if spec.coefficients is not None else scheduler
 
 
 def place_timesteps(scheduler: Any, timesteps: tuple[int, ...]) -> None:
@@ -122,7 +113,7 @@ class InformedStart:
             return self.inner.step(model_output, timestep, sample, *args, **kwargs)
         self._jump = False
         bars = self.inner.alphas_cumprod
-        x0 = _data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
+        x0 = data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
         target = float(bars[self._target])
         prev = target ** 0.5 * x0 + (1 - target) ** 0.5 * sample  # the run's own noise, as the first latent
         return SchedulerOutput(prev_sample=prev) if kwargs.get("return_dict", True) else (prev,)
@@ -157,7 +148,7 @@ class Bottleneck:
         if i not in (first - 1, first + low - 1):
             return self.inner.step(model_output, timestep, sample, *args, **kwargs)
         bars = self.inner.alphas_cumprod
-        x0 = _data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
+        x0 = data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
         full = self._noise.shape[-2:]
         if i == first - 1:  # down
             size = (full[0] // self.spec.scale, full[1] // self.spec.scale)

@@ -3,6 +3,7 @@ spacing, and from where the trajectory starts. Pure data, like the rest of a pla
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -11,6 +12,13 @@ SOLVERS = ("ddim", "euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
 # solvers that read each step's noise level off the timestep list (DDIM assumes even steps)
 PLACEABLE = ("euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
 Spacing = Literal["trailing", "leading", "linspace"]
+HISTORY = 3  # data predictions (the newest first) a fitted step's correction combines with its sample
+
+
+def basis_size(step: int) -> int:
+    """Terms of step ``step``'s fitted correction: its input sample and the data predictions so far
+    (at most ``HISTORY``)."""
+    return 1 + min(step + 1, HISTORY)
 
 
 class SolverSpec(BaseModel):
@@ -32,6 +40,9 @@ class SolverSpec(BaseModel):
     scale: int = Field(2, ge=2, le=4, description="bottleneck sampling: the reduced resolution is 1/scale")
     timesteps: tuple[int, ...] | None = Field(
         None, description="explicit timesteps, one per step, decreasing (a fitted schedule; default: the spacing's)")
+    coefficients: tuple[tuple[float, ...], ...] | None = Field(
+        None, description="fitted corrections, one row per step: the weights of its input sample and of the "
+                          "newest data predictions added to the solver's step (solvers/corrected.py)")
 
     @model_validator(mode="after")
     def _check(self) -> SolverSpec:
@@ -50,7 +61,21 @@ class SolverSpec(BaseModel):
             if self.name not in PLACEABLE or self.spacing is not None or self.start < 1 or self.bottleneck:
                 raise ValueError(f"explicit timesteps replace the spacing and run from the first step with one of "
                                  f"{', '.join(PLACEABLE)} (not {self.name}, a spacing, a start or a bottleneck)")
+        if self.coefficients is not None:
+            self._check_coefficients()
         return self
+
+    def _check_coefficients(self) -> None:
+        rows = self.coefficients
+        sizes = [basis_size(i) for i in range(self.steps)]
+        if len(rows) != self.steps or [len(r) for r in rows] != sizes:
+            raise ValueError(f"coefficients need one row per step of {sizes} weights each (the sample and the "
+                             f"data predictions so far); got rows of {[len(r) for r in rows]}")
+        if not all(math.isfinite(w) for row in rows for w in row):
+            raise ValueError("coefficients must be finite numbers")
+        if self.name == "euler" or self.start < 1 or self.bottleneck:
+            raise ValueError("fitted coefficients correct a variance-preserving solver's steps from the first "
+                             "step (not euler, an informed start or a bottleneck)")
 
     @property
     def evaluations(self) -> int:
@@ -67,4 +92,6 @@ class SolverSpec(BaseModel):
             text += " fitted " + "/".join(map(str, self.timesteps))
         if self.bottleneck:
             text += f" bottleneck {'/'.join(map(str, self.bottleneck))} at 1/{self.scale}"
+        if self.coefficients:
+            text += " + fitted coefficients"
         return text

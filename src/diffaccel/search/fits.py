@@ -1,0 +1,151 @@
+"""The joint search's fit phases (``joint.py``): 1b, fitted timesteps; 1c, fitted solver
+coefficients on each timestep fit; 4, refinement of the fit one step below the cheapest that clears.
+A mixin of ``JointSearch``: the phases share its candidates, calibration run and deadline."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from diffaccel.calibration.reference import CalibrationRun, Scores, identity_plan
+from diffaccel.errors import SearchError
+from diffaccel.search.candidates import Candidate
+from diffaccel.search.coefficients import ReferenceTrajectory, coefficient_fits, record_reference
+from diffaccel.search.config import Budget
+from diffaccel.search.timesteps import fit_timesteps, next_fit_count, resampled
+from diffaccel.solvers.schedulers import solver_scheduler
+from diffaccel.solvers.spec import PLACEABLE, SolverSpec
+
+FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embedded models): where fits start
+RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
+
+
+class FitPhases:
+    """Phases 1b, 1c and 4 of ``JointSearch``, which provides what is declared here and the scoring
+    (``score``, ``_keep``, ``_scores``, ``late``) and caching (``cached``) they call."""
+
+    calib: CalibrationRun
+    budget: Budget
+    deadline: float | None
+    log: Callable[[str], None]
+    candidates: list[Candidate]
+    fit_solver: str | None  # the solver whose timesteps are fitted
+    fit_ceiling: int  # ... below the steps of its plain run that cleared
+    fits: dict[int, Candidate]  # the best fit per step count
+    _fit_scores: dict[tuple, Scores]  # every fit run's scores, by solver and timesteps
+    _reference: ReferenceTrajectory | None  # the reference run's trajectory, recorded for phase 1c
+
+    def fitted(self, configs: list[SolverSpec]) -> list[SolverSpec]:
+        """Phase 1b; returns the fitted settings that clear the budget, cheapest first. The first fit
+        is at the fewest steps whose plain run came within ``FIT_GAIN`` dB of the budget; the next
+        is chosen by ``_next_fit``, until the counts that clear and those that miss meet."""
+        plain = [spec for spec in configs if spec.name in PLACEABLE and spec.start == 1 and spec.spacing is None]
+        if not plain:
+            return []
+        self.fit_solver, self.fit_ceiling = plain[0].name, plain[0].steps
+        steps = self._first_fit(self.fit_solver, self.fit_ceiling)
+        steps = steps if 3 <= steps < self.fit_ceiling else None
+        while steps is not None and not self.late():
+            c = self._fit(SolverSpec(name=self.fit_solver, steps=steps), self._warm())
+            if c is None:
+                break
+            self.fits[steps] = c
+            steps = self._next_fit()
+        return [c.plan.solver for _, c in sorted(self.fits.items()) if c.meets(self.budget)]
+
+    def _cheapest_fit(self) -> int | None:
+        return min((n for n, c in self.fits.items() if c.meets(self.budget)), default=None)
+
+    def _warm(self) -> tuple[int, ...] | None:
+        """Where the next fit starts: the cheapest fit that cleared, else the last one, resampled."""
+        c = self.fits.get(self._cheapest_fit()) or (list(self.fits.values())[-1] if self.fits else None)
+        return c.plan.solver.timesteps if c is not None else None
+
+    def _next_fit(self) -> int | None:
+        meets = {n: c.meets(self.budget) for n, c in self.fits.items()}
+        plain = self._plain_psnr(self.fit_solver)
+        met = self._cheapest_fit()
+        gain = 0.0 if met is None else self.fits[met].psnr - plain.get(met, self.fits[met].psnr)
+        return next_fit_count(meets, plain, gain, self.budget.threshold, self.fit_ceiling)
+
+    def _plain_psnr(self, name: str) -> dict[int, float]:
+        """Phase 1's scores of ``name`` with its own timesteps, by step count."""
+        return {c.plan.solver.steps: c.psnr for c in self.candidates if c.plan is not None
+                and c.plan.method == "steps" and c.plan.solver == SolverSpec(name=name, steps=c.plan.solver.steps)}
+
+    def _first_fit(self, name: str, ceiling: int) -> int:
+        if self.budget.metric != "psnr":
+            return ceiling - 1
+        near = [n for n, psnr in self._plain_psnr(name).items()
+                if psnr >= self.budget.threshold - FIT_GAIN and n < ceiling]
+        return min(near, default=ceiling - 1)
+
+    def refine(self) -> None:
+        """Phase 4: the time left goes on to the step count just below the cheapest fit that cleared:
+        its fit restarted from its best timesteps with a fresh simplex while that gains
+        ``RESTART_GAIN`` dB (a fit cut short by its time share, as on a slow pipeline, goes on; one
+        that had converged stops after one restart), or a new fit one step further down once it
+        clears; each new clearing fit gets its caching phase."""
+        while self.fit_solver is not None and not self.late():
+            steps = self._next_fit()
+            if steps is None and self.fits:  # the count just below the cheapest clear missed: restart it
+                met = self._cheapest_fit()
+                steps = max((n for n in self.fits if met is None or n < met), default=None)
+            if steps is None:
+                return
+            before = self.fits.get(steps)
+            spec = before.plan.solver if before else SolverSpec(name=self.fit_solver, steps=steps)
+            c = self._fit(spec, None if before else self._warm())
+            if c is None or (before is not None and c.psnr < before.psnr + RESTART_GAIN):
+                return
+            self.fits[steps] = c
+            if c.meets(self.budget):
+                self.cached(c.plan.solver)
+
+    def _fit(self, spec: SolverSpec, warm: tuple[int, ...] | None) -> Candidate | None:
+        """``spec`` with fitted timesteps (from its own when it has them: a restart), kept as a
+        candidate with the scores of the fit's best run (None when out of time)."""
+        own, restart = spec.timesteps, spec.timesteps is not None
+        spec = spec.model_copy(update={"timesteps": None, "coefficients": None})
+        if own is None:
+            scheduler = solver_scheduler(spec, self.calib.scheduler)
+            scheduler.set_timesteps(spec.steps)
+            own = tuple(int(t) for t in scheduler.timesteps)
+        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
+        fit = fit_timesteps(spec, own, self._fit_objective, share, warm=resampled(warm, spec.steps) if warm else None)
+        how = "fit restarted" if restart else "timesteps fitted"
+        self.log(f"  {spec.label}: {how} in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
+                 f"{fit.quality:.2f}{self.budget.unit()}")
+        scores = self._fit_scores.get((spec.name, fit.spec.timesteps))
+        if scores is None:
+            return None
+        plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
+        fits = [self._keep(plan, scores, fit.spec.label), *self._corrected(fit.spec)]
+        return max(fits, key=lambda c: (c.meets(self.budget), c.quality(self.budget)))
+
+    def _corrected(self, spec: SolverSpec) -> list[Candidate]:
+        """Phase 1c: ``spec`` with its coefficients fitted to the reference trajectory (every step's,
+        then the last step's alone: ``coefficients.py``), scored."""
+        found = []
+        try:
+            self._reference = self._reference or record_reference(self.calib.pipe, self.calib.calibrate)
+            for fitted, label in coefficient_fits(self.calib.pipe, self.calib.calibrate, spec, self._reference,
+                                                  self.deadline):
+                plan = identity_plan(self.calib.model).model_copy(update={"solver": fitted, "method": "fitted-solver"})
+                found += [c for c in [self.score(plan, label)] if c is not None]
+        except SearchError as exc:
+            self.log(f"  {spec.label}: coefficients not fitted ({exc})")
+        return found
+
+    def _fit_objective(self, spec: SolverSpec) -> float:
+        """What a timestep fit maximizes: the budget's quality, less three times any shortfall of the
+        tail bound; a setting that fails scores nothing."""
+        key = (spec.name, spec.timesteps)
+        s = self._fit_scores.get(key) or self._scores(identity_plan(self.calib.model).model_copy(
+            update={"solver": spec}), None)
+        if s is None:
+            return -math.inf
+        self._fit_scores[key] = s  # a restart begins at its best timesteps: scored already
+        quality = s.psnr if self.budget.metric == "psnr" else s.ssim
+        return quality - 3 * max(0.0, (self.budget.tail or -math.inf) - s.psnr_p5)
