@@ -8,6 +8,7 @@ import torch
 
 import diffaccel
 from conftest import requires_weights
+from diffaccel import methods
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.errors import PlanError, SearchError
 from diffaccel.search.coefficients import coefficient_fits, fit_coefficients, record_reference
@@ -74,8 +75,9 @@ def test_the_last_steps_fit_brings_a_stock_pipelines_run_closer_to_its_reference
     target = reference.target(0, None)
     spec = SolverSpec(name="dpm++2", steps=3)
 
-    def latent_error(solver: SolverSpec) -> float:
-        with diffaccel.accelerate(pipe, identity_plan(pipe.unet).model_copy(update={"solver": solver})):
+    def latent_error(solver: SolverSpec, plan=None) -> float:
+        plan = plan or identity_plan(pipe.unet)
+        with diffaccel.accelerate(pipe, plan.model_copy(update={"solver": solver})):
             return float(((calibrate(pipe) - target) ** 2).mean())
 
     last = fit_coefficients(pipe, calibrate, spec, reference, trajectory=False)
@@ -85,6 +87,10 @@ def test_the_last_steps_fit_brings_a_stock_pipelines_run_closer_to_its_reference
     assert [len(r) for r in every.coefficients] == [2, 3, 4] and all(any(r) for r in every.coefficients)
     assert torch.isfinite(torch.tensor(latent_error(every))) and pipe.scheduler is scheduler
     assert fit_coefficients(pipe, calibrate, spec, reference, deadline=0.0) is None
+    cached = methods.fora(pipe, 3, interval=2)  # refitted under reuse: the same relation holds
+    refit = fit_coefficients(pipe, calibrate, spec, reference, trajectory=False, plan=cached)
+    assert refit.coefficients != last.coefficients and latent_error(refit, cached) < latent_error(spec, cached)
+    assert pipe.scheduler is scheduler and untouched(pipe.unet)
 
 
 def test_coefficients_need_a_variance_preserving_reference_and_solver(pipes):

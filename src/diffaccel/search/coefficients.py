@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from diffaccel.calibration.reference import run_with_plan
 from diffaccel.errors import SearchError
+from diffaccel.plan import Plan
 from diffaccel.solvers.corrected import Corrected, data_prediction
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec, basis_size
@@ -133,12 +135,14 @@ class _StepFit:
 
 
 def fit_coefficients(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpec, reference: ReferenceTrajectory,
-                     deadline: float | None = None, trajectory: bool = True) -> SolverSpec | None:
+                     deadline: float | None = None, trajectory: bool = True,
+                     plan: Plan | None = None) -> SolverSpec | None:
     """``spec`` with its steps' coefficients fitted to ``reference`` (recorded on ``calibrate``, the
     same workload), one calibration run per step; with ``trajectory`` False, only the last step's,
     to the final sample (one run: the other steps stay the solver's own, which suits a schedule whose
-    fitted timesteps already lean on the solver's own errors cancelling). None when ``deadline``
-    passes first."""
+    fitted timesteps already lean on the solver's own errors cancelling). With ``plan`` (a caching
+    schedule for ``spec``'s steps) the runs apply it, so that the weights also correct what its
+    reuse changes. None when ``deadline`` passes first."""
     plain = spec.model_copy(update={"coefficients": None})
     try:
         SolverSpec.model_validate({**plain.model_dump(), "coefficients": [[0.0] * basis_size(i)
@@ -153,7 +157,10 @@ def fit_coefficients(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpe
                 return None
             fit = _StepFit(reference, rows, k)
             pipe.scheduler = Corrected(solver_scheduler(plain, own), fitter=fit)
-            calibrate(pipe)
+            if plan is None:
+                calibrate(pipe)
+            else:  # the executor counts steps on the scheduler in place: the fitting one
+                run_with_plan(pipe, calibrate, plan.model_copy(update={"solver": None}))
             rows.append(fit.solve())
     finally:
         pipe.scheduler = own
@@ -162,11 +169,12 @@ def fit_coefficients(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpe
 
 
 def coefficient_fits(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpec, reference: ReferenceTrajectory,
-                     deadline: float | None = None) -> Iterator[tuple[SolverSpec, str]]:
-    """``spec`` with every step's coefficients fitted, then with the last step's alone, each with a
-    label; stops at ``deadline``."""
+                     deadline: float | None = None, plan: Plan | None = None) -> Iterator[tuple[SolverSpec, str]]:
+    """``spec`` with every step's coefficients fitted, then with the last step's alone (under
+    ``plan``'s caching, if given), each with which it is ("every step", "the last step"); stops at
+    ``deadline``."""
     for trajectory in (True, False):
-        fitted = fit_coefficients(pipe, calibrate, spec, reference, deadline, trajectory)
+        fitted = fit_coefficients(pipe, calibrate, spec, reference, deadline, trajectory, plan)
         if fitted is None:
             return
-        yield fitted, f"{fitted.label} ({'every' if trajectory else 'the last'} step)"
+        yield fitted, "every step" if trajectory else "the last step"
