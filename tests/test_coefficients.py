@@ -114,8 +114,7 @@ def test_fitted_coefficients_carry_over_to_held_out_seeds_on_the_shipped_unet():
     calibrate = pipe.workload_calls(per_class=2)
     held = CalibrationRun(pipe, pipe.workload_calls(per_class=2, calibration=False, seed=31337))
     spec = SolverSpec(name="unipc", steps=5)
-    fits = dict((label.rsplit("(", 1)[1], s) for s, label in
-                coefficient_fits(pipe, calibrate, spec, record_reference(pipe, calibrate)))
+    fits = {which: s for s, which in coefficient_fits(pipe, calibrate, spec, record_reference(pipe, calibrate))}
     plain = held.score(with_solver(pipe, name="unipc", steps=5)).psnr
-    fitted = held.score(identity_plan(pipe.denoiser).model_copy(update={"solver": fits["every step)"]})).psnr
-    assert set(fits) == {"every step)", "the last step)"} and fitted > plain + 1.0
+    fitted = held.score(identity_plan(pipe.denoiser).model_copy(update={"solver": fits["every step"]})).psnr
+    assert set(fits) == {"every step", "the last step"} and fitted > plain + 1.0

@@ -1,6 +1,5 @@
 """The joint search's fit phases (``joint.py``): 1b, fitted timesteps; 1c, fitted solver
-coefficients on each timestep fit; 2b, the coefficients refitted under caching; 4, refinement of the
-fit one step below the cheapest that clears.
+coefficients on each timestep fit; 4, refinement of the fit one step below the cheapest that clears.
 A mixin of ``JointSearch``: the phases share its candidates, calibration run and deadline."""
 
 from __future__ import annotations
@@ -20,17 +19,14 @@ from diffaccel.solvers.spec import PLACEABLE, SolverSpec
 
 FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embedded models): where fits start
 RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
-REFIT_WITHIN = 3.0  # dB below the budget a caching plan on fitted coefficients may be to get them refitted
-REFITTED = 3  # such plans refitted per sampler setting, the cheapest first
 
 
 class FitPhases:
-    """Phases 1b, 1c, 2b and 4 of ``JointSearch``, which provides what is declared here and the scoring
+    """Phases 1b, 1c and 4 of ``JointSearch``, which provides what is declared here and the scoring
     (``score``, ``_keep``, ``_scores``, ``late``) and caching (``cached``) they call."""
 
     calib: CalibrationRun
     budget: Budget
-    objective: str
     deadline: float | None
     log: Callable[[str], None]
     candidates: list[Candidate]
@@ -128,34 +124,20 @@ class FitPhases:
         fits = [self._keep(plan, scores, fit.spec.label), *self._corrected(fit.spec)]
         return max(fits, key=lambda c: (c.meets(self.budget), c.quality(self.budget)))
 
-    def _corrected(self, spec: SolverSpec, cached: Candidate | None = None) -> list[Candidate]:
+    def _corrected(self, spec: SolverSpec) -> list[Candidate]:
         """Phase 1c: ``spec`` with its coefficients fitted to the reference trajectory (every step's,
-        then the last step's alone: ``coefficients.py``), scored; with ``cached`` (a caching plan on
-        ``spec``), fitted again under its caching (phase 2b)."""
+        then the last step's alone: ``coefficients.py``), scored."""
         found = []
-        base = cached.plan if cached else identity_plan(self.calib.model).model_copy(update={"method": "fitted-solver"})
+        base = identity_plan(self.calib.model).model_copy(update={"method": "fitted-solver"})
         try:
             self._reference = self._reference or record_reference(self.calib.pipe, self.calib.calibrate)
             for fitted, which in coefficient_fits(self.calib.pipe, self.calib.calibrate, spec, self._reference,
-                                                  self.deadline, cached.plan if cached else None):
-                label = f"{cached.source}, coefficients refitted" if cached else fitted.label
-                found += [c for c in [self.score(base.model_copy(update={"solver": fitted}), f"{label} ({which})")]
-                          if c is not None]
+                                                  self.deadline):
+                found += [c for c in [self.score(base.model_copy(update={"solver": fitted}),
+                                                 f"{fitted.label} ({which})")] if c is not None]
         except SearchError as exc:
             self.log(f"  {spec.label}: coefficients not fitted ({exc})")
         return found
-
-    def refit_cached(self, spec: SolverSpec) -> None:
-        """Phase 2b: the cheapest caching plans on ``spec`` (a solver with fitted coefficients) that
-        miss the budget by less than ``REFIT_WITHIN`` dB and would beat every plan meeting it, with
-        the coefficients fitted again under their caching: reuse changes what the steps must correct."""
-        best = min((c.cost(self.objective) for c in self.candidates if c.meets(self.budget)), default=math.inf)
-        near = sorted((c for c in self.candidates if c.plan is not None and c.plan.solver == spec and c.plan.schedule
-                       and not c.meets(self.budget) and c.cost(self.objective) < best
-                       and (self.budget.metric != "psnr" or c.psnr >= self.budget.threshold - REFIT_WITHIN)),
-                      key=lambda c: c.cost(self.objective))
-        for c in near[:REFITTED]:
-            self._corrected(spec, c)
 
     def _fit_objective(self, spec: SolverSpec) -> float:
         """What a timestep fit maximizes: the budget's quality, less three times any shortfall of the

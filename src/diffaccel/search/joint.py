@@ -16,16 +16,13 @@ need no profile run and are the plans a short search must not miss):
    one does (each fit gets a third of the time left);
 1c. **fitted coefficients**: each timestep fit also with its steps' coefficients fitted to the
    reference trajectory (``coefficients.py``: one calibration run per step), kept where it scores
-   better (phases 1b, 1c, 2b and 4 live in ``fits.py``);
+   better (phases 1b, 1c and 4 live in ``fits.py``);
 2. **caching**: for the pipeline's own sampler (profiled already by the reference run, so free:
    key steps at its full step count are often the best plan when fewer-step samplers leave no
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
    budget, one profile run each (``CalibrationRun`` of that sampler), the DP's key steps for
    several budgets of full steps and every unit level, bisected between the last budget that met
    the quality bar and the first that missed it: the quality headroom is spent on reuse;
-2b. **coefficients refitted under caching**: on a sampler with fitted coefficients, the cheapest
-   caching plans that missed the budget by less than ``REFIT_WITHIN`` dB, with the coefficients
-   fitted again while their reuse runs;
 3. **quantization** (with a quant spec): the cheapest plans that clear the budget, and those that
    clear it with the quantization's own error to spare, again quantized. Quantization leaves the
    MACs as they are; its latency estimate is the plain plan's scaled by the measured wall-time
@@ -202,8 +199,6 @@ class JointSearch(FitPhases):
                 if not c:
                     break
                 meets[keys] = c.meets(self.budget)
-        if spec is not None and spec.coefficients:
-            self.refit_cached(spec)
 
     def _keys(self, profile: CalibrationRun, level, keys: int, spec: SolverSpec | None,
               label: str) -> Candidate | None | bool:
