@@ -129,7 +129,8 @@ class _StepFit:
         if self.gram is None:
             raise SearchError(f"the calibration run never reached step {self.k + 1}")
         size = len(self.gram)
-        damping = RIDGE * torch.trace(self.gram) / size * torch.eye(size, dtype=self.gram.dtype)
+        energy = max(float(torch.trace(self.gram)) / size, 1e-12)  # all-zero terms still solve (to zero)
+        damping = RIDGE * energy * torch.eye(size, dtype=self.gram.dtype)
         weights = torch.linalg.solve(self.gram + damping, self.moment)
         return tuple(float(f"{w:.{DIGITS}g}") for w in weights.tolist())
 
@@ -164,17 +165,26 @@ def fit_coefficients(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpe
             rows.append(fit.solve())
     finally:
         pipe.scheduler = own
-    return spec.model_copy(update={"coefficients": tuple(rows)})
-
+    try:
+        return SolverSpec.model_validate({**spec.model_dump(), "coefficients": rows})
+    except ValueError:
+        raise SearchError(f"the coefficient fit of {spec.label} gave non-finite weights (the calibration run's "
+                          "samples are degenerate)") from None
 
 
 def coefficient_fits(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpec, reference: ReferenceTrajectory,
                      deadline: float | None = None, plan: Plan | None = None) -> Iterator[tuple[SolverSpec, str]]:
-    """``spec`` with every step's coefficients fitted, then with the last step's alone (under
-    ``plan``'s caching, if given), each with which it is ("every step", "the last step"); stops at
-    ``deadline``."""
-    for trajectory in (True, False):
-        fitted = fit_coefficients(pipe, calibrate, spec, reference, deadline, trajectory, plan)
-        if fitted is None:
-            return
-        yield fitted, "every step" if trajectory else "the last step"
+    """``spec`` with the last step's coefficients fitted (one run), then with every step's (one run
+    per step), under ``plan``'s caching if given, each with which it is ("the last step", "every
+    step"). The every-step fit starts only if the first fit's run time says it ends before ``deadline``."""
+    started = time.time()
+    last = fit_coefficients(pipe, calibrate, spec, reference, deadline, False, plan)
+    if last is None:
+        return
+    per_run = time.time() - started
+    yield last, "the last step"
+    if deadline is not None and time.time() + spec.steps * per_run >= deadline:
+        return
+    every = fit_coefficients(pipe, calibrate, spec, reference, deadline, True, plan)
+    if every is not None:
+        yield every, "every step"

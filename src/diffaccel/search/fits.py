@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 
 from diffaccel.calibration.reference import CalibrationRun, Scores, identity_plan
-from diffaccel.errors import SearchError
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.coefficients import ReferenceTrajectory, coefficient_fits, record_reference
 from diffaccel.search.config import Budget
@@ -125,18 +124,20 @@ class FitPhases:
         return max(fits, key=lambda c: (c.meets(self.budget), c.quality(self.budget)))
 
     def _corrected(self, spec: SolverSpec) -> list[Candidate]:
-        """Phase 1c: ``spec`` with its coefficients fitted to the reference trajectory (every step's,
-        then the last step's alone: ``coefficients.py``), scored."""
+        """Phase 1c: ``spec`` with its coefficients fitted to the reference trajectory (the last
+        step's, then every step's: ``coefficients.py``), scored, within a third of the time left
+        (as a timestep fit: on a slow pipeline the descent to fewer steps needs the rest)."""
         found = []
         base = identity_plan(self.calib.model).model_copy(update={"method": "fitted-solver"})
         try:
             self._reference = self._reference or record_reference(self.calib.pipe, self.calib.calibrate)
+            share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
             for fitted, which in coefficient_fits(self.calib.pipe, self.calib.calibrate, spec, self._reference,
-                                                  self.deadline):
+                                                  share):
                 found += [c for c in [self.score(base.model_copy(update={"solver": fitted}),
                                                  f"{fitted.label} ({which})")] if c is not None]
-        except SearchError as exc:
-            self.log(f"  {spec.label}: coefficients not fitted ({exc})")
+        except Exception as exc:  # noqa: BLE001 -- a fit that fails or breaks the pipeline is left out
+            self.log(f"  {spec.label}: coefficients not fitted ({type(exc).__name__}: {str(exc)[:160]})")
         return found
 
     def _fit_objective(self, spec: SolverSpec) -> float:
