@@ -66,6 +66,12 @@ STRATEGY = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dyna
 OBJECTIVE = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated from per-unit wall "
                                                   "time, or bops (MACs weighted by weight bits)")
 
+MARGIN = typer.Option(None, help="how far calibration quality must clear the budget (default: PSNR, the calibration "
+                                 "mean's 95% error bound, 0.5-3 dB; SSIM, 0.005)")
+CORRECT = typer.Option(False, help="fit a per-channel correction of the reused features to the chosen plan")
+VALIDATE = typer.Option(True, help="before returning a plan, confirm it on fresh calibration seeds (the cheapest "
+                                   "plans that cleared the budget, until one meets it there)")
+
 
 @app.command()
 def search(
@@ -87,12 +93,12 @@ def search(
     guidance: float = GUIDANCE,
     population: int = typer.Option(16, min=2, help="nsga2 population size"),
     pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
-    margin: float = typer.Option(None, help="how far calibration quality must clear the budget (default: "
-                                            "PSNR, the calibration mean's 95% error bound, 0.5-3 dB; SSIM, 0.005)"),
+    margin: float = MARGIN,
     quant: str = typer.Option(None, help="joint search: quantize every plan, e.g. w8a8 (calibrated on first use)"),
     quant_backend: str = typer.Option("fake", help="with --quant: fake, int8 or int8-dynamic"),
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
-    correct: bool = typer.Option(False, help="fit a per-channel correction of the reused features to the chosen plan"),
+    correct: bool = CORRECT,
+    validate: bool = VALIDATE,
     weights: Path = WEIGHTS,
     threads: int = THREADS,
 ) -> None:
@@ -107,8 +113,7 @@ def search(
         setup(threads, guidance)
         quality = budget or "psnr>=30"
         parse_budget(quality)
-        limit = parse_duration(time_limit)
-        choices = parse_bit_choices(bits, quant)
+        limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = steps or DEFAULT_STEPS
         calibrate = tgt.workload(num_steps, guidance, calib_per_class, seed)
@@ -117,7 +122,7 @@ def search(
         name = f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name
         config = SearchConfig(budget=quality, objective=objective.value, strategy=strategy.value, seed=seed,
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
-                              quant=spec, bits=choices, correct=correct, model_name=name)
+                              quant=spec, bits=choices, correct=correct, validate=validate, model_name=name)
         return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout,
                           log=lambda line: typer.echo(line, err=True))
 
@@ -133,7 +138,9 @@ def search(
 def summary_line(s: dict) -> str:
     """One line: the chosen plan's speed and quality, and the best hand-made plan's."""
     line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, "
-            f"PSNR {s['calib_psnr']:.2f} dB calibration / {s['heldout_psnr']:.2f} dB held-out")
+            f"PSNR {s['calib_psnr']:.2f} dB calibration"
+            + (f" / {s['validation_psnr']:.2f} dB validation" if s.get("validation_psnr") is not None else "")
+            + f" / {s['heldout_psnr']:.2f} dB held-out")
     hand = s.get("best_handmade")
     if hand:
         line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['speedup_macs']:.2f}x MACs, "

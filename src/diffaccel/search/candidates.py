@@ -63,11 +63,17 @@ def pareto(points: list[Candidate], budget: Budget, objective: str) -> list[Cand
     return front
 
 
+def ordered(points: list[Candidate], budget: Budget, objective: str) -> list[Candidate]:
+    """The candidates meeting the budget, cheapest first (the better of equal cost first)."""
+    return sorted((c for c in points if c.meets(budget)), key=lambda c: (c.cost(objective), -c.quality(budget),
+                                                                           c.trial or 0))
+
+
 def choose(points: list[Candidate], budget: Budget, objective: str) -> tuple[Candidate, bool, float]:
     """The cheapest candidate meeting the budget; else the best-quality one and its shortfall."""
-    meeting = [c for c in points if c.meets(budget)]
+    meeting = ordered(points, budget, objective)
     if meeting:
-        return min(meeting, key=lambda c: (c.cost(objective), -c.quality(budget), c.trial or 0)), True, 0.0
+        return meeting[0], True, 0.0
     best = max(points, key=lambda c: (c.quality(budget), -c.cost(objective), -(c.trial or 0)))
     return best, False, budget.threshold - best.quality(budget)
 

@@ -116,6 +116,7 @@ class SearchConfig:
     quant: QuantSpec | None = None  # joint search: quantize every candidate
     bits: tuple[int, ...] | None = None  # joint search: per-unit weight bits to choose from
     correct: bool = False  # fit a feature correction to the chosen plan
+    validate: bool = True  # confirm the chosen plan on fresh calibration seeds (``validation.py``)
     model_name: str | None = None  # names the study (default: the adapter)
     calibration_id: str | None = None  # identifies the calibration set in the storage
 

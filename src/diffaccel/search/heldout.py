@@ -42,3 +42,47 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
                   speedup_wall=wall_ratio(base_times, fast_times), seconds_base=sum(base_times) / len(base_times),
                   seconds_plan=sum(fast_times) / len(fast_times), images=len(base), pairs=len(base_times))
     return record
+
+
+def heldout_reserve(ctx: Any, heldout: Callable | None, compares: int) -> float:
+    """Seconds the held-out check will take, estimated from the calibration run, so that the whole
+    search ends near its time limit: ``compares`` plans (the chosen one, and the best hand-made one
+    when there is one), each run ``pairs`` + 1 times next to the baseline (a plan at about half its
+    time; the untimed run of each counts MACs, which slows it by about 40%)."""
+    if heldout is None or not ctx.config.time_limit:
+        return 0.0
+    calls = len(heldout) / max(1, len(ctx.calib.calibrate)) \
+        if hasattr(heldout, "calls") and hasattr(ctx.calib.calibrate, "calls") else 1.0
+    seconds = ctx.calib.seconds * calls * (ctx.config.pairs + 1.4) * compares * 1.5
+    if seconds > ctx.config.time_limit / 2:  # the search proper keeps at least half the limit
+        ctx.log(f"warning: the held-out check is estimated at {seconds:.0f} s, more than half the "
+                f"{ctx.config.time_limit:.0f} s limit: the search keeps half of it and the whole run will "
+                "overrun the limit; give more time, or fewer held-out images (--heldout-per-class) or pairs")
+        seconds = ctx.config.time_limit / 2
+    return seconds
+
+
+def heldout_check(ctx: Any, summary: dict, plan: Plan, heldout: Callable | None, best_hand: Any,
+                  handmade: list) -> None:
+    """Re-measure the chosen (and the best hand-made) plan on held-out seeds against the baseline."""
+    if heldout is None:
+        summary.update(heldout_psnr=None, speedup_macs=1 / summary["mac_fraction"], speedup_wall=None)
+        return
+    ctx.log("held-out check: the chosen plan against the unaccelerated pipeline")
+    measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs)
+    summary.update(heldout_psnr=measured["psnr"], heldout_psnr_p5=measured["psnr_p5"],
+                   heldout_psnr_min=measured["psnr_min"],
+                   heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
+                   speedup_macs_denoiser=measured["speedup_macs_denoiser"], speedup_wall=measured["speedup_wall"],
+                   heldout_images=measured["images"], heldout_pairs=measured["pairs"])
+    quality = measured["psnr"] if ctx.budget.metric == "psnr" else measured["ssim"]
+    summary["heldout_met"] = ctx.budget.accepts(quality, measured["psnr_p5"])
+    if summary["met"] and not summary["heldout_met"]:
+        ctx.log(f"warning: on the held-out seeds the chosen plan misses {ctx.budget.text} ({quality:.4g}"
+                f"{ctx.budget.unit()}, 5th percentile {measured['psnr_p5']:.4g} dB): {len(ctx.calib.reference)} "
+                "calibration images did not tell it apart; search again with more of them or a larger margin")
+    if best_hand is not None:
+        hand_plan = next(h.plan for h in handmade if h.key == best_hand[0].source)
+        measured = compare(ctx.calib.pipe, heldout, hand_plan, ctx.config.pairs)
+        summary["best_handmade"].update(heldout_psnr=measured["psnr"], heldout_ssim=measured["ssim"],
+                                        speedup_macs=measured["speedup_macs"], speedup_wall=measured["speedup_wall"])

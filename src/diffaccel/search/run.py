@@ -22,18 +22,19 @@ from diffaccel.calibration.workload import Workload, as_workload
 from diffaccel.errors import SearchError
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
-from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, pareto
+from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, ordered, pareto
 from diffaccel.search.config import CORRECTION_SEED_OFFSET, Budget, SearchConfig, auto_margin
 from diffaccel.search.dp import dp_candidates
 from diffaccel.search.greedy import greedy_candidates
 from diffaccel.search.handmade import handmade_plans
-from diffaccel.search.heldout import compare
+from diffaccel.search.heldout import heldout_check, heldout_reserve
 from diffaccel.search.joint import JointSearch
 from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
 from diffaccel.search.outputs import write_outputs
 from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
+from diffaccel.search.validation import Validation, plan_getter, validate, validation_seconds
 
 LOG = logging.getLogger("diffaccel")
 
@@ -57,6 +58,9 @@ class Context:
     joint: list[Candidate] = field(default_factory=list)  # the joint strategy's candidates (not in the store)
     quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
     margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
+
+    def validation_reserve(self) -> float:
+        return validation_seconds(self.calib) if self.config.validate and self.config.time_limit else 0.0
 
     @property
     def deadline(self) -> float | None:
@@ -175,7 +179,7 @@ def _handmade(ctx: Context):
 def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> SearchResult:
     config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
     handmade, seeds = _handmade(ctx)
-    ctx.reserve = _heldout_reserve(ctx, heldout, 2 if handmade else 1)
+    ctx.reserve = heldout_reserve(ctx, heldout, 2 if handmade else 1) + ctx.validation_reserve()
     ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
     hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
     ctx.margin = _margin(ctx, hand)
@@ -195,8 +199,11 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     front = pareto(points, budget, config.objective)
     safe = budget.raised(ctx.margin)
     chosen, met, shortfall = choose(points, safe, config.objective)
+    cleared = safe if met else budget
     if not met:  # nothing clears the margin: the cheapest plan meeting the budget itself, if any
         chosen, met, shortfall = choose(points, budget, config.objective)
+    validation = _validation(ctx, points, cleared) if met else None
+    chosen = validation.chosen if validation is not None else chosen
     best_hand = choose(hand, budget, config.objective) if hand else None
     if chosen.genome is None and chosen.plan is not None and chosen in hand:
         ctx.log(f"the best hand-made plan ({chosen.source}) beats every searched plan under {budget.text}: "
@@ -208,17 +215,28 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
                 f"{1 / chosen.mac_fraction:.2f}x fewer MACs")
     summary = _summary(ctx, name, chosen, met, shortfall, safe, front, evaluated)
     summary["chosen_is_handmade"] = chosen in hand
+    summary.update(validation.summary() if validation is not None else {"validation_confirmed": None})
     summary["solver"] = plan.solver.label if plan.solver is not None else None
     if plan.feature_correction is not None:
         summary["calib_psnr_corrected"] = plan.params.get("calib_psnr_corrected")
     if best_hand is not None:
         summary["best_handmade"] = _handmade_summary(best_hand)
-    _heldout(ctx, summary, plan, heldout, best_hand, handmade)
+    heldout_check(ctx, summary, plan, heldout, best_hand, handmade)
     result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, ctx.out, points)
     if ctx.out is not None:
         write_outputs(result, budget, config.objective)
         ctx.log(f"wrote {ctx.out / 'plan.json'}, front.json, front.png and summary.json")
     return result
+
+
+def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Validation | None:
+    """The candidates that cleared ``cleared`` on calibration, cheapest first, validated on fresh
+    seeds (``validation.py``); None when the search is told not to validate."""
+    if not ctx.config.validate:
+        return None
+    deadline = None if ctx.deadline is None else ctx.deadline + ctx.validation_reserve()
+    return validate(ctx.calib, ordered(points, cleared, ctx.config.objective), ctx.budget, plan_getter(ctx.space),
+                    deadline, ctx.log)
 
 
 def _margin(ctx: Context, hand: list[Candidate]) -> float:
@@ -229,24 +247,6 @@ def _margin(ctx: Context, hand: list[Candidate]) -> float:
     margin = auto_margin([(c.psnr, c.extra.get("psnr_std")) for c in hand], ctx.budget.threshold, images)
     ctx.log(f"margin: {margin:.2f} dB (the 95% error bound of a mean over {images} calibration images; --margin)")
     return margin
-
-
-def _heldout_reserve(ctx: Context, heldout: Calibrate | None, compares: int) -> float:
-    """Seconds the held-out check will take, estimated from the calibration run, so that the whole
-    search ends near its time limit: ``compares`` plans (the chosen one, and the best hand-made one
-    when there is one), each run ``pairs`` + 1 times next to the baseline (a plan at about half its
-    time; the untimed run of each counts MACs, which slows it by about 40%)."""
-    if heldout is None or not ctx.config.time_limit:
-        return 0.0
-    calls = len(heldout) / max(1, len(ctx.calib.calibrate)) \
-        if hasattr(heldout, "calls") and hasattr(ctx.calib.calibrate, "calls") else 1.0
-    seconds = ctx.calib.seconds * calls * (ctx.config.pairs + 1.4) * compares * 1.5
-    if seconds > ctx.config.time_limit / 2:  # the search proper keeps at least half the limit
-        ctx.log(f"warning: the held-out check is estimated at {seconds:.0f} s, more than half the "
-                f"{ctx.config.time_limit:.0f} s limit: the search keeps half of it and the whole run will "
-                "overrun the limit; give more time, or fewer held-out images (--heldout-per-class) or pairs")
-        seconds = ctx.config.time_limit / 2
-    return seconds
 
 
 def _chosen_plan(ctx: Context, chosen: Candidate) -> Plan:
@@ -307,31 +307,6 @@ def _handmade_summary(best_hand: tuple[Candidate, bool, float]) -> dict:
     return {"name": hc.extra["name"], "settings": hc.extra["settings"], "met": hmet, "shortfall": hshort,
             "calib_psnr": hc.psnr, "calib_ssim": hc.ssim, "mac_fraction": hc.mac_fraction,
             "latency_fraction": hc.latency_fraction, "calib_speedup_macs": 1 / hc.mac_fraction}
-
-
-def _heldout(ctx: Context, summary: dict, plan: Plan, heldout: Calibrate | None, best_hand, handmade) -> None:
-    """Re-measure the chosen (and the best hand-made) plan on held-out seeds against the baseline."""
-    if heldout is None:
-        summary.update(heldout_psnr=None, speedup_macs=1 / summary["mac_fraction"], speedup_wall=None)
-        return
-    ctx.log("held-out check: the chosen plan against the unaccelerated pipeline")
-    measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs)
-    summary.update(heldout_psnr=measured["psnr"], heldout_psnr_p5=measured["psnr_p5"],
-                   heldout_psnr_min=measured["psnr_min"],
-                   heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
-                   speedup_macs_denoiser=measured["speedup_macs_denoiser"], speedup_wall=measured["speedup_wall"],
-                   heldout_images=measured["images"], heldout_pairs=measured["pairs"])
-    quality = measured["psnr"] if ctx.budget.metric == "psnr" else measured["ssim"]
-    summary["heldout_met"] = ctx.budget.accepts(quality, measured["psnr_p5"])
-    if summary["met"] and not summary["heldout_met"]:
-        ctx.log(f"warning: on the held-out seeds the chosen plan misses {ctx.budget.text} ({quality:.4g}"
-                f"{ctx.budget.unit()}, 5th percentile {measured['psnr_p5']:.4g} dB): {len(ctx.calib.reference)} "
-                "calibration images did not tell it apart; search again with more of them or a larger margin")
-    if best_hand is not None:
-        hand_plan = next(h.plan for h in handmade if h.key == best_hand[0].source)
-        measured = compare(ctx.calib.pipe, heldout, hand_plan, ctx.config.pairs)
-        summary["best_handmade"].update(heldout_psnr=measured["psnr"], heldout_ssim=measured["ssim"],
-                                        speedup_macs=measured["speedup_macs"], speedup_wall=measured["speedup_wall"])
 
 
 def find_plan(pipe: Any, calls: Workload | Iterable[dict] | None = None, budget: str = "psnr>=30",
