@@ -529,7 +529,8 @@ def _claimed(plan, psnr: float, macs: float, source: str) -> Candidate:
 def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_the_next():
     """On diffusers' StableDiffusionPipeline (PNDM, tiny, random): a cheap plan that claims 99 dB on
     calibration but loses quality on fresh seeds is refused; the next one, which meets the budget
-    there, is chosen. When none meets it, the best one there is returned and the log says so."""
+    there by its mean's error bound, is chosen. When none meets it, the best one there is returned
+    and the log says so."""
     pipe, kwargs = build_case("sd-pndm")
     calib = CalibrationRun(pipe, as_workload([kwargs]))
     steps = calib.num_steps
@@ -542,6 +543,10 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     assert found.confirmed and found.chosen.source == "exact" and found.tried[1]["psnr"] == 100.0
     assert found.tried[0]["psnr"] < 60 and found.images == len(calib.reference)
     assert found.tried[0]["psnr"] != pytest.approx(calib.score(rough).psnr, abs=1e-6)  # other seeds than calibration's
+    first = found.tried[0]  # a mean that clears the budget by less than its error bound is not confirmed
+    edge = validate(calib, [_claimed(rough, 99, 0.5, "rough")],
+                    parse_budget(f"psnr>={first['psnr'] - first['bound'] / 2}"), plan_getter(None), None, lines.append)
+    assert first["bound"] > 0 and not edge.confirmed and edge.chosen.source == "rough"
     found = validate(calib, [_claimed(rougher, 99, 0.2, "rougher"), _claimed(rough, 99, 0.5, "rough")],
                      parse_budget("psnr>=200"), plan_getter(None), None, lines.append)
     best = max(found.tried, key=lambda t: t["psnr"])["source"]
