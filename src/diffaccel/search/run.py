@@ -60,7 +60,8 @@ class Context:
     margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
 
     def validation_reserve(self) -> float:
-        return validation_seconds(self.calib) if self.config.validate and self.config.time_limit else 0.0
+        validates = self.config.validate and isinstance(self.calib.calibrate, Workload)
+        return validation_seconds(self.calib) if validates and self.config.time_limit else 0.0
 
     @property
     def deadline(self) -> float | None:
@@ -79,7 +80,8 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     ``out``: folder of the outputs and of the default storage ``sqlite:///out/study.db``;
     ``storage``: any optuna storage URL instead (several workers may share it). ``heldout``: a second
     set, on evaluation seeds, on which the chosen and the best hand-made plans are re-measured
-    against the unaccelerated pipeline (``config.pairs`` interleaved runs each)."""
+    against the unaccelerated pipeline (``config.pairs`` interleaved runs each). Before that, the
+    pick is confirmed on fresh calibration seeds (``validation.py``; ``config.validate``)."""
     started = time.time()
     config = replace(config or SearchConfig(), **options)
     config.check()

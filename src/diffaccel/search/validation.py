@@ -71,7 +71,8 @@ def validate(calib: CalibrationRun, ordered: list[Candidate], budget: Budget, pl
     workload = calib.calibrate.reseeded(VALIDATION_SEED_OFFSET, "validation seeds (calibration calls, fresh noise)")
     reference = checked_images(workload(calib.pipe), "validation")
     log(f"validation: the cheapest plans that cleared the budget, on {len(reference)} fresh calibration seeds, "
-        f"until one meets {budget.text} there by its mean's error bound (the unaccelerated run took {time.time() - started:.1f} s)")
+        f"until one meets {budget.text} there by its mean's error bound (the unaccelerated run took "
+        f"{time.time() - started:.1f} s)")
     tried: list[tuple[Candidate, dict]] = []
     for candidate in ordered[:MAX_VALIDATED]:
         if tried and deadline is not None and time.time() > deadline:
