@@ -526,7 +526,7 @@ def _claimed(plan, psnr: float, macs: float, source: str) -> Candidate:
     return Candidate(None, [], psnr, psnr, 1.0, macs, macs, source, plan=plan, psnr_p5=psnr)
 
 
-def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_the_next():
+def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_the_next(pipes):
     """On diffusers' StableDiffusionPipeline (PNDM, tiny, random): a cheap plan that claims 99 dB on
     calibration but loses quality on fresh seeds is refused; the next one, which meets the budget
     there by its mean's error bound, is chosen. When none meets it, the best one there is returned
@@ -537,8 +537,11 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     rough, rougher = methods.fora(pipe, steps, interval=2), methods.fora(pipe, steps, interval=steps)
     exact = identity_plan(pipe.unet)
     lines: list[str] = []
-    found = validate(calib, [_claimed(rough, 99, 0.5, "rough"), _claimed(exact, 99, 1.0, "exact")],
+    foreign = methods.fora(pipes[0].denoiser, STEPS, interval=2)  # a DiT's plan: fails on this U-Net, is passed by
+    found = validate(calib, [_claimed(foreign, 99, 0.1, "foreign"), _claimed(rough, 99, 0.5, "rough"),
+                             _claimed(exact, 99, 1.0, "exact")],
                      parse_budget("psnr>=60"), plan_getter(None), None, lines.append)
+    assert any("foreign: failed on validation" in line for line in lines)
     assert [t["source"] for t in found.tried] == ["rough", "exact"] and not found.tried[0]["met"]
     assert found.confirmed and found.chosen.source == "exact" and found.tried[1]["psnr"] == 100.0
     assert found.tried[0]["psnr"] < 60 and found.images == len(calib.reference)

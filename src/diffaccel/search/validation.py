@@ -78,8 +78,12 @@ def validate(calib: CalibrationRun, ordered: list[Candidate], budget: Budget, pl
         if tried and deadline is not None and time.time() > deadline:
             log("validation: out of time")
             break
-        images = checked_images(run_with_plan(calib.pipe, workload, plan_of(candidate), calib.shape_macs)[0],
-                                "validation")
+        try:
+            images = checked_images(run_with_plan(calib.pipe, workload, plan_of(candidate), calib.shape_macs)[0],
+                                    "validation")
+        except Exception as exc:  # noqa: BLE001 -- a plan that breaks on other seeds is not confirmed
+            log(f"  {candidate.source}: failed on validation ({type(exc).__name__}: {str(exc)[:160]})")
+            continue
         quality, bound = fidelity(images, reference), error_bound(images, reference, budget)
         value = quality["psnr"] if budget.metric == "psnr" else quality["ssim"]
         met = budget.accepts(value - bound, quality["psnr_p5"])
@@ -89,6 +93,10 @@ def validate(calib: CalibrationRun, ordered: list[Candidate], budget: Budget, pl
             f"{'confirmed' if met else 'not confirmed'}")
         if met:
             break
+    if not tried:
+        log("warning: every plan tried failed on the validation seeds; the cheapest is returned unconfirmed")
+        return Validation(ordered[0], {"psnr": None, "psnr_p5": None}, False, [], len(reference),
+                          time.time() - started)
     confirmed = tried[-1][1]["met"]
     chosen, scores = tried[-1] if confirmed else \
         max(tried, key=lambda pair: pair[1]["psnr" if budget.metric == "psnr" else "ssim"])
