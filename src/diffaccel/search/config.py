@@ -58,8 +58,13 @@ def auto_margin(points: list[tuple[float, float | None]], threshold: float, imag
     spreads = sorted(v for v in near if v is not None and math.isfinite(v))
     if not spreads or images < 2:
         return DEFAULT_MARGIN["psnr"]
-    bound = Z_ONE_SIDED_95 * spreads[len(spreads) // 2] / math.sqrt(images)
-    return min(MAX_AUTO_MARGIN, max(DEFAULT_MARGIN["psnr"], bound))
+    return max(DEFAULT_MARGIN["psnr"], mean_error_bound(spreads[len(spreads) // 2], images))
+
+
+def mean_error_bound(spread: float, images: int) -> float:
+    """The one-sided 95% error bound of a mean over ``images`` images whose per-image values spread
+    by ``spread`` (standard deviation), capped at ``MAX_AUTO_MARGIN``."""
+    return min(MAX_AUTO_MARGIN, Z_ONE_SIDED_95 * spread / math.sqrt(images))
 
 
 CORRECTION_SEED_OFFSET = 1000  # the feature correction is fitted on calibration seeds the search never scores

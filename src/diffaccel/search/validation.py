@@ -16,7 +16,6 @@ there is as likely under the budget as over it on other seeds (the U-Net plan ab
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from diffaccel.calibration.workload import Workload
 from diffaccel.eval.fidelity import fidelity, psnr_per_image
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate
-from diffaccel.search.config import MAX_AUTO_MARGIN, Z_ONE_SIDED_95, Budget
+from diffaccel.search.config import Budget, mean_error_bound
 
 VALIDATION_SEED_OFFSET = 2000  # validation seeds: apart from calibration (0) and correction-fit (1000) seeds
 MAX_VALIDATED = 6  # plans tried before the search gives up confirming one
@@ -111,8 +110,7 @@ def error_bound(images: Any, reference: Any, budget: Budget) -> float:
     the mean (capped as the search margin is); an SSIM budget is taken as it is."""
     if budget.metric != "psnr" or len(images) < 2:
         return 0.0
-    spread = float(psnr_per_image(images, reference).std())
-    return min(MAX_AUTO_MARGIN, Z_ONE_SIDED_95 * spread / math.sqrt(len(images)))
+    return mean_error_bound(float(psnr_per_image(images, reference).std()), len(images))
 
 
 def plan_getter(space: Any) -> Callable[[Candidate], Plan]:
