@@ -39,7 +39,7 @@ from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import auto_margin
 from diffaccel.search.heldout import compare, heldout_reserve
 from diffaccel.search.space import Space
-from diffaccel.search.validation import plan_getter, validate
+from diffaccel.search.validation import Validator, plan_getter, validate, validator_for
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
 from test_engine import make_pipes, untouched
@@ -538,27 +538,33 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     exact = identity_plan(pipe.unet)
     lines: list[str] = []
     foreign = methods.fora(pipes[0].denoiser, STEPS, interval=2)  # a DiT's plan: fails on this U-Net, is passed by
-    found = validate(calib, [_claimed(foreign, 99, 0.1, "foreign"), _claimed(rough, 99, 0.5, "rough"),
-                             _claimed(exact, 99, 1.0, "exact")],
-                     parse_budget("psnr>=60"), plan_getter(None), None, lines.append)
+
+    def validated(budget: str, candidates: list[Candidate]):
+        return validate(Validator(calib, parse_budget(budget), plan_getter(None), lines.append), candidates, None)
+
+    found = validated("psnr>=60", [_claimed(foreign, 99, 0.1, "foreign"), _claimed(rough, 99, 0.5, "rough"),
+                                   _claimed(exact, 99, 1.0, "exact")])
     assert any("foreign: failed on validation" in line for line in lines)
     assert [t["source"] for t in found.tried] == ["rough", "exact"] and not found.tried[0]["met"]
     assert found.confirmed and found.chosen.source == "exact" and found.tried[1]["psnr"] == 100.0
     assert found.tried[0]["psnr"] < 60 and found.images == len(calib.reference)
     assert found.tried[0]["psnr"] != pytest.approx(calib.score(rough).psnr, abs=1e-6)  # other seeds than calibration's
     first = found.tried[0]  # a mean that clears the budget by less than its error bound is not confirmed
-    edge = validate(calib, [_claimed(rough, 99, 0.5, "rough")],
-                    parse_budget(f"psnr>={first['psnr'] - first['bound'] / 2}"), plan_getter(None), None, lines.append)
+    edge = validated(f"psnr>={first['psnr'] - first['bound'] / 2}", [_claimed(rough, 99, 0.5, "rough")])
     assert first["bound"] > 0 and not edge.confirmed and edge.chosen.source == "rough"
-    found = validate(calib, [_claimed(rougher, 99, 0.2, "rougher"), _claimed(rough, 99, 0.5, "rough")],
-                     parse_budget("psnr>=200"), plan_getter(None), None, lines.append)
+    found = validated("psnr>=200", [_claimed(rougher, 99, 0.2, "rougher"), _claimed(rough, 99, 0.5, "rough")])
     best = max(found.tried, key=lambda t: t["psnr"])["source"]
     assert not found.confirmed and found.chosen.source == best and len(found.tried) == 2
     assert found.summary()["validation_psnr"] == max(t["psnr"] for t in found.tried)
     assert any("no plan tried met" in line for line in lines)
     assert untouched(pipe.unet) and isinstance(pipe.scheduler, PNDMScheduler)
-    assert validate(CalibrationRun(pipe, lambda p: p(**kwargs, output_type="pt").images), [_claimed(exact, 99, 1, "x")],
-                    parse_budget("psnr>=60"), plan_getter(None), None, lines.append) is None  # no seeds to change
+    validator = Validator(calib, parse_budget("psnr>=60"), plan_getter(None), lines.append)
+    once = validator.check(_claimed(rough, 99, 0.5, "rough"))
+    assert validator.check(_claimed(rough, 50, 0.5, "the same plan")) is once  # each plan is run once
+    assert validator.confirmed(_claimed(exact, 99, 1.0, "exact"))
+    assert not validator.confirmed(_claimed(rough, 99, 0.5, "rough"))
+    callable_calib = CalibrationRun(pipe, lambda p: p(**kwargs, output_type="pt").images)
+    assert validator_for(callable_calib, parse_budget("psnr>=60"), plan_getter(None), lines.append) is None
     assert "validation skipped" in lines[-1]
 
 

@@ -128,6 +128,24 @@ def test_joint_search_skips_plans_that_cannot_beat_the_cheapest_one_meeting_the_
     by_latency = JointSearch(calib, parse_budget("psnr>=30"), "latency", None, lambda _: None)
     by_latency.candidates = joint.candidates
     assert not by_latency._cannot_win(plan)  # measured latency against an estimate: never skipped on
+    # with a validator, only a plan that also holds on fresh seeds bars dearer ones
+    asked: list[str] = []
+    joint.validator = SimpleNamespace(confirmed=lambda c: asked.append(c.source) or c.source != "as cheap, and good")
+    assert not joint._cannot_win(plan) and asked == ["as cheap, and good"]  # the one that misses is never asked
+    joint.candidates.append(Candidate(None, [], 30.5, 25.0, 0.95, cost * 0.9, cost, "confirmed"))
+    assert joint._cannot_win(plan) and asked[-1] == "confirmed"
+
+
+def test_the_joint_search_tries_every_key_count_between_the_last_miss_and_all_steps(pipes):
+    """A few-step sampler that meets the budget but misses it with 6 of its 8 steps full: 7 full
+    steps, between the two, is tried at each unit level (the fractions alone would skip it)."""
+    lines: list[str] = []
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 8, per_class=1))
+    joint = JointSearch(calib, parse_budget("psnr>=200"), "macs", None, lines.append)
+    joint.cached(SolverSpec(name="unipc", steps=8))
+    tried = [line for line in lines if "unipc 8 + " in line]
+    assert any(" keys 6:" in line for line in tried) and any(" keys 7:" in line for line in tried)
+    assert all(" keys 5:" not in line for line in tried)  # a miss by more than 2 dB ends the level's descent
 
 
 def test_the_joint_search_quantizes_its_best_plans_at_the_measured_speed_of_the_quantized_model(pipes, tmp_path):

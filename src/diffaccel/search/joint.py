@@ -22,7 +22,10 @@ need no profile run and are the plans a short search must not miss):
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
    budget, one profile run each (``CalibrationRun`` of that sampler), the DP's key steps for
    several budgets of full steps and every unit level, bisected between the last budget that met
-   the quality bar and the first that missed it: the quality headroom is spent on reuse;
+   the quality bar (at first the setting itself: all its steps full) and the first that missed it:
+   the quality headroom is spent on reuse. A plan that costs at least as much as one that already
+   meets the budget is not scored; with a validator, the one that bars it must also meet the budget
+   on fresh seeds (``validation.py``), as the returned plan must;
 3. **quantization** (with a quant spec): the cheapest plans that clear the budget, and those that
    clear it with the quantization's own error to spare, again quantized. Quantization leaves the
    MACs as they are; its latency estimate is the plain plan's scaled by the measured wall-time
@@ -49,10 +52,11 @@ from diffaccel.calibration.reference import CalibrationRun, Scores, identity_pla
 from diffaccel.errors import SearchError
 from diffaccel.methods.base import make_plan, rows_from
 from diffaccel.plan import Plan
-from diffaccel.search.candidates import Candidate
+from diffaccel.search.candidates import Candidate, ordered
 from diffaccel.search.coefficients import ReferenceTrajectory
 from diffaccel.search.config import Budget
 from diffaccel.search.fits import FitPhases
+from diffaccel.search.validation import Validator
 from diffaccel.solvers.spec import SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
@@ -90,10 +94,12 @@ class JointSearch(FitPhases):
     """Runs the phases; ``candidates`` collects every scored plan."""
 
     def __init__(self, calib: CalibrationRun, budget: Budget, objective: str, deadline: float | None,
-                 log: Callable[[str], None], space: JointSpace | None = None, quant: object = None):
+                 log: Callable[[str], None], space: JointSpace | None = None, quant: object = None,
+                 validator: Validator | None = None):
         self.calib, self.budget, self.objective, self.deadline, self.log = calib, budget, objective, deadline, log
         self.space = space or JointSpace()
         self.quant = quant
+        self.validator = validator  # when given, only a plan it confirms bars dearer ones (``_cannot_win``)
         self.candidates: list[Candidate] = []
         self.quant_speed: float | None = None  # measured quantized / plain wall time (phase 3)
         self.fit_solver: str | None = None  # phases 1b and 4: the solver whose timesteps are fitted
@@ -180,7 +186,7 @@ class JointSearch(FitPhases):
         label = spec.label if spec is not None else f"own sampler {profile.num_steps}"
         steps = profile.num_steps
         for level in reversed(adapter_for(profile.model).levels(profile.model)[1:]):  # the most reuse first
-            meets: dict[int, bool] = {}  # key count -> whether its plan met the budget
+            meets = {steps: True}  # key count -> whether its plan met the budget (all keys: the setting itself)
             for fraction in self.space.key_fractions:  # fewer and fewer full steps, until quality breaks
                 keys = max(2, round(fraction * steps))
                 if keys >= steps or keys in meets:
@@ -204,6 +210,8 @@ class JointSearch(FitPhases):
               label: str) -> Candidate | None | bool:
         """The DP's ``keys`` key steps at ``level`` scored; False when the plan cannot win (not
         scored), None when the deadline passed or it failed."""
+        if self.late():
+            return None
         chosen, _ = optimal_keys(set_matrix(profile.dissimilarity, profile.units, level.reused), keys)
         rows = rows_from(profile.num_steps, profile.units, chosen, set(level.reused))
         plan = make_plan(profile.model, rows, "search-joint", {"keys": keys, "level": level.name, "key_steps": chosen},
@@ -213,13 +221,15 @@ class JointSearch(FitPhases):
         return self.score(plan, f"{label} + {level.name} keys {keys}")
 
     def _cannot_win(self, plan: Plan) -> bool:
-        """Whether ``plan`` needs at least the MACs of the cheapest candidate already meeting the
-        budget: scoring it could not change the result (its schedule alone says so; under the
-        latency objective the estimate is too loose to skip on)."""
+        """Whether ``plan`` needs at least the MACs of a candidate already meeting the budget (and,
+        with a validator, confirmed on its fresh seeds: a fit that only its calibration images
+        flatter must not bar the plans that could replace it): scoring it could not change the
+        result. Its schedule alone says so; under the latency objective the estimate is too loose."""
         if self.objective != "macs":
             return False
-        best = min((c.cost("macs") for c in self.candidates if c.meets(self.budget)), default=None)
-        return best is not None and self.calib.fractions(plan)[0] >= best
+        cost = self.calib.fractions(plan)[0]
+        cheaper = [c for c in ordered(self.candidates, self.budget, "macs") if c.cost("macs") <= cost]
+        return any(self.validator is None or self.validator.confirmed(c) for c in cheaper)
 
     def quantized(self) -> None:
         """Phase 3: the cheapest plans that clear the budget, and the cheapest that clear it by the

@@ -34,7 +34,7 @@ from diffaccel.search.outputs import write_outputs
 from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
-from diffaccel.search.validation import Validation, plan_getter, validate, validation_seconds
+from diffaccel.search.validation import Validation, Validator, plan_getter, validate, validation_seconds, validator_for
 
 LOG = logging.getLogger("diffaccel")
 
@@ -58,10 +58,10 @@ class Context:
     joint: list[Candidate] = field(default_factory=list)  # the joint strategy's candidates (not in the store)
     quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
     margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
+    validator: Validator | None = None  # scores plans on fresh seeds (``config.validate``)
 
     def validation_reserve(self) -> float:
-        validates = self.config.validate and isinstance(self.calib.calibrate, Workload)
-        return validation_seconds(self.calib) if validates and self.config.time_limit else 0.0
+        return validation_seconds(self.calib) if self.validator is not None and self.config.time_limit else 0.0
 
     @property
     def deadline(self) -> float | None:
@@ -147,7 +147,7 @@ def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
     config, space, calib, evaluate = ctx.config, ctx.space, ctx.calib, _evaluator(ctx)
     if config.strategy == "joint":
         joint = JointSearch(calib, ctx.budget.raised(ctx.margin), config.objective, ctx.deadline,
-                            ctx.log, quant=config.quant)
+                            ctx.log, quant=config.quant, validator=ctx.validator)
         done = joint.run()
         ctx.joint, ctx.quant_speed = joint.candidates, joint.quant_speed
         return done
@@ -181,6 +181,8 @@ def _handmade(ctx: Context):
 def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> SearchResult:
     config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
     handmade, seeds = _handmade(ctx)
+    if config.validate:
+        ctx.validator = validator_for(calib, budget, plan_getter(space), ctx.log)
     ctx.reserve = heldout_reserve(ctx, heldout, 2 if handmade else 1) + ctx.validation_reserve()
     ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
     hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
@@ -233,12 +235,11 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
 
 def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Validation | None:
     """The candidates that cleared ``cleared`` on calibration, cheapest first, validated on fresh
-    seeds (``validation.py``); None when the search is told not to validate."""
-    if not ctx.config.validate:
+    seeds (``validation.py``); None when the search does not validate."""
+    if ctx.validator is None:
         return None
     deadline = None if ctx.deadline is None else ctx.deadline + ctx.validation_reserve()
-    return validate(ctx.calib, ordered(points, cleared, ctx.config.objective), ctx.budget, plan_getter(ctx.space),
-                    deadline, ctx.log)
+    return validate(ctx.validator, ordered(points, cleared, ctx.config.objective), deadline)
 
 
 def _margin(ctx: Context, hand: list[Candidate]) -> float:

@@ -54,55 +54,103 @@ def validation_seconds(calib: CalibrationRun) -> float:
     return 1.6 * calib.seconds
 
 
-def validate(calib: CalibrationRun, ordered: list[Candidate], budget: Budget, plan_of: Callable[[Candidate], Plan],
-             deadline: float | None, log: Callable[[str], None]) -> Validation | None:
-    """Score ``ordered`` (the candidates that cleared the budget on calibration, cheapest first) on
-    the calibration calls with fresh seeds, until one meets ``budget`` there; None when the
-    calibration set is not a ``Workload`` (no seeds to change) or nothing is to be validated.
+class Validator:
+    """Scores plans on the calibration calls with fresh noise seeds, each plan once (the
+    unaccelerated run of those seeds is made at the first check). The joint search asks it whether
+    the plan that bars dearer ones holds there (``JointSearch._cannot_win``); the final validation
+    reuses what it measured."""
+
+    def __init__(self, calib: CalibrationRun, budget: Budget, plan_of: Callable[[Candidate], Plan],
+                 log: Callable[[str], None]):
+        self.calib, self.budget, self.plan_of, self.log = calib, budget, plan_of, log
+        self.workload = calib.calibrate.reseeded(VALIDATION_SEED_OFFSET,
+                                                 "validation seeds (calibration calls, fresh noise)")
+        self._reference: Any = None
+        self._records: dict[str, dict | None] = {}  # by plan: what ``check`` measured (None: it failed)
+        self.seconds = 0.0
+
+    @property
+    def reference(self) -> Any:
+        if self._reference is None:
+            started = time.time()
+            self._reference = checked_images(self.workload(self.calib.pipe), "validation")
+            self.seconds += time.time() - started
+            self.log(f"validation: plans that cleared the budget are scored on {len(self._reference)} fresh "
+                     f"calibration seeds, and count only if they meet {self.budget.text} there by their mean's "
+                     f"error bound (the unaccelerated run took {time.time() - started:.1f} s)")
+        return self._reference
+
+    def check(self, candidate: Candidate) -> dict | None:
+        """``candidate`` scored on the validation seeds (source, fidelity, error bound, met); None when
+        its plan fails there (logged)."""
+        plan = self.plan_of(candidate)
+        key = plan.model_dump_json()
+        if key not in self._records:
+            reference = self.reference
+            started = time.time()
+            self._records[key] = self._measure(candidate, plan, reference)
+            self.seconds += time.time() - started
+        return self._records[key]
+
+    def confirmed(self, candidate: Candidate) -> bool:
+        record = self.check(candidate)
+        return record is not None and record["met"]
+
+    def _measure(self, candidate: Candidate, plan: Plan, reference: Any) -> dict | None:
+        try:
+            images = checked_images(run_with_plan(self.calib.pipe, self.workload, plan, self.calib.shape_macs)[0],
+                                    "validation")
+        except Exception as exc:  # noqa: BLE001 -- a plan that breaks on other seeds is not confirmed
+            self.log(f"  {candidate.source}: failed on validation ({type(exc).__name__}: {str(exc)[:160]})")
+            return None
+        quality, bound = fidelity(images, reference), error_bound(images, reference, self.budget)
+        value = quality["psnr"] if self.budget.metric == "psnr" else quality["ssim"]
+        met = self.budget.accepts(value - bound, quality["psnr_p5"])
+        self.log(f"  {candidate.source}: {quality['psnr']:.2f} dB (p5 {quality['psnr_p5']:.1f}, error bound "
+                 f"{bound:.2f}{self.budget.unit()}) on validation, {candidate.psnr:.2f} dB on calibration: "
+                 f"{'confirmed' if met else 'not confirmed'}")
+        return {"source": candidate.source, **quality, "bound": bound, "met": met}
+
+
+def validator_for(calib: CalibrationRun, budget: Budget, plan_of: Callable[[Candidate], Plan],
+                  log: Callable[[str], None]) -> Validator | None:
+    """A ``Validator``, or None (logged) when the calibration set is a callable rather than a
+    ``Workload``: it has no noise seeds to change."""
+    if isinstance(calib.calibrate, Workload):
+        return Validator(calib, budget, plan_of, log)
+    log("validation skipped: the calibration set is a callable, not a Workload of pipeline calls "
+        "(no noise seeds to change); the plan is chosen on the calibration images alone")
+    return None
+
+
+def validate(validator: Validator, ordered: list[Candidate], deadline: float | None) -> Validation | None:
+    """Check ``ordered`` (the candidates that cleared the budget on calibration, cheapest first) on
+    the validation seeds until one meets the budget there; None when nothing is to be validated.
     When none is confirmed (``MAX_VALIDATED`` tried, or ``deadline``), the one that scored best there."""
     if not ordered:
         return None
-    if not isinstance(calib.calibrate, Workload):
-        log("validation skipped: the calibration set is a callable, not a Workload of pipeline calls "
-            "(no noise seeds to change); the plan is chosen on the calibration images alone")
-        return None
-    started = time.time()
-    workload = calib.calibrate.reseeded(VALIDATION_SEED_OFFSET, "validation seeds (calibration calls, fresh noise)")
-    reference = checked_images(workload(calib.pipe), "validation")
-    log(f"validation: the cheapest plans that cleared the budget, on {len(reference)} fresh calibration seeds, "
-        f"until one meets {budget.text} there by its mean's error bound (the unaccelerated run took "
-        f"{time.time() - started:.1f} s)")
+    budget, log = validator.budget, validator.log
     tried: list[tuple[Candidate, dict]] = []
     for candidate in ordered[:MAX_VALIDATED]:
         if tried and deadline is not None and time.time() > deadline:
             log("validation: out of time")
             break
-        try:
-            images = checked_images(run_with_plan(calib.pipe, workload, plan_of(candidate), calib.shape_macs)[0],
-                                    "validation")
-        except Exception as exc:  # noqa: BLE001 -- a plan that breaks on other seeds is not confirmed
-            log(f"  {candidate.source}: failed on validation ({type(exc).__name__}: {str(exc)[:160]})")
-            continue
-        quality, bound = fidelity(images, reference), error_bound(images, reference, budget)
-        value = quality["psnr"] if budget.metric == "psnr" else quality["ssim"]
-        met = budget.accepts(value - bound, quality["psnr_p5"])
-        tried.append((candidate, {"source": candidate.source, **quality, "bound": bound, "met": met}))
-        log(f"  {candidate.source}: {quality['psnr']:.2f} dB (p5 {quality['psnr_p5']:.1f}, error bound "
-            f"{bound:.2f}{budget.unit()}) on validation, {candidate.psnr:.2f} dB on calibration: "
-            f"{'confirmed' if met else 'not confirmed'}")
-        if met:
-            break
+        record = validator.check(candidate)
+        if record is not None:
+            tried.append((candidate, record))
+            if record["met"]:
+                break
+    images = len(validator.reference)
     if not tried:
         log("warning: every plan tried failed on the validation seeds; the cheapest is returned unconfirmed")
-        return Validation(ordered[0], {"psnr": None, "psnr_p5": None}, False, [], len(reference),
-                          time.time() - started)
+        return Validation(ordered[0], {"psnr": None, "psnr_p5": None}, False, [], images, validator.seconds)
     confirmed = tried[-1][1]["met"]
     chosen, scores = tried[-1] if confirmed else \
         max(tried, key=lambda pair: pair[1]["psnr" if budget.metric == "psnr" else "ssim"])
     if not confirmed:
         log(f"warning: no plan tried met {budget.text} on the validation seeds; the one that scored best there "
             f"({chosen.source}) is returned; search again with more calibration images or a larger margin")
-    return Validation(chosen, scores, confirmed, [record for _, record in tried], len(reference), time.time() - started)
+    return Validation(chosen, scores, confirmed, [record for _, record in tried], images, validator.seconds)
 
 
 def error_bound(images: Any, reference: Any, budget: Budget) -> float:
