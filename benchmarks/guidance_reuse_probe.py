@@ -1,0 +1,78 @@
+"""Probe: reuse the guidance difference of the step before instead of running the unconditional half.
+
+On a step listed in ``--skip`` the embedded pipeline's denoiser runs the conditional half of its
+guidance batch only, and the unconditional output is rebuilt as the conditional one minus the
+difference (conditional - unconditional) of the last full step. The plan (e.g. a searched few-step
+sampler) runs as usual around it. A probe of whether this trade beats one step fewer, not a method:
+
+    python benchmarks/guidance_reuse_probe.py --model unet \
+        --plan benchmarks/results/plans/unet-joint-unipc6-fitted-coefficients.json --skip 1 --skip 2,4
+
+Prints the PSNR (mean, 5th percentile) against the 50-step DDIM output of the calibration images
+(``--per-class`` per class, guidance ``--guidance``) for the plan alone and for each skip set.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from diffaccel.calibration.reference import checked_images, run_with_plan
+from diffaccel.eval.fidelity import fidelity
+from diffaccel.plan import Plan
+from diffaccel.targets import load_target
+
+
+class GuidanceReuse:
+    """Replaces ``pipe.denoise`` while active: on the steps in ``skip`` only the conditional half runs."""
+
+    def __init__(self, pipe, skip: set[int]):
+        self.pipe, self.skip, self.inner = pipe, skip, pipe.denoise
+        self.step, self.difference = 0, None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if int(t[0]) >= self.first_timestep:  # a new pipeline call starts at the first timestep
+            self.step, self.difference = 0, None
+        step, self.step = self.step, self.step + 1
+        half = x.shape[0] // 2  # the embedded pipelines batch [unconditional, conditional]
+        if step in self.skip and self.difference is not None:
+            cond = self.inner(x[half:], t[half:], labels[half:])
+            return torch.cat([cond - self.difference, cond])
+        out = self.inner(x, t, labels)
+        uncond, cond = out.chunk(2)
+        self.difference = cond - uncond
+        return out
+
+    def __enter__(self):
+        self.first_timestep = self.pipe.scheduler.config.num_train_timesteps - 10
+        self.pipe.denoise = self
+        return self
+
+    def __exit__(self, *exc):
+        self.pipe.denoise = self.inner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="unet", choices=["unet", "dit"])
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--skip", action="append", default=[], help="steps (0-based, comma-separated) to reuse on")
+    parser.add_argument("--per-class", type=int, default=4)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    target = load_target(args.model)
+    work = target.workload(50, args.guidance, per_class=args.per_class)
+    reference = checked_images(work(target.pipe), "reference")
+    plan = Plan.load(args.plan)
+    for skip in [set(), *({int(s) for s in text.split(",")} for text in args.skip)]:
+        with GuidanceReuse(target.pipe, skip):
+            images = checked_images(run_with_plan(target.pipe, work, plan)[0], "probe")
+        scores = fidelity(images, reference)
+        print(f"reuse on steps {sorted(skip)}: {scores['psnr']:.2f} dB (p5 {scores['psnr_p5']:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
