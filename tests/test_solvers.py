@@ -21,6 +21,7 @@ from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
 from diffaccel.search.timesteps import fit_timesteps, next_fit_count, resampled
+from diffaccel.search.validation import Validator, plan_getter, validation_seconds
 from diffaccel.solvers import SolverSpec
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.zoo.pipeline import shapes_workload
@@ -134,6 +135,20 @@ def test_joint_search_skips_plans_that_cannot_beat_the_cheapest_one_meeting_the_
     assert not joint._cannot_win(plan) and asked == ["as cheap, and good"]  # the one that misses is never asked
     joint.candidates.append(Candidate(None, [], 30.5, 25.0, 0.95, cost * 0.9, cost, "confirmed"))
     assert joint._cannot_win(plan) and asked[-1] == "confirmed"
+
+
+def test_validation_runs_during_the_joint_search_take_back_the_time_kept_for_the_validation(pipes):
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 6, per_class=1))
+    validator = Validator(calib, parse_budget("psnr>=30"), plan_getter(None), lambda _: None)
+    kept = validation_seconds(calib)
+    joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", 1000.0, lambda _: None, validator=validator)
+    assert kept > 0 and joint.deadline == 1000.0 and joint.late()  # nothing validated yet
+    validator.seconds = kept / 2
+    assert joint.deadline == pytest.approx(1000.0 + kept / 2)
+    validator.seconds = kept * 10  # only the time kept back for the validation is given back
+    assert joint.deadline == pytest.approx(1000.0 + kept)
+    unlimited = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None, validator=validator)
+    assert unlimited.deadline is None and not unlimited.late()
 
 
 def test_the_joint_search_tries_every_key_count_between_the_last_miss_and_all_steps(pipes):

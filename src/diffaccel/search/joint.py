@@ -96,7 +96,7 @@ class JointSearch(FitPhases):
     def __init__(self, calib: CalibrationRun, budget: Budget, objective: str, deadline: float | None,
                  log: Callable[[str], None], space: JointSpace | None = None, quant: object = None,
                  validator: Validator | None = None):
-        self.calib, self.budget, self.objective, self.deadline, self.log = calib, budget, objective, deadline, log
+        self.calib, self.budget, self.objective, self._deadline, self.log = calib, budget, objective, deadline, log
         self.space = space or JointSpace()
         self.quant = quant
         self.validator = validator  # when given, only a plan it confirms bars dearer ones (``_cannot_win``)
@@ -107,6 +107,14 @@ class JointSearch(FitPhases):
         self.fits: dict[int, Candidate] = {}  # the best fit per step count
         self._fit_scores: dict[tuple, Scores] = {}  # every fit run's scores, by solver and timesteps
         self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
+
+    @property
+    def deadline(self) -> float | None:
+        """When the phases stop: the search's deadline, moved on by the validation runs made during
+        the search, up to the time kept back for the validation after it (``Validator.reserve_used``)."""
+        if self._deadline is None or self.validator is None:
+            return self._deadline
+        return self._deadline + self.validator.reserve_used()
 
     def late(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline

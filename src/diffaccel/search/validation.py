@@ -92,6 +92,11 @@ class Validator:
             self.seconds += time.time() - started
         return self._records[key]
 
+    def reserve_used(self) -> float:
+        """Seconds spent so far of the time a search keeps back for its validation
+        (``validation_seconds``): what a search that validates as it goes may take back."""
+        return min(self.seconds, validation_seconds(self.calib))
+
     def confirmed(self, candidate: Candidate) -> bool:
         record = self.check(candidate)
         return record is not None and record["met"]
