@@ -29,11 +29,12 @@ class GuidanceReuse:
 
     def __init__(self, pipe, skip: set[int]):
         self.pipe, self.skip, self.inner = pipe, skip, pipe.denoise
-        self.step, self.difference = 0, None
+        self.step, self.difference, self.last_timestep = 0, None, None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if int(t[0]) >= self.first_timestep:  # a new pipeline call starts at the first timestep
+        if self.last_timestep is None or float(t[0]) > self.last_timestep:  # timesteps fall within a call
             self.step, self.difference = 0, None
+        self.last_timestep = float(t[0])
         step, self.step = self.step, self.step + 1
         half = x.shape[0] // 2  # the embedded pipelines batch [unconditional, conditional]
         if step in self.skip and self.difference is not None:
@@ -45,7 +46,6 @@ class GuidanceReuse:
         return out
 
     def __enter__(self):
-        self.first_timestep = self.pipe.scheduler.config.num_train_timesteps - 10
         self.pipe.denoise = self
         return self
 
