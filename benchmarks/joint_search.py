@@ -9,6 +9,8 @@ user would try, measured on held-out seeds in one process.
    repeats): the searched plan, the cheapest plain sampler whose calibration PSNR cleared the
    budget (the search's own phase-1 rows), and the best hand-made caching plan; each with MAC and
    wall-clock speedup, PSNR (mean, 5th percentile), SSIM, evaluator accuracy and Fréchet distance.
+   When the searched plan runs in a lower precision (``--precision``, default auto), two more rows
+   say what that part is worth: the same plan in float32, and the plain sampler in that precision.
 
 Results go to ``benchmarks/results/joint_search_<model>[_c<n>][_m<margin>][_<quant>][_t<time>].json`` (the
 settings that differ from the defaults) with the commands that reproduce them.
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--objective", default="macs", help="macs, latency (needed with --quant) or bops")
     parser.add_argument("--quant", default=None, help="e.g. w8a8: the search may also quantize its plans")
     parser.add_argument("--quant-backend", default="int8", help="with --quant: fake, int8 or int8-dynamic")
+    parser.add_argument("--precision", default="auto", help="auto, none, bfloat16 or float16 (see docs/search.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
@@ -82,13 +85,13 @@ def main() -> None:
     heldout = target.workload(50, args.guidance, args.heldout_per_class, 0, calibration=False)
     name = f"joint_search_{args.model}" + (f"_c{args.calib_per_class}" if args.calib_per_class != 2 else "") \
         + (f"_m{args.margin:g}" if args.margin is not None else "") + (f"_{args.quant}" if args.quant else "") \
-        + (f"_t{args.time}" if args.time != "15m" else "")
+        + (f"_t{args.time}" if args.time != "15m" else "") + (f"_{args.precision}" if args.precision != "auto" else "")
     out = ROOT / "out" / "joint-search" / name  # one study per setting: the storage refuses to mix them
     started = time.time()
     spec = quant_spec(target.pipe, calibrate, args.quant, args.quant_backend) if args.quant else None
     result = search(target.pipe, calibrate, budget=args.budget, strategy="joint", time_limit=parse_duration(args.time),
                     heldout=heldout, pairs=args.pairs, out=out, model_name=f"{args.model}-ddim",
-                    objective=args.objective, quant=spec, margin=args.margin,
+                    objective=args.objective, quant=spec, margin=args.margin, precision=args.precision,
                     log=lambda line: print(line, flush=True))
     seconds = time.time() - started
     reference = checked_images(heldout(target.pipe), "held-out")
@@ -100,6 +103,14 @@ def main() -> None:
     if best_sampler is not None:
         rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label}", best_sampler.plan, heldout,
                             reference, args.pairs))
+    lowered = result.plan.precision
+    if lowered is not None:  # what the precision is worth: without it, and given to the plain sampler too
+        rows.append(measure(target, "searched (joint) in float32", result.plan.model_copy(update={"precision": None}),
+                            heldout, reference, args.pairs))
+        if best_sampler is not None:
+            rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label} in {lowered}",
+                                best_sampler.plan.model_copy(update={"precision": lowered}), heldout, reference,
+                                args.pairs))
     hand = choose(result.handmade, budget, args.objective)[0] if result.handmade else None
     if hand is not None and hand.plan is not None:
         rows.append(measure(target, f"hand-made {hand.source}", hand.plan, heldout, reference, args.pairs))
@@ -114,6 +125,7 @@ def main() -> None:
                    f"{args.threads} --calib-per-class {args.calib_per_class} --objective {args.objective} "
                    f"--guidance {args.guidance:g}"
                    + (f" --margin {args.margin:g}" if args.margin is not None else "")
+                   + (f" --precision {args.precision}" if args.precision != "auto" else "")
                    + (f" --quant {args.quant} --quant-backend {args.quant_backend}" if args.quant else ""),
         "search_out": os.path.relpath(out, ROOT)})
 

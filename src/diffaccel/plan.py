@@ -122,6 +122,8 @@ class Plan(_Strict):
     feature_correction: FeatureCorrection | None = None
     step_scale: list[float] | None = Field(None, description="per-step factor on the solver update (ERTACache)")
     quant: QuantSpec | None = Field(None, description="run the model's layers quantized (calibration file beside)")
+    precision: Literal["bfloat16", "float16"] | None = Field(
+        None, description="run the denoiser under torch.autocast at this dtype (None: in its own dtype)")
     calibration: CalibrationInfo | None = Field(None, description="what the plan was fitted on, if anything")
     solver: SolverSpec | None = Field(None, description="run this sampler at these steps instead of the pipeline's")
     method: str = "custom"

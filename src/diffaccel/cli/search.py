@@ -69,6 +69,9 @@ OBJECTIVE = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, laten
 MARGIN = typer.Option(None, help="how far calibration quality must clear the budget (default: PSNR, the calibration "
                                  "mean's 95% error bound, 0.5-3 dB; SSIM, 0.005)")
 CORRECT = typer.Option(False, help="fit a per-channel correction of the reused features to the chosen plan")
+PRECISION = typer.Option("auto", help="last, time the chosen plan under autocast: auto (bfloat16 on a CPU, "
+                         "bfloat16 and float16 on a GPU), none, bfloat16 or float16; kept only if faster within "
+                         "the budget")
 VALIDATE = typer.Option(True, help="before returning a plan, confirm it on fresh calibration seeds (the cheapest "
                                    "plans that cleared the budget, until one meets it there)")
 
@@ -99,6 +102,7 @@ def search(
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
     correct: bool = CORRECT,
     validate: bool = VALIDATE,
+    precision: str = PRECISION,
     weights: Path = WEIGHTS,
     threads: int = THREADS,
 ) -> None:
@@ -111,8 +115,7 @@ def search(
 
     def job():
         setup(threads, guidance)
-        quality = budget or "psnr>=30"
-        parse_budget(quality)
+        quality = parse_budget(budget or "psnr>=30").text
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = steps or DEFAULT_STEPS
@@ -122,7 +125,8 @@ def search(
         name = f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name
         config = SearchConfig(budget=quality, objective=objective.value, strategy=strategy.value, seed=seed,
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
-                              quant=spec, bits=choices, correct=correct, validate=validate, model_name=name)
+                              quant=spec, bits=choices, correct=correct, validate=validate, model_name=name,
+                              precision=precision)
         return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout,
                           log=lambda line: typer.echo(line, err=True))
 

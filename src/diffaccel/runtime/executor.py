@@ -112,7 +112,8 @@ class Executor:
         return list(self.plan.timesteps) if self.plan.timesteps else None
 
     # -- install / remove --------------------------------------------------------------------------
-    def _patch(self, obj: Any, name: str, replacement: Any) -> None:
+    def patch(self, obj: Any, name: str, replacement: Any) -> None:
+        """Set ``obj.name`` until ``remove()``, which undoes the patches newest first (features patch too)."""
         had = name in vars(obj)
         self._saved.append((obj, name, vars(obj).get(name), had))
         setattr(obj, name, replacement)
@@ -131,7 +132,7 @@ class Executor:
                     raise PlanError(f"bottleneck sampling changes the latent size mid-run; the {self.adapter.name} "
                                     "adapter's model does not support it (DiT and PixArt transformers do)")
                 scheduler = solver_scheduler(self.plan.solver, pipe.scheduler)
-                self._patch(pipe, "scheduler", scheduler)
+                self.patch(pipe, "scheduler", scheduler)
             if scheduler is None and any(f.needs_scheduler for f in self.features):
                 raise PlanError("noise injection and step adjustment act on the scheduler's latents: "
                                 "pass the pipeline, not the model")
@@ -144,15 +145,15 @@ class Executor:
             def model_forward(*args, **kwargs):
                 return self._model_forward(original, args, kwargs)
 
-            self._patch(self.model, "forward", model_forward)
+            self.patch(self.model, "forward", model_forward)
             for index, unit in enumerate(self.units):
                 unit_original = unit.module.forward
-                self._patch(unit.module, "forward", functools.wraps(unit_original)(
+                self.patch(unit.module, "forward", functools.wraps(unit_original)(
                     lambda *a, _i=index, _f=unit_original, **k: self._unit_forward(_i, _f, a, k)))
             self.clock = StepClock()
             if scheduler is not None:
-                self.clock.hook(scheduler, self._patch, self._start_run, self._after_step)
-            self._patch(self.model, "_diffaccel_executor", self)
+                self.clock.hook(scheduler, self.patch, self._start_run, self._after_step)
+            self.patch(self.model, "_diffaccel_executor", self)
         except BaseException:
             self.remove()
             raise

@@ -12,6 +12,7 @@ from diffaccel.quant.spec import QuantSpec
 
 STRATEGIES = ("nsga2", "dp", "greedy", "joint")
 OBJECTIVES = ("macs", "latency", "bops")  # bops: MACs weighted by weight bits (joint searches)
+PRECISIONS = ("auto", "none", "bfloat16", "float16")  # auto: what the device runs fast (``search/precision.py``)
 _BUDGET = re.compile(r"^\s*(psnr_p5|psnr|ssim)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$", re.IGNORECASE)
 
 
@@ -122,6 +123,7 @@ class SearchConfig:
     bits: tuple[int, ...] | None = None  # joint search: per-unit weight bits to choose from
     correct: bool = False  # fit a feature correction to the chosen plan
     validate: bool = True  # confirm the chosen plan on fresh calibration seeds (``validation.py``)
+    precision: str = "auto"  # try the chosen plan in a lower float precision (``precision.py``); none: never
     model_name: str | None = None  # names the study (default: the adapter)
     calibration_id: str | None = None  # identifies the calibration set in the storage
 
@@ -139,6 +141,8 @@ class SearchConfig:
             raise SearchError(f"unknown objective {self.objective!r}; choose {' or '.join(OBJECTIVES)}")
         if self.strategy not in STRATEGIES:
             raise SearchError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.precision not in PRECISIONS:
+            raise SearchError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.trials is not None and self.trials < 1:
             raise SearchError(f"trials must be >= 1, got {self.trials}")
         margin = self.effective_margin()

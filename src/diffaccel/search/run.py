@@ -31,6 +31,7 @@ from diffaccel.search.heldout import heldout_check, heldout_reserve
 from diffaccel.search.joint import JointSearch
 from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
 from diffaccel.search.outputs import write_outputs
+from diffaccel.search.precision import lower_precision, precision_choices, precision_seconds
 from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
@@ -59,9 +60,16 @@ class Context:
     quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
     margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
     validator: Validator | None = None  # scores plans on fresh seeds (``config.validate``)
+    precision_speed: float | None = None  # the returned plan's measured speed-up from its precision
 
     def validation_reserve(self) -> float:
         return validation_seconds(self.calib) if self.validator is not None and self.config.time_limit else 0.0
+
+    def precisions(self) -> list[str]:
+        return precision_choices(self.config.precision, next(self.calib.model.parameters()).device)
+
+    def precision_reserve(self) -> float:
+        return precision_seconds(self.calib) if self.precisions() and self.config.time_limit else 0.0
 
     @property
     def deadline(self) -> float | None:
@@ -183,7 +191,8 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     handmade, seeds = _handmade(ctx)
     if config.validate:
         ctx.validator = validator_for(calib, budget, plan_getter(space), ctx.log)
-    ctx.reserve = heldout_reserve(ctx, heldout, 2 if handmade else 1) + ctx.validation_reserve()
+    ctx.reserve = heldout_reserve(ctx, heldout, 2 if handmade else 1) + ctx.validation_reserve() \
+        + ctx.precision_reserve()
     ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
     hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
     ctx.margin = _margin(ctx, hand)
@@ -208,6 +217,8 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
         chosen, met, shortfall = choose(points, budget, config.objective)
     validation = _validation(ctx, points, cleared) if met else None
     chosen = validation.chosen if validation is not None else chosen
+    if met:
+        chosen, validation = _lowered(ctx, chosen, cleared, validation)
     best_hand = choose(hand, budget, config.objective) if hand else None
     if chosen.genome is None and chosen.plan is not None and chosen in hand:
         ctx.log(f"the best hand-made plan ({chosen.source}) beats every searched plan under {budget.text}: "
@@ -240,6 +251,19 @@ def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Valid
         return None
     deadline = None if ctx.deadline is None else ctx.deadline + ctx.validation_reserve()
     return validate(ctx.validator, ordered(points, cleared, ctx.config.objective), deadline)
+
+
+def _lowered(ctx: Context, chosen: Candidate, cleared: Budget,
+             validation: Validation | None) -> tuple[Candidate, Validation | None]:
+    """``chosen`` in a lower precision if faster within ``cleared`` (``precision.py``), and its validation."""
+    deadline = None if ctx.deadline is None else ctx.deadline + ctx.validation_reserve() + ctx.precision_reserve()
+    found = lower_precision(ctx.calib, chosen, plan_getter(ctx.space)(chosen), cleared, deadline, ctx.log,
+                            ctx.validator, ctx.precisions())
+    if found is None:
+        return chosen, validation
+    ctx.precision_speed = found[1]
+    scores = ctx.validator.check(found[0]) if validation is not None else None  # confirmed: the record is kept
+    return found[0], None if validation is None else replace(validation, chosen=found[0], scores=scores)
 
 
 def _margin(ctx: Context, hand: list[Candidate]) -> float:
@@ -297,11 +321,10 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
         "trials_complete": ctx.store.n_complete(), "evaluated_this_run": evaluated, "front_size": len(front),
         "search_seconds": round(time.time() - ctx.started, 1),
         "latency_model": "per-unit wall time of the full-compute calibration run (forward hooks), summed over the "
-                         "units a plan computes; reuse is taken as free" + (
-                             "" if ctx.quant_speed is None else "; quantized plans scaled by the measured "
-                             "quantized / plain wall time of the full-compute run"),
-        "quant_speed": ctx.quant_speed,
-        "unit_macs": calib.unit_macs, "unit_seconds": calib.unit_seconds,
+                         "units a plan computes; reuse is taken as free" + ("" if ctx.quant_speed is None else
+                         "; quantized plans scaled by the measured quantized / plain wall time of the full run"),
+        "quant_speed": ctx.quant_speed, "precision": chosen.plan.precision if chosen.plan is not None else None,
+        "precision_speed": ctx.precision_speed, "unit_macs": calib.unit_macs, "unit_seconds": calib.unit_seconds,
     }
 
 

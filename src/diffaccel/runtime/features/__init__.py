@@ -9,13 +9,14 @@ from diffaccel.runtime.features.base import Feature, overrides
 from diffaccel.runtime.features.correction import ResidualCorrection
 from diffaccel.runtime.features.feature_fit import FeatureFitCorrection
 from diffaccel.runtime.features.parallel_decode import ParallelDecode
+from diffaccel.runtime.features.precision import Precision
 from diffaccel.runtime.features.quantization import Quantization
 from diffaccel.runtime.features.rule import ResidualRuleFeature
 from diffaccel.runtime.features.scheduler import NoiseInjection, StepScale
 
 # in the order their hooks run: quantization first (it changes the layers the others see)
-FEATURES: tuple[type[Feature], ...] = (Quantization, ResidualRuleFeature, ResidualCorrection, FeatureFitCorrection,
-                                       ParallelDecode, StepScale, NoiseInjection)
+FEATURES: tuple[type[Feature], ...] = (Quantization, Precision, ResidualRuleFeature, ResidualCorrection,
+                                       FeatureFitCorrection, ParallelDecode, StepScale, NoiseInjection)
 
 
 def build(plan: Plan, executor: Any, existing: list[Feature] | None = None) -> list[Feature]:

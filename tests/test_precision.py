@@ -1,0 +1,132 @@
+"""A plan's precision: the denoiser runs under autocast, the rest of the pipeline and the model's
+own parameters stay as they are, and removing the plan leaves no trace."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace as dc_replace
+
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.adapters import find_denoiser
+from diffaccel.calibration.reference import CalibrationRun, identity_plan
+from diffaccel.calibration.workload import as_workload
+from diffaccel.errors import PlanError, SearchError
+from diffaccel.plan import Plan
+from diffaccel.search import search
+from diffaccel.search.candidates import Candidate
+from diffaccel.search.config import parse_budget
+from diffaccel.search.precision import MIN_GAIN, lower_precision
+from stock_pipelines import build as build_case
+from test_pipelines import run, untouched
+
+
+def _matmul_dtypes(model: torch.nn.Module) -> tuple[set, list]:
+    """Records the dtype each Linear computes in (its output's), through hooks to remove after."""
+    seen: set = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("name", ["sd-pndm", "dit", "flux", "user-pipeline"])
+def test_a_bfloat16_plan_runs_the_denoiser_in_bfloat16_and_leaves_the_pipeline_as_it_was(name):
+    pipe, call = build_case(name)
+    base = run(pipe, call)
+    model, _ = find_denoiser(pipe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = identity_plan(model).model_copy(update={"precision": "bfloat16"})
+    seen, hooks = _matmul_dtypes(model)
+    try:
+        with diffaccel.accelerate(pipe, plan) as executor:
+            out = run(pipe, call)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {torch.bfloat16}
+    assert out.dtype == base.dtype and not torch.equal(out, base)
+    error, other_seed = float((out - base).abs().mean()), float((run(pipe, call, seed=1) - base).abs().mean())
+    assert error < 0.25 * other_seed, (error, other_seed)  # bfloat16 rounding, not a broken run
+    assert executor.stats.macs == executor.stats.full_macs > 0  # the same work, in another dtype
+    assert untouched(pipe) and torch.equal(run(pipe, call), base)
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+
+
+def test_precision_composes_with_caching_and_the_output_keeps_the_samples_dtype():
+    pipe, call = build_case("dit")
+    model, _ = find_denoiser(pipe)
+    plan = diffaccel.methods.fora(pipe, call["num_inference_steps"], interval=2)
+    outputs = []
+    model.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    with diffaccel.accelerate(pipe, plan.model_copy(update={"precision": "bfloat16"})) as executor:
+        run(pipe, call)
+    assert executor.stats.macs < executor.stats.full_macs
+    assert outputs and all((o.sample if hasattr(o, "sample") else o[0]).dtype == torch.float32 for o in outputs)
+
+
+def test_an_unknown_precision_is_refused_with_the_choices():
+    pipe, _ = build_case("dit")
+    data = identity_plan(find_denoiser(pipe)[0]).model_dump()
+    with pytest.raises(PlanError, match="bfloat16"):
+        Plan.from_dict({**data, "precision": "int4"})
+
+
+def _timed(calib: CalibrationRun, speed: float):
+    """``calib.score`` with its seconds replaced: a plan with a precision runs ``speed`` times as fast
+    (the decision is tested, not this machine's bfloat16 units)."""
+    real = calib.score
+
+    def score(plan: Plan):
+        s = real(plan)
+        return dc_replace(s, seconds=1.0 if plan.precision is None else 1.0 / speed)
+
+    return score
+
+
+def test_the_search_keeps_a_lower_precision_only_when_faster_within_the_budget_and_in_time(monkeypatch):
+    """On diffusers' StableDiffusionPipeline (PNDM, tiny, random): the chosen plan is timed against
+    itself under autocast; the lowered plan is returned only when it runs at least ``MIN_GAIN`` times
+    as fast and still meets the budget it cleared, and not at all once the deadline has passed."""
+    pipe, kwargs = build_case("sd-pndm")
+    calib = CalibrationRun(pipe, as_workload([kwargs]))
+    plan = diffaccel.methods.fora(pipe, calib.num_steps, interval=2)
+    s = calib.score(plan)
+    chosen = Candidate(None, list(plan.schedule), s.psnr, s.psnr_min, s.ssim, s.mac_fraction, 0.5, "fora 2",
+                       psnr_p5=s.psnr_p5, plan=plan)
+    lines: list[str] = []
+
+    def lowered(speed: float, budget: str, deadline: float | None = None):
+        monkeypatch.setattr(calib, "score", _timed(calib, speed))
+        return lower_precision(calib, chosen, plan, parse_budget(budget), deadline, lines.append, None, ["bfloat16"])
+
+    found, speed = lowered(1.6, "psnr>=5")
+    assert speed == pytest.approx(1.6) and found.plan.precision == "bfloat16" and found.plan.schedule == plan.schedule
+    assert found.latency_fraction == pytest.approx(0.5 / 1.6) and found.mac_fraction == chosen.mac_fraction
+    assert found.psnr != chosen.psnr and found.source == "fora 2 in bfloat16"  # scored as it runs
+    assert lowered(1.6, f"psnr>={found.psnr + 0.01}") is None  # faster, but short of the budget
+    assert lowered(MIN_GAIN * 0.99, "psnr>=5") is None  # within the budget, but no faster
+    assert lowered(1.6, "psnr>=5", deadline=time.time()) is None and "no time left" in lines[-1]
+    assert lower_precision(calib, chosen, plan, parse_budget("psnr>=5"), None, lines.append, None, []) is None
+    assert untouched(pipe)
+
+
+def test_a_search_reports_the_precision_it_returns_and_never_tries_one_when_told_not_to():
+    pipe, kwargs = build_case("sd-pndm")
+    workload = as_workload([kwargs])
+    lines: list[str] = []
+    off = search(pipe, workload, budget="psnr>=5", strategy="greedy", greedy_points=3, precision="none",
+                 log=lines.append)
+    assert off.plan.precision is None and off.summary["precision_speed"] is None
+    assert not any(line.startswith("precision:") for line in lines)
+    on = search(pipe, workload, budget="psnr>=5", strategy="greedy", greedy_points=3, precision="bfloat16",
+                log=lines.append)
+    assert any(line.startswith("precision: the chosen plan under autocast (bfloat16)") for line in lines)
+    if on.plan.precision is not None:  # this machine ran it faster: the summary says by how much
+        assert on.plan.precision == "bfloat16" and on.summary["precision_speed"] >= MIN_GAIN
+        assert on.summary["validation_confirmed"]  # the lowered plan itself was confirmed on the validation seeds
+    else:
+        assert on.summary["precision_speed"] is None
+    with pytest.raises(SearchError, match="unknown precision"):
+        search(pipe, workload, precision="int8", log=lines.append)
