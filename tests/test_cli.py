@@ -8,6 +8,7 @@ import pytest
 
 from conftest import requires_weights, run_cli
 from diffaccel.calibration.reference import identity_plan
+from diffaccel.plan import Plan
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.weights import WEIGHTS_DIR, load_pipeline
 
@@ -66,6 +67,22 @@ def test_generate_with_a_method_and_compare_records_speed_and_fidelity(run, tmp_
 
 
 @requires_weights
+def test_generate_with_a_precision_runs_every_step_in_it_and_saves_it_in_the_plan(run, tmp_path):
+    args = ("generate", "--model", "dit", "--classes", "circle", "--per-class", "2", "--steps", "4", "--compare")
+    result = run(*args, "--method", "fora", "--interval", "2", "--precision", "bfloat16",
+                 "--save-plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "fora"))
+    assert result.exit_code == 0, result.output
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.precision == "bfloat16" and plan.method == "fora"
+    record = json.loads((tmp_path / "fora" / "record.json").read_text())
+    assert record["speedup_macs"] > 1 and 10 < record["psnr"] < 100
+    alone = run(*args, "--precision", "bfloat16", "--out", str(tmp_path / "alone"))  # every unit, every step
+    assert alone.exit_code == 0, alone.output
+    record = json.loads((tmp_path / "alone" / "record.json").read_text())
+    assert record["speedup_macs"] == pytest.approx(1.0) and 30 < record["psnr"] < 100
+
+
+@requires_weights
 def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tmp_path):
     """A plan that swaps the sampler computes every step it runs (the executor's ratio is 1), yet runs
     5 of the baseline's 10 steps: the MAC speedup compares the two runs, as bench does."""
@@ -94,6 +111,7 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
     (["--method", "warpdrive"], ["unknown method 'warpdrive'"]),
     (["--method", "fora", "--param", "speed=11"], ["fora has no setting speed"]),
     (["--method", "deepcache"], ["deepcache does not apply to a DiTTransformer2DModel"]),
+    (["--precision", "int4"], ["precision", "bfloat16"]),
 ])
 def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path):
     result = run("generate", "--steps", "2", "--per-class", "1", "--out", str(tmp_path), *args)

@@ -82,6 +82,8 @@ def generate(
     quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
                                                    "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
     quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
+    precision: str = typer.Option(None, help="run the denoiser under autocast: bfloat16 or float16 (fast on GPUs "
+                                             "and on CPUs with AVX-512 BF16 or AMX)"),
     parallel: ParallelMode = PARALLEL,
     warmup_steps: int = WARMUP,
 ) -> None:
@@ -108,6 +110,8 @@ def generate(
             calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1)
             spec = quant_spec(tgt.pipe, calls, quant, quant_backend, quant_per_step)
             the_plan = (the_plan or _identity(tgt)).with_quant(spec)
+        if precision is not None:
+            the_plan = Plan.from_dict({**(the_plan or _identity(tgt)).model_dump(), "precision": precision})
         if the_plan is not None and save_plan is not None:
             the_plan.save(save_plan)
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
