@@ -120,8 +120,10 @@ def joint_search(model: str) -> str:
              f"images, budget `{data['budget']}` on calibration):", "",
              f"| plan | sampler | MACs | wall | PSNR (p5, min) | SSIM | {score} (50-step DDIM) | FD (50-step DDIM) |",
              "|---|---|---|---|---|---|---|---|"]
+    lowered = data["summary"].get("precision")  # the searched plan's autocast dtype, if the search kept one
     for r in data["rows"]:
-        lines.append(f"| {r['name']} | {r['solver'] or 'ddim 50'} | {_call_macs(r, t2i)} | "
+        name = f"{r['name']} in {lowered}" if lowered and r["name"] == "searched (joint)" else r["name"]
+        lines.append(f"| {name} | {r['solver'] or 'ddim 50'} | {_call_macs(r, t2i)} | "
                      f"{r['speedup_wall']:.2f}x | "
                      f"{r['psnr']:.2f} ({r['psnr_p5']:.1f}, {r['psnr_min']:.1f}) | {r['ssim']:.3f} | "
                      f"{r[score]:.1%} ({r['baseline_' + score]:.1%}) | {r['fd']:.3f} ({r['baseline_fd']:.3f}) |")

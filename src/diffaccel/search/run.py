@@ -217,19 +217,20 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
         chosen, met, shortfall = choose(points, budget, config.objective)
     validation = _validation(ctx, points, cleared) if met else None
     chosen = validation.chosen if validation is not None else chosen
+    from_hand = chosen in hand
+    if from_hand:
+        ctx.log(f"the best hand-made plan ({chosen.source}) beats every searched plan under {budget.text}: "
+                "it is the plan returned")
     if met:
         chosen, validation = _lowered(ctx, chosen, cleared, validation)
     best_hand = choose(hand, budget, config.objective) if hand else None
-    if chosen.genome is None and chosen.plan is not None and chosen in hand:
-        ctx.log(f"the best hand-made plan ({chosen.source}) beats every searched plan under {budget.text}: "
-                "it is the plan returned")
     plan = _chosen_plan(ctx, chosen)
     if not met:
         ctx.log(f"no plan that saves work meets {budget.text} on the calibration set; the closest reaches "
                 f"{chosen.quality(budget):.4g}{budget.unit()} (short by {shortfall:.4g}{budget.unit()}) at "
                 f"{1 / chosen.mac_fraction:.2f}x fewer MACs")
     summary = _summary(ctx, name, chosen, met, shortfall, safe, front, evaluated)
-    summary["chosen_is_handmade"] = chosen in hand
+    summary["chosen_is_handmade"] = from_hand
     summary.update(validation.summary() if validation is not None else {"validation_confirmed": None})
     summary["solver"] = plan.solver.label if plan.solver is not None else None
     if plan.feature_correction is not None:
