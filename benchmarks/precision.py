@@ -1,6 +1,7 @@
-"""How fast the embedded denoisers run under autocast on this machine, and how far the output moves.
+"""How fast the embedded denoisers (and the SD pipeline's) run under autocast on this machine, and
+how far the output moves.
 
-    python benchmarks/precision.py [--threads 1] [--batches 24,48] [--repeats 5]
+    python benchmarks/precision.py [--threads 1] [--batches 24,48] [--repeats 5] [--models unet,dit,sd]
 
 For each model and batch size (images per call; the forward gets twice as many rows, as under
 classifier-free guidance), one denoiser forward at t=500 in float32 and under ``torch.autocast`` to
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from diffaccel.eval.io import write_json
+from diffaccel.zoo.t2i.pipelines import load_t2i_pipeline
 from diffaccel.zoo.weights import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +34,8 @@ def forward(model: torch.nn.Module, name: str, rows: int) -> tuple:
     if name == "dit":
         labels = torch.zeros(rows, dtype=torch.long)
         return lambda: model(x, timestep=t, class_labels=labels).sample
-    tokens = torch.randn(rows, 1, model.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    context = 16 if name == "sd" else 1  # the SD pipeline's prompt tokens, the U-Net's one class token
+    tokens = torch.randn(rows, context, model.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     return lambda: model(x, t, encoder_hidden_states=tokens).sample
 
 
@@ -48,11 +51,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", default="24,48", help="images per call, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="unet,dit,sd")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for name in ("unet", "dit"):
-        model = load_pipeline(name).denoiser.eval()
+    for name in args.models.split(","):
+        model = (load_t2i_pipeline("sd").unet if name == "sd" else load_pipeline(name).denoiser).eval()
         for batch in (int(b) for b in args.batches.split(",")):
             call = forward(model, name, 2 * batch)
             seconds(call, None), seconds(call, torch.bfloat16)  # warm-up
@@ -73,7 +77,7 @@ def main() -> None:
         "bf16_native": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "torch": torch.__version__,
         "command": f"python benchmarks/precision.py --threads {args.threads} --batches {args.batches} "
-                   f"--repeats {args.repeats}"})
+                   f"--repeats {args.repeats} --models {args.models}"})
 
 
 if __name__ == "__main__":
