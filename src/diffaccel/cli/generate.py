@@ -51,6 +51,8 @@ PARALLEL = typer.Option(None, help="run as one of several processes (torchrun --
                                    "(DiT), batch splits the images (docs/parallel.md)")
 WARMUP = typer.Option(1, min=0, help="--parallel patch: synchronous steps at the start of each call before stale "
                                      "activations are used")
+PRECISION = typer.Option(None, help="run the denoiser under autocast: bfloat16 or float16 (fast on GPUs and on "
+                                    "CPUs with AVX-512 BF16 or AMX)")
 
 
 @app.command()
@@ -82,8 +84,7 @@ def generate(
     quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
                                                    "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
     quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
-    precision: str = typer.Option(None, help="run the denoiser under autocast: bfloat16 or float16 (fast on GPUs "
-                                             "and on CPUs with AVX-512 BF16 or AMX)"),
+    precision: str = PRECISION,
     parallel: ParallelMode = PARALLEL,
     warmup_steps: int = WARMUP,
 ) -> None:
@@ -106,12 +107,8 @@ def generate(
         cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,
                              guidance=guidance, seed=seed, batch_size=batch_size)
         the_plan = resolve_plan(tgt, num_steps, guidance, method, plan, settings)
-        if quant is not None:
-            calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1)
-            spec = quant_spec(tgt.pipe, calls, quant, quant_backend, quant_per_step)
-            the_plan = (the_plan or _identity(tgt)).with_quant(spec)
-        if precision is not None:
-            the_plan = Plan.from_dict({**(the_plan or _identity(tgt)).model_dump(), "precision": precision})
+        calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1) if quant else None
+        the_plan = _whole_model(tgt, the_plan, calls, quant, quant_backend, quant_per_step, precision)
         if the_plan is not None and save_plan is not None:
             the_plan.save(save_plan)
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
@@ -159,8 +156,15 @@ def _tag() -> str:
     return "[rank ?]"
 
 
-def _identity(tgt) -> Plan:
-    return identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "ptq"})
+def _whole_model(tgt, plan: Plan | None, calls: Any, quant: str | None, backend: str, per_step: bool,
+                 precision: str | None) -> Plan | None:
+    """``plan`` (or one that computes everything) with the command line's quantization and precision."""
+    if quant is None and precision is None:
+        return plan
+    plan = plan or identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "ptq" if quant else "precision"})
+    if quant is not None:
+        plan = plan.with_quant(quant_spec(tgt.pipe, calls, quant, backend, per_step))
+    return plan if precision is None else Plan.from_dict({**plan.model_dump(), "precision": precision})
 
 
 def summary_line(record: dict) -> str:
