@@ -35,6 +35,8 @@ def cast_floats(value: Any, dtype: torch.dtype) -> Any:
 
 
 class Precision(Feature):
+    """``Plan.precision``: the denoiser's forward under autocast, its output in the sample's dtype."""
+
     @classmethod
     def applies(cls, plan: Plan) -> bool:
         return plan.precision is not None
