@@ -83,6 +83,24 @@ def test_generate_with_a_precision_runs_every_step_in_it_and_saves_it_in_the_pla
 
 
 @requires_weights
+def test_plan_show_describes_a_searched_plan_with_its_sampler_and_precision(run, tmp_path):
+    """The joint search's plans carry a solver section and may carry a precision: ``plan show`` maps
+    them and counts their MACs on the embedded model (the probe runs without a pipeline's sampler)."""
+    model = load_pipeline("unet").denoiser
+    plan = identity_plan(model).model_copy(update={
+        "solver": SolverSpec(name="unipc", steps=4), "num_steps": 4, "schedule": ["CCCCCCCC"] * 3 + ["CCCRRRCC"],
+        "precision": "bfloat16"})
+    plan.save(tmp_path / "plan.json")
+    result = run("plan", "show", str(tmp_path / "plan.json"))
+    assert result.exit_code == 0, result.output
+    assert "sampler: unipc 4" in result.output and "autocast to bfloat16" in result.output
+    assert "MACs:" in result.output and "fewer), measured on the embedded unet model" in result.output
+    identity_plan(model).model_copy(update={"precision": "bfloat16"}).save(tmp_path / "whole.json")
+    whole = run("plan", "show", str(tmp_path / "whole.json"))
+    assert whole.exit_code == 0 and "every unit computes at every step" in whole.output
+
+
+@requires_weights
 def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tmp_path):
     """A plan that swaps the sampler computes every step it runs (the executor's ratio is 1), yet runs
     5 of the baseline's 10 steps: the MAC speedup compares the two runs, as bench does."""

@@ -9,9 +9,11 @@ import torch
 
 import diffaccel
 from diffaccel import methods
+from diffaccel.calibration.reference import identity_plan
 from diffaccel.plan import Plan, PlanError
 from diffaccel.runtime import CacheError
 from diffaccel.runtime.executor import Executor
+from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.models import build_dit, build_unet, make_scheduler
 from diffaccel.zoo.pipeline import ShapesDiTPipeline, ShapesUNetPipeline
 
@@ -233,6 +235,11 @@ def test_plan_show_prints_the_map(pipes, monkeypatch):
     assert "MACs: 66.7% of the full model" in text
     rule_text = plan_view.render_plan(methods.first_block_cache(pipes[0].denoiser, 0.2))
     assert "decided at run time" in rule_text
+    whole = identity_plan(pipes[0].denoiser).model_copy(update={"precision": "bfloat16"})  # no schedule, no rule
+    text = plan_view.render_plan(whole)
+    assert "every unit computes at every step" in text and "autocast to bfloat16" in text
+    text = plan_view.render_plan(plan.model_copy(update={"solver": SolverSpec(name="unipc", steps=6)}))
+    assert "sampler: unipc 6" in text and "6 steps of that sampler" in text
 
 
 def test_guidance_branches_called_separately_keep_separate_caches():

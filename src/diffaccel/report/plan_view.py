@@ -23,7 +23,8 @@ def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
             continue
         probe = plan.model_copy(update={"schedule": ["C" * len(units)], "num_steps": 1, "rule": None,
                                         "timesteps": None, "correction": None, "step_scale": None,
-                                        "noise_injection": None, "parallel_decode": False})
+                                        "noise_injection": None, "parallel_decode": False, "solver": None,
+                                        "feature_correction": None, "precision": None})
         executor = Executor(pipe.denoiser, probe)
         executor.install(pipe.scheduler)
         try:
@@ -34,10 +35,26 @@ def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
     return None
 
 
+def _whole_run(plan: Plan) -> list[str]:
+    """The plan's parts that act on the whole run: its sampler, quantization and precision."""
+    lines = []
+    if plan.solver is not None:
+        lines.append(f"sampler: {plan.solver.label} (replaces the pipeline's own while the plan is applied)")
+    if plan.quant is not None:
+        lines.append(f"quantized: {plan.quant.label}, {plan.quant.backend} backend")
+    if plan.precision is not None:
+        lines.append(f"precision: the denoiser runs under autocast to {plan.precision}")
+    return lines
+
+
 def render_plan(plan: Plan, model: str | None = None) -> str:
     settings = {k: v for k, v in plan.params.items() if k != "profile"}
     lines = [f"plan: {plan.method} {settings}",
              f"model: {plan.model_class} ({plan.adapter} adapter, {len(plan.units)} {plan.granularity} units)"]
+    lines += _whole_run(plan)
+    if plan.schedule is None and plan.rule is None:
+        lines.append("every unit computes at every step (any number of steps); cost: the full model's MACs")
+        return "\n".join(lines)
     if plan.schedule is None:
         rule = plan.rule
         lines.append(f"runtime rule: first {rule.first_blocks} and last {rule.last_blocks} units always compute; "
@@ -46,7 +63,8 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
                      f"{rule.max_consecutive} in a row)")
         lines.append("cost: decided at run time (see the record of a run)")
         return "\n".join(lines)
-    lines.append(f"{plan.num_steps} {plan.sampler} steps; # compute, . reuse, ~ forecast"
+    steps = f"{plan.num_steps} " + ("steps of that sampler" if plan.solver is not None else f"{plan.sampler} steps")
+    lines.append(f"{steps}; # compute, . reuse, ~ forecast"
                  + ("; parallel decoding on" if plan.parallel_decode else ""))
     width = max(len(u) for u in plan.units)
     for row_index in range(width):
@@ -60,7 +78,8 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
     if unit_macs is not None:
         fraction = plan_mac_fraction(plan, unit_macs)
         lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the "
-                     f"embedded {plan.adapter} model")
+                     f"embedded {plan.adapter} model" + (" (over the plan's own steps: the pipeline's sampler "
+                                                         "may run more)" if plan.solver is not None else ""))
     else:
         lines.append("MACs: the plan does not fit an embedded model; apply it to its model to count them")
     return "\n".join(lines)
