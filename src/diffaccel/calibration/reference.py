@@ -16,6 +16,7 @@ gives, at once:
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -236,6 +237,15 @@ class CalibrationRun:
         spread = float(psnr_per_image(images, self.reference).std()) if len(images) > 1 else 0.0
         return Scores(quality["psnr"], quality["psnr_p5"], quality["psnr_min"], quality["ssim"], macs, latency,
                       time.perf_counter() - start, spread)
+
+    def timed_against(self, plan: Plan, base: Plan, runs: int = 2) -> tuple[float, Scores]:
+        """``plan``'s speed-up over ``base`` and ``plan``'s scores: both run ``runs`` times, interleaved
+        (the machine's drift hits both alike), the ratio of their median seconds."""
+        base_seconds, scores = [], []
+        for _ in range(runs):
+            base_seconds.append(self.score(base).seconds)
+            scores.append(self.score(plan))
+        return statistics.median(base_seconds) / statistics.median(s.seconds for s in scores), scores[0]
 
 
 def run_with_plan(pipe: Any, fn: Callable, plan: Plan, unit_macs: dict | None = None,

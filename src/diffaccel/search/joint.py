@@ -41,7 +41,6 @@ calibration set against the pipeline's own output.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,15 +245,12 @@ class JointSearch(FitPhases):
             self.log("  no time left to measure the quantized model: phase 3 skipped")
             return
         full = identity_plan(self.calib.model)
-        plain, quantized = [], []
-        for _ in range(2):  # interleaved: the machine's drift hits both alike
-            plain.append(self.calib.score(full).seconds)
-            quantized.append(self.calib.score(full.with_quant(self.quant)))
-        self.quant_speed = statistics.median(s.seconds for s in quantized) / statistics.median(plain)
-        self.log(f"  {self.quant.label} ({self.quant.backend}) on the full-compute run: {quantized[0].psnr:.2f} dB, "
-                 f"{1 / self.quant_speed:.2f}x the plain run's speed")
+        speed, quantized = self.calib.timed_against(full.with_quant(self.quant), full)
+        self.quant_speed = 1 / speed
+        self.log(f"  {self.quant.label} ({self.quant.backend}) on the full-compute run: {quantized.psnr:.2f} dB, "
+                 f"{speed:.2f}x the plain run's speed")
         chosen: list[Candidate] = []
-        spare = _headroom_for(self.budget.threshold, quantized[0].psnr) if self.budget.metric == "psnr" else 0.0
+        spare = _headroom_for(self.budget.threshold, quantized.psnr) if self.budget.metric == "psnr" else 0.0
         for extra in (0.0, spare):
             tier = sorted((c for c in self.candidates if c.plan.quant is None and c.meets(self.budget)
                            and c.quality(self.budget) >= self.budget.threshold + extra),

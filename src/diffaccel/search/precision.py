@@ -4,14 +4,13 @@ Autocast to bfloat16 or float16 (``Plan.precision``) leaves the MACs as they are
 wall time by what the hardware makes of it: on CPUs with AVX-512 BF16 or AMX, and on GPUs, the
 denoiser's matrix products run up to twice as fast; elsewhere bfloat16 is emulated and slower. So
 the gain is measured, not assumed: the chosen plan runs on the calibration calls in float32 and in
-each lower precision, interleaved (the median of two runs each), and a lower precision is kept
-only when it is at least ``MIN_GAIN`` times as fast and the plan still meets the budget it cleared
-(and, when the search validates, is confirmed on the validation seeds too).
+each lower precision, interleaved (``CalibrationRun.timed_against``: the median of two runs each),
+and a lower precision is kept only when it is at least ``MIN_GAIN`` times as fast and the plan still
+meets the budget it cleared (and, when the search validates, is confirmed on the validation seeds).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -65,12 +64,7 @@ def lower_precision(calib: CalibrationRun, chosen: Candidate, plan: Plan, budget
             log(f"  no time left to measure the plan in {precision}")
             break
         lowered = plan.model_copy(update={"precision": precision})
-        plain, low = [], []
-        for _ in range(RUNS):  # interleaved: the machine's drift hits both alike
-            plain.append(calib.score(plan).seconds)
-            low.append(calib.score(lowered))
-        speed = statistics.median(plain) / statistics.median(s.seconds for s in low)
-        s = low[0]
+        speed, s = calib.timed_against(lowered, plan, RUNS)
         candidate = replace(chosen, psnr=s.psnr, psnr_p5=s.psnr_p5, psnr_min=s.psnr_min, ssim=s.ssim,
                             latency_fraction=chosen.latency_fraction / speed, genome=None,
                             source=f"{chosen.source} in {precision}", plan=lowered)
