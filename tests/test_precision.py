@@ -99,6 +99,7 @@ def test_the_search_keeps_a_lower_precision_only_when_faster_within_the_budget_a
 
     def lowered(speed: float, budget: str, deadline: float | None = None):
         monkeypatch.setattr(calib, "score", _timed(calib, speed))
+        monkeypatch.setattr(calib, "autocast_speed", lambda dtype: speed)
         return lower_precision(calib, chosen, plan, parse_budget(budget), deadline, lines.append, None, ["bfloat16"])
 
     found, speed = lowered(1.6, "psnr>=5")
@@ -109,6 +110,28 @@ def test_the_search_keeps_a_lower_precision_only_when_faster_within_the_budget_a
     assert lowered(MIN_GAIN * 0.99, "psnr>=5") is None  # within the budget, but no faster
     assert lowered(1.6, "psnr>=5", deadline=time.time()) is None and "no time left" in lines[-1]
     assert lower_precision(calib, chosen, plan, parse_budget("psnr>=5"), None, lines.append, None, []) is None
+    assert untouched(pipe)
+
+
+def test_a_precision_whose_forward_is_slow_is_never_timed_on_whole_runs(monkeypatch):
+    """Where bfloat16 is emulated (10-20x slower on a CPU without AVX-512 BF16), timing whole runs of
+    the plan in it would overrun the search's time limit: one forward decides, and no run of the
+    lowered plan is made. The look itself runs the real denoiser on the first step's inputs."""
+    pipe, kwargs = build_case("dit")
+    calib = CalibrationRun(pipe, as_workload([kwargs]))
+    plan = diffaccel.methods.fora(pipe, calib.num_steps, interval=2)
+    s = calib.score(plan)
+    chosen = Candidate(None, list(plan.schedule), s.psnr, s.psnr_min, s.ssim, s.mac_fraction, 0.5, "fora 2",
+                       psnr_p5=s.psnr_p5, plan=plan)
+    speed = calib.autocast_speed(torch.bfloat16)
+    assert 0 < speed < float("inf") and not torch.is_autocast_enabled("cpu")
+    scored: list[Plan] = []
+    monkeypatch.setattr(calib, "score", lambda p: scored.append(p))
+    monkeypatch.setattr(calib, "autocast_speed", lambda dtype: 0.06)
+    lines: list[str] = []
+    assert lower_precision(calib, chosen, plan, parse_budget("psnr>=5"), None, lines.append, None,
+                           ["bfloat16"]) is None
+    assert scored == [] and "runs 0.06x as fast as in float32 on this machine" in lines[-1]
     assert untouched(pipe)
 
 
@@ -126,6 +149,7 @@ def test_a_search_returns_the_lowered_plan_only_when_timed_faster_and_reports_it
             return dc_replace(real(self, plan), seconds=1.0 if plan.precision is None else 1.0 / speed)
 
         monkeypatch.setattr(CalibrationRun, "score", score)
+        monkeypatch.setattr(CalibrationRun, "autocast_speed", lambda self, dtype: speed)
         lines.clear()
         return search(pipe, workload, budget="psnr>=5", strategy="greedy", greedy_points=3, precision=precision,
                       log=lines.append)

@@ -103,6 +103,13 @@ class CalibrationRun:
         times = np.zeros(len(self.units) + 1)
         timed = {"forwards": 0, "step": 0, "overhead": 0.0, "started": {}}
         handles = self._timing_hooks(executor, store, times, timed)
+        first: list[tuple[tuple, dict]] = []
+
+        def keep_first(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if not first:
+                first.append((args, kwargs))
+
+        handles.append(self.model.register_forward_pre_hook(keep_first, with_kwargs=True))
         executor.install(self.scheduler, self.pipe)
         start = time.perf_counter()
         try:
@@ -121,6 +128,7 @@ class CalibrationRun:
         if executor.stats.forwards == 0 or not executor.unit_macs:
             raise CalibrationError("the calibration workload never ran the pipeline's denoiser")
         self.num_steps = executor.stats.steps
+        self.first_forward = first[0]  # the denoiser's inputs at the first step (``autocast_speed``)
         self.shape_macs = dict(executor.unit_macs)
         self.unit_macs = next(iter(self.shape_macs.values()))
         forwards = max(1, timed["forwards"])
@@ -237,6 +245,30 @@ class CalibrationRun:
         spread = float(psnr_per_image(images, self.reference).std()) if len(images) > 1 else 0.0
         return Scores(quality["psnr"], quality["psnr_p5"], quality["psnr_min"], quality["ssim"], macs, latency,
                       time.perf_counter() - start, spread)
+
+    def autocast_speed(self, dtype: torch.dtype, repeats: int = 2) -> float:
+        """How many times as fast one denoiser forward (the first step's, on the calibration inputs) runs
+        under autocast to ``dtype`` as in float32: interleaved, the fastest of ``repeats`` each. A look
+        that costs a few forwards, before whole runs are timed (where ``dtype`` is emulated, a whole
+        run of it can take ten times as long)."""
+        args, kwargs = self.first_forward
+        device = next(self.model.parameters()).device
+
+        def seconds(lower: bool) -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=lower):
+                self.model(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        plain, lowered = [], []
+        for _ in range(repeats):
+            plain.append(seconds(False))
+            lowered.append(seconds(True))
+        return min(plain) / min(lowered)
 
     def timed_against(self, plan: Plan, base: Plan, runs: int = 2) -> tuple[float, Scores]:
         """``plan``'s speed-up over ``base`` and ``plan``'s scores: both run ``runs`` times, interleaved

@@ -2,11 +2,14 @@
 
 Autocast to bfloat16 or float16 (``Plan.precision``) leaves the MACs as they are and changes the
 wall time by what the hardware makes of it: on CPUs with AVX-512 BF16 or AMX, and on GPUs, the
-denoiser's matrix products run up to twice as fast; elsewhere bfloat16 is emulated and slower. So
-the gain is measured, not assumed: the chosen plan runs on the calibration calls in float32 and in
-each lower precision, interleaved (``CalibrationRun.timed_against``: the median of two runs each),
-and a lower precision is kept only when it is at least ``MIN_GAIN`` times as fast and the plan still
-meets the budget it cleared (and, when the search validates, is confirmed on the validation seeds).
+denoiser's matrix products run up to twice as fast; elsewhere bfloat16 is emulated and slower (ten
+to twenty times, seen on a CPU without AVX-512 BF16). So the gain is measured, not assumed, in two
+looks: first one denoiser forward on the calibration inputs in each precision
+(``CalibrationRun.autocast_speed``, a few forwards' time); only if that is at least ``MIN_GAIN``
+times as fast does the chosen plan run on the calibration calls in float32 and in the lower
+precision, interleaved (``CalibrationRun.timed_against``: the median of two runs each). A lower
+precision is kept only when the plan is at least ``MIN_GAIN`` times as fast and still meets the
+budget it cleared (and, when the search validates, is confirmed on the validation seeds).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from diffaccel.calibration.reference import CalibrationRun
 from diffaccel.plan import Plan
+from diffaccel.runtime.features.precision import DTYPES
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import Budget
 from diffaccel.search.validation import Validator
@@ -58,8 +62,17 @@ def lower_precision(calib: CalibrationRun, chosen: Candidate, plan: Plan, budget
     if choices:
         log(f"precision: the chosen plan under autocast ({', '.join(choices)}), timed against float32")
     best: tuple[Candidate, float] | None = None
+    forward = calib.seconds / max(1, calib.num_steps)  # about one float32 forward of the denoiser
     for precision in choices:
-        per_try = (1 + 2 * RUNS) * chosen.latency_fraction * calib.seconds
+        if deadline is not None and time.time() + 4 * forward >= deadline:
+            log(f"  no time left to measure the plan in {precision}")
+            break
+        gain = calib.autocast_speed(DTYPES[precision])
+        if gain < MIN_GAIN:
+            log(f"  one denoiser forward in {precision} runs {gain:.2f}x as fast as in float32 on this machine: "
+                "the plan is not timed in it")
+            continue
+        per_try = RUNS * (1 + 1 / gain) * chosen.latency_fraction * calib.seconds
         if deadline is not None and time.time() + per_try >= deadline:
             log(f"  no time left to measure the plan in {precision}")
             break
