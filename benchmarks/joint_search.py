@@ -29,6 +29,7 @@ import torch
 from diffaccel.calibration.reference import checked_images, run_with_plan
 from diffaccel.eval.io import write_json
 from diffaccel.methods.ptq import quant_spec
+from diffaccel.runtime.features.precision import emulated_on_cpu
 from diffaccel.search import compare, parse_budget, parse_duration, search
 from diffaccel.search.candidates import choose
 from diffaccel.targets import load_target
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--quant", default=None, help="e.g. w8a8: the search may also quantize its plans")
     parser.add_argument("--quant-backend", default="int8", help="with --quant: fake, int8 or int8-dynamic")
     parser.add_argument("--precision", default="auto", help="auto, none, bfloat16 or float16 (see docs/search.md)")
+    parser.add_argument("--suffix", default="", help="appended to the results file's name (say, what machine ran it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
@@ -85,7 +87,8 @@ def main() -> None:
     heldout = target.workload(50, args.guidance, args.heldout_per_class, 0, calibration=False)
     name = f"joint_search_{args.model}" + (f"_c{args.calib_per_class}" if args.calib_per_class != 2 else "") \
         + (f"_m{args.margin:g}" if args.margin is not None else "") + (f"_{args.quant}" if args.quant else "") \
-        + (f"_t{args.time}" if args.time != "15m" else "") + (f"_{args.precision}" if args.precision != "auto" else "")
+        + (f"_t{args.time}" if args.time != "15m" else "") \
+        + (f"_{args.precision}" if args.precision != "auto" else "") + (f"_{args.suffix}" if args.suffix else "")
     out = ROOT / "out" / "joint-search" / name  # one study per setting: the storage refuses to mix them
     started = time.time()
     spec = quant_spec(target.pipe, calibrate, args.quant, args.quant_backend) if args.quant else None
@@ -118,14 +121,15 @@ def main() -> None:
         "model": args.model, "budget": args.budget, "time_limit": args.time, "search_seconds": round(seconds, 1),
         "summary": {k: v for k, v in result.summary.items() if k not in ("unit_macs", "unit_seconds", "units")},
         "heldout_images": len(reference), "guidance": args.guidance, "rows": rows, "threads": args.threads,
-        "machine": platform.machine(),
-        "torch": torch.__version__,
+        "machine": platform.machine(), "processor": platform.processor(),
+        "bf16_native": not emulated_on_cpu("bfloat16"), "torch": torch.__version__,
         "command": f"python benchmarks/joint_search.py --model {args.model} --budget '{args.budget}' --time "
                    f"{args.time} --heldout-per-class {args.heldout_per_class} --pairs {args.pairs} --threads "
                    f"{args.threads} --calib-per-class {args.calib_per_class} --objective {args.objective} "
                    f"--guidance {args.guidance:g}"
                    + (f" --margin {args.margin:g}" if args.margin is not None else "")
                    + (f" --precision {args.precision}" if args.precision != "auto" else "")
+                   + (f" --suffix {args.suffix}" if args.suffix else "")
                    + (f" --quant {args.quant} --quant-backend {args.quant_backend}" if args.quant else ""),
         "search_out": os.path.relpath(out, ROOT)})
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from diffaccel.eval.io import write_json
+from diffaccel.runtime.features.precision import emulated_on_cpu
 from diffaccel.zoo.t2i.pipelines import load_t2i_pipeline
 from diffaccel.zoo.weights import load_pipeline
 
@@ -74,7 +75,7 @@ def main() -> None:
             rows.append(row)
     write_json(ROOT / "benchmarks" / "results" / "precision.json", {
         "rows": rows, "threads": args.threads, "machine": platform.machine(), "processor": platform.processor(),
-        "bf16_native": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "bf16_native": not emulated_on_cpu("bfloat16"),
         "torch": torch.__version__,
         "command": f"python benchmarks/precision.py --threads {args.threads} --batches {args.batches} "
                    f"--repeats {args.repeats} --models {args.models}"})

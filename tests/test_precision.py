@@ -4,6 +4,7 @@ own parameters stay as they are, and removing the plan leaves no trace."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace as dc_replace
 
 import pytest
@@ -15,6 +16,7 @@ from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import as_workload
 from diffaccel.errors import PlanError, SearchError
 from diffaccel.plan import Plan
+from diffaccel.runtime.features import precision as precision_feature
 from diffaccel.search import search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import parse_budget
@@ -64,6 +66,21 @@ def test_precision_composes_with_caching_and_the_output_keeps_the_samples_dtype(
         run(pipe, call)
     assert executor.stats.macs < executor.stats.full_macs
     assert outputs and all((o.sample if hasattr(o, "sample") else o[0]).dtype == torch.float32 for o in outputs)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_a_precision_this_cpu_only_emulates_is_warned_about(monkeypatch, emulated):
+    """bfloat16 on a CPU without AVX-512 BF16 or AMX runs 20x slower than float32: a user who asks for
+    it is told, not left to find out; where it is native, nothing is said."""
+    monkeypatch.setattr(precision_feature, "emulated_on_cpu", lambda precision: emulated)
+    pipe, call = build_case("dit")
+    plan = identity_plan(find_denoiser(pipe)[0]).model_copy(update={"precision": "bfloat16"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with diffaccel.accelerate(pipe, plan):
+            run(pipe, call)
+    said = [str(w.message) for w in caught if "no native bfloat16" in str(w.message)]
+    assert len(said) == (1 if emulated else 0) and all("slower than float32" in line for line in said)
 
 
 def test_an_unknown_precision_is_refused_with_the_choices():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, ordered, pareto
 from diffaccel.search.config import CORRECTION_SEED_OFFSET, Budget, SearchConfig, auto_margin
+from diffaccel.search.context import Context
 from diffaccel.search.dp import dp_candidates
 from diffaccel.search.greedy import greedy_candidates
 from diffaccel.search.handmade import handmade_plans
@@ -31,51 +32,17 @@ from diffaccel.search.heldout import heldout_check, heldout_reserve
 from diffaccel.search.joint import JointSearch
 from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
 from diffaccel.search.outputs import write_outputs
-from diffaccel.search.precision import lower_precision, precision_choices, precision_seconds
+from diffaccel.search.precision import lower_precision
 from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
-from diffaccel.search.validation import Validation, Validator, plan_getter, validate, validation_seconds, validator_for
+from diffaccel.search.validation import Validation, plan_getter, validate, validator_for
 
 LOG = logging.getLogger("diffaccel")
 
+
 def study_name(model_name: str, budget: Budget, objective: str, strategy: str, seed: int) -> str:
     return f"{model_name}|{budget.text}|{objective}|{strategy}|seed{seed}"
-
-
-@dataclass
-class Context:
-    """One running search: its settings, calibration run, space, storage and clock."""
-
-    config: SearchConfig
-    budget: Budget
-    calib: CalibrationRun
-    space: Space
-    store: Store
-    out: Path | None
-    started: float
-    log: Callable[[str], None]
-    reserve: float = 0.0  # seconds kept back for the held-out check after the strategy
-    joint: list[Candidate] = field(default_factory=list)  # the joint strategy's candidates (not in the store)
-    quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
-    margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
-    validator: Validator | None = None  # scores plans on fresh seeds (``config.validate``)
-    precision_speed: float | None = None  # the returned plan's measured speed-up from its precision
-
-    def validation_reserve(self) -> float:
-        return validation_seconds(self.calib) if self.validator is not None and self.config.time_limit else 0.0
-
-    def precisions(self) -> list[str]:
-        return precision_choices(self.config.precision, next(self.calib.model.parameters()).device)
-
-    def precision_reserve(self) -> float:
-        return precision_seconds(self.calib) if self.precisions() and self.config.time_limit else 0.0
-
-    @property
-    def deadline(self) -> float | None:
-        if not self.config.time_limit:
-            return None
-        return self.started + max(0.0, self.config.time_limit - self.reserve)
 
 
 def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, *, out: str | Path | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +22,17 @@ from diffaccel.plan import Plan
 from diffaccel.runtime.features.base import Feature
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def emulated_on_cpu(precision: str) -> bool:
+    """Whether this CPU lacks native matrix products in ``precision`` (AVX-512 BF16 / AMX for
+    bfloat16, AVX-512 FP16 / AMX-FP16 for float16; oneDNN's own checks): there autocast still works,
+    but emulated, and a forward ran 0.05x as fast as in float32 on an AVX2-only CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return True
+    native = {"bfloat16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
+              "float16": torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return not native[precision]()
 
 
 def cast_floats(value: Any, dtype: torch.dtype) -> Any:
@@ -49,6 +61,11 @@ class Precision(Feature):
         model, dtype = self.executor.model, DTYPES[self.plan.precision]
         original, sample_arg = model.forward, self.executor.adapter.sample_arg
         signature = inspect.signature(original)
+        weight = next(model.parameters(), None)
+        if weight is not None and weight.device.type == "cpu" and emulated_on_cpu(self.plan.precision):
+            warnings.warn(f"this CPU has no native {self.plan.precision} matrix products: the plan's precision is "
+                          "emulated and runs slower than float32 (drop it from the plan, or search with "
+                          "--precision auto, which measures it)", stacklevel=2)
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,51 @@
+"""One running search's state: its settings, calibration run, space, storage and clock, and the
+time it keeps back, after its strategy, for the validation, the precision step and the held-out check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffaccel.calibration.reference import CalibrationRun
+from diffaccel.search.candidates import Candidate
+from diffaccel.search.config import Budget, SearchConfig
+from diffaccel.search.precision import precision_choices, precision_seconds
+from diffaccel.search.space import Space
+from diffaccel.search.store import Store
+from diffaccel.search.validation import Validator, validation_seconds
+
+
+@dataclass
+class Context:
+    """One running search: its settings, calibration run, space, storage and clock."""
+
+    config: SearchConfig
+    budget: Budget
+    calib: CalibrationRun
+    space: Space
+    store: Store
+    out: Path | None
+    started: float
+    log: Callable[[str], None]
+    reserve: float = 0.0  # seconds kept back for the held-out check after the strategy
+    joint: list[Candidate] = field(default_factory=list)  # the joint strategy's candidates (not in the store)
+    quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
+    margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
+    validator: Validator | None = None  # scores plans on fresh seeds (``config.validate``)
+    precision_speed: float | None = None  # the returned plan's measured speed-up from its precision
+
+    def validation_reserve(self) -> float:
+        return validation_seconds(self.calib) if self.validator is not None and self.config.time_limit else 0.0
+
+    def precisions(self) -> list[str]:
+        return precision_choices(self.config.precision, next(self.calib.model.parameters()).device)
+
+    def precision_reserve(self) -> float:
+        return precision_seconds(self.calib) if self.precisions() and self.config.time_limit else 0.0
+
+    @property
+    def deadline(self) -> float | None:
+        if not self.config.time_limit:
+            return None
+        return self.started + max(0.0, self.config.time_limit - self.reserve)
