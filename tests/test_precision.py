@@ -102,16 +102,22 @@ def _timed(calib: CalibrationRun, speed: float):
     return score
 
 
-def test_the_search_keeps_a_lower_precision_only_when_faster_within_the_budget_and_in_time(monkeypatch):
-    """On diffusers' StableDiffusionPipeline (PNDM, tiny, random): the chosen plan is timed against
-    itself under autocast; the lowered plan is returned only when it runs at least ``MIN_GAIN`` times
-    as fast and still meets the budget it cleared, and not at all once the deadline has passed."""
-    pipe, kwargs = build_case("sd-pndm")
+def _chosen_fora(case: str) -> tuple:
+    """A stock pipeline, its calibration run, and FORA 2 on it as a search's chosen candidate."""
+    pipe, kwargs = build_case(case)
     calib = CalibrationRun(pipe, as_workload([kwargs]))
     plan = diffaccel.methods.fora(pipe, calib.num_steps, interval=2)
     s = calib.score(plan)
     chosen = Candidate(None, list(plan.schedule), s.psnr, s.psnr_min, s.ssim, s.mac_fraction, 0.5, "fora 2",
                        psnr_p5=s.psnr_p5, plan=plan)
+    return pipe, calib, plan, chosen
+
+
+def test_the_search_keeps_a_lower_precision_only_when_faster_within_the_budget_and_in_time(monkeypatch):
+    """On diffusers' StableDiffusionPipeline (PNDM, tiny, random): the chosen plan is timed against
+    itself under autocast; the lowered plan is returned only when it runs at least ``MIN_GAIN`` times
+    as fast and still meets the budget it cleared, and not at all once the deadline has passed."""
+    pipe, calib, plan, chosen = _chosen_fora("sd-pndm")
     lines: list[str] = []
 
     def lowered(speed: float, budget: str, deadline: float | None = None):
@@ -134,12 +140,7 @@ def test_a_precision_whose_forward_is_slow_is_never_timed_on_whole_runs(monkeypa
     """Where bfloat16 is emulated (10-20x slower on a CPU without AVX-512 BF16), timing whole runs of
     the plan in it would overrun the search's time limit: one forward decides, and no run of the
     lowered plan is made. The look itself runs the real denoiser on the first step's inputs."""
-    pipe, kwargs = build_case("dit")
-    calib = CalibrationRun(pipe, as_workload([kwargs]))
-    plan = diffaccel.methods.fora(pipe, calib.num_steps, interval=2)
-    s = calib.score(plan)
-    chosen = Candidate(None, list(plan.schedule), s.psnr, s.psnr_min, s.ssim, s.mac_fraction, 0.5, "fora 2",
-                       psnr_p5=s.psnr_p5, plan=plan)
+    pipe, calib, plan, chosen = _chosen_fora("dit")
     speed = calib.autocast_speed(torch.bfloat16)
     assert 0 < speed < float("inf") and not torch.is_autocast_enabled("cpu")
     scored: list[Plan] = []
