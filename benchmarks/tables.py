@@ -117,7 +117,8 @@ def joint_search(model: str) -> str:
     score = "adherence" if t2i else "accuracy"
     lines = [f"**{data['model']}** (`{data['command'].removeprefix('python benchmarks/joint_search.py ')}`; search "
              f"{data['search_seconds']:.0f} s of a {data['time_limit']} limit; {data['heldout_images']} held-out "
-             f"images, budget `{data['budget']}` on calibration):", "",
+             f"images, budget `{data['budget']}` on calibration"
+             + ("; a CPU without native bfloat16" if data.get("bf16_native") is False else "") + "):", "",
              f"| plan | sampler | MACs | wall | PSNR (p5, min) | SSIM | {score} (50-step DDIM) | FD (50-step DDIM) |",
              "|---|---|---|---|---|---|---|---|"]
     lowered = data["summary"].get("precision")  # the searched plan's autocast dtype, if the search kept one
