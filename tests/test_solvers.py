@@ -20,7 +20,7 @@ from diffaccel.search import joint as joint_module
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
-from diffaccel.search.timesteps import fit_timesteps, next_fit_count, resampled
+from diffaccel.search.timesteps import FAMILY, fit_timesteps, next_fit_count, power_schedule, resampled
 from diffaccel.search.validation import Validator, plan_getter, validation_seconds
 from diffaccel.solvers import SolverSpec
 from diffaccel.solvers.schedulers import solver_scheduler
@@ -258,6 +258,21 @@ def test_a_timestep_fit_moves_the_steps_toward_what_scores_best_within_its_cap_a
     runs.clear()
     late = fit_timesteps(spec, own, objective, deadline=time.time() - 1)
     assert runs == [] and late.spec.timesteps == own and late.evaluations == 0
+
+
+def test_a_timestep_fit_scores_a_one_parameter_family_before_the_simplex():
+    """Nelder-Mead in 10 or more dimensions needs more runs than a slow pipeline affords: the power
+    schedules come first, so a handful of runs reaches a good schedule far from the solver's own."""
+    spec, own = SolverSpec(name="unipc", steps=12), tuple(int(round(999 * (1 - i / 12))) for i in range(12))
+    target = power_schedule(999, 12, 0.45)  # steps crowded at high noise, the last one at t=128
+    assert target[-1] > 100 and target != own and power_schedule(999, 12, 1.0) == own
+
+    def objective(candidate: SolverSpec) -> float:
+        return -sum((a - b) ** 2 for a, b in zip(candidate.timesteps, target)) ** 0.5
+
+    fit = fit_timesteps(spec, own, objective, evaluations=1 + len(FAMILY) + 2)
+    assert fit.spec.timesteps == target and fit.quality == 0 > fit.start_quality
+    assert fit.evaluations <= 1 + len(FAMILY) + 2
 
 
 def test_the_joint_search_fits_timesteps_one_step_fewer_at_a_time_while_the_budget_holds(pipes, monkeypatch):

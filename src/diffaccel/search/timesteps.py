@@ -6,8 +6,14 @@ placement for a given model: moving the steps took the embedded DiT's 8-step Uni
 (30.1 dB): the idea of learned step schedules such as Align Your Steps, done here by direct search.
 A schedule is a handful of numbers, so the fit is derivative-free: Nelder-Mead (scipy) over the
 logarithms of the gaps between consecutive timesteps, which keeps every candidate decreasing and
-ending above 0, from the solver's own timesteps, under an evaluation cap and a deadline. Each
-evaluation is one calibration run.
+ending above 0, under an evaluation cap and a deadline. Each evaluation is one calibration run.
+
+Nelder-Mead needs many runs in 10 or more dimensions: on a slow pipeline (the embedded SD, 12-14
+steps, a calibration run of 10 s or more) a fit got 3 to 11 runs and gained little. So the simplex
+starts from the best of the solver's own timesteps, a warm start, and a one-parameter family scored
+first (``power_schedule``: ``first * (1 - i / steps) ** rho`` for a few ``rho``, then halfway towards
+the best one's neighbours): on 8 SD calibration calls it took 12-step UniPC from 30.7 to 35.2 dB and
+8-step UniPC from 26.7 to 31.9 dB in a handful of runs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from diffaccel.solvers.spec import SolverSpec
 
 STEP_SIZE = 0.4  # the initial simplex's move of each gap's log (a gap x or / 1.5)
 EVALUATIONS_PER_STEP = 20  # the fit's evaluation cap, per free timestep
+FAMILY = (0.3, 0.45, 0.65, 1.0, 1.5)  # exponents of the power schedule scored before the simplex
 
 
 class _OutOfTime(Exception):
@@ -51,6 +58,26 @@ def log_gaps_of(timesteps: tuple[int, ...]) -> np.ndarray:
     return np.log(np.maximum(gaps[:-1], 0.5) / max(gaps[-1], 0.5))
 
 
+def power_schedule(first: int, steps: int, rho: float) -> tuple[int, ...]:
+    """``steps`` timesteps from ``first``: ``first * (1 - i / steps) ** rho``. ``rho`` 1 spaces them
+    evenly; below 1 they crowd at high noise and the last one stays high (the final step then jumps
+    to the clean sample), above 1 they crowd at low noise."""
+    return tuple(int(round(first * (1 - i / steps) ** rho)) for i in range(steps))
+
+
+def _family_start(loss: Callable[[np.ndarray], float], first: int, steps: int) -> tuple[float, np.ndarray]:
+    """The best power schedule's loss and log-gaps: ``FAMILY`` scored, then the exponents halfway (in
+    log) between the best one and its neighbours."""
+    scored = {rho: loss(log_gaps_of(power_schedule(first, steps, rho))) for rho in FAMILY}
+    best = min(scored, key=scored.get)
+    i = FAMILY.index(best)
+    for neighbour in FAMILY[max(0, i - 1):i] + FAMILY[i + 1:i + 2]:
+        rho = math.sqrt(best * neighbour)
+        scored[rho] = loss(log_gaps_of(power_schedule(first, steps, rho)))
+    best = min(scored, key=scored.get)
+    return scored[best], log_gaps_of(power_schedule(first, steps, best))
+
+
 def resampled(timesteps: tuple[int, ...], steps: int) -> tuple[int, ...]:
     """A schedule's shape at another step count: its timesteps as a curve over the run's fraction
     (ending at 0), read at ``steps`` even fractions. A fit at one step count starts the next from it."""
@@ -62,9 +89,10 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
                   deadline: float | None = None, evaluations: int | None = None,
                   warm: tuple[int, ...] | None = None) -> Fit:
     """The timesteps for ``spec``'s solver and step count that maximize ``objective`` (a calibration
-    score), starting from ``own`` (the solver's default timesteps) or ``warm`` (e.g. an earlier fit
-    at another step count, ``resampled``), whichever scores better. Stops at the evaluation cap or at
-    ``deadline``, returning the best seen; candidates that round to repeated timesteps are skipped."""
+    score), starting from the best of ``own`` (the solver's default timesteps), ``warm`` (e.g. an
+    earlier fit at another step count, ``resampled``) and the power schedules (``_family_start``).
+    Stops at the evaluation cap or at ``deadline``, returning the best seen; candidates that round to
+    repeated timesteps are skipped."""
     cap = evaluations or EVALUATIONS_PER_STEP * max(1, spec.steps - 1)
     seen: dict[tuple[int, ...], float] = {}
     best: list = [-math.inf, own]
@@ -85,11 +113,11 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
     if len(start) == 0:  # one step: nothing to place
         return Fit(spec, objective(spec), -math.inf, 1)
     try:
-        own_loss = loss(start)
+        starts = [(loss(start), start)]
         if warm is not None and len(warm) == len(own) and warm[0] == own[0]:
-            warm_start = log_gaps_of(warm)
-            if loss(warm_start) < own_loss:
-                start = warm_start
+            starts.append((loss(log_gaps_of(warm)), log_gaps_of(warm)))
+        starts.append(_family_start(loss, own[0], len(own)))
+        start = min(starts, key=lambda pair: pair[0])[1]
         simplex = np.vstack([start, start + STEP_SIZE * np.eye(len(start))])
         minimize(loss, start, method="Nelder-Mead",
                  options={"initial_simplex": simplex, "maxfev": 4 * cap, "xatol": 1e-3, "fatol": 1e-3})
