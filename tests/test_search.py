@@ -24,6 +24,7 @@ from diffaccel import methods
 from diffaccel.calibration.dp import optimal_keys
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import as_workload
+from diffaccel.cli.search import summary_line
 from diffaccel.errors import WorkloadError
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
@@ -34,10 +35,11 @@ from diffaccel.search import (
     parse_budget,
     search,
 )
+from diffaccel.search import heldout as heldout_module
 from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import auto_margin
-from diffaccel.search.heldout import compare, heldout_reserve
+from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.space import Space
 from diffaccel.search.validation import Validator, plan_getter, validate, validator_for
 from diffaccel.zoo.pipeline import shapes_workload
@@ -264,6 +266,43 @@ def test_the_held_out_reserve_leaves_the_search_half_its_limit():
     ctx.config.time_limit = 900.0  # a slow machine: the check would take 1200 s of 900
     assert heldout_reserve(ctx, heldout=object(), compares=2) == 450
     assert lines and "more than half" in lines[0]
+
+
+def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_past_the_limit(monkeypatch):
+    """The held-out reserve is an estimate; on a slow text-to-image pipeline it fell short (an SD search
+    ran 13% past its 30-minute limit). The hand-made plan's comparison, the second of two, is skipped
+    when it would end past the limit, and the summary and its one-line report say so."""
+    compared = []
+
+    def timed_compare(pipe, fn, plan, pairs):  # a comparison that takes 0.2 s
+        compared.append(plan)
+        time.sleep(0.2)
+        return {"psnr": 31.0, "psnr_p5": 25.0, "psnr_min": 20.0, "ssim": 0.9, "speedup_macs": 4.0,
+                "speedup_macs_denoiser": 4.5, "speedup_wall": 3.5, "images": 4, "pairs": pairs,
+                "seconds_base": 10.0, "seconds_plan": 2.5}
+
+    monkeypatch.setattr(heldout_module, "compare", timed_compare)
+    lines: list[str] = []
+    hand = SimpleNamespace(source="deepcache 5", latency_fraction=0.5)
+    handmade = [SimpleNamespace(key="deepcache 5", plan="the hand-made plan")]
+
+    def check(started: float) -> dict:
+        compared.clear()
+        ctx = SimpleNamespace(calib=SimpleNamespace(pipe=None, reference=[0] * 4), log=lines.append,
+                              budget=parse_budget("psnr>=30"), started=started,
+                              config=SimpleNamespace(pairs=2, time_limit=900.0))
+        summary = {"met": True, "model": "m", "strategy": "joint", "calib_psnr": 32.0, "budget": "psnr>=30",
+                   "best_handmade": {"name": "deepcache", "settings": {"interval": 5}, "met": True,
+                                     "calib_psnr": 33.0, "calib_speedup_macs": 2.6}}
+        heldout_check(ctx, summary, "the chosen plan", object(), (hand, True, 0.0), handmade)
+        return summary
+
+    in_time = check(started=time.time())
+    assert compared == ["the chosen plan", "the hand-made plan"] and in_time["best_handmade"]["heldout_psnr"] == 31.0
+    late = check(started=time.time() - 899.9)  # 0.1 s left before the first, which takes 0.2 s
+    assert compared == ["the chosen plan"] and late["best_handmade"]["heldout_skipped"] == "time limit"
+    assert "not re-measured on the held-out seeds" in lines[-1]
+    assert "not re-measured: time limit" in summary_line(late) and "3.50x wall" in summary_line(late)
 
 
 def test_space_holds_the_handmade_schedules(pipes):

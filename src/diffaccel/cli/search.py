@@ -146,7 +146,10 @@ def summary_line(s: dict) -> str:
             + (f" / {s['validation_psnr']:.2f} dB validation" if s.get("validation_psnr") is not None else "")
             + f" / {s['heldout_psnr']:.2f} dB held-out")
     hand = s.get("best_handmade")
-    if hand:
+    if hand and "heldout_psnr" not in hand:  # not re-measured on held-out: no time was left
+        line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['calib_speedup_macs']:.2f}x MACs, "
+                 f"PSNR {hand['calib_psnr']:.2f} dB calibration (not re-measured: time limit)")
+    elif hand:
         line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['speedup_macs']:.2f}x MACs, "
                  f"{hand['speedup_wall']:.2f}x wall, PSNR {hand['calib_psnr']:.2f} / {hand['heldout_psnr']:.2f} dB"
                  + ("" if hand["met"] else " (misses the budget)"))
