@@ -9,11 +9,13 @@ logarithms of the gaps between consecutive timesteps, which keeps every candidat
 ending above 0, under an evaluation cap and a deadline. Each evaluation is one calibration run.
 
 Nelder-Mead needs many runs in 10 or more dimensions: on a slow pipeline (the embedded SD, 12-14
-steps, a calibration run of 10 s or more) a fit got 3 to 11 runs and gained little. So the simplex
-starts from the best of the solver's own timesteps, a warm start, and a one-parameter family scored
-first (``power_schedule``: ``first * (1 - i / steps) ** rho`` for a few ``rho``, then halfway towards
-the best one's neighbours): on 8 SD calibration calls it took 12-step UniPC from 30.7 to 35.2 dB and
-8-step UniPC from 26.7 to 31.9 dB in a handful of runs.
+steps, a calibration run of 10 s or more) a fit got 3 to 11 runs and gained little. So a
+one-parameter family is scored first (``power_schedule``: ``first * (1 - i / steps) ** rho`` for a
+few ``rho``, then halfway towards the best one's neighbours), and the fit returns the best run seen:
+on 8 SD calibration calls the family took 12-step UniPC from 30.7 to 35.2 dB and 8-step UniPC from
+26.7 to 31.9 dB in a handful of runs. The simplex still starts from the solver's own timesteps (or
+the warm start, if better): started from the family's best, the DiT's 8-step fit ended at 31.28 dB
+in 133 runs against 32.68 dB in 122 from its own.
 """
 
 from __future__ import annotations
@@ -89,10 +91,10 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
                   deadline: float | None = None, evaluations: int | None = None,
                   warm: tuple[int, ...] | None = None) -> Fit:
     """The timesteps for ``spec``'s solver and step count that maximize ``objective`` (a calibration
-    score), starting from the best of ``own`` (the solver's default timesteps), ``warm`` (e.g. an
-    earlier fit at another step count, ``resampled``) and the power schedules (``_family_start``).
-    Stops at the evaluation cap or at ``deadline``, returning the best seen; candidates that round to
-    repeated timesteps are skipped."""
+    score): ``own`` (the solver's default timesteps), ``warm`` (e.g. an earlier fit at another step
+    count, ``resampled``) and the power schedules (``_family_start``) are scored, then the simplex
+    starts from ``own`` or ``warm``, whichever scored better. Stops at the evaluation cap or at
+    ``deadline``, returning the best seen; candidates that round to repeated timesteps are skipped."""
     cap = evaluations or EVALUATIONS_PER_STEP * max(1, spec.steps - 1)
     seen: dict[tuple[int, ...], float] = {}
     best: list = [-math.inf, own]
@@ -116,7 +118,7 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
         starts = [(loss(start), start)]
         if warm is not None and len(warm) == len(own) and warm[0] == own[0]:
             starts.append((loss(log_gaps_of(warm)), log_gaps_of(warm)))
-        starts.append(_family_start(loss, own[0], len(own)))
+        _family_start(loss, own[0], len(own))  # scored only: the best run seen is what the fit returns
         start = min(starts, key=lambda pair: pair[0])[1]
         simplex = np.vstack([start, start + STEP_SIZE * np.eye(len(start))])
         minimize(loss, start, method="Nelder-Mead",
