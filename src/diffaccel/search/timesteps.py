@@ -67,17 +67,15 @@ def power_schedule(first: int, steps: int, rho: float) -> tuple[int, ...]:
     return tuple(int(round(first * (1 - i / steps) ** rho)) for i in range(steps))
 
 
-def _family_start(loss: Callable[[np.ndarray], float], first: int, steps: int) -> tuple[float, np.ndarray]:
-    """The best power schedule's loss and log-gaps: ``FAMILY`` scored, then the exponents halfway (in
-    log) between the best one and its neighbours."""
+def _score_family(loss: Callable[[np.ndarray], float], first: int, steps: int) -> None:
+    """Scores the power schedules through ``loss`` (which keeps the best run seen): ``FAMILY``, then the
+    exponents halfway (in log) between the best one and its neighbours."""
     scored = {rho: loss(log_gaps_of(power_schedule(first, steps, rho))) for rho in FAMILY}
     best = min(scored, key=scored.get)
     i = FAMILY.index(best)
     for neighbour in FAMILY[max(0, i - 1):i] + FAMILY[i + 1:i + 2]:
         rho = math.sqrt(best * neighbour)
         scored[rho] = loss(log_gaps_of(power_schedule(first, steps, rho)))
-    best = min(scored, key=scored.get)
-    return scored[best], log_gaps_of(power_schedule(first, steps, best))
 
 
 def resampled(timesteps: tuple[int, ...], steps: int) -> tuple[int, ...]:
@@ -92,7 +90,7 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
                   warm: tuple[int, ...] | None = None) -> Fit:
     """The timesteps for ``spec``'s solver and step count that maximize ``objective`` (a calibration
     score): ``own`` (the solver's default timesteps), ``warm`` (e.g. an earlier fit at another step
-    count, ``resampled``) and the power schedules (``_family_start``) are scored, then the simplex
+    count, ``resampled``) and the power schedules (``_score_family``) are scored, then the simplex
     starts from ``own`` or ``warm``, whichever scored better. Stops at the evaluation cap or at
     ``deadline``, returning the best seen; candidates that round to repeated timesteps are skipped."""
     cap = evaluations or EVALUATIONS_PER_STEP * max(1, spec.steps - 1)
@@ -118,7 +116,7 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
         starts = [(loss(start), start)]
         if warm is not None and len(warm) == len(own) and warm[0] == own[0]:
             starts.append((loss(log_gaps_of(warm)), log_gaps_of(warm)))
-        _family_start(loss, own[0], len(own))  # scored only: the best run seen is what the fit returns
+        _score_family(loss, own[0], len(own))  # the best run seen is what the fit returns
         start = min(starts, key=lambda pair: pair[0])[1]
         simplex = np.vstack([start, start + STEP_SIZE * np.eye(len(start))])
         minimize(loss, start, method="Nelder-Mead",
