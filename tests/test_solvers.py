@@ -326,6 +326,35 @@ def test_timestep_fits_start_near_the_budget_and_go_down_while_they_clear_it_els
     assert run_fits(9) == ([6, 7], [])  # never below the plain sampler that cleared
 
 
+def test_a_fit_that_clears_the_budget_by_far_is_cached_before_the_next_fit_and_only_once(pipes, monkeypatch):
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 4, per_class=1))
+    joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None)
+    base = identity_plan(pipes[0].denoiser)
+    reached = {7: 37.0, 6: 33.0, 5: 29.0}  # 7 steps clear by 7 dB, 6 by 3
+    events = []
+
+    def fake_fit(spec, warm):
+        events.append(("fit", spec.steps))
+        fitted = spec.model_copy(update={"timesteps": tuple(range(999, 0, -999 // spec.steps))[:spec.steps]})
+        psnr = reached[spec.steps]
+        return Candidate(None, [], psnr, psnr - 4, 0.9, 0.1, 0.1, "fit", 0, {}, None, psnr - 4,
+                         base.model_copy(update={"solver": fitted}))
+
+    monkeypatch.setattr(joint, "_fit", fake_fit)
+    monkeypatch.setattr(joint, "cached", lambda spec: events.append(("cached", spec.steps)))
+    assert [spec.steps for spec in joint.fitted([SolverSpec(name="unipc", steps=8)])] == [6, 7]
+    assert events == [("fit", 7), ("cached", 7), ("fit", 6), ("fit", 5)]  # 6 is cached later, in phase 2
+
+    profiles = []
+    monkeypatch.setattr(joint_module, "CalibrationRun", lambda *args, **kw: profiles.append(kw["solver"]) or calib)
+    again = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None)
+    monkeypatch.setattr(again, "_keys", lambda *args: None)
+    spec = SolverSpec(name="unipc", steps=7)
+    again.cached(spec)
+    again.cached(spec)
+    assert profiles == [spec]  # phase 2 runs once per setting
+
+
 def test_the_next_fit_skips_counts_that_the_last_clearing_fits_gain_says_will_clear():
     plain = {5: 23.3, 6: 24.3, 7: 25.3, 8: 26.4, 9: 27.4, 10: 28.4, 12: 30.2, 15: 32.2}  # PSNR by step count
     # a fit at 12 gained 4.85 dB over the plain 12: to clear 32.25 a plain run needs 27.4 -> 9 (10 is 28.4)

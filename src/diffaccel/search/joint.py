@@ -13,7 +13,8 @@ need no profile run and are the plans a short search must not miss):
    its timesteps fitted to the reference on the calibration set (``timesteps.py``), from the fewest
    steps whose plain run came within ``FIT_GAIN`` dB of the budget, then down while fits clear it
    (skipping counts that the first fit's gain over its plain run says will clear), else up until
-   one does (each fit gets a third of the time left);
+   one does (each fit gets a third of the time left); a fit that clears by ``AMPLE`` dB gets its
+   caching phase (2) at once, before the next fit (on a slow pipeline the descent may take the rest);
 1c. **fitted coefficients**: each timestep fit also with its steps' coefficients fitted to the
    reference trajectory (``coefficients.py``: one calibration run per step), kept where it scores
    better (phases 1b, 1c and 4 live in ``fits.py``);
@@ -106,6 +107,7 @@ class JointSearch(FitPhases):
         self.fits: dict[int, Candidate] = {}  # the best fit per step count
         self._fit_scores: dict[tuple, Scores] = {}  # every fit run's scores, by solver and timesteps
         self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
+        self._cached: list[SolverSpec | None] = []  # the settings phase 2 has run for
 
     @property
     def deadline(self) -> float | None:
@@ -187,8 +189,9 @@ class JointSearch(FitPhases):
         """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps
         at several budgets per level, the last step refined between the fewest keys that met the
         budget and the most that missed it (a bisection: at most two more runs per level)."""
-        if self.late():
+        if self.late() or spec in self._cached:
             return
+        self._cached.append(spec)
         profile = self.calib if spec is None else CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
         label = spec.label if spec is not None else f"own sampler {profile.num_steps}"
         steps = profile.num_steps
