@@ -130,6 +130,7 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
     (["--method", "fora", "--param", "speed=11"], ["fora has no setting speed"]),
     (["--method", "deepcache"], ["deepcache does not apply to a DiTTransformer2DModel"]),
     (["--precision", "int4"], ["precision", "bfloat16"]),
+    (["--precision", "int4", "--method", "warpdrive"], ["precision", "bfloat16"]),  # refused before the model loads
 ])
 def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path):
     result = run("generate", "--steps", "2", "--per-class", "1", "--out", str(tmp_path), *args)

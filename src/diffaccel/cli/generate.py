@@ -40,6 +40,11 @@ from diffaccel.plan import Plan
 from diffaccel.zoo import shapes
 
 
+class Precision(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class ParallelMode(str, Enum):
     cfg = "cfg"
     patch = "patch"
@@ -84,7 +89,7 @@ def generate(
     quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
                                                    "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
     quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
-    precision: str = PRECISION,
+    precision: Precision = PRECISION,
     parallel: ParallelMode = PARALLEL,
     warmup_steps: int = WARMUP,
 ) -> None:
@@ -108,7 +113,8 @@ def generate(
                              guidance=guidance, seed=seed, batch_size=batch_size)
         the_plan = resolve_plan(tgt, num_steps, guidance, method, plan, settings)
         calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1) if quant else None
-        the_plan = _whole_model(tgt, the_plan, calls, quant, quant_backend, quant_per_step, precision)
+        the_plan = _whole_model(tgt, the_plan, calls, quant, quant_backend, quant_per_step,
+                                precision.value if precision is not None else None)
         if the_plan is not None and save_plan is not None:
             the_plan.save(save_plan)
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None

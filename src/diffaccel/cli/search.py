@@ -37,6 +37,13 @@ class StrategyName(str, Enum):
     joint = "joint"
 
 
+class PrecisionChoice(str, Enum):
+    auto = "auto"
+    none = "none"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class ObjectiveName(str, Enum):
     macs = "macs"
     latency = "latency"
@@ -102,7 +109,7 @@ def search(
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
     correct: bool = CORRECT,
     validate: bool = VALIDATE,
-    precision: str = PRECISION,
+    precision: PrecisionChoice = PRECISION,
     weights: Path = WEIGHTS,
     threads: int = THREADS,
 ) -> None:
@@ -126,7 +133,7 @@ def search(
         config = SearchConfig(budget=quality, objective=objective.value, strategy=strategy.value, seed=seed,
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
                               quant=spec, bits=choices, correct=correct, validate=validate, model_name=name,
-                              precision=precision)
+                              precision=precision.value)
         return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout,
                           log=lambda line: typer.echo(line, err=True))
 
