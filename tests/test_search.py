@@ -236,6 +236,28 @@ def test_a_search_whose_time_went_to_the_seeds_returns_the_best_seed_and_says_so
     assert any("ran out on the hand-made plans" in line for line in lines)
 
 
+@pytest.mark.parametrize("budget,margin", [("psnr>=5", None), ("psnr>=5", 500.0), ("psnr>=500", None)])
+def test_hand_made_plans_are_scored_cheapest_first_and_dearer_ones_than_a_clear_pass_are_not(pipes, monkeypatch,
+                                                                                             budget, margin):
+    """On a slow pipeline the 13 hand-made plans took a third of a 30-minute search. One that costs
+    at least as much as a hand-made plan meeting the budget by the largest margin the search may add
+    can be neither returned nor the best hand-made plan: it is not scored."""
+    from diffaccel.search.handmade import handmade_plans
+
+    monkeypatch.setattr(search_run, "_run_strategy", lambda ctx, seeds: 0)
+    lines = []
+    result = search(pipes[0], calib(), budget=budget, margin=margin, strategy="dp", k_values=[2], log=lines.append)
+    run = CalibrationRun(pipes[0], calib())
+    costs = sorted(run.fractions(h.plan)[0] for h in handmade_plans(pipes[0].denoiser, STEPS))
+    scored = [c.mac_fraction for c in result.handmade]
+    assert len(costs) >= 5 and scored == sorted(scored)
+    if budget == "psnr>=5" and margin is None:  # the cheapest clears 8 dB (the largest margin: 3) at once
+        assert len(scored) == 1 and scored[0] == pytest.approx(costs[0])
+        assert any(f"{len(costs) - 1} dearer hand-made plans not scored" in line for line in lines)
+    else:  # none clears by the margin given, or none meets the budget: every plan is scored
+        assert len(scored) == len(costs) and not any("not scored" in line for line in lines)
+
+
 def test_the_held_out_comparison_counts_flops_only_in_its_untimed_runs(pipes, monkeypatch):
     counted = []
     measured = Executor._measured

@@ -160,7 +160,8 @@ def test_the_joint_search_tries_every_key_count_between_the_last_miss_and_all_st
     joint.cached(SolverSpec(name="unipc", steps=8))
     tried = [line for line in lines if "unipc 8 + " in line]
     assert any(" keys 6:" in line for line in tried) and any(" keys 7:" in line for line in tried)
-    assert all(" keys 5:" not in line for line in tried)  # a miss by more than 2 dB ends the level's descent
+    # from half the steps full (4), a miss by more than 2 dB ends the descent: then up, 5 and 6
+    assert all(" keys 3:" not in line and " keys 2:" not in line for line in tried)
 
 
 def test_the_joint_search_quantizes_its_best_plans_at_the_measured_speed_of_the_quantized_model(pipes, tmp_path):
@@ -180,6 +181,27 @@ def test_the_joint_search_quantizes_its_best_plans_at_the_measured_speed_of_the_
     assert 1.0 < _headroom_for(30, 36) < 1.5 and _headroom_for(30, 29) == 0.0
     with pytest.raises(SearchError, match="objective latency"):
         search(pipes[0], work, strategy="joint", quant=spec, log=lambda _: None)
+
+
+@pytest.mark.parametrize("offset,expected", [(25, [10, 8, 6, 4, 3, 5]), (15, [10, 13, 16, 14, 15])])
+def test_the_joint_search_tries_half_the_steps_full_first_and_the_dear_plans_only_when_needed(pipes, monkeypatch,
+                                                                                               offset, expected):
+    """PSNR = offset + full steps, budget 30 at 20 steps: where 10 full steps meet it, 16 and 13 (each
+    nearly a full run) are never scored; where 10 miss, more until one meets, then the bisection."""
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 20, per_class=1))
+    joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None)
+    base = identity_plan(pipes[0].denoiser)
+    tried = []
+
+    def fake_keys(profile, level, keys, spec, label):
+        tried.append((level.name, keys))
+        psnr = offset + keys
+        return Candidate(None, [], psnr, psnr, 0.9, keys / 20, keys / 20, label, 0, {}, None, psnr, base)
+
+    monkeypatch.setattr(joint, "_keys", fake_keys)
+    joint.cached(None)
+    first = tried[0][0]
+    assert [keys for name, keys in tried if name == first] == expected
 
 
 def test_joint_search_bisects_the_key_budget_between_a_pass_and_a_miss():

@@ -94,12 +94,21 @@ def candidates_of(store: Store, space: Space) -> list[Candidate]:
 
 
 def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade], space: Space,
-                    deadline: float | None = None, log: Callable[[str], None] | None = None) -> list[Candidate]:
-    """Calibration scores of the hand-made plans, cached in the study (they survive a restart);
-    those not scored by ``deadline`` are left out. Each new score is logged (``log``)."""
+                    deadline: float | None = None, log: Callable[[str], None] | None = None,
+                    enough: Budget | None = None, objective: str = "macs") -> list[Candidate]:
+    """Calibration scores of the hand-made plans, cheapest first, cached in the study (they survive
+    a restart); those not scored by ``deadline`` are left out, and so are those that cost at least
+    as much as one that meets ``enough`` (the budget with the largest margin the search may add:
+    such a plan could neither be returned nor be the best hand-made plan). Each new score is
+    logged (``log``)."""
     cached = dict(store.study.user_attrs.get("handmade", {}))
-    out = []
-    for item in handmade:
+    out: list[Candidate] = []
+    index = 1 if objective == "latency" else 0  # bit operations rank as MACs: every hand-made plan has the same bits
+    bar, passed = math.inf, 0
+    for item in sorted(handmade, key=lambda h: calib.fractions(h.plan)[index]):
+        if calib.fractions(item.plan)[index] >= bar:
+            passed += 1
+            continue
         if item.key not in cached and deadline is not None and time.time() >= deadline:
             continue
         if item.key not in cached:
@@ -115,15 +124,21 @@ def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade
             store.study.set_user_attr("handmade", cached)
             if log is not None:
                 log(f"  hand-made {item.key}: {s.psnr:.2f} dB (p5 {s.psnr_p5:.2f}), {1 / s.mac_fraction:.2f}x MACs")
-        s = cached[item.key]
-        if s["mac_fraction"] >= 1.0 - 1e-9:
-            continue
-        genome = space.genome(item.plan.schedule)  # forecasts read as reuse: the same cost
-        bops = None if space.quant is None or genome is None else space.bit_mac_fraction(genome, calib.unit_macs)
-        out.append(Candidate(None, list(item.plan.schedule), s["psnr"], s["psnr_min"], s["ssim"], s["mac_fraction"],
-                             s["latency_fraction"], item.key, None,
-                             {"name": item.name, "settings": item.settings, "psnr_std": s.get("psnr_std")},
-                             bops, s.get("psnr_p5"), item.plan))
+        if cached[item.key]["mac_fraction"] < 1.0 - 1e-9:
+            out.append(_handmade_candidate(item, cached[item.key], space, calib))
+            if enough is not None and out[-1].meets(enough):
+                bar = min(bar, (out[-1].mac_fraction, out[-1].latency_fraction)[index])
+    if passed and log is not None:
+        log(f"  {passed} dearer hand-made plans not scored: a cheaper one meets {enough.text} already")
     return out
+
+
+def _handmade_candidate(item: HandMade, s: dict, space: Space, calib: CalibrationRun) -> Candidate:
+    genome = space.genome(item.plan.schedule)  # forecasts read as reuse: the same cost
+    bops = None if space.quant is None or genome is None else space.bit_mac_fraction(genome, calib.unit_macs)
+    return Candidate(None, list(item.plan.schedule), s["psnr"], s["psnr_min"], s["ssim"], s["mac_fraction"],
+                     s["latency_fraction"], item.key, None,
+                     {"name": item.name, "settings": item.settings, "psnr_std": s.get("psnr_std")},
+                     bops, s.get("psnr_p5"), item.plan)
 
 

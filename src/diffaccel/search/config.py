@@ -134,6 +134,12 @@ class SearchConfig:
         budget = self.parsed_budget()
         return DEFAULT_MARGIN[budget.metric] if self.margin is None else float(self.margin)
 
+    def largest_margin(self) -> float:
+        """The most the search may raise the budget by: the margin given, else the automatic one's cap."""
+        if self.margin is not None:
+            return float(self.margin)
+        return MAX_AUTO_MARGIN if self.parsed_budget().metric == "psnr" else DEFAULT_MARGIN["ssim"]
+
     def check(self) -> None:
         """Raise a one-line SearchError for a setting that cannot work."""
         self.parsed_budget()

@@ -61,6 +61,7 @@ from diffaccel.solvers.spec import SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
 KEY_FRACTIONS = (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16)
+KEY_START = 0.5  # the fraction of full steps phase 2 tries first at each level
 CONFIGS_CACHED = 6  # sampler settings whose headroom phase 2 spends on caching
 QUANTIZED = 4  # plans quantized per headroom tier in phase 3
 SAMPLERS_SHARE = 0.4  # of the time left that phase 1 may use once a setting clears
@@ -187,34 +188,46 @@ class JointSearch(FitPhases):
 
     def cached(self, spec: SolverSpec | None) -> None:
         """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps
-        at several budgets per level, the last step refined between the fewest keys that met the
-        budget and the most that missed it (a bisection: at most two more runs per level)."""
+        at several budgets per level, from about half the steps full: fewer while quality holds, else
+        more until one meets the budget (the dear plans with most steps full are scored only when
+        needed: on a slow pipeline each costs nearly a full run); then the key count refined between
+        the fewest keys that met the budget and the most that missed it (a bisection)."""
         if self.late() or spec in self._cached:
             return
         self._cached.append(spec)
         profile = self.calib if spec is None else CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
         label = spec.label if spec is not None else f"own sampler {profile.num_steps}"
         steps = profile.num_steps
+        counts = sorted({k for f in self.space.key_fractions if (k := max(2, round(f * steps))) < steps}, reverse=True)
+        first = min(range(len(counts)), key=lambda i: abs(counts[i] - KEY_START * steps), default=0)
         for level in reversed(adapter_for(profile.model).levels(profile.model)[1:]):  # the most reuse first
             meets = {steps: True}  # key count -> whether its plan met the budget (all keys: the setting itself)
-            for fraction in self.space.key_fractions:  # fewer and fewer full steps, until quality breaks
-                keys = max(2, round(fraction * steps))
-                if keys >= steps or keys in meets:
-                    continue
-                c = self._keys(profile, level, keys, spec, label)
-                if c is False:
-                    continue  # cannot win: fewer keys next, cheaper and maybe still good enough
-                if c is None:
-                    break
-                meets[keys] = c.meets(self.budget)
-                if c.psnr < self.budget.threshold - 2:
-                    break
+            below, above = counts[first:], counts[:first][::-1]
+            if self._probe(profile, level, below, meets, spec, label) and not any(meets.get(k) for k in below):
+                self._probe(profile, level, above, meets, spec, label, up=True)
             while (gap := _gap(meets)) is not None:
                 keys = sum(gap) // 2
                 c = self._keys(profile, level, keys, spec, label)
                 if not c:
                     break
                 meets[keys] = c.meets(self.budget)
+
+    def _probe(self, profile: CalibrationRun, level, counts: list[int], meets: dict[int, bool],
+               spec: SolverSpec | None, label: str, up: bool = False) -> bool:
+        """Scores the key counts in order into ``meets``: going down until quality breaks, going ``up``
+        until one meets the budget. False when the deadline passed or a plan failed."""
+        for keys in counts:
+            c = self._keys(profile, level, keys, spec, label)
+            if c is False:  # cannot win: fewer keys may (going down); more cannot (going up)
+                if up:
+                    break
+                continue
+            if c is None:
+                return False
+            meets[keys] = c.meets(self.budget)
+            if meets[keys] if up else c.psnr < self.budget.threshold - 2:
+                break
+        return True
 
     def _keys(self, profile: CalibrationRun, level, keys: int, spec: SolverSpec | None,
               label: str) -> Candidate | None | bool:

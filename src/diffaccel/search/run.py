@@ -160,8 +160,11 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
         ctx.validator = validator_for(calib, budget, plan_getter(space), ctx.log)
     ctx.reserve = heldout_reserve(ctx, heldout, 2 if handmade else 1) + ctx.validation_reserve() \
         + ctx.precision_reserve()
-    ctx.log(f"scoring {len(handmade)} hand-made plans first (the seeds, and what the search must beat)")
-    hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log)  # the seeds first, in time
+    enough = budget.raised(config.largest_margin())
+    ctx.log(f"scoring {len(handmade)} hand-made plans first, cheapest first, up to the first that meets {enough.text} "
+            "(the seeds, and what the search must beat)")
+    hand = handmade_scores(ctx.store, calib, handmade, space, ctx.deadline, ctx.log, enough,
+                           config.objective)  # the seeds first, in time
     ctx.margin = _margin(ctx, hand)
     evaluated = _run_strategy(ctx, seeds)
     if ctx.quant_speed is not None:  # the quantized hand-made plans are as fast as the quantized model
