@@ -105,8 +105,9 @@ def handmade_scores(store: Store, calib: CalibrationRun, handmade: list[HandMade
     out: list[Candidate] = []
     index = 1 if objective == "latency" else 0  # bit operations rank as MACs: every hand-made plan has the same bits
     bar, passed = math.inf, 0
-    for item in sorted(handmade, key=lambda h: calib.fractions(h.plan)[index]):
-        if calib.fractions(item.plan)[index] >= bar:
+    costs = {item.key: calib.fractions(item.plan)[index] for item in handmade}
+    for item in sorted(handmade, key=lambda h: costs[h.key]):
+        if costs[item.key] >= bar:
             passed += 1
             continue
         if item.key not in cached and deadline is not None and time.time() >= deadline:
