@@ -277,16 +277,15 @@ def test_the_automatic_margin_bounds_the_error_of_the_calibration_mean():
     assert auto_margin([(50.0, 2.0)], 30, 4) == pytest.approx(1.645)  # none near the budget: all of them
 
 
-def test_the_held_out_reserve_leaves_the_search_half_its_limit():
+def test_the_held_out_reserve_counts_the_chosen_plans_comparison_and_leaves_the_search_half_its_limit():
     lines = []
     ctx = SimpleNamespace(calib=SimpleNamespace(seconds=100.0, calibrate=None), log=lines.append,
-                          config=SimpleNamespace(pairs=3, time_limit=1330.0))
-    # 3 pairs and the MAC-counted run of each side: under half of 1330
-    assert heldout_reserve(ctx, heldout=object(), compares=1) == pytest.approx(100 * 4.4 * 1.5)
-    ctx.config.time_limit = 3600.0
-    assert heldout_reserve(ctx, heldout=object(), compares=2) == pytest.approx(1320) and not lines
-    ctx.config.time_limit = 900.0  # a slow machine: the check would take 1200 s of 900
-    assert heldout_reserve(ctx, heldout=object(), compares=2) == 450
+                          config=SimpleNamespace(pairs=3, time_limit=3600.0))
+    # 3 pairs and the MAC-counted run of each side, once: the hand-made plan's comparison is not reserved
+    assert heldout_reserve(ctx, heldout=object()) == pytest.approx(100 * 4.4 * 1.5) and not lines
+    assert heldout_reserve(ctx, heldout=None) == 0.0
+    ctx.config.time_limit = 900.0  # a slow machine: the check would take 660 s of 900
+    assert heldout_reserve(ctx, heldout=object()) == 450
     assert lines and "more than half" in lines[0]
 
 

@@ -416,12 +416,13 @@ def test_refinement_restarts_the_fit_below_the_cheapest_clear_while_it_gains_and
     assert joint._cheapest_fit() == 5 and joint.fits[4].psnr == 27.0  # the restart that gained too little is not kept
 
 
-def test_sampler_phase_stops_each_solver_at_the_cheapest_clearing_count_and_at_its_time_share(pipes, monkeypatch):
+def test_sampler_phase_goes_up_until_a_setting_clears_then_down_from_it_and_keeps_its_time_share(pipes,
+                                                                                                   monkeypatch):
     calib = CalibrationRun(pipes[0], shapes_workload([0], 4, per_class=1))
     quality = {"unipc": 26.0, "dpm++3": 25.0, "dpm++2": 24.0, "evodiff": 26.0, "ddim": 18.0}  # PSNR at 5 steps
 
-    def sweep(deadline, clock):
-        joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", deadline, lambda _: None)
+    def sweep(deadline, clock, plain=None):
+        joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", deadline, lambda _: None, plain=plain)
         scored = []
 
         def fake_score(plan, source, latency_scale=1.0):
@@ -439,8 +440,13 @@ def test_sampler_phase_stops_each_solver_at_the_cheapest_clearing_count_and_at_i
     monkeypatch.setattr(joint_module, "time", SimpleNamespace(time=lambda: clock[0]))  # one second a run
     found, scored = sweep(None, clock)
     assert found == [("unipc", 9), ("evodiff", 9)]
-    # no solver runs past the evaluations of the cheapest setting that clears (UniPC 9, swept first)
-    assert len(scored) == 25 and max(steps for _, steps in scored) == 9 and ("ddim", 9) in scored
+    # UniPC up from 5 until it clears at 9; the others down from 9, each to its first miss
+    assert scored == [("unipc", n) for n in range(5, 10)] + [("dpm++3", 9), ("dpm++2", 9), ("evodiff", 9),
+                                                            ("evodiff", 8), ("ddim", 9)]
+    clock[0] = 0.0
+    found, scored = sweep(None, clock, plain=parse_budget("psnr>=28"))  # down while the user's own budget holds
+    assert found == [("unipc", 9), ("evodiff", 9)]
+    assert [s for s in scored if s[0] == "dpm++3"] == [("dpm++3", 9), ("dpm++3", 8), ("dpm++3", 7)]
     clock[0] = 0.0
     found, scored = sweep(20.0, clock)  # 40% of 20 s: once something cleared, the phase stops at 8 s
-    assert found == [("unipc", 9)] and scored[-1] == ("dpm++3", 7) and len(scored) == 8
+    assert found == [("unipc", 9), ("evodiff", 9)] and scored[-1] == ("evodiff", 9) and len(scored) == 8

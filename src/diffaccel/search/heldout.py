@@ -44,16 +44,17 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
     return record
 
 
-def heldout_reserve(ctx: Any, heldout: Callable | None, compares: int) -> float:
-    """Seconds the held-out check will take, estimated from the calibration run, so that the whole
-    search ends near its time limit: ``compares`` plans (the chosen one, and the best hand-made one
-    when there is one), each run ``pairs`` + 1 times next to the baseline (a plan at about half its
-    time; the untimed run of each counts MACs, which slows it by about 40%)."""
+def heldout_reserve(ctx: Any, heldout: Callable | None) -> float:
+    """Seconds the held-out check of the chosen plan will take, estimated from the calibration run,
+    so that the whole search ends near its time limit: ``pairs`` + 1 runs next to the baseline (a plan
+    at about half its time; the untimed run of each counts MACs, which slows it by about 40%). The
+    best hand-made plan's comparison is not reserved: it follows when it fits in the limit
+    (``_past_limit``); reserving it took half of a 30-minute SD search for a comparison then skipped."""
     if heldout is None or not ctx.config.time_limit:
         return 0.0
     calls = len(heldout) / max(1, len(ctx.calib.calibrate)) \
         if hasattr(heldout, "calls") and hasattr(ctx.calib.calibrate, "calls") else 1.0
-    seconds = ctx.calib.seconds * calls * (ctx.config.pairs + 1.4) * compares * 1.5
+    seconds = ctx.calib.seconds * calls * (ctx.config.pairs + 1.4) * 1.5
     if seconds > ctx.config.time_limit / 2:  # the search proper keeps at least half the limit
         ctx.log(f"warning: the held-out check is estimated at {seconds:.0f} s, more than half the "
                 f"{ctx.config.time_limit:.0f} s limit: the search keeps half of it and the whole run will "

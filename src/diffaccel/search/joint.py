@@ -5,10 +5,12 @@ A grid would be large and mostly useless, so the search moves in phases, each cu
 (the key steps of the pipeline's own sampler, phase 2's first setting, come before phase 1: they
 need no profile run and are the plans a short search must not miss):
 
-1. **samplers**: every solver at increasing step counts (and informed starts), no caching, until a
-   count clears the budget with ``HEADROOM`` dB to spare (more steps would only buy quality that
-   caching can trade for speed), or reaches the evaluations of the cheapest setting that clears so
-   far; once one clears, the phase takes at most ``SAMPLERS_SHARE`` of the time it started with;
+1. **samplers**: every solver (and informed start), no caching: until a setting clears the budget,
+   at increasing step counts until one clears it with ``HEADROOM`` dB to spare (more steps would only
+   buy quality that caching can trade for speed); after that, from the evaluations of the cheapest
+   setting that clears down while the user's budget holds (a solver that misses at the most steps
+   it may use misses below: on the embedded SD pipeline 4 runs instead of 32); once one clears, the
+   phase takes at most ``SAMPLERS_SHARE`` of the time it started with;
 1b. **fitted timesteps**: the solver of the cheapest setting that clears the budget at fewer steps,
    its timesteps fitted to the reference on the calibration set (``timesteps.py``), from the fewest
    steps whose plain run came within ``FIT_GAIN`` dB of the budget, then down while fits clear it
@@ -96,10 +98,11 @@ class JointSearch(FitPhases):
 
     def __init__(self, calib: CalibrationRun, budget: Budget, objective: str, deadline: float | None,
                  log: Callable[[str], None], space: JointSpace | None = None, quant: object = None,
-                 validator: Validator | None = None):
+                 validator: Validator | None = None, plain: Budget | None = None):
         self.calib, self.budget, self.objective, self._deadline, self.log = calib, budget, objective, deadline, log
         self.space = space or JointSpace()
         self.quant = quant
+        self.plain = plain or budget  # the user's budget, before the margin that ``budget`` adds
         self.validator = validator  # when given, only a plan it confirms bars dearer ones (``_cannot_win``)
         self.candidates: list[Candidate] = []
         self.quant_speed: float | None = None  # measured quantized / plain wall time (phase 3)
@@ -161,30 +164,59 @@ class JointSearch(FitPhases):
         return len(self.candidates)
 
     def samplers(self) -> list[SolverSpec]:
-        """Phase 1; returns the sampler settings that clear the budget, cheapest first. A solver stops
-        at the evaluations of the cheapest setting that clears so far (more could not be cheaper),
-        and the phase stops once something clears and it has used ``SAMPLERS_SHARE`` of the time
-        left at its start (the fit and caching phases need the rest)."""
-        base = identity_plan(self.calib.model)
+        """Phase 1; returns the sampler settings that clear the budget, cheapest first. Until one
+        clears, each solver goes up in steps (``_upward``); once one has, each later solver goes down
+        from its evaluations (``_downward``): more could not be cheaper, and a solver that misses there
+        misses below. The phase stops once something clears and it has used ``SAMPLERS_SHARE`` of the
+        time left at its start (the fit and caching phases need the rest)."""
         clearing: list[tuple[float, SolverSpec]] = []
         cap = None if self.deadline is None else time.time() + SAMPLERS_SHARE * (self.deadline - time.time())
         for name in self.space.solvers:
             for start in self.space.starts:
-                previous = None
-                for steps in self.space.steps:
-                    spec = SolverSpec(name=name, steps=steps, start=start)
-                    if clearing and (spec.evaluations > min(s.evaluations for _, s in clearing)
-                                     or (cap is not None and time.time() >= cap)):
-                        break
-                    c = self.score(base.model_copy(update={"solver": spec, "method": "steps"}), spec.label)
-                    if c is None:
-                        continue
-                    if c.meets(self.budget):
-                        clearing.append((c.cost(self.objective), spec))
-                    if c.psnr >= self.budget.threshold + HEADROOM or (previous is not None and c.psnr < previous):
-                        break  # enough headroom, or more steps stopped helping (the sampler saturates)
-                    previous = c.psnr
+                if not clearing:
+                    self._upward(name, start, clearing)
+                elif cap is None or time.time() < cap:
+                    self._downward(name, start, clearing, cap)
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
+
+    def _plain_steps(self, spec: SolverSpec) -> Candidate | None:
+        return self.score(identity_plan(self.calib.model).model_copy(update={"solver": spec, "method": "steps"}),
+                          spec.label)
+
+    def _upward(self, name: str, start: float, clearing: list[tuple[float, SolverSpec]]) -> None:
+        """``name`` at increasing step counts until one clears the budget with ``HEADROOM`` dB to
+        spare (more steps would only buy quality that caching can trade for speed), or goes past the
+        evaluations of the cheapest that clears, or stops gaining (the sampler saturates)."""
+        previous = None
+        for steps in self.space.steps:
+            spec = SolverSpec(name=name, steps=steps, start=start)
+            if clearing and spec.evaluations > min(s.evaluations for _, s in clearing):
+                break
+            c = self._plain_steps(spec)
+            if c is None:
+                continue
+            if c.meets(self.budget):
+                clearing.append((c.cost(self.objective), spec))
+            if c.psnr >= self.budget.threshold + HEADROOM or (previous is not None and c.psnr < previous):
+                break
+            previous = c.psnr
+
+    def _downward(self, name: str, start: float, clearing: list[tuple[float, SolverSpec]], cap: float | None) -> None:
+        """``name`` from the most steps within the evaluations of the cheapest setting that clears,
+        down while it meets the user's own budget (``plain``: a plain sampler meeting it is the
+        comparison a user makes, so the cheapest one must be found) and no further."""
+        most = min(s.evaluations for _, s in clearing)
+        for steps in sorted(self.space.steps, reverse=True):
+            spec = SolverSpec(name=name, steps=steps, start=start)
+            if spec.evaluations > most:
+                continue
+            if cap is not None and time.time() >= cap:
+                return
+            c = self._plain_steps(spec)
+            if c is None or not c.meets(self.plain):
+                return
+            if c.meets(self.budget):
+                clearing.append((c.cost(self.objective), spec))
 
     def cached(self, spec: SolverSpec | None) -> None:
         """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps

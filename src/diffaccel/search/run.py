@@ -122,7 +122,7 @@ def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
     config, space, calib, evaluate = ctx.config, ctx.space, ctx.calib, _evaluator(ctx)
     if config.strategy == "joint":
         joint = JointSearch(calib, ctx.budget.raised(ctx.margin), config.objective, ctx.deadline,
-                            ctx.log, quant=config.quant, validator=ctx.validator)
+                            ctx.log, quant=config.quant, validator=ctx.validator, plain=ctx.budget)
         done = joint.run()
         ctx.joint, ctx.quant_speed = joint.candidates, joint.quant_speed
         return done
@@ -158,7 +158,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     handmade, seeds = _handmade(ctx)
     if config.validate:
         ctx.validator = validator_for(calib, budget, plan_getter(space), ctx.log)
-    ctx.reserve = heldout_reserve(ctx, heldout, 2 if handmade else 1) + ctx.validation_reserve() \
+    ctx.reserve = heldout_reserve(ctx, heldout) + ctx.validation_reserve() \
         + ctx.precision_reserve()
     enough = budget.raised(config.largest_margin())
     ctx.log(f"scoring {len(handmade)} hand-made plans first, cheapest first, up to the first that meets {enough.text} "
