@@ -295,10 +295,13 @@ def test_a_timestep_fit_scores_a_one_parameter_family_before_the_simplex():
     fit = fit_timesteps(spec, own, objective, evaluations=1 + len(FAMILY) + 2)
     assert fit.spec.timesteps == target and fit.quality == 0 > fit.start_quality
     assert fit.evaluations <= 1 + len(FAMILY) + 2
+    enough = fit_timesteps(spec, own, objective, enough=-1.0)  # stops at the first run that reaches it
+    assert enough.spec.timesteps == target and enough.evaluations == 1 + FAMILY.index(0.45) + 1
 
 
 def test_the_joint_search_fits_timesteps_one_step_fewer_at_a_time_while_the_budget_holds(pipes, monkeypatch):
     monkeypatch.setattr("diffaccel.search.timesteps.EVALUATIONS_PER_STEP", 3)
+    monkeypatch.setattr("diffaccel.search.fits.AMPLE", 1000.0)  # no fit clears by far: each runs to its cap
     calib = CalibrationRun(pipes[0], shapes_workload([0], 8, per_class=1))
     lines = []
     easy = JointSearch(calib, parse_budget("psnr>=1"), "macs", None, lines.append)
@@ -375,6 +378,18 @@ def test_a_fit_that_clears_the_budget_by_far_is_cached_before_the_next_fit_and_o
     again.cached(spec)
     again.cached(spec)
     assert profiles == [spec]  # phase 2 runs once per setting
+
+
+def test_a_fit_that_clears_the_budget_by_far_stops_there_and_skips_the_every_step_coefficient_fit(pipes,
+                                                                                                    monkeypatch):
+    monkeypatch.setattr("diffaccel.search.fits.AMPLE", 0.0)  # any run that clears is ample
+    calib = CalibrationRun(pipes[0], shapes_workload([0], 8, per_class=1))
+    lines = []
+    joint = JointSearch(calib, parse_budget("psnr>=1"), "macs", None, lines.append)
+    joint._fit(SolverSpec(name="unipc", steps=4), None)
+    assert any("timesteps fitted in 1 runs" in line and "the fit stops" in line for line in lines)
+    corrected = [c.source for c in joint.candidates if c.plan.method == "fitted-solver"]
+    assert len(corrected) == 1 and corrected[0].endswith("(the last step)")
 
 
 def test_the_next_fit_skips_counts_that_the_last_clearing_fits_gain_says_will_clear():

@@ -173,17 +173,19 @@ def fit_coefficients(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpe
 
 
 def coefficient_fits(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpec, reference: ReferenceTrajectory,
-                     deadline: float | None = None, plan: Plan | None = None) -> Iterator[tuple[SolverSpec, str]]:
-    """``spec`` with the last step's coefficients fitted (one run), then with every step's (one run
-    per step), under ``plan``'s caching if given, each with which it is ("the last step", "every
-    step"). The every-step fit starts only if the first fit's run time says it ends before ``deadline``."""
+                     deadline: float | None = None, plan: Plan | None = None,
+                     every: bool = True) -> Iterator[tuple[SolverSpec, str]]:
+    """``spec`` with the last step's coefficients fitted (one run), then (if ``every``) with every
+    step's (one run per step), under ``plan``'s caching if given, each with which it is ("the last
+    step", "every step"). The every-step fit starts only if the first fit's run time says it ends
+    before ``deadline``."""
     started = time.time()
     last = fit_coefficients(pipe, calibrate, spec, reference, deadline, False, plan)
     if last is None:
         return
     per_run = time.time() - started
     yield last, "the last step"
-    if deadline is not None and time.time() + spec.steps * per_run >= deadline:
+    if not every or (deadline is not None and time.time() + spec.steps * per_run >= deadline):
         return
     every = fit_coefficients(pipe, calibrate, spec, reference, deadline, True, plan)
     if every is not None:

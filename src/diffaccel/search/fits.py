@@ -17,7 +17,7 @@ from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import PLACEABLE, SolverSpec
 
 FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embedded models): where fits start
-AMPLE = 6.0  # dB above the budget at which a fit is cached before the next fit (12 SD steps fitted: +8 dB)
+AMPLE = 6.0  # dB above the budget at which a fit stops and is cached before the next fit (12 SD steps: +8 dB)
 RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
 
 
@@ -120,28 +120,34 @@ class FitPhases:
             scheduler.set_timesteps(spec.steps)
             own = tuple(int(t) for t in scheduler.timesteps)
         share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
-        fit = fit_timesteps(spec, own, self._fit_objective, share, warm=resampled(warm, spec.steps) if warm else None)
+        enough = self.budget.threshold + AMPLE if self.budget.metric == "psnr" else None
+        fit = fit_timesteps(spec, own, self._fit_objective, share, warm=resampled(warm, spec.steps) if warm else None,
+                            enough=enough)
         how = "fit restarted" if restart else "timesteps fitted"
+        ample = f" (the budget cleared by {AMPLE:g} dB: the fit stops)" if enough and fit.quality >= enough else ""
         self.log(f"  {spec.label}: {how} in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
-                 f"{fit.quality:.2f}{self.budget.unit()}")
+                 f"{fit.quality:.2f}{self.budget.unit()}{ample}")
         scores = self._fit_scores.get((spec.name, fit.spec.timesteps))
         if scores is None:
             return None
         plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
-        fits = [self._keep(plan, scores, fit.spec.label), *self._corrected(fit.spec)]
+        timed = self._keep(plan, scores, fit.spec.label)
+        fits = [timed, *self._corrected(fit.spec, every=not self._ample(timed))]
         return max(fits, key=lambda c: (c.meets(self.budget), c.quality(self.budget)))
 
-    def _corrected(self, spec: SolverSpec) -> list[Candidate]:
+    def _corrected(self, spec: SolverSpec, every: bool = True) -> list[Candidate]:
         """Phase 1c: ``spec`` with its coefficients fitted to the reference trajectory (the last
-        step's, then every step's: ``coefficients.py``), scored, within a third of the time left
-        (as a timestep fit: on a slow pipeline the descent to fewer steps needs the rest)."""
+        step's, then, if ``every``, every step's: ``coefficients.py``), scored, within a third of the
+        time left (as a timestep fit: on a slow pipeline the descent to fewer steps needs the rest).
+        A fit with ample headroom skips the every-step fit (a run per step): caching spends the
+        headroom, and the time goes to the fits at fewer steps."""
         found = []
         base = identity_plan(self.calib.model).model_copy(update={"method": "fitted-solver"})
         try:
             self._reference = self._reference or record_reference(self.calib.pipe, self.calib.calibrate)
             share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
             for fitted, which in coefficient_fits(self.calib.pipe, self.calib.calibrate, spec, self._reference,
-                                                  share):
+                                                  share, every=every):
                 found += [c for c in [self.score(base.model_copy(update={"solver": fitted}),
                                                  f"{fitted.label} ({which})")] if c is not None]
         except Exception as exc:  # noqa: BLE001 -- a fit that fails or breaks the pipeline is left out

@@ -15,8 +15,9 @@ need no profile run and are the plans a short search must not miss):
    its timesteps fitted to the reference on the calibration set (``timesteps.py``), from the fewest
    steps whose plain run came within ``FIT_GAIN`` dB of the budget, then down while fits clear it
    (skipping counts that the first fit's gain over its plain run says will clear), else up until
-   one does (each fit gets a third of the time left); a fit that clears by ``AMPLE`` dB gets its
-   caching phase (2) at once, before the next fit (on a slow pipeline the descent may take the rest);
+   one does (each fit gets a third of the time left); a fit that clears by ``AMPLE`` dB stops there,
+   skips the every-step coefficient fit, and gets its caching phase (2) at once, before the next fit
+   (caching spends the headroom; on a slow pipeline the descent may take the rest);
 1c. **fitted coefficients**: each timestep fit also with its steps' coefficients fitted to the
    reference trajectory (``coefficients.py``: one calibration run per step), kept where it scores
    better (phases 1b, 1c and 4 live in ``fits.py``);

@@ -36,7 +36,7 @@ FAMILY = (0.3, 0.45, 0.65, 1.0, 1.5)  # exponents of the power schedule scored b
 
 
 class _OutOfTime(Exception):
-    pass
+    """The fit stops: the cap, the deadline, or a run good enough."""
 
 
 @dataclass
@@ -87,12 +87,13 @@ def resampled(timesteps: tuple[int, ...], steps: int) -> tuple[int, ...]:
 
 def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[SolverSpec], float],
                   deadline: float | None = None, evaluations: int | None = None,
-                  warm: tuple[int, ...] | None = None) -> Fit:
+                  warm: tuple[int, ...] | None = None, enough: float | None = None) -> Fit:
     """The timesteps for ``spec``'s solver and step count that maximize ``objective`` (a calibration
     score): ``own`` (the solver's default timesteps), ``warm`` (e.g. an earlier fit at another step
     count, ``resampled``) and the power schedules (``_score_family``) are scored, then the simplex
-    starts from ``own`` or ``warm``, whichever scored better. Stops at the evaluation cap or at
-    ``deadline``, returning the best seen; candidates that round to repeated timesteps are skipped."""
+    starts from ``own`` or ``warm``, whichever scored better. Stops at the evaluation cap, at
+    ``deadline``, or once a run reaches ``enough``, returning the best seen; candidates that round to
+    repeated timesteps are skipped."""
     cap = evaluations or EVALUATIONS_PER_STEP * max(1, spec.steps - 1)
     seen: dict[tuple[int, ...], float] = {}
     best: list = [-math.inf, own]
@@ -107,6 +108,8 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
             seen[timesteps] = objective(spec.model_copy(update={"timesteps": timesteps}))
             if seen[timesteps] > best[0]:
                 best[:] = [seen[timesteps], timesteps]
+            if enough is not None and best[0] >= enough:
+                raise _OutOfTime
         return -seen[timesteps]
 
     start = log_gaps_of(own)
