@@ -187,6 +187,6 @@ def coefficient_fits(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpe
     yield last, "the last step"
     if not every or (deadline is not None and time.time() + spec.steps * per_run >= deadline):
         return
-    every = fit_coefficients(pipe, calibrate, spec, reference, deadline, True, plan)
-    if every is not None:
-        yield every, "every step"
+    each = fit_coefficients(pipe, calibrate, spec, reference, deadline, True, plan)
+    if each is not None:
+        yield each, "every step"
