@@ -2,6 +2,7 @@
 user would try, measured on held-out seeds in one process.
 
     python benchmarks/joint_search.py --model dit [--time 15m] [--threads 1] [--calib-per-class 2]
+    python benchmarks/joint_search.py --model dit --quant w8a8 --quant-backend int8-dynamic  # int8 as the last step
     python benchmarks/joint_search.py --model dit --quant w8a8 --quant-backend int8 --objective latency
 
 1. ``diffaccel search --strategy joint`` on the calibration seeds (budget ``psnr>=30`` by default);
@@ -9,8 +10,9 @@ user would try, measured on held-out seeds in one process.
    repeats): the searched plan, the cheapest plain sampler whose calibration PSNR cleared the
    budget (the search's own phase-1 rows), and the best hand-made caching plan; each with MAC and
    wall-clock speedup, PSNR (mean, 5th percentile), SSIM, evaluator accuracy and Fréchet distance.
-   When the searched plan runs in a lower precision (``--precision``, default auto), two more rows
-   say what that part is worth: the same plan in float32, and the plain sampler in that precision.
+   When the searched plan runs in a lower precision (``--precision``, default auto) or in int8
+   (``--quant`` with a real backend), two more rows say what that part is worth: the same plan in
+   float32, and the plain sampler in that precision or int8.
 
 Results go to ``benchmarks/results/joint_search_<model>[_c<n>][_m<margin>][_<quant>][_t<time>].json`` (the
 settings that differ from the defaults) with the commands that reproduce them.
@@ -106,14 +108,15 @@ def main() -> None:
     if best_sampler is not None:
         rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label}", best_sampler.plan, heldout,
                             reference, args.pairs))
-    lowered = result.plan.precision
-    if lowered is not None:  # what the precision is worth: without it, and given to the plain sampler too
-        rows.append(measure(target, "searched (joint) in float32", result.plan.model_copy(update={"precision": None}),
+    plan = result.plan
+    arithmetic = {"precision": plan.precision} if plan.precision else {"quant": plan.quant} if plan.quant else {}
+    if arithmetic:  # what the lower precision or int8 is worth: without it, and given to the plain sampler too
+        label = plan.precision or f"{plan.quant.label} {plan.quant.backend}"
+        rows.append(measure(target, "searched (joint) in float32", plan.model_copy(update=dict.fromkeys(arithmetic)),
                             heldout, reference, args.pairs))
         if best_sampler is not None:
-            rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label} in {lowered}",
-                                best_sampler.plan.model_copy(update={"precision": lowered}), heldout, reference,
-                                args.pairs))
+            rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label} in {label}",
+                                best_sampler.plan.model_copy(update=arithmetic), heldout, reference, args.pairs))
     hand = choose(result.handmade, budget, args.objective)[0] if result.handmade else None
     if hand is not None and hand.plan is not None:
         rows.append(measure(target, f"hand-made {hand.source}", hand.plan, heldout, reference, args.pairs))

@@ -12,17 +12,24 @@ import torch
 
 import diffaccel
 from diffaccel.adapters import find_denoiser
+from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import as_workload
 from diffaccel.errors import PlanError, SearchError
 from diffaccel.plan import Plan
+from diffaccel.quant.layers import QuantizedLayer
+from diffaccel.quant.spec import QuantSpec
 from diffaccel.runtime.features import precision as precision_feature
 from diffaccel.search import search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import parse_budget
-from diffaccel.search.precision import MIN_GAIN, lower_precision
+from diffaccel.search.precision import MIN_GAIN, arithmetic_choices, autocast, lower_precision
+from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
+from test_engine import call, make_pipes
 from test_pipelines import run, untouched
+
+BF16 = [autocast("bfloat16", torch.device("cpu"))]
 
 
 def _matmul_dtypes(model: torch.nn.Module) -> tuple[set, list]:
@@ -122,8 +129,8 @@ def test_the_search_keeps_a_lower_precision_only_when_faster_within_the_budget_a
 
     def lowered(speed: float, budget: str, deadline: float | None = None):
         monkeypatch.setattr(calib, "score", _timed(calib, speed))
-        monkeypatch.setattr(calib, "autocast_speed", lambda dtype: speed)
-        return lower_precision(calib, chosen, plan, parse_budget(budget), deadline, lines.append, None, ["bfloat16"])
+        monkeypatch.setattr(calib, "forward_speed", lambda lowered: speed)
+        return lower_precision(calib, chosen, plan, parse_budget(budget), deadline, lines.append, None, BF16)
 
     found, speed = lowered(1.6, "psnr>=5")
     assert speed == pytest.approx(1.6) and found.plan.precision == "bfloat16" and found.plan.schedule == plan.schedule
@@ -141,14 +148,13 @@ def test_a_precision_whose_forward_is_slow_is_never_timed_on_whole_runs(monkeypa
     the plan in it would overrun the search's time limit: one forward decides, and no run of the
     lowered plan is made. The look itself runs the real denoiser on the first step's inputs."""
     pipe, calib, plan, chosen = _chosen_fora("dit")
-    speed = calib.autocast_speed(torch.bfloat16)
+    speed = calib.forward_speed(BF16[0].forward)
     assert 0 < speed < float("inf") and not torch.is_autocast_enabled("cpu")
     scored: list[Plan] = []
     monkeypatch.setattr(calib, "score", lambda p: scored.append(p))
-    monkeypatch.setattr(calib, "autocast_speed", lambda dtype: 0.06)
+    monkeypatch.setattr(calib, "forward_speed", lambda lowered: 0.06)
     lines: list[str] = []
-    assert lower_precision(calib, chosen, plan, parse_budget("psnr>=5"), None, lines.append, None,
-                           ["bfloat16"]) is None
+    assert lower_precision(calib, chosen, plan, parse_budget("psnr>=5"), None, lines.append, None, BF16) is None
     assert scored == [] and "runs 0.06x as fast as in float32 on this machine" in lines[-1]
     assert untouched(pipe)
 
@@ -167,7 +173,7 @@ def test_a_search_returns_the_lowered_plan_only_when_timed_faster_and_reports_it
             return dc_replace(real(self, plan), seconds=1.0 if plan.precision is None else 1.0 / speed)
 
         monkeypatch.setattr(CalibrationRun, "score", score)
-        monkeypatch.setattr(CalibrationRun, "autocast_speed", lambda self, dtype: speed)
+        monkeypatch.setattr(CalibrationRun, "forward_speed", lambda self, lowered: speed)
         lines.clear()
         return search(pipe, workload, budget="psnr>=5", strategy="greedy", greedy_points=3, precision=precision,
                       log=lines.append)
@@ -176,7 +182,7 @@ def test_a_search_returns_the_lowered_plan_only_when_timed_faster_and_reports_it
     assert on.plan.precision == "bfloat16" and on.summary["precision"] == "bfloat16"
     assert on.summary["precision_speed"] == pytest.approx(1.6) and on.summary["validation_confirmed"]
     assert on.chosen.source.endswith(" in bfloat16") and on.summary["source"] == on.chosen.source
-    assert any(line.startswith("precision: the chosen plan under autocast (bfloat16)") for line in lines)
+    assert any(line.startswith("precision: the chosen plan in bfloat16,") for line in lines)
     assert untouched(pipe)
     same = found(1.0)
     assert same.plan.precision is None and same.summary["precision_speed"] is None
@@ -185,3 +191,59 @@ def test_a_search_returns_the_lowered_plan_only_when_timed_faster_and_reports_it
     assert off.plan.precision is None and not any(line.startswith("precision:") for line in lines)
     with pytest.raises(SearchError, match="unknown precision"):
         search(pipe, workload, precision="int8", log=lines.append)
+
+
+def test_a_joint_search_by_macs_tries_int8_on_the_plan_it_chose_and_keeps_it_only_when_timed_faster(monkeypatch,
+                                                                                                    tmp_path):
+    """With a real integer backend, a joint search by MACs searches in float32 (hand-made plans
+    too; no quantized phase, whose plans would tie on MACs) and tries the chosen plan quantized as
+    its last step: returned quantized when timed 1.6x as fast within the budget, else as chosen. A
+    simulated backend could never be chosen by MACs: a clear error."""
+    pipes = make_pipes()
+    work = shapes_workload([0], 6, per_class=1)
+    ranges = activation_ranges(pipes[0], work, progress=False).save(tmp_path / "ranges.safetensors")
+    spec = QuantSpec(weight_bits=8, act_bits=8, backend="int8-dynamic", calibration=str(ranges))
+    real = CalibrationRun.score
+    lines: list[str] = []
+
+    def found(speed: float):
+        def score(self, plan):
+            return dc_replace(real(self, plan), seconds=1.0 if plan.quant is None else 1.0 / speed)
+
+        monkeypatch.setattr(CalibrationRun, "score", score)
+        monkeypatch.setattr(CalibrationRun, "forward_speed", lambda self, lowered: speed)
+        lines.clear()
+        return search(pipes[0], work, budget="psnr>=15", strategy="joint", quant=spec, time_limit=30,
+                      precision="none", heldout=None, log=lines.append)
+
+    fast = found(1.6)
+    assert fast.plan.quant == spec and fast.summary["quant"]["backend"] == "int8-dynamic"
+    assert fast.summary["precision_speed"] == pytest.approx(1.6)
+    assert fast.chosen.source.endswith(" in W8A8 int8-dynamic")
+    assert all(c.plan is None or c.plan.quant is None for c in fast.handmade)  # searched and compared in float32
+    assert any(line.startswith("precision: the chosen plan in W8A8 int8-dynamic") for line in lines)
+    assert not any("on the full-compute run" in line for line in lines)  # no quantized phase
+    with diffaccel.accelerate(pipes[0], fast.plan):
+        assert torch.isfinite(call(pipes[0], steps=6)).all()
+    assert not any(isinstance(m, QuantizedLayer) for m in pipes[0].denoiser.modules())
+    same = found(1.0)
+    assert same.plan.quant is None and same.summary["precision_speed"] is None
+    with pytest.raises(SearchError, match="simulated quantization"):
+        search(pipes[0], work, strategy="joint", quant=spec.model_copy(update={"backend": "fake"}), log=lines.append)
+
+
+def test_the_first_look_at_int8_runs_the_quantized_denoiser_and_puts_the_float_layers_back(tmp_path):
+    pipe = make_pipes()[0]
+    work = shapes_workload([0], 4, per_class=1)
+    ranges = activation_ranges(pipe, work, progress=False).save(tmp_path / "ranges.safetensors")
+    spec = QuantSpec(weight_bits=8, act_bits=8, backend="int8-dynamic", calibration=str(ranges))
+    calib = CalibrationRun(pipe, work)
+    looks = arithmetic_choices("none", spec, pipe.denoiser)
+    assert [a.label for a in looks] == ["W8A8 int8-dynamic"]
+    assert arithmetic_choices("none", spec.model_copy(update={"backend": "fake"}), pipe.denoiser) == []
+    seen: list[int] = []
+    with looks[0].forward():
+        seen.append(sum(isinstance(m, QuantizedLayer) for m in pipe.denoiser.modules()))
+    assert seen[0] > 0 and not any(isinstance(m, QuantizedLayer) for m in pipe.denoiser.modules())
+    assert 0 < calib.forward_speed(looks[0].forward) < float("inf")
+    assert looks[0].lowered(identity_plan(pipe.denoiser)).quant == spec

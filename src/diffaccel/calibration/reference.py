@@ -20,6 +20,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +129,7 @@ class CalibrationRun:
         if executor.stats.forwards == 0 or not executor.unit_macs:
             raise CalibrationError("the calibration workload never ran the pipeline's denoiser")
         self.num_steps = executor.stats.steps
-        self.first_forward = first[0]  # the denoiser's inputs at the first step (``autocast_speed``)
+        self.first_forward = first[0]  # the denoiser's inputs at the first step (``forward_speed``)
         self.shape_macs = dict(executor.unit_macs)
         self.unit_macs = next(iter(self.shape_macs.values()))
         forwards = max(1, timed["forwards"])
@@ -246,11 +247,11 @@ class CalibrationRun:
         return Scores(quality["psnr"], quality["psnr_p5"], quality["psnr_min"], quality["ssim"], macs, latency,
                       time.perf_counter() - start, spread)
 
-    def autocast_speed(self, dtype: torch.dtype, repeats: int = 2) -> float:
+    def forward_speed(self, lowered: Callable[[], AbstractContextManager], repeats: int = 2) -> float:
         """How many times as fast one denoiser forward (the first step's, on the calibration inputs) runs
-        under autocast to ``dtype`` as in float32: interleaved, the fastest of ``repeats`` each. A look
-        that costs a few forwards, before whole runs are timed (where ``dtype`` is emulated, a whole
-        run of it can take ten times as long)."""
+        inside ``lowered()`` (say, autocast to bfloat16, or the layers quantized) as without it:
+        interleaved, the fastest of ``repeats`` each. A look that costs a few forwards, before whole
+        runs are timed (where the arithmetic is emulated, a whole run of it can take ten times as long)."""
         args, kwargs = self.first_forward
         device = next(self.model.parameters()).device
 
@@ -258,17 +259,17 @@ class CalibrationRun:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=lower):
+            with torch.no_grad(), lowered() if lower else nullcontext():
                 self.model(*args, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return time.perf_counter() - start
 
-        plain, lowered = [], []
+        plain, lowered_seconds = [], []
         for _ in range(repeats):
             plain.append(seconds(False))
-            lowered.append(seconds(True))
-        return min(plain) / min(lowered)
+            lowered_seconds.append(seconds(True))
+        return min(plain) / min(lowered_seconds)
 
     def timed_against(self, plan: Plan, base: Plan, runs: int = 2) -> tuple[float, Scores]:
         """``plan``'s speed-up over ``base`` and ``plan``'s scores: both run ``runs`` times, interleaved

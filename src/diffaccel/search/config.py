@@ -130,6 +130,11 @@ class SearchConfig:
     def parsed_budget(self) -> Budget:
         return parse_budget(self.budget)
 
+    def searched_quant(self) -> QuantSpec | None:
+        """The quantization every candidate is searched with; None where it is only the last step's
+        (a joint search by MACs, whose MACs quantization leaves as they are: ``search/precision.py``)."""
+        return None if self.strategy == "joint" and self.objective == "macs" else self.quant
+
     def effective_margin(self) -> float:
         budget = self.parsed_budget()
         return DEFAULT_MARGIN[budget.metric] if self.margin is None else float(self.margin)
@@ -154,8 +159,11 @@ class SearchConfig:
         margin = self.effective_margin()
         if not math.isfinite(margin) or margin < 0:
             raise SearchError(f"the margin must be a finite number >= 0, got {margin}")
-        if self.strategy == "joint" and self.quant is not None and self.objective == "macs":
-            raise SearchError("quantization leaves the MACs as they are, so a joint search with --quant needs "
-                              "--objective latency (the measured speed of the quantized model) or bops")
+        if self.strategy == "joint" and self.quant is not None and self.objective == "macs" \
+                and self.quant.backend == "fake":
+            raise SearchError("simulated quantization (backend fake) changes neither the MACs nor the time, so "
+                              "a joint search by MACs could never choose it: give --objective bops (MACs weighted "
+                              "by weight bits) or latency, or a real backend (--quant-backend int8-dynamic or "
+                              "int8), which a search by MACs tries on the plan it chose")
         if self.objective == "bops" and self.quant is None:
             raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")

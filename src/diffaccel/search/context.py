@@ -10,7 +10,7 @@ from pathlib import Path
 from diffaccel.calibration.reference import CalibrationRun
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import Budget, SearchConfig
-from diffaccel.search.precision import precision_choices, precision_seconds
+from diffaccel.search.precision import Arithmetic, arithmetic_choices, precision_seconds
 from diffaccel.search.space import Space
 from diffaccel.search.store import Store
 from diffaccel.search.validation import Validator, validation_seconds
@@ -33,16 +33,17 @@ class Context:
     quant_speed: float | None = None  # joint + quant: measured quantized / plain wall time of the model
     margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
     validator: Validator | None = None  # scores plans on fresh seeds (``config.validate``)
-    precision_speed: float | None = None  # the returned plan's measured speed-up from its precision
+    precision_speed: float | None = None  # the returned plan's measured speed-up from its precision or int8
 
     def validation_reserve(self) -> float:
         return validation_seconds(self.calib) if self.validator is not None and self.config.time_limit else 0.0
 
-    def precisions(self) -> list[str]:
-        return precision_choices(self.config.precision, next(self.calib.model.parameters()).device)
+    def arithmetic(self) -> list[Arithmetic]:
+        """What the last step may run the chosen plan in (``precision.py``)."""
+        return arithmetic_choices(self.config.precision, self.config.quant, self.calib.model)
 
     def precision_reserve(self) -> float:
-        return precision_seconds(self.calib) if self.precisions() and self.config.time_limit else 0.0
+        return precision_seconds(self.calib) if self.arithmetic() and self.config.time_limit else 0.0
 
     @property
     def deadline(self) -> float | None:

@@ -66,7 +66,7 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
         out.mkdir(parents=True, exist_ok=True)
     calib = CalibrationRun(pipe, calibrate, config.granularity, denoiser)
     try:
-        space = Space(calib.model, calib.num_steps, config.granularity, config.quant, config.bits)
+        space = Space(calib.model, calib.num_steps, config.granularity, config.searched_quant(), config.bits)
     except ValueError as exc:
         raise SearchError(str(exc)) from None
     own_file = storage is None and out is not None  # the default storage: one search of one model
@@ -75,8 +75,8 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     name = config.model_name or space.adapter.name
     calib_id = config.calibration_id or getattr(calibrate, "description", None) \
         or getattr(calibrate, "__name__", "custom")
-    if config.quant is not None:  # a joint search is another search: its storage must not mix with a plain one
-        calib_id += f" | quant {config.quant.model_dump_json(exclude={'calibration'})} bits {list(space.bits)}"
+    if space.quant is not None:  # a quantized search is another search: its storage must not mix with a plain one
+        calib_id += f" | quant {space.quant.model_dump_json(exclude={'calibration'})} bits {list(space.bits)}"
     sampler = ClockSeededNSGAII(seed=config.seed, population_size=config.population) \
         if config.strategy == "nsga2" else None
     store = Store(storage, study_name(name, budget, config.objective, config.strategy, config.seed), space,
@@ -122,7 +122,7 @@ def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
     config, space, calib, evaluate = ctx.config, ctx.space, ctx.calib, _evaluator(ctx)
     if config.strategy == "joint":
         joint = JointSearch(calib, ctx.budget.raised(ctx.margin), config.objective, ctx.deadline,
-                            ctx.log, quant=config.quant, validator=ctx.validator, plain=ctx.budget)
+                            ctx.log, quant=config.searched_quant(), validator=ctx.validator, plain=ctx.budget)
         done = joint.run()
         ctx.joint, ctx.quant_speed = joint.candidates, joint.quant_speed
         return done
@@ -226,10 +226,10 @@ def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Valid
 
 def _lowered(ctx: Context, chosen: Candidate, cleared: Budget,
              validation: Validation | None) -> tuple[Candidate, Validation | None]:
-    """``chosen`` in a lower precision if faster within ``cleared`` (``precision.py``), and its validation."""
+    """``chosen`` in cheaper arithmetic if faster within ``cleared`` (``precision.py``), and its validation."""
     deadline = None if ctx.deadline is None else ctx.deadline + ctx.validation_reserve() + ctx.precision_reserve()
     found = lower_precision(ctx.calib, chosen, plan_getter(ctx.space)(chosen), cleared, deadline, ctx.log,
-                            ctx.validator, ctx.precisions())
+                            ctx.validator, ctx.arithmetic())
     if found is None:
         return chosen, validation
     ctx.precision_speed = found[1]
