@@ -24,9 +24,7 @@ from diffaccel.search import search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import parse_budget
 from diffaccel.search.precision import MIN_GAIN, arithmetic_choices, autocast, lower_precision
-from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
-from test_engine import call, make_pipes
 from test_pipelines import run, untouched
 
 BF16 = [autocast("bfloat16", torch.device("cpu"))]
@@ -195,13 +193,13 @@ def test_a_search_returns_the_lowered_plan_only_when_timed_faster_and_reports_it
 
 def test_a_joint_search_by_macs_tries_int8_on_the_plan_it_chose_and_keeps_it_only_when_timed_faster(monkeypatch,
                                                                                                     tmp_path):
-    """With a real integer backend, a joint search by MACs searches in float32 (hand-made plans
-    too; no quantized phase, whose plans would tie on MACs) and tries the chosen plan quantized as
-    its last step: returned quantized when timed 1.6x as fast within the budget, else as chosen. A
-    simulated backend could never be chosen by MACs: a clear error."""
-    pipes = make_pipes()
-    work = shapes_workload([0], 6, per_class=1)
-    ranges = activation_ranges(pipes[0], work, progress=False).save(tmp_path / "ranges.safetensors")
+    """On diffusers' DiTPipeline (tiny, random): with a real integer backend, a joint search by MACs
+    searches in float32 (hand-made plans too; no quantized phase, whose plans would tie on MACs) and
+    tries the chosen plan quantized as its last step: returned quantized when timed 1.6x as fast
+    within the budget, else as chosen. A simulated backend could never be chosen by MACs: a clear error."""
+    pipe, kwargs = build_case("dit")
+    work = as_workload([kwargs])
+    ranges = activation_ranges(pipe, work, progress=False).save(tmp_path / "ranges.safetensors")
     spec = QuantSpec(weight_bits=8, act_bits=8, backend="int8-dynamic", calibration=str(ranges))
     real = CalibrationRun.score
     lines: list[str] = []
@@ -213,7 +211,7 @@ def test_a_joint_search_by_macs_tries_int8_on_the_plan_it_chose_and_keeps_it_onl
         monkeypatch.setattr(CalibrationRun, "score", score)
         monkeypatch.setattr(CalibrationRun, "forward_speed", lambda self, lowered: speed)
         lines.clear()
-        return search(pipes[0], work, budget="psnr>=15", strategy="joint", quant=spec, time_limit=30,
+        return search(pipe, work, budget="psnr>=5", strategy="joint", quant=spec, time_limit=30,
                       precision="none", heldout=None, log=lines.append)
 
     fast = found(1.6)
@@ -223,27 +221,29 @@ def test_a_joint_search_by_macs_tries_int8_on_the_plan_it_chose_and_keeps_it_onl
     assert all(c.plan is None or c.plan.quant is None for c in fast.handmade)  # searched and compared in float32
     assert any(line.startswith("precision: the chosen plan in W8A8 int8-dynamic") for line in lines)
     assert not any("on the full-compute run" in line for line in lines)  # no quantized phase
-    with diffaccel.accelerate(pipes[0], fast.plan):
-        assert torch.isfinite(call(pipes[0], steps=6)).all()
-    assert not any(isinstance(m, QuantizedLayer) for m in pipes[0].denoiser.modules())
+    with diffaccel.accelerate(pipe, fast.plan):
+        assert torch.isfinite(run(pipe, kwargs)).all()
+    assert untouched(pipe)
+    assert not any(isinstance(m, QuantizedLayer) for m in find_denoiser(pipe)[0].modules())
     same = found(1.0)
     assert same.plan.quant is None and same.summary["precision_speed"] is None
     with pytest.raises(SearchError, match="simulated quantization"):
-        search(pipes[0], work, strategy="joint", quant=spec.model_copy(update={"backend": "fake"}), log=lines.append)
+        search(pipe, work, strategy="joint", quant=spec.model_copy(update={"backend": "fake"}), log=lines.append)
 
 
 def test_the_first_look_at_int8_runs_the_quantized_denoiser_and_puts_the_float_layers_back(tmp_path):
-    pipe = make_pipes()[0]
-    work = shapes_workload([0], 4, per_class=1)
+    pipe, kwargs = build_case("dit")
+    work = as_workload([kwargs])
+    model = find_denoiser(pipe)[0]
     ranges = activation_ranges(pipe, work, progress=False).save(tmp_path / "ranges.safetensors")
     spec = QuantSpec(weight_bits=8, act_bits=8, backend="int8-dynamic", calibration=str(ranges))
     calib = CalibrationRun(pipe, work)
-    looks = arithmetic_choices("none", spec, pipe.denoiser)
+    looks = arithmetic_choices("none", spec, model)
     assert [a.label for a in looks] == ["W8A8 int8-dynamic"]
-    assert arithmetic_choices("none", spec.model_copy(update={"backend": "fake"}), pipe.denoiser) == []
+    assert arithmetic_choices("none", spec.model_copy(update={"backend": "fake"}), model) == []
     seen: list[int] = []
     with looks[0].forward():
-        seen.append(sum(isinstance(m, QuantizedLayer) for m in pipe.denoiser.modules()))
-    assert seen[0] > 0 and not any(isinstance(m, QuantizedLayer) for m in pipe.denoiser.modules())
+        seen.append(sum(isinstance(m, QuantizedLayer) for m in model.modules()))
+    assert seen[0] > 0 and not any(isinstance(m, QuantizedLayer) for m in model.modules())
     assert 0 < calib.forward_speed(looks[0].forward) < float("inf")
-    assert looks[0].lowered(identity_plan(pipe.denoiser)).quant == spec
+    assert looks[0].lowered(identity_plan(model)).quant == spec
