@@ -1,5 +1,7 @@
 """Quantization: calibration, quantized layers, plans with a quant section, and bad input."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -9,8 +11,10 @@ from diffaccel import methods
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.plan import Plan, PlanError
 from diffaccel.quant import Calibration, QuantError, QuantSpec, quantize_, weight_bytes
+from diffaccel.quant import layers as quant_layers
 from diffaccel.quant.calibrate import shortcut_splits
 from diffaccel.quant.layers import QuantLinear, pack_nibbles, quantize_weight, unpack_nibbles
+from diffaccel.runtime.features import quantization as quantization_feature
 from test_engine import call, make_pipes, untouched
 
 STEPS = 4
@@ -184,3 +188,20 @@ def test_generate_rejects_a_backend_that_cannot_run_the_bit_width(monkeypatch, c
     code, _, err = run_cli(monkeypatch, capsys, "generate", "--quant", "w4a8", "--quant-backend", "int8",
                            "--per-class", "1", "--out", "/tmp/never")
     assert code == 2 and "W8A8 only" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("speed", [0.04, 1.5])
+def test_the_int8_backend_warns_where_this_cpus_int8_products_are_slower_than_float(pipes, calibrations,
+                                                                                   monkeypatch, speed):
+    """``torch._int_mm`` ran 23x slower than float32 on an AVX2-only CPU: a plan with the int8
+    backend says so and names the backend to use; where int8 is faster, nothing is said. The
+    measurement itself is real and cheap."""
+    assert 0 < quant_layers.int8_matmul_speed() < float("inf")
+    monkeypatch.setattr(quantization_feature, "int8_matmul_speed", lambda: speed)
+    spec = QuantSpec(weight_bits=8, act_bits=8, backend="int8", calibration=str(calibrations[0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with diffaccel.accelerate(pipes[0], methods.fora(pipes[0].denoiser, STEPS, interval=1).with_quant(spec)):
+            pass
+    said = [str(w.message) for w in caught if "int8 matrices" in str(w.message)]
+    assert (said == []) == (speed > 1) and all("25x slower" in s and "int8-dynamic" in s for s in said)

@@ -11,6 +11,8 @@ other case dequantizes and runs the float kernel, which gives the same numbers (
 
 from __future__ import annotations
 
+import functools
+import time
 import warnings
 from collections.abc import Callable
 
@@ -92,6 +94,27 @@ class QuantizedLayer(torch.nn.Module):
     def extra_repr(self) -> str:
         split = f", split at channel {self.split}" if self.split else ""
         return f"W{self.weight_bits}A{self.act_bits}, weight {tuple(self.weight_shape)}{split}"
+
+
+@functools.cache
+def int8_matmul_speed() -> float:
+    """How many times as fast ``torch._int_mm`` (the ``int8`` backend's kernel) multiplies int8
+    matrices on this CPU as float32 ones of the same shape: measured once per process on a 256-wide
+    square product (a few milliseconds). On an AVX2-only CPU it ran 30-100x slower than float32;
+    fbgemm's dynamic kernel (``int8-dynamic``) does not have that problem."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    qa, qb = a.to(torch.int8), b.to(torch.int8)
+
+    def best(product: Callable[[], torch.Tensor]) -> float:
+        product()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(lambda: a @ b) / best(lambda: torch._int_mm(qa, qb))
 
 
 def _use_fbgemm(module: QuantizedLayer, device: torch.device) -> None:
