@@ -104,8 +104,7 @@ def search(
     population: int = typer.Option(16, min=2, help="nsga2 population size"),
     pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
     margin: float = MARGIN,
-    quant: str = typer.Option(None, help="quantize the plans, e.g. w8a8 (calibrated on first use); a joint search "
-                              "by MACs quantizes only the plan it chose, when measured faster"),
+    quant: str = typer.Option(None, help="quantize, e.g. w8a8 (joint by MACs: the chosen plan, if measured faster)"),
     quant_backend: str = typer.Option("fake", help="with --quant: fake, int8 or int8-dynamic"),
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
     correct: bool = CORRECT,
