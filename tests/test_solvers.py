@@ -13,6 +13,7 @@ import diffaccel
 from diffaccel import methods
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
+from diffaccel.calibration.workload import as_workload
 from diffaccel.errors import BudgetError, PlanError, SearchError
 from diffaccel.plan import Plan
 from diffaccel.quant.spec import QuantSpec
@@ -465,3 +466,22 @@ def test_sampler_phase_goes_up_until_a_setting_clears_then_down_from_it_and_keep
     clock[0] = 0.0
     found, scored = sweep(20.0, clock)  # 40% of 20 s: once something cleared, the phase stops at 8 s
     assert found == [("unipc", 9), ("evodiff", 9)] and scored[-1] == ("evodiff", 9) and len(scored) == 8
+
+
+def test_on_a_flow_matching_pipeline_the_sampler_phase_is_skipped_once_with_the_reason():
+    """diffusers' StableDiffusion3Pipeline (tiny, random) has a FlowMatchEulerDiscreteScheduler: no
+    noise schedule to build the solvers on. The joint search says so once and goes on with the
+    pipeline's own sampler, instead of scoring 55 solver settings that each fail; on an SD pipeline
+    (PNDM) the phase runs."""
+    pipe, kwargs = build_case("sd3")
+    lines: list[str] = []
+    joint = JointSearch(CalibrationRun(pipe, as_workload([kwargs])), parse_budget("psnr>=25"), "macs", None,
+                        lines.append)
+    assert joint.samplers() == [] and joint.candidates == []
+    assert [line for line in lines if "are skipped" in line and "FlowMatchEulerDiscreteScheduler" in line] == lines
+    assert len(lines) == 1
+    joint.run()
+    assert joint.candidates and not any("failed" in line for line in lines)
+    sd, sd_kwargs = build_case("sd-pndm")
+    assert JointSearch(CalibrationRun(sd, as_workload([sd_kwargs])), parse_budget("psnr>=25"), "macs", None,
+                       lines.append)._solvers_apply()

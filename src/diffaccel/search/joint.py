@@ -49,10 +49,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from diffaccel.adapters import adapter_for
+from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.dp import optimal_keys, set_matrix
 from diffaccel.calibration.reference import CalibrationRun, Scores, identity_plan
-from diffaccel.errors import SearchError
+from diffaccel.errors import PlanError, SearchError
 from diffaccel.methods.base import make_plan, rows_from
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate, ordered
@@ -60,6 +60,7 @@ from diffaccel.search.coefficients import ReferenceTrajectory
 from diffaccel.search.config import Budget
 from diffaccel.search.fits import FitPhases
 from diffaccel.search.validation import Validator
+from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
@@ -171,6 +172,8 @@ class JointSearch(FitPhases):
         misses below. The phase stops once something clears and it has used ``SAMPLERS_SHARE`` of the
         time left at its start (the fit and caching phases need the rest)."""
         clearing: list[tuple[float, SolverSpec]] = []
+        if not self._solvers_apply():
+            return []
         cap = None if self.deadline is None else time.time() + SAMPLERS_SHARE * (self.deadline - time.time())
         for name in self.space.solvers:
             for start in self.space.starts:
@@ -179,6 +182,19 @@ class JointSearch(FitPhases):
                 elif cap is None or time.time() < cap:
                     self._downward(name, start, clearing, cap)
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
+
+    def _solvers_apply(self) -> bool:
+        """Whether the pipeline's scheduler can host a solver section at all: a flow-matching one
+        (SD3, Flux) has no noise schedule to build the solvers on, and every setting would fail."""
+        if not (self.space.solvers and self.space.steps):
+            return False
+        try:
+            solver_scheduler(SolverSpec(name=self.space.solvers[0], steps=self.space.steps[0]),
+                             find_denoiser(self.calib.pipe)[1])
+        except PlanError as exc:
+            self.log(f"  the sampler, its steps and their fits are skipped: {exc}")
+            return False
+        return True
 
     def _plain_steps(self, spec: SolverSpec) -> Candidate | None:
         return self.score(identity_plan(self.calib.model).model_copy(update={"solver": spec, "method": "steps"}),
