@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace as dc_replace
 
 import pytest
@@ -15,7 +16,7 @@ from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import as_workload
-from diffaccel.errors import PlanError, SearchError
+from diffaccel.errors import PlanError, QuantError, SearchError
 from diffaccel.plan import Plan
 from diffaccel.quant.layers import QuantizedLayer
 from diffaccel.quant.spec import QuantSpec
@@ -23,7 +24,7 @@ from diffaccel.runtime.features import precision as precision_feature
 from diffaccel.search import search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import parse_budget
-from diffaccel.search.precision import MIN_GAIN, arithmetic_choices, autocast, lower_precision
+from diffaccel.search.precision import MIN_GAIN, Arithmetic, arithmetic_choices, autocast, lower_precision
 from stock_pipelines import build as build_case
 from test_pipelines import run, untouched
 
@@ -247,3 +248,20 @@ def test_the_first_look_at_int8_runs_the_quantized_denoiser_and_puts_the_float_l
     assert seen[0] > 0 and not any(isinstance(m, QuantizedLayer) for m in model.modules())
     assert 0 < calib.forward_speed(looks[0].forward) < float("inf")
     assert looks[0].lowered(identity_plan(model)).quant == spec
+
+
+def test_an_arithmetic_this_device_cannot_run_is_logged_and_the_plan_kept():
+    """fbgemm's int8 kernel on a model on a GPU, say: the look raises a clear error, which the last
+    step logs and passes over (the search returns its float32 plan instead of failing at its end)."""
+    pipe, calib, plan, chosen = _chosen_fora("dit")
+
+    @contextmanager
+    def refused():
+        raise QuantError("the int8-dynamic backend runs on a CPU only; use int8 on a GPU")
+        yield
+
+    lines: list[str] = []
+    looks = [Arithmetic("W8A8 int8-dynamic", lambda p: p.with_quant(None), refused)]
+    assert lower_precision(calib, chosen, plan, parse_budget("psnr>=5"), None, lines.append, None, looks) is None
+    assert "cannot run in W8A8 int8-dynamic here: the int8-dynamic backend runs on a CPU only" in lines[-1]
+    assert untouched(pipe)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from diffaccel.calibration.reference import CalibrationRun
+from diffaccel.errors import DiffaccelError
 from diffaccel.plan import Plan
 from diffaccel.quant import Calibration, QuantHandle, QuantSpec, prepare
 from diffaccel.runtime.features.precision import DTYPES
@@ -117,7 +118,11 @@ def lower_precision(calib: CalibrationRun, chosen: Candidate, plan: Plan, budget
         if deadline is not None and time.time() + 4 * forward >= deadline:
             log(f"  no time left to measure the plan in {arithmetic.label}")
             break
-        gain = calib.forward_speed(arithmetic.forward)
+        try:
+            gain = calib.forward_speed(arithmetic.forward)
+        except DiffaccelError as exc:  # say, fbgemm's int8 kernel asked of a model on a GPU
+            log(f"  the plan cannot run in {arithmetic.label} here: {exc}")
+            continue
         if gain < MIN_GAIN:
             log(f"  one denoiser forward in {arithmetic.label} runs {gain:.2f}x as fast as in float32 on this "
                 "machine: the plan is not timed in it")
