@@ -24,7 +24,7 @@ from diffaccel import methods
 from diffaccel.calibration.dp import optimal_keys
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import as_workload
-from diffaccel.cli.search import summary_line
+from diffaccel.cli.search import default_strategy, summary_line
 from diffaccel.errors import WorkloadError
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
@@ -42,6 +42,7 @@ from diffaccel.search.config import auto_margin
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.space import Space
 from diffaccel.search.validation import Validator, plan_getter, validate, validator_for
+from diffaccel.targets import CALIBRATION_PER_CLASS, Target
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
 from test_engine import make_pipes, untouched
@@ -511,6 +512,43 @@ def test_cli_search_on_an_embedded_model(monkeypatch, capsys, tmp_path):
                                 "--per-class", "2", "--steps", "4", "--plan", out / "plan.json", "--out",
                                 tmp_path / "gen")
     assert code == 0, err
+
+
+@requires_weights
+def test_cli_search_defaults_to_the_joint_strategy_with_a_calibration_set_the_time_limit_affords(
+        monkeypatch, capsys, tmp_path):
+    out = tmp_path / "search"
+    code, stdout, err = run_cli(monkeypatch, capsys, "search", "--model", "unet", "--budget", "psnr>=20", "--steps",
+                                "4", "--time", "20s", "--heldout-per-class", "1", "--pairs", "1", "--out", out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    per_class = int(err.split("calibration: ")[1].split(" images per class")[0])
+    assert summary["strategy"] == "joint" and 2 <= per_class <= 8 and summary["calib_images"] == 6 * per_class
+
+
+def test_the_cli_strategy_is_nsga2_only_for_the_options_only_nsga2_uses():
+    assert default_strategy(None, None, None, "fake") == "joint"
+    assert default_strategy(None, None, "w8a8", "int8-dynamic") == "joint"  # tried on the plan chosen by MACs
+    assert default_strategy(12, None, None, "fake") == "nsga2"
+    assert default_strategy(None, "8,4", "w8a8", "fake") == "nsga2"
+    assert default_strategy(None, None, "w8a8", "fake") == "nsga2"
+
+
+def test_the_calibration_set_grows_with_the_time_limit_between_its_bounds(pipes):
+    lines = []
+    target = Target("dit", pipes[0])
+    low, high = CALIBRATION_PER_CLASS
+    assert target.affordable_per_class(STEPS, 3.0, 1e-3, log=lines.append) == low
+    assert target.affordable_per_class(STEPS, 3.0, 1e9, log=lines.append) == high
+    assert target.affordable_per_class(STEPS, 3.0, None, log=lines.append) == high
+    assert len(lines) == 2 and all(f"{STEPS}-step run of one each" in line for line in lines)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a pipeline that cannot run")
+
+    target.pipe = SimpleNamespace(workload_calls=lambda *args: broken)
+    assert target.affordable_per_class(STEPS, 3.0, 1e9, log=lines.append) == low
+    assert "timed run failed: RuntimeError" in lines[-1]
 
 
 # -- joint cache + quantization search ------------------------------------------------------------------

@@ -64,11 +64,21 @@ def parse_bit_choices(bits: str | None, quant: str | None) -> tuple[int, ...] | 
     return choices
 
 
+def default_strategy(trials: int | None, bits: str | None, quant: str | None, quant_backend: str) -> str:
+    """joint, unless an option only NSGA-II uses is given (``--trials``, ``--bits``) or a simulated
+    quantization, which a joint search by MACs could not rank."""
+    return "nsga2" if trials is not None or bits is not None or (quant is not None and quant_backend == "fake") \
+        else "joint"
+
+
 BUDGET = typer.Option(None, help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X, also psnr_p5>=X, "
                                  "comma-separated (default psnr>=30); dlm: accuracy>=-1 (points from the uncached "
                                  "sampler) or accuracy>=95 (percent)")
-STRATEGY = typer.Option(StrategyName.nsga2, help="nsga2 (evolutionary), dp (dynamic programming on the profile), "
-                                                 "greedy, or joint (sampler, steps and caching together)")
+STRATEGY = typer.Option(None, help="joint (sampler, steps, timesteps, caching and quantization together: the "
+                                   "default), nsga2 (evolutionary over caching; the default with --trials or --bits "
+                                   "or a simulated --quant), dp (dynamic programming on the profile) or greedy")
+CALIB_PER_CLASS = typer.Option(None, min=1, help="calibration images per class (embedded) or per prompt (default: "
+                                                 "as many, 2 to 8, as the time limit affords)")
 
 OBJECTIVE = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated from per-unit wall "
                                                   "time, or bops (MACs weighted by weight bits)")
@@ -90,13 +100,13 @@ def search(
     prompts: Path = PROMPTS,
     budget: str = BUDGET,
     objective: ObjectiveName = OBJECTIVE,
-    strategy: StrategyName = STRATEGY,
+    strategy: StrategyName | None = STRATEGY,
     time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h"),
     trials: int = typer.Option(None, min=1, help="nsga2: stop when the study holds this many trials"),
     out: Path = typer.Option(Path("out/search"), help="output folder (and its study.db, to resume from)"),
     storage: str = typer.Option(None, help="optuna storage URL shared by workers (default sqlite:///OUT/study.db)"),
     seed: int = typer.Option(0, min=0, help="search seed (also picks the calibration noise)"),
-    calib_per_class: int = typer.Option(2, min=1, help="calibration images per class (embedded) or per prompt"),
+    calib_per_class: int | None = CALIB_PER_CLASS,
     heldout_per_class: int = typer.Option(4, min=1, help="held-out images per class or prompt (evaluation seeds)"),
     steps: int = ANY_STEPS,
     sampler: SamplerName = SAMPLER,
@@ -126,16 +136,18 @@ def search(
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = steps or DEFAULT_STEPS
-        calibrate = tgt.workload(num_steps, guidance, calib_per_class, seed)
+        log = lambda line: typer.echo(line, err=True)  # noqa: E731
+        per_class = calib_per_class or tgt.affordable_per_class(num_steps, guidance, limit, seed, log)
+        calibrate = tgt.workload(num_steps, guidance, per_class, seed)
         heldout = tgt.workload(num_steps, guidance, heldout_per_class, 0, calibration=False)
         spec = quant_spec(tgt.pipe, calibrate, quant, quant_backend) if quant is not None else None
         name = f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name
-        config = SearchConfig(budget=quality, objective=objective.value, strategy=strategy.value, seed=seed,
+        how = strategy.value if strategy else default_strategy(trials, bits, quant, quant_backend)
+        config = SearchConfig(budget=quality, objective=objective.value, strategy=how, seed=seed,
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
                               quant=spec, bits=choices, correct=correct, validate=validate, model_name=name,
                               precision=precision.value)
-        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout,
-                          log=lambda line: typer.echo(line, err=True))
+        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=log)
 
     result = run_guarded(job)
     if not result.met:
