@@ -71,6 +71,10 @@ def default_strategy(trials: int | None, bits: str | None, quant: str | None, qu
         else "joint"
 
 
+def _log(line: str) -> None:
+    typer.echo(line, err=True)
+
+
 BUDGET = typer.Option(None, help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X, also psnr_p5>=X, "
                                  "comma-separated (default psnr>=30); dlm: accuracy>=-1 (points from the uncached "
                                  "sampler) or accuracy>=95 (percent)")
@@ -134,20 +138,18 @@ def search(
         setup(threads, guidance)
         quality = parse_budget(budget or "psnr>=30").text
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
-        tgt = target(model, pipeline, prompts, sampler, weights)
-        num_steps = steps or DEFAULT_STEPS
-        log = lambda line: typer.echo(line, err=True)  # noqa: E731
-        per_class = calib_per_class or tgt.affordable_per_class(num_steps, guidance, limit, seed, log)
+        tgt, num_steps = target(model, pipeline, prompts, sampler, weights), steps or DEFAULT_STEPS
+        per_class = calib_per_class or tgt.affordable_per_class(num_steps, guidance, limit, seed, _log)
         calibrate = tgt.workload(num_steps, guidance, per_class, seed)
         heldout = tgt.workload(num_steps, guidance, heldout_per_class, 0, calibration=False)
         spec = quant_spec(tgt.pipe, calibrate, quant, quant_backend) if quant is not None else None
         name = f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name
-        how = strategy.value if strategy else default_strategy(trials, bits, quant, quant_backend)
-        config = SearchConfig(budget=quality, objective=objective.value, strategy=how, seed=seed,
+        config = SearchConfig(budget=quality, objective=objective.value, seed=seed, strategy=strategy.value
+                              if strategy else default_strategy(trials, bits, quant, quant_backend),
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
                               quant=spec, bits=choices, correct=correct, validate=validate, model_name=name,
                               precision=precision.value)
-        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=log)
+        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log)
 
     result = run_guarded(job)
     if not result.met:
