@@ -40,9 +40,9 @@ from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import auto_margin
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
+from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
 from diffaccel.search.space import Space
 from diffaccel.search.validation import Validator, plan_getter, validate, validator_for
-from diffaccel.targets import CALIBRATION_PER_CLASS, Target
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
 from test_engine import make_pipes, untouched
@@ -515,15 +515,17 @@ def test_cli_search_on_an_embedded_model(monkeypatch, capsys, tmp_path):
 
 
 @requires_weights
-def test_cli_search_defaults_to_the_joint_strategy_with_a_calibration_set_the_time_limit_affords(
+def test_cli_search_defaults_to_the_joint_strategy_with_image_sets_the_time_limit_affords(
         monkeypatch, capsys, tmp_path):
     out = tmp_path / "search"
     code, stdout, err = run_cli(monkeypatch, capsys, "search", "--model", "unet", "--budget", "psnr>=20", "--steps",
-                                "4", "--time", "20s", "--heldout-per-class", "1", "--pairs", "1", "--out", out)
+                                "4", "--time", "20s", "--pairs", "1", "--out", out)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    per_class = int(err.split("calibration: ")[1].split(" images per class")[0])
+    sizes = err.split("images per class or prompt: ")[1]
+    per_class, held = int(sizes.split(" for calibration")[0]), int(sizes.split(", ")[1].split(" held-out")[0])
     assert summary["strategy"] == "joint" and 2 <= per_class <= 8 and summary["calib_images"] == 6 * per_class
+    assert 1 <= held <= 4 and summary["heldout_images"] == 6 * held
 
 
 def test_the_cli_strategy_is_nsga2_only_for_the_options_only_nsga2_uses():
@@ -534,20 +536,27 @@ def test_the_cli_strategy_is_nsga2_only_for_the_options_only_nsga2_uses():
     assert default_strategy(None, None, "w8a8", "fake") == "nsga2"
 
 
-def test_the_calibration_set_grows_with_the_time_limit_between_its_bounds(pipes):
-    lines = []
-    target = Target("dit", pipes[0])
-    low, high = CALIBRATION_PER_CLASS
-    assert target.affordable_per_class(STEPS, 3.0, 1e-3, log=lines.append) == low
-    assert target.affordable_per_class(STEPS, 3.0, 1e9, log=lines.append) == high
-    assert target.affordable_per_class(STEPS, 3.0, None, log=lines.append) == high
-    assert len(lines) == 2 and all(f"{STEPS}-step run of one each" in line for line in lines)
+def test_the_calibration_and_held_out_sets_grow_with_the_time_limit_between_their_bounds(pipes):
+    lines, runs = [], []
+    one_each = shapes_workload(list(range(6)), PROBE_STEPS, per_class=1)
 
-    def broken(*args, **kwargs):
+    def probe():
+        runs.append(1)
+        one_each(pipes[0])
+
+    low = (CALIBRATION_PER_CLASS[0], HELDOUT_PER_CLASS[0])
+    high = (CALIBRATION_PER_CLASS[1], HELDOUT_PER_CLASS[1])
+    assert affordable_sizes(probe, STEPS, 1e-3, 3, log=lines.append) == low
+    assert affordable_sizes(probe, STEPS, 1e9, 3, log=lines.append) == high
+    assert affordable_sizes(probe, STEPS, 1e9, 3, calibration=3, log=lines.append) == (3, high[1])
+    assert len(runs) == 3 and all(f"a {STEPS}-step run of one each" in line for line in lines)
+    assert affordable_sizes(probe, STEPS, None, 3) == high and affordable_sizes(probe, STEPS, 1e9, 3, 5, 2) == (5, 2)
+    assert len(runs) == 3  # nothing left to size: no timed run
+
+    def broken():
         raise RuntimeError("a pipeline that cannot run")
 
-    target.pipe = SimpleNamespace(workload_calls=lambda *args: broken)
-    assert target.affordable_per_class(STEPS, 3.0, 1e9, log=lines.append) == low
+    assert affordable_sizes(broken, STEPS, 1e9, 3, log=lines.append) == low
     assert "timed run failed: RuntimeError" in lines[-1]
 
 

@@ -11,9 +11,6 @@ for methods and the search) and the evaluation workload (noise from the user's s
 from __future__ import annotations
 
 import json
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +32,6 @@ from diffaccel.zoo.weights import WEIGHTS_DIR, load_evaluator, load_pipeline
 
 T2I_MODELS = tuple(PIPELINES)  # pixart, sd
 T2I_DEFAULT_PROMPTS = 12  # held-out evaluation prompts a t2i model runs when no --prompts is given
-CALIBRATION_SHARE = 0.03  # of a search's time limit: the most its reference run of the calibration set may take
-CALIBRATION_PER_CLASS = (2, 8)  # the fewest and most calibration images per class or prompt that share picks
-PROBE_STEPS = 2  # steps of the timed run that sizes the calibration set
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -114,30 +108,6 @@ class Target:
         kind = "calibration" if calibration else "evaluation"
         return Workload.from_calls(calls, description=f"{kind} seeds from {base}, {len(self.calls)} prompts x "
                                                       f"{per_class}, {steps} steps, guidance {guidance:g}")
-
-    def affordable_per_class(self, steps: int, guidance: float, time_limit: float | None, seed: int = 0,
-                             log: Callable[[str], None] = print) -> int:
-        """Calibration images per class or prompt for a search of ``time_limit`` seconds: as many (within
-        ``CALIBRATION_PER_CLASS``) as keep the reference run of the calibration set (``steps`` steps)
-        within ``CALIBRATION_SHARE`` of the limit, from one timed ``PROBE_STEPS``-step run of one image
-        each. More images make the fits and their validation more reliable (on the embedded models 48
-        rather than 24 let the fitted 5- and 7-step samplers through), and every run of the search
-        slower; the search makes roughly as many runs whatever their size."""
-        low, high = CALIBRATION_PER_CLASS
-        if time_limit is None:
-            return high
-        probe = self.workload(PROBE_STEPS, guidance, 1, seed)
-        started = time.perf_counter()
-        try:
-            probe(self.pipe)
-        except Exception as exc:  # noqa: BLE001 -- the search itself reports what is wrong with the pipeline
-            log(f"calibration: {low} images per class or prompt (the timed run failed: {type(exc).__name__})")
-            return low
-        reference = (time.perf_counter() - started) * steps / PROBE_STEPS  # per image of each class or prompt
-        per_class = max(low, min(high, math.floor(CALIBRATION_SHARE * time_limit / max(reference, 1e-9))))
-        log(f"calibration: {per_class} images per class or prompt (a {steps}-step run of one each takes "
-                       f"about {reference:.1f} s here; {CALIBRATION_SHARE:.0%} of the {time_limit:g} s limit)")
-        return per_class
 
     def prompt_scores(self, images: torch.Tensor, calls: list) -> dict[str, float]:
         """A t2i model's scores of ``images``, drawn by ``calls`` in order (see :func:`prompt_scores`)."""

@@ -28,6 +28,7 @@ from diffaccel.cli.lm import LM_MODEL, lm_search
 from diffaccel.methods.ptq import quant_spec
 from diffaccel.search import SearchConfig, parse_budget, parse_duration
 from diffaccel.search import search as run_search
+from diffaccel.search.sizing import PROBE_STEPS, affordable_sizes
 
 
 class StrategyName(str, Enum):
@@ -82,7 +83,9 @@ STRATEGY = typer.Option(None, help="joint (sampler, steps, timesteps, caching an
                                    "default), nsga2 (evolutionary over caching; the default with --trials or --bits "
                                    "or a simulated --quant), dp (dynamic programming on the profile) or greedy")
 CALIB_PER_CLASS = typer.Option(None, min=1, help="calibration images per class (embedded) or per prompt (default: "
-                                                 "as many, 2 to 8, as the time limit affords)")
+                                                 "as many, 2 to 8, as keep its reference run within 3% of --time)")
+HELDOUT_PER_CLASS = typer.Option(None, min=1, help="held-out images per class or prompt, evaluation seeds (default: "
+                                                   "as many, 1 to 4, as keep the held-out check within 25% of --time)")
 
 OBJECTIVE = typer.Option(ObjectiveName.macs, help="cost to minimise: MACs, latency estimated from per-unit wall "
                                                   "time, or bops (MACs weighted by weight bits)")
@@ -111,7 +114,7 @@ def search(
     storage: str = typer.Option(None, help="optuna storage URL shared by workers (default sqlite:///OUT/study.db)"),
     seed: int = typer.Option(0, min=0, help="search seed (also picks the calibration noise)"),
     calib_per_class: int | None = CALIB_PER_CLASS,
-    heldout_per_class: int = typer.Option(4, min=1, help="held-out images per class or prompt (evaluation seeds)"),
+    heldout_per_class: int | None = HELDOUT_PER_CLASS,
     steps: int = ANY_STEPS,
     sampler: SamplerName = SAMPLER,
     guidance: float = GUIDANCE,
@@ -139,16 +142,16 @@ def search(
         quality = parse_budget(budget or "psnr>=30").text
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt, num_steps = target(model, pipeline, prompts, sampler, weights), steps or DEFAULT_STEPS
-        per_class = calib_per_class or tgt.affordable_per_class(num_steps, guidance, limit, seed, _log)
-        calibrate = tgt.workload(num_steps, guidance, per_class, seed)
-        heldout = tgt.workload(num_steps, guidance, heldout_per_class, 0, calibration=False)
+        calib, held = affordable_sizes(lambda: tgt.workload(PROBE_STEPS, guidance, 1, seed)(tgt.pipe), num_steps,
+                                       limit, pairs, calib_per_class, heldout_per_class, _log)
+        calibrate = tgt.workload(num_steps, guidance, calib, seed)
+        heldout = tgt.workload(num_steps, guidance, held, 0, calibration=False)
         spec = quant_spec(tgt.pipe, calibrate, quant, quant_backend) if quant is not None else None
-        name = f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name
         config = SearchConfig(budget=quality, objective=objective.value, seed=seed, strategy=strategy.value
                               if strategy else default_strategy(trials, bits, quant, quant_backend),
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
-                              quant=spec, bits=choices, correct=correct, validate=validate, model_name=name,
-                              precision=precision.value)
+                              quant=spec, bits=choices, correct=correct, validate=validate, precision=precision.value,
+                              model_name=f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name)
         return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log)
 
     result = run_guarded(job)

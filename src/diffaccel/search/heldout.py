@@ -44,6 +44,11 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
     return record
 
 
+def heldout_seconds(run_seconds: float, pairs: int) -> float:
+    """The held-out check's time, from one unaccelerated run of the held-out set (``run_seconds``)."""
+    return run_seconds * (pairs + 1.4) * 1.5
+
+
 def heldout_reserve(ctx: Any, heldout: Callable | None) -> float:
     """Seconds the held-out check of the chosen plan will take, estimated from the calibration run,
     so that the whole search ends near its time limit: ``pairs`` + 1 runs next to the baseline (a plan
@@ -54,7 +59,7 @@ def heldout_reserve(ctx: Any, heldout: Callable | None) -> float:
         return 0.0
     calls = len(heldout) / max(1, len(ctx.calib.calibrate)) \
         if hasattr(heldout, "calls") and hasattr(ctx.calib.calibrate, "calls") else 1.0
-    seconds = ctx.calib.seconds * calls * (ctx.config.pairs + 1.4) * 1.5
+    seconds = heldout_seconds(ctx.calib.seconds * calls, ctx.config.pairs)
     if seconds > ctx.config.time_limit / 2:  # the search proper keeps at least half the limit
         ctx.log(f"warning: the held-out check is estimated at {seconds:.0f} s, more than half the "
                 f"{ctx.config.time_limit:.0f} s limit: the search keeps half of it and the whole run will "
