@@ -92,6 +92,47 @@ class NoiseInjection(_Strict):
     from_step: int = Field(0, ge=0)
 
 
+class PredictedStep(_Strict):
+    """One step whose unconditional branch is predicted: ``weights`` over the step's conditional
+    output and input sample, then (after the first step) the step before's unconditional output,
+    conditional output and input sample."""
+
+    step: int = Field(ge=0)
+    weights: list[float]
+
+    @model_validator(mode="after")
+    def _check(self) -> PredictedStep:
+        size = 2 if self.step == 0 else 5
+        if len(self.weights) != size:
+            raise ValueError(f"step {self.step} needs {size} weights, got {len(self.weights)}")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"step {self.step}: weights must be finite")
+        return self
+
+
+class GuidancePrediction(_Strict):
+    """Classifier-free guidance with the unconditional branch predicted at some steps (adaptive
+    guidance, LinearAG): the model runs the conditional half of the doubled batch only, and the
+    unconditional output is a linear combination of what the step and the one before computed, with
+    weights fitted on calibration runs (``methods.fit_guidance``). ``unconditional``: which half of
+    the batch the pipeline gives the unconditional branch (diffusers' text-to-image pipelines the
+    first, ``DiTPipeline`` the second)."""
+
+    unconditional: Literal["first", "second"] = "first"
+    steps: list[PredictedStep] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> GuidancePrediction:
+        steps = [s.step for s in self.steps]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"predicted steps must be distinct and in order, got {steps}")
+        return self
+
+    @property
+    def predicted(self) -> set[int]:
+        return {s.step for s in self.steps}
+
+
 class CalibrationInfo(_Strict):
     """What a calibrated plan was fitted on: the pipeline calls and the weights. Applying the plan
     to other weights warns (refuses, for calibrated quantization)."""
@@ -126,6 +167,7 @@ class Plan(_Strict):
         None, description="run the denoiser under torch.autocast at this dtype (None: in its own dtype)")
     calibration: CalibrationInfo | None = Field(None, description="what the plan was fitted on, if anything")
     solver: SolverSpec | None = Field(None, description="run this sampler at these steps instead of the pipeline's")
+    guidance: GuidancePrediction | None = Field(None, description="steps that run the conditional branch only")
     method: str = "custom"
     params: dict = Field(default_factory=dict, description="the method's settings, for the record")
 
@@ -168,7 +210,20 @@ class Plan(_Strict):
                 if self.schedule[fit.step][self.units.index(fit.unit)] == "C":
                     raise ValueError(f"feature_correction corrects step {fit.step}, unit {fit.unit!r}, "
                                      "which the plan computes")
+        if self.guidance is not None:
+            self._check_guidance(self.guidance)
         return self
+
+    def _check_guidance(self, guidance: GuidancePrediction) -> None:
+        if self.rule is not None or self.parallel_decode:
+            raise ValueError("a guidance prediction needs a static schedule without parallel decoding")
+        steps = self.num_steps or (self.solver.evaluations if self.solver is not None else None)
+        for step in guidance.predicted:
+            if steps is not None and step >= steps:
+                raise ValueError(f"guidance predicts step {step}; the plan has {steps} steps")
+            if self.schedule is not None and set(self.schedule[step]) != {"C"}:
+                raise ValueError(f"guidance predicts step {step}, where the schedule reuses units: a step "
+                                 "that runs half the batch computes every unit")
 
     # -- reading ---------------------------------------------------------------------------------
     @property
@@ -187,6 +242,9 @@ class Plan(_Strict):
             raise PlanError(f"a plan needs at least one step, got {num_steps!r}")
         if self.step_free or self.num_steps == num_steps:
             return self
+        if self.guidance is not None:
+            raise PlanError(f"this plan's guidance prediction was fitted for {self.num_steps} steps: fit it "
+                            f"again for {num_steps} steps")
         if self.quant is not None and self.quant.per_step:
             raise PlanError(f"this plan's quantization scales were calibrated per step for {self.num_steps} "
                             f"steps: calibrate it again for {num_steps} steps")

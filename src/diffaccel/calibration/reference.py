@@ -227,12 +227,14 @@ class CalibrationRun:
     # -- scoring ---------------------------------------------------------------------------------
     def fractions(self, plan: Plan) -> tuple[float, float]:
         """MAC and latency fractions of the reference run: a plan with fewer (or more) denoiser
-        evaluations (its solver section) costs that many steps' worth."""
+        evaluations (its solver section) costs that many steps' worth, a step with its guidance
+        branch predicted half of one."""
         steps = plan.solver.evaluations if plan.solver is not None else self.num_steps
         if plan.schedule is None and plan.rule is not None:
             return 1.0, 1.0  # decided at run time: unknown here
-        scale = steps / self.num_steps
-        return plan_mac_fraction(plan, self.unit_macs) * scale, plan_mac_fraction(plan, self.unit_seconds) * scale
+        halved = len(plan.guidance.steps) / 2 if plan.guidance is not None else 0  # steps that run half the batch
+        return tuple((plan_mac_fraction(plan, table) * steps - halved) / self.num_steps
+                     for table in (self.unit_macs, self.unit_seconds))
 
     def score(self, plan: Plan) -> Scores:
         start = time.perf_counter()

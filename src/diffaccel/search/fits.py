@@ -23,7 +23,7 @@ RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it ag
 
 class FitPhases:
     """Phases 1b, 1c and 4 of ``JointSearch``, which provides what is declared here and the scoring
-    (``score``, ``_keep``, ``_scores``, ``late``) and caching (``cached``) they call."""
+    (``score``, ``_keep``, ``_scores``, ``late``), caching (``cached``) and guidance (``guided``) they call."""
 
     calib: CalibrationRun
     budget: Budget
@@ -109,6 +109,7 @@ class FitPhases:
             self.fits[steps] = c
             if c.meets(self.budget):
                 self.cached(c.plan.solver)
+                self.guided()
 
     def _fit(self, spec: SolverSpec, warm: tuple[int, ...] | None) -> Candidate | None:
         """``spec`` with fitted timesteps (from its own when it has them: a restart), kept as a

@@ -30,6 +30,9 @@ need no profile run and are the plans a short search must not miss):
    the quality headroom is spent on reuse. A plan that costs at least as much as one that already
    meets the budget is not scored; with a validator, the one that bars it must also meet the budget
    on fresh seeds (``validation.py``), as the returned plan must;
+2b. **predicted guidance**: the cheapest plans that clear the budget, with the unconditional
+   classifier-free-guidance branch predicted from the last step back (``guided.py``): half a step's
+   MACs each, kept while the budget holds;
 3. **quantization** (with a quant spec): the cheapest plans that clear the budget, and those that
    clear it with the quantization's own error to spare, again quantized. Quantization leaves the
    MACs as they are; its latency estimate is the plain plan's scaled by the measured wall-time
@@ -59,6 +62,7 @@ from diffaccel.search.candidates import Candidate, ordered
 from diffaccel.search.coefficients import ReferenceTrajectory
 from diffaccel.search.config import Budget
 from diffaccel.search.fits import FitPhases
+from diffaccel.search.guided import GuidancePhase
 from diffaccel.search.validation import Validator
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec
@@ -95,7 +99,7 @@ def _headroom_for(threshold: float, quant_db: float) -> float:
     return -10 * math.log10(left) - threshold if left > 0 else 0.0
 
 
-class JointSearch(FitPhases):
+class JointSearch(FitPhases, GuidancePhase):
     """Runs the phases; ``candidates`` collects every scored plan."""
 
     def __init__(self, calib: CalibrationRun, budget: Budget, objective: str, deadline: float | None,
@@ -114,6 +118,7 @@ class JointSearch(FitPhases):
         self._fit_scores: dict[tuple, Scores] = {}  # every fit run's scores, by solver and timesteps
         self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
         self._cached: list[SolverSpec | None] = []  # the settings phase 2 has run for
+        self._guided: set[int | None] = set()  # the candidates phase 2b has tried
 
     @property
     def deadline(self) -> float | None:
@@ -160,6 +165,7 @@ class JointSearch(FitPhases):
         configs = self.fitted(configs) + configs
         for spec in configs[:CONFIGS_CACHED]:
             self.cached(spec)
+        self.guided()
         if self.quant is not None:
             self.quantized()
         self.refine()

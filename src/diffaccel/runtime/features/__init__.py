@@ -8,6 +8,7 @@ from diffaccel.plan import Plan
 from diffaccel.runtime.features.base import Feature, overrides
 from diffaccel.runtime.features.correction import ResidualCorrection
 from diffaccel.runtime.features.feature_fit import FeatureFitCorrection
+from diffaccel.runtime.features.guidance import PredictedGuidance
 from diffaccel.runtime.features.parallel_decode import ParallelDecode
 from diffaccel.runtime.features.precision import Precision
 from diffaccel.runtime.features.quantization import Quantization
@@ -16,7 +17,8 @@ from diffaccel.runtime.features.scheduler import NoiseInjection, StepScale
 
 # in the order their hooks run: quantization first (it changes the layers the others see)
 FEATURES: tuple[type[Feature], ...] = (Quantization, Precision, ResidualRuleFeature, ResidualCorrection,
-                                       FeatureFitCorrection, ParallelDecode, StepScale, NoiseInjection)
+                                       FeatureFitCorrection, ParallelDecode, PredictedGuidance, StepScale,
+                                       NoiseInjection)
 
 
 def build(plan: Plan, executor: Any, existing: list[Feature] | None = None) -> list[Feature]:

@@ -93,6 +93,20 @@ class Feature:
         """The scheduler finished ``step``: ``prev`` is the new latent (may be edited in place)."""
 
 
+def model_sample(out: Any) -> torch.Tensor:
+    """The denoiser's prediction in its output (a tensor, a tuple, or diffusers' output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def with_model_sample(out: Any, sample: torch.Tensor) -> Any:
+    """An output of ``out``'s kind holding ``sample`` as the prediction."""
+    if isinstance(out, torch.Tensor):
+        return sample
+    return type(out)(sample=sample) if hasattr(out, "sample") else (sample, *out[1:])
+
+
 def overrides(feature: Feature, hook: str) -> bool:
     """Whether ``feature`` implements ``hook`` (the executor calls only features that do)."""
     return getattr(type(feature), hook) is not getattr(Feature, hook)

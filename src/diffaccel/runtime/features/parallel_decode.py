@@ -13,13 +13,13 @@ import torch
 
 from diffaccel.errors import PlanError
 from diffaccel.plan import Plan
-from diffaccel.runtime.features.base import Feature
+from diffaccel.runtime.features.base import Feature, model_sample, with_model_sample
 from diffaccel.runtime.state import BranchState
 
 
 @dataclass
 class DecodeState:
-    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> precomputed output
+    pending: dict[int, Any] = field(default_factory=dict)  # step -> precomputed output
 
 
 class ParallelDecode(Feature):
@@ -29,7 +29,6 @@ class ParallelDecode(Feature):
             raise PlanError(f"parallel decoding needs a U-Net; the {executor.adapter.name} adapter has no decoder")
         encoder = [i for i, u in enumerate(executor.units) if u.role == "encoder"]
         self.decoder_only = [all(row[i] == "R" for i in encoder) for row in plan.schedule]
-        self.wrap = None
 
     @classmethod
     def applies(cls, plan: Plan) -> bool:
@@ -51,7 +50,7 @@ class ParallelDecode(Feature):
         executor = self.executor
         if state.step in own.pending:  # computed ahead, in an earlier batched forward
             executor.stats.forwards += 1
-            return self.wrap(own.pending.pop(state.step))
+            return own.pending.pop(state.step)
         run = self.run_length(state.step)
         if run == 1:
             return None
@@ -73,9 +72,7 @@ class ParallelDecode(Feature):
             out = executor.run_forward(original, bound.args, bound.kwargs, state, (batch * run, *sample.shape[1:]))
         finally:
             state.tile = 1
-        sample_out = out.sample if hasattr(out, "sample") else out[0]
-        chunks = sample_out.chunk(run)
+        chunks = model_sample(out).chunk(run)
         for k in range(1, run):
-            own.pending[state.step + k] = chunks[k]
-        self.wrap = (lambda c: type(out)(sample=c)) if hasattr(out, "sample") else (lambda c: (c,))
-        return self.wrap(chunks[0])
+            own.pending[state.step + k] = with_model_sample(out, chunks[k])
+        return with_model_sample(out, chunks[0])

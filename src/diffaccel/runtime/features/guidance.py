@@ -1,0 +1,122 @@
+"""Predicted unconditional guidance branch (adaptive guidance, LinearAG): at the plan's predicted
+steps the model runs the conditional half of the classifier-free-guidance batch only, and the
+unconditional half's output is a fitted linear combination of the step's conditional output and
+input and of the step before's outputs and input. Half the step's MACs, no retraining."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffaccel.errors import PlanError
+from diffaccel.plan import Plan
+from diffaccel.runtime.features.base import Feature, model_sample, with_model_sample
+from diffaccel.runtime.state import BranchState
+
+
+@dataclass
+class StepRecord:
+    """What a step computed: its input sample and the conditional and unconditional outputs."""
+
+    sample: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+
+def guidance_halves(sample: torch.Tensor, unconditional_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unconditional, conditional) halves of a guidance batch; a clear error for a batch that is not
+    one (an odd size, or halves with different samples: the pipeline runs without guidance)."""
+    if sample.shape[0] % 2 or not torch.equal(*sample.chunk(2)):
+        raise PlanError("a guidance prediction needs the pipeline to run classifier-free guidance as one doubled "
+                        f"batch (both halves the same sample); this forward's batch of {sample.shape[0]} is not "
+                        "one: run with guidance_scale > 1, or drop the plan's guidance section")
+    first, second = sample.chunk(2)
+    return (first, second) if unconditional_first else (second, first)
+
+
+def terms(step: int, record: StepRecord, previous: StepRecord | None) -> list[torch.Tensor]:
+    """The quantities a predicted step's weights apply to, in the order of ``PredictedStep.weights``."""
+    out = [record.cond, _like(record.sample, record.cond)]
+    if step > 0:
+        if previous is None:
+            raise PlanError(f"guidance prediction at step {step} needs the step before, which this run did not make")
+        out += [previous.uncond, previous.cond, _like(previous.sample, previous.cond)]
+    return out
+
+
+def _like(sample: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``sample`` shaped as the model's output: zero-padded channels for a model that also predicts
+    its variance (more output than input channels)."""
+    if sample.shape == output.shape:
+        return sample
+    extra = output.shape[1] - sample.shape[1]
+    if extra > 0 and sample.shape[2:] == output.shape[2:]:
+        return F.pad(sample, (0, 0) * (sample.dim() - 2) + (0, extra))
+    raise PlanError(f"guidance prediction: the model's output {tuple(output.shape)} does not match its input "
+                    f"{tuple(sample.shape)}")
+
+
+@dataclass
+class GuidanceState:
+    previous: StepRecord | None = None
+
+
+class PredictedGuidance(Feature):
+    def __init__(self, plan: Plan, executor: Any) -> None:
+        super().__init__(plan, executor)
+        self.weights = {s.step: s.weights for s in plan.guidance.steps}
+        self.unconditional_first = plan.guidance.unconditional == "first"
+
+    @classmethod
+    def applies(cls, plan: Plan) -> bool:
+        return plan.guidance is not None
+
+    @classmethod
+    def part(cls, plan: Plan) -> Any:
+        return plan.guidance
+
+    def forward(self, original: Callable, bound: inspect.BoundArguments, state: BranchState) -> Any:
+        executor, own = self.executor, state.of(self, GuidanceState)
+        sample = bound.arguments[executor.adapter.sample_arg]
+        uncond_in, cond_in = guidance_halves(sample, self.unconditional_first)
+        if state.step not in self.weights:
+            out = executor.run_forward(original, bound.args, bound.kwargs, state, tuple(sample.shape))
+            uncond, cond = _ordered(model_sample(out), self.unconditional_first)
+            own.previous = StepRecord(cond_in, cond, uncond)
+            return out
+        half = sample.shape[0] // 2
+        keep = slice(half, None) if self.unconditional_first else slice(0, half)
+        for name, value in list(bound.arguments.items()):
+            bound.arguments[name] = _halved(value, sample.shape[0], keep)
+        # a throwaway branch state: the half batch computes every unit and leaves the caches as they were
+        out = executor.run_forward(original, bound.args, bound.kwargs, BranchState(step=state.step),
+                                   (half, *sample.shape[1:]))
+        executor.stats.full_macs += executor.unit_macs[tuple(sample.shape[1:])][0] * half
+        cond = model_sample(out)
+        record = StepRecord(cond_in, cond, torch.zeros_like(cond))
+        weights = self.weights[state.step]
+        record.uncond = sum(w * t for w, t in zip(weights, terms(state.step, record, own.previous)))
+        own.previous = record
+        both = (record.uncond, cond) if self.unconditional_first else (cond, record.uncond)
+        return with_model_sample(out, torch.cat(both))
+
+
+def _halved(value: Any, batch: int, keep: slice) -> Any:
+    """``value`` with every tensor of the batch's size (in dicts, lists and tuples too) cut to ``keep``."""
+    if isinstance(value, torch.Tensor):
+        return value[keep] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _halved(v, batch, keep) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_halved(v, batch, keep) for v in value)
+    return value
+
+
+def _ordered(output: torch.Tensor, unconditional_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    first, second = output.chunk(2)
+    return (first, second) if unconditional_first else (second, first)

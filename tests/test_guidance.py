@@ -1,0 +1,162 @@
+"""The predicted unconditional guidance branch: its plan section, the executor's half-batch steps on
+stock diffusers pipelines, its fit, and its place in the joint search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.calibration.reference import CalibrationRun, identity_plan
+from diffaccel.errors import MethodError, PlanError
+from diffaccel.methods import fit_guidance, fora
+from diffaccel.methods.guidance import unconditional_half
+from diffaccel.plan import Plan
+from diffaccel.search.config import parse_budget
+from diffaccel.search.joint import JointSearch
+from diffaccel.zoo.pipeline import shapes_workload
+from stock_pipelines import build as build_case
+from test_engine import call, make_pipes, untouched
+
+STEPS = 4
+
+
+def guided_plan(model: torch.nn.Module, steps: dict[int, list[float]], half: str = "first", base: Plan | None = None):
+    plan = base or identity_plan(model)
+    section = {"unconditional": half, "steps": [{"step": s, "weights": w} for s, w in sorted(steps.items())]}
+    return Plan.model_validate({**plan.model_dump(), "guidance": section})
+
+
+def by_hand(model: torch.nn.Module, last: int, uncond_first: bool, replace):
+    """Run the model in full, and at step ``last`` overwrite the unconditional half of its output by
+    ``replace(cond, previous_uncond)``: what a predicted step must give, computed the long way."""
+    seen = {"n": 0, "previous": None}
+    forward = model.forward
+
+    def patched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        sample = out.sample if hasattr(out, "sample") else out[0]
+        first, second = sample.chunk(2)
+        uncond, cond = (first, second) if uncond_first else (second, first)
+        if seen["n"] % STEPS == last:
+            uncond = replace(cond, seen["previous"])
+        seen["previous"], seen["n"] = uncond, seen["n"] + 1
+        both = torch.cat([uncond, cond] if uncond_first else [cond, uncond])
+        return type(out)(sample=both) if hasattr(out, "sample") else (both,)
+
+    return patched
+
+
+def batches(model: torch.nn.Module) -> tuple[list[int], object]:
+    """The batch size of each forward, as the model's input layer sees it (past the executor)."""
+    seen: list[int] = []
+    first = model.conv_in if hasattr(model, "conv_in") else model.pos_embed
+    return seen, first.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("case", ["sd-dpm-multistep", "dit"])
+@pytest.mark.parametrize("weights,replace", [([1.0, 0, 0, 0, 0], lambda cond, prev: cond),
+                                             ([0, 0, 1.0, 0, 0], lambda cond, prev: prev)])
+def test_a_predicted_step_runs_the_conditional_half_only_and_gives_the_weighted_terms(case, weights, replace):
+    pipe, kwargs = build_case(case)
+    kwargs = {**kwargs, "num_inference_steps": STEPS}
+    model, _ = diffaccel.adapters.find_denoiser(pipe)
+    half = unconditional_half(pipe)
+    assert half == ("second" if case == "dit" else "first")  # DiTPipeline puts the conditional branch first
+
+    def run(**extra):
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt", **extra).images
+
+    model.forward = by_hand(model, STEPS - 1, half == "first", replace)
+    try:
+        expected = run()
+    finally:
+        del model.forward
+    seen, handle = batches(model)
+    try:
+        with diffaccel.accelerate(pipe, guided_plan(model, {STEPS - 1: weights}, half)) as accelerated:
+            got = run()
+    finally:
+        handle.remove()
+    assert seen[-1] * 2 == seen[0] and len(set(seen[:-1])) == 1  # the last step ran half the batch
+    assert torch.allclose(torch.as_tensor(got), torch.as_tensor(expected), atol=1e-5)
+    stats = accelerated.stats
+    assert stats.macs / stats.full_macs == pytest.approx((STEPS - 0.5) / STEPS)
+    assert untouched(model)
+
+
+def test_the_predicted_step_sees_the_conditional_inputs():
+    pipe, kwargs = build_case("dit")
+    model = pipe.transformer
+    labels: list[torch.Tensor] = []
+    norm = model.transformer_blocks[0].norm1  # the class labels reach it past the executor
+    handle = norm.register_forward_pre_hook(
+        lambda m, a, k: labels.append((a[2] if len(a) > 2 else k["class_labels"]).clone()), with_kwargs=True)
+    try:
+        with diffaccel.accelerate(pipe, guided_plan(model, {STEPS - 1: [1.0, 0, 0, 0, 0]}, "second")):
+            pipe(**{**kwargs, "num_inference_steps": STEPS}, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert labels[-1].tolist() == kwargs["class_labels"] and 1000 in labels[0].tolist()
+
+
+def test_bad_guidance_sections_are_refused_with_what_to_fix():
+    dit, _ = make_pipes()
+    model = dit.denoiser
+    with pytest.raises(ValueError, match="needs 5 weights"):
+        guided_plan(model, {2: [1.0, 0.0]})
+    with pytest.raises(ValueError, match="needs 2 weights"):
+        guided_plan(model, {0: [1.0] * 5})
+    with pytest.raises(ValueError, match="finite"):
+        guided_plan(model, {1: [float("nan")] * 5})
+    cached = fora(model, 6, interval=2)  # step 5 reuses units
+    with pytest.raises(ValueError, match="computes every unit"):
+        guided_plan(model, {5: [1.0] * 5}, base=cached)
+    with pytest.raises(ValueError, match="the plan has 6 steps"):
+        guided_plan(model, {6: [1.0] * 5}, base=fora(model, 6, interval=1))
+    with pytest.raises(PlanError, match="fit it again for 8 steps"):
+        guided_plan(model, {4: [1.0] * 5}, base=fora(model, 6, interval=2)).resample(8)
+
+
+def test_a_run_without_guidance_is_refused_and_the_model_left_as_it_was():
+    dit, _ = make_pipes()
+    with pytest.raises(PlanError, match="guidance_scale > 1"):
+        with diffaccel.accelerate(dit, guided_plan(dit.denoiser, {5: [1.0] * 5})):
+            call(dit, labels=(0, 1), guidance=1.0)
+    assert untouched(dit.denoiser)
+
+
+def test_the_fit_predicts_the_unconditional_branch_better_than_copying_the_conditional_one():
+    dit, _ = make_pipes()
+    work = shapes_workload([0, 1, 2], 6, per_class=1)
+    plan = fit_guidance(dit, identity_plan(dit.denoiser), [5], work)
+    assert plan.guidance.unconditional == "first" and [s.step for s in plan.guidance.steps] == [5]
+    reference = work(dit)
+
+    def error(candidate: Plan) -> float:
+        with diffaccel.accelerate(dit, candidate):
+            return float((work(dit) - reference).pow(2).mean())
+
+    fitted, copied = error(plan), error(guided_plan(dit.denoiser, {5: [1.0, 0, 0, 0, 0]}))
+    assert 0 < fitted < copied
+    with pytest.raises(MethodError, match="at least one step"):
+        fit_guidance(dit, identity_plan(dit.denoiser), [], work)
+    with pytest.raises(MethodError, match="cannot predict guidance"):
+        fit_guidance(dit, fora(dit.denoiser, 6, interval=2), [5], work)
+    assert untouched(dit.denoiser)
+
+
+def test_the_joint_search_predicts_guidance_from_the_last_step_back_while_the_budget_holds():
+    dit, _ = make_pipes()
+    calib = CalibrationRun(dit, shapes_workload([0, 1], 6, per_class=1))
+    lines: list[str] = []
+    joint = JointSearch(calib, parse_budget("psnr>=20"), "macs", None, lines.append)
+    joint.score(identity_plan(dit.denoiser), "all compute")
+    joint.guided()
+    guided = [c for c in joint.candidates if "guidance predicted" in c.source]
+    assert guided and "at step 6" in guided[0].source  # the last step first
+    assert [c.mac_fraction for c in guided] == pytest.approx([1 - k / 12 for k in range(1, len(guided) + 1)])
+    assert all(c.meets(joint.budget) for c in guided[:-1])  # each kept step cleared the budget ...
+    assert len(guided) == 5 or not guided[-1].meets(joint.budget)  # ... and the phase stops at the first miss
+    joint.guided()  # a candidate is tried once
+    assert len([c for c in joint.candidates if "guidance predicted" in c.source]) == len(guided)
