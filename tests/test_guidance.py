@@ -3,10 +3,13 @@ stock diffusers pipelines, its fit, and its place in the joint search."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import diffaccel
+from conftest import requires_weights, run_cli
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.errors import MethodError, PlanError
 from diffaccel.methods import fit_guidance, fora
@@ -14,7 +17,9 @@ from diffaccel.methods.guidance import unconditional_half
 from diffaccel.plan import Plan
 from diffaccel.search.config import parse_budget
 from diffaccel.search.joint import JointSearch
+from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.pipeline import shapes_workload
+from diffaccel.zoo.weights import load_pipeline
 from stock_pipelines import build as build_case
 from test_engine import call, make_pipes, untouched
 
@@ -160,3 +165,35 @@ def test_the_joint_search_predicts_guidance_from_the_last_step_back_while_the_bu
     assert len(guided) == 5 or not guided[-1].meets(joint.budget)  # ... and the phase stops at the first miss
     joint.guided()  # a candidate is tried once
     assert len([c for c in joint.candidates if "guidance predicted" in c.source]) == len(guided)
+
+
+@requires_weights
+def test_generate_and_plan_show_take_a_guided_plan_from_its_file(monkeypatch, capsys, tmp_path):
+    """A fitted guidance plan saved to a file runs through the CLI: 5 steps with the last one's
+    unconditional half predicted cost 4.5 of the baseline's 10 steps."""
+    pipe = load_pipeline("dit")
+    base = identity_plan(pipe.denoiser).model_copy(update={"solver": SolverSpec(name="unipc", steps=5)})
+    fitted = fit_guidance(pipe, base, [4], shapes_workload([0, 1], 10, per_class=1))
+    fitted.save(tmp_path / "guided.json")
+    args = ("generate", "--model", "dit", "--classes", "circle", "--per-class", "2", "--steps", "10",
+            "--plan", str(tmp_path / "guided.json"))
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--compare", "--out", tmp_path / "compared")
+    assert code == 0, out + err
+    record = json.loads((tmp_path / "compared" / "record.json").read_text())
+    assert record["speedup_macs"] == pytest.approx(10 / 4.5, rel=0.01)
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "show", tmp_path / "guided.json")
+    assert code == 0 and "at step 4 the denoiser runs the conditional half" in out
+
+
+def test_the_search_refits_a_fitted_solver_under_the_prediction_unless_out_of_time():
+    dit, _ = make_pipes()
+    calib = CalibrationRun(dit, shapes_workload([0, 1], 10, per_class=1))
+    spec = SolverSpec(name="unipc", steps=4, coefficients=((0.0,) * 2, (0.0,) * 3, (0.0,) * 4, (0.01,) * 4))
+    plan = identity_plan(dit.denoiser).model_copy(update={"solver": spec})
+    guided = fit_guidance(dit, plan, [3], calib.calibrate)
+    joint = JointSearch(calib, parse_budget("psnr>=20"), "macs", None, lambda _: None)
+    refit = joint._refitted(guided)
+    assert refit.guidance == guided.guidance and refit.solver.coefficients != spec.coefficients
+    assert refit.solver.coefficients[0] == (0.0,) * 2  # a last-step fit stays a last-step fit
+    joint._deadline = 0.0  # long past: the plan is scored as it is
+    assert joint._refitted(guided) is guided

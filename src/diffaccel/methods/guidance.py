@@ -25,7 +25,7 @@ from diffaccel.calibration.workload import Workload, as_workload
 from diffaccel.errors import MethodError, PlanError
 from diffaccel.plan import GuidancePrediction, Plan, PredictedStep
 from diffaccel.runtime.features.base import model_sample
-from diffaccel.runtime.features.guidance import StepRecord, guidance_halves, terms
+from diffaccel.runtime.features.guidance import StepRecord, guidance_halves, ordered_halves, terms
 
 RIDGE = 1e-6  # damping relative to the terms' mean energy: near-equal terms stay in check
 DIGITS = 6
@@ -50,8 +50,7 @@ class _Sums:
 
     def add(self, step: int, sample: torch.Tensor, output: torch.Tensor) -> None:
         _, cond_in = guidance_halves(sample, self.unconditional_first)
-        first, second = output.detach().chunk(2)
-        uncond, cond = (first, second) if self.unconditional_first else (second, first)
+        uncond, cond = ordered_halves(output.detach(), self.unconditional_first)
         record = StepRecord(cond_in.detach(), cond, uncond)
         if step in self.steps:
             basis = torch.stack([t.double().reshape(-1) for t in terms(step, record, self.previous)])

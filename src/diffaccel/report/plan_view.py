@@ -24,7 +24,7 @@ def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
         probe = plan.model_copy(update={"schedule": ["C" * len(units)], "num_steps": 1, "rule": None,
                                         "timesteps": None, "correction": None, "step_scale": None,
                                         "noise_injection": None, "parallel_decode": False, "solver": None,
-                                        "feature_correction": None, "precision": None})
+                                        "feature_correction": None, "precision": None, "guidance": None})
         executor = Executor(pipe.denoiser, probe)
         executor.install(pipe.scheduler)
         try:
@@ -44,6 +44,10 @@ def _whole_run(plan: Plan) -> list[str]:
         lines.append(f"quantized: {plan.quant.label}, {plan.quant.backend} backend")
     if plan.precision is not None:
         lines.append(f"precision: the denoiser runs under autocast to {plan.precision}")
+    if plan.guidance is not None:
+        steps = ", ".join(str(s) for s in sorted(plan.guidance.predicted))
+        lines.append(f"guidance: at step {steps} the denoiser runs the conditional half of the guidance batch; the "
+                     f"{plan.guidance.unconditional} (unconditional) half is predicted from fitted weights")
     return lines
 
 
@@ -53,7 +57,8 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
              f"model: {plan.model_class} ({plan.adapter} adapter, {len(plan.units)} {plan.granularity} units)"]
     lines += _whole_run(plan)
     if plan.schedule is None and plan.rule is None:
-        lines.append("every unit computes at every step (any number of steps); cost: the full model's MACs")
+        cost = "the full model's MACs" + ("" if plan.guidance is None else ", half at the predicted steps")
+        lines.append(f"every unit computes at every step (any number of steps); cost: {cost}")
         return "\n".join(lines)
     if plan.schedule is None:
         rule = plan.rule
@@ -76,7 +81,8 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
     lines.append(f"actions: {counts['compute']} compute, {counts['reuse']} reuse, {counts['forecast']} forecast")
     unit_macs = embedded_unit_macs(plan, model)
     if unit_macs is not None:
-        fraction = plan_mac_fraction(plan, unit_macs)
+        halved = len(plan.guidance.steps) / 2 if plan.guidance is not None else 0
+        fraction = plan_mac_fraction(plan, unit_macs) - halved / plan.num_steps
         lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the "
                      f"embedded {plan.adapter} model" + (" (over the plan's own steps: the pipeline's sampler "
                                                          "may run more)" if plan.solver is not None else ""))

@@ -6,7 +6,6 @@ gets them fitted again under the prediction (they absorb part of its error: on t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from diffaccel.calibration.reference import CalibrationRun
@@ -59,22 +58,23 @@ class GuidancePhase:
             except (MethodError, PlanError) as exc:
                 self.log(f"  {source}: not fitted ({str(exc)[:160]})")
                 return
-            found = plan is not None and self.score(plan, source)
+            found = self.score(plan, source)
             if not found or not found.meets(self.budget):
                 return
             predicted.append(step)
 
-    def _refitted(self, plan: Plan) -> Plan | None:
+    def _refitted(self, plan: Plan) -> Plan:
         """``plan`` with its solver's coefficients fitted again under its guidance prediction (every
-        step's if it had them, else the last step's); as it is without coefficients."""
+        step's if it had them, else the last step's); as it is without coefficients, or when the
+        deadline comes first (the phase runs late in the search, its fits are few runs each)."""
         spec = plan.solver
         if spec is None or spec.coefficients is None:
             return plan
         every = any(any(w != 0 for w in row) for row in spec.coefficients[:-1])
         self._reference = self._reference or record_reference(self.calib.pipe, self.calib.calibrate)
-        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
-        refit = fit_coefficients(self.calib.pipe, self.calib.calibrate, spec, self._reference, share, every, plan)
-        return None if refit is None else plan.model_copy(update={"solver": refit})
+        refit = fit_coefficients(self.calib.pipe, self.calib.calibrate, spec, self._reference, self.deadline, every,
+                                 plan)
+        return plan if refit is None else plan.model_copy(update={"solver": refit})
 
 
 def _takes_guidance(plan: Plan) -> bool:

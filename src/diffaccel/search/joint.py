@@ -32,7 +32,8 @@ need no profile run and are the plans a short search must not miss):
    on fresh seeds (``validation.py``), as the returned plan must;
 2b. **predicted guidance**: the cheapest plans that clear the budget, with the unconditional
    classifier-free-guidance branch predicted from the last step back (``guided.py``): half a step's
-   MACs each, kept while the budget holds;
+   MACs each, kept while the budget holds; run after the fits (it takes a few runs, where the
+   caching sweeps of a few-step sampler can take the time left) and again after caching;
 3. **quantization** (with a quant spec): the cheapest plans that clear the budget, and those that
    clear it with the quantization's own error to spare, again quantized. Quantization leaves the
    MACs as they are; its latency estimate is the plain plan's scaled by the measured wall-time
@@ -163,6 +164,7 @@ class JointSearch(FitPhases, GuidancePhase):
         self.cached(None)  # the pipeline's own sampler first: no profile run, the known-good family
         configs = self.samplers()
         configs = self.fitted(configs) + configs
+        self.guided()  # a few runs: before the caching sweeps, which can take the time left on few steps
         for spec in configs[:CONFIGS_CACHED]:
             self.cached(spec)
         self.guided()

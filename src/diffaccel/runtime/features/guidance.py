@@ -35,7 +35,12 @@ def guidance_halves(sample: torch.Tensor, unconditional_first: bool) -> tuple[to
         raise PlanError("a guidance prediction needs the pipeline to run classifier-free guidance as one doubled "
                         f"batch (both halves the same sample); this forward's batch of {sample.shape[0]} is not "
                         "one: run with guidance_scale > 1, or drop the plan's guidance section")
-    first, second = sample.chunk(2)
+    return ordered_halves(sample, unconditional_first)
+
+
+def ordered_halves(batch: torch.Tensor, unconditional_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unconditional, conditional) halves of a guidance batch's input or output."""
+    first, second = batch.chunk(2)
     return (first, second) if unconditional_first else (second, first)
 
 
@@ -86,7 +91,7 @@ class PredictedGuidance(Feature):
         uncond_in, cond_in = guidance_halves(sample, self.unconditional_first)
         if state.step not in self.weights:
             out = executor.run_forward(original, bound.args, bound.kwargs, state, tuple(sample.shape))
-            uncond, cond = _ordered(model_sample(out), self.unconditional_first)
+            uncond, cond = ordered_halves(model_sample(out), self.unconditional_first)
             own.previous = StepRecord(cond_in, cond, uncond)
             return out
         half = sample.shape[0] // 2
@@ -116,7 +121,3 @@ def _halved(value: Any, batch: int, keep: slice) -> Any:
         return type(value)(_halved(v, batch, keep) for v in value)
     return value
 
-
-def _ordered(output: torch.Tensor, unconditional_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    first, second = output.chunk(2)
-    return (first, second) if unconditional_first else (second, first)
