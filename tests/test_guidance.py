@@ -15,6 +15,7 @@ from diffaccel.errors import MethodError, PlanError
 from diffaccel.methods import fit_guidance, fora
 from diffaccel.methods.guidance import unconditional_half
 from diffaccel.plan import Plan
+from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import parse_budget
 from diffaccel.search.joint import JointSearch
 from diffaccel.solvers import SolverSpec
@@ -165,6 +166,22 @@ def test_the_joint_search_predicts_guidance_from_the_last_step_back_while_the_bu
     assert len(guided) == 5 or not guided[-1].meets(joint.budget)  # ... and the phase stops at the first miss
     joint.guided()  # a candidate is tried once
     assert len([c for c in joint.candidates if "guidance predicted" in c.source]) == len(guided)
+
+
+def test_the_guidance_phase_tries_the_best_of_equally_cheap_plans_first(monkeypatch):
+    """A sampler's fits cost the same: the prediction spends headroom, so the best ones are tried."""
+    dit, _ = make_pipes()
+    joint = JointSearch(CalibrationRun(dit, shapes_workload([0], 6, per_class=1)), parse_budget("psnr>=30"), "macs",
+                        None, lambda _: None)
+    plan = identity_plan(dit.denoiser)
+    joint.candidates = [Candidate(None, [], psnr, 25.0, 0.9, cost, cost, name, i, plan=plan)
+                        for i, (psnr, cost, name) in enumerate([(30.5, 0.2, "fit"), (31.0, 0.2, "last step"),
+                                                                (32.0, 0.2, "every step"), (29.0, 0.1, "misses"),
+                                                                (40.0, 0.5, "dear")])]
+    tried: list[str] = []
+    monkeypatch.setattr(joint, "_predict_back", lambda c: tried.append(c.source))
+    joint.guided()
+    assert tried == ["every step", "last step"]
 
 
 @requires_weights

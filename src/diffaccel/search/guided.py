@@ -33,9 +33,10 @@ class GuidancePhase:
     _guided: set[int | None]  # the candidates (by trial number) the phase has tried
 
     def guided(self) -> None:
-        """Phase 2b over the ``GUIDED`` cheapest plans that clear the budget and can take it."""
+        """Phase 2b over the ``GUIDED`` cheapest plans that clear the budget and can take it, the best
+        first among equally cheap ones (a sampler's fits: the prediction spends their headroom)."""
         tier = sorted((c for c in self.candidates if c.plan is not None and _takes_guidance(c.plan)
-                       and c.meets(self.budget)), key=lambda c: c.cost(self.objective))
+                       and c.meets(self.budget)), key=lambda c: (c.cost(self.objective), -c.quality(self.budget)))
         for c in tier[:GUIDED]:
             if self.late():
                 return
