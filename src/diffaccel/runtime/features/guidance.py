@@ -88,7 +88,7 @@ class PredictedGuidance(Feature):
     def forward(self, original: Callable, bound: inspect.BoundArguments, state: BranchState) -> Any:
         executor, own = self.executor, state.of(self, GuidanceState)
         sample = bound.arguments[executor.adapter.sample_arg]
-        uncond_in, cond_in = guidance_halves(sample, self.unconditional_first)
+        _, cond_in = guidance_halves(sample, self.unconditional_first)
         if state.step not in self.weights:
             out = executor.run_forward(original, bound.args, bound.kwargs, state, tuple(sample.shape))
             uncond, cond = ordered_halves(model_sample(out), self.unconditional_first)
@@ -103,11 +103,10 @@ class PredictedGuidance(Feature):
                                    (half, *sample.shape[1:]))
         executor.stats.full_macs += executor.unit_macs[tuple(sample.shape[1:])][0] * half
         cond = model_sample(out)
-        record = StepRecord(cond_in, cond, torch.zeros_like(cond))
-        weights = self.weights[state.step]
-        record.uncond = sum(w * t for w, t in zip(weights, terms(state.step, record, own.previous)))
-        own.previous = record
-        both = (record.uncond, cond) if self.unconditional_first else (cond, record.uncond)
+        given = terms(state.step, StepRecord(cond_in, cond, cond), own.previous)  # its uncond is no term
+        uncond = sum(w * t for w, t in zip(self.weights[state.step], given))
+        own.previous = StepRecord(cond_in, cond, uncond)
+        both = (uncond, cond) if self.unconditional_first else (cond, uncond)
         return with_model_sample(out, torch.cat(both))
 
 
