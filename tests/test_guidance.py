@@ -132,6 +132,15 @@ def test_a_run_without_guidance_is_refused_and_the_model_left_as_it_was():
     assert untouched(dit.denoiser)
 
 
+def test_a_pipeline_that_runs_its_guidance_branches_as_separate_calls_is_refused():
+    pipe, kwargs = build_case("user-pipeline")  # a user's own pipeline: two model calls per step
+    model = pipe.backbone
+    with pytest.raises(PlanError, match="one doubled batch"):
+        with diffaccel.accelerate(pipe, guided_plan(model, {5: [1.0] * 5})):
+            pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert untouched(model)
+
+
 def test_the_fit_predicts_the_unconditional_branch_better_than_copying_the_conditional_one():
     dit, _ = make_pipes()
     work = shapes_workload([0, 1, 2], 6, per_class=1)

@@ -30,7 +30,7 @@ import torch
 from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.workload import Workload, images_of
 from diffaccel.errors import CalibrationError, PlanError, WorkloadError
-from diffaccel.eval.cost import plan_mac_fraction
+from diffaccel.eval.cost import plan_mac_fraction, predicted_steps_saved
 from diffaccel.eval.fidelity import fidelity, psnr_per_image
 from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import CalibrationInfo, Plan
@@ -232,8 +232,8 @@ class CalibrationRun:
         steps = plan.solver.evaluations if plan.solver is not None else self.num_steps
         if plan.schedule is None and plan.rule is not None:
             return 1.0, 1.0  # decided at run time: unknown here
-        halved = len(plan.guidance.steps) / 2 if plan.guidance is not None else 0  # steps that run half the batch
-        return tuple((plan_mac_fraction(plan, table) * steps - halved) / self.num_steps
+        saved = predicted_steps_saved(plan)
+        return tuple((plan_mac_fraction(plan, table) * steps - saved) / self.num_steps
                      for table in (self.unit_macs, self.unit_seconds))
 
     def score(self, plan: Plan) -> Scores:

@@ -76,3 +76,9 @@ def plan_mac_fraction(plan: Plan, unit_macs: list[float]) -> float | None:
     total, units = unit_macs[0], unit_macs[1:]
     spent = sum(total - sum(m for m, a in zip(units, row) if a != "C") for row in plan.schedule)
     return spent / (total * len(plan.schedule))
+
+
+def predicted_steps_saved(plan: Plan) -> float:
+    """Full steps' worth of MACs a plan's predicted guidance saves: half of each predicted step (the
+    unconditional half of its batch never runs)."""
+    return len(plan.guidance.steps) / 2 if plan.guidance is not None else 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffaccel.adapters import adapter_for
-from diffaccel.eval.cost import plan_mac_fraction
+from diffaccel.eval.cost import plan_mac_fraction, predicted_steps_saved
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.zoo.weights import load_pipeline
@@ -81,8 +81,7 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
     lines.append(f"actions: {counts['compute']} compute, {counts['reuse']} reuse, {counts['forecast']} forecast")
     unit_macs = embedded_unit_macs(plan, model)
     if unit_macs is not None:
-        halved = len(plan.guidance.steps) / 2 if plan.guidance is not None else 0
-        fraction = plan_mac_fraction(plan, unit_macs) - halved / plan.num_steps
+        fraction = plan_mac_fraction(plan, unit_macs) - predicted_steps_saved(plan) / plan.num_steps
         lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the "
                      f"embedded {plan.adapter} model" + (" (over the plan's own steps: the pipeline's sampler "
                                                          "may run more)" if plan.solver is not None else ""))
