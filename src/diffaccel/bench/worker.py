@@ -40,6 +40,7 @@ from diffaccel.bench.config import PROGRESS, BenchJob
 from diffaccel.bench.peers import Context
 from diffaccel.bench.sweeps import setting_label
 from diffaccel.calibration.workload import Call
+from diffaccel.eval.allocator import allocator_state, keep_freed_memory, release_freed_memory
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.eval.io import write_json
@@ -73,6 +74,7 @@ def _peak_mb() -> float:
 
 def _measured(fn) -> tuple[torch.Tensor, float, float]:
     gc.collect()
+    release_freed_memory()  # every run starts from the same allocator state, its peak its own
     _reset_peak()
     start = time.perf_counter()
     out = fn()
@@ -252,6 +254,7 @@ def _row(job: BenchJob, index: int, item: dict, reference: torch.Tensor, base: d
 def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -> dict:
     """Run one group (see the module doc) and return ``{"baseline", "rows", "skipped"}``."""
     torch.set_num_threads(job.threads)
+    keep_freed_memory()
     torch.manual_seed(0)
     calls = [Call(c["kwargs"], tuple(c["seeds"])) for c in job.calls]
     fresh_pipe = _pipelines(job)
@@ -281,6 +284,7 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
         "peak_mem_mb": round(base["peak"], 1), "seconds_per_image": sum(base["times"]) / timed_images,
         "macs_per_image": base_macs // max(1, n_first),
         "sha256": hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest(),
+        "allocator": allocator_state(),
         "from_cache": cached is not None, "matches_cache": base["matches"] if cached is not None else None,
     }
     if job.baseline_grid:

@@ -14,6 +14,7 @@ import torch
 import typer
 
 from diffaccel.errors import DiffaccelError, PlanError
+from diffaccel.eval.allocator import keep_freed_memory
 from diffaccel.methods.registry import build
 from diffaccel.plan import Plan
 from diffaccel.targets import T2I_MODELS, Target, load_target
@@ -56,9 +57,11 @@ def fail(message: str) -> None:
 
 
 def setup(threads: int = 0, guidance: float | None = None) -> None:
-    """Common start of a command: logging to stderr, thread count, a finite guidance."""
+    """Common start of a command: logging to stderr, thread count, a finite guidance, and an allocator
+    that keeps freed memory (steady CPU timings, ``eval/allocator.py``)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     if guidance is not None and not math.isfinite(guidance):

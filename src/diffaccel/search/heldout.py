@@ -9,6 +9,7 @@ from typing import Any
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.reference import checked_images, identity_plan, run_with_plan
+from diffaccel.eval.allocator import allocator_state, release_freed_memory
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.eval.timing import wall_ratio
@@ -27,10 +28,12 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
     base_macs = count_macs(lambda: warm.append(run_with_plan(pipe, fn, identity_plan(find_denoiser(pipe)[0]))[1]))
     base_times, fast_times, base, fast, executor = [], [], None, None, None
     for _ in range(max(1, pairs)):
+        release_freed_memory()
         start = time.perf_counter()
         result = fn(pipe)
         base_times.append(time.perf_counter() - start)
         base = checked_images(result, "held-out") if base is None else base
+        release_freed_memory()
         start = time.perf_counter()
         result, executor = run_with_plan(pipe, fn, plan, warm[0].unit_macs)
         fast_times.append(time.perf_counter() - start)
@@ -40,7 +43,8 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
     record.update(speedup_macs=base_macs / max(1, plan_macs),
                   speedup_macs_denoiser=warm[1].stats.full_macs / max(1, executor.stats.macs),
                   speedup_wall=wall_ratio(base_times, fast_times), seconds_base=sum(base_times) / len(base_times),
-                  seconds_plan=sum(fast_times) / len(fast_times), images=len(base), pairs=len(base_times))
+                  seconds_plan=sum(fast_times) / len(fast_times), images=len(base), pairs=len(base_times),
+                  allocator=allocator_state())
     return record
 
 
@@ -82,7 +86,7 @@ def heldout_check(ctx: Any, summary: dict, plan: Plan, heldout: Callable | None,
                    heldout_psnr_min=measured["psnr_min"],
                    heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
                    speedup_macs_denoiser=measured["speedup_macs_denoiser"], speedup_wall=measured["speedup_wall"],
-                   heldout_images=measured["images"], heldout_pairs=measured["pairs"])
+                   heldout_images=measured["images"], heldout_pairs=measured["pairs"], allocator=measured["allocator"])
     quality = measured["psnr"] if ctx.budget.metric == "psnr" else measured["ssim"]
     summary["heldout_met"] = ctx.budget.accepts(quality, measured["psnr_p5"])
     if summary["met"] and not summary["heldout_met"]:
