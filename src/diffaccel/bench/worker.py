@@ -13,8 +13,10 @@ interleaved (baseline, setting 1, setting 2, ... for each batch), and writes one
   (``job["baseline_cache"]``, safetensors); later groups load them for the quality metrics and
   sample the baseline again only on the first ``job["timed_pairs"]`` batches, the interleaved
   timing pairs (and check that those images match the saved ones).
-- peak memory: the process's peak resident set size during the setting's runs (Linux resets the
-  high-water mark before each run), and its excess over the baseline's.
+- peak memory: the process's peak resident set size during the setting's first (warm-up) run, the
+  memory the allocator keeps handed back before it (Linux resets the high-water mark), and its excess
+  over the baseline's. The timed runs keep freed memory (``eval/allocator.py``): a serving process's
+  steady state, where no run page-faults in what the one before it freed.
 - PSNR/SSIM against the baseline images of this process, evaluator accuracy and Fréchet distance.
 
 Progress goes to stdout as lines ``@@progress N``; everything else (peers' logs) is free text.
@@ -31,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -72,14 +75,20 @@ def _peak_mb() -> float:
         return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def _measured(fn) -> tuple[torch.Tensor, float, float]:
+def _with_peak(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()`` and the peak resident memory (MB) of its run alone (the kept memory handed back first)."""
     gc.collect()
-    release_freed_memory()  # every run starts from the same allocator state, its peak its own
+    release_freed_memory()
     _reset_peak()
+    out = fn()
+    return out, _peak_mb()
+
+
+def _measured(fn) -> tuple[torch.Tensor, float]:
+    gc.collect()
     start = time.perf_counter()
     out = fn()
-    seconds = time.perf_counter() - start
-    return out, seconds, _peak_mb()
+    return out, time.perf_counter() - start
 
 
 class BadOutput(RuntimeError):
@@ -185,11 +194,13 @@ def _open_all(job: BenchJob, ctx: Context, first: Call, progress) -> tuple[list[
         label = setting_label(entry["settings"])
         try:
             candidate = open_candidate(job.family, entry["name"], entry["settings"], ctx)
-            macs = count_macs(lambda c=candidate: _checked((c.count or c.run)(first), n_first))  # warm-up, counted
-            if candidate.count is not None:
-                _checked(candidate.run(first), n_first)  # the warm-up
+            if candidate.count is None:  # the warm-up, counted
+                macs, peak = _with_peak(lambda c=candidate: count_macs(lambda: _checked(c.run(first), n_first)))
+            else:
+                macs = count_macs(lambda c=candidate: _checked(c.count(first), n_first))
+                peak = _with_peak(lambda c=candidate: _checked(c.run(first), n_first))[1]  # the warm-up
             live.append({"entry": entry, "label": label, "candidate": candidate, "macs": macs, "images": [],
-                         "times": [], "peak": 0.0, "failed": None})
+                         "times": [], "peak": peak, "failed": None})
         except Exception as exc:  # a peer that cannot run this setting on this model: say why
             skipped.append({"family": job.family, "name": entry["name"], "setting": label, "reason": _reason(exc)})
             traceback.print_exc()
@@ -200,13 +211,12 @@ def _open_all(job: BenchJob, ctx: Context, first: Call, progress) -> tuple[list[
 def _interleave(job: BenchJob, calls: list[Call], live: list[dict], base_run, cached, progress) -> dict:
     """Baseline and every live setting, call by call; the baseline timed on the first ``timed`` calls."""
     timed = len(calls) if cached is None else max(1, min(len(calls), int(job.timed_pairs or len(calls))))
-    base_images, base_times, base_peak, matches, start = [], [], 0.0, True, 0
+    base_images, base_times, matches, start = [], [], True, 0
     for index, call in enumerate(calls):
         n = len(call.seeds) if len(call.seeds) > 1 else None
         if index < timed:
-            images, seconds, peak = _measured(lambda c=call: base_run(c))
+            images, seconds = _measured(lambda c=call: base_run(c))
             base_times.append(seconds)
-            base_peak = max(base_peak, peak)
             if cached is not None:
                 matches = matches and torch.equal(images, cached[start:start + len(images)])
         else:
@@ -217,16 +227,15 @@ def _interleave(job: BenchJob, calls: list[Call], live: list[dict], base_run, ca
         for item in live:
             if item["failed"] is None:
                 try:
-                    out, seconds, peak = _measured(lambda c=call, cand=item["candidate"]: cand.run(c))
+                    out, seconds = _measured(lambda c=call, cand=item["candidate"]: cand.run(c))
                     _checked(out, len(images), images)
                     item["images"].append(out)
                     item["times"].append(seconds)
-                    item["peak"] = max(item["peak"], peak)
                 except Exception as exc:
                     item["failed"] = _reason(exc)
                     traceback.print_exc()
             progress(1)
-    return {"images": base_images, "times": base_times, "peak": base_peak, "matches": matches, "timed": timed}
+    return {"images": base_images, "times": base_times, "matches": matches, "timed": timed}
 
 
 def _row(job: BenchJob, index: int, item: dict, reference: torch.Tensor, base: dict, base_macs: int,
@@ -267,7 +276,7 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
 
     first = calls[0]
     n_first = len(Context.sample(base_pipe, first))  # also warms the baseline up
-    base_macs = count_macs(lambda: Context.sample(base_pipe, first))
+    base_macs, base_peak = _with_peak(lambda: count_macs(lambda: Context.sample(base_pipe, first)))
     ctx.shared.update(base_pipe=base_pipe, n_first=n_first)
     progress(1)
     live, skipped = _open_all(job, ctx, first, progress)
@@ -275,6 +284,7 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
     n_images = sum(len(c.seeds) if len(c.seeds) > 1 else n_first for c in calls)
     cached = _load_baseline(cache, n_images) if cache is not None else None
     base = _interleave(job, calls, live, lambda c: Context.sample(base_pipe, c), cached, progress)
+    base["peak"] = base_peak
     reference = torch.cat(base["images"])
     if cache is not None and cached is None:
         _save_baseline(cache, reference)

@@ -6,9 +6,10 @@ run can spend a fifth of its time in the kernel zeroing new pages, or none at al
 before it in the process (measured on the embedded DiT, batch 24, one thread: 77 ms per forward with
 6,000 minor faults each, 56-65 ms without). That noise is as large as the gap between two fast plans, and
 it falls unevenly on baseline and candidate. ``keep_freed_memory`` switches both mechanisms off for the
-process (diffaccel's commands do it at start; ``DIFFACCEL_ALLOCATOR=system`` keeps glibc's defaults), and
-``release_freed_memory`` hands the kept memory back between timed runs, so that every run starts from the
-same state and its peak resident memory is its own.
+process (diffaccel's commands do it at start; ``DIFFACCEL_ALLOCATOR=system`` keeps glibc's defaults): a
+serving process's steady state, where no run faults in what the one before it freed. Timed runs then
+keep it; ``release_freed_memory`` hands it back before a run whose peak resident memory is measured, so
+that the peak is that run's own.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Give the memory the allocator keeps back to the kernel (before a timed run; a no-op off glibc)."""
+    """Give the memory the allocator keeps back to the kernel (before measuring a run's peak memory; a
+    no-op off glibc)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

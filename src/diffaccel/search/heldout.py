@@ -9,7 +9,7 @@ from typing import Any
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.reference import checked_images, identity_plan, run_with_plan
-from diffaccel.eval.allocator import allocator_state, release_freed_memory
+from diffaccel.eval.allocator import allocator_state
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
 from diffaccel.eval.timing import wall_ratio
@@ -28,12 +28,10 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
     base_macs = count_macs(lambda: warm.append(run_with_plan(pipe, fn, identity_plan(find_denoiser(pipe)[0]))[1]))
     base_times, fast_times, base, fast, executor = [], [], None, None, None
     for _ in range(max(1, pairs)):
-        release_freed_memory()
         start = time.perf_counter()
         result = fn(pipe)
         base_times.append(time.perf_counter() - start)
         base = checked_images(result, "held-out") if base is None else base
-        release_freed_memory()
         start = time.perf_counter()
         result, executor = run_with_plan(pipe, fn, plan, warm[0].unit_macs)
         fast_times.append(time.perf_counter() - start)
