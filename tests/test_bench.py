@@ -21,6 +21,7 @@ from diffaccel.bench.config import BenchConfig, BenchJob, check_config, items
 from diffaccel.bench.results import FORMAT_VERSION, load_results, summarize
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
+from diffaccel.eval import allocator
 from diffaccel.methods.registry import METHODS
 from diffaccel.targets import load_target
 
@@ -73,6 +74,8 @@ def test_tiny_bench_writes_results_markdown_and_report(tiny_run):
     for key in ("machine", "versions", "threads", "samples", "rows", "skipped", "summary"):
         assert key in data
     assert data["threads"] == 1 and data["samples"]["n_images"] == 2 and data["samples"]["fd_samples"] == 2
+    # the workers time in the allocator's steady state (freed memory kept) wherever glibc allows it
+    assert data["baseline"]["allocator"] == ("kept" if allocator._glibc() else "system")
     assert "fewer than the 600" in data["samples"]["note"]
     assert {r.family for r in results.rows} == {"diffaccel", "peer", "steps"}
     names = {r.name for r in results.rows}

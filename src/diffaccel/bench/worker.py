@@ -13,10 +13,11 @@ interleaved (baseline, setting 1, setting 2, ... for each batch), and writes one
   (``job["baseline_cache"]``, safetensors); later groups load them for the quality metrics and
   sample the baseline again only on the first ``job["timed_pairs"]`` batches, the interleaved
   timing pairs (and check that those images match the saved ones).
-- peak memory: the process's peak resident set size during the setting's first (warm-up) run, the
-  memory the allocator keeps handed back before it (Linux resets the high-water mark), and its excess
-  over the baseline's. The timed runs keep freed memory (``eval/allocator.py``): a serving process's
-  steady state, where no run page-faults in what the one before it freed.
+- peak memory: the process's peak resident set size during one untimed run of the first batch per
+  setting, every setting opened, the memory the allocator keeps handed back before it (Linux resets
+  the high-water mark), and its excess over the baseline's. The timed runs keep freed memory
+  (``eval/allocator.py``): a serving process's steady state, where no run page-faults in what the
+  one before it freed.
 - PSNR/SSIM against the baseline images of this process, evaluator accuracy and Fréchet distance.
 
 Progress goes to stdout as lines ``@@progress N``; everything else (peers' logs) is free text.
@@ -194,18 +195,29 @@ def _open_all(job: BenchJob, ctx: Context, first: Call, progress) -> tuple[list[
         label = setting_label(entry["settings"])
         try:
             candidate = open_candidate(job.family, entry["name"], entry["settings"], ctx)
-            if candidate.count is None:  # the warm-up, counted
-                macs, peak = _with_peak(lambda c=candidate: count_macs(lambda: _checked(c.run(first), n_first)))
-            else:
-                macs = count_macs(lambda c=candidate: _checked(c.count(first), n_first))
-                peak = _with_peak(lambda c=candidate: _checked(c.run(first), n_first))[1]  # the warm-up
+            macs = count_macs(lambda c=candidate: _checked((c.count or c.run)(first), n_first))  # warm-up, counted
+            if candidate.count is not None:
+                _checked(candidate.run(first), n_first)  # the warm-up
             live.append({"entry": entry, "label": label, "candidate": candidate, "macs": macs, "images": [],
-                         "times": [], "peak": peak, "failed": None})
+                         "times": [], "peak": 0.0, "failed": None})
         except Exception as exc:  # a peer that cannot run this setting on this model: say why
             skipped.append({"family": job.family, "name": entry["name"], "setting": label, "reason": _reason(exc)})
             traceback.print_exc()
         progress(1)
     return live, skipped
+
+
+def _peaks(first: Call, live: list[dict], base_run) -> float:
+    """Each live setting's peak memory (into ``item["peak"]``) and the baseline's (returned), from one
+    untimed run of the first call each, with every setting's pipeline loaded as in the timed runs."""
+    base_peak = _with_peak(lambda: base_run(first))[1]
+    for item in live:
+        try:
+            item["peak"] = _with_peak(lambda cand=item["candidate"]: cand.run(first))[1]
+        except Exception as exc:
+            item["failed"] = _reason(exc)
+            traceback.print_exc()
+    return base_peak
 
 
 def _interleave(job: BenchJob, calls: list[Call], live: list[dict], base_run, cached, progress) -> dict:
@@ -276,13 +288,14 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
 
     first = calls[0]
     n_first = len(Context.sample(base_pipe, first))  # also warms the baseline up
-    base_macs, base_peak = _with_peak(lambda: count_macs(lambda: Context.sample(base_pipe, first)))
+    base_macs = count_macs(lambda: Context.sample(base_pipe, first))
     ctx.shared.update(base_pipe=base_pipe, n_first=n_first)
     progress(1)
     live, skipped = _open_all(job, ctx, first, progress)
     cache = Path(job.baseline_cache) if job.baseline_cache else None
     n_images = sum(len(c.seeds) if len(c.seeds) > 1 else n_first for c in calls)
     cached = _load_baseline(cache, n_images) if cache is not None else None
+    base_peak = _peaks(first, live, lambda c: Context.sample(base_pipe, c))
     base = _interleave(job, calls, live, lambda c: Context.sample(base_pipe, c), cached, progress)
     base["peak"] = base_peak
     reference = torch.cat(base["images"])
