@@ -99,6 +99,11 @@ class Executor:
         self._merge = self.merge_runs and not any(f.edits_served_values for f in self.features)
         self._order = plan.rule.forecast_order if plan.rule else plan.forecast_order
         self._keep = max(plan.forecast_order, self._order) + 1
+        # the units whose outputs a later step may serve; the others' are not kept (an all-compute
+        # plan, or a sampler plan, stores nothing: a subtraction and a reference per unit and step)
+        dynamic = plan.rule is not None or bool(self._hooks["action"])
+        self._stored = range(len(self.units)) if dynamic else frozenset(
+            i for i in range(len(self.units)) if any(row[i] != "C" for row in plan.schedule or ()))
 
     @property
     def current_step(self) -> int | None:
@@ -279,7 +284,8 @@ class Executor:
         unit whose output was not finite."""
         if not self.check_finite or all_finite(out):
             return
-        index = next((i for i in state.computed if not all_finite(state.caches[i].last())), None)
+        index = next((i for i in state.computed if state.caches[i].ready and not all_finite(state.caches[i].last())),
+                     None)
         where = "the model" if index is None else f"unit {self.units[index].name}"
         raise CacheError(f"{where} produced a non-finite value at step {state.step}: the model or its input is "
                          "broken (NaN or infinity); the run was stopped")
@@ -330,12 +336,13 @@ class Executor:
             self._measuring[index + 1] += counter.get_total_flops()
         else:
             out = original(*args, **kwargs)
-        value = out if unit.residual_inputs is None else tree_map(
-            lambda y, x: y - x, out, unit.residual_inputs(args, kwargs))
-        if state.tile > 1:  # keep the first copy of a tiled (parallel-decoding) batch
-            value = tree_map(lambda v: v[: v.shape[0] // state.tile], value)
+        if index in self._stored:
+            value = out if unit.residual_inputs is None else tree_map(
+                lambda y, x: y - x, out, unit.residual_inputs(args, kwargs))
+            if state.tile > 1:  # keep the first copy of a tiled (parallel-decoding) batch
+                value = tree_map(lambda v: v[: v.shape[0] // state.tile], value)
+            cache.store(state.step, value, self._keep)
         state.computed.append(index)
-        cache.store(state.step, value, self._keep)
         self.stats.computed += 1
         for feature in self._hooks["after_compute"]:
             feature.after_compute(state, index, out)
