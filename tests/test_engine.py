@@ -12,6 +12,7 @@ from diffaccel import methods
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.plan import Plan, PlanError
 from diffaccel.runtime import CacheError
+from diffaccel.runtime.cache import UnitCache
 from diffaccel.runtime.executor import Executor
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.models import build_dit, build_unet, make_scheduler
@@ -345,3 +346,17 @@ def test_feature_correction_rejects_fits_the_plan_cannot_hold(pipes):
         with pytest.raises(ValueError):
             FeatureFit(step=1, unit=unit, **bad)
     assert FeatureCorrection(axis=1).fits == []
+
+
+def test_only_the_units_a_plan_serves_keep_their_outputs(pipes, monkeypatch):
+    pipe = pipes[0]
+    stored = []
+    monkeypatch.setattr(UnitCache, "store", lambda self, step, value, keep: stored.append(step))
+    whole, fora = identity_plan(pipe.denoiser), methods.fora(pipe.denoiser, 6, 2)
+    assert whole.served_units() == frozenset() and fora.served_units()
+    with diffaccel.accelerate(pipe, whole):
+        call(pipe)
+    assert stored == []  # nothing is ever served: nothing kept
+    with diffaccel.accelerate(pipe, fora):
+        call(pipe)
+    assert len(stored) >= len(fora.served_units())

@@ -234,6 +234,10 @@ class Plan(_Strict):
     def action(self, step: int, unit: int) -> str:
         return self.schedule[step][unit] if self.schedule is not None else "C"
 
+    def served_units(self) -> frozenset[int]:
+        """The units some step serves from their cache (reuse or forecast) instead of computing."""
+        return frozenset(i for row in self.schedule or () for i, action in enumerate(row) if action != "C")
+
     def resample(self, num_steps: int) -> Plan:
         """The same plan for ``num_steps`` denoiser evaluations: each unit keeps its share of compute
         steps, placed where the plan placed them (the rule: ``diffaccel.resample``). Step-free plans

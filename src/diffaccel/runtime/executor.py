@@ -99,11 +99,8 @@ class Executor:
         self._merge = self.merge_runs and not any(f.edits_served_values for f in self.features)
         self._order = plan.rule.forecast_order if plan.rule else plan.forecast_order
         self._keep = max(plan.forecast_order, self._order) + 1
-        # the units whose outputs a later step may serve; the others' are not kept (an all-compute
-        # plan, or a sampler plan, stores nothing: a subtraction and a reference per unit and step)
-        dynamic = plan.rule is not None or bool(self._hooks["action"])
-        self._stored = range(len(self.units)) if dynamic else frozenset(
-            i for i in range(len(self.units)) if any(row[i] != "C" for row in plan.schedule or ()))
+        # only the outputs a later step may serve are kept (an all-compute plan stores nothing)
+        self._stored = range(len(self.units)) if plan.rule or self._hooks["action"] else plan.served_units()
 
     @property
     def current_step(self) -> int | None:
@@ -284,9 +281,8 @@ class Executor:
         unit whose output was not finite."""
         if not self.check_finite or all_finite(out):
             return
-        index = next((i for i in state.computed if state.caches[i].ready and not all_finite(state.caches[i].last())),
-                     None)
-        where = "the model" if index is None else f"unit {self.units[index].name}"
+        bad = [i for i in state.computed if state.caches[i].ready and not all_finite(state.caches[i].last())]
+        where = f"unit {self.units[bad[0]].name}" if bad else "the model"
         raise CacheError(f"{where} produced a non-finite value at step {state.step}: the model or its input is "
                          "broken (NaN or infinity); the run was stopped")
 
