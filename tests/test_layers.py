@@ -11,7 +11,7 @@ PACKAGE = SRC / "diffaccel"
 
 # bottom to top: a module may import its own layer and the ones below, never one above
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "fingerprint", "seeds", "resample", "quant.spec", "solvers.spec"),
+    ("errors", "fingerprint", "seeds", "resample", "quant.spec", "solvers.spec", "plan_files"),
     ("plan", "adapters", "eval", "steps", "solvers"),
     ("runtime", "quant"),
     ("calibration",),

@@ -14,15 +14,15 @@ executor applies them, ``diffaccel plan show`` prints them.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffaccel.errors import PlanError
+from diffaccel.plan_files import read_plan_json, validated
 from diffaccel.quant.spec import QuantSpec
 from diffaccel.resample import carry_per_step, carry_unit_steps, resample_rows
 from diffaccel.solvers.spec import SolverSpec
@@ -305,26 +305,12 @@ class Plan(_Strict):
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors())
-            raise PlanError(f"invalid plan: {problems}") from None
+        return validated(cls, data, "plan", PlanError)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"plan file {path} is not valid JSON (truncated or malformed?): {exc}") from None
-        if not isinstance(data, dict):
-            raise PlanError(f"plan file {path} must hold a JSON object")
-        if data.get("version", PLAN_VERSION) != PLAN_VERSION:
-            raise PlanError(f"plan file {path} has version {data.get('version')}; this diffaccel reads "
-                            f"version {PLAN_VERSION}")
+        data = read_plan_json(path, "plan", PLAN_VERSION, PlanError)
         plan = cls.from_dict(data)
         if plan.quant is not None and not Path(plan.quant.calibration).is_absolute():
             # a calibration file named in a plan file lives beside it

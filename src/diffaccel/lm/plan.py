@@ -16,13 +16,13 @@ instead (which positions a step recomputes), so it has its own small schema. Met
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffaccel.plan import PlanError
+from diffaccel.plan_files import read_plan_json, validated
 
 LM_PLAN_VERSION = 1
 LM_METHODS = ("none", "dkv-decode", "dkv-greedy", "prompt-cache", "block")
@@ -81,26 +81,11 @@ class LMPlan(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict) -> LMPlan:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors())
-            raise LMPlanError(f"invalid LM plan: {problems}") from None
+        return validated(cls, data, "LM plan", LMPlanError)
 
     @classmethod
     def load(cls, path: str | Path) -> LMPlan:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LMPlanError(f"LM plan file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LMPlanError(f"LM plan file {path} is not valid JSON (truncated or malformed?): {exc}") from None
-        if not isinstance(data, dict):
-            raise LMPlanError(f"LM plan file {path} must hold a JSON object")
-        if data.get("version", LM_PLAN_VERSION) != LM_PLAN_VERSION:
-            raise LMPlanError(f"LM plan file {path} has version {data.get('version')}; this diffaccel reads "
-                              f"version {LM_PLAN_VERSION}")
+        data = read_plan_json(Path(path), "LM plan", LM_PLAN_VERSION, LMPlanError)
         return cls.from_dict(data)
 
 
