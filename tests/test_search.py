@@ -301,7 +301,7 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
         time.sleep(0.2)
         return {"psnr": 31.0, "psnr_p5": 25.0, "psnr_min": 20.0, "ssim": 0.9, "speedup_macs": 4.0,
                 "speedup_macs_denoiser": 4.5, "speedup_wall": 3.5, "images": 4, "pairs": pairs,
-                "seconds_base": 10.0, "seconds_plan": 2.5}
+                "seconds_base": 10.0, "seconds_plan": 2.5, "allocator": "kept"}
 
     monkeypatch.setattr(heldout_module, "compare", timed_compare)
     lines: list[str] = []
