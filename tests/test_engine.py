@@ -360,3 +360,15 @@ def test_only_the_units_a_plan_serves_keep_their_outputs(pipes, monkeypatch):
     with diffaccel.accelerate(pipe, fora):
         call(pipe)
     assert len(stored) >= len(fora.served_units())
+
+
+def test_nan_under_an_all_compute_plan_names_its_unit(pipes):
+    pipe = pipes[0]
+    handle = pipe.denoiser.transformer_blocks[2].ff.register_forward_hook(lambda m, a, out: out * float("nan"))
+    try:
+        with pytest.raises(CacheError, match="unit blocks.2 produced a non-finite value at step 0"):
+            with diffaccel.accelerate(pipe, identity_plan(pipe.denoiser)):  # nothing cached, still named
+                call(pipe)
+    finally:
+        handle.remove()
+    assert untouched(pipe.denoiser)

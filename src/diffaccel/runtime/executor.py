@@ -247,7 +247,7 @@ class Executor:
         for feature in self._hooks["before_forward"]:
             feature.before_forward(state)
         self._current = state
-        state.computed = []
+        state.computed = {}
         try:
             if measure:
                 out = self._measured(original, args, kwargs)
@@ -256,6 +256,7 @@ class Executor:
         finally:
             self._current = None
         self._check_finite(state, out)
+        state.computed = {}  # let this forward's unit outputs go
         self.stats.forwards += 1
         total = self.unit_macs[self._shape][0] * batch
         self.stats.full_macs += total
@@ -276,13 +277,12 @@ class Executor:
         return out
 
     def _check_finite(self, state: BranchState, out: Any) -> None:
-        """One reduction (one host sync) over the model's output, which a NaN or infinity anywhere in
-        the forward reaches (a check per unit cost 5% of a small DiT's run); names the first computed
-        unit whose output was not finite."""
+        """One reduction over the model's output, which a NaN or infinity anywhere in the forward reaches (a
+        check per unit cost 5% of a small DiT's run); on failure, names the first non-finite unit."""
         if not self.check_finite or all_finite(out):
             return
-        bad = [i for i in state.computed if state.caches[i].ready and not all_finite(state.caches[i].last())]
-        where = f"unit {self.units[bad[0]].name}" if bad else "the model"
+        index = next((i for i, value in state.computed.items() if not all_finite(value)), None)
+        where = "the model" if index is None else f"unit {self.units[index].name}"
         raise CacheError(f"{where} produced a non-finite value at step {state.step}: the model or its input is "
                          "broken (NaN or infinity); the run was stopped")
 
@@ -338,7 +338,7 @@ class Executor:
             if state.tile > 1:  # keep the first copy of a tiled (parallel-decoding) batch
                 value = tree_map(lambda v: v[: v.shape[0] // state.tile], value)
             cache.store(state.step, value, self._keep)
-        state.computed.append(index)
+        state.computed[index] = out
         self.stats.computed += 1
         for feature in self._hooks["after_compute"]:
             feature.after_compute(state, index, out)

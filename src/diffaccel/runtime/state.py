@@ -52,7 +52,7 @@ class BranchState:
     passthrough: set[int] = field(default_factory=set)
     run_sums: dict[tuple[int, int], UnitCache] = field(default_factory=dict)
     features: dict[int, Any] = field(default_factory=dict)  # each feature's own per-branch state, by id
-    computed: list[int] = field(default_factory=list)  # the units computed in this forward, in order
+    computed: dict[int, Any] = field(default_factory=dict)  # this forward's computed units' outputs, in order
     shape: tuple | None = None  # per-sample input shape the caches were filled at
 
     def forget(self) -> None:
