@@ -80,6 +80,9 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
     assert "no adapter for UNet2DModel" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", tmp_path / "ddpm", "--prompts", prompts)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert "pickled weights (.bin) only" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", tmp_path / "pickled", "--prompts", prompts)
     assert "cannot read the prompt file" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "missing.txt")
     (tmp_path / "blank.txt").write_text("\n# nothing\n")
@@ -88,6 +91,10 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
     (tmp_path / "broken.txt").write_text("{\"prompt\": \n")
     assert "line 1: not valid JSON" in one_line_error(
         monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", tmp_path / "broken.txt")
+    refused = {"prompt": "a red circle", "callback_on_step_end_tensor_inputs": ["nope"]}  # the pipeline's own check
+    (tmp_path / "odd.txt").write_text(json.dumps(refused) + "\n")
+    assert "StableDiffusionPipeline refused the call for a red circle" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "odd.txt", "--steps", "2")
     assert "--pipeline needs --prompts" in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder)
     assert "contradict" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--classes", "circle")

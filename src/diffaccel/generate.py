@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from diffaccel.calibration.reference import identity_plan
-from diffaccel.calibration.workload import Call, images_of
+from diffaccel.calibration.workload import Call
 from diffaccel.errors import WorkloadError
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
@@ -89,8 +89,7 @@ def save_comparison(images: torch.Tensor, reference: torch.Tensor, rows: int, pa
 
 
 def run_call(pipe: Any, call: Call) -> torch.Tensor:
-    with torch.no_grad():
-        return images_of(pipe(**call.kwargs, generator=call.generators(), output_type="pt"))
+    return call.run(pipe, output_type="pt")
 
 
 class Runner:

@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.workload import Workload
@@ -27,7 +25,7 @@ from diffaccel.seeds import CALIBRATION_SEED
 from diffaccel.zoo import shapes
 from diffaccel.zoo.t2i import captions
 from diffaccel.zoo.t2i.evaluator import load_t2i_evaluator
-from diffaccel.zoo.t2i.pipelines import PIPELINES, call_kwargs, load_t2i_pipeline
+from diffaccel.zoo.t2i.pipelines import PIPELINES, call_kwargs, load_t2i_pipeline, quiet_loading
 from diffaccel.zoo.weights import WEIGHTS_DIR, load_evaluator, load_pipeline
 
 T2I_MODELS = tuple(PIPELINES)  # pixart, sd
@@ -68,10 +66,13 @@ def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:
     if not (folder / "model_index.json").is_file():
         raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json): give the folder "
                            "that DiffusionPipeline.save_pretrained wrote")
-    diffusers_logging.disable_progress_bar()  # loading bars would clutter the command's output
-    transformers_logging.disable_progress_bar()
-    try:
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=getattr(torch, dtype))
+    if any(folder.glob("*/*.bin")) and not any(folder.glob("*/*.safetensors")):
+        raise WeightsError(f"{folder} holds pickled weights (.bin) only, which diffaccel does not load (a pickle can "
+                           "run code): save the pipeline with save_pretrained(..., safe_serialization=True)")
+    try:  # safetensors only; loaded as stored, then converted (the dtype argument's name changed in diffusers 0.40)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                     low_cpu_mem_usage=False).to(getattr(torch, dtype))
     except Exception as exc:  # diffusers raises many kinds for a damaged or foreign folder
         raise WeightsError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0][:200]}") from None
     find_denoiser(pipe)  # an unsupported denoiser is a one-line error now, not later

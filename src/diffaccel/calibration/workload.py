@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffaccel.errors import WorkloadError
+from diffaccel.errors import DiffaccelError, WorkloadError
 from diffaccel.seeds import CALIBRATION_SEED, HELDOUT_SHIFT
 
 RESERVED = ("generator", "output_type", "return_dict")
@@ -37,6 +37,17 @@ class Call:
     def generators(self) -> torch.Generator | list[torch.Generator]:
         gens = [torch.Generator().manual_seed(int(s)) for s in self.seeds]
         return gens[0] if len(gens) == 1 else gens
+
+    def run(self, pipe: Any, **extra: Any) -> torch.Tensor:
+        """The call's images (see ``images_of``); the pipeline refusing its arguments is a WorkloadError."""
+        try:
+            with torch.no_grad():
+                return images_of(pipe(**self.kwargs, generator=self.generators(), **extra))
+        except DiffaccelError:
+            raise
+        except ValueError as exc:  # the pipeline's own checks of its arguments
+            raise WorkloadError(f"{type(pipe).__name__} refused the call for {', '.join(self.describe())[:80]} "
+                                f"(arguments: {', '.join(self.kwargs)}): {exc}; fix that call's arguments") from exc
 
     def describe(self) -> list[str]:
         """The inputs this call asks for, readably (prompts or class ids)."""
@@ -136,10 +147,9 @@ class Workload:
         """Run every call; the images, in order, as one tensor (N, C, H, W) in [0, 1]."""
         extra = {"output_type": "pt"} if _accepts(pipe, "output_type") else {}
         out = []
-        for call in tqdm(self.calls, desc="calibration calls", disable=not progress or len(self.calls) < 2):
-            with torch.no_grad():
-                result = pipe(**call.kwargs, generator=call.generators(), **extra)
-            out.append(images_of(result))
+        quiet = not progress or len(self.calls) < 2
+        for call in tqdm(self.calls, desc="calibration calls", disable=quiet):
+            out.append(call.run(pipe, **extra))
         shapes = {tuple(x.shape[1:]) for x in out}
         if len(shapes) > 1:
             raise WorkloadError(f"the calls make images of different sizes ({sorted(shapes)}): use one size")

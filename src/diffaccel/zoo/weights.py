@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 
 from diffaccel.errors import WeightsError
@@ -21,8 +20,7 @@ def _load(cls, folder: Path):
         raise WeightsError(f"no weights in {folder}: expected config.json and a .safetensors file "
                            "(reinstall diffaccel, or train and export them with `diffaccel train`)")
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32,
-                                   low_cpu_mem_usage=False).eval()
+        return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).float().eval()
     except Exception as exc:  # diffusers raises many types for a damaged folder
         raise WeightsError(f"weights in {folder} are corrupt or do not match {cls.__name__}: "
                            f"{str(exc).splitlines()[0][:200]} (reinstall diffaccel or re-export them)") from exc

@@ -89,7 +89,7 @@ def reconstruction_psnr(vae: AutoencoderKL, count: int = 720, batch: int = 120) 
 
 
 def load_vae(folder: Path) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False).eval()
+    return AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).float().eval()
 
 
 def export_vae(vae: AutoencoderKL, dest: Path, info: dict) -> dict:
