@@ -38,7 +38,7 @@ from diffaccel.search import (
 from diffaccel.search import heldout as heldout_module
 from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
-from diffaccel.search.config import auto_margin
+from diffaccel.search.config import SearchConfig, auto_margin, configured
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
 from diffaccel.search.space import Space
@@ -85,6 +85,17 @@ def test_unparsable_budget_fails_before_any_work(pipes):
 
     with pytest.raises(BudgetError, match="psnr>=X"):
         search(pipes[0], never, budget="quality>=30", log=quiet)
+
+
+def test_search_settings_are_checked_before_any_work(pipes):
+    def never(_pipe):
+        raise AssertionError("the calibration set must not run")
+
+    with pytest.raises(diffaccel.search.SearchError, match="'time' \\(did you mean 'time_limit'\\?\\)"):
+        search(pipes[0], never, time="40s", log=quiet)
+    with pytest.raises(diffaccel.search.SearchError, match="time_limit is in seconds"):
+        search(pipes[0], never, config=SearchConfig(time_limit=-5), log=quiet)
+    assert configured(None, {"time_limit": "2m", "strategy": "dp"}) == SearchConfig(time_limit=120.0, strategy="dp")
 
 
 # -- dynamic programming -----------------------------------------------------------------------------

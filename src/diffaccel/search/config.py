@@ -3,9 +3,11 @@ limits, as one typed ``SearchConfig``."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from diffaccel.errors import BudgetError, SearchError
 from diffaccel.quant.spec import QuantSpec
@@ -154,6 +156,8 @@ class SearchConfig:
             raise SearchError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.precision not in PRECISIONS:
             raise SearchError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
+            raise SearchError(f"time_limit is in seconds (a number > 0, or None for no limit), got {self.time_limit!r}")
         if self.trials is not None and self.trials < 1:
             raise SearchError(f"trials must be >= 1, got {self.trials}")
         margin = self.effective_margin()
@@ -167,3 +171,17 @@ class SearchConfig:
                               "int8), which a search by MACs tries on the plan it chose")
         if self.objective == "bops" and self.quant is None:
             raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")
+
+
+def configured(config: SearchConfig | None, options: dict[str, Any]) -> SearchConfig:
+    """``config`` (the default settings if None) with ``options``, ``SearchConfig``'s fields by name;
+    ``time_limit`` may also be written as the command line takes it ("90s", "15m", "2h")."""
+    names = [f.name for f in fields(SearchConfig)]
+    unknown = [key for key in options if key not in names]
+    if unknown:
+        hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                 for key in unknown for close in [difflib.get_close_matches(key, names, 1, cutoff=0.5)]]
+        raise SearchError(f"unknown search setting {', '.join(hints)}; the settings are {', '.join(names)}")
+    if isinstance(options.get("time_limit"), str):
+        options = {**options, "time_limit": parse_duration(options["time_limit"])}
+    return replace(config or SearchConfig(), **options)

@@ -23,7 +23,7 @@ from diffaccel.errors import SearchError
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, ordered, pareto
-from diffaccel.search.config import CORRECTION_SEED_OFFSET, Budget, SearchConfig, auto_margin
+from diffaccel.search.config import CORRECTION_SEED_OFFSET, Budget, SearchConfig, auto_margin, configured
 from diffaccel.search.context import Context
 from diffaccel.search.dp import dp_candidates
 from diffaccel.search.greedy import greedy_candidates
@@ -58,7 +58,7 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     against the unaccelerated pipeline (``config.pairs`` interleaved runs each). Before that, the
     pick is confirmed on fresh calibration seeds (``validation.py``; ``config.validate``)."""
     started = time.time()
-    config = replace(config or SearchConfig(), **options)
+    config = configured(config, options)
     config.check()
     budget = config.parsed_budget()
     out = Path(out) if out is not None else None
