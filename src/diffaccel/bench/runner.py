@@ -40,10 +40,10 @@ import diffaccel
 from diffaccel.bench import sweeps
 from diffaccel.bench.config import PROGRESS, BenchConfig, BenchJob, check_config, items
 from diffaccel.bench.peers import PEERS, peer_versions
+from diffaccel.bench.report import render_report, save_report
 from diffaccel.bench.results import FORMAT_VERSION, PSNR_FLOOR, BenchError, Results, summarize
 from diffaccel.bench.resume import find_resumable, finished_result, run_identity, saved_baseline_grid
 from diffaccel.eval.io import write_json
-from diffaccel.report.html import render_report, save_report
 
 FD_MIN_SAMPLES = 600
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 
 from diffaccel.bench import BenchConfig, load_results, run_bench
+from diffaccel.bench.report import summary_lines, write_report
 from diffaccel.bench.sweeps import read_sweep
 from diffaccel.cli.common import ANY_MODEL, ANY_STEPS, DEFAULT_STEPS, PIPELINE, PROMPTS, SamplerName, app, run_guarded
 from diffaccel.cli.lm import LM_MODEL, lm_bench
-from diffaccel.report.html import summary_lines, write_report
 from diffaccel.targets import T2I_MODELS, in_caption_language, read_prompts, t2i_default_calls, t2i_folder
 from diffaccel.zoo.t2i.pipelines import PIXART_CALL
 

@@ -1,1 +1,1 @@
-"""Human-readable views: plan maps, tables and reports."""
+"""Human-readable views of a plan: its step x unit map (``diffaccel plan show``)."""
