@@ -19,7 +19,7 @@ from diffaccel.methods.registry import build
 from diffaccel.plan import Plan
 from diffaccel.targets import T2I_MODELS, Target, load_target
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Make diffusion sampling cheaper, and show what it cost in quality.")
 log = logging.getLogger("diffaccel")
 
