@@ -93,7 +93,7 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
         monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", tmp_path / "broken.txt")
     refused = {"prompt": "a red circle", "callback_on_step_end_tensor_inputs": ["nope"]}  # the pipeline's own check
     (tmp_path / "odd.txt").write_text(json.dumps(refused) + "\n")
-    assert "StableDiffusionPipeline refused the call for a red circle" in one_line_error(
+    assert "StableDiffusionPipeline failed on the call for a red circle" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "odd.txt", "--steps", "2")
     assert "--pipeline needs --prompts" in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder)
     assert "contradict" in one_line_error(

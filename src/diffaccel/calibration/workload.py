@@ -39,15 +39,16 @@ class Call:
         return gens[0] if len(gens) == 1 else gens
 
     def run(self, pipe: Any, **extra: Any) -> torch.Tensor:
-        """The call's images (see ``images_of``); the pipeline refusing its arguments is a WorkloadError."""
+        """The call's images (see ``images_of``); a ValueError of the pipeline (mostly its checks of the
+        arguments) becomes a WorkloadError that names the call."""
         try:
             with torch.no_grad():
                 return images_of(pipe(**self.kwargs, generator=self.generators(), **extra))
         except DiffaccelError:
             raise
         except ValueError as exc:  # the pipeline's own checks of its arguments
-            raise WorkloadError(f"{type(pipe).__name__} refused the call for {', '.join(self.describe())[:80]} "
-                                f"(arguments: {', '.join(self.kwargs)}): {exc}; fix that call's arguments") from exc
+            raise WorkloadError(f"{type(pipe).__name__} failed on the call for {', '.join(self.describe())[:80]} "
+                                f"(arguments: {', '.join(self.kwargs)}): {exc}; check that call's arguments") from exc
 
     def describe(self) -> list[str]:
         """The inputs this call asks for, readably (prompts or class ids)."""
