@@ -169,6 +169,20 @@ def test_plan_for_another_model_is_refused(pipes):
     assert untouched(dit_pipe.denoiser)
 
 
+def test_a_plan_file_path_is_read_and_anything_else_is_refused(pipes, tmp_path):
+    pipe = pipes[0]
+    plan = methods.fora(pipe.denoiser, 6, 2)
+    plan.save(tmp_path / "plan.json")
+    with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):
+        expected = call(pipe)
+    with diffaccel.accelerate(pipe, str(tmp_path / "plan.json")):
+        assert torch.equal(call(pipe), expected)
+    for bad in ({"schedule": ["C"]}, None):
+        with pytest.raises(PlanError, match="must be a diffaccel Plan"):
+            diffaccel.accelerate(pipe, bad).__enter__()
+    assert untouched(pipe.denoiser)
+
+
 def test_plan_with_the_wrong_number_of_steps_is_refused_before_running(pipes):
     pipe = pipes[0]
     base = call(pipe, steps=5)

@@ -12,6 +12,7 @@
 """
 
 from contextlib import AbstractContextManager
+from os import PathLike
 from typing import Any
 
 from diffaccel.errors import DiffaccelError, PlanError
@@ -26,11 +27,14 @@ __all__ = ["DiffaccelError", "Executor", "LMPlan", "Plan", "PlanError", "PlanWar
            "enable", "find_plan"]
 
 
-def accelerate(target: Any, plan: Plan | LMPlan, **options: Any) -> AbstractContextManager:
+def accelerate(target: Any, plan: Plan | LMPlan | str | PathLike, **options: Any) -> AbstractContextManager:
     """Apply ``plan`` inside a ``with`` block, restoring everything on exit: an image ``Plan`` to a
     diffusers pipeline or model (``diffaccel.runtime.accelerate``, whose ``options`` it takes), an
-    ``LMPlan`` to a diffusion-LM pipeline (``diffaccel.lm.lm_accelerate``). A plan of one kind on a
-    target of the other is refused before anything changes."""
+    ``LMPlan`` to a diffusion-LM pipeline (``diffaccel.lm.lm_accelerate``); a path is read as the
+    target's kind of plan file. A plan of one kind on a target of the other is refused before
+    anything changes."""
+    if isinstance(plan, (str, PathLike)):
+        plan = LMPlan.load(plan) if getattr(target, "kind", None) == "dlm" else Plan.load(plan)
     if isinstance(plan, LMPlan) or getattr(target, "kind", None) == "dlm":
         if options:
             raise PlanError(f"an LM plan takes no options ({', '.join(options)})")

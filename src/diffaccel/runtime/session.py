@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from diffaccel.adapters import find_denoiser
+from diffaccel.errors import PlanError
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 
@@ -37,6 +38,9 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
            denoiser: str | None = None) -> Executor:
     """Apply ``plan`` until ``disable(target)``; returns the executor (its ``stats`` count the work
     of the latest pipeline call)."""
+    if not isinstance(plan, Plan):
+        raise PlanError(f"a plan must be a diffaccel Plan, got {type(plan).__name__}: make one with a method "
+                        "(diffaccel.methods), a search, or Plan.load('plan.json')")
     model, scheduler = find_denoiser(target, denoiser)
     measured = _UNIT_MACS.setdefault(model, {})
     key = (plan.granularity, tuple(plan.units))
