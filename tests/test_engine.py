@@ -10,6 +10,7 @@ import torch
 import diffaccel
 from diffaccel import methods
 from diffaccel.calibration.reference import identity_plan
+from diffaccel.errors import MethodError
 from diffaccel.plan import Plan, PlanError
 from diffaccel.runtime import CacheError
 from diffaccel.runtime.cache import UnitCache
@@ -181,6 +182,17 @@ def test_a_plan_file_path_is_read_and_anything_else_is_refused(pipes, tmp_path):
         with pytest.raises(PlanError, match="must be a diffaccel Plan"):
             diffaccel.accelerate(pipe, bad).__enter__()
     assert untouched(pipe.denoiser)
+
+
+def test_a_method_given_bad_steps_or_settings_says_what_to_fix(pipes):
+    pipe = pipes[0]
+    for steps, message in (("6", "whole number"), (6.0, "whole number"), (True, "whole number"), (0, ">= 1")):
+        with pytest.raises(MethodError, match=message):
+            methods.fora(pipe, num_steps=steps, interval=2)
+    with pytest.raises(MethodError, match="interval: Input should be greater than or equal to 1"):
+        methods.fora(pipe, num_steps=6, interval=0)
+    with pytest.raises(MethodError, match="fora has no setting intervall"):
+        methods.fora(pipe, num_steps=6, intervall=2)
 
 
 def test_plan_with_the_wrong_number_of_steps_is_refused_before_running(pipes):

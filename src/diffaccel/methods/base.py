@@ -8,6 +8,7 @@ registry (``registry.py``), the CLI options and ``diffaccel methods`` are all bu
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,8 @@ class Method:
 
     def make(self, target: Any, num_steps: int | None, **settings: Any) -> Plan:
         """A static method's plan for ``target``'s denoiser (a pipeline or the model itself)."""
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)):
+            raise MethodError(f"num_steps must be a whole number (num_inference_steps), got {num_steps!r}")
         return self.build(denoiser_of(target), num_steps, self.make_settings(**settings))
 
 
