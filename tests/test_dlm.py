@@ -245,6 +245,9 @@ def test_plan_json_round_trip_and_validation(tmp_path):
     (tmp_path / "v2.json").write_text(json.dumps({"version": 2, "method": "none"}))
     with pytest.raises(LMPlanError, match="version 2"):
         LMPlan.load(tmp_path / "v2.json")
+    (tmp_path / "image.json").write_text(json.dumps({"version": 1, "adapter": "dit", "method": "fora"}))
+    with pytest.raises(LMPlanError, match="is an image plan file, not an LM plan file: read it with diffaccel.Plan"):
+        LMPlan.load(tmp_path / "image.json")
 
 
 # -- evaluation and search ---------------------------------------------------------------------------

@@ -224,6 +224,13 @@ def test_bad_plan_files_are_rejected_with_what_is_wrong(pipes, tmp_path):
             Plan.load(tmp_path / name)
     with pytest.raises(PlanError, match="does not exist"):
         Plan.load(tmp_path / "missing.json")
+    with pytest.raises(PlanError, match="is a folder: give the plan file in it"):
+        Plan.load(tmp_path)
+    assert Plan.load(good.save(tmp_path / "new" / "folder" / "plan.json")) == good  # the folders are made
+    lm_plan = tmp_path / "lm.json"
+    lm_plan.write_text(json.dumps({"version": 1, "kind": "dlm", "method": "none"}))
+    with pytest.raises(PlanError, match="is an LM plan file, not an image plan file: read it with diffaccel.LMPlan"):
+        Plan.load(lm_plan)
 
 
 def test_nan_in_a_cached_tensor_is_reported_and_the_model_left_untouched(pipes):

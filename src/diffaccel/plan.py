@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffaccel.errors import PlanError
-from diffaccel.plan_files import read_plan_json, validated
+from diffaccel.plan_files import read_plan_json, validated, write_plan_json
 from diffaccel.quant.spec import QuantSpec
 from diffaccel.resample import carry_per_step, carry_unit_steps, resample_rows
 from diffaccel.solvers.spec import SolverSpec
@@ -289,6 +289,7 @@ class Plan(_Strict):
         """Write the plan; a quantization section's calibration file is copied beside it (as
         ``<name>.calibration.safetensors``) and named relative to it, so the folder travels whole."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         plan = self
         if self.quant is not None:
             source = Path(self.quant.calibration)
@@ -298,10 +299,7 @@ class Plan(_Strict):
             if source.resolve() != target.resolve():
                 shutil.copyfile(source, target)
             plan = self.with_quant(self.quant.model_copy(update={"calibration": target.name}))
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(plan.to_json())
-        tmp.replace(path)
-        return path
+        return write_plan_json(path, plan.to_json())
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:

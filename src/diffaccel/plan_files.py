@@ -12,16 +12,27 @@ from pydantic import BaseModel, ValidationError
 Model = TypeVar("Model", bound=BaseModel)
 
 
+# the field only one kind of plan file holds, and how to read that kind
+OWN_FIELD = {"plan": ("adapter", "an image plan", "diffaccel.Plan.load"),
+             "LM plan": ("kind", "an LM plan", "diffaccel.LMPlan.load")}
+
+
 def read_plan_json(path: Path, what: str, version: int, error: type[Exception]) -> dict:
-    """The JSON object in ``path`` (a ``what`` file, e.g. "plan"), checked for format ``version``."""
+    """The JSON object in ``path`` (a ``what`` file: "plan" or "LM plan"), checked for format ``version``."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise error(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a folder: give the {what} file in it (e.g. {path / 'plan.json'})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{what} file {path} is not valid JSON (truncated or malformed?): {exc}") from None
     if not isinstance(data, dict):
         raise error(f"{what} file {path} must hold a JSON object")
+    own, named, _ = OWN_FIELD[what]
+    for other, (field, other_named, reader) in OWN_FIELD.items():
+        if other != what and field in data and own not in data:
+            raise error(f"{path} is {other_named} file, not {named} file: read it with {reader}")
     if data.get("version", version) != version:
         raise error(f"{what} file {path} has version {data.get('version')}; this diffaccel reads version {version}")
     return data
@@ -34,3 +45,13 @@ def validated(cls: type[Model], data: dict, what: str, error: type[Exception]) -
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors())
         raise error(f"invalid {what}: {problems}") from None
+
+
+def write_plan_json(path: Path, text: str) -> Path:
+    """``text`` written to ``path`` whole or not at all (a temporary file renamed over it); missing
+    folders are made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

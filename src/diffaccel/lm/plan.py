@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffaccel.plan import PlanError
-from diffaccel.plan_files import read_plan_json, validated
+from diffaccel.plan_files import read_plan_json, validated, write_plan_json
 
 LM_PLAN_VERSION = 1
 LM_METHODS = ("none", "dkv-decode", "dkv-greedy", "prompt-cache", "block")
@@ -73,11 +73,7 @@ class LMPlan(BaseModel):
         return self.model_dump_json(indent=2, exclude_none=True)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        return write_plan_json(Path(path), self.to_json())
 
     @classmethod
     def from_dict(cls, data: dict) -> LMPlan:
