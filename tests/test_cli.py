@@ -137,6 +137,15 @@ def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path)
     assert_clean_error(result, *fragments)
 
 
+def test_an_output_folder_taken_by_a_file_or_a_plan_folder_is_a_one_line_error(run, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    result = run("generate", "--steps", "2", "--per-class", "1", "--out", str(taken))
+    assert_clean_error(result, str(taken), "a file stands where a folder is needed")
+    result = run("generate", "--steps", "2", "--per-class", "1", "--out", str(tmp_path / "o"), "--plan", str(tmp_path))
+    assert_clean_error(result, "is a folder: give the plan file in it")
+
+
 def test_corrupt_weights_give_a_clear_error(run, tmp_path):
     if not (WEIGHTS_DIR / "dit").exists():
         pytest.skip("no shipped weights")

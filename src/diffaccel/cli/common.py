@@ -120,5 +120,15 @@ def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a DiffaccelError or ValueError becomes a one-line error and exit code 2."""
     try:
         return fn(*args, **kwargs)
-    except (DiffaccelError, ValueError, OSError) as exc:
+    except (DiffaccelError, ValueError) as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(os_message(exc))
+
+
+def os_message(exc: OSError) -> str:
+    """A file-system error as the path and what is wrong with it (no errno)."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    hint = " (a file stands where a folder is needed)" if isinstance(exc, (FileExistsError, NotADirectoryError)) else ""
+    return f"{exc.filename}: {exc.strerror.lower()}{hint}"
