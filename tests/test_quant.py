@@ -182,6 +182,8 @@ def test_int8_backend_refuses_other_bit_widths():
 def test_quantize_command_rejects_bad_bits(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "quantize", "--bits", "w8", "--out", "/tmp/never")
     assert code == 2 and "w8a8" in err
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--bits", "w3a9", "--out", "/tmp/never")
+    assert code == 2 and "activations 4 to 8" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_rejects_a_backend_that_cannot_run_the_bit_width(monkeypatch, capsys):

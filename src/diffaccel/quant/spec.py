@@ -18,7 +18,10 @@ def parse_bits(bits: str) -> tuple[int, int]:
     match = re.fullmatch(r"[wW](\d+)[aA](\d+)", str(bits).strip())
     if not match:
         raise ValueError(f"bits must look like w8a8 or w4a8, got {bits!r}")
-    return int(match[1]), int(match[2])
+    weight, act = int(match[1]), int(match[2])
+    if not (2 <= weight <= 8 and 4 <= act <= 8):
+        raise ValueError(f"bits {bits!r}: weights take 2 to 8 bits and activations 4 to 8 (e.g. w8a8, w4a8)")
+    return weight, act
 
 
 class QuantSpec(BaseModel):
