@@ -45,6 +45,8 @@ def test_generate_with_a_method_on_a_pipeline_folder(monkeypatch, capsys, sd_fol
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["n_images"] == 4 and record["weights"] == str(folder) and record["speedup_macs"] > 1
     assert record["prompts"] == ["a red circle on a blue background", "a large blue circle"]
+    assert record["guidance"] == [4.0, 5.0] and record["sampler"] == "PNDMScheduler"  # the calls' own, per line
+    assert "4 PNDMScheduler steps, guidance 4/5" in out
     assert 0 < record["psnr_p5"] <= record["psnr"] and "speedup" in out
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.num_steps == 5  # PNDM evaluates the model once more than its 4 steps
@@ -95,6 +97,9 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
     (tmp_path / "odd.txt").write_text(json.dumps(refused) + "\n")
     assert "StableDiffusionPipeline failed on the call for a red circle" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "odd.txt", "--steps", "2")
+    (tmp_path / "typed.txt").write_text(json.dumps({"prompt": "a red circle", "guidance_scale": "high"}) + "\n")
+    assert "failed on the call for a red circle" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "typed.txt", "--steps", "2")
     assert "--pipeline needs --prompts" in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder)
     assert "contradict" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--classes", "circle")

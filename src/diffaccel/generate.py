@@ -228,14 +228,24 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
     return record
 
 
+def per_call(calls: list[Call], key: str, default: Any) -> Any:
+    """The calls' ``key`` (a call's own argument, else ``default``): one value, or the sorted values
+    when the calls differ (a prompt file's lines may each set their steps or guidance)."""
+    values = sorted({call.kwargs.get(key, default) for call in calls}, key=float)
+    return values[0] if len(values) == 1 else values
+
+
 def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Call], plan: Plan | None,
             compare: bool, runner: Runner, done: dict) -> dict:
     main = _concat(done["fast"]) if plan is not None else _concat(done["base"])
     n = len(main)
     base_seconds, fast_seconds = done.get("seconds") or [sum(done["base_times"]), sum(done["fast_times"])]
     record = {
-        "model": target.name, "weights": target.weights or "shipped", "sampler": cfg.sampler, "steps": cfg.steps,
-        "guidance": cfg.guidance, "seed": cfg.seed, "per_class": cfg.per_class, "n_images": n,
+        "model": target.name, "weights": target.weights or "shipped",
+        "sampler": cfg.sampler if target.embedded else type(target.pipe.scheduler).__name__,
+        "steps": per_call(calls, "num_inference_steps", cfg.steps),
+        "guidance": per_call(calls, "guidance_scale", cfg.guidance), "seed": cfg.seed, "per_class": cfg.per_class,
+        "n_images": n,
         "macs_per_image": round(done["warmup_macs"]),
         "seconds": fast_seconds if plan is not None else base_seconds,
         "threads": torch.get_num_threads(),

@@ -39,16 +39,17 @@ class Call:
         return gens[0] if len(gens) == 1 else gens
 
     def run(self, pipe: Any, **extra: Any) -> torch.Tensor:
-        """The call's images (see ``images_of``); a ValueError of the pipeline (mostly its checks of the
-        arguments) becomes a WorkloadError that names the call."""
+        """The call's images (see ``images_of``); a ValueError or TypeError of the pipeline (mostly its checks of
+        the arguments) becomes a WorkloadError that names the call."""
         try:
             with torch.no_grad():
                 return images_of(pipe(**self.kwargs, generator=self.generators(), **extra))
         except DiffaccelError:
             raise
-        except ValueError as exc:  # the pipeline's own checks of its arguments
+        except (ValueError, TypeError) as exc:  # mostly the pipeline's checks of its arguments, or their types
             raise WorkloadError(f"{type(pipe).__name__} failed on the call for {', '.join(self.describe())[:80]} "
-                                f"(arguments: {', '.join(self.kwargs)}): {exc}; check that call's arguments") from exc
+                                f"(arguments: {', '.join(self.kwargs)}): {type(exc).__name__}: {exc}; check that "
+                                "call's arguments") from exc
 
     def describe(self) -> list[str]:
         """The inputs this call asks for, readably (prompts or class ids)."""

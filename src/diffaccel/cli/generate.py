@@ -173,9 +173,14 @@ def _whole_model(tgt, plan: Plan | None, calls: Any, quant: str | None, backend:
     return plan if precision is None else Plan.from_dict({**plan.model_dump(), "precision": precision})
 
 
+def _values(value: float | list[float]) -> str:
+    """One setting of the run's calls, or each of them (``4/5``) where they differ."""
+    return "/".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+
 def summary_line(record: dict) -> str:
-    head = (f"{record['model']}: {record['n_images']} images, {record['steps']} {record['sampler']} steps, "
-            f"guidance {record['guidance']:g}")
+    head = (f"{record['model']}: {record['n_images']} images, {_values(record['steps'])} {record['sampler']} steps, "
+            f"guidance {_values(record['guidance'])}")
     if "plan" in record:
         head += f" | plan {record['plan']['method']}"
         if record.get("resampled_from"):
