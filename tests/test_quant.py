@@ -9,6 +9,7 @@ import diffaccel
 from conftest import run_cli
 from diffaccel import methods
 from diffaccel.calibration.record import activation_ranges
+from diffaccel.calibration.reference import identity_plan
 from diffaccel.plan import Plan, PlanError
 from diffaccel.quant import Calibration, QuantError, QuantSpec, quantize_, weight_bytes
 from diffaccel.quant import layers as quant_layers
@@ -83,6 +84,23 @@ def test_quantized_plan_runs_restores_the_model_and_counts_full_macs(pipes, cali
     assert run.stats.macs == run.stats.full_macs  # int8 products are counted, not dropped
     assert untouched(pipe.denoiser) and same_state(pipe.denoiser, saved)
     assert torch.equal(call(pipe, steps=STEPS), base)
+
+
+def test_per_step_scales_refuse_another_step_count(pipes, calibrations):
+    """A per-step quantized plan without a schedule runs at any step count but its scales fit one."""
+    pipe = pipes[0]
+    spec = QuantSpec(weight_bits=8, act_bits=8, calibration=str(calibrations[0]))
+    trajectory = identity_plan(pipe.denoiser).with_quant(spec)
+    per_step = identity_plan(pipe.denoiser).with_quant(spec.model_copy(update={"per_step": True}))
+    assert per_step.step_free
+    base = call(pipe, steps=STEPS + 2)
+    with diffaccel.accelerate(pipe, per_step):
+        call(pipe, steps=STEPS)  # the step count it was calibrated for
+        with pytest.raises(PlanError, match=f"calibrated per step for {STEPS} steps but the pipeline runs {STEPS + 2}"):
+            call(pipe, steps=STEPS + 2)
+    with diffaccel.accelerate(pipe, trajectory):
+        call(pipe, steps=STEPS + 2)
+    assert untouched(pipe.denoiser) and torch.equal(call(pipe, steps=STEPS + 2), base)
 
 
 @pytest.mark.parametrize("backend", ["int8", "int8-dynamic"])

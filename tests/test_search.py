@@ -23,9 +23,9 @@ from conftest import requires_weights
 from diffaccel import methods
 from diffaccel.calibration.dp import optimal_keys
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
-from diffaccel.calibration.workload import as_workload
+from diffaccel.calibration.workload import Workload, as_workload
 from diffaccel.cli.search import default_strategy, summary_line
-from diffaccel.errors import WorkloadError
+from diffaccel.errors import SearchWarning, WorkloadError
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.search import (
@@ -33,6 +33,7 @@ from diffaccel.search import (
     CalibrationError,
     StorageMismatchError,
     parse_budget,
+    parse_duration,
     search,
 )
 from diffaccel.search import heldout as heldout_module
@@ -77,6 +78,10 @@ def test_budget_parsing():
     for bad in ("psnr>30", "psnr<=30", "fid>=3", "psnr>=", "30", "", "psnr>=abc", "ssim>=1.5", "psnr>=-1"):
         with pytest.raises(BudgetError):
             parse_budget(bad)
+    with pytest.raises(BudgetError, match="bounds psnr_p5 twice"):  # not: the last one wins
+        parse_budget("psnr>=30,psnr_p5>=24,psnr_p5>=5")
+    with pytest.raises(BudgetError, match="finite"):
+        parse_budget("psnr>=1e400")
 
 
 def test_unparsable_budget_fails_before_any_work(pipes):
@@ -96,6 +101,9 @@ def test_search_settings_are_checked_before_any_work(pipes):
     with pytest.raises(diffaccel.search.SearchError, match="time_limit is in seconds"):
         search(pipes[0], never, config=SearchConfig(time_limit=-5), log=quiet)
     assert configured(None, {"time_limit": "2m", "strategy": "dp"}) == SearchConfig(time_limit=120.0, strategy="dp")
+    assert all(parse_duration(zero) is None for zero in ("0", "0s", "0.0m", 0, None))  # zero in any unit: no limit
+    assert configured(None, {"time_limit": 0}).time_limit is None and configured(None, {"time_limit": 0.0}) == \
+        configured(None, {"time_limit": "0s"})
 
 
 # -- dynamic programming -----------------------------------------------------------------------------
@@ -351,9 +359,10 @@ def test_space_holds_the_handmade_schedules(pipes):
 
 # -- bad input ---------------------------------------------------------------------------------------------
 def test_impossible_budget_reports_the_shortfall_and_still_writes(pipes, tmp_path):
-    result = search(pipes[0], calib(), budget="psnr>=99", strategy="dp", k_values=[2, 4], out=tmp_path,
-                    log=quiet)
-    assert not result.met and result.shortfall > 0
+    with pytest.warns(SearchWarning, match="no plan that saves work met psnr>=99"):
+        result = search(pipes[0], calib(), budget="psnr>=99", strategy="dp", k_values=[2, 4], out=tmp_path,
+                        log=quiet)
+    assert not result.met and result.shortfall > 0 and result.plan.params["budget_met"] is False
     assert np.isclose(result.shortfall, 99 - result.chosen.psnr)
     assert result.chosen.psnr == max(c.psnr for c in result.front)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -367,6 +376,18 @@ def test_storage_from_another_model_is_refused(pipes, dit_search):
     other_steps = make_pipes()[0]
     with pytest.raises(StorageMismatchError):
         search(other_steps, calib(STEPS + 1), budget="psnr>=20", out=out, trials=1, log=quiet)
+
+
+def test_storage_of_other_calls_is_refused(pipes, tmp_path):
+    """Two workloads of user calls read alike ("1 calls, seeds from N"): the calls themselves tell them apart."""
+    def calls(label):
+        return Workload.from_calls([{"class_labels": [label], "num_inference_steps": STEPS}])
+
+    search(pipes[0], calls(0), budget="psnr>=20", strategy="dp", k_values=[2], out=tmp_path, heldout=None,
+           log=quiet)
+    with pytest.raises(StorageMismatchError, match="another calibration set"):
+        search(pipes[0], calls(1), budget="psnr>=20", strategy="dp", k_values=[2], out=tmp_path, heldout=None,
+               log=quiet)
 
 
 def test_empty_or_mismatched_calibration_sets(pipes):

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from os import PathLike
 from typing import Any
 
-from diffaccel.errors import DiffaccelError, PlanError
+from diffaccel.errors import DiffaccelError, PlanError, SearchWarning
 from diffaccel.lm import LMPlan, lm_accelerate
 from diffaccel.plan import Plan
 from diffaccel.runtime import Executor, PlanWarning, disable, enable
@@ -23,8 +23,8 @@ from diffaccel.runtime import accelerate as accelerate_denoiser
 from diffaccel.search.run import find_plan
 
 __version__ = "0.2.0"
-__all__ = ["DiffaccelError", "Executor", "LMPlan", "Plan", "PlanError", "PlanWarning", "accelerate", "disable",
-           "enable", "find_plan"]
+__all__ = ["DiffaccelError", "Executor", "LMPlan", "Plan", "PlanError", "PlanWarning", "SearchWarning", "accelerate",
+           "disable", "enable", "find_plan"]
 
 
 def accelerate(target: Any, plan: Plan | LMPlan | str | PathLike, **options: Any) -> AbstractContextManager:

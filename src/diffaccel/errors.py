@@ -53,6 +53,10 @@ class StorageMismatchError(SearchError):
     """The search storage holds a search of another model (or calibration set)."""
 
 
+class SearchWarning(UserWarning):
+    """The plan a search returns misses its budget (on the calibration or the held-out images)."""
+
+
 class BenchError(DiffaccelError):
     """A benchmark run cannot start or continue as asked."""
 

@@ -11,6 +11,7 @@ diffusers pipeline that takes ``generator`` (and returns images) runs.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,16 @@ class Workload:
         calls = tuple(Call(c.kwargs, tuple(s + shift for s in c.seeds)) for c in self.calls)
         return Workload(calls, description or f"{self.description}, seeds shifted by {shift}", self.inputs)
 
+    def fingerprint(self) -> str:
+        """A short hash of every call's arguments and seeds: a stored search continues only on the same
+        calls (a description such as "3 calls, seeds from N" does not tell prompts apart)."""
+        digest = hashlib.sha256()
+        for call in self.calls:
+            for key in sorted(call.kwargs):
+                digest.update(f"{key}={_stable(call.kwargs[key])};".encode())
+            digest.update(f"seeds={call.seeds}|".encode())
+        return digest.hexdigest()[:16]
+
     def take(self, indices: Sequence[int]) -> Workload:
         return Workload(tuple(self.calls[i] for i in indices), self.description, self.inputs)
 
@@ -159,6 +170,19 @@ class Workload:
 
     def __call__(self, pipe: Any) -> torch.Tensor:
         return self.run(pipe)
+
+
+def _stable(value: Any) -> str:
+    """A call argument as text that is the same in every process: tensors by their bytes, not their ids."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        return f"tensor{tuple(data.shape)}{data.dtype}:{digest}"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_stable(value[k])}" for k in sorted(value, key=str)) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_stable(v) for v in value) + "]"
+    return repr(value)
 
 
 def as_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **defaults: Any) -> Workload:

@@ -108,7 +108,7 @@ def search(
     budget: str = BUDGET,
     objective: ObjectiveName = OBJECTIVE,
     strategy: StrategyName | None = STRATEGY,
-    time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h"),
+    time_limit: str = typer.Option("15m", "--time", help="wall-clock limit of this run, e.g. 90s, 15m, 2h (0: none)"),
     trials: int = typer.Option(None, min=1, help="nsga2: stop when the study holds this many trials"),
     out: Path = typer.Option(Path("out/search"), help="output folder (and its study.db, to resume from)"),
     storage: str = typer.Option(None, help="optuna storage URL shared by workers (default sqlite:///OUT/study.db)"),

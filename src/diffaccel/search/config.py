@@ -83,7 +83,12 @@ def parse_budget(text: str) -> Budget:
         if match is None:
             raise BudgetError(f"cannot read the budget {text!r}: write psnr>=X (dB, e.g. psnr>=30) or ssim>=X "
                               "(e.g. ssim>=0.95), optionally with psnr_p5>=Y for the 5th-percentile image")
-        found[match.group(1).lower()] = float(match.group(2))
+        name, value = match.group(1).lower(), float(match.group(2))
+        if name in found:
+            raise BudgetError(f"the budget {text!r} bounds {name} twice: give each of psnr, ssim and psnr_p5 once")
+        if not math.isfinite(value):
+            raise BudgetError(f"the budget {text!r} asks {name} to reach {value:g}: give a finite number")
+        found[name] = value
     main = [m for m in ("psnr", "ssim") if m in found]
     if len(main) != 1:
         raise BudgetError(f"the budget {text!r} needs exactly one of psnr>=X or ssim>=X")
@@ -96,13 +101,14 @@ def parse_budget(text: str) -> Budget:
 
 
 def parse_duration(text: str | None) -> float | None:
-    """``90s``, ``15m``, ``2h`` or plain seconds; None or empty for no limit."""
+    """``90s``, ``15m``, ``2h`` or plain seconds; None, empty or zero (in any unit) for no limit."""
     if text is None or str(text).strip() in ("", "0", "none"):
         return None
     match = re.fullmatch(r"\s*(\d+(\.\d*)?)\s*([smh]?)\s*", str(text))
     if match is None:
         raise SearchError(f"cannot read the time limit {text!r}: write e.g. 90s, 15m or 2h")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(3)]
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(3)]
+    return seconds or None
 
 
 @dataclass(frozen=True)
@@ -175,13 +181,15 @@ class SearchConfig:
 
 def configured(config: SearchConfig | None, options: dict[str, Any]) -> SearchConfig:
     """``config`` (the default settings if None) with ``options``, ``SearchConfig``'s fields by name;
-    ``time_limit`` may also be written as the command line takes it ("90s", "15m", "2h")."""
+    ``time_limit`` may also be written as the command line takes it ("90s", "15m", "2h"); zero, in any
+    form, means no limit, as None does."""
     names = [f.name for f in fields(SearchConfig)]
     unknown = [key for key in options if key not in names]
     if unknown:
         hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                  for key in unknown for close in [difflib.get_close_matches(key, names, 1, cutoff=0.5)]]
         raise SearchError(f"unknown search setting {', '.join(hints)}; the settings are {', '.join(names)}")
-    if isinstance(options.get("time_limit"), str):
-        options = {**options, "time_limit": parse_duration(options["time_limit"])}
+    limit = options.get("time_limit")
+    if isinstance(limit, str) or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit == 0):
+        options = {**options, "time_limit": parse_duration(str(limit))}
     return replace(config or SearchConfig(), **options)

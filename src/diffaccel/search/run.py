@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from diffaccel.calibration.reference import Calibrate, CalibrationRun
 from diffaccel.calibration.workload import Workload, as_workload
-from diffaccel.errors import SearchError
+from diffaccel.errors import SearchError, SearchWarning
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, ordered, pareto
@@ -75,6 +76,8 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     name = config.model_name or space.adapter.name
     calib_id = config.calibration_id or getattr(calibrate, "description", None) \
         or getattr(calibrate, "__name__", "custom")
+    if isinstance(calibrate, Workload) and config.calibration_id is None:  # the calls themselves, not their count
+        calib_id += f" | calls {calibrate.fingerprint()}"
     if space.quant is not None:  # a quantized search is another search: its storage must not mix with a plain one
         calib_id += f" | quant {space.quant.model_dump_json(exclude={'calibration'})} bits {list(space.bits)}"
     sampler = ClockSeededNSGAII(seed=config.seed, population_size=config.population) \
@@ -208,11 +211,28 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     if best_hand is not None:
         summary["best_handmade"] = _handmade_summary(best_hand)
     heldout_check(ctx, summary, plan, heldout, best_hand, handmade)
+    plan = plan.model_copy(update={"params": {**plan.params, "budget_met": met,
+                                              "heldout_met": summary.get("heldout_met")}})
+    _warn_if_missed(summary, budget)
     result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, ctx.out, points)
     if ctx.out is not None:
         write_outputs(result, budget, config.objective)
         ctx.log(f"wrote {ctx.out / 'plan.json'}, front.json, front.png and summary.json")
     return result
+
+
+def _warn_if_missed(summary: dict, budget: Budget) -> None:
+    """A Python warning, not only a log line, when the plan returned misses the budget: a caller of
+    ``find_plan`` gets a plan either way, and the log is off by default."""
+    if not summary["met"]:
+        warnings.warn(SearchWarning(f"no plan that saves work met {budget.text} on the calibration set: the closest "
+                                    f"is returned, short by {summary['shortfall']:.4g}{budget.unit()} (its plan.params "
+                                    "say budget_met: false); loosen the budget or search longer"), stacklevel=3)
+    elif summary.get("heldout_met") is False:
+        warnings.warn(SearchWarning(f"the plan returned met {budget.text} on the calibration set but misses it on the "
+                                    f"held-out seeds ({summary['heldout_' + budget.metric]:.4g}{budget.unit()} mean, "
+                                    f"5th percentile {summary['heldout_psnr_p5']:.4g} dB); search again with more "
+                                    "calibration images or a larger margin"), stacklevel=3)
 
 
 def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Validation | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from diffaccel.errors import PlanError
 from diffaccel.plan import Plan
 from diffaccel.quant import Calibration, prepare
 from diffaccel.quant.layers import int8_matmul_speed
@@ -17,6 +18,7 @@ class Quantization(Feature):
         super().__init__(plan, executor)
         calibration = Calibration.load(plan.quant.calibration)
         self.handle = prepare(executor.model, plan.quant, calibration, clock=lambda: executor.current_step)
+        self.calibrated_steps = calibration.num_steps if plan.quant.per_step else None
         weight = next(executor.model.parameters(), None)
         if plan.quant.backend == "int8" and weight is not None and weight.device.type == "cpu" \
                 and (speed := int8_matmul_speed()) < 1.0:
@@ -34,6 +36,15 @@ class Quantization(Feature):
 
     def install(self) -> None:
         self.handle.apply()
+
+    def start_run(self) -> None:
+        """Per-step scales fit one step count only: another would quantize each step with another step's
+        ranges (a plan that runs at any step count is no licence for that)."""
+        steps = self.executor.clock.expected_steps
+        if self.calibrated_steps is not None and steps is not None and steps != self.calibrated_steps:
+            raise PlanError(f"this plan's quantization scales were calibrated per step for {self.calibrated_steps} "
+                            f"steps but the pipeline runs {steps}: calibrate it again on {steps}-step calls, or "
+                            "calibrate one scale per trajectory (per_step=False), which runs at any step count")
 
     def remove(self) -> None:
         self.handle.restore()
