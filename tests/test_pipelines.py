@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler
 
 import diffaccel
 from diffaccel import methods
@@ -91,6 +92,39 @@ def test_every_applicable_method_builds_a_plan_from_the_pipeline_and_runs(name):
         if METHODS[method].calibrated:
             assert plan.calibration is not None and plan.calibration.weights
         assert untouched(pipe)
+
+
+def test_a_plan_fitted_with_one_scheduler_warns_under_another():
+    pipe, call = build_case("sd-ddim-eta")
+    plan = methods.keysteps(pipe, workload(call), keys=3)
+    assert plan.calibration.scheduler == "DDIMScheduler"
+    own = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(own.config)
+    try:
+        with pytest.warns(PlanWarning, match="fitted with DDIMScheduler; the pipeline runs EulerDiscreteScheduler"):
+            with diffaccel.accelerate(pipe, plan):
+                run(pipe, call)
+    finally:
+        pipe.scheduler = own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        with diffaccel.accelerate(pipe, plan):  # its own scheduler: no warning
+            run(pipe, call)
+
+
+def test_a_correction_with_nothing_to_fit_says_so_and_leaves_the_plan_as_it_was():
+    """Flux's blocks return (text, image) pairs: a per-channel correction has no unit to fit there."""
+    pipe, call = build_case("flux")
+    calls = workload(call)
+    plan = methods.keysteps(pipe, calls, keys=3)
+    with pytest.warns(PlanWarning, match="no feature correction was fitted.*several tensors on a FluxTransformer"):
+        corrected = methods.keysteps(pipe, calls, keys=3, correct=True)
+    assert corrected.feature_correction is None and corrected.schedule == plan.schedule
+    outputs = []
+    for p in (plan, corrected):
+        with diffaccel.accelerate(pipe, p):
+            outputs.append(run(pipe, call))
+    assert torch.equal(*outputs)
 
 
 @pytest.mark.parametrize("name", ["sd-pndm", "pixart-alpha", "flux", "user-pipeline"])

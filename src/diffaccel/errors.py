@@ -53,6 +53,11 @@ class StorageMismatchError(SearchError):
     """The search storage holds a search of another model (or calibration set)."""
 
 
+class PlanWarning(UserWarning):
+    """A plan runs, but perhaps not as it was meant to (other weights or another scheduler than it was
+    fitted with)."""
+
+
 class SearchWarning(UserWarning):
     """The plan a search returns misses its budget (on the calibration or the held-out images)."""
 

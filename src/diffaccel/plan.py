@@ -32,7 +32,7 @@ ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ResidualRule(_Strict):
@@ -143,6 +143,7 @@ class CalibrationInfo(_Strict):
     inputs: list[str] = Field(default_factory=list, description="the distinct classes or prompts, as given")
     seeds: str = ""
     steps: int | None = Field(None, description="denoiser evaluations per call")
+    scheduler: str | None = Field(None, description="the pipeline's scheduler class (another one warns)")
 
 
 class Plan(_Strict):
@@ -151,7 +152,8 @@ class Plan(_Strict):
     model_class: str = Field(description="the diffusers class the plan was made for")
     units: list[str] = Field(min_length=1, description="unit names, in adapter order")
     granularity: Literal["block", "component"] = "block"
-    sampler: str = "ddim"
+    sampler: str = Field("ddim", description="the embedded pipelines' sampler option; a plan fitted on another "
+                                              "pipeline records its scheduler in calibration.scheduler")
     num_steps: int | None = Field(None, ge=1, description="steps of the static schedule; None for rule plans")
     timesteps: list[float] | None = Field(None, description="the scheduler timesteps the plan was made for")
     schedule: list[str] | None = Field(None, description="one string per step, one action letter per unit")

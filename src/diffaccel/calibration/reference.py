@@ -49,13 +49,16 @@ def identity_plan(model: torch.nn.Module, granularity: str = "block") -> Plan:
                 granularity=granularity, method="none")
 
 
-def calibration_info(model: torch.nn.Module, calibrate: Calibrate, images: int, steps: int) -> CalibrationInfo:
-    """The record a plan fitted on ``calibrate`` carries: the weights, the calls, their inputs."""
+def calibration_info(model: torch.nn.Module, calibrate: Calibrate, images: int, steps: int,
+                     pipe: Any = None) -> CalibrationInfo:
+    """The record a plan fitted on ``calibrate`` carries: the weights, the calls, their inputs, and
+    ``pipe``'s scheduler."""
     workload = calibrate if isinstance(calibrate, Workload) else None
     return CalibrationInfo(
         weights=fingerprint(model), calls=len(workload) if workload else 0, images=images,
         inputs=list(workload.inputs[:64]) if workload else [], steps=steps,
-        seeds=workload.description if workload else getattr(calibrate, "description", "custom"))
+        seeds=workload.description if workload else getattr(calibrate, "description", "custom"),
+        scheduler=type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None)
 
 
 def sampled(output: Any) -> torch.Tensor:
@@ -176,7 +179,7 @@ class CalibrationRun:
 
     def info(self) -> CalibrationInfo:
         """What the calibration ran, for the record of a plan fitted on it."""
-        return calibration_info(self.model, self.calibrate, len(self.reference), self.num_steps)
+        return calibration_info(self.model, self.calibrate, len(self.reference), self.num_steps, self.pipe)
 
     def _stack(self, store) -> list[torch.Tensor | None]:
         """Per unit, its sampled outputs as (steps, elements); None for a unit not called at every step."""

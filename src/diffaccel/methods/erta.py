@@ -99,7 +99,7 @@ def build(pipe: Any, workload: Workload, s: ErtaSettings) -> Plan:
     correction = None
     if s.correct and units[0].residual_inputs is not None and len(cached) == len(names) and full["residual"]:
         correction = fit_correction(full["residual"], keys, len(names))
-    info = calibration_info(model, workload, len(full["latent"][0]), steps)
+    info = calibration_info(model, workload, len(full["latent"][0]), steps, pipe)
     plan = make_plan(model, rows, "erta", params, correction=correction, calibration=info)
     if s.adjust_steps:
         fast = trajectories(pipe, workload, plan)

@@ -12,6 +12,7 @@ the calibration images more closely), hence the default. Units whose value is no
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import run_each
 from diffaccel.calibration.workload import Workload, as_workload
-from diffaccel.errors import MethodError
+from diffaccel.errors import MethodError, PlanWarning
 from diffaccel.methods.base import unit_names
 from diffaccel.plan import FeatureCorrection, FeatureFit, Plan
 
@@ -84,6 +85,13 @@ def fit_feature_correction(pipe: Any, plan: Plan, calls: Workload | Iterable[dic
         for handle in handles:
             handle.remove()
     fits = _fit(plan.units, stats, bias)
+    if not fits:  # nothing to correct: the plan as it was, so that its output stays exactly the same
+        why = ("reuses no unit" if not plan.served_units() else
+               f"reuses only units that return several tensors on a {type(model).__name__} (such as joint text "
+               "and image streams), which a per-channel correction does not handle")
+        warnings.warn(PlanWarning(f"no feature correction was fitted: the plan {why}; it is returned without one"),
+                      stacklevel=2)
+        return plan
     params = {**plan.params, "feature_correction": {"calibration_calls": len(workload), "fits": len(fits)}}
     correction = FeatureCorrection(axis=executor.adapter.channel_axis, fits=fits)
     corrected = plan.model_copy(update={"feature_correction": correction, "params": params})

@@ -106,7 +106,7 @@ def build(pipe: Any, workload: Workload, s: PtqSettings, caching: Plan | None = 
     spec = quant_spec(pipe, workload, s.bits, s.backend, s.per_step, dict.fromkeys(s.keep, FULL_PRECISION))
     model, _ = find_denoiser(pipe)
     params = {"bits": s.bits, "backend": s.backend, "per_step": s.per_step, "keep": list(s.keep)}
-    info = calibration_info(model, workload, 0, Calibration.load(spec.calibration).num_steps)
+    info = calibration_info(model, workload, 0, Calibration.load(spec.calibration).num_steps, pipe)
     if caching is None:
         base = identity_plan(model)
         return base.model_copy(update={"method": "ptq", "params": params, "calibration": info}).with_quant(spec)

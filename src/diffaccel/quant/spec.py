@@ -35,7 +35,7 @@ class QuantSpec(BaseModel):
     fbgemm requires), the fastest path on a CPU. Both int8 paths are W8A8 only; convolutions stay
     simulated on them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     weight_bits: int = Field(8, ge=2, le=8)
     act_bits: int = Field(8, ge=4, le=8)

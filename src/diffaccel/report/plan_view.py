@@ -68,7 +68,9 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
                      f"{rule.max_consecutive} in a row)")
         lines.append("cost: decided at run time (see the record of a run)")
         return "\n".join(lines)
-    steps = f"{plan.num_steps} " + ("steps of that sampler" if plan.solver is not None else f"{plan.sampler} steps")
+    fitted_with = plan.calibration.scheduler if plan.calibration is not None else None
+    steps = f"{plan.num_steps} " + ("steps of that sampler" if plan.solver is not None
+                                    else f"{fitted_with or plan.sampler} steps")
     lines.append(f"{steps}; # compute, . reuse, ~ forecast"
                  + ("; parallel decoding on" if plan.parallel_decode else ""))
     width = max(len(u) for u in plan.units)

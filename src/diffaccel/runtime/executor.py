@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,20 +21,16 @@ import torch
 from diffaccel.adapters import Adapter, adapter_for
 from diffaccel.errors import CacheError, PlanError
 from diffaccel.eval.cost import FlopCounterMode, register_flop_formulas
-from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import Plan
 from diffaccel.runtime import features as feature_modules
 from diffaccel.runtime.cache import UnitCache, all_finite, tree_map
 from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
+from diffaccel.runtime.fitted import check_scheduler, check_weights
 from diffaccel.runtime.state import BranchState, Stats, merged_run
 from diffaccel.solvers.schedulers import solver_scheduler
 
 log = logging.getLogger("diffaccel")
-
-
-class PlanWarning(UserWarning):
-    """A plan runs, but perhaps not as it was meant to (other weights than it was fitted on)."""
 
 
 class Executor:
@@ -63,7 +58,7 @@ class Executor:
             raise PlanError(f"the plan's units do not match this model: the plan lists {len(plan.units)} units "
                             f"({', '.join(plan.units[:4])}, ...), the model has {len(names)} "
                             f"({', '.join(names[:4])}, ...); make the plan for this model")
-        self._check_weights(plan)
+        check_weights(model, plan)
         self.source_plan = plan
         self.stats = Stats()
         self.clock = StepClock()
@@ -75,19 +70,6 @@ class Executor:
         self.features: list[Feature] = []
         self.step_observers: list[StepHook] = []  # called after every scheduler step: (step, sample, prev)
         self._use(plan)
-
-    def _check_weights(self, plan: Plan) -> None:
-        if plan.calibration is None:
-            return
-        found = fingerprint(self.model)
-        if found != plan.calibration.weights:
-            message = (f"this plan was fitted on other weights (fingerprint {plan.calibration.weights}) than this "
-                       f"{type(self.model).__name__} has ({found})")
-            if plan.quant is not None:
-                raise PlanError(message + ": its quantization is calibrated for them; calibrate it for these "
-                                "weights (`diffaccel quantize`)")
-            warnings.warn(message + "; it runs, but its quality figures do not carry over: make it again for "
-                          "these weights", PlanWarning, stacklevel=3)
 
     def _use(self, plan: Plan) -> None:
         """Make ``plan`` the active one (at construction, and when a run is resampled)."""
@@ -135,6 +117,7 @@ class Executor:
                                     "adapter's model does not support it (DiT and PixArt transformers do)")
                 scheduler = solver_scheduler(self.plan.solver, pipe.scheduler)
                 self.patch(pipe, "scheduler", scheduler)
+            check_scheduler(self.plan, scheduler)
             if scheduler is None and any(f.needs_scheduler for f in self.features):
                 raise PlanError("noise injection and step adjustment act on the scheduler's latents: "
                                 "pass the pipeline, not the model")

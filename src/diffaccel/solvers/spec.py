@@ -29,7 +29,7 @@ class SolverSpec(BaseModel):
     ``start`` of the schedule, and the remaining ``steps`` steps run from there (the schedule is the
     one ``steps / start`` steps would have, minus its first part)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["ddim", "euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff"] = "ddim"
     steps: int = Field(20, ge=1, le=1000, description="solver steps (num_inference_steps)")
