@@ -156,7 +156,9 @@ def test_the_fit_predicts_the_unconditional_branch_better_than_copying_the_condi
     assert 0 < fitted < copied
     with pytest.raises(MethodError, match="at least one step"):
         fit_guidance(dit, identity_plan(dit.denoiser), [], work)
-    with pytest.raises(MethodError, match="cannot predict guidance"):
+    with pytest.raises(MethodError, match=r"^invalid guidance prediction at steps \[5\] of this plan: guidance predicts "
+                       r"step 5, where the schedule reuses units: a step that runs half the batch computes every "
+                       r"unit$"):  # one line, no pydantic dump
         fit_guidance(dit, fora(dit.denoiser, 6, interval=2), [5], work)
     assert untouched(dit.denoiser)
 
@@ -169,7 +171,8 @@ def test_the_joint_search_predicts_guidance_from_the_last_step_back_while_the_bu
     joint.score(identity_plan(dit.denoiser), "all compute")
     joint.guided()
     guided = [c for c in joint.candidates if "guidance predicted" in c.source]
-    assert guided and "at step 6" in guided[0].source  # the last step first
+    assert guided and "at step 5 (0-based" in guided[0].source  # the last step first, numbered as in the plan
+    assert guided[0].plan.guidance.steps[0].step == 5
     assert [c.mac_fraction for c in guided] == pytest.approx([1 - k / 12 for k in range(1, len(guided) + 1)])
     assert all(c.meets(joint.budget) for c in guided[:-1])  # each kept step cleared the budget ...
     assert len(guided) == 5 or not guided[-1].meets(joint.budget)  # ... and the phase stops at the first miss

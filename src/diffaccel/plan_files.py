@@ -43,7 +43,8 @@ def validated(cls: type[Model], data: dict, what: str, error: type[Exception]) -
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(("{}: ".format(".".join(map(str, e["loc"]))) if e["loc"] else "")
+                             + e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise error(f"invalid {what}: {problems}") from None
 
 

@@ -24,6 +24,7 @@ from diffaccel.calibration.reference import run_with_plan
 from diffaccel.calibration.workload import Workload, as_workload
 from diffaccel.errors import MethodError, PlanError
 from diffaccel.plan import GuidancePrediction, Plan, PredictedStep
+from diffaccel.plan_files import validated
 from diffaccel.runtime.features.base import model_sample
 from diffaccel.runtime.features.guidance import StepRecord, guidance_halves, ordered_halves, terms
 
@@ -80,11 +81,9 @@ def fit_guidance(pipe: Any, plan: Plan, steps: Iterable[int],
     if not steps:
         raise MethodError("give at least one step to predict the unconditional branch at")
     half = unconditional or unconditional_half(pipe)
-    try:
-        Plan.model_validate({**plan.model_dump(), "guidance": {"unconditional": half, "steps": [
-            {"step": s, "weights": [0.0] * (2 if s == 0 else 5)} for s in steps]}})
-    except ValueError as exc:
-        raise MethodError(f"cannot predict guidance at steps {steps} of this plan: {exc}") from None
+    validated(Plan, {**plan.model_dump(), "guidance": {"unconditional": half, "steps": [
+        {"step": s, "weights": [0.0] * (2 if s == 0 else 5)} for s in steps]}},
+        f"guidance prediction at steps {steps} of this plan", MethodError)
     calibrate = calls if callable(calls) else as_workload(calls, pipe, num_steps=plan.num_steps or 50)
     base = plan.model_copy(update={"guidance": None})
     model, _ = find_denoiser(pipe)

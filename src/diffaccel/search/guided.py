@@ -53,7 +53,7 @@ class GuidancePhase:
             if self.late():
                 return
             source = f"{c.source} + guidance predicted at step{'s' if predicted else ''} " + \
-                ", ".join(str(s + 1) for s in sorted([step, *predicted]))
+                ", ".join(map(str, sorted([step, *predicted]))) + " (0-based, as in the plan)"
             try:
                 plan = self._refitted(fit_guidance(self.calib.pipe, c.plan, [step, *predicted], self.calib.calibrate))
             except (MethodError, PlanError) as exc:

@@ -34,7 +34,9 @@ def guidance_halves(sample: torch.Tensor, unconditional_first: bool) -> tuple[to
     if sample.shape[0] % 2 or not torch.equal(*sample.chunk(2)):
         raise PlanError("a guidance prediction needs the pipeline to run classifier-free guidance as one doubled "
                         f"batch (both halves the same sample); this forward's batch of {sample.shape[0]} is not "
-                        "one: run with guidance_scale > 1, or drop the plan's guidance section")
+                        "one: the call runs without it (guidance_scale <= 1, or a model with guidance distilled "
+                        "in, such as Flux's, which takes guidance_scale as an input): run with guidance_scale > 1 "
+                        "on a pipeline with classifier-free guidance, or drop the plan's guidance section")
     return ordered_halves(sample, unconditional_first)
 
 
