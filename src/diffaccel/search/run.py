@@ -211,9 +211,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     if best_hand is not None:
         summary["best_handmade"] = _handmade_summary(best_hand)
     heldout_check(ctx, summary, plan, heldout, best_hand, handmade)
-    plan = plan.model_copy(update={"params": {**plan.params, "budget_met": met,
-                                              "heldout_met": summary.get("heldout_met")}})
-    _warn_if_missed(summary, budget)
+    plan = _marked(plan, summary, budget)
     result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, ctx.out, points)
     if ctx.out is not None:
         write_outputs(result, budget, config.objective)
@@ -221,9 +219,9 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     return result
 
 
-def _warn_if_missed(summary: dict, budget: Budget) -> None:
-    """A Python warning, not only a log line, when the plan returned misses the budget: a caller of
-    ``find_plan`` gets a plan either way, and the log is off by default."""
+def _marked(plan: Plan, summary: dict, budget: Budget) -> Plan:
+    """``plan`` with whether it met the budget in its params; a Python warning, not only a log line,
+    when it missed: a caller of ``find_plan`` gets a plan either way, and the log is off by default."""
     if not summary["met"]:
         warnings.warn(SearchWarning(f"no plan that saves work met {budget.text} on the calibration set: the closest "
                                     f"is returned, short by {summary['shortfall']:.4g}{budget.unit()} (its plan.params "
@@ -233,6 +231,8 @@ def _warn_if_missed(summary: dict, budget: Budget) -> None:
                                     f"held-out seeds ({summary['heldout_' + budget.metric]:.4g}{budget.unit()} mean, "
                                     f"5th percentile {summary['heldout_psnr_p5']:.4g} dB); search again with more "
                                     "calibration images or a larger margin"), stacklevel=3)
+    return plan.model_copy(update={"params": {**plan.params, "budget_met": summary["met"],
+                                              "heldout_met": summary.get("heldout_met")}})
 
 
 def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Validation | None:
