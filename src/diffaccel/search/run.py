@@ -161,8 +161,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     handmade, seeds = _handmade(ctx)
     if config.validate:
         ctx.validator = validator_for(calib, budget, plan_getter(space), ctx.log)
-    ctx.reserve = heldout_reserve(ctx, heldout) + ctx.validation_reserve() \
-        + ctx.precision_reserve()
+    ctx.reserve = heldout_reserve(ctx, heldout) + ctx.validation_reserve() + ctx.precision_reserve()
     enough = budget.raised(config.largest_margin())
     ctx.log(f"scoring {len(handmade)} hand-made plans first, cheapest first, up to the first that meets {enough.text} "
             "(the seeds, and what the search must beat)")
