@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -103,6 +104,29 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
     assert "--pipeline needs --prompts" in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder)
     assert "contradict" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--classes", "circle")
+
+
+def test_more_bad_input_is_one_line_and_leaves_nothing_behind(monkeypatch, capsys, sd_folder, tmp_path):
+    folder, prompts = sd_folder
+    assert "the pipeline folder" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", tmp_path / "nowhere", "--prompts", prompts)
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial, ignore=shutil.ignore_patterns("unet"))
+    assert f"lists the component unet (UNet2DConditionModel), but the folder {partial / 'unet'} is missing" in \
+        one_line_error(monkeypatch, capsys, "generate", "--pipeline", partial, "--prompts", prompts)
+    (tmp_path / "steps.txt").write_text(json.dumps({"prompt": "a red circle", "num_inference_steps": "four"}) + "\n")
+    assert "failed on the call for a red circle" in one_line_error(  # in the quantization's calibration too
+        monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", tmp_path / "steps.txt",
+        "--out", tmp_path / "quant")
+    code, _, err = run_cli(monkeypatch, capsys, "search", "--pipeline", folder, "--prompts", prompts, "--storage",
+                           "bogus://x", "--out", tmp_path / "search", "--calib-per-class", "1",
+                           "--heldout-per-class", "1")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: cannot open the search storage bogus://x")
+    assert not (tmp_path / "quant").exists() and not (tmp_path / "search").exists()  # no empty folders left
+    (tmp_path / "plans").mkdir()
+    assert "is a directory (give a file name" in one_line_error(
+        monkeypatch, capsys, "plan", "make", "fora", "--model", "dit", "--out", tmp_path / "plans")
+    assert not list(tmp_path.glob("plans*.tmp")) and not any((tmp_path / "plans").iterdir())
 
 
 def test_bench_on_a_pipeline_folder(monkeypatch, capsys, sd_folder, tmp_path):

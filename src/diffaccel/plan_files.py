@@ -51,8 +51,14 @@ def validated(cls: type[Model], data: dict, what: str, error: type[Exception]) -
 def write_plan_json(path: Path, text: str) -> Path:
     """``text`` written to ``path`` whole or not at all (a temporary file renamed over it); missing
     folders are made."""
+    if path.is_dir():
+        raise IsADirectoryError(21, "Is a directory (give a file name for the plan, e.g. plan.json inside it)",
+                                str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -63,21 +63,38 @@ def read_prompts(path: Path) -> list[dict]:
 def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:
     """A diffusers pipeline from a local folder (offline), with its denoiser checked."""
     folder = Path(path)
+    if not folder.exists():
+        raise WeightsError(f"the pipeline folder {folder} does not exist")
     if not (folder / "model_index.json").is_file():
         raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json): give the folder "
                            "that DiffusionPipeline.save_pretrained wrote")
     if any(folder.glob("*/*.bin")) and not any(folder.glob("*/*.safetensors")):
         raise WeightsError(f"{folder} holds pickled weights (.bin) only, which diffaccel does not load (a pickle can "
                            "run code): save the pipeline with save_pretrained(..., safe_serialization=True)")
+    _check_components(folder)
     try:  # safetensors only; loaded as stored, then converted (the dtype argument's name changed in diffusers 0.40)
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                      low_cpu_mem_usage=False).to(getattr(torch, dtype))
     except Exception as exc:  # diffusers raises many kinds for a damaged or foreign folder
-        raise WeightsError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0][:200]}") from None
+        raise WeightsError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0][:600]}") from None
     find_denoiser(pipe)  # an unsupported denoiser is a one-line error now, not later
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_components(folder: Path) -> None:
+    """Every component model_index.json lists has its folder (diffusers names the pipeline's folder, not
+    the component's, when one is missing)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read {folder / 'model_index.json'}: {exc}") from None
+    for name, entry in index.items() if isinstance(index, dict) else ():
+        listed = isinstance(entry, list) and len(entry) == 2 and None not in entry
+        if listed and not name.startswith("_") and not (folder / name).is_dir():
+            raise WeightsError(f"{folder / 'model_index.json'} lists the component {name} ({entry[1]}), but the "
+                               f"folder {folder / name} is missing: save the whole pipeline again")
 
 
 @dataclass

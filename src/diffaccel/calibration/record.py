@@ -35,8 +35,7 @@ def run_each(pipe: Any, workload: Workload, plan: Plan | None, before_call: Call
         for call in tqdm(workload.calls, desc="calibrating", disable=not progress or len(workload) < 2):
             if before_call is not None:
                 before_call(executor)
-            with torch.no_grad():
-                pipe(**call.kwargs, generator=call.generators())
+            call.run(pipe)  # a pipeline's error on its arguments names the call
     finally:
         executor.remove()
     return executor

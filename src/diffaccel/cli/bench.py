@@ -77,7 +77,7 @@ def bench(
             raise ValueError("--only is empty")
         return run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))
 
-    _print_summary(run_guarded(job), out)
+    _print_summary(run_guarded(job, out_dir=out), out)
 
 
 def _print_summary(path: Path, out: Path) -> None:

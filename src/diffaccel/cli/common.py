@@ -116,14 +116,16 @@ def resolve_plan(tgt: Target, steps: int, guidance: float, method: str | None, p
     return None
 
 
-def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``; a DiffaccelError or ValueError becomes a one-line error and exit code 2."""
+def run_guarded(fn: Callable[..., Any], *args: Any, out_dir: Path | None = None, **kwargs: Any) -> Any:
+    """Call ``fn``; a DiffaccelError, ValueError or OSError becomes a one-line error and exit code 2,
+    and ``out_dir``, when this run made it and left it empty, is removed again."""
+    fresh = out_dir is not None and not Path(out_dir).exists()
     try:
         return fn(*args, **kwargs)
-    except (DiffaccelError, ValueError) as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(os_message(exc))
+    except (DiffaccelError, ValueError, OSError) as exc:
+        if fresh and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
+            Path(out_dir).rmdir()
+        fail(os_message(exc) if isinstance(exc, OSError) and not isinstance(exc, DiffaccelError) else str(exc))
 
 
 def os_message(exc: OSError) -> str:

@@ -120,7 +120,7 @@ def generate(
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
         return run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
 
-    _report(run_guarded(_rank_tagged, job), out, compare)
+    _report(run_guarded(_rank_tagged, job, out_dir=out), out, compare)
 
 
 def _class_names(classes: str | None) -> list[str] | None:

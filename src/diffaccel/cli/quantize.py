@@ -65,4 +65,4 @@ def quantize(
                 typer.echo(f"  {row['relative_error']:.2e}  {row['layer']}")
             typer.echo(f"wrote {out / 'sensitivity.json'} ({len(rows)} layers, worst first)")
 
-    run_guarded(job)
+    run_guarded(job, out_dir=out)

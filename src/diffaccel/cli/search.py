@@ -154,7 +154,7 @@ def search(
                               model_name=f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name)
         return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log)
 
-    result = run_guarded(job)
+    result = run_guarded(job, out_dir=out)
     if not result.met:
         s = result.summary
         fail(f"no plan meets {s['budget']} on the calibration set; the closest ({s['source']}) reaches "

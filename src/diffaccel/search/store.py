@@ -35,7 +35,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
-from diffaccel.errors import StorageMismatchError
+from diffaccel.errors import SearchError, StorageMismatchError
 from diffaccel.fingerprint import fingerprint
 from diffaccel.search.space import Genome, Space
 
@@ -113,9 +113,14 @@ class Store:
             callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
                 else "failed_trial_callback"  # optuna < 4.9
             self.heartbeat, grace = heartbeat_settings()
-            self.storage = _retrying(lambda: optuna.storages.RDBStorage(
-                database_url(storage), heartbeat_interval=self.heartbeat, grace_period=grace,
-                **{callback: lambda study, trial: _requeue(study, trial, self.names)}))
+            try:
+                self.storage = _retrying(lambda: optuna.storages.RDBStorage(
+                    database_url(storage), heartbeat_interval=self.heartbeat, grace_period=grace,
+                    **{callback: lambda study, trial: _requeue(study, trial, self.names)}))
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                raise SearchError(f"cannot open the search storage {storage}: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:160]}; give sqlite:///PATH (a file in a folder that "
+                                  "exists) or postgresql://user:password@host/db") from None
             self._check_others(fp, study_name, check_all_studies)
         self.study = _retrying(lambda: optuna.create_study(
             study_name=study_name, storage=self.storage, sampler=sampler, directions=["maximize", "minimize"],
