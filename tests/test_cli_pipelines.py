@@ -129,6 +129,23 @@ def test_more_bad_input_is_one_line_and_leaves_nothing_behind(monkeypatch, capsy
     assert not list(tmp_path.glob("plans*.tmp")) and not any((tmp_path / "plans").iterdir())
 
 
+def test_a_prompt_files_own_steps_and_misspelt_arguments(monkeypatch, capsys, sd_folder, tmp_path):
+    folder, _ = sd_folder
+    own = tmp_path / "own.txt"
+    own.write_text(json.dumps({"prompt": "a red circle", "num_inference_steps": 3}) + "\n")
+    ok(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", own, "--per-class", "1", "--method",
+       "fora", "--interval", "2", "--save-plan", tmp_path / "plan.json", "--out", tmp_path / "g")
+    assert Plan.load(tmp_path / "plan.json").num_steps == 4  # made for the file's 3 PNDM steps, not for 50
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "make", "fora", "--pipeline", folder, "--prompts", own,
+                           "--steps", "8", "--out", tmp_path / "made.json")
+    assert code == 0 and "num_inference_steps 3 on every line, which wins over --steps 8" in err
+    assert Plan.load(tmp_path / "made.json").num_steps == 4
+    typo = tmp_path / "typo.txt"
+    typo.write_text(json.dumps({"prompt": "a red circle", "guidance": 7.5}) + "\n")
+    assert "call 0 sets 'guidance', which StableDiffusionPipeline does not take (did you mean 'guidance_scale'?)" \
+        in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", typo)
+
+
 def test_bench_on_a_pipeline_folder(monkeypatch, capsys, sd_folder, tmp_path):
     """Our methods and the step baselines on a stock SD pipeline folder (the peers: next test)."""
     folder, prompts = sd_folder

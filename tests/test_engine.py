@@ -217,6 +217,7 @@ def test_bad_plan_files_are_rejected_with_what_is_wrong(pipes, tmp_path):
         "steps.json": (json.dumps({**json.loads(text), "num_steps": 7}), "schedule has 6 steps but num_steps is 7"),
         "extra.json": (json.dumps({**json.loads(text), "turbo": True}), "turbo"),
         "first.json": (text.replace('"CCCC"', '"RRRR"', 1), "first step must compute"),
+        "other.json": (json.dumps({"model": "dit", "psnr": 30}), "is not an image plan file .*its fields: model, psnr"),
         "nan.json": (text.replace('"method"', '"step_scale": [NaN, 1, 1, 1, 1, 1], "method"', 1),
                      "step_scale.0: Input should be a finite number"),
         "inf.json": (json.dumps({**json.loads(text), "correction": {"gain": [1e999] * 6, "bias": []}}),

@@ -156,9 +156,9 @@ def test_the_fit_predicts_the_unconditional_branch_better_than_copying_the_condi
     assert 0 < fitted < copied
     with pytest.raises(MethodError, match="at least one step"):
         fit_guidance(dit, identity_plan(dit.denoiser), [], work)
-    with pytest.raises(MethodError, match=r"^invalid guidance prediction at steps \[5\] of this plan: guidance predicts "
-                       r"step 5, where the schedule reuses units: a step that runs half the batch computes every "
-                       r"unit$"):  # one line, no pydantic dump
+    with pytest.raises(MethodError, match=r"^invalid guidance prediction at steps \[5\] of this plan: guidance "
+                       r"predicts step 5, where the schedule reuses units: a step that runs half the batch computes "
+                       r"every unit$"):  # one line, no pydantic dump
         fit_guidance(dit, fora(dit.denoiser, 6, interval=2), [5], work)
     assert untouched(dit.denoiser)
 

@@ -33,6 +33,10 @@ def read_plan_json(path: Path, what: str, version: int, error: type[Exception]) 
     for other, (field, other_named, reader) in OWN_FIELD.items():
         if other != what and field in data and own not in data:
             raise error(f"{path} is {other_named} file, not {named} file: read it with {reader}")
+    if "version" not in data and own not in data:
+        keys = ", ".join(list(data)[:4]) or "none"
+        hint = ": give a file that Plan.save, plan make or --save-plan wrote" if what == "plan" else ""
+        raise error(f"{path} is not {named} file (it has no version or {own} field; its fields: {keys}){hint}")
     if data.get("version", version) != version:
         raise error(f"{what} file {path} has version {data.get('version')}; this diffaccel reads version {version}")
     return data

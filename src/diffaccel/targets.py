@@ -19,7 +19,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffaccel.adapters import find_denoiser
-from diffaccel.calibration.workload import Workload
+from diffaccel.calibration.workload import Workload, check_arguments
 from diffaccel.errors import UnsupportedModelError, WeightsError, WorkloadError
 from diffaccel.seeds import CALIBRATION_SEED
 from diffaccel.zoo import shapes
@@ -167,6 +167,7 @@ def _t2i_target(model: str, prompts: Path | None, sampler: str, weights: Path | 
     calls = t2i_default_calls() if prompts is None else read_prompts(prompts)
     evaluator = load_t2i_evaluator() if in_caption_language(calls) else None
     calls = [{**call_kwargs(pipe), **call} for call in calls]
+    check_arguments(calls, pipe)
     return Target(model, pipe, calls, str(weights) if weights else None, evaluator)
 
 
@@ -193,6 +194,7 @@ def load_target(model: str | None = None, pipeline: Path | None = None, prompts:
                                 "to run, calibrate and search on")
         calls = read_prompts(prompts)
         pipe = load_pipeline_folder(pipeline)
+        check_arguments(calls, pipe)
         return Target(Path(pipeline).name, pipe, calls, str(pipeline))
     if prompts is not None:
         raise WorkloadError("--prompts goes with --pipeline or --model pixart|sd; the embedded models take --classes")

@@ -11,8 +11,10 @@ diffusers pipeline that takes ``generator`` (and returns images) runs.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +82,28 @@ def images_of(result: Any) -> torch.Tensor:
         raise WorkloadError(f"the pipeline returned no batch of images (got {type(images).__name__}); "
                             "it must return images, as diffusers pipelines do with output_type='pt'")
     return images.detach().float().cpu()
+
+
+def check_arguments(calls: Iterable[dict], pipe: Any) -> None:
+    """Refuse call arguments that look like misspelt parameters of ``pipe`` (diffusers pipelines take
+    ``**kwargs`` and would ignore them); other unknown ones warn, as the pipeline may ignore them."""
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    catch_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for i, call in enumerate(calls):
+        for key in call:
+            if key in named or key == "seed":
+                continue
+            close = difflib.get_close_matches(key, named, 1, cutoff=0.75) or \
+                [n for n in named if len(key) >= 4 and n.startswith(key)][:1]  # guidance -> guidance_scale
+            if close or not catch_all:
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise WorkloadError(f"call {i} sets {key!r}, which {type(pipe).__name__} does not take{hint}")
+            warnings.warn(f"call {i} sets {key!r}, which is no named argument of {type(pipe).__name__}: it goes to the "
+                          "pipeline's **kwargs, which may ignore it", stacklevel=2)
 
 
 def _accepts(pipe: Any, name: str) -> bool:
@@ -191,7 +215,10 @@ def as_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **def
     if isinstance(calls, Workload):
         return calls
     if calls is not None:
-        return Workload.from_calls(list(calls))
+        calls = list(calls)
+        if hasattr(pipe, "scheduler"):  # a pipeline (not a bare model): its arguments are known
+            check_arguments([c for c in calls if isinstance(c, dict)], pipe)
+        return Workload.from_calls(calls)
     make = getattr(pipe, "workload_calls", None)
     if make is None:
         raise WorkloadError(f"diffaccel cannot guess the inputs of a {type(pipe).__name__}: pass calls=[{{...}}], "

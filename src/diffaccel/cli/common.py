@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -57,15 +58,22 @@ def fail(message: str) -> None:
 
 
 def setup(threads: int = 0, guidance: float | None = None) -> None:
-    """Common start of a command: logging to stderr, thread count, a finite guidance, and an allocator
-    that keeps freed memory (steady CPU timings, ``eval/allocator.py``)."""
+    """Common start of a command: logging and one-line warnings to stderr, thread count, a finite
+    guidance, and an allocator that keeps freed memory (steady CPU timings, ``eval/allocator.py``)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.showwarning = _one_line_warning
     keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     if guidance is not None and not math.isfinite(guidance):
         raise ValueError(f"--guidance must be a finite number, got {guidance}")
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """A warning on the command line: what it says, not the source line that raised it."""
+    typer.echo(f"warning: {message}", err=True)
 
 
 def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: SamplerName | str = "ddim",
@@ -78,6 +86,22 @@ def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: Sam
     if pipeline is not None and weights is not None:
         raise ValueError("--weights is for --model; a pipeline folder holds its own weights")
     return load_target(model, pipeline, prompts, getattr(sampler, "value", sampler), weights)
+
+
+def call_steps(tgt: Target, steps: int | None) -> int:
+    """The steps the command's calls run: ``--steps``, else the count every line of the prompt file
+    sets, else 50. A prompt file's own count wins on its lines (said, when ``--steps`` asks another)."""
+    own = {call.get("num_inference_steps") for call in tgt.calls or [{}]}
+    if len(own) == 1 and None not in own:
+        (file_steps,) = own
+        if steps is not None and steps != file_steps:
+            typer.echo(f"warning: the prompt file sets num_inference_steps {file_steps} on every line, which wins "
+                       f"over --steps {steps}", err=True)
+        return file_steps if type(file_steps) is int else steps or DEFAULT_STEPS  # a bad value: the pipeline says
+    if steps is not None and any(s is not None and s != steps for s in own):
+        typer.echo(f"warning: some lines of the prompt file set their own num_inference_steps, which win over "
+                   f"--steps {steps} on those lines", err=True)
+    return steps or DEFAULT_STEPS
 
 
 def parse_params(params: list[str] | None, **named: Any) -> dict:

@@ -15,7 +15,6 @@ from diffaccel.calibration.reference import identity_plan
 from diffaccel.cli.common import (
     ANY_MODEL,
     ANY_STEPS,
-    DEFAULT_STEPS,
     GUIDANCE,
     PIPELINE,
     PROMPTS,
@@ -24,6 +23,7 @@ from diffaccel.cli.common import (
     WEIGHTS,
     SamplerName,
     app,
+    call_steps,
     parse_params,
     resolve_plan,
     run_guarded,
@@ -108,7 +108,7 @@ def generate(
         if plan is not None:
             Plan.load(plan)  # a broken plan file fails before any model is loaded
         tgt = target(model, pipeline, prompts, sampler, weights)
-        num_steps = steps or DEFAULT_STEPS
+        num_steps = call_steps(tgt, steps)
         cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,
                              guidance=guidance, seed=seed, batch_size=batch_size)
         the_plan = resolve_plan(tgt, num_steps, guidance, method, plan, settings)

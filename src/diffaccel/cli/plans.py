@@ -7,15 +7,16 @@ from pathlib import Path
 import typer
 
 from diffaccel.cli.common import (
+    ANY_STEPS,
     GUIDANCE,
     MODEL,
     PIPELINE,
     PROMPTS,
     SAMPLER,
-    STEPS,
     WEIGHTS,
     SamplerName,
     app,
+    call_steps,
     parse_params,
     resolve_plan,
     run_guarded,
@@ -44,7 +45,7 @@ def plan_make(
     model: str = MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
-    steps: int = STEPS,
+    steps: int = ANY_STEPS,
     sampler: SamplerName = SAMPLER,
     guidance: float = GUIDANCE,
     weights: Path = WEIGHTS,
@@ -62,7 +63,7 @@ def plan_make(
         setup(guidance=guidance)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
         tgt = target(model, pipeline, prompts, sampler, weights)
-        resolve_plan(tgt, steps, guidance, method, None, settings).save(out)
+        resolve_plan(tgt, call_steps(tgt, steps), guidance, method, None, settings).save(out)
 
     run_guarded(job)
     typer.echo(f"wrote {out}")

@@ -10,7 +10,6 @@ import typer
 from diffaccel.cli.common import (
     ANY_MODEL,
     ANY_STEPS,
-    DEFAULT_STEPS,
     GUIDANCE,
     PIPELINE,
     PROMPTS,
@@ -19,6 +18,7 @@ from diffaccel.cli.common import (
     WEIGHTS,
     SamplerName,
     app,
+    call_steps,
     fail,
     run_guarded,
     setup,
@@ -141,8 +141,10 @@ def search(
         setup(threads, guidance)
         quality = parse_budget(budget or "psnr>=30").text
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
-        tgt, num_steps = target(model, pipeline, prompts, sampler, weights), steps or DEFAULT_STEPS
-        calib, held = affordable_sizes(lambda: tgt.workload(PROBE_STEPS, guidance, 1, seed)(tgt.pipe), num_steps,
+        tgt = target(model, pipeline, prompts, sampler, weights)
+        num_steps = call_steps(tgt, steps)
+        probe = tgt.workload(PROBE_STEPS, guidance, 1, seed).with_steps(PROBE_STEPS)  # a prompt file's own too
+        calib, held = affordable_sizes(lambda: probe(tgt.pipe), num_steps,
                                        limit, pairs, calib_per_class, heldout_per_class, _log)
         calibrate = tgt.workload(num_steps, guidance, calib, seed)
         heldout = tgt.workload(num_steps, guidance, held, 0, calibration=False)
