@@ -131,10 +131,25 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
     (["--method", "deepcache"], ["deepcache does not apply to a DiTTransformer2DModel"]),
     (["--precision", "int4"], ["precision", "bfloat16"]),
     (["--precision", "int4", "--method", "warpdrive"], ["precision", "bfloat16"]),  # refused before the model loads
+    (["--quant-backend", "int8"], ["--quant-backend goes with --quant"]),  # was ignored
+    (["--quant", "w8a8", "--quant-backend", "int4"], ["backend: Input should be"]),  # names the setting
 ])
 def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path):
     result = run("generate", "--steps", "2", "--per-class", "1", "--out", str(tmp_path), *args)
     assert_clean_error(result, *fragments)
+
+
+@requires_weights
+def test_options_that_would_be_ignored_or_match_nothing_are_refused(run, tmp_path):
+    assert_clean_error(run("search", "--budget", "", "--out", str(tmp_path / "s")), "the budget '' needs")
+    assert_clean_error(run("quantize", "--keep", "nosuchlayer*", "--out", str(tmp_path / "q")),
+                       "override 'nosuchlayer*' matches no Linear or Conv2d layer")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "q").exists()
+    made = run("plan", "make", "fora", "--model", "dit", "--steps", "6", "--out", str(tmp_path / "fora.json"))
+    assert made.exit_code == 0, made.error
+    assert_clean_error(run("plan", "show", str(tmp_path / "fora.json"), "--model", "unet"),
+                       "this plan is for a DiTTransformer2DModel (the dit adapter), not the embedded unet model")
+    assert "6 denoiser evaluations" in run("plan", "show", str(tmp_path / "fora.json")).output  # not "6 ddim steps"
 
 
 def test_an_output_folder_taken_by_a_file_or_a_plan_folder_is_a_one_line_error(run, tmp_path):

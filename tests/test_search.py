@@ -374,7 +374,7 @@ def test_storage_from_another_model_is_refused(pipes, dit_search):
     with pytest.raises(StorageMismatchError, match="another model"):
         search(pipes[1], calib(), budget="psnr>=20", out=out, trials=1, log=quiet)
     other_steps = make_pipes()[0]
-    with pytest.raises(StorageMismatchError):
+    with pytest.raises(StorageMismatchError, match=f"a search of this model at {STEPS} steps, not {STEPS + 1}"):
         search(other_steps, calib(STEPS + 1), budget="psnr>=20", out=out, trials=1, log=quiet)
 
 

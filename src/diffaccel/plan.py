@@ -152,8 +152,8 @@ class Plan(_Strict):
     model_class: str = Field(description="the diffusers class the plan was made for")
     units: list[str] = Field(min_length=1, description="unit names, in adapter order")
     granularity: Literal["block", "component"] = "block"
-    sampler: str = Field("ddim", description="the embedded pipelines' sampler option; a plan fitted on another "
-                                              "pipeline records its scheduler in calibration.scheduler")
+    sampler: str | None = Field(None, description="descriptive only (older plan files say 'ddim' whatever ran): a "
+                                                   "calibrated plan records its scheduler in calibration.scheduler")
     num_steps: int | None = Field(None, ge=1, description="steps of the static schedule; None for rule plans")
     timesteps: list[float] | None = Field(None, description="the scheduler timesteps the plan was made for")
     schedule: list[str] | None = Field(None, description="one string per step, one action letter per unit")

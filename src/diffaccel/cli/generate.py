@@ -86,8 +86,9 @@ def generate(
     weights: Path = WEIGHTS,
     threads: int = THREADS,
     quant: str = typer.Option(None, help="also quantize the model: w8a8, w4a8, ... (calibrated on first use)"),
-    quant_backend: str = typer.Option("fake", help="fake (simulated, any width), int8 (calibrated scales, int8 "
-                                                   "matmuls) or int8-dynamic (fbgemm, fastest on a CPU); int8: W8A8"),
+    quant_backend: str = typer.Option(None, help="with --quant: fake (the default; simulated, any width), int8 "
+                                                 "(calibrated scales, int8 matmuls) or int8-dynamic (fbgemm, fastest "
+                                                 "on a CPU); int8: W8A8"),
     quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
     precision: Precision = PRECISION,
     parallel: ParallelMode = PARALLEL,
@@ -162,14 +163,16 @@ def _tag() -> str:
     return "[rank ?]"
 
 
-def _whole_model(tgt, plan: Plan | None, calls: Any, quant: str | None, backend: str, per_step: bool,
+def _whole_model(tgt, plan: Plan | None, calls: Any, quant: str | None, backend: str | None, per_step: bool,
                  precision: str | None) -> Plan | None:
     """``plan`` (or one that computes everything) with the command line's quantization and precision."""
+    if quant is None and backend is not None:
+        raise ValueError("--quant-backend goes with --quant (e.g. --quant w8a8 --quant-backend int8-dynamic)")
     if quant is None and precision is None:
         return plan
     plan = plan or identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "ptq" if quant else "precision"})
     if quant is not None:
-        plan = plan.with_quant(quant_spec(tgt.pipe, calls, quant, backend, per_step))
+        plan = plan.with_quant(quant_spec(tgt.pipe, calls, quant, backend or "fake", per_step))
     return plan if precision is None else Plan.from_dict({**plan.model_dump(), "precision": precision})
 
 
@@ -182,7 +185,13 @@ def summary_line(record: dict) -> str:
     head = (f"{record['model']}: {record['n_images']} images, {_values(record['steps'])} {record['sampler']} steps, "
             f"guidance {_values(record['guidance'])}")
     if "plan" in record:
-        head += f" | plan {record['plan']['method']}"
+        plan = record["plan"]
+        head += f" | plan {plan['method']}"
+        quant = plan.get("quant") or {}
+        if quant and plan["method"] != "ptq":
+            head += f" + w{quant['weight_bits']}a{quant['act_bits']} {quant['backend']}"
+        if plan.get("precision"):
+            head += f" in {plan['precision']}"
         if record.get("resampled_from"):
             head += f" (made for {record['resampled_from']} steps, mapped)"
     parts = [head]

@@ -122,7 +122,7 @@ def search(
     pairs: int = typer.Option(3, min=1, help="interleaved baseline/plan runs for the held-out wall-clock speedup"),
     margin: float = MARGIN,
     quant: str = typer.Option(None, help="quantize, e.g. w8a8 (joint by MACs: the chosen plan, if measured faster)"),
-    quant_backend: str = typer.Option("fake", help="with --quant: fake, int8 or int8-dynamic"),
+    quant_backend: str = typer.Option(None, help="with --quant: fake (default), int8 or int8-dynamic"),
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
     correct: bool = CORRECT,
     validate: bool = VALIDATE,
@@ -139,7 +139,10 @@ def search(
 
     def job():
         setup(threads, guidance)
-        quality = parse_budget(budget or "psnr>=30").text
+        quality = parse_budget("psnr>=30" if budget is None else budget).text
+        if quant is None and quant_backend is not None:
+            raise ValueError("--quant-backend goes with --quant (e.g. --quant w8a8 --quant-backend int8-dynamic)")
+        backend = quant_backend or "fake"
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = call_steps(tgt, steps)
@@ -148,9 +151,9 @@ def search(
                                        limit, pairs, calib_per_class, heldout_per_class, _log)
         calibrate = tgt.workload(num_steps, guidance, calib, seed)
         heldout = tgt.workload(num_steps, guidance, held, 0, calibration=False)
-        spec = quant_spec(tgt.pipe, calibrate, quant, quant_backend) if quant is not None else None
+        spec = quant_spec(tgt.pipe, calibrate, quant, backend) if quant is not None else None
         config = SearchConfig(budget=quality, objective=objective.value, seed=seed, strategy=strategy.value
-                              if strategy else default_strategy(trials, bits, quant, quant_backend),
+                              if strategy else default_strategy(trials, bits, quant, backend),
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
                               quant=spec, bits=choices, correct=correct, validate=validate, precision=precision.value,
                               model_name=f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name)

@@ -5,17 +5,22 @@ from __future__ import annotations
 import torch
 
 from diffaccel.adapters import adapter_for
+from diffaccel.errors import PlanError
 from diffaccel.eval.cost import plan_mac_fraction, predicted_steps_saved
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.zoo.weights import load_pipeline
 
 SYMBOLS = {"C": "#", "R": ".", "F": "~"}
+EMBEDDED = ("dit", "unet")
 
 
 def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
     """Per-sample MACs of the embedded model the plan fits (or the one named), else None."""
-    candidates = [model] if model else [m for m in ("dit", "unet") if m == plan.adapter]
+    if model and model != plan.adapter:
+        raise PlanError(f"this plan is for a {plan.model_class} (the {plan.adapter} adapter), not the embedded {model} "
+                        f"model: drop --model{' or give --model ' + plan.adapter if plan.adapter in EMBEDDED else ''}")
+    candidates = [model] if model else [m for m in EMBEDDED if m == plan.adapter]
     for name in candidates:
         pipe = load_pipeline(name)
         units = [u.name for u in adapter_for(pipe.denoiser).units(pipe.denoiser, plan.granularity)]
@@ -70,7 +75,7 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
         return "\n".join(lines)
     fitted_with = plan.calibration.scheduler if plan.calibration is not None else None
     steps = f"{plan.num_steps} " + ("steps of that sampler" if plan.solver is not None
-                                    else f"{fitted_with or plan.sampler} steps")
+                                    else f"{fitted_with} steps" if fitted_with else "denoiser evaluations")
     lines.append(f"{steps}; # compute, . reuse, ~ forecast"
                  + ("; parallel decoding on" if plan.parallel_decode else ""))
     width = max(len(u) for u in plan.units)

@@ -138,10 +138,13 @@ class Store:
 
     def _mismatch(self, stored: dict, fp: dict) -> str:
         where = self.url or "the storage"
-        if {k: v for k, v in stored.items() if k != "calibration"} == {k: v for k, v in fp.items()
-                                                                          if k != "calibration"}:
+        differ = {k for k in set(stored) | set(fp) if stored.get(k) != fp.get(k)}
+        if differ == {"calibration"}:
             return (f"{where} holds a search of this model on another calibration set "
                     f"({stored.get('calibration')}); use another --out (or delete it) to search with this one")
+        if differ <= {"calibration", "num_steps"}:
+            return (f"{where} holds a search of this model at {stored.get('num_steps')} steps, not "
+                    f"{fp.get('num_steps')}; use another --out (or delete it) to search at these steps")
         return (f"{where} holds a search of another model: {_describe(stored)}, not {_describe(fp)}; "
                 "use another --out (or delete the storage) for this model")
 
