@@ -53,11 +53,22 @@ def read_prompts(path: Path) -> list[dict]:
             if not isinstance(call, dict):
                 raise WorkloadError(f"{path}, line {number}: a JSON line must be an object of pipeline arguments")
             calls.append(call)
+        elif line.startswith("[") and _is_json(line):
+            raise WorkloadError(f"{path}, line {number}: a JSON line must be an object of pipeline arguments "
+                                "({\"prompt\": ...}), not a list")
         else:
             calls.append({"prompt": line})
     if not calls:
         raise WorkloadError(f"the prompt file {path} holds no prompt; write one prompt per line")
     return calls
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:

@@ -23,6 +23,7 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
+from diffaccel.lm.plan import LM_METHODS
 from diffaccel.methods.registry import METHODS
 from diffaccel.plan import Plan
 from diffaccel.report.plan_view import render_plan
@@ -79,3 +80,6 @@ def list_methods() -> None:
         for knob, field in spec.settings.model_fields.items():
             default = spec.knobs()[knob]
             typer.echo(f"    {knob}={default!r}  {field.description or ''}")
+    methods = ", ".join(m for m in LM_METHODS if m != "none")
+    typer.echo(f"\n--model dlm (the diffusion language model) takes its own: {methods} (settings with --param "
+               "key=value: refresh_every, window, block_size; see docs/language-models.md)")
