@@ -144,6 +144,10 @@ def test_a_prompt_files_own_steps_and_misspelt_arguments(monkeypatch, capsys, sd
     typo.write_text(json.dumps({"prompt": "a red circle", "guidance": 7.5}) + "\n")
     assert "call 0 sets 'guidance', which StableDiffusionPipeline does not take (did you mean 'guidance_scale'?)" \
         in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", typo)
+    listed = tmp_path / "list.txt"
+    listed.write_text("[1, 2]\n[style] a red circle\n")  # a JSON list is no prompt; a bracketed prompt is
+    assert "line 1: a JSON line must be an object of pipeline arguments" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", listed)
 
 
 def test_bench_on_a_pipeline_folder(monkeypatch, capsys, sd_folder, tmp_path):
