@@ -64,6 +64,11 @@ def test_generate_with_a_method_and_compare_records_speed_and_fidelity(run, tmp_
                 "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "again"))
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "again" / "record.json").read_text())["speedup_macs"] == record["speedup_macs"]
+    assert (tmp_path / "comparison.png").is_file()
+    alone = run("generate", "--model", "unet", "--classes", "square", "--per-class", "1", "--steps", "6",
+                "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path))  # the same folder, no --compare
+    assert alone.exit_code == 0, alone.output
+    assert not (tmp_path / "comparison.png").exists() and not (tmp_path / "grid_baseline.png").exists()
 
 
 @requires_weights

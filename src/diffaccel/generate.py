@@ -280,10 +280,10 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
             record["baseline"]["macs_per_image"] = round(base)
         if target.embedded:
             scores = target.evaluator.score(reference, _labels(calls))
-            record["baseline"].update(accuracy=scores["accuracy"], fd=scores["fd"])
+            record["baseline"].update({k: scores[k] for k in ("accuracy", "fd") if k in scores})
         elif target.evaluator is not None:
             scores = target.prompt_scores(reference, calls)
-            record["baseline"].update(adherence=scores["adherence"], accuracy=scores["accuracy"], fd=scores["fd"])
+            record["baseline"].update({k: scores[k] for k in ("adherence", "accuracy", "fd") if k in scores})
     return record
 
 
@@ -293,4 +293,7 @@ def _write(out: Path, record: dict, images: torch.Tensor, reference: torch.Tenso
     if reference is not None:
         save_grid(reference, rows=rows, path=out / "grid_baseline.png")
         save_comparison(images, reference, rows, out / "comparison.png")
+    else:  # an earlier --compare run's pictures would sit beside a record without a comparison
+        for stale in ("grid_baseline.png", "comparison.png"):
+            (out / stale).unlink(missing_ok=True)
     write_json(out / "record.json", record)

@@ -182,8 +182,8 @@ def _scorer(job: BenchJob, calls: list[Call], embedded: bool) -> Callable[[torch
 
     def scores_of(images: torch.Tensor) -> dict:
         s = score(images)
-        return {"accuracy": s["accuracy"], "adherence": s.get("adherence"), "fd": _finite(s["fd"]),
-                "fd_floor": _finite(s["fd_floor"])}
+        return {"accuracy": s["accuracy"], "adherence": s.get("adherence"), "fd": _finite(s.get("fd", float("nan"))),
+                "fd_floor": _finite(s.get("fd_floor", float("nan")))}
     return scores_of
 
 

@@ -87,15 +87,16 @@ class Evaluator:
         return torch.from_numpy(images).add(1).div(2)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Accuracy, Fréchet distance to as many real images, and the real-vs-real floor."""
-        n = max(len(images), 2)
+        """Accuracy, Fréchet distance to as many real images, and the real-vs-real floor (no distance
+        for a single image: a distribution of one has no covariance)."""
+        accuracy = {"accuracy": self.accuracy(images, labels)}
+        if len(images) < 2:
+            return accuracy
+        n = len(images)
         real_a = self.real_images(n, start=0)
         real_b = self.real_images(n, start=n)
-        return {
-            "accuracy": self.accuracy(images, labels),
-            "fd": self.frechet_distance(images, real_a),
-            "fd_floor": self.frechet_distance(real_b, real_a),
-        }
+        return {**accuracy, "fd": self.frechet_distance(images, real_a),
+                "fd_floor": self.frechet_distance(real_b, real_a)}
 
 
 def train_evaluator(out: Path, seed: int = 0, steps: int = 2000, batch: int = 128, lr: float = 2e-3) -> float:

@@ -111,11 +111,13 @@ class T2IEvaluator:
     def score(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> dict[str, float]:
         """Attribute scores, Fréchet distance to as many real ``eval`` images (items 0..n) and the floor:
         the distance between those and the next n real images."""
-        n = max(len(images), 2)
+        scores = self.attribute_scores(images, prompts_or_attributes)
+        if len(images) < 2:  # a distribution of one has no covariance: no distance
+            return scores
+        n = len(images)
         real_a, real_b = self.real_images(n), self.real_images(n, start=n)
-        return {**self.attribute_scores(images, prompts_or_attributes),
-                "fd": self.frechet_distance(images, real_a), "fd_floor": self.frechet_distance(real_b, real_a),
-                "fd_samples": n}
+        return {**scores, "fd": self.frechet_distance(images, real_a),
+                "fd_floor": self.frechet_distance(real_b, real_a), "fd_samples": n}
 
 
 def export_classifier(model: CaptionClassifier, dest: Path, info: dict, count: int = 1440) -> dict:
