@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from diffaccel.adapters import find_denoiser
+from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.workload import Workload, check_arguments
 from diffaccel.errors import UnsupportedModelError, WeightsError, WorkloadError
 from diffaccel.seeds import CALIBRATION_SEED
@@ -89,7 +89,7 @@ def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:
                                                      low_cpu_mem_usage=False).to(getattr(torch, dtype))
     except Exception as exc:  # diffusers raises many kinds for a damaged or foreign folder
         raise WeightsError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0][:600]}") from None
-    find_denoiser(pipe)  # an unsupported denoiser is a one-line error now, not later
+    adapter_for(find_denoiser(pipe)[0])  # an unsupported denoiser is a one-line error now, not later
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

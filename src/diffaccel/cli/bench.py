@@ -29,21 +29,21 @@ def bench(
                                           "sweep); \"plan\": [{\"file\": \"plan.json\"}] adds a plan file's row"),
     only: str = typer.Option(None, help="comma-separated methods/peers of the sweep to run"),
     peers: bool = typer.Option(True, help="run the peers (--no-peers: diffaccel and step baselines only)"),
-    per_class: int = typer.Option(None, help="images per class or prompt (default 100; 2 with --quick); dlm: problems "
-                                             "per task (default 100; 5 with --quick)"),
-    batch_size: int = typer.Option(None, help="images per pipeline call (default 60; 4 with --quick)"),
+    per_class: int = typer.Option(None, min=1, help="images per class or prompt (default 100; 2 with --quick); dlm: "
+                                                    "problems per task (default 100; 5 with --quick)"),
+    batch_size: int = typer.Option(None, min=1, help="images per pipeline call (default 60; 4 with --quick)"),
     classes: str = typer.Option(None, help="embedded models: comma-separated class names (default: all)"),
     steps: int = ANY_STEPS,
     sampler: SamplerName = typer.Option(SamplerName.ddim, help="ddim or dpm (DPM-Solver++)"),
     guidance: float = typer.Option(3.0, help="classifier-free guidance scale"),
     seed: int = typer.Option(100, min=0, help="base seed of the held-out noise"),
-    threads: int = typer.Option(1, help="torch threads in every worker process"),
-    timed_pairs: int = typer.Option(None, help="batches each group times against the baseline (default 5; "
-                                               "all with --quick); dlm: timed repeats per row (default 5)"),
+    threads: int = typer.Option(1, min=1, help="torch threads in every worker process"),
+    timed_pairs: int = typer.Option(None, min=1, help="batches each group times against the baseline (default 5; "
+                                                      "all with --quick); dlm: timed repeats per row (default 5)"),
     budget: str = typer.Option("accuracy>=-1", help="dlm: the search row's budget (accuracy points from the uncached "
                                                     "sampler, or an absolute floor: accuracy>=95)"),
     resume: bool = typer.Option(False, help="continue the newest unfinished run of the same settings in --out"),
-    group_timeout: float = typer.Option(6 * 3600.0, help="seconds one group (a peer, one of our methods) may take"),
+    group_timeout: float = typer.Option(6 * 3600.0, min=1, help="seconds one group (a peer, a method) may take"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
 ) -> None:
     """Benchmark every diffaccel method, the peers and fewer-step baselines on one embedded model or
@@ -58,11 +58,11 @@ def bench(
 
     def job():
         nonlocal pipeline, prompts, weights
+        if not math.isfinite(guidance):  # before _t2i_inputs writes into --out
+            raise ValueError(f"--guidance must be a finite number, got {guidance}")
         adherence = model in T2I_MODELS and pipeline is None  # a t2i zoo model runs as its pipeline folder
         if adherence:
             (pipeline, prompts, adherence), weights = _t2i_inputs(model, weights, prompts, out), None
-        if not math.isfinite(guidance):
-            raise ValueError(f"--guidance must be a finite number, got {guidance}")
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
                           steps=steps or DEFAULT_STEPS,

@@ -104,6 +104,13 @@ def call_steps(tgt: Target, steps: int | None) -> int:
     return steps or DEFAULT_STEPS
 
 
+def quant_backend_for(quant: str | None, backend: str | None) -> str:
+    """``--quant-backend`` (fake by default), refused without ``--quant``: it would be ignored."""
+    if quant is None and backend is not None:
+        raise ValueError("--quant-backend goes with --quant (e.g. --quant w8a8 --quant-backend int8-dynamic)")
+    return backend or "fake"
+
+
 def parse_params(params: list[str] | None, **named: Any) -> dict:
     """Method settings from named options (None: not given) and ``--param key=value`` pairs (JSON values)."""
     settings = {k: v for k, v in named.items() if v is not None}

@@ -25,6 +25,7 @@ from diffaccel.cli.common import (
     app,
     call_steps,
     parse_params,
+    quant_backend_for,
     resolve_plan,
     run_guarded,
     setup,
@@ -86,9 +87,8 @@ def generate(
     weights: Path = WEIGHTS,
     threads: int = THREADS,
     quant: str = typer.Option(None, help="also quantize the model: w8a8, w4a8, ... (calibrated on first use)"),
-    quant_backend: str = typer.Option(None, help="with --quant: fake (the default; simulated, any width), int8 "
-                                                 "(calibrated scales, int8 matmuls) or int8-dynamic (fbgemm, fastest "
-                                                 "on a CPU); int8: W8A8"),
+    quant_backend: str = typer.Option(None, help="with --quant: fake (default; simulated, any width), int8 (W8A8, "
+                                                 "int8 matmuls) or int8-dynamic (fbgemm, fastest on a CPU)"),
     quant_per_step: bool = typer.Option(False, help="one activation scale per denoising step"),
     precision: Precision = PRECISION,
     parallel: ParallelMode = PARALLEL,
@@ -166,13 +166,12 @@ def _tag() -> str:
 def _whole_model(tgt, plan: Plan | None, calls: Any, quant: str | None, backend: str | None, per_step: bool,
                  precision: str | None) -> Plan | None:
     """``plan`` (or one that computes everything) with the command line's quantization and precision."""
-    if quant is None and backend is not None:
-        raise ValueError("--quant-backend goes with --quant (e.g. --quant w8a8 --quant-backend int8-dynamic)")
+    backend = quant_backend_for(quant, backend)
     if quant is None and precision is None:
         return plan
     plan = plan or identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "ptq" if quant else "precision"})
     if quant is not None:
-        plan = plan.with_quant(quant_spec(tgt.pipe, calls, quant, backend or "fake", per_step))
+        plan = plan.with_quant(quant_spec(tgt.pipe, calls, quant, backend, per_step))
     return plan if precision is None else Plan.from_dict({**plan.model_dump(), "precision": precision})
 
 

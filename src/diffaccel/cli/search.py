@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from diffaccel.calibration.workload import Workload
 from diffaccel.cli.common import (
     ANY_MODEL,
     ANY_STEPS,
@@ -20,6 +21,7 @@ from diffaccel.cli.common import (
     app,
     call_steps,
     fail,
+    quant_backend_for,
     run_guarded,
     setup,
     target,
@@ -29,6 +31,7 @@ from diffaccel.methods.ptq import quant_spec
 from diffaccel.search import SearchConfig, parse_budget, parse_duration
 from diffaccel.search import search as run_search
 from diffaccel.search.sizing import PROBE_STEPS, affordable_sizes
+from diffaccel.targets import Target
 
 
 class StrategyName(str, Enum):
@@ -140,17 +143,11 @@ def search(
     def job():
         setup(threads, guidance)
         quality = parse_budget("psnr>=30" if budget is None else budget).text
-        if quant is None and quant_backend is not None:
-            raise ValueError("--quant-backend goes with --quant (e.g. --quant w8a8 --quant-backend int8-dynamic)")
-        backend = quant_backend or "fake"
+        backend = quant_backend_for(quant, quant_backend)
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
-        num_steps = call_steps(tgt, steps)
-        probe = tgt.workload(PROBE_STEPS, guidance, 1, seed).with_steps(PROBE_STEPS)  # a prompt file's own too
-        calib, held = affordable_sizes(lambda: probe(tgt.pipe), num_steps,
-                                       limit, pairs, calib_per_class, heldout_per_class, _log)
-        calibrate = tgt.workload(num_steps, guidance, calib, seed)
-        heldout = tgt.workload(num_steps, guidance, held, 0, calibration=False)
+        calibrate, heldout = _workloads(tgt, call_steps(tgt, steps), guidance, seed, limit, pairs,
+                                        (calib_per_class, heldout_per_class))
         spec = quant_spec(tgt.pipe, calibrate, quant, backend) if quant is not None else None
         config = SearchConfig(budget=quality, objective=objective.value, seed=seed, strategy=strategy.value
                               if strategy else default_strategy(trials, bits, quant, backend),
@@ -166,6 +163,16 @@ def search(
              f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall']:.4g}, at "
              f"{s['calib_speedup_macs']:.2f}x fewer MACs; wrote it to {out / 'plan.json'}")
     typer.echo(summary_line(result.summary))
+
+
+def _workloads(tgt: Target, num_steps: int, guidance: float, seed: int, limit: float | None, pairs: int,
+               sizes: tuple[int | None, int | None]) -> tuple[Workload, Workload]:
+    """The calibration and held-out calls, as many per class or prompt as given or as the time limit affords
+    (timed on a short run: a prompt file's own steps are shortened too)."""
+    probe = tgt.workload(PROBE_STEPS, guidance, 1, seed).with_steps(PROBE_STEPS)
+    calib, held = affordable_sizes(lambda: probe(tgt.pipe), num_steps, limit, pairs, *sizes, _log)
+    return (tgt.workload(num_steps, guidance, calib, seed),
+            tgt.workload(num_steps, guidance, held, 0, calibration=False))
 
 
 def summary_line(s: dict) -> str:

@@ -35,6 +35,7 @@ from diffaccel.lm.pipeline import DLMPipeline
 from diffaccel.lm.tasks import Problem, check_mix, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
+from diffaccel.zoo.train import check_folder, check_numbers, json_object
 
 
 @dataclass
@@ -54,6 +55,35 @@ class TrainConfig:
     prompt_length: int = PROMPT_LENGTH
     answer_length: int = ANSWER_LENGTH
     mix: str = ""  # JSON task weights, e.g. {"add": 0.5, ...}; empty: tasks.TRAINING_MIX (shipped: SHIPPED_MIX)
+
+
+HELP = {
+    "steps": "optimizer steps of the whole run",
+    "batch": "problems per step",
+    "lr": "peak learning rate (linear warm-up, then cosine decay to a tenth)",
+    "warmup": "warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "ema_decay": "decay of the EMA weights that are exported (0 to 1)",
+    "block_fraction": "share of sequences trained block by block (block-causal attention; 0 to 1)",
+    "seed": "seed of every random draw (a run is reproducible from it)",
+    "checkpoint_every": "steps between checkpoints",
+    "eval_every": "steps between evaluations of the EMA weights (0: none during training)",
+    "time_limit_min": "stop, after a checkpoint, once this many minutes have passed (0: no limit)",
+    "overrides": "JSON object of model-config overrides (tiny models in tests)",
+    "prompt_length": "prompt tokens per sequence",
+    "answer_length": "answer tokens per sequence (>= 2)",
+    "mix": 'JSON task weights, e.g. {"add": 0.5, ...} (empty: the training mix)',
+}
+AT_LEAST = {"steps": 1, "batch": 1, "warmup": 0, "weight_decay": 0, "seed": 0, "checkpoint_every": 1,
+            "eval_every": 0, "time_limit_min": 0, "prompt_length": 1, "answer_length": 2, "threads": 0}
+
+
+def check_config(cfg: TrainConfig, threads: int = 0) -> None:
+    """Refuse settings that cannot train, before any folder is made or any work is done."""
+    check_numbers({**asdict(cfg), "threads": threads}, AT_LEAST, positive=("lr",),
+                  fractions=("ema_decay", "block_fraction"))
+    json_object("--overrides", cfg.overrides)
+    check_mix(json_object("--mix", cfg.mix) if cfg.mix else None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -187,18 +217,20 @@ def main(argv: list[str] | None = None) -> None:
     ``--time-limit-min``, ``--threads``, ``--overrides`` and the other ``TrainConfig`` fields."""
     parser = argparse.ArgumentParser(prog="diffaccel train --model dlm", description=__doc__.splitlines()[0])
     for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            help=HELP[f.name] + (f" (default: {f.default})" if f.default != "" else ""))
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, config, log.jsonl)")
     parser.add_argument("--export", type=Path, help="after training, write the EMA weights here")
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's default)")
     args = vars(parser.parse_args(argv))
     out, dest, resume, threads = args.pop("out"), args.pop("export"), args.pop("resume"), args.pop("threads")
+    cfg = TrainConfig(**args)
+    check_config(cfg, threads)  # bad numbers, a malformed --overrides or --mix fail here, before any work
+    check_folder("--out", out)
+    check_folder("--export", dest)
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(**args)
-    json.loads(cfg.overrides)  # a malformed --overrides or --mix fails here, before any work
-    check_mix(json.loads(cfg.mix) if cfg.mix else None)
     result = train(cfg, out, resume=resume)
     print(json.dumps({"step": result["step"], "loss_last": result["loss_last"][-5:]}))
     if dest:

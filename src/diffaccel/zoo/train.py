@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from diffaccel.zoo.evaluator import train_evaluator
 from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
 
 log = logging.getLogger("diffaccel")
+MODELS = ("dit", "unet", "evaluator")
+
 
 @dataclass
 class TrainConfig:
@@ -47,6 +50,77 @@ class TrainConfig:
     overrides: str = "{}"  # JSON of model-config overrides (tiny models in tests)
     device: str = "cpu"  # "cuda" trains on a GPU; the random draws stay on the CPU, seeded as above
     workers: int = 0  # processes that render training batches ahead (0 = render in the loop)
+
+
+HELP = {
+    "model": "dit or unet (the class-label denoisers), or evaluator (the classifier the quality metrics use)",
+    "steps": "optimizer steps of the whole run",
+    "batch": "images per step",
+    "lr": "peak learning rate (linear warm-up, then cosine decay to a tenth)",
+    "warmup": "warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "ema_decay": "decay of the EMA weights that are exported (0 to 1)",
+    "label_dropout": "share of labels replaced by the null class, for classifier-free guidance (0 to 1)",
+    "min_snr_gamma": "min-SNR loss weighting: the cap of the signal-to-noise ratio (> 0)",
+    "seed": "seed of every random draw (a run is reproducible from it)",
+    "checkpoint_every": "steps between checkpoints",
+    "time_limit_min": "stop, after a checkpoint, once this many minutes have passed (0: no limit)",
+    "stop_after": "stop after this step, keeping the schedule of --steps (0: run to --steps)",
+    "overrides": "JSON object of model-config overrides (tiny models in tests)",
+    "device": "cpu, or cuda to train on a GPU (the random draws stay on the CPU)",
+    "workers": "processes that render training batches ahead (0: render in the loop)",
+}
+AT_LEAST = {"steps": 1, "batch": 1, "warmup": 0, "weight_decay": 0, "seed": 0, "checkpoint_every": 1,
+            "time_limit_min": 0, "stop_after": 0, "workers": 0, "threads": 0}
+
+
+def check_numbers(values: dict[str, Any], at_least: dict[str, float], positive: tuple[str, ...] = (),
+                  fractions: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, a number out of its range: ``at_least`` maps names to minimums,
+    ``positive`` must be > 0, ``fractions`` lie in [0, 1]; every float must be finite."""
+    for name, value in values.items():
+        option = f"--{name.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{option} must be a finite number, got {value}")
+        if name in at_least and value < at_least[name]:
+            raise ValueError(f"{option} must be >= {at_least[name]:g}, got {value:g}")
+        if name in positive and value <= 0:
+            raise ValueError(f"{option} must be > 0, got {value:g}")
+        if name in fractions and not 0 <= value <= 1:
+            raise ValueError(f"{option} must be between 0 and 1, got {value:g}")
+
+
+def json_object(option: str, text: str) -> dict:
+    """``text`` read as the JSON object an option must hold; a one-line error naming the option if not."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option} must be a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, got {text!r}")
+    return value
+
+
+def check_folder(option: str, path: Path | None) -> None:
+    """Refuse a file standing where an output folder (or a folder above it) is to be made."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise ValueError(f"{option} {path}: a file stands where the output folder should be{where}; "
+                         f"choose another {option}")
+
+
+def check_config(cfg: TrainConfig, threads: int = 0) -> None:
+    """Refuse settings that cannot train, before any folder is made or any work is done."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+    check_numbers({**asdict(cfg), "threads": threads}, AT_LEAST, positive=("lr", "min_snr_gamma"),
+                  fractions=("ema_decay", "label_dropout"))
+    json_object("--overrides", cfg.overrides)
+    if not (cfg.device == "cpu" or cfg.device.split(":")[0] == "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (cuda:N), got {cfg.device!r}")
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA GPU is available; train with --device cpu")
 
 
 class Denoiser(torch.nn.Module):
@@ -219,18 +293,28 @@ def export(out: Path, dest: Path) -> None:
     (dest / "training.json").write_text(json.dumps({"steps": step, "config": asdict(cfg)}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffaccel train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for field, default in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default,
+                            choices=MODELS if field == "model" else None, help=f"{HELP[field]} (default: {default})")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, config)")
     parser.add_argument("--export", type=Path, help="after training, write the EMA weights here")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    args = vars(parser.parse_args(argv))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``--out`` run folder, ``--export`` weights folder and the ``TrainConfig`` fields."""
+    args = vars(_parser().parse_args(argv))
     out, dest, threads = args.pop("out"), args.pop("export"), args.pop("threads")
+    cfg = TrainConfig(**args)
+    check_config(cfg, threads)
+    check_folder("--out", out)
+    check_folder("--export", dest)
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(**args)
     if cfg.model == "evaluator":
         train_evaluator(out, seed=cfg.seed, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr)
         return

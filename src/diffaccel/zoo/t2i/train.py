@@ -29,6 +29,7 @@ from diffaccel.zoo.t2i.evaluator import CaptionClassifier, classifier_loss, expo
 from diffaccel.zoo.t2i.models import TextToImage, diffusion_loss
 from diffaccel.zoo.t2i.pipelines import write_pipeline
 from diffaccel.zoo.t2i.vae import build_vae, export_vae, load_latents, train_images, vae_loss
+from diffaccel.zoo.train import check_folder, check_numbers, json_object
 
 MODELS = ("vae", "pixart", "sd", "t2i_evaluator")
 DEFAULTS: dict[str, dict] = {
@@ -66,6 +67,48 @@ class TrainConfig:
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
         return cls(**{"model": model, **DEFAULTS[model], **changes})
+
+
+HELP = {
+    "model": "the part to train: vae (first), pixart or sd (denoisers), t2i_evaluator",
+    "steps": "optimizer steps of the whole run",
+    "batch": "images (or captions) per step",
+    "lr": "peak learning rate (linear warm-up, then cosine decay to a tenth)",
+    "warmup": "warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "ema_decay": "decay of the EMA weights that are exported (0 to 1)",
+    "seed": "seed of every random draw (a run is reproducible from it)",
+    "checkpoint_every": "steps between checkpoints",
+    "time_limit_min": "stop, after a checkpoint, once this many minutes have passed (0: no limit)",
+    "stop_after": "stop after this step, keeping the schedule of --steps (0: run to --steps)",
+    "overrides": "JSON object of config overrides of the trained model (tiny models in tests)",
+    "text_overrides": "denoisers: JSON object of text-encoder config overrides",
+    "kl_weight": "vae: weight of the KL term",
+    "caption_dropout": "denoisers: share of captions replaced by \"\" (the null condition; 0 to 1)",
+    "min_snr_gamma": "denoisers: min-SNR loss weighting, the cap of the signal-to-noise ratio (> 0)",
+    "vae": "denoisers: the exported VAE folder whose latents they learn",
+    "latents": "denoisers: cache file of the training split's latents",
+    "cache_items": "denoisers: training items in the latent cache (steps cycle through them)",
+}
+AT_LEAST = {"steps": 1, "batch": 1, "warmup": 0, "weight_decay": 0, "seed": 0, "checkpoint_every": 1,
+            "time_limit_min": 0, "stop_after": 0, "kl_weight": 0, "cache_items": 1, "threads": 0}
+
+
+def check_config(cfg: TrainConfig, threads: int = 0) -> None:
+    """Refuse settings that cannot train, before any folder is made or any work is done."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+    check_numbers({**asdict(cfg), "threads": threads}, AT_LEAST, positive=("lr", "min_snr_gamma"),
+                  fractions=("ema_decay", "caption_dropout"))
+    json_object("--overrides", cfg.overrides)
+    json_object("--text-overrides", cfg.text_overrides)
+
+
+def _help(field: str, default: object) -> str:
+    """An option's help and its default (per model where the models' defaults differ)."""
+    if any(field in d for d in DEFAULTS.values()):
+        default = ", ".join(f"{m} {DEFAULTS[m].get(field, default)}" for m in MODELS)
+    return f"{HELP[field]} (default: {default})"
 
 
 def build_task(cfg: TrainConfig) -> tuple[torch.nn.Module, Callable[[int, torch.Generator], torch.Tensor]]:
@@ -117,16 +160,17 @@ def export(out: Path, dest: Path) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="diffaccel train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in fields(TrainConfig):
         kind = {"int": int, "float": float, "str": str}[str(field.type)]
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
-                            choices=MODELS if field.name == "model" else None)
+                            choices=MODELS if field.name == "model" else None, help=_help(field.name, field.default))
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, settings)")
     parser.add_argument("--export", type=Path, help="after training, write the EMA weights here")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
     parser.add_argument("--export-only", action="store_true", help="export the run in --out without training")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's default)")
     return parser
 
 
@@ -134,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns the training summary (and what the export measured)."""
     args = vars(_parser().parse_args(argv))
     out, dest, resume, only, threads = (args.pop(k) for k in ("out", "export", "resume", "export_only", "threads"))
-    if threads:
-        torch.set_num_threads(threads)
+    check_folder("--out", out)
+    check_folder("--export", dest)
     given = {k: v for k, v in args.items() if v is not None}
     has_run = (out / loop.CHECKPOINT).exists()
     if has_run and not (resume or only):
@@ -146,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = TrainConfig(**{**asdict(saved_config(out)), "stop_after": 0, "time_limit_min": 0.0, **given})
     else:
         cfg = TrainConfig.for_model(given.pop("model", "pixart"), **given)
+    check_config(cfg, threads)
+    if threads:
+        torch.set_num_threads(threads)
     summary = {} if only else train(cfg, out)
     if summary:
         print(json.dumps(summary), flush=True)
