@@ -140,6 +140,9 @@ def test_a_prompt_files_own_steps_and_misspelt_arguments(monkeypatch, capsys, sd
                            "--steps", "8", "--out", tmp_path / "made.json")
     assert code == 0 and "num_inference_steps 3 on every line, which wins over --steps 8" in err
     assert Plan.load(tmp_path / "made.json").num_steps == 4
+    ok(monkeypatch, capsys, "plan", "make", "fora", "--pipeline", folder, "--steps", "6", "--out",
+       tmp_path / "static.json")  # a static method needs no prompts
+    assert Plan.load(tmp_path / "static.json").num_steps == 7
     typo = tmp_path / "typo.txt"
     typo.write_text(json.dumps({"prompt": "a red circle", "guidance": 7.5}) + "\n")
     assert "call 0 sets 'guidance', which StableDiffusionPipeline does not take (did you mean 'guidance_scale'?)" \

@@ -140,7 +140,7 @@ def resolve_plan(tgt: Target, steps: int, guidance: float, method: str | None, p
                      plan.num_steps)
         return plan
     if method:
-        calls = None if tgt.embedded else tgt.workload(steps, guidance, per_class=1)
+        calls = None if tgt.embedded or not tgt.calls else tgt.workload(steps, guidance, per_class=1)
         return build(method, tgt.pipe, steps, guidance=guidance, calls=calls, **settings)
     if settings:
         raise PlanError("method settings were given without --method")

@@ -27,6 +27,7 @@ from diffaccel.lm.plan import LM_METHODS
 from diffaccel.methods.registry import METHODS
 from diffaccel.plan import Plan
 from diffaccel.report.plan_view import render_plan
+from diffaccel.targets import Target, load_pipeline_folder
 
 plan_app = typer.Typer(help="Make and inspect plans.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
@@ -63,7 +64,11 @@ def plan_make(
     def job() -> None:
         setup(guidance=guidance)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
-        tgt = target(model, pipeline, prompts, sampler, weights)
+        static = method in METHODS and not METHODS[method].calibrated
+        if pipeline is not None and prompts is None and static:  # nothing to calibrate: no calls needed
+            tgt = Target(pipeline.name, load_pipeline_folder(pipeline), [], str(pipeline))
+        else:
+            tgt = target(model, pipeline, prompts, sampler, weights)
         resolve_plan(tgt, call_steps(tgt, steps), guidance, method, None, settings).save(out)
 
     run_guarded(job)
