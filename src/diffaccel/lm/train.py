@@ -35,7 +35,7 @@ from diffaccel.lm.pipeline import DLMPipeline
 from diffaccel.lm.tasks import Problem, check_mix, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
-from diffaccel.zoo.train import check_folder, check_numbers, json_object
+from diffaccel.zoo.train import COMMON_HELP, check_folder, check_numbers, json_object
 
 
 @dataclass
@@ -58,17 +58,10 @@ class TrainConfig:
 
 
 HELP = {
-    "steps": "optimizer steps of the whole run",
+    **COMMON_HELP,
     "batch": "problems per step",
-    "lr": "peak learning rate (linear warm-up, then cosine decay to a tenth)",
-    "warmup": "warm-up steps",
-    "weight_decay": "AdamW weight decay",
-    "ema_decay": "decay of the EMA weights that are exported (0 to 1)",
     "block_fraction": "share of sequences trained block by block (block-causal attention; 0 to 1)",
-    "seed": "seed of every random draw (a run is reproducible from it)",
-    "checkpoint_every": "steps between checkpoints",
     "eval_every": "steps between evaluations of the EMA weights (0: none during training)",
-    "time_limit_min": "stop, after a checkpoint, once this many minutes have passed (0: no limit)",
     "overrides": "JSON object of model-config overrides (tiny models in tests)",
     "prompt_length": "prompt tokens per sequence",
     "answer_length": "answer tokens per sequence (>= 2)",

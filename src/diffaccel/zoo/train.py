@@ -52,19 +52,24 @@ class TrainConfig:
     workers: int = 0  # processes that render training batches ahead (0 = render in the loop)
 
 
-HELP = {
-    "model": "dit or unet (the class-label denoisers), or evaluator (the classifier the quality metrics use)",
+COMMON_HELP = {  # the options every training recipe shares (lm and t2i import them)
     "steps": "optimizer steps of the whole run",
-    "batch": "images per step",
     "lr": "peak learning rate (linear warm-up, then cosine decay to a tenth)",
     "warmup": "warm-up steps",
     "weight_decay": "AdamW weight decay",
     "ema_decay": "decay of the EMA weights that are exported (0 to 1)",
-    "label_dropout": "share of labels replaced by the null class, for classifier-free guidance (0 to 1)",
-    "min_snr_gamma": "min-SNR loss weighting: the cap of the signal-to-noise ratio (> 0)",
     "seed": "seed of every random draw (a run is reproducible from it)",
     "checkpoint_every": "steps between checkpoints",
     "time_limit_min": "stop, after a checkpoint, once this many minutes have passed (0: no limit)",
+}
+
+
+HELP = {
+    **COMMON_HELP,
+    "model": "dit or unet (the class-label denoisers), or evaluator (the classifier the quality metrics use)",
+    "batch": "images per step",
+    "label_dropout": "share of labels replaced by the null class, for classifier-free guidance (0 to 1)",
+    "min_snr_gamma": "min-SNR loss weighting: the cap of the signal-to-noise ratio (> 0)",
     "stop_after": "stop after this step, keeping the schedule of --steps (0: run to --steps)",
     "overrides": "JSON object of model-config overrides (tiny models in tests)",
     "device": "cpu, or cuda to train on a GPU (the random draws stay on the CPU)",

@@ -29,7 +29,7 @@ from diffaccel.zoo.t2i.evaluator import CaptionClassifier, classifier_loss, expo
 from diffaccel.zoo.t2i.models import TextToImage, diffusion_loss
 from diffaccel.zoo.t2i.pipelines import write_pipeline
 from diffaccel.zoo.t2i.vae import build_vae, export_vae, load_latents, train_images, vae_loss
-from diffaccel.zoo.train import check_folder, check_numbers, json_object
+from diffaccel.zoo.train import COMMON_HELP, check_folder, check_numbers, json_object
 
 MODELS = ("vae", "pixart", "sd", "t2i_evaluator")
 DEFAULTS: dict[str, dict] = {
@@ -70,16 +70,9 @@ class TrainConfig:
 
 
 HELP = {
+    **COMMON_HELP,
     "model": "the part to train: vae (first), pixart or sd (denoisers), t2i_evaluator",
-    "steps": "optimizer steps of the whole run",
     "batch": "images (or captions) per step",
-    "lr": "peak learning rate (linear warm-up, then cosine decay to a tenth)",
-    "warmup": "warm-up steps",
-    "weight_decay": "AdamW weight decay",
-    "ema_decay": "decay of the EMA weights that are exported (0 to 1)",
-    "seed": "seed of every random draw (a run is reproducible from it)",
-    "checkpoint_every": "steps between checkpoints",
-    "time_limit_min": "stop, after a checkpoint, once this many minutes have passed (0: no limit)",
     "stop_after": "stop after this step, keeping the schedule of --steps (0: run to --steps)",
     "overrides": "JSON object of config overrides of the trained model (tiny models in tests)",
     "text_overrides": "denoisers: JSON object of text-encoder config overrides",
