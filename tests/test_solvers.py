@@ -8,9 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 import diffaccel
 from diffaccel import methods
+from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import as_workload
@@ -60,6 +62,33 @@ def test_the_same_sampler_as_the_pipeline_reproduces_it_and_caching_composes(pip
     with diffaccel.accelerate(pipe, plan) as run:
         assert torch.isfinite(call(pipe, steps=50)).all()
     assert run.stats.macs < run.stats.full_macs and run.stats.steps == 5
+
+
+def test_a_solver_keeps_the_pipelines_own_settings_and_passes_eta_through_its_wrappers():
+    """A stock DiT pipeline's DDIM clips its samples (the default it was saved with): the plan's DDIM
+    at the same steps reproduces it; eta reaches DDIM through fitted coefficients and an informed start."""
+    pipe, call_args = build_case("dit")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # clip_sample: the default, True
+
+    def run(eta: float | None = None):
+        extra = {} if eta is None else {"eta": eta}
+        return pipe(**call_args, generator=torch.Generator().manual_seed(0), output_type="np", **extra).images
+
+    base = run()
+    def stock_solver(stock, **spec) -> Plan:
+        return identity_plan(find_denoiser(stock)[0]).model_copy(update={"solver": SolverSpec(**spec)})
+
+    with diffaccel.accelerate(pipe, stock_solver(pipe, name="ddim", steps=call_args["num_inference_steps"])):
+        assert (run() == base).all()
+    sd, sd_call = build_case("sd-ddim-eta")
+    for spec in ({"coefficients": [[0.0] * n for n in (2, 3, 4, 4)]}, {"start": 0.5}):
+        plan = stock_solver(sd, name="ddim", steps=4, **spec)
+        outputs = []
+        for eta in (0.0, 1.0):
+            with diffaccel.accelerate(sd, plan):
+                outputs.append(sd(**{**sd_call, "eta": eta}, generator=torch.Generator().manual_seed(0),
+                                  output_type="pt").images)
+        assert not torch.equal(*outputs), spec  # eta=1 adds noise: it was silently dropped
 
 
 def test_an_informed_start_costs_one_evaluation_more_and_is_deterministic(pipes):

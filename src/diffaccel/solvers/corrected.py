@@ -12,6 +12,7 @@ squares, step by step). All-zero weights give the plain solver back exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -44,6 +45,12 @@ class Fitter(Protocol):
         ``next_timestep`` (None: the last step, the clean sample)."""
 
 
+def show_inner_step(wrapper: Any) -> None:
+    """Give ``wrapper.step`` the wrapped scheduler's signature: pipelines pass ``eta`` and
+    ``generator`` only to a ``step`` whose signature names them, and ``(*args, **kwargs)`` does not."""
+    wrapper.step = functools.wraps(wrapper.inner.step)(functools.partial(type(wrapper).step, wrapper))
+
+
 class Corrected:
     """Wraps a scheduler: after each of its steps, adds ``sum_k w[i][k] * basis_k`` to its output,
     where ``basis`` is the step's input sample and its newest data predictions. ``weights`` is one
@@ -53,6 +60,7 @@ class Corrected:
     def __init__(self, inner: Any, weights: Sequence[Sequence[float]] | None = None, fitter: Fitter | None = None):
         self.inner, self._rows, self._fitter = inner, weights, fitter
         self._index, self._history = 0, []
+        show_inner_step(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

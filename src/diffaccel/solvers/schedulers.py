@@ -18,7 +18,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from diffaccel.errors import PlanError
-from diffaccel.solvers.corrected import Corrected, data_prediction
+from diffaccel.solvers.corrected import Corrected, data_prediction, show_inner_step
 from diffaccel.solvers.evodiff import EVODiffScheduler
 from diffaccel.solvers.spec import SolverSpec
 
@@ -42,10 +42,15 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; this pipeline's "
                         f"{type(base).__name__} has none: leave the plan's solver out for it")
     cls, extra = CLASSES[spec.name]
+    if "clip_sample" in config:  # the pipeline's own DDIM setting (a default for other schedulers' configs)
+        extra = {k: v for k, v in extra.items() if k != "clip_sample"}
     if spec.spacing is not None:
         extra = {**extra, "timestep_spacing": spec.spacing}
     known = inspect.signature(cls.__init__).parameters  # the pipeline's scheduler may carry other keys
-    scheduler = cls.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")}, **extra)
+    # every value as the pipeline's scheduler runs it: diffusers' "_use_default_values" would make the new
+    # class fall back to its own defaults for them (linspace spacing under a PNDM whose "leading" is a default)
+    kept = {k: v for k, v in config.items() if (k in known or k.startswith("_")) and k != "_use_default_values"}
+    scheduler = cls.from_config(kept, **extra)
     if spec.bottleneck is not None:
         return Bottleneck(scheduler, spec)
     if spec.start < 1:
@@ -90,6 +95,7 @@ class InformedStart:
         self.inner, self.spec = inner, spec
         self.timesteps = inner.timesteps
         self._jump, self._target = False, 0
+        show_inner_step(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -130,6 +136,7 @@ class Bottleneck:
         self.inner, self.spec = inner, spec
         self.timesteps = inner.timesteps
         self._index, self._noise = 0, None
+        show_inner_step(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
