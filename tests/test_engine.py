@@ -232,6 +232,10 @@ def test_bad_plan_files_are_rejected_with_what_is_wrong(pipes, tmp_path):
     with pytest.raises(PlanError, match="is a folder: give the plan file in it"):
         Plan.load(tmp_path)
     assert Plan.load(good.save(tmp_path / "new" / "folder" / "plan.json")) == good  # the folders are made
+    unsaved = good.model_copy(update={"num_steps": 7})  # model_copy does not validate; save does
+    with pytest.raises(PlanError, match="schedule has 6 steps but num_steps is 7"):
+        unsaved.save(tmp_path / "unsaved.json")
+    assert not (tmp_path / "unsaved.json").exists()
     lm_plan = tmp_path / "lm.json"
     lm_plan.write_text(json.dumps({"version": 1, "kind": "dlm", "method": "none"}))
     with pytest.raises(PlanError, match="is an LM plan file, not an image plan file: read it with diffaccel.LMPlan"):

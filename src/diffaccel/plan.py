@@ -288,9 +288,10 @@ class Plan(_Strict):
         return self.model_dump_json(indent=2, exclude_none=True)
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan; a quantization section's calibration file is copied beside it (as
+        """Write the plan, if valid; a quantization section's calibration file is copied beside it (as
         ``<name>.calibration.safetensors``) and named relative to it, so the folder travels whole."""
         path = Path(path)
+        Plan.from_dict(self.model_dump())  # a plan edited with model_copy (unvalidated) that load would refuse
         path.parent.mkdir(parents=True, exist_ok=True)
         plan = self
         if self.quant is not None:
