@@ -115,6 +115,18 @@ def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
         with diffaccel.accelerate(flux, plan):
             pass
     assert flux.scheduler is scheduler and untouched(pipe.denoiser) and untouched(flux.transformer)
+    own = pipe.scheduler
+    for spec, message in (({"name": "unipc", "steps": 1000}, "1000-step schedule, more than half"),
+                          ({"name": "ddim", "steps": 10, "start": 0.001}, "10000-step schedule.*or start later"),
+                          ({"name": "ddim", "steps": 6, "bottleneck": (2, 2, 2), "scale": 3},
+                           "bottleneck scale 3 does not divide")):
+        with pytest.raises(PlanError, match=message):
+            with diffaccel.accelerate(pipe, with_solver(pipe, **spec)):
+                call(pipe, steps=6)
+        assert pipe.scheduler is own and untouched(pipe.denoiser)
+    fora = methods.fora(pipe, 4, 2).model_copy(update={"solver": SolverSpec(name="unipc", steps=4)})
+    with pytest.raises(PlanError, match="solver section runs unipc 4 whatever steps.*not resampled"):
+        fora.resample(6)
 
 
 def test_budgets_can_bound_the_tail():

@@ -248,6 +248,10 @@ class Plan(_Strict):
             raise PlanError(f"a plan needs at least one step, got {num_steps!r}")
         if self.step_free or self.num_steps == num_steps:
             return self
+        if self.solver is not None:
+            raise PlanError(f"this plan's solver section runs {self.solver.label} whatever steps the pipeline asks "
+                            "for, and its schedule follows those steps: it is not resampled; make the plan (or "
+                            "search it) for the other step count")
         if self.guidance is not None:
             raise PlanError(f"this plan's guidance prediction was fitted for {self.num_steps} steps: fit it "
                             f"again for {num_steps} steps")

@@ -51,6 +51,11 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
     # class fall back to its own defaults for them (linspace spacing under a PNDM whose "leading" is a default)
     kept = {k: v for k, v in config.items() if (k in known or k.startswith("_")) and k != "_use_default_values"}
     scheduler = cls.from_config(kept, **extra)
+    planned, timesteps = round(spec.steps / spec.start), len(scheduler.alphas_cumprod)
+    if planned > timesteps // 2:  # past it, multistep solvers repeat timesteps (NaN) and leading spacing overflows
+        raise PlanError(f"the solver's {spec.steps} steps" + (f" from {spec.start:g}" if spec.start < 1 else "")
+                        + f" make a {planned}-step schedule, more than half of this noise schedule's {timesteps} "
+                        "timesteps: run fewer steps" + (" or start later" if spec.start < 1 else ""))
     if spec.bottleneck is not None:
         return Bottleneck(scheduler, spec)
     if spec.start < 1:
@@ -158,6 +163,9 @@ class Bottleneck:
         x0 = data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
         full = self._noise.shape[-2:]
         if i == first - 1:  # down
+            if full[0] % self.spec.scale or full[1] % self.spec.scale:
+                raise PlanError(f"bottleneck scale {self.spec.scale} does not divide this run's latent size "
+                                f"{full[0]}x{full[1]}: choose a scale that does (or another image size)")
             size = (full[0] // self.spec.scale, full[1] // self.spec.scale)
             x0 = F.interpolate(x0, size=size, mode="area")
             noise = F.interpolate(self._noise, size=size, mode="area") * self.spec.scale
