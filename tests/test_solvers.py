@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 import diffaccel
 from diffaccel import methods
@@ -114,6 +114,15 @@ def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
     with pytest.raises(PlanError, match="noise-schedule"):
         with diffaccel.accelerate(flux, plan):
             pass
+    pipe_flow, _ = build_case("user-pipeline")
+    own_scheduler = pipe_flow.scheduler
+    pipe_flow.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    flow_plan = identity_plan(find_denoiser(pipe_flow)[0]).model_copy(
+        update={"solver": SolverSpec(name="unipc", steps=4)})
+    with pytest.raises(PlanError, match="noise-schedule"):  # flow sigmas on a betas scheduler's config
+        with diffaccel.accelerate(pipe_flow, flow_plan):
+            pass
+    pipe_flow.scheduler = own_scheduler
     assert flux.scheduler is scheduler and untouched(pipe.denoiser) and untouched(flux.transformer)
     own = pipe.scheduler
     for spec, message in (({"name": "unipc", "steps": 1000}, "1000-step schedule, more than half"),

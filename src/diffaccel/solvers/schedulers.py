@@ -38,7 +38,8 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
     ``spec.steps`` steps (whatever the pipeline asks for); with ``spec.start`` < 1 it is wrapped in
     an ``InformedStart``, with ``spec.coefficients`` in a ``Corrected``."""
     config = dict(base.config)
-    if "beta_schedule" not in config and "trained_betas" not in config:
+    flow = config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
+    if flow or ("beta_schedule" not in config and "trained_betas" not in config):
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; this pipeline's "
                         f"{type(base).__name__} has none: leave the plan's solver out for it")
     cls, extra = CLASSES[spec.name]
