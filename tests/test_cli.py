@@ -119,6 +119,9 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
     assert record["speedup_macs"] == pytest.approx(2.0, rel=0.01) and record["speedup_macs_executor"] == 1
     assert record["baseline"]["macs_per_image"] / record["macs_per_image"] == pytest.approx(record["speedup_macs"])
     assert "2.00x MACs" in result.output
+    assert (record["sampler"], record["steps"], record["baseline_sampler"], record["baseline_steps"]) == \
+        ("unipc", 5, "ddim", 10)  # what ran, not the command's --steps
+    assert "5 unipc steps" in result.output
     alone = run(*args, "--out", str(tmp_path / "alone"))  # no baseline run: no claim of a speedup
     assert alone.exit_code == 0, alone.output
     assert "speedup_macs" not in json.loads((tmp_path / "alone" / "record.json").read_text())
@@ -142,6 +145,16 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
 def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path):
     result = run("generate", "--steps", "2", "--per-class", "1", "--out", str(tmp_path), *args)
     assert_clean_error(result, *fragments)
+
+
+def test_the_language_model_refuses_several_processes_and_an_empty_row_list(run, monkeypatch, tmp_path):
+    assert_clean_error(run("generate", "--model", "dlm", "--parallel", "cfg", "--out", str(tmp_path / "g")),
+                       "--model dlm runs in one process")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    assert_clean_error(run("search", "--model", "dlm", "--out", str(tmp_path / "s")), "runs in one process")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert_clean_error(run("bench", "--model", "dlm", "--only", "", "--out", str(tmp_path / "b")), "--only is empty")
+    assert not any(tmp_path.iterdir())
 
 
 @requires_weights

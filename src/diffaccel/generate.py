@@ -250,6 +250,9 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
         "seconds": fast_seconds if plan is not None else base_seconds,
         "threads": torch.get_num_threads(),
     }
+    if plan is not None and plan.solver is not None:  # the plan's sampler ran, at its own steps
+        record.update(sampler=plan.solver.name, steps=plan.solver.steps, baseline_sampler=record["sampler"],
+                      baseline_steps=record["steps"])
     if target.embedded:
         record["classes"] = [shapes.CLASSES[c] for c in ids]
         record.update(target.evaluator.score(main, _labels(calls)), fd_samples=n)

@@ -6,12 +6,23 @@ import json
 import math
 from pathlib import Path
 
+import torch
 import typer
 
 from diffaccel.bench import BenchConfig, load_results, run_bench
 from diffaccel.bench.report import summary_lines, write_report
 from diffaccel.bench.sweeps import read_sweep
-from diffaccel.cli.common import ANY_MODEL, ANY_STEPS, DEFAULT_STEPS, PIPELINE, PROMPTS, SamplerName, app, run_guarded
+from diffaccel.cli.common import (
+    ANY_MODEL,
+    ANY_STEPS,
+    DEFAULT_STEPS,
+    PIPELINE,
+    PROMPTS,
+    SamplerName,
+    app,
+    fail,
+    run_guarded,
+)
 from diffaccel.cli.lm import LM_MODEL, lm_bench
 from diffaccel.targets import T2I_MODELS, in_caption_language, read_prompts, t2i_default_calls, t2i_folder
 from diffaccel.zoo.t2i.pipelines import PIXART_CALL
@@ -51,9 +62,8 @@ def bench(
     and report.html. ``--model dlm``: every LM method and the plan searched under ``--budget``,
     against the uncached sampler on held-out problems (results.json, results.md)."""
     if model == LM_MODEL and pipeline is None:
-        rows = [n.strip() for n in only.split(",") if n.strip()] if only is not None else None
-        _bench_lm(out, budget, per_class or (5 if quick else 100), timed_pairs or (1 if quick else 5), steps, rows,
-                  weights)
+        _bench_lm(out, budget, per_class or (5 if quick else 100), timed_pairs or (1 if quick else 5), steps, only,
+                  weights, threads)
         return
 
     def job():
@@ -88,8 +98,12 @@ def _print_summary(path: Path, out: Path) -> None:
     typer.echo(f"wrote {path}, {out / 'results.md'} and {out / 'report.html'}")
 
 
-def _bench_lm(out: Path, budget: str, per_task: int, repeats: int, steps: int | None, rows: list[str] | None,
-              weights: Path | None) -> None:
+def _bench_lm(out: Path, budget: str, per_task: int, repeats: int, steps: int | None, only: str | None,
+              weights: Path | None, threads: int) -> None:
+    rows = [n.strip() for n in only.split(",") if n.strip()] if only is not None else None
+    if rows == []:
+        fail("--only is empty: name the rows to run (or leave --only out for all)")
+    torch.set_num_threads(threads)  # the LM bench runs in this process
     record = run_guarded(lambda: lm_bench(out, budget, per_task, repeats, steps, rows, weights))
     typer.echo(f"accuracy of the uncached sampler {record['rows'][0]['baseline_accuracy']:.1f} %")
     for row in record["rows"]:

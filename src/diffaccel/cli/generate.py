@@ -101,13 +101,12 @@ def generate(
         setup(threads, guidance)
         tag_logging(init())
         if model == LM_MODEL and pipeline is None:
-            settings = parse_params(param)  # refresh_every, window, block_size: --param key=value
-            lm_generate(out, lm_plan(method, plan, settings), steps, per_class, compare, 3, weights, save_plan)
+            lm = lm_plan(method, plan, parse_params(param))  # refresh_every, window, block_size: --param key=value
+            lm_generate(out, lm, steps, per_class, compare, 3, weights, save_plan, parallel)
             return None
         names = _class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
-        if plan is not None:
-            Plan.load(plan)  # a broken plan file fails before any model is loaded
+        _ = Plan.load(plan) if plan is not None else None  # a broken plan file fails before any model loads
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = call_steps(tgt, steps)
         cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,

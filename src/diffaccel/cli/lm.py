@@ -9,6 +9,7 @@ second, written to ``record.json`` (and ``answers.jsonl``) in ``--out``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,18 @@ def lm_plan(method: str | None, plan_file: Path | None, settings: dict[str, Any]
     return make_lm_plan(method, **settings)
 
 
+def one_process(parallel: Any = None) -> None:
+    """The language model runs in one process: several (torchrun) would each run the whole job and
+    write the same files."""
+    if parallel is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--model dlm runs in one process: drop --parallel and torchrun")
+
+
 def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int, compare: bool, repeats: int,
-                weights: Path | None, save_plan: Path | None) -> dict:
+                weights: Path | None, save_plan: Path | None, parallel: Any = None) -> dict:
     """Answer ``per_task`` held-out problems of every task (with ``plan``); with ``compare``, against
     the uncached sampler on the same problems, interleaved. Writes record.json and answers.jsonl."""
+    one_process(parallel)
     if compare and plan is None:
         raise ValueError("--compare needs a plan to compare with the uncached sampler: give --method or --plan")
     pipe = load_dlm(weights)
@@ -73,6 +82,7 @@ def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int
 
 def lm_search(out: Path, budget: str, steps: int | None, objective: str, weights: Path | None) -> LMPlan:
     """The fastest LM plan within ``budget`` (``accuracy>=-1``: one point below the uncached sampler)."""
+    one_process()
     pipe = load_dlm(weights)
     plan = search_lm(pipe, budget, steps=steps, objective="wall" if objective == "latency" else "macs")
     out.mkdir(parents=True, exist_ok=True)
