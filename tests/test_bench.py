@@ -225,6 +225,7 @@ def test_report_command_rerenders_from_saved_results(tiny_run, tmp_path, monkeyp
     (lambda text: text[: len(text) // 2], ["truncated"]),
     (lambda text: json.dumps({**json.loads(text), "format_version": 999}), ["format_version 999", "rerun"]),
     (lambda text: json.dumps({"rows": []}), ["not a diffaccel bench results file"]),
+    (lambda text: json.dumps({"model": "dlm", "rows": []}), ["the language model's bench", "results.md"]),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "baseline"}), ["baseline"]),
     (lambda text: json.dumps({**json.loads(text), "baseline": {**json.loads(text)["baseline"],
                                                                "grid": "nowhere/missing.png"}}), ["missing"]),

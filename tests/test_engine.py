@@ -238,7 +238,8 @@ def test_bad_plan_files_are_rejected_with_what_is_wrong(pipes, tmp_path):
     assert not (tmp_path / "unsaved.json").exists()
     lm_plan = tmp_path / "lm.json"
     lm_plan.write_text(json.dumps({"version": 1, "kind": "dlm", "method": "none"}))
-    with pytest.raises(PlanError, match="is an LM plan file, not an image plan file: read it with diffaccel.LMPlan"):
+    with pytest.raises(PlanError, match=r"an LM plan file, not an image plan file: read it with "
+                                        r"diffaccel.LMPlan.load \(command line: --model dlm --plan\)"):
         Plan.load(lm_plan)
 
 

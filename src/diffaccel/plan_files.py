@@ -13,8 +13,8 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 # the field only one kind of plan file holds, and how to read that kind
-OWN_FIELD = {"plan": ("adapter", "an image plan", "diffaccel.Plan.load"),
-             "LM plan": ("kind", "an LM plan", "diffaccel.LMPlan.load")}
+OWN_FIELD = {"plan": ("adapter", "an image plan", "diffaccel.Plan.load (command line: an image model's --plan)"),
+             "LM plan": ("kind", "an LM plan", "diffaccel.LMPlan.load (command line: --model dlm --plan)")}
 
 
 def read_plan_json(path: Path, what: str, version: int, error: type[Exception]) -> dict:

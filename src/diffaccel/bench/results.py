@@ -148,6 +148,8 @@ def load_results(path: Path) -> Results:
         text = path.read_text()
     except FileNotFoundError:
         raise BenchError(f"results file {path} does not exist") from None
+    except IsADirectoryError:
+        raise BenchError(f"{path} is a folder: give the results.json in it ({path / 'results.json'})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BenchError(f"cannot read results file {path}: {exc}") from None
     try:
@@ -155,6 +157,9 @@ def load_results(path: Path) -> Results:
     except json.JSONDecodeError as exc:
         raise BenchError(f"results file {path} is truncated or not valid JSON ({exc.msg} at line {exc.lineno}); "
                          "rerun `diffaccel bench`") from None
+    if isinstance(data, dict) and data.get("model") == "dlm" and "rows" in data:
+        raise BenchError(f"{path} is the language model's bench: its report is the results.md beside it "
+                         "(`diffaccel report` renders the image benches)")
     if not isinstance(data, dict) or "format_version" not in data:
         raise BenchError(f"{path} is not a diffaccel bench results file (no format_version)")
     if data["format_version"] != FORMAT_VERSION:
