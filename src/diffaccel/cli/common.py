@@ -156,7 +156,7 @@ def run_guarded(fn: Callable[..., Any], *args: Any, out_dir: Path | None = None,
     except (DiffaccelError, ValueError, OSError) as exc:
         if fresh and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
             Path(out_dir).rmdir()
-        fail(os_message(exc) if isinstance(exc, OSError) and not isinstance(exc, DiffaccelError) else str(exc))
+        fail(os_message(exc) if isinstance(exc, OSError) else str(exc))
 
 
 def os_message(exc: OSError) -> str:

@@ -35,7 +35,7 @@ from diffaccel.lm.pipeline import DLMPipeline
 from diffaccel.lm.tasks import Problem, check_mix, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
-from diffaccel.zoo.train import COMMON_HELP, check_folder, check_numbers, json_object
+from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, json_object
 
 
 @dataclass

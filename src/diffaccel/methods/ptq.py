@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import activation_ranges
@@ -29,6 +29,7 @@ from diffaccel.fingerprint import fingerprint
 from diffaccel.methods.base import Method, Settings
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
+from diffaccel.plan_files import validated
 from diffaccel.quant.apply import layer_bits
 from diffaccel.quant.calibrate import Calibration, quantizable
 from diffaccel.quant.spec import FULL_PRECISION, QuantSpec, parse_bits
@@ -81,11 +82,8 @@ def quant_spec(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: 
     model, _ = find_denoiser(pipe)
     merged = {**default_overrides(weight_bits, model), **(overrides or {})}
     fields = dict(weight_bits=weight_bits, act_bits=act_bits, backend=backend, per_step=per_step, overrides=merged)
-    try:
-        checked = QuantSpec(**fields, calibration="-")  # settings first: a bad one fails before calibrating
-    except ValidationError as exc:
-        raise MethodError("; ".join((f"{e['loc'][0]}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
-                                    for e in exc.errors())) from None
+    # settings first: a bad one fails before calibrating
+    checked = validated(QuantSpec, {**fields, "calibration": "-"}, "quantization settings", MethodError)
     layer_bits(checked, list(quantizable(model)), dict(model.named_modules()))  # every pattern names a layer
     path = calibration_for(pipe, as_workload(calls, pipe), act_bits, calibration, progress)
     return QuantSpec(**fields, calibration=str(path))

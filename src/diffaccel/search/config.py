@@ -190,6 +190,6 @@ def configured(config: SearchConfig | None, options: dict[str, Any]) -> SearchCo
                  for key in unknown for close in [difflib.get_close_matches(key, names, 1, cutoff=0.5)]]
         raise SearchError(f"unknown search setting {', '.join(hints)}; the settings are {', '.join(names)}")
     limit = options.get("time_limit")
-    if isinstance(limit, str) or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit == 0):
+    if isinstance(limit, str) or (limit == 0 and not isinstance(limit, bool)):
         options = {**options, "time_limit": parse_duration(str(limit))}
     return replace(config or SearchConfig(), **options)

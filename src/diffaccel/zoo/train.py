@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from diffaccel.zoo import checkpoint, shapes
 from diffaccel.zoo.evaluator import train_evaluator
 from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
+from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, json_object
 
 log = logging.getLogger("diffaccel")
 MODELS = ("dit", "unet", "evaluator")
@@ -52,18 +52,6 @@ class TrainConfig:
     workers: int = 0  # processes that render training batches ahead (0 = render in the loop)
 
 
-COMMON_HELP = {  # the options every training recipe shares (lm and t2i import them)
-    "steps": "optimizer steps of the whole run",
-    "lr": "peak learning rate (linear warm-up, then cosine decay to a tenth)",
-    "warmup": "warm-up steps",
-    "weight_decay": "AdamW weight decay",
-    "ema_decay": "decay of the EMA weights that are exported (0 to 1)",
-    "seed": "seed of every random draw (a run is reproducible from it)",
-    "checkpoint_every": "steps between checkpoints",
-    "time_limit_min": "stop, after a checkpoint, once this many minutes have passed (0: no limit)",
-}
-
-
 HELP = {
     **COMMON_HELP,
     "model": "dit or unet (the class-label denoisers), or evaluator (the classifier the quality metrics use)",
@@ -77,42 +65,6 @@ HELP = {
 }
 AT_LEAST = {"steps": 1, "batch": 1, "warmup": 0, "weight_decay": 0, "seed": 0, "checkpoint_every": 1,
             "time_limit_min": 0, "stop_after": 0, "workers": 0, "threads": 0}
-
-
-def check_numbers(values: dict[str, Any], at_least: dict[str, float], positive: tuple[str, ...] = (),
-                  fractions: tuple[str, ...] = ()) -> None:
-    """Refuse, before any work, a number out of its range: ``at_least`` maps names to minimums,
-    ``positive`` must be > 0, ``fractions`` lie in [0, 1]; every float must be finite."""
-    for name, value in values.items():
-        option = f"--{name.replace('_', '-')}"
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{option} must be a finite number, got {value}")
-        if name in at_least and value < at_least[name]:
-            raise ValueError(f"{option} must be >= {at_least[name]:g}, got {value:g}")
-        if name in positive and value <= 0:
-            raise ValueError(f"{option} must be > 0, got {value:g}")
-        if name in fractions and not 0 <= value <= 1:
-            raise ValueError(f"{option} must be between 0 and 1, got {value:g}")
-
-
-def json_object(option: str, text: str) -> dict:
-    """``text`` read as the JSON object an option must hold; a one-line error naming the option if not."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{option} must be a JSON object, got {text!r} ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{option} must be a JSON object, got {text!r}")
-    return value
-
-
-def check_folder(option: str, path: Path | None) -> None:
-    """Refuse a file standing where an output folder (or a folder above it) is to be made."""
-    existing = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
-    if existing is not None and not existing.is_dir():
-        where = "" if existing == path else f" ({existing} is a file)"
-        raise ValueError(f"{option} {path}: a file stands where the output folder should be{where}; "
-                         f"choose another {option}")
 
 
 def check_config(cfg: TrainConfig, threads: int = 0) -> None:

@@ -29,7 +29,7 @@ from diffaccel.zoo.t2i.evaluator import CaptionClassifier, classifier_loss, expo
 from diffaccel.zoo.t2i.models import TextToImage, diffusion_loss
 from diffaccel.zoo.t2i.pipelines import write_pipeline
 from diffaccel.zoo.t2i.vae import build_vae, export_vae, load_latents, train_images, vae_loss
-from diffaccel.zoo.train import COMMON_HELP, check_folder, check_numbers, json_object
+from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, json_object
 
 MODELS = ("vae", "pixart", "sd", "t2i_evaluator")
 DEFAULTS: dict[str, dict] = {
