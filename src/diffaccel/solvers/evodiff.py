@@ -1,63 +1,79 @@
 """EVODiff (entropy-aware variance-optimized diffusion inference) as a diffusers scheduler.
 
-A second-order multistep solver in the data-prediction parameterisation (as DPM-Solver++), whose
-free coefficients are chosen to reduce the conditional variance of each update without reference
-data:
+A multistep predictor-corrector solver in the data-prediction parameterisation (the paper's first
+insight: data prediction reduces the conditional entropy better than noise prediction) whose free
+coefficients are chosen to minimise the conditional variance of the update, without reference data
+(its second insight). The update over a step of log-SNR size ``h`` is the exponential integrator
 
-* the difference term ``D = m_0 - r m_1`` of two consecutive data predictions takes ``r`` between
-  the schedule's own ratio and the projection ``<m_0, m_1> / <m_1, m_1>`` (per sample and channel),
-  which minimises ``Var(D)``: the projection weighs more late in sampling, where predictions settle;
-* the predictor's step ratio is scaled by a bounded function of that balance;
-* after the next model evaluation (no extra one), a corrector combines the previous and the new
-  difference terms with weights again chosen by projections (the "eta" and "zeta" factors), the
-  way UniPC corrects with the newest evaluation.
+    x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) m_s + alpha_t phi2(h) D,   phi2 = (h - 1 + e^-h) / h
 
-The last step is first order and returns the final data prediction. Works with epsilon-, v- and
-sample-prediction models on any betas schedule diffusers knows (it borrows DDIM's schedule and
-timestep spacing). Written from the paper's description and its published sampler for EDM models;
-on the VP schedules here the corrector is kept to steps of similar log-SNR size (``CORRECTED_RATIOS``).
+where ``D`` estimates ``h`` times the data prediction's slope. Two estimates are at hand without an
+extra evaluation: the backward difference of the last two predictions (rescaled to the step) and,
+once the next evaluation is made, the forward difference across the step. Any combination of them
+whose weights sum to one keeps the solver second-order; EVODiff takes, per sample and channel, the
+weight that minimises the variance of ``D`` over the pixels, within a band around the weight that
+would make the step third-order on a smooth trajectory:
+
+* predictor (to reach the next timestep): backward differences only, the last one blended with the
+  one before by the same rule once three predictions exist;
+* corrector (after the next evaluation, as UniPC corrects, no extra evaluation): the forward and the
+  backward difference blended; the corrected sample is the one the next step starts from.
+
+Because every free weight multiplies a difference of two estimates of the same slope, the choice
+changes the result by O(h^3) per step: the solver converges to the exact trajectory at second order
+as steps grow, whatever the weights. The last step goes to the clean sample at first order (the
+final data prediction), as DPM-Solver++ does. Works with epsilon-, v- and sample-prediction models
+on any betas schedule diffusers knows (it borrows DPM-Solver's schedule and timestep spacing),
+including zero-terminal-SNR ones. Written from the paper's description, not its code.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-CLAMP = 2.0  # projection coefficients are kept within +-CLAMP (a near-orthogonal pair is noise)
-# The corrector assumes consecutive steps of similar size in log-SNR: with a step ratio outside
-# this range (the first steps of a trailing schedule on a cosine noise schedule reach 11x) its
-# combination of the two differences overshoots, and the predictor's result is kept instead.
-CORRECTED_RATIOS = (0.67, 1.5)
+BAND = 0.25  # how far the variance-chosen weight may move from the third-order weight
+# The predictor's third-order weight extrapolates the older slope; a step much longer than the ones
+# before it (explicit timesteps that crowd together, then spread) would extrapolate far, so it is
+# capped (1.83 for equal steps).
+MAX_EXTRAPOLATION = 2.0
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per sample and channel inner products, shaped to broadcast over the remaining dimensions."""
-    dims = tuple(range(2, a.dim()))
-    return (a * b).sum(dim=dims, keepdim=True)
+@dataclass(frozen=True)
+class _Point:
+    """One evaluated timestep: its noise level and the model's data prediction there."""
+
+    alpha: float
+    sigma: float
+    lam: float  # log-SNR, log(alpha / sigma); -inf where alpha is 0
+    model: torch.Tensor
 
 
-def _projection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (_dot(a, b) / _dot(b, b).clamp_min(1e-12)).clamp(-CLAMP, CLAMP)
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(2, x.dim()))
+    return x - x.mean(dim=dims, keepdim=True) if dims else x
 
 
-@dataclass
-class _Pending:
-    """What the last second-order predictor left for the corrector at the next evaluation."""
+def _min_variance_weight(a: torch.Tensor, b: torch.Tensor, centre: float) -> torch.Tensor:
+    """Per sample and channel, the ``w`` that minimises the pixel variance of ``w a + (1 - w) b``,
+    kept within ``centre +- BAND``."""
+    dims = tuple(range(2, a.dim())) or (a.dim() - 1,)
+    ca, cb = _centred(a), _centred(b)
+    gap = ca - cb
+    w = -(cb * gap).sum(dim=dims, keepdim=True) / (gap * gap).sum(dim=dims, keepdim=True).clamp_min(1e-20)
+    return w.clamp(centre - BAND, centre + BAND)
 
-    x_euler: torch.Tensor
-    d1: torch.Tensor
-    m0: torch.Tensor
-    coeff: float  # alpha_t - sigma_t alpha_s / sigma_s: the first-order data coefficient
-    ratio: torch.Tensor  # r_i, the predictor's step ratio
-    r_logh: float
-    h: float
-    weight: float
-    base: float
-    sigma_ratio: float  # sigma_t / sigma_s of the predicted step
+
+def _phi(h: float) -> tuple[float, float]:
+    """``1 - e^-h`` and ``(h - 1 + e^-h) / h``: the weights of the prediction and of its slope."""
+    if math.isinf(h):
+        return 1.0, 1.0
+    return -math.expm1(-h), (h + math.expm1(-h)) / h
 
 
 class EVODiffScheduler(SchedulerMixin, ConfigMixin):
@@ -68,25 +84,29 @@ class EVODiffScheduler(SchedulerMixin, ConfigMixin):
                  beta_schedule: str = "linear", trained_betas: list[float] | None = None,
                  prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
-        self._ddim = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                                   beta_schedule=beta_schedule, trained_betas=trained_betas,
-                                   prediction_type=prediction_type, timestep_spacing=timestep_spacing,
-                                   steps_offset=steps_offset, rescale_betas_zero_snr=rescale_betas_zero_snr,
-                                   clip_sample=False, set_alpha_to_one=True)
-        self.alphas_cumprod = self._ddim.alphas_cumprod
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"EVODiff supports epsilon, v_prediction and sample models, not {prediction_type!r}")
+        # The noise schedule and the timestep grid are DPM-Solver's: a multistep solver's spacings
+        # (linspace ends short of t=0, the last step goes to the clean sample), so EVODiff, UniPC and
+        # DPM-Solver++ at equal steps and spacing evaluate the model at the same timesteps.
+        self._grid = DPMSolverMultistepScheduler(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing, steps_offset=steps_offset, rescale_betas_zero_snr=rescale_betas_zero_snr)
+        self.alphas_cumprod = self._grid.alphas_cumprod
+        self.timesteps = self._grid.timesteps
         self.init_noise_sigma = 1.0
-        self.timesteps = self._ddim.timesteps
         self.num_inference_steps: int | None = None
         self._reset()
 
     def _reset(self) -> None:
         self._index = 0
-        self._models: list[torch.Tensor] = []
-        self._pending: _Pending | None = None
+        self._points: list[_Point] = []  # the newest last, at most three
+        self._start: torch.Tensor | None = None  # the sample the last predictor started from
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        self._ddim.set_timesteps(num_inference_steps, device)
-        self.timesteps = self._ddim.timesteps
+        self._grid.set_timesteps(num_inference_steps, device)
+        self.timesteps = self._grid.timesteps
         self.num_inference_steps = num_inference_steps
         self._reset()
 
@@ -97,83 +117,94 @@ class EVODiffScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         return sample
 
-    # -- the schedule --------------------------------------------------------------------------------
     def _alpha_sigma(self, index: int) -> tuple[float, float]:
-        """sqrt(alpha_bar), sqrt(1 - alpha_bar) at timestep ``index`` of the run (the end: 1, 0)."""
+        """sqrt(alpha_bar), sqrt(1 - alpha_bar) at timestep ``index`` of the run (the end: 1, 0).
+        Read from ``self.timesteps`` at each step: a plan may place its own timesteps."""
         if index >= len(self.timesteps):
             return 1.0, 0.0
         a = float(self.alphas_cumprod[int(self.timesteps[index])])
         return a ** 0.5, (1 - a) ** 0.5
 
-    def _data(self, model_output: torch.Tensor, sample: torch.Tensor, index: int) -> torch.Tensor:
+    def _point(self, model_output: torch.Tensor, sample: torch.Tensor, index: int) -> _Point:
         alpha, sigma = self._alpha_sigma(index)
         kind = self.config.prediction_type
         if kind == "epsilon":
-            return (sample - sigma * model_output) / alpha
-        if kind == "v_prediction":
-            return alpha * sample - sigma * model_output
-        if kind == "sample":
-            return model_output
-        raise ValueError(f"EVODiff supports epsilon, v_prediction and sample models, not {kind!r}")
+            if alpha == 0:
+                raise ValueError("EVODiff: an epsilon-prediction model cannot be sampled from zero terminal SNR "
+                                 "(alpha is 0 at the first timestep); use a v-prediction model or another spacing")
+            model = (sample - sigma * model_output) / alpha
+        elif kind == "v_prediction":
+            model = alpha * sample - sigma * model_output
+        else:
+            model = model_output
+        lam = math.log(alpha / sigma) if alpha > 0 else -math.inf
+        return _Point(alpha, sigma, lam, model)
 
-    # -- one step ---------------------------------------------------------------------------------------
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              return_dict: bool = True, **_: object) -> SchedulerOutput | tuple:
         i = self._index
-        m = self._data(model_output, sample, i)
-        if self._pending is not None:
-            lo, hi = CORRECTED_RATIOS
-            sample = self._correct(m, sample) if lo <= self._pending.r_logh <= hi else sample
-            self._pending = None
-        self._models = [*self._models[-1:], m]
-        last = i + 1 >= len(self.timesteps)
-        if last:
-            prev = m  # lower order at the end: the final data prediction
-        elif len(self._models) < 2:
-            prev = self._first_order(sample, m, i)
+        new = self._point(model_output, sample, i)
+        if self._start is not None and len(self._points) >= 1:
+            sample = self._correct(new)
+        self._points = [*self._points[-2:], new]
+        alpha_t, sigma_t = self._alpha_sigma(i + 1)
+        if sigma_t == 0:  # the last step: the clean sample, first order
+            prev, self._start = new.model, None
         else:
-            prev = self._predict(sample, i)
+            prev, self._start = self._predict(sample, alpha_t, sigma_t), sample
         self._index += 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def _first_order(self, x: torch.Tensor, m: torch.Tensor, i: int) -> torch.Tensor:
-        alpha_s, sigma_s = self._alpha_sigma(i)
-        alpha_t, sigma_t = self._alpha_sigma(i + 1)
-        return (sigma_t / sigma_s) * x + (alpha_t - sigma_t * alpha_s / sigma_s) * m
+    def _slopes(self) -> list[torch.Tensor]:
+        """Backward differences of the stored predictions, each per unit of log-SNR, newest first;
+        none across a step of infinite size (from zero SNR)."""
+        pts, out = self._points, []
+        for later, earlier in zip(pts[:0:-1], pts[-2::-1]):
+            step = later.lam - earlier.lam
+            if not math.isfinite(step):
+                break
+            out.append((later.model - earlier.model) / step)
+        return out
 
-    def _predict(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """Second-order step from ``x`` (timestep i) to i + 1 with the variance-balanced difference."""
-        m1, m0 = self._models
-        (a_p1, s_p1), (a_p0, s_p0), (a_t, s_t) = (self._alpha_sigma(k) for k in (i - 1, i, i + 1))
-        k_p1, k_p0, k_t = s_p1 / a_p1, s_p0 / a_p0, s_t / a_t
-        h = 1 / k_t - 1 / k_p0
-        coeff = a_t - s_t * a_p0 / s_p0
-        x_euler = (s_t / s_p0) * x + coeff * m0
-        r_logh = float(torch.log(torch.tensor(k_p1 / k_p0)) / torch.log(torch.tensor(k_p0 / k_t)))
-        t_norm = float(self.timesteps[i + 1]) / self.config.num_train_timesteps
-        weight = 0.5 * (1 - t_norm ** 2)
-        base = ((s_t / s_p0) / (s_p0 / s_p1)) ** 0.5
-        balance = (1 - weight) * base + weight * _projection(m0, m1)
-        d1 = m0 - balance * m1
-        ratio = (torch.sigmoid(0.25 * balance.abs()) * r_logh).clamp(0.25 * r_logh, 1.5 * r_logh)
-        self._pending = _Pending(x_euler, d1, m0, coeff, ratio, r_logh, h, weight, base, s_t / s_p0)
-        return x_euler + 0.5 * coeff / ratio * d1
+    def _update(self, x: torch.Tensor, s: _Point, alpha_t: float, sigma_t: float,
+                slope: torch.Tensor | None) -> torch.Tensor:
+        """The exponential-integrator update from ``x`` at ``s`` to (alpha_t, sigma_t) with the
+        data prediction's ``slope`` per unit of log-SNR (None: first order)."""
+        h = math.log(alpha_t / sigma_t) - s.lam
+        phi1, phi2 = _phi(h)
+        out = (sigma_t / s.sigma) * x + alpha_t * phi1 * s.model
+        if slope is None or math.isinf(h):
+            return out
+        return out + alpha_t * phi2 * h * slope
 
-    def _correct(self, m_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Combine the predictor's difference with the new one (no extra evaluation)."""
-        p, self._pending = self._pending, None
-        d2 = m_t - ((1 - p.weight) * p.base + p.weight * _projection(m_t, p.m0)) * p.m0
-        before, after = p.d1 / (p.r_logh * p.h), p.r_logh * d2 / p.h
-        eta = 0.5 * torch.sigmoid((0.5 * _projection(after + before, after - before)).abs())
-        theta = -eta / p.r_logh * p.d1 + p.r_logh * (1 - eta) * d2
-        residual = x - p.x_euler - 0.5 * p.coeff / p.ratio * theta
-        zeta_star = _projection(residual, p.d1) / p.coeff
-        shift = zeta_star.abs() - 0.5
-        if (self.num_inference_steps or 0) > 20:  # long runs: damp by the predictions' consistency
-            slope = (p.m0 - self._models[0]) / p.h  # the predictor's two data predictions
-            shift = -shift * torch.sigmoid(_projection(p.m0, slope) * (2 - p.sigma_ratio ** 2))
-        zeta = torch.sigmoid(shift)
-        return p.x_euler + 0.5 * p.coeff / zeta * theta
+    def _predict(self, x: torch.Tensor, alpha_t: float, sigma_t: float) -> torch.Tensor:
+        """From ``x`` at the newest point to the next timestep, with backward slopes only."""
+        slopes, s = self._slopes(), self._points[-1]
+        if not slopes:
+            return self._update(x, s, alpha_t, sigma_t, None)
+        slope = slopes[0]
+        if len(slopes) > 1:
+            # Both slopes estimate the same derivative at points h_0 / 2 and h_0 + h_1 / 2 behind s;
+            # extrapolating linearly to the middle of the coming step gives the third-order weight.
+            h = math.log(alpha_t / sigma_t) - s.lam
+            h0, h1 = s.lam - self._points[-2].lam, self._points[-2].lam - self._points[-3].lam
+            centre = min(1 + (h / 3 + h0 / 2) / ((h0 + h1) / 2), MAX_EXTRAPOLATION)
+            slope = slopes[1] + _min_variance_weight(slopes[0], slopes[1], centre) * (slopes[0] - slopes[1])
+        return self._update(x, s, alpha_t, sigma_t, slope)
+
+    def _correct(self, new: _Point) -> torch.Tensor:
+        """Redo the last step with the prediction just evaluated at its end (no extra evaluation)."""
+        s, x = self._points[-1], self._start
+        h = new.lam - s.lam
+        forward = (new.model - s.model) / h
+        backward = self._slopes()
+        if not backward or not math.isfinite(h):
+            return self._update(x, s, new.alpha, new.sigma, forward if math.isfinite(h) else None)
+        # forward sits at h / 2 after s, backward at h0 / 2 before it; the step needs the slope at h / 3.
+        h0 = s.lam - self._points[-2].lam
+        centre = (h / 3 + h0 / 2) / (h / 2 + h0 / 2)
+        w = _min_variance_weight(forward, backward[0], centre)
+        return self._update(x, s, new.alpha, new.sigma, backward[0] + w * (forward - backward[0]))
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
