@@ -26,6 +26,7 @@ from PIL import Image
 import diffaccel
 from conftest import requires_weights, run_cli
 from diffaccel import methods
+from diffaccel.adapters import find_denoiser
 from diffaccel.eval.fidelity import psnr_per_image
 from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.parallel import ParallelError, cfg_parallel, check_agreement, current, patch_parallel, shm, spawn
@@ -34,7 +35,7 @@ from diffaccel.parallel.exchange import gather_cat
 from diffaccel.parallel.job import ParallelConfig, check_job
 from diffaccel.parallel.shard import assemble, shard
 from diffaccel.parallel.shm import exchange_for, usable
-from diffaccel.targets import load_target
+from diffaccel.targets import Target, load_target
 from diffaccel.zoo.weights import load_pipeline
 from stock_pipelines import build as build_case
 
@@ -90,6 +91,16 @@ def small_job(parallel: ParallelConfig | None, out: Path) -> dict | None:
     target = load_target("dit")
     cfg = GenerateConfig(classes=["circle", "square", "triangle"], per_class=3, steps=STEPS, batch_size=4)
     return run_generate(target, cfg, out, plan=fora(target.pipe), compare=True, progress=False, parallel=parallel)
+
+
+def stock_sd_job(parallel: ParallelConfig | None, out: Path) -> dict | None:
+    """A stock SD pipeline (text encoder and VAE around the U-Net) under a caching plan, compared."""
+    pipe, call = build_case("sd-ddim-eta")
+    prompts = [{**call, "prompt": prompt} for prompt in call["prompt"]]
+    cfg = GenerateConfig(per_class=1, steps=call["num_inference_steps"])
+    plan = methods.fora(find_denoiser(pipe)[0], cfg.steps, interval=2)
+    return run_generate(Target("sd-stock", pipe, prompts), cfg, out, plan=plan, compare=True, progress=False,
+                        parallel=parallel)
 
 
 # -- what each rank does ----------------------------------------------------------------------------------
@@ -166,6 +177,7 @@ def _batch_checks(results: dict, out: Path) -> None:
         results["batch-images"] = torch.cat(merged)
     for mode in ("batch", "cfg"):
         _attempt(results, f"job-{mode}", lambda m=mode: small_job(ParallelConfig(m), out / m))
+    _attempt(results, "job-cfg-sd", lambda: stock_sd_job(ParallelConfig("cfg"), out / "cfg-sd"))
 
 
 def _exchange_checks(results: dict, rank: int) -> None:
@@ -342,6 +354,17 @@ def test_batch_parallel_gives_the_same_images_and_record(ranks, tmp_path):
         assert record["psnr"] < 100 and record["work"]["reused"] > 0  # the figures are a plan's, not trivial
     grids = [np.asarray(Image.open(f / "grid.png"), dtype=np.int16) for f in (out / "batch", tmp_path / "single")]
     assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 1  # 8-bit rounding at most
+
+
+def test_cfg_parallel_counts_the_text_encoder_and_decoder_once(ranks, tmp_path):
+    """On a pipeline with work outside the denoiser the record's MACs are one process's: the ranks'
+    shares of the U-Net summed, the text encoder and decoder that every rank runs counted once."""
+    results, _ = ranks
+    record = results[0]["job-cfg-sd"]
+    assert isinstance(record, dict), record
+    single = stock_sd_job(None, tmp_path / "single")
+    assert single["macs_per_image"] > single["work"]["macs"]  # one image per call: the rest is there to count
+    same_figures(figures(record), figures(single), exact=False)
 
 
 def test_torchrun_command_line(monkeypatch, capsys, tmp_path):

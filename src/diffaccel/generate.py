@@ -168,6 +168,15 @@ def _labels(calls: list[Call]) -> torch.Tensor:
     return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
 
 
+def whole_call_macs(per_rank: list[tuple[float, float]]) -> tuple[float, float]:
+    """One process's ``(baseline call, plan's work outside the denoiser)`` MACs per image from the
+    ranks' own under a cfg or patch split: each rank counted its share of the denoiser and all of the
+    rest (text encoder, decoder; the same in both calls: a plan changes the denoiser's work and the
+    schedule), so the rest is counted once and the shares summed."""
+    outside = per_rank[0][1]
+    return sum(base for base, _ in per_rank) - (len(per_rank) - 1) * outside, outside
+
+
 def _sample_parallel(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool, progress: bool,
                      parallel: ParallelConfig | None, group: Group) -> dict:
     """``_sample`` as one rank of ``group``: the denoiser split (cfg, patch) or this rank's pieces of
@@ -183,8 +192,8 @@ def _sample_parallel(runner: Runner, calls: list[Call], plan: Plan | None, compa
                             f"({group.world}): some ranks would have nothing to do; start fewer processes")
     with split_denoiser(parallel, group, runner.executor.model):
         done = _sample(runner, mine, plan, compare, progress)
-    if parallel.mode != "batch":  # each rank counted its share of the denoiser and all of the rest
-        done["call_macs"] = None
+    if parallel.mode != "batch" and done["call_macs"] is not None:
+        done["call_macs"] = whole_call_macs(gather_objects(done["call_macs"], group))
     last = pieces[-1].index if pieces else len(calls) - 1
     done["warmup_macs"], done["work"] = merge_work(parallel, group, runner, done["warmup_macs"],
                                                    runner.executor.stats.as_dict(), last, len(calls))
