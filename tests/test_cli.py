@@ -157,6 +157,17 @@ def test_the_language_model_refuses_several_processes_and_an_empty_row_list(run,
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", "--quant", "w8a8"], "does not take --quant (image-model options)"),
+    (["generate", "--sampler", "ddim", "--classes", "circle"], "does not take --sampler, --classes"),
+    (["generate", "--guidance", "3"], "--guidance"),  # given at its default value: still not for dlm
+    (["search", "--strategy", "joint", "--time", "1m"], "does not take --strategy, --time"),
+])
+def test_the_language_model_refuses_image_options_instead_of_ignoring_them(run, args, fragment, tmp_path):
+    assert_clean_error(run(*args, "--model", "dlm", "--out", str(tmp_path / "o")), fragment)
+    assert not any(tmp_path.iterdir())
+
+
 @requires_weights
 def test_options_that_would_be_ignored_or_match_nothing_are_refused(run, tmp_path):
     assert_clean_error(run("search", "--budget", "", "--out", str(tmp_path / "s")), "the budget '' needs")

@@ -31,7 +31,7 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
-from diffaccel.cli.lm import LM_MODEL, lm_generate, lm_plan
+from diffaccel.cli.lm import LM_MODEL, generate_command
 from diffaccel.errors import DiffaccelError
 from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.methods.ptq import quant_spec
@@ -63,6 +63,7 @@ PRECISION = typer.Option(None, help="run the denoiser under autocast: bfloat16 o
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
@@ -100,10 +101,6 @@ def generate(
     def job() -> dict | None:
         setup(threads, guidance)
         tag_logging(init())
-        if model == LM_MODEL and pipeline is None:
-            lm = lm_plan(method, plan, parse_params(param))  # refresh_every, window, block_size: --param key=value
-            lm_generate(out, lm, steps, per_class, compare, 3, weights, save_plan, parallel)
-            return None
         names = _class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
         _ = Plan.load(plan) if plan is not None else None  # a broken plan file fails before any model loads
@@ -120,6 +117,8 @@ def generate(
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
         return run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
 
+    if model == LM_MODEL and pipeline is None:
+        return run_guarded(generate_command, ctx, out_dir=out)
     _report(run_guarded(_rank_tagged, job, out_dir=out), out, compare)
 
 

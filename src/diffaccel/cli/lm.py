@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 
+from diffaccel.cli.common import parse_params, setup
 from diffaccel.eval.io import write_json
 from diffaccel.lm.bench import ROWS, run_rows, table
 from diffaccel.lm.evaluate import compare as compare_plan
@@ -46,6 +47,40 @@ def one_process(parallel: Any = None) -> None:
     write the same files."""
     if parallel is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--model dlm runs in one process: drop --parallel and torchrun")
+
+
+GENERATE_OPTIONS = frozenset({"model", "pipeline", "out", "method", "plan", "compare", "param", "save_plan", "weights",
+                              "threads", "steps", "per_class", "parallel"})
+SEARCH_OPTIONS = frozenset({"model", "pipeline", "budget", "objective", "out", "steps", "weights", "threads"})
+
+
+def refuse_image_options(ctx: typer.Context, takes: frozenset[str]) -> None:
+    """``--model dlm`` takes none of the image models' options: any other option the user gave is
+    refused rather than silently ignored."""
+    given = [name for name in ctx.params if name not in takes  # (typer vendors click: its enum, by name)
+             and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"--model dlm does not take {flags} (image-model options); drop "
+                         f"{'it' if len(given) == 1 else 'them'}")
+
+
+def generate_command(ctx: typer.Context) -> None:
+    """``generate --model dlm``: the command's options checked and handed to :func:`lm_generate`."""
+    refuse_image_options(ctx, GENERATE_OPTIONS)
+    o = ctx.params
+    setup(o["threads"])
+    plan = lm_plan(o["method"], o["plan"], parse_params(o["param"]))  # refresh_every, window, block_size
+    lm_generate(o["out"], plan, o["steps"], o["per_class"], o["compare"], 3, o["weights"], o["save_plan"],
+                o["parallel"])
+
+
+def search_command(ctx: typer.Context) -> None:
+    """``search --model dlm``: the command's options checked and handed to :func:`lm_search`."""
+    refuse_image_options(ctx, SEARCH_OPTIONS)
+    o = ctx.params
+    setup(o["threads"])
+    lm_search(o["out"], o["budget"] or "accuracy>=-1", o["steps"], o["objective"].value, o["weights"])
 
 
 def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int, compare: bool, repeats: int,

@@ -26,7 +26,7 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
-from diffaccel.cli.lm import LM_MODEL, lm_search
+from diffaccel.cli.lm import LM_MODEL, search_command
 from diffaccel.methods.ptq import quant_spec
 from diffaccel.search import SearchConfig, parse_budget, parse_duration
 from diffaccel.search import search as run_search
@@ -105,6 +105,7 @@ VALIDATE = typer.Option(True, help="before returning a plan, confirm it on fresh
 
 @app.command()
 def search(
+    ctx: typer.Context,
     model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
@@ -136,9 +137,7 @@ def search(
     """Search a static plan that meets a quality budget at the least cost; write plan.json, front.json,
     front.png and summary.json. Run the same command again to resume an interrupted search."""
     if model == LM_MODEL and pipeline is None:
-        setup(threads)
-        run_guarded(lm_search, out, budget or "accuracy>=-1", steps, objective.value, weights)
-        return
+        return run_guarded(search_command, ctx)
 
     def job():
         setup(threads, guidance)
