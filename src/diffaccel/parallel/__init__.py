@@ -17,7 +17,8 @@ from diffaccel.parallel.agree import check_agreement
 from diffaccel.parallel.cfg import CFGParallel, cfg_parallel
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.group import Group, close, current, init, spawn, tag_logging
+from diffaccel.parallel.job import ParallelConfig
 from diffaccel.parallel.patch import PatchParallel, patch_parallel
 
-__all__ = ["CFGParallel", "Group", "ParallelError", "PatchParallel", "cfg_parallel", "check_agreement", "close",
-           "current", "init", "patch_parallel", "spawn", "tag_logging"]
+__all__ = ["CFGParallel", "Group", "ParallelConfig", "ParallelError", "PatchParallel", "cfg_parallel",
+           "check_agreement", "close", "current", "init", "patch_parallel", "spawn", "tag_logging"]
