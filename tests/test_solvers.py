@@ -366,6 +366,20 @@ def test_bad_explicit_timesteps_are_refused_with_what_to_fix(pipes):
     assert untouched(pipe.denoiser)
 
 
+def test_solver_settings_that_would_run_wrong_are_refused():
+    """``steps=True`` is not one step; a start that skips no step would evaluate the first timestep
+    twice; one step under leading spacing would evaluate pure noise at t=1 and return it."""
+    with pytest.raises(ValueError, match="whole number"):
+        SolverSpec(steps=True)
+    with pytest.raises(ValueError, match="skips no step.*at most 0.833"):
+        SolverSpec(steps=5, start=0.95)
+    assert SolverSpec(steps=5, start=0.8).evaluations == 6
+    sd, _ = build_case("sd-pndm")  # leading spacing
+    with pytest.raises(PlanError, match="leading spacing"):
+        solver_scheduler(SolverSpec(name="ddim", steps=1), sd.scheduler)
+    assert solver_scheduler(SolverSpec(name="ddim", steps=1, spacing="trailing"), sd.scheduler) is not None
+
+
 def test_a_timestep_fit_moves_the_steps_toward_what_scores_best_within_its_cap_and_deadline():
     target = (999, 900, 700, 300)
     spec = SolverSpec(name="unipc", steps=4)

@@ -57,6 +57,9 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
         raise PlanError(f"the solver's {spec.steps} steps" + (f" from {spec.start:g}" if spec.start < 1 else "")
                         + f" make a {planned}-step schedule, more than half of this noise schedule's {timesteps} "
                         "timesteps: run fewer steps" + (" or start later" if spec.start < 1 else ""))
+    if spec.steps == 1 and spec.timesteps is None and scheduler.config.get("timestep_spacing") == "leading":
+        raise PlanError("one step under leading spacing evaluates the model at the last timestep, on pure noise, "
+                        "and returns noise: give the solver spacing trailing (or more steps)")
     if spec.bottleneck is not None:
         return Bottleneck(scheduler, spec)
     if spec.start < 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SOLVERS = ("ddim", "euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
 # solvers that read each step's noise level off the timestep list (DDIM assumes even steps)
@@ -44,8 +44,19 @@ class SolverSpec(BaseModel):
         None, description="fitted corrections, one row per step: the weights of its input sample and of the "
                           "newest data predictions added to the solver's step (solvers/corrected.py)")
 
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _whole_number(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("steps must be a whole number, not a true/false value")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> SolverSpec:
+        if self.start < 1 and round(self.steps / self.start) <= self.steps:
+            raise ValueError(f"start {self.start:g} skips no step at {self.steps} steps (its schedule would have "
+                             f"{round(self.steps / self.start)}): the first timestep would run twice; use a start "
+                             f"of at most {self.steps / (self.steps + 1):.3g}, or 1")
         if self.bottleneck is not None:
             if sum(self.bottleneck) != self.steps or min(self.bottleneck) < 1:
                 raise ValueError(f"bottleneck stages {list(self.bottleneck)} must be >= 1 steps each and sum to "
