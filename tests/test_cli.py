@@ -140,6 +140,7 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
     (["--precision", "int4"], ["precision", "bfloat16"]),
     (["--precision", "int4", "--method", "warpdrive"], ["precision", "bfloat16"]),  # refused before the model loads
     (["--quant-backend", "int8"], ["--quant-backend goes with --quant"]),  # was ignored
+    (["--compare"], ["--compare needs something to compare"]),  # was ignored
     (["--quant", "w8a8", "--quant-backend", "int4"], ["backend: Input should be"]),  # names the setting
 ])
 def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path):

@@ -104,6 +104,8 @@ def generate(
         names = _class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
         _ = Plan.load(plan) if plan is not None else None  # a broken plan file fails before any model loads
+        if compare and not (method or plan or quant or precision):
+            raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = call_steps(tgt, steps)
         cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,
