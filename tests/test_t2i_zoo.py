@@ -186,7 +186,9 @@ def test_cli_runs_a_t2i_model_by_name_and_scores_prompt_adherence(monkeypatch, c
     assert record["model"] == name and record["n_images"] == 12 and len(record["prompts"]) == 12
     assert all(captions.parse_caption(p) for p in record["prompts"])  # held-out captions by default
     assert 0 <= record["adherence"] <= record["accuracy_shape"] == record["accuracy"] <= 1
-    assert {"adherence", "accuracy", "fd"} <= record["baseline"].keys() and record["speedup_macs"] > 1
+    scored = {k for k in record if k in ("adherence", "fd", "fd_floor") or k.startswith("accuracy")}
+    assert {"adherence", "accuracy", "accuracy_colour", "fd", "fd_floor"} <= scored <= record["baseline"].keys()
+    assert record["speedup_macs"] > 1
     assert "adherence" in stdout
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a small red circle on a blue background\na purple cloud\n")
