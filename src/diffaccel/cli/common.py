@@ -125,6 +125,12 @@ def parse_params(params: list[str] | None, **named: Any) -> dict:
     return settings
 
 
+def check_plan_file(path: Path | None) -> None:
+    """Load ``path`` (if given) only to refuse a broken plan file before any model loads."""
+    if path is not None:
+        Plan.load(path)
+
+
 def resolve_plan(tgt: Target, steps: int, guidance: float, method: str | None, plan_file: Path | None,
                  settings: dict) -> Plan | None:
     """The plan a command runs: loaded from ``plan_file`` or made with ``method`` (on the target's

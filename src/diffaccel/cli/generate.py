@@ -24,6 +24,7 @@ from diffaccel.cli.common import (
     SamplerName,
     app,
     call_steps,
+    check_plan_file,
     parse_params,
     quant_backend_for,
     resolve_plan,
@@ -103,7 +104,7 @@ def generate(
         tag_logging(init())
         names = _class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
-        _ = Plan.load(plan) if plan is not None else None  # a broken plan file fails before any model loads
+        check_plan_file(plan)
         if compare and not (method or plan or quant or precision):
             raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
         tgt = target(model, pipeline, prompts, sampler, weights)
