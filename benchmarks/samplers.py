@@ -3,6 +3,11 @@ solver section, against the model's own 50-step DDIM output on held-out seeds.
 
     python benchmarks/samplers.py --model dit [--per-class 20] [--threads 1]
     python benchmarks/samplers.py --model sd --per-class 4 --guidance 4   # 12 held-out captions x 4 seeds
+    python benchmarks/samplers.py --model dit --per-class 1 --reference unipc:200 --steps 10,20,40
+
+``--reference SOLVER:STEPS`` measures against that sampler's run instead of the pipeline's 50-step
+DDIM (a near-exact trajectory, to tell a solver's error from the reference's own); the results then
+go to ``samplers_<model>_ref-<solver><steps>.json``.
 
 Per sampler and step count: PSNR (mean, 5th percentile), SSIM, evaluator accuracy (on the t2i
 models also prompt adherence) and Fréchet distance; per sampler, the fewest steps that reach a mean
@@ -29,7 +34,7 @@ from diffaccel.targets import load_target
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLVERS = ("ddim", "dpm++2", "dpm++3", "unipc", "evodiff")
-STEPS = (5, 8, 10, 15, 20)
+STEPS = (5, 6, 7, 8, 10, 15, 20)
 
 
 def sample(target, calls, plan=None) -> torch.Tensor:
@@ -58,16 +63,25 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--reference", default=None, help="SOLVER:STEPS (default: the pipeline's 50-step DDIM)")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
     args = parser.parse_args()
+    step_counts = [int(n) for n in args.steps.split(",")]
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
     calls = list(target.workload(50, args.guidance, args.per_class, seed=100, calibration=False).calls)
-    reference = sample(target, calls)
+    ref_plan, suffix = None, ""
+    if args.reference:
+        name, steps = args.reference.split(":")
+        ref_plan = identity_plan(target.denoiser()[0]).model_copy(
+            update={"solver": SolverSpec(name=name, steps=int(steps))})
+        suffix = f"_ref-{name}{steps}"
+    reference = sample(target, calls, ref_plan)
     labels = labels_of(calls)
     base_scores = scores_of(target, reference, labels, calls)
     rows, base = [], identity_plan(target.denoiser()[0])
     for name in SOLVERS:
-        for steps in STEPS:
+        for steps in step_counts:
             started = time.time()
             plan = base.model_copy(update={"solver": SolverSpec(name=name, steps=steps)})
             images = sample(target, calls, plan)
@@ -82,14 +96,16 @@ def main() -> None:
                   flush=True)
     reach = {name: min((r["steps"] for r in rows if r["solver"] == name and r["psnr"] >= 30), default=None)
              for name in SOLVERS}
-    write_json(ROOT / "benchmarks" / "results" / f"samplers_{args.model}.json", {
-        "model": args.model, "reference": "DDIM 50 steps", "images": len(reference), "guidance": args.guidance,
+    extra = f" --reference {args.reference} --steps {args.steps}" if args.reference else ""
+    write_json(ROOT / "benchmarks" / "results" / f"samplers_{args.model}{suffix}.json", {
+        "model": args.model, "reference": args.reference or "DDIM 50 steps", "images": len(reference),
+        "guidance": args.guidance,
         "baseline_accuracy": base_scores.get("accuracy"), "baseline_fd": base_scores.get("fd"),
         "baseline_adherence": base_scores.get("adherence"),
         "steps_to_30db": reach, "rows": rows, "threads": args.threads, "machine": platform.machine(),
         "torch": torch.__version__,
         "command": f"python benchmarks/samplers.py --model {args.model} --per-class {args.per_class} "
-                   f"--guidance {args.guidance:g} --threads {args.threads}"})
+                   f"--guidance {args.guidance:g} --threads {args.threads}{extra}"})
 
 
 if __name__ == "__main__":
