@@ -184,8 +184,8 @@ class EVODiffScheduler(SchedulerMixin, ConfigMixin):
             return self._update(x, s, alpha_t, sigma_t, None)
         slope = slopes[0]
         if len(slopes) > 1:
-            # Both slopes estimate the same derivative at points h_0 / 2 and h_0 + h_1 / 2 behind s;
-            # extrapolating linearly to the middle of the coming step gives the third-order weight.
+            # Both slopes estimate the derivative, at h_0 / 2 and h_0 + h_1 / 2 behind s; extrapolating
+            # linearly to a third of the coming step (where the update needs it) is the third-order weight.
             h = math.log(alpha_t / sigma_t) - s.lam
             h0, h1 = s.lam - self._points[-2].lam, self._points[-2].lam - self._points[-3].lam
             centre = min(1 + (h / 3 + h0 / 2) / ((h0 + h1) / 2), MAX_EXTRAPOLATION)
