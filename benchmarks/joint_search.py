@@ -8,7 +8,8 @@ user would try, measured on held-out seeds in one process.
 1. ``diffaccel search --strategy joint`` on the calibration seeds (budget ``psnr>=30`` by default);
 2. on held-out seeds, interleaved with the unaccelerated 50-step DDIM pipeline (``--pairs``
    repeats): the searched plan, the cheapest plain sampler whose calibration PSNR cleared the
-   budget (the search's own phase-1 rows), and the best hand-made caching plan; each with MAC and
+   budget (the search's own phase-1 rows; if it misses the budget's PSNR on the held-out seeds, the
+   next cheapest ones too, until one meets it there), and the best hand-made caching plan; each with MAC and
    wall-clock speedup, PSNR (mean, 5th percentile), SSIM, evaluator accuracy and Fréchet distance.
    When the searched plan runs in a lower precision (``--precision``, default auto) or in int8
    (``--quant`` with a real backend), two more rows say what that part is worth: the same plan in
@@ -108,6 +109,11 @@ def main() -> None:
     if best_sampler is not None:
         rows.append(measure(target, f"plain sampler {best_sampler.plan.solver.label}", best_sampler.plan, heldout,
                             reference, args.pairs))
+        for dearer in sorted(plain, key=lambda c: c.mac_fraction)[1:]:  # until one meets the budget held-out too
+            if rows[-1][budget.metric] >= budget.threshold:
+                break
+            rows.append(measure(target, f"plain sampler {dearer.plan.solver.label} (next cheapest)", dearer.plan,
+                                heldout, reference, args.pairs))
     plan = result.plan
     arithmetic = {"precision": plan.precision} if plan.precision else {"quant": plan.quant} if plan.quant else {}
     if arithmetic:  # what the lower precision or int8 is worth: without it, and given to the plain sampler too
