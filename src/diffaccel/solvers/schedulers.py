@@ -52,7 +52,7 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
     # class fall back to its own defaults for them (linspace spacing under a PNDM whose "leading" is a default)
     kept = {k: v for k, v in config.items() if (k in known or k.startswith("_")) and k != "_use_default_values"}
     scheduler = cls.from_config(kept, **extra)
-    planned, timesteps = round(spec.steps / spec.start), len(scheduler.alphas_cumprod)
+    planned, timesteps = spec.schedule_steps, len(scheduler.alphas_cumprod)
     if planned > timesteps // 2:  # past it, multistep solvers repeat timesteps (NaN) and leading spacing overflows
         raise PlanError(f"the solver's {spec.steps} steps" + (f" from {spec.start:g}" if spec.start < 1 else "")
                         + f" make a {planned}-step schedule, more than half of this noise schedule's {timesteps} "
@@ -110,7 +110,7 @@ class InformedStart:
         return getattr(self.inner, name)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
-        full = round(self.spec.steps / self.spec.start)
+        full = self.spec.schedule_steps
         self.inner.set_timesteps(full, device=device)
         skip = full - self.spec.steps
         if hasattr(self.inner, "set_begin_index"):

@@ -53,9 +53,9 @@ class SolverSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SolverSpec:
-        if self.start < 1 and round(self.steps / self.start) <= self.steps:
+        if self.start < 1 and self.schedule_steps <= self.steps:
             raise ValueError(f"start {self.start:g} skips no step at {self.steps} steps (its schedule would have "
-                             f"{round(self.steps / self.start)}): the first timestep would run twice; use a start "
+                             f"{self.schedule_steps}): the first timestep would run twice; use a start "
                              f"of at most {self.steps / (self.steps + 1):.3g}, or 1")
         if self.bottleneck is not None:
             if sum(self.bottleneck) != self.steps or min(self.bottleneck) < 1:
@@ -87,6 +87,11 @@ class SolverSpec(BaseModel):
         if self.name == "euler" or self.start < 1 or self.bottleneck:
             raise ValueError("fitted coefficients correct a variance-preserving solver's steps from the first "
                              "step (not euler, an informed start or a bottleneck)")
+
+    @property
+    def schedule_steps(self) -> int:
+        """Steps of the whole schedule whose tail the run takes (``steps`` from the first step)."""
+        return round(self.steps / self.start)
 
     @property
     def evaluations(self) -> int:
