@@ -153,9 +153,8 @@ def test_an_informed_start_costs_one_evaluation_more_and_is_deterministic(pipes)
     with diffaccel.accelerate(pipe, plan) as run:
         first, again = call(pipe), call(pipe)
     assert run.stats.steps == 5 and torch.equal(first, again) and torch.isfinite(first).all()
-    with pytest.raises(PlanError, match="variance-preserving"):
-        with diffaccel.accelerate(pipe, with_solver(pipe, name="euler", steps=4, start=0.6)):
-            call(pipe)
+    with pytest.raises(ValueError, match="variance-preserving"):
+        with_solver(pipe, name="euler", steps=4, start=0.6)
 
 
 def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
@@ -374,10 +373,62 @@ def test_solver_settings_that_would_run_wrong_are_refused():
     with pytest.raises(ValueError, match="skips no step.*at most 0.833"):
         SolverSpec(steps=5, start=0.95)
     assert SolverSpec(steps=5, start=0.8).evaluations == 6
+    with pytest.raises(ValueError, match="not euler"):
+        SolverSpec(name="euler", steps=4, start=0.5)  # refused with the plan file, not when it runs
+    with pytest.raises(ValueError, match="within"):
+        SolverSpec(name="unipc", steps=1, coefficients=[[1e308, 0.0]])
     sd, _ = build_case("sd-pndm")  # leading spacing
-    with pytest.raises(PlanError, match="leading spacing"):
-        solver_scheduler(SolverSpec(name="ddim", steps=1), sd.scheduler)
-    assert solver_scheduler(SolverSpec(name="ddim", steps=1, spacing="trailing"), sd.scheduler) is not None
+    for name, spacing in (("ddim", None), ("ddim", "linspace"), ("euler", "linspace"), ("unipc", None)):
+        with pytest.raises(PlanError, match=f"one step under {spacing or 'leading'} spacing .* timestep"):
+            solver_scheduler(SolverSpec(name=name, steps=1, spacing=spacing), sd.scheduler)
+    for name in ("ddim", "unipc"):
+        for spacing in ("trailing", "linspace" if name == "unipc" else "trailing"):  # unipc's linspace ends at 999
+            one = solver_scheduler(SolverSpec(name=name, steps=1, spacing=spacing), sd.scheduler)
+            one.set_timesteps(1)
+            assert one.timesteps.tolist() == [999]
+
+
+def test_a_solver_plan_refuses_call_arguments_it_would_override_or_the_pipeline_would_misread():
+    """The plan's solver sets the steps and timesteps: a ``timesteps=`` of the call is refused, not
+    dropped; an image-to-image pipeline, which takes the last ``strength`` of its own step count,
+    runs only at the plan's count (and then as the stock sampler does); a one-step call (PixArt's
+    one-step path) only with a one-step plan."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    sd, sd_call = build_case("sd-pndm")
+    plan = identity_plan(sd.unet).model_copy(update={"solver": SolverSpec(name="ddim", steps=4, spacing="trailing")})
+    with pytest.raises(PlanError, match="without timesteps="):
+        with diffaccel.accelerate(sd, plan):
+            sd(**{k: v for k, v in sd_call.items() if k != "num_inference_steps"}, timesteps=[999, 500, 100],
+               output_type="pt")
+    i2i = StableDiffusionImg2ImgPipeline(**sd.components)
+    i2i.set_progress_bar_config(disable=True)
+
+    def run(steps: int):
+        return i2i(prompt="a red circle", image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+                   strength=0.5, num_inference_steps=steps, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+
+    for steps in (3, 50):
+        with pytest.raises(PlanError, match="num_inference_steps=4"):
+            with diffaccel.accelerate(i2i, plan):
+                run(steps)
+    with diffaccel.accelerate(i2i, plan) as accelerated:
+        out = run(4)
+    assert accelerated.stats.steps == 2  # half of the plan's 4 steps, as strength 0.5 asks
+    stock = i2i.scheduler
+    i2i.scheduler = DDIMScheduler.from_config(stock.config, timestep_spacing="trailing", clip_sample=False)
+    try:
+        assert torch.equal(run(4), out)
+    finally:
+        i2i.scheduler = stock
+    assert untouched(i2i.unet)
+    pixart, pixart_call = build_case("pixart-alpha")
+    with pytest.raises(PlanError, match="num_inference_steps=1 .* num_inference_steps=4"):
+        with diffaccel.accelerate(pixart, identity_plan(pixart.transformer).model_copy(
+                update={"solver": SolverSpec(name="unipc", steps=4)})):
+            pixart(**{**pixart_call, "num_inference_steps": 1}, output_type="pt")
+    assert untouched(pixart.transformer)
 
 
 def test_a_timestep_fit_moves_the_steps_toward_what_scores_best_within_its_cap_and_deadline():

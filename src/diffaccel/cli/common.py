@@ -141,7 +141,9 @@ def resolve_plan(tgt: Target, steps: int, guidance: float, method: str | None, p
         if settings:
             raise ValueError("method settings (--interval, --param, ...) go with --method, not --plan")
         plan = Plan.load(plan_file)
-        if plan.num_steps is not None and plan.num_steps != steps:
+        if plan.solver is not None and plan.solver.steps != steps:
+            log.info("the plan's solver runs its own %d steps (the run's step count is not used)", plan.solver.steps)
+        elif plan.num_steps is not None and plan.num_steps != steps:
             log.info("plan made for %d denoiser evaluations; runs of another count map it (Plan.resample)",
                      plan.num_steps)
         return plan

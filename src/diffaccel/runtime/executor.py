@@ -28,7 +28,7 @@ from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
 from diffaccel.runtime.fitted import check_scheduler, check_weights
 from diffaccel.runtime.state import BranchState, Stats, merged_run
-from diffaccel.solvers.schedulers import solver_scheduler
+from diffaccel.solvers.schedulers import slices_schedule, solver_scheduler
 
 log = logging.getLogger("diffaccel")
 
@@ -115,7 +115,7 @@ class Executor:
                 if self.plan.solver.bottleneck and "any-resolution" not in self.adapter.capabilities:
                     raise PlanError(f"bottleneck sampling changes the latent size mid-run; the {self.adapter.name} "
                                     "adapter's model does not support it (DiT and PixArt transformers do)")
-                scheduler = solver_scheduler(self.plan.solver, pipe.scheduler)
+                scheduler = solver_scheduler(self.plan.solver, pipe.scheduler, slices_schedule(pipe))
                 self.patch(pipe, "scheduler", scheduler)
             check_scheduler(self.plan, scheduler)
             if scheduler is None and any(f.needs_scheduler for f in self.features):

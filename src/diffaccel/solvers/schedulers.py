@@ -3,7 +3,6 @@ the informed (truncated) start."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -33,10 +32,11 @@ CLASSES: dict[str, tuple[type, dict]] = {
 }
 
 
-def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
+def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False) -> Any:
     """A scheduler running ``spec`` on ``base``'s noise schedule: its ``set_timesteps`` always sets
-    ``spec.steps`` steps (whatever the pipeline asks for); with ``spec.start`` < 1 it is wrapped in
-    an ``InformedStart``, with ``spec.coefficients`` in a ``Corrected``."""
+    ``spec.steps`` steps (whatever the pipeline asks for; with ``exact_steps``, for a pipeline that
+    also uses its step count itself, another count is refused); with ``spec.start`` < 1 it is wrapped
+    in an ``InformedStart``, with ``spec.coefficients`` in a ``Corrected``."""
     config = dict(base.config)
     flow = config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
     if flow or ("beta_schedule" not in config and "trained_betas" not in config):
@@ -57,26 +57,66 @@ def solver_scheduler(spec: SolverSpec, base: Any) -> Any:
         raise PlanError(f"the solver's {spec.steps} steps" + (f" from {spec.start:g}" if spec.start < 1 else "")
                         + f" make a {planned}-step schedule, more than half of this noise schedule's {timesteps} "
                         "timesteps: run fewer steps" + (" or start later" if spec.start < 1 else ""))
-    if spec.steps == 1 and spec.timesteps is None and scheduler.config.get("timestep_spacing") == "leading":
-        raise PlanError("one step under leading spacing evaluates the model at the last timestep, on pure noise, "
-                        "and returns noise: give the solver spacing trailing (or more steps)")
+    if spec.timesteps is not None and max(spec.timesteps) >= timesteps:
+        raise PlanError(f"the plan's timesteps reach {max(spec.timesteps)}; this noise schedule's run from 0 to "
+                        f"{timesteps - 1}")
+    _check_first_timestep(spec, scheduler)
+    if exact_steps and (spec.start < 1 or spec.bottleneck is not None):
+        raise PlanError("an informed start or a bottleneck runs the trajectory from pure noise; this pipeline starts "
+                        "from an image (its strength picks a part of the schedule): leave them out of its plans")
     if spec.bottleneck is not None:
-        return Bottleneck(scheduler, spec)
+        return Bottleneck(scheduler, spec, exact_steps)
     if spec.start < 1:
-        if spec.name == "euler":
-            raise PlanError("an informed start needs a variance-preserving sampler (ddim, dpm++, unipc, evodiff), "
-                            "not euler")
-        return InformedStart(scheduler, spec)
+        return InformedStart(scheduler, spec, exact_steps)
     set_timesteps = scheduler.set_timesteps
 
-    @functools.wraps(set_timesteps)
-    def set_planned_timesteps(*args: Any, **kwargs: Any) -> None:
-        set_timesteps(spec.steps, device=kwargs.get("device"))
+    def set_planned_timesteps(num_inference_steps: int | None = None, device: Any = None, timesteps: Any = None,
+                              sigmas: Any = None, **kwargs: Any) -> None:
+        check_call(spec, num_inference_steps, timesteps, sigmas, exact_steps)
+        set_timesteps(spec.steps, device=device)
         if spec.timesteps is not None:
             place_timesteps(scheduler, spec.timesteps)
 
     scheduler.set_timesteps = set_planned_timesteps
     return Corrected(scheduler, spec.coefficients) if spec.coefficients is not None else scheduler
+
+
+def slices_schedule(pipe: Any) -> bool:
+    """Whether ``pipe`` uses its step count beyond ``set_timesteps``: image-to-image and inpainting
+    pipelines take the last ``strength`` of a ``num_inference_steps``-step schedule."""
+    return "strength" in inspect.signature(type(pipe).__call__).parameters
+
+
+def check_call(spec: SolverSpec, num_inference_steps: int | None, timesteps: Any, sigmas: Any,
+               exact_steps: bool) -> None:
+    """Refuse what a pipeline call asks of the scheduler that the plan's solver would silently
+    override or that the pipeline itself would misread."""
+    if timesteps is not None or sigmas is not None:
+        raise PlanError("the plan's solver section sets the timesteps: call the pipeline without timesteps= and "
+                        "sigmas= (or use a plan without a solver section)")
+    if num_inference_steps is None or int(num_inference_steps) == spec.steps:
+        return
+    if exact_steps:
+        raise PlanError(f"this pipeline uses num_inference_steps itself (its strength takes a part of the schedule): "
+                        f"call it with num_inference_steps={spec.steps}, the steps of the plan's solver")
+    if int(num_inference_steps) == 1:
+        raise PlanError(f"a call with num_inference_steps=1 takes a one-step path in some pipelines (PixArt returns "
+                        f"every step's clean-sample estimate): call it with num_inference_steps={spec.steps}, the "
+                        "steps of the plan's solver")
+
+
+def _check_first_timestep(spec: SolverSpec, scheduler: Any) -> None:
+    """A one-step run from pure noise must evaluate the model near the top of the noise schedule:
+    linspace and leading spacings put a single step at the bottom, where it returns noise."""
+    if spec.steps != 1 or spec.timesteps is not None or spec.start < 1 or spec.bottleneck is not None:
+        return
+    scheduler.set_timesteps(1)
+    first, top = int(scheduler.timesteps[0]), len(scheduler.alphas_cumprod) - 1
+    if first < 0.9 * top:
+        spacing = scheduler.config.get("timestep_spacing", "the pipeline's")
+        raise PlanError(f"one step under {spacing} spacing evaluates the model at timestep {first}, on pure noise "
+                        f"meant for timestep {top}, and returns noise: give the solver spacing trailing (or more "
+                        "steps)")
 
 
 def place_timesteps(scheduler: Any, timesteps: tuple[int, ...]) -> None:
@@ -85,7 +125,8 @@ def place_timesteps(scheduler: Any, timesteps: tuple[int, ...]) -> None:
     so that a scheduler's own timesteps given explicitly reproduce its run exactly."""
     bars = scheduler.alphas_cumprod
     if max(timesteps) >= len(bars):
-        raise PlanError(f"the plan's timesteps reach {max(timesteps)}; this noise schedule has {len(bars)}")
+        raise PlanError(f"the plan's timesteps reach {max(timesteps)}; this noise schedule's run from 0 to "
+                        f"{len(bars) - 1}")
     device = scheduler.timesteps.device
     index = torch.tensor(timesteps, dtype=torch.int64)
     if getattr(scheduler, "sigmas", None) is not None:
@@ -100,8 +141,8 @@ class InformedStart:
     the run's own initial noise) to the first timestep of the tail of a ``steps / start``-step
     schedule; the wrapped scheduler runs that tail. Everything else is the wrapped scheduler's."""
 
-    def __init__(self, inner: Any, spec: SolverSpec) -> None:
-        self.inner, self.spec = inner, spec
+    def __init__(self, inner: Any, spec: SolverSpec, exact_steps: bool = False) -> None:
+        self.inner, self.spec, self.exact_steps = inner, spec, exact_steps
         self.timesteps = inner.timesteps
         self._jump, self._target = False, 0
         show_inner_step(self)
@@ -109,7 +150,9 @@ class InformedStart:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, timesteps: Any = None,
+                      sigmas: Any = None, **kwargs: Any) -> None:
+        check_call(self.spec, num_inference_steps, timesteps, sigmas, self.exact_steps)
         full = self.spec.schedule_steps
         self.inner.set_timesteps(full, device=device)
         skip = full - self.spec.steps
@@ -141,8 +184,8 @@ class Bottleneck:
     timestep, with the run's own initial noise resized alike (times ``scale`` going down, which
     keeps its variance); DDIM is stateless, so nothing else has to follow the resize."""
 
-    def __init__(self, inner: Any, spec: SolverSpec) -> None:
-        self.inner, self.spec = inner, spec
+    def __init__(self, inner: Any, spec: SolverSpec, exact_steps: bool = False) -> None:
+        self.inner, self.spec, self.exact_steps = inner, spec, exact_steps
         self.timesteps = inner.timesteps
         self._index, self._noise = 0, None
         show_inner_step(self)
@@ -150,7 +193,9 @@ class Bottleneck:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, timesteps: Any = None,
+                      sigmas: Any = None, **kwargs: Any) -> None:
+        check_call(self.spec, num_inference_steps, timesteps, sigmas, self.exact_steps)
         self.inner.set_timesteps(self.spec.steps, device=device)
         self.timesteps = self.inner.timesteps
         self._index, self._noise = 0, None

@@ -12,6 +12,7 @@ SOLVERS = ("ddim", "euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
 # solvers that read each step's noise level off the timestep list (DDIM assumes even steps)
 PLACEABLE = ("euler", "dpm++1", "dpm++2", "dpm++3", "unipc", "evodiff")
 Spacing = Literal["trailing", "leading", "linspace"]
+MAX_COEFFICIENT = 100.0  # fitted weights are O(0.1); past this a correction swamps the step it corrects
 HISTORY = 3  # data predictions (the newest first) a fitted step's correction combines with its sample
 
 
@@ -53,6 +54,9 @@ class SolverSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SolverSpec:
+        if self.start < 1 and self.name == "euler":
+            raise ValueError("an informed start needs a variance-preserving sampler (ddim, dpm++, unipc, evodiff), "
+                             "not euler")
         if self.start < 1 and self.schedule_steps <= self.steps:
             raise ValueError(f"start {self.start:g} skips no step at {self.steps} steps (its schedule would have "
                              f"{self.schedule_steps}): the first timestep would run twice; use a start "
@@ -82,8 +86,9 @@ class SolverSpec(BaseModel):
         if len(rows) != self.steps or [len(r) for r in rows] != sizes:
             raise ValueError(f"coefficients need one row per step of {sizes} weights each (the sample and the "
                              f"data predictions so far); got rows of {[len(r) for r in rows]}")
-        if not all(math.isfinite(w) for row in rows for w in row):
-            raise ValueError("coefficients must be finite numbers")
+        if not all(math.isfinite(w) and abs(w) <= MAX_COEFFICIENT for row in rows for w in row):
+            raise ValueError(f"coefficients must be finite numbers within +-{MAX_COEFFICIENT:g} (a fitted correction is "
+                             "small: larger weights would swamp the solver's step)")
         if self.name == "euler" or self.start < 1 or self.bottleneck:
             raise ValueError("fitted coefficients correct a variance-preserving solver's steps from the first "
                              "step (not euler, an informed start or a bottleneck)")
