@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from conftest import run_cli
+from diffaccel.calibration.reference import identity_plan
 from diffaccel.plan import Plan
+from diffaccel.solvers import SolverSpec
 from stock_pipelines import build
 
 
@@ -127,6 +129,14 @@ def test_more_bad_input_is_one_line_and_leaves_nothing_behind(monkeypatch, capsy
     assert "is a directory (give a file name" in one_line_error(
         monkeypatch, capsys, "plan", "make", "fora", "--model", "dit", "--out", tmp_path / "plans")
     assert not list(tmp_path.glob("plans*.tmp")) and not any((tmp_path / "plans").iterdir())
+    bottleneck = tmp_path / "bottleneck.json"  # valid as a file, refused on a U-Net when it runs
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    identity_plan(unet).model_copy(update={"solver": SolverSpec(name="ddim", steps=4, bottleneck=(1, 2, 1))}).save(
+        bottleneck)
+    assert "does not support it" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--plan", bottleneck,
+        "--save-plan", tmp_path / "saved.json", "--out", tmp_path / "refused")
+    assert not (tmp_path / "saved.json").exists()  # only a plan that ran is saved
 
 
 def test_a_prompt_files_own_steps_and_misspelt_arguments(monkeypatch, capsys, sd_folder, tmp_path):

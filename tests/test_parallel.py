@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,27 @@ def test_patch_parallel_runs_exact_when_synchronous_and_stale_otherwise(ranks, r
         exact_ok, psnr = close_enough(results[0][f"patch-stock-{name}-100"], stock_run(name))
         assert exact_ok, f"{name}: {psnr:.1f} dB"
         assert torch.isfinite(results[0][f"patch-stock-{name}-1"]).all()
+
+
+def test_stale_keys_serve_only_the_token_bands_they_were_gathered_for(monkeypatch):
+    """A bottleneck stage changes the bands' token counts: the first exchange at the new size is
+    synchronous, so no band attends to keys of another resolution."""
+    from diffaccel.parallel import patch as patch_module
+
+    calls = []
+
+    def gather(kv, sizes, dim, group, async_op=True):
+        calls.append((list(sizes), async_op))
+        return patch_module.Pending([kv], list(sizes), dim)
+
+    monkeypatch.setattr(patch_module, "start_gather", gather)
+    owner = types.SimpleNamespace(branch=0, sync=False, token_sizes=[16], group=types.SimpleNamespace(rank=0))
+    attention = patch_module.StaleSelfAttention(owner)
+    for tokens in (16, 16, 4, 4, 16):
+        owner.token_sizes = [tokens]
+        assert attention._keys_values(torch.ones(2, tokens, 8)).shape == (2, tokens, 8)
+    # the first call and each change of size gather synchronously, the repeats start a stale exchange
+    assert [sync for _, sync in calls] == [False, True, False, True, False]
 
 
 def test_shared_memory_gathers_equal_gloo_and_time_out(ranks):

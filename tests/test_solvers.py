@@ -3,6 +3,7 @@ budgets that bound the tail."""
 
 from __future__ import annotations
 
+import re
 import time
 from types import SimpleNamespace
 
@@ -183,7 +184,7 @@ def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
     for spec, message in (({"name": "unipc", "steps": 1000}, "1000-step schedule, more than half"),
                           ({"name": "ddim", "steps": 10, "start": 0.001}, "10000-step schedule.*or start later"),
                           ({"name": "ddim", "steps": 6, "bottleneck": (2, 2, 2), "scale": 3},
-                           "bottleneck scale 3 does not divide")):
+                           "bottleneck scale 3 and the model.s patch size 2 need a latent size divisible by 6")):
         with pytest.raises(PlanError, match=message):
             with diffaccel.accelerate(pipe, with_solver(pipe, **spec)):
                 call(pipe, steps=6)
@@ -336,6 +337,35 @@ def test_bottleneck_sampling_runs_the_middle_steps_smaller_on_a_dit_and_is_refus
         SolverSpec(name="ddim", steps=6, bottleneck=(2, 2, 3))
 
 
+def test_bottleneck_sizes_the_model_cannot_run_at_are_refused_at_the_first_step():
+    """The reduced latent must be a whole number of the transformer's patches: a 12x12 latent at
+    1/4 is 3x3, which a patch-2 DiT cannot embed (diffusers would fail mid-run with a shape error)."""
+    pipe, call_args = build_case("dit")
+    torch.manual_seed(0)
+    model = pipe.transformer = type(pipe.transformer).from_config({**pipe.transformer.config, "sample_size": 12})
+    plan = identity_plan(model).model_copy(update={"solver": SolverSpec(name="ddim", steps=6, bottleneck=(2, 2, 2),
+                                                                        scale=4)})
+    assert model.config.patch_size == 2  # 12 / 4 = 3 rows: no whole number of patches
+    with pytest.raises(PlanError, match="patch size 2 need a latent size divisible by 8"):
+        with diffaccel.accelerate(pipe, plan) as run:
+            pipe(**call_args, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert run.stats.steps <= 1 and untouched(model)
+
+
+def test_step_counts_that_diffusers_rounds_to_an_extra_negative_timestep_are_refused_with_counts_that_work():
+    """At 61 steps diffusers' trailing spacing gives 62 timesteps, the last -1 (its own run at 61 steps
+    returns noise); an informed start whose schedule lands on such a count is refused alike."""
+    pipe, _ = build_case("dit")
+    trailing = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    trailing.set_timesteps(61)
+    assert len(trailing.timesteps) == 62 and int(trailing.timesteps[-1]) == -1  # the quirk itself
+    for spec, shown in ((SolverSpec(name="ddim", steps=61), "61 steps would"),
+                        (SolverSpec(name="unipc", steps=60, start=0.99), "60 steps from 0.99 (a 61-step schedule)")):
+        with pytest.raises(PlanError, match=rf"gives 62 timesteps, the last -1 .*{re.escape(shown)}.* 60 or 62"):
+            solver_scheduler(spec, trailing)
+    assert solver_scheduler(SolverSpec(name="ddim", steps=62), trailing) is not None
+
+
 @pytest.mark.parametrize("name", ["euler", "dpm++2", "unipc", "evodiff"])
 def test_explicit_timesteps_equal_to_the_solvers_own_reproduce_its_run_and_others_change_it(pipes, name):
     pipe = pipes[0]
@@ -368,8 +398,9 @@ def test_bad_explicit_timesteps_are_refused_with_what_to_fix(pipes):
 def test_solver_settings_that_would_run_wrong_are_refused():
     """``steps=True`` is not one step; a start that skips no step would evaluate the first timestep
     twice; one step under leading spacing would evaluate pure noise at t=1 and return it."""
-    with pytest.raises(ValueError, match="whole number"):
-        SolverSpec(steps=True)
+    for bad in ({"steps": True}, {"steps": 5, "start": True}, {"steps": 20, "bottleneck": [True, 18, True]}):
+        with pytest.raises(ValueError, match="true/false"):
+            SolverSpec(**bad)
     with pytest.raises(ValueError, match="skips no step.*at most 0.833"):
         SolverSpec(steps=5, start=0.95)
     assert SolverSpec(steps=5, start=0.8).evaluations == 6

@@ -77,6 +77,10 @@ class Adapter:
         """The units static block caching (FORA) reuses by default."""
         raise NotImplementedError
 
+    def size_multiple(self, model: torch.nn.Module) -> int:
+        """The latent sizes ``model`` runs at are multiples of this (a transformer's patch size)."""
+        return int(getattr(getattr(model, "config", None), "patch_size", None) or 1)
+
     def check_granularity(self, granularity: str) -> None:
         if granularity not in self.granularities:
             raise MethodError(f"the {self.name} adapter offers granularity {', '.join(self.granularities)}, "

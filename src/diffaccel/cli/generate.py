@@ -39,6 +39,7 @@ from diffaccel.methods.ptq import quant_spec
 from diffaccel.parallel import ParallelError, close, init, tag_logging
 from diffaccel.parallel.job import ParallelConfig
 from diffaccel.plan import Plan
+from diffaccel.solvers import SolverSpec
 from diffaccel.zoo import shapes
 
 
@@ -115,10 +116,11 @@ def generate(
         calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1) if quant else None
         the_plan = _whole_model(tgt, the_plan, calls, quant, quant_backend, quant_per_step,
                                 precision.value if precision is not None else None)
-        if the_plan is not None and save_plan is not None:
-            the_plan.save(save_plan)
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
-        return run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
+        record = run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
+        if the_plan is not None and save_plan is not None:  # only a plan that ran
+            the_plan.save(save_plan)
+        return record
 
     if model == LM_MODEL and pipeline is None:
         return run_guarded(generate_command, ctx, out_dir=out)
@@ -187,6 +189,8 @@ def summary_line(record: dict) -> str:
     if "plan" in record:
         plan = record["plan"]
         head += f" | plan {plan['method']}"
+        if plan.get("solver"):
+            head += f" + {SolverSpec.model_validate(plan['solver']).label}"
         quant = plan.get("quant") or {}
         if quant and plan["method"] != "ptq":
             head += f" + w{quant['weight_bits']}a{quant['act_bits']} {quant['backend']}"

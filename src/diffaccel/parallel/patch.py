@@ -76,7 +76,9 @@ class StaleSelfAttention:
     def _keys_values(self, kv: torch.Tensor) -> torch.Tensor:
         owner, key = self.owner, self.owner.branch
         previous = self.exchanges.get(key)
-        stale_ok = previous is not None and previous.buffers[0].shape[0] == kv.shape[0]
+        # a step's stale keys serve only the same batch and token bands (a bottleneck stage changes them)
+        stale_ok = previous is not None and previous.buffers[0].shape[0] == kv.shape[0] \
+            and previous.sizes == owner.token_sizes
         if owner.sync or not stale_ok:
             if previous is not None:
                 previous.wait()

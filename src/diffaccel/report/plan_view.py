@@ -63,6 +63,9 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
     lines += _whole_run(plan)
     if plan.schedule is None and plan.rule is None:
         cost = "the full model's MACs" + ("" if plan.guidance is None else ", half at the predicted steps")
+        if plan.solver is not None and plan.solver.bottleneck is not None:
+            cost += (f", about 1/{plan.solver.scale ** 2} of them at the {plan.solver.bottleneck[1]} "
+                     "reduced-resolution steps")
         lines.append(f"every unit computes at every step (any number of steps); cost: {cost}")
         return "\n".join(lines)
     if plan.schedule is None:

@@ -115,7 +115,8 @@ class Executor:
                 if self.plan.solver.bottleneck and "any-resolution" not in self.adapter.capabilities:
                     raise PlanError(f"bottleneck sampling changes the latent size mid-run; the {self.adapter.name} "
                                     "adapter's model does not support it (DiT and PixArt transformers do)")
-                scheduler = solver_scheduler(self.plan.solver, pipe.scheduler, slices_schedule(pipe))
+                scheduler = solver_scheduler(self.plan.solver, pipe.scheduler, slices_schedule(pipe),
+                                             self.adapter.size_multiple(self.model))
                 self.patch(pipe, "scheduler", scheduler)
             check_scheduler(self.plan, scheduler)
             if scheduler is None and any(f.needs_scheduler for f in self.features):

@@ -32,11 +32,12 @@ CLASSES: dict[str, tuple[type, dict]] = {
 }
 
 
-def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False) -> Any:
+def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, size_multiple: int = 1) -> Any:
     """A scheduler running ``spec`` on ``base``'s noise schedule: its ``set_timesteps`` always sets
     ``spec.steps`` steps (whatever the pipeline asks for; with ``exact_steps``, for a pipeline that
     also uses its step count itself, another count is refused); with ``spec.start`` < 1 it is wrapped
-    in an ``InformedStart``, with ``spec.coefficients`` in a ``Corrected``."""
+    in an ``InformedStart``, with ``spec.coefficients`` in a ``Corrected``, with ``spec.bottleneck`` in
+    a ``Bottleneck`` (whose reduced latent sizes must be multiples of ``size_multiple``)."""
     config = dict(base.config)
     flow = config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
     if flow or ("beta_schedule" not in config and "trained_betas" not in config):
@@ -60,12 +61,12 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False) -> 
     if spec.timesteps is not None and max(spec.timesteps) >= timesteps:
         raise PlanError(f"the plan's timesteps reach {max(spec.timesteps)}; this noise schedule's run from 0 to "
                         f"{timesteps - 1}")
-    _check_first_timestep(spec, scheduler)
+    _check_schedule(spec, scheduler)
     if exact_steps and (spec.start < 1 or spec.bottleneck is not None):
         raise PlanError("an informed start or a bottleneck runs the trajectory from pure noise; this pipeline starts "
                         "from an image (its strength picks a part of the schedule): leave them out of its plans")
     if spec.bottleneck is not None:
-        return Bottleneck(scheduler, spec, exact_steps)
+        return Bottleneck(scheduler, spec, exact_steps, size_multiple)
     if spec.start < 1:
         return InformedStart(scheduler, spec, exact_steps)
     set_timesteps = scheduler.set_timesteps
@@ -105,18 +106,34 @@ def check_call(spec: SolverSpec, num_inference_steps: int | None, timesteps: Any
                         "steps of the plan's solver")
 
 
-def _check_first_timestep(spec: SolverSpec, scheduler: Any) -> None:
-    """A one-step run from pure noise must evaluate the model near the top of the noise schedule:
-    linspace and leading spacings put a single step at the bottom, where it returns noise."""
-    if spec.steps != 1 or spec.timesteps is not None or spec.start < 1 or spec.bottleneck is not None:
+def _check_schedule(spec: SolverSpec, scheduler: Any) -> None:
+    """Refuse a schedule diffusers would run wrong: at some step counts its trailing spacing's
+    floating-point arithmetic makes one timestep too many, the last -1 (read as the noisiest), and
+    one step under linspace or leading spacing lands at the bottom of the schedule, on pure noise."""
+    if spec.timesteps is not None:
         return
-    scheduler.set_timesteps(1)
-    first, top = int(scheduler.timesteps[0]), len(scheduler.alphas_cumprod) - 1
-    if first < 0.9 * top:
-        spacing = scheduler.config.get("timestep_spacing", "the pipeline's")
+    planned, top = spec.schedule_steps, len(scheduler.alphas_cumprod) - 1
+    spacing = scheduler.config.get("timestep_spacing", "the pipeline's")
+    if not _runs_at(scheduler, planned):
+        got = scheduler.timesteps.clone()
+        fine = [n for n in sorted(range(planned - 3, planned + 4), key=lambda n: abs(n - planned))
+                if n >= 1 and n != planned and _runs_at(scheduler, n)][:2]
+        what = f"{spec.steps} steps" + (f" from {spec.start:g} (a {planned}-step schedule)" if spec.start < 1 else "")
+        raise PlanError(f"at {planned} steps this {spec.name} scheduler's {spacing} spacing gives {len(got)} "
+                        f"timesteps, the last {int(got[-1])} (diffusers' rounding at this count: its own run at this "
+                        f"count is as wrong), so {what} would run wrong: make the schedule "
+                        f"{' or '.join(map(str, fine))} steps instead")
+    first = int(scheduler.timesteps[0])  # _runs_at left the scheduler at the planned count
+    if spec.steps == 1 and spec.start == 1 and spec.bottleneck is None and first < 0.9 * top:
         raise PlanError(f"one step under {spacing} spacing evaluates the model at timestep {first}, on pure noise "
                         f"meant for timestep {top}, and returns noise: give the solver spacing trailing (or more "
                         "steps)")
+
+
+def _runs_at(scheduler: Any, steps: int) -> bool:
+    """Whether ``scheduler`` set to ``steps`` steps gives that many timesteps, none negative."""
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps) == steps and int(scheduler.timesteps.min()) >= 0
 
 
 def place_timesteps(scheduler: Any, timesteps: tuple[int, ...]) -> None:
@@ -184,8 +201,8 @@ class Bottleneck:
     timestep, with the run's own initial noise resized alike (times ``scale`` going down, which
     keeps its variance); DDIM is stateless, so nothing else has to follow the resize."""
 
-    def __init__(self, inner: Any, spec: SolverSpec, exact_steps: bool = False) -> None:
-        self.inner, self.spec, self.exact_steps = inner, spec, exact_steps
+    def __init__(self, inner: Any, spec: SolverSpec, exact_steps: bool = False, size_multiple: int = 1) -> None:
+        self.inner, self.spec, self.exact_steps, self.multiple = inner, spec, exact_steps, size_multiple
         self.timesteps = inner.timesteps
         self._index, self._noise = 0, None
         show_inner_step(self)
@@ -204,6 +221,7 @@ class Bottleneck:
              **kwargs: Any) -> Any:
         i, self._index = self._index, self._index + 1
         if self._noise is None:
+            self._check_size(sample.shape[-2:])
             self._noise = sample.clone()
         first, low, _ = self.spec.bottleneck
         if i not in (first - 1, first + low - 1):
@@ -212,9 +230,6 @@ class Bottleneck:
         x0 = data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
         full = self._noise.shape[-2:]
         if i == first - 1:  # down
-            if full[0] % self.spec.scale or full[1] % self.spec.scale:
-                raise PlanError(f"bottleneck scale {self.spec.scale} does not divide this run's latent size "
-                                f"{full[0]}x{full[1]}: choose a scale that does (or another image size)")
             size = (full[0] // self.spec.scale, full[1] // self.spec.scale)
             x0 = F.interpolate(x0, size=size, mode="area")
             noise = F.interpolate(self._noise, size=size, mode="area") * self.spec.scale
@@ -224,3 +239,11 @@ class Bottleneck:
         target = float(bars[int(self.timesteps[i + 1])])
         prev = target ** 0.5 * x0 + (1 - target) ** 0.5 * noise
         return SchedulerOutput(prev_sample=prev) if kwargs.get("return_dict", True) else (prev,)
+
+    def _check_size(self, full: torch.Size) -> None:
+        """Refuse, at the first step, a latent size the reduced stage cannot run at."""
+        step = self.spec.scale * self.multiple
+        if full[0] % step or full[1] % step:
+            patch = f" and the model's patch size {self.multiple}" if self.multiple > 1 else ""
+            raise PlanError(f"bottleneck scale {self.spec.scale}{patch} need a latent size divisible by {step}; "
+                            f"this run's is {full[0]}x{full[1]}: choose another scale (or image size)")

@@ -45,11 +45,12 @@ class SolverSpec(BaseModel):
         None, description="fitted corrections, one row per step: the weights of its input sample and of the "
                           "newest data predictions added to the solver's step (solvers/corrected.py)")
 
-    @field_validator("steps", mode="before")
+    @field_validator("steps", "start", "scale", "bottleneck", "timesteps", mode="before")
     @classmethod
-    def _whole_number(cls, value: object) -> object:
-        if isinstance(value, bool):
-            raise ValueError("steps must be a whole number, not a true/false value")
+    def _no_true_false(cls, value: object) -> object:
+        """JSON's true/false would pass as 1/0 (a bottleneck stage of ``true`` steps, ``start: true``)."""
+        if isinstance(value, bool) or (isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value)):
+            raise ValueError("must be a number (or numbers), not a true/false value")
         return value
 
     @model_validator(mode="after")
@@ -87,8 +88,8 @@ class SolverSpec(BaseModel):
             raise ValueError(f"coefficients need one row per step of {sizes} weights each (the sample and the "
                              f"data predictions so far); got rows of {[len(r) for r in rows]}")
         if not all(math.isfinite(w) and abs(w) <= MAX_COEFFICIENT for row in rows for w in row):
-            raise ValueError(f"coefficients must be finite numbers within +-{MAX_COEFFICIENT:g} (a fitted correction is "
-                             "small: larger weights would swamp the solver's step)")
+            raise ValueError(f"coefficients must be finite numbers within +-{MAX_COEFFICIENT:g} (a fitted correction "
+                             "is small: larger weights would swamp the solver's step)")
         if self.name == "euler" or self.start < 1 or self.bottleneck:
             raise ValueError("fitted coefficients correct a variance-preserving solver's steps from the first "
                              "step (not euler, an informed start or a bottleneck)")
