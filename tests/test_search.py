@@ -43,7 +43,7 @@ from diffaccel.search.config import SearchConfig, auto_margin, configured
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
 from diffaccel.search.space import Space
-from diffaccel.search.validation import Validator, plan_getter, validate, validator_for
+from diffaccel.search.validation import MAX_VALIDATED, Validator, plan_getter, validate, validator_for
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
 from test_engine import make_pipes, untouched
@@ -705,6 +705,30 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     callable_calib = CalibrationRun(pipe, lambda p: p(**kwargs, output_type="pt").images)
     assert validator_for(callable_calib, parse_budget("psnr>=60"), plan_getter(None), lines.append) is None
     assert "validation skipped" in lines[-1]
+
+
+def test_validation_keeps_a_dearer_plan_the_search_confirmed_and_bounds_nothing_on_one_image(pipes):
+    """The final validation measures at most ``MAX_VALIDATED`` cheaper plans, but a plan the search
+    already confirmed as it went is still the one returned when they all miss; one validation
+    image has no spread to bound its mean by, so it confirms nothing."""
+    pipe, kwargs = build_case("sd-pndm")
+    calib = CalibrationRun(pipe, as_workload([kwargs]))
+    steps = calib.num_steps
+    rough, exact = methods.fora(pipe, steps, interval=steps), identity_plan(pipe.unet)
+    validator = Validator(calib, parse_budget("psnr>=60"), plan_getter(None), quiet)
+    dear = _claimed(exact, 99, 1.0, "exact")
+    assert validator.confirmed(dear)  # measured during the search
+    cheap = [_claimed(rough.model_copy(update={"params": {"copy": i}}), 99, 0.2, f"rough {i}")
+             for i in range(MAX_VALIDATED + 1)]
+    found = validate(validator, [*cheap, dear], None)
+    assert found.confirmed and found.chosen is dear
+    assert [t["source"] for t in found.tried] == [c.source for c in cheap[:MAX_VALIDATED]] + ["exact"]
+    lines: list[str] = []
+    one = CalibrationRun(pipe, as_workload([{**kwargs, "prompt": kwargs["prompt"][:1]}]))
+    assert len(one.reference) == 1
+    record = Validator(one, parse_budget("psnr>=60"), plan_getter(None), lines.append).check(dear)
+    assert record["psnr"] == 100.0 and record["bound"] is None and not record["met"]
+    assert "error bound none from one image" in lines[-1]
 
 
 def test_a_search_validates_its_choice_unless_told_not_to(pipes):

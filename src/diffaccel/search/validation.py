@@ -16,6 +16,7 @@ there is as likely under the budget as over it on other seeds (the U-Net plan ab
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +98,10 @@ class Validator:
         (``validation_seconds``): what a search that validates as it goes may take back."""
         return min(self.seconds, validation_seconds(self.calib))
 
+    def measured(self, candidate: Candidate) -> bool:
+        """Whether ``candidate`` was scored already (by the search as it went: a free look-up)."""
+        return self.plan_of(candidate).model_dump_json() in self._records
+
     def confirmed(self, candidate: Candidate) -> bool:
         record = self.check(candidate)
         return record is not None and record["met"]
@@ -111,10 +116,11 @@ class Validator:
         quality, bound = fidelity(images, reference), error_bound(images, reference, self.budget)
         value = quality["psnr"] if self.budget.metric == "psnr" else quality["ssim"]
         met = self.budget.accepts(value - bound, quality["psnr_p5"])
+        shown = f"{bound:.2f}{self.budget.unit()}" if math.isfinite(bound) else "none from one image"
         self.log(f"  {candidate.source}: {quality['psnr']:.2f} dB (p5 {quality['psnr_p5']:.1f}, error bound "
-                 f"{bound:.2f}{self.budget.unit()}) on validation, {candidate.psnr:.2f} dB on calibration: "
+                 f"{shown}) on validation, {candidate.psnr:.2f} dB on calibration: "
                  f"{'confirmed' if met else 'not confirmed'}")
-        return {"source": candidate.source, **quality, "bound": bound, "met": met}
+        return {"source": candidate.source, **quality, "bound": bound if math.isfinite(bound) else None, "met": met}
 
 
 def validator_for(calib: CalibrationRun, budget: Budget, plan_of: Callable[[Candidate], Plan],
@@ -131,20 +137,28 @@ def validator_for(calib: CalibrationRun, budget: Budget, plan_of: Callable[[Cand
 def validate(validator: Validator, ordered: list[Candidate], deadline: float | None) -> Validation | None:
     """Check ``ordered`` (the candidates that cleared the budget on calibration, cheapest first) on
     the validation seeds until one meets the budget there; None when nothing is to be validated.
-    When none is confirmed (``MAX_VALIDATED`` tried, or ``deadline``), the one that scored best there."""
+    At most ``MAX_VALIDATED`` are measured here, until ``deadline``; those the search measured as it
+    went count at no cost, wherever they stand (a dearer plan it confirmed is not forgotten). When
+    none is confirmed, the one that scored best there."""
     if not ordered:
         return None
     budget, log = validator.budget, validator.log
     tried: list[tuple[Candidate, dict]] = []
-    for candidate in ordered[:MAX_VALIDATED]:
-        if tried and deadline is not None and time.time() > deadline:
-            log("validation: out of time")
-            break
+    fresh, late = 0, False
+    for candidate in ordered:
+        known = validator.measured(candidate)
+        if not known:
+            late = late or (bool(tried) and deadline is not None and time.time() > deadline)
+            if late or fresh >= MAX_VALIDATED:
+                continue  # a dearer plan the search measured may still follow
+            fresh += 1
         record = validator.check(candidate)
         if record is not None:
             tried.append((candidate, record))
             if record["met"]:
                 break
+    if late:
+        log("validation: out of time")
     images = len(validator.reference)
     if not tried:
         log("warning: every plan tried failed on the validation seeds; the cheapest is returned unconfirmed")
@@ -161,8 +175,10 @@ def validate(validator: Validator, ordered: list[Candidate], deadline: float | N
 def error_bound(images: Any, reference: Any, budget: Budget) -> float:
     """What the validation mean must clear the budget by: for PSNR, the one-sided 95% error bound of
     the mean (capped as the search margin is); an SSIM budget is taken as it is."""
-    if budget.metric != "psnr" or len(images) < 2:
+    if budget.metric != "psnr":
         return 0.0
+    if len(images) < 2:  # one image has no spread to bound its mean by: nothing is confirmed on it
+        return math.inf
     return mean_error_bound(float(psnr_per_image(images, reference).std()), len(images))
 
 
