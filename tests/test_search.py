@@ -399,6 +399,10 @@ def test_empty_or_mismatched_calibration_sets(pipes):
         search(pipes[0], shapes_workload([9], STEPS, per_class=1), log=quiet)
     with pytest.raises(CalibrationError, match="never ran"):
         search(pipes[0], lambda pipe: torch.rand(2, 3, 16, 16), log=quiet)
+    mixed = as_workload([*shapes_workload([0], STEPS, per_class=1).with_steps(STEPS).calls,
+                         *shapes_workload([1], STEPS, per_class=1).with_steps(STEPS + 2).calls])
+    with pytest.raises(CalibrationError, match=r"different step counts .*same num_inference_steps"):
+        search(pipes[0], mixed, log=quiet)  # every plan is indexed by one run's steps
 
 
 # -- resumption -----------------------------------------------------------------------------------------

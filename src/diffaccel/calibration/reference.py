@@ -99,6 +99,12 @@ class CalibrationRun:
         """``solver``: profile the run of that sampler (its plans are then scored against this
         run's images; a search scores every plan against the pipeline's own run)."""
         self.pipe, self.calibrate = pipe, calibrate
+        if isinstance(calibrate, Workload):
+            try:
+                calibrate.num_inference_steps  # noqa: B018 -- raises when the calls differ
+            except WorkloadError as exc:  # every plan made on these calls is indexed by one run's steps
+                raise CalibrationError(f"{exc}: give every calibration call the same num_inference_steps (or "
+                                       "calibrate each step count on its own)") from None
         self.model, self.scheduler = find_denoiser(pipe, denoiser)
         self.plan = identity_plan(self.model, granularity).model_copy(update={"solver": solver})
         self.units = list(self.plan.units)
