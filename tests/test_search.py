@@ -286,6 +286,8 @@ def test_the_held_out_comparison_counts_flops_only_in_its_untimed_runs(pipes, mo
     record = compare(pipes[0], heldout(), plan, pairs=2)
     assert record["pairs"] == 2 and record["speedup_macs"] > 1
     assert len(counted) == 2  # the plan's warm-up and the baseline's count; no timed run pays the counter
+    # a time limit that has passed: one pair is timed, no more (the search's whole run keeps its limit)
+    assert compare(pipes[0], heldout(), plan, pairs=3, deadline=time.time())["pairs"] == 1
 
 
 def test_the_automatic_margin_bounds_the_error_of_the_calibration_mean():
@@ -315,7 +317,7 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
     when it would end past the limit, and the summary and its one-line report say so."""
     compared = []
 
-    def timed_compare(pipe, fn, plan, pairs):  # a comparison that takes 0.2 s
+    def timed_compare(pipe, fn, plan, pairs, deadline=None):  # a comparison that takes 0.2 s
         compared.append(plan)
         time.sleep(0.2)
         return {"psnr": 31.0, "psnr_p5": 25.0, "psnr_min": 20.0, "ssim": 0.9, "speedup_macs": 4.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def search(
         return run_guarded(search_command, ctx)
 
     def job():
+        started = time.time()  # the limit is the whole command's
         setup(threads, guidance)
         quality = parse_budget("psnr>=30" if budget is None else budget).text
         backend = quant_backend_for(quant, quant_backend)
@@ -153,7 +155,8 @@ def search(
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
                               quant=spec, bits=choices, correct=correct, validate=validate, precision=precision.value,
                               model_name=f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name)
-        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log)
+        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log,
+                          started=started)
 
     result = run_guarded(job, out_dir=out)
     if not result.met:

@@ -16,9 +16,10 @@ from diffaccel.eval.timing import wall_ratio
 from diffaccel.plan import Plan
 
 
-def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
+def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3, deadline: float | None = None) -> dict:
     """Run ``fn`` without and with ``plan``, interleaved ``pairs`` times after one warm-up of each, in
     this process: fidelity of the plan's images to the unaccelerated ones, MAC and wall speedups.
+    With ``deadline``, a pair that would end past it is not started (one pair always runs).
     ``speedup_macs`` counts every MAC of the calls (text encoder and decoder too, as ``bench`` does),
     so that it is comparable with the wall-clock; ``speedup_macs_denoiser`` the denoiser's alone."""
     # the untimed runs count the MACs; the plan's warm-up executor's unit MACs spare the timed runs
@@ -28,6 +29,8 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3) -> dict:
     base_macs = count_macs(lambda: warm.append(run_with_plan(pipe, fn, identity_plan(find_denoiser(pipe)[0]))[1]))
     base_times, fast_times, base, fast, executor = [], [], None, None, None
     for _ in range(max(1, pairs)):
+        if base_times and deadline is not None and time.time() + base_times[-1] + fast_times[-1] > deadline:
+            break
         start = time.perf_counter()
         result = fn(pipe)
         base_times.append(time.perf_counter() - start)
@@ -78,8 +81,11 @@ def heldout_check(ctx: Any, summary: dict, plan: Plan, heldout: Callable | None,
         return
     ctx.log("held-out check: the chosen plan against the unaccelerated pipeline")
     start = time.time()
-    measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs)
+    limit = ctx.started + ctx.config.time_limit if ctx.config.time_limit else None
+    measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs, limit)
     elapsed = time.time() - start
+    if measured["pairs"] < ctx.config.pairs:
+        ctx.log(f"held-out check: {measured['pairs']} of {ctx.config.pairs} timed pairs, within the time limit")
     summary.update(heldout_psnr=measured["psnr"], heldout_psnr_p5=measured["psnr_p5"],
                    heldout_psnr_min=measured["psnr_min"],
                    heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],

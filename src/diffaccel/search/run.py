@@ -48,7 +48,7 @@ def study_name(model_name: str, budget: Budget, objective: str, strategy: str, s
 
 def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, *, out: str | Path | None = None,
            storage: str | None = None, heldout: Calibrate | None = None, denoiser: str | None = None,
-           log: Callable[[str], None] = LOG.info, **options: Any) -> SearchResult:
+           log: Callable[[str], None] = LOG.info, started: float | None = None, **options: Any) -> SearchResult:
     """Search static plans for ``pipe``'s denoiser on the calibration set ``calibrate`` (a
     ``Workload``, or a callable running the pipeline on fixed inputs and returning images in [0, 1]).
 
@@ -57,8 +57,10 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     ``storage``: any optuna storage URL instead (several workers may share it). ``heldout``: a second
     set, on evaluation seeds, on which the chosen and the best hand-made plans are re-measured
     against the unaccelerated pipeline (``config.pairs`` interleaved runs each). Before that, the
-    pick is confirmed on fresh calibration seeds (``validation.py``; ``config.validate``)."""
-    started = time.time()
+    pick is confirmed on fresh calibration seeds (``validation.py``; ``config.validate``). ``started``:
+    when the time limit's clock started (``time.time()``; default now: the command line passes its own
+    start, so that loading the pipeline and sizing the image sets count)."""
+    started = time.time() if started is None else started
     config = configured(config, options)
     config.check()
     budget = config.parsed_budget()
