@@ -348,6 +348,21 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
     assert "not re-measured: time limit" in summary_line(late) and "3.50x wall" in summary_line(late)
 
 
+def test_a_plan_slower_than_the_pipeline_on_the_held_out_check_is_said_to_be(monkeypatch):
+    monkeypatch.setattr(heldout_module, "compare", lambda *args: {
+        "psnr": 33.0, "psnr_p5": 27.0, "psnr_min": 25.0, "ssim": 0.95, "speedup_macs": 1.11,
+        "speedup_macs_denoiser": 1.12, "speedup_wall": 0.86, "images": 4, "pairs": 3, "seconds_base": 1.0,
+        "seconds_plan": 1.16, "allocator": "kept"})
+    lines: list[str] = []
+    ctx = SimpleNamespace(calib=SimpleNamespace(pipe=None, reference=[0] * 4), log=lines.append,
+                          budget=parse_budget("psnr>=30"), started=time.time(),
+                          config=SimpleNamespace(pairs=3, time_limit=None))
+    summary = {"met": True}
+    heldout_check(ctx, summary, "the chosen plan", object(), None, [])
+    assert summary["heldout_met"] and any("ran slower than the unaccelerated pipeline (0.86x" in line
+                                          for line in lines)
+
+
 def test_space_holds_the_handmade_schedules(pipes):
     from diffaccel.search.handmade import handmade_plans
 

@@ -195,6 +195,9 @@ def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
 
 
 def test_budgets_can_bound_the_tail():
+    ssim = parse_budget("ssim>=0.9,psnr_p5>=24").raised(0.005)  # the tail stays in dB, with a dB margin
+    assert ssim.threshold == pytest.approx(0.905) and ssim.tail == pytest.approx(24.5)
+    assert parse_budget("ssim>=0.9,psnr_p5>=24").raised(0).tail == 24
     budget = parse_budget("psnr>=30,psnr_p5>=24")
     assert budget.threshold == 30 and budget.tail == 24 and budget.text == "psnr>=30,psnr_p5>=24"
     assert budget.accepts(31, 25) and not budget.accepts(31, 20) and not budget.accepts(29, 26)
@@ -687,3 +690,20 @@ def test_on_a_flow_matching_pipeline_the_sampler_phase_is_skipped_once_with_the_
     sd, sd_kwargs = build_case("sd-pndm")
     assert JointSearch(CalibrationRun(sd, as_workload([sd_kwargs])), parse_budget("psnr>=25"), "macs", None,
                        lines.append)._solvers_apply()
+
+
+@pytest.mark.parametrize("case", ["sd-euler-ancestral", "sd-ddim-eta"])
+def test_a_sampler_that_adds_noise_at_every_step_keeps_the_sampler_phase_out_with_the_reason(case):
+    """Against an ancestral sampler or DDIM at eta=1 every deterministic solver scores the same low
+    PSNR whatever its steps (the reference is one draw of a stochastic trajectory): the phase says why
+    and is skipped; the caching plans on the pipeline's own sampler remain."""
+    pipe, kwargs = build_case(case)  # sd-ddim-eta's call carries eta=1
+    lines: list[str] = []
+    joint = JointSearch(CalibrationRun(pipe, as_workload([kwargs])), parse_budget("psnr>=25"), "macs", None,
+                        lines.append)
+    assert not joint._solvers_apply() and len(lines) == 1 and "fresh noise at every step" in lines[0]
+    if case == "sd-ddim-eta":
+        assert "eta=1" in lines[0]
+        deterministic = JointSearch(CalibrationRun(pipe, as_workload([{**kwargs, "eta": 0.0}])),
+                                    parse_budget("psnr>=25"), "macs", None, lines.append)
+        assert deterministic._solvers_apply()

@@ -40,8 +40,10 @@ class Budget:
         return " dB" if self.metric == "psnr" else ""
 
     def raised(self, margin: float) -> Budget:
-        """The budget the calibration set must meet so that unseen inputs still meet this one."""
-        return Budget(self.metric, self.threshold + margin, None if self.tail is None else self.tail + margin)
+        """The budget the calibration set must meet so that unseen inputs still meet this one. The
+        tail bound is in dB: under an SSIM budget it is raised by the default PSNR margin (if any)."""
+        tail_margin = margin if self.metric == "psnr" else (DEFAULT_MARGIN["psnr"] if margin > 0 else 0.0)
+        return Budget(self.metric, self.threshold + margin, None if self.tail is None else self.tail + tail_margin)
 
 
 # A plan chosen on a dozen calibration images loses some quality on other inputs (0.6-2 dB on the

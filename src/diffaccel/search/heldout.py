@@ -93,6 +93,10 @@ def heldout_check(ctx: Any, summary: dict, plan: Plan, heldout: Callable | None,
                    heldout_images=measured["images"], heldout_pairs=measured["pairs"], allocator=measured["allocator"])
     quality = measured["psnr"] if ctx.budget.metric == "psnr" else measured["ssim"]
     summary["heldout_met"] = ctx.budget.accepts(quality, measured["psnr_p5"])
+    if measured["speedup_wall"] is not None and measured["speedup_wall"] < 1:
+        ctx.log(f"warning: on this machine the chosen plan ran slower than the unaccelerated pipeline "
+                f"({measured['speedup_wall']:.2f}x wall-clock for {measured['speedup_macs']:.2f}x fewer MACs): the "
+                "work it saves does not pay for what it adds here; search with --objective latency, or use none")
     if summary["met"] and not summary["heldout_met"]:
         ctx.log(f"warning: on the held-out seeds the chosen plan misses {ctx.budget.text} ({quality:.4g}"
                 f"{ctx.budget.unit()}, 5th percentile {measured['psnr_p5']:.4g} dB): {len(ctx.calib.reference)} "

@@ -65,7 +65,7 @@ from diffaccel.search.config import Budget
 from diffaccel.search.fits import FitPhases
 from diffaccel.search.guided import GuidancePhase
 from diffaccel.search.validation import Validator
-from diffaccel.solvers.schedulers import solver_scheduler
+from diffaccel.solvers.schedulers import added_noise, solver_scheduler
 from diffaccel.solvers.spec import SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
@@ -193,12 +193,17 @@ class JointSearch(FitPhases, GuidancePhase):
 
     def _solvers_apply(self) -> bool:
         """Whether the pipeline's scheduler can host a solver section at all: a flow-matching one
-        (SD3, Flux) has no noise schedule to build the solvers on, and every setting would fail."""
+        (SD3, Flux) has no noise schedule to build the solvers on, and every setting would fail; a
+        stochastic one (ancestral, SDE, eta > 0) draws a trajectory no deterministic solver follows."""
         if not (self.space.solvers and self.space.steps):
             return False
+        scheduler = find_denoiser(self.calib.pipe)[1]
+        calls = [c.kwargs for c in getattr(self.calib.calibrate, "calls", ())]
         try:
-            solver_scheduler(SolverSpec(name=self.space.solvers[0], steps=self.space.steps[0]),
-                             find_denoiser(self.calib.pipe)[1])
+            solver_scheduler(SolverSpec(name=self.space.solvers[0], steps=self.space.steps[0]), scheduler)
+            noise = added_noise(scheduler, calls)
+            if noise is not None:
+                raise PlanError(f"{noise}, which no deterministic solver can follow: the plans keep that sampler")
         except PlanError as exc:
             self.log(f"  the sampler, its steps and their fits are skipped: {exc}")
             return False

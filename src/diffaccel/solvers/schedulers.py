@@ -82,6 +82,20 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
     return Corrected(scheduler, spec.coefficients) if spec.coefficients is not None else scheduler
 
 
+def added_noise(scheduler: Any, calls: list[dict]) -> str | None:
+    """Why ``scheduler``, run on ``calls``, adds fresh noise at every step (ancestral, SDE, DDPM, DDIM
+    with ``eta`` > 0), or None: no deterministic solver can follow such a trajectory."""
+    name = type(scheduler).__name__
+    if "Ancestral" in name or "SDE" in name or name == "DDPMScheduler":
+        return f"the pipeline's {name} adds fresh noise at every step"
+    if "sde" in str(scheduler.config.get("algorithm_type", "")):
+        return f"the pipeline's {name} runs {scheduler.config['algorithm_type']}, which adds fresh noise at every step"
+    eta = max((float(c.get("eta") or 0) for c in calls), default=0.0)
+    if eta > 0 and "eta" in inspect.signature(scheduler.step).parameters:
+        return f"the calls' eta={eta:g} makes the pipeline's {name} add fresh noise at every step"
+    return None
+
+
 def slices_schedule(pipe: Any) -> bool:
     """Whether ``pipe`` uses its step count beyond ``set_timesteps``: image-to-image and inpainting
     pipelines take the last ``strength`` of a ``num_inference_steps``-step schedule."""
