@@ -97,6 +97,8 @@ def test_tiny_bench_writes_results_markdown_and_report(tiny_run):
     assert results.summary["cachedit-dbcache-taylorseer"].speedup_wall is None
     table = (tiny_run / "results.md").read_text()
     assert "Speedup at PSNR >= 30 dB" in table and "| fora |" in table and "not installed" in table
+    best = [b for b in results.summary.values() if b.speedup_wall is not None]
+    assert best and all(b.psnr_p5 <= b.psnr and f"dB (5th pct {b.psnr_p5:.1f})" in table for b in best)
     page = (tiny_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4  # two plots, the baseline grid, ours (and the peer's)
     assert "src='http" not in page and 'src="http' not in page  # self-contained

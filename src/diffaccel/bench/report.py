@@ -146,7 +146,8 @@ def summary_lines(results: Results) -> list[tuple[str, str, str]]:
         if best.speedup_wall is None:
             text = best.note or "-"
         else:
-            text = (f"{best.speedup_wall:.2f}x wall ({_fmt(best.speedup_macs)}x MACs) at {best.psnr:.1f} dB, "
+            tail = "" if best.psnr_p5 is None else f" (5th pct {best.psnr_p5:.1f})"
+            text = (f"{best.speedup_wall:.2f}x wall ({_fmt(best.speedup_macs)}x MACs) at {best.psnr:.1f} dB{tail}, "
                     f"{best.setting}")
         out.append((name, best.family, text))
     return out

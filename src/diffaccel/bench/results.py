@@ -79,6 +79,7 @@ class Best(_Model):
     speedup_wall: float | None  # None: no setting reaches the floor (or the name was skipped)
     speedup_macs: float | None = None
     psnr: float | None = None
+    psnr_p5: float | None = None  # the 5th-percentile image's (results before it was recorded have none)
     setting: str | None = None
     note: str = ""
 
@@ -126,7 +127,7 @@ def summarize(rows: list[dict], skipped: list[dict], floor: float = PSNR_FLOOR,
         if meets_floor(row, floor, baseline_adherence):
             if entry["speedup_wall"] is None or row["speedup_wall"] > entry["speedup_wall"]:
                 entry.update(speedup_wall=row["speedup_wall"], speedup_macs=row["speedup_macs"], psnr=row["psnr"],
-                             setting=row["setting"], note="")
+                             psnr_p5=row.get("psnr_p5"), setting=row["setting"], note="")
         elif row["name"] not in psnr_only or row["speedup_wall"] > psnr_only[row["name"]]["speedup_wall"]:
             psnr_only[row["name"]] = row
     for name, row in psnr_only.items():
