@@ -67,7 +67,9 @@ def test_search_and_quantize_on_a_pipeline_folder(monkeypatch, capsys, sd_folder
              "--pairs", "1", "--out", tmp_path / "search")
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert summary["model"] == "sd" and summary["calib_images"] == 2 and "held-out" in out
-    assert Plan.load(tmp_path / "search" / "plan.json").calibration.inputs[0] == "a red circle on a blue background"
+    found = Plan.load(tmp_path / "search" / "plan.json")
+    assert found.calibration.inputs[0] == "a red circle on a blue background"
+    assert "4 steps, guidance 3/4" in found.calibration.seeds  # the second prompt line sets its own 4
     ok(monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", prompts, "--steps", "4", "--per-class",
        "1", "--out", tmp_path / "quant")
     plan = Plan.load(tmp_path / "quant" / "plan.json")

@@ -136,11 +136,17 @@ class Target:
                  for i, call in enumerate(self.calls) for k in range(per_class)]
         kind = "calibration" if calibration else "evaluation"
         return Workload.from_calls(calls, description=f"{kind} seeds from {base}, {len(self.calls)} prompts x "
-                                                      f"{per_class}, {steps} steps, guidance {guidance:g}")
+                                                      f"{per_class}, {_values(calls, 'num_inference_steps')} steps, "
+                                                      f"guidance {_values(calls, 'guidance_scale')}")
 
     def prompt_scores(self, images: torch.Tensor, calls: list) -> dict[str, float]:
         """A t2i model's scores of ``images``, drawn by ``calls`` in order (see :func:`prompt_scores`)."""
         return prompt_scores(self.evaluator, images, calls)
+
+
+def _values(calls: list[dict], key: str) -> str:
+    """The calls' values of ``key`` as a description says them: ``4``, or ``4/5`` when they differ."""
+    return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in dict.fromkeys(c[key] for c in calls))
 
 
 def prompt_scores(evaluator: Any, images: torch.Tensor, calls: list) -> dict[str, float]:
