@@ -116,8 +116,8 @@ def generate(
         calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1) if quant else None
         the_plan = _whole_model(tgt, the_plan, calls, quant, quant_backend, quant_per_step,
                                 precision.value if precision is not None else None)
-        mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
-        record = run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
+        record = run_generate(tgt, cfg, out, plan=the_plan, compare=compare,
+                              parallel=ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None)
         if the_plan is not None and save_plan is not None:  # only a plan that ran
             the_plan.save(save_plan)
         return record
