@@ -105,9 +105,7 @@ def generate(
         tag_logging(init())
         names = _class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
-        check_plan_file(plan)
-        if compare and not (method or plan or quant or precision):
-            raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
+        _check_inputs(plan, compare and not (method or plan or quant or precision))
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = call_steps(tgt, steps)
         cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,
@@ -116,8 +114,8 @@ def generate(
         calls = tgt.workload(num_steps, guidance, per_class=2 if tgt.embedded else 1) if quant else None
         the_plan = _whole_model(tgt, the_plan, calls, quant, quant_backend, quant_per_step,
                                 precision.value if precision is not None else None)
-        record = run_generate(tgt, cfg, out, plan=the_plan, compare=compare,
-                              parallel=ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None)
+        mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
+        record = run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
         if the_plan is not None and save_plan is not None:  # only a plan that ran
             the_plan.save(save_plan)
         return record
@@ -125,6 +123,13 @@ def generate(
     if model == LM_MODEL and pipeline is None:
         return run_guarded(generate_command, ctx, out_dir=out)
     _report(run_guarded(_rank_tagged, job, out_dir=out), out, compare)
+
+
+def _check_inputs(plan: Path | None, compares_nothing: bool) -> None:
+    """Refuse a broken plan file, or ``--compare`` with nothing to compare, before any model loads."""
+    check_plan_file(plan)
+    if compares_nothing:
+        raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
 
 
 def _class_names(classes: str | None) -> list[str] | None:
