@@ -15,7 +15,7 @@ from diffaccel import methods
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.calibration.workload import Workload
-from diffaccel.errors import PlanError, QuantError
+from diffaccel.errors import PlanError, QuantError, WorkloadError
 from diffaccel.eval.cost import plan_mac_fraction
 from diffaccel.methods.registry import METHODS, applicable, build
 from diffaccel.runtime import PlanWarning
@@ -136,6 +136,22 @@ def test_dp_search_finds_a_plan_on_the_pipeline(name, tmp_path):
     with diffaccel.accelerate(pipe, plan) as executor:
         assert torch.isfinite(run(pipe, call)).all()
     assert executor.stats.macs < executor.stats.full_macs and untouched(pipe)
+
+
+def test_calibrated_methods_refuse_calls_at_mixed_step_counts_or_sizes_before_running():
+    """ERTA crashed mid-fit on them and per-step PTQ built scales of two trajectories, silently."""
+    pipe, call = build_case("sd-pndm")
+    steps = [{**call, "num_inference_steps": 6}, {**call, "num_inference_steps": 8}]
+    sizes = [{**call, "height": 16, "width": 16}, {**call, "height": 32, "width": 32}]
+    makers = {"keysteps": lambda calls: methods.keysteps(pipe, calls, keys=3),
+              "erta": lambda calls: methods.erta(pipe, calls, threshold=0.5),
+              "ptq": lambda calls: methods.ptq(pipe, calls, bits="w8a8", per_step=True)}
+    for name, make in makers.items():
+        with pytest.raises(WorkloadError, match=r"different step counts \(\['6', '8'\]\).*same num_inference_steps"):
+            make(steps)
+        with pytest.raises(WorkloadError, match="different image sizes"):
+            make(sizes)
+    assert untouched(pipe)
 
 
 def test_w8a8_ptq_calibrates_on_the_pipeline_and_refuses_other_weights():

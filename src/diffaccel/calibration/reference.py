@@ -103,8 +103,7 @@ class CalibrationRun:
             try:
                 calibrate.num_inference_steps  # noqa: B018 -- raises when the calls differ
             except WorkloadError as exc:  # every plan made on these calls is indexed by one run's steps
-                raise CalibrationError(f"{exc}: give every calibration call the same num_inference_steps (or "
-                                       "calibrate each step count on its own)") from None
+                raise CalibrationError(str(exc)) from None
         self.model, self.scheduler = find_denoiser(pipe, denoiser)
         self.plan = identity_plan(self.model, granularity).model_copy(update={"solver": solver})
         self.units = list(self.plan.units)

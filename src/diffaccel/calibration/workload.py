@@ -154,8 +154,9 @@ class Workload:
         """The calls' common ``num_inference_steps`` (None if they leave it to the pipeline)."""
         steps = {c.kwargs.get("num_inference_steps") for c in self.calls}
         if len(steps) > 1:
-            raise WorkloadError(f"the calls ask for different step counts ({sorted(map(str, steps))}): "
-                                "a plan is made for one")
+            raise WorkloadError(f"the calls ask for different step counts ({sorted(map(str, steps))}): a plan is "
+                                "made for one; give every call the same num_inference_steps (or calibrate each "
+                                "step count on its own)")
         return steps.pop()
 
     def with_steps(self, num_inference_steps: int) -> Workload:
@@ -225,3 +226,16 @@ def as_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **def
                             "the keyword arguments of the pipeline calls to calibrate on (prompts or class labels, "
                             "num_inference_steps, guidance_scale; CLI: --prompts FILE)")
     return make(**defaults)
+
+
+def calibration_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **defaults: Any) -> Workload:
+    """``as_workload`` for calibrating a plan: its calls must share one step count (a plan is indexed
+    by one run's steps; mixed counts failed mid-fit or built per-step scales of two trajectories) and
+    one image size (the fits stack the calls' features)."""
+    workload = as_workload(calls, pipe, **defaults)
+    workload.num_inference_steps  # noqa: B018 -- raises when the calls differ
+    sizes = {(c.kwargs.get("height"), c.kwargs.get("width")) for c in workload.calls}
+    if len(sizes) > 1:
+        raise WorkloadError(f"the calls ask for different image sizes (height, width: {sorted(sizes, key=str)}): "
+                            "calibrate on one size")
+    return workload

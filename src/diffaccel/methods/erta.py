@@ -24,7 +24,7 @@ from pydantic import Field
 from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.record import trajectories
 from diffaccel.calibration.reference import calibration_info
-from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.calibration.workload import Workload, calibration_workload
 from diffaccel.methods.base import Method, Settings, make_plan, rows_from, unit_names
 from diffaccel.plan import Correction, Plan
 
@@ -115,4 +115,4 @@ ERTA = Method("erta", "profiled reuse steps with fitted residual correction (ERT
 def erta(pipe: Any, calls: Workload | Iterable[dict] | None = None, **settings: Any) -> Plan:
     """An ERTACache plan fitted on ``calls`` (the embedded pipelines' default workload if None);
     settings: ``ErtaSettings``."""
-    return ERTA.build(pipe, as_workload(calls, pipe), ERTA.make_settings(**settings))
+    return ERTA.build(pipe, calibration_workload(calls, pipe), ERTA.make_settings(**settings))

@@ -20,7 +20,7 @@ import torch
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import run_each
-from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.calibration.workload import Workload, calibration_workload
 from diffaccel.errors import MethodError, PlanWarning
 from diffaccel.methods.base import unit_names
 from diffaccel.plan import FeatureCorrection, FeatureFit, Plan
@@ -55,7 +55,7 @@ def fit_feature_correction(pipe: Any, plan: Plan, calls: Workload | Iterable[dic
     embedded pipelines' default one if None)."""
     if plan.schedule is None:
         raise MethodError("a feature correction needs a static plan (a schedule of reused steps)")
-    workload = as_workload(calls, pipe, num_steps=plan.num_steps)
+    workload = calibration_workload(calls, pipe, num_steps=plan.num_steps)
     model, _ = find_denoiser(pipe)
     if unit_names(model, plan.granularity) != plan.units:
         raise MethodError("the plan was made for other units than this model's")

@@ -21,7 +21,7 @@ import torch
 
 from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.reference import run_with_plan
-from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.calibration.workload import Workload, calibration_workload
 from diffaccel.errors import MethodError, PlanError
 from diffaccel.plan import GuidancePrediction, Plan, PredictedStep
 from diffaccel.plan_files import validated
@@ -84,7 +84,7 @@ def fit_guidance(pipe: Any, plan: Plan, steps: Iterable[int],
     validated(Plan, {**plan.model_dump(), "guidance": {"unconditional": half, "steps": [
         {"step": s, "weights": [0.0] * (2 if s == 0 else 5)} for s in steps]}},
         f"guidance prediction at steps {steps} of this plan", MethodError)
-    calibrate = calls if callable(calls) else as_workload(calls, pipe, num_steps=plan.num_steps or 50)
+    calibrate = calls if callable(calls) else calibration_workload(calls, pipe, num_steps=plan.num_steps or 50)
     base = plan.model_copy(update={"guidance": None})
     model, _ = find_denoiser(pipe)
     sums = _Sums(set(steps), half == "first")

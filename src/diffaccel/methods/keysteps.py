@@ -17,7 +17,7 @@ from pydantic import Field
 from diffaccel.adapters import adapter_for
 from diffaccel.calibration.dp import optimal_keys, set_matrix
 from diffaccel.calibration.reference import CalibrationRun
-from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.calibration.workload import Workload, calibration_workload
 from diffaccel.errors import MethodError
 from diffaccel.methods.base import Method, Settings, make_plan, rows_from
 from diffaccel.methods.feature_correction import fit_feature_correction
@@ -55,4 +55,4 @@ KEYSTEPS = Method("keysteps", "key steps placed by DP on a profile (DDT / CacheQ
 def keysteps(pipe: Any, calls: Workload | Iterable[dict] | None = None, keys: int = 12, **settings: Any) -> Plan:
     """A key-step plan fitted on ``calls`` (the pipeline calls to calibrate on; the embedded
     pipelines' default workload if None); settings: ``KeystepsSettings``."""
-    return KEYSTEPS.build(pipe, as_workload(calls, pipe), KEYSTEPS.make_settings(keys=keys, **settings))
+    return KEYSTEPS.build(pipe, calibration_workload(calls, pipe), KEYSTEPS.make_settings(keys=keys, **settings))

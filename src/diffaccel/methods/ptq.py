@@ -23,7 +23,7 @@ from pydantic import Field
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import calibration_info, identity_plan
-from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.calibration.workload import Workload, calibration_workload
 from diffaccel.errors import MethodError, QuantError
 from diffaccel.fingerprint import fingerprint
 from diffaccel.methods.base import Method, Settings
@@ -85,7 +85,7 @@ def quant_spec(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: 
     # settings first: a bad one fails before calibrating
     checked = validated(QuantSpec, {**fields, "calibration": "-"}, "quantization settings", MethodError)
     layer_bits(checked, list(quantizable(model)), dict(model.named_modules()))  # every pattern names a layer
-    path = calibration_for(pipe, as_workload(calls, pipe), act_bits, calibration, progress)
+    path = calibration_for(pipe, calibration_workload(calls, pipe), act_bits, calibration, progress)
     return QuantSpec(**fields, calibration=str(path))
 
 
@@ -131,4 +131,4 @@ def ptq(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: str = "
     settings; correct it on the quantized model with ``fit_feature_correction``). Other settings:
     ``PtqSettings``."""
     s = PTQ.make_settings(bits=bits, **settings)
-    return build(pipe, as_workload(calls, pipe), s, cache)
+    return build(pipe, calibration_workload(calls, pipe), s, cache)

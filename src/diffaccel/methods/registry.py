@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from diffaccel.adapters import adapter_for, find_denoiser
-from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.calibration.workload import Workload, calibration_workload
 from diffaccel.errors import MethodError
 from diffaccel.methods.base import Method, check_applies
 from diffaccel.methods.deepcache import DEEPCACHE
@@ -55,7 +55,7 @@ def build(name: str, pipe: Any, num_steps: int, guidance: float | None = None,
     if not spec.calibrated:
         return spec.build(model, model_evaluations(scheduler, num_steps), s)
     defaults = {"num_steps": num_steps} if guidance is None else {"num_steps": num_steps, "guidance": guidance}
-    workload = as_workload(calls, pipe, **defaults)
+    workload = calibration_workload(calls, pipe, **defaults)
     if spec.composes and getattr(s, "cache", None):
         inner = dict(s.cache)
         inner_name = inner.pop("method", None)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from diffaccel.calibration.reference import Calibrate, CalibrationRun
-from diffaccel.calibration.workload import Workload, as_workload
+from diffaccel.calibration.workload import Workload, as_workload, calibration_workload
 from diffaccel.errors import SearchError, SearchWarning
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
@@ -336,6 +336,6 @@ def find_plan(pipe: Any, calls: Workload | Iterable[dict] | None = None, budget:
     ``heldout``: calls to re-measure the chosen plan on (True: the same calls with other noise
     seeds; None/False: no held-out check). Other options: ``SearchConfig``'s fields, ``storage``,
     ``denoiser``. The full result (front, summary) is in ``out`` when given."""
-    workload = as_workload(calls, pipe)
+    workload = calibration_workload(calls, pipe)
     check = workload.reseeded() if heldout is True else (None if heldout in (None, False) else as_workload(heldout))
     return search(pipe, workload, out=out, heldout=check, log=log, budget=budget, strategy=strategy, **options).plan
