@@ -154,6 +154,24 @@ def test_calibrated_methods_refuse_calls_at_mixed_step_counts_or_sizes_before_ru
     assert untouched(pipe)
 
 
+def test_a_plan_on_the_model_alone_under_a_scheduler_that_repeats_timesteps_is_refused_or_warned():
+    """Without the pipeline the executor counts steps by timestep, and PNDM evaluates some timesteps
+    twice: a plan calibrated under PNDM is refused on the bare U-Net (it ran misaligned), an
+    uncalibrated step-indexed plan warns."""
+    pipe, call = build_case("sd-pndm")
+    steps = model_evaluations(pipe.scheduler, call["num_inference_steps"])
+    calibrated = methods.keysteps(pipe, workload(call), keys=3)
+    assert calibrated.calibration.scheduler == "PNDMScheduler"
+    with pytest.raises(PlanError, match="PNDMScheduler, which evaluates some timesteps twice.*accelerate\\(pipe"):
+        diffaccel.accelerate(pipe.unet, calibrated).__enter__()
+    with pytest.warns(PlanWarning, match="model alone counts steps"):
+        with diffaccel.accelerate(pipe.unet, methods.fora(pipe.unet, steps, interval=2)):
+            pass
+    with diffaccel.accelerate(pipe, calibrated):  # through the pipeline it runs
+        assert torch.isfinite(run(pipe, call)).all()
+    assert untouched(pipe)
+
+
 def test_w8a8_ptq_calibrates_on_the_pipeline_and_refuses_other_weights():
     pipe, call = build_case("pixart-alpha")
     base = run(pipe, call)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from diffaccel.adapters import find_denoiser
-from diffaccel.errors import PlanError
+from diffaccel.errors import PlanError, PlanWarning
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
+
+# schedulers that evaluate the model twice at some timestep of a run
+REPEATS_TIMESTEPS = ("PNDMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                     "KDPM2AncestralDiscreteScheduler")
 
 # Per model and unit split, the unit MACs of each input shape measured by an earlier executor: only
 # the first run of a model pays the FLOP-counted forward, not every ``with accelerate(...)`` block.
@@ -42,12 +47,28 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
         raise PlanError(f"a plan must be a diffaccel Plan, got {type(plan).__name__}: make one with a method "
                         "(diffaccel.methods), a search, or Plan.load('plan.json')")
     model, scheduler = find_denoiser(target, denoiser)
+    if scheduler is None and not plan.step_free:
+        _check_bare_model(plan)
     measured = _UNIT_MACS.setdefault(model, {})
     key = (plan.granularity, tuple(plan.units))
     executor = Executor(model, plan, check_finite=check_finite, resample=resample, unit_macs=measured.get(key))
     measured[key] = executor.unit_macs  # the executor's own table: the shapes it measures are remembered
     executor.install(scheduler, target if model is not target else None)
     return executor
+
+
+def _check_bare_model(plan: Plan) -> None:
+    """A step-indexed plan on a model without its pipeline: steps are counted from the timesteps the
+    model sees, and a repeated timestep is taken for another guidance branch, which misreads the
+    schedulers that evaluate a timestep twice (PNDM's first steps, Heun's and KDPM2's every step)."""
+    fitted = plan.calibration.scheduler if plan.calibration is not None else None
+    if fitted in REPEATS_TIMESTEPS:
+        raise PlanError(f"this plan was made under {fitted}, which evaluates some timesteps twice; applied to the "
+                        "model alone, those evaluations would be taken for guidance branches: apply it to the "
+                        "pipeline (accelerate(pipe, plan))")
+    warnings.warn(PlanWarning("a step-indexed plan applied to the model alone counts steps from the timesteps it "
+                              "sees; under a scheduler that evaluates a timestep twice (PNDM, Heun, KDPM2) apply it "
+                              "to the pipeline instead"), stacklevel=4)
 
 
 def disable(target: Any) -> None:
