@@ -172,6 +172,23 @@ def test_a_plan_on_the_model_alone_under_a_scheduler_that_repeats_timesteps_is_r
     assert untouched(pipe)
 
 
+def test_quantization_keeps_the_caching_schedule_of_a_unit_that_is_itself_a_swapped_layer():
+    """A U-Net's ``conv_in`` unit is one Conv2d, which quantization swaps for its stand-in: the stand-in
+    is what the executor wraps, so the plan's reuse holds there too (it ran at every step, uncounted)."""
+    pipe, call = build_case("sd-pndm")
+    cached = methods.keysteps(pipe, workload(call), keys=3)
+    quantized = methods.ptq(pipe, workload(call), bits="w8a8", cache=cached)
+    assert quantized.schedule == cached.schedule and quantized.units[0] == "conv_in"
+    results = []
+    for plan in (cached, quantized):
+        with diffaccel.accelerate(pipe, plan) as executor:
+            run(pipe, call)
+        results.append(executor.stats)
+    units, steps = len(cached.units), len(cached.schedule)
+    assert [s.computed + s.reused for s in results] == [units * steps] * 2
+    assert results[1].macs == results[0].macs < results[0].full_macs and untouched(pipe)
+
+
 def test_w8a8_ptq_calibrates_on_the_pipeline_and_refuses_other_weights():
     pipe, call = build_case("pixart-alpha")
     base = run(pipe, call)

@@ -132,9 +132,11 @@ class Executor:
                 return self._model_forward(original, args, kwargs)
 
             self.patch(self.model, "forward", model_forward)
+            swapped = {key: new for feature in self.features for key, new in feature.swapped().items()}
             for index, unit in enumerate(self.units):
-                unit_original = unit.module.forward
-                self.patch(unit.module, "forward", functools.wraps(unit_original)(
+                module = swapped.get(id(unit.module), unit.module)  # a unit that is itself a swapped layer
+                unit_original = module.forward
+                self.patch(module, "forward", functools.wraps(unit_original)(
                     lambda *a, _i=index, _f=unit_original, **k: self._unit_forward(_i, _f, a, k)))
             self.clock = StepClock()
             if scheduler is not None:

@@ -63,6 +63,11 @@ class Feature:
     def remove(self) -> None:
         """The plan is being removed: undo what ``install`` did (idempotent)."""
 
+    def swapped(self) -> dict[int, torch.nn.Module]:
+        """Modules ``install`` put in place of others, by the ``id`` of the one replaced: a unit that
+        is itself a replaced layer is wrapped in its stand-in (quantization swaps layers)."""
+        return {}
+
     def start_run(self) -> None:
         """A pipeline call starts (its per-run state is forgotten)."""
 

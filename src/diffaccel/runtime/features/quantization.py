@@ -48,3 +48,6 @@ class Quantization(Feature):
 
     def remove(self) -> None:
         self.handle.restore()
+
+    def swapped(self) -> dict[int, Any]:
+        return {id(original): new for _, _, original, new in self.handle.replacements}
