@@ -184,6 +184,24 @@ def test_a_plan_file_path_is_read_and_anything_else_is_refused(pipes, tmp_path):
     assert untouched(pipe.denoiser)
 
 
+def test_hand_edited_plan_fields_are_refused_at_load_or_before_they_serve_a_value(pipes):
+    pipe = pipes[0]
+    plan = methods.fora(pipe.denoiser, 6, interval=2)
+    base = plan.model_dump()
+    for edit, message in (({"num_steps": "6"}, "whole number"), ({"step_scale": [1, 1, -1, 1, 1, 1]}, "positive"),
+                          ({"timesteps": [1, 2, 3, 4, 5, 6]}, "must not increase"),
+                          ({"correction": {"gain": [1.0] * 6, "bias": [[0.0]] * 2}}, "one row per step")):
+        with pytest.raises(PlanError, match=message):
+            Plan.from_dict({**base, **edit})
+    wrong_width = Plan.from_dict({**base, "correction": {"gain": [1.0] * 6, "bias": [[5.0] * 3] * 6}})
+    with pytest.raises(PlanError, match="correction.bias has 3 values per step.*another model"):
+        with diffaccel.accelerate(pipe, wrong_width):
+            call(pipe)  # was served without the bias, silently
+    assert untouched(pipe.denoiser)
+    with pytest.raises(PlanError, match="JSON text, not a path"):
+        diffaccel.accelerate(pipe, plan.to_json()).__enter__()
+
+
 def test_a_method_given_bad_steps_or_settings_says_what_to_fix(pipes):
     pipe = pipes[0]
     for steps, message in (("6", "whole number"), (6.0, "whole number"), (True, "whole number"), (0, ">= 1")):

@@ -33,6 +33,9 @@ def accelerate(target: Any, plan: Plan | LMPlan | str | PathLike, **options: Any
     ``LMPlan`` to a diffusion-LM pipeline (``diffaccel.lm.lm_accelerate``); a path is read as the
     target's kind of plan file. A plan of one kind on a target of the other is refused before
     anything changes."""
+    if isinstance(plan, str) and plan.lstrip().startswith("{"):
+        raise PlanError("accelerate got a plan's JSON text, not a path: pass Plan.model_validate_json(text) (or "
+                        "LMPlan's), or the path of a plan file")
     if isinstance(plan, (str, PathLike)):
         plan = LMPlan.load(plan) if getattr(target, "kind", None) == "dlm" else Plan.load(plan)
     if isinstance(plan, LMPlan) or getattr(target, "kind", None) == "dlm":

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from diffaccel.errors import PlanError
 from diffaccel.plan_files import read_plan_json, validated, write_plan_json
@@ -142,7 +142,7 @@ class CalibrationInfo(_Strict):
     images: int = Field(ge=0)
     inputs: list[str] = Field(default_factory=list, description="the distinct classes or prompts, as given")
     seeds: str = ""
-    steps: int | None = Field(None, description="denoiser evaluations per call")
+    steps: int | None = Field(None, ge=1, description="denoiser evaluations per call")
     scheduler: str | None = Field(None, description="the pipeline's scheduler class (another one warns)")
 
 
@@ -173,6 +173,13 @@ class Plan(_Strict):
     method: str = "custom"
     params: dict = Field(default_factory=dict, description="the method's settings, for the record")
 
+    @field_validator("num_steps", mode="before")
+    @classmethod
+    def _a_number(cls, value: object) -> object:
+        if isinstance(value, bool | str):  # "6" or true would pass as 6 or 1
+            raise ValueError(f"num_steps must be a whole number, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Plan:
         if self.schedule is not None and self.rule is not None:
@@ -198,10 +205,18 @@ class Plan(_Strict):
                              f"{self.solver.evaluations} denoiser evaluations")
         if self.timesteps is not None and self.num_steps is not None and len(self.timesteps) != self.num_steps:
             raise ValueError(f"{len(self.timesteps)} timesteps for {self.num_steps} steps")
+        if self.timesteps is not None and any(b > a for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ValueError("timesteps must not increase (a run goes from noise to the clean sample)")
         if self.step_scale is not None and len(self.step_scale) != self.num_steps:
             raise ValueError("step_scale needs one value per step")
-        if self.correction is not None and self.num_steps is not None and len(self.correction.gain) != self.num_steps:
-            raise ValueError("correction.gain needs one value per step")
+        if self.step_scale is not None and min(self.step_scale) <= 0:
+            raise ValueError("step_scale values must be positive (each is a factor on a step's update)")
+        if self.correction is not None and self.num_steps is not None:
+            if len(self.correction.gain) != self.num_steps:
+                raise ValueError("correction.gain needs one value per step")
+            bias = self.correction.bias
+            if bias and (len(bias) != self.num_steps or len({len(row) for row in bias}) != 1):
+                raise ValueError("correction.bias needs one row per step, all of one width (the channels), or none")
         if self.feature_correction is not None:
             if self.schedule is None:
                 raise ValueError("feature_correction needs a static schedule (it corrects its reused steps)")

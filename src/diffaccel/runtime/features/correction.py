@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from diffaccel.errors import PlanError
 from diffaccel.plan import Plan
 from diffaccel.runtime.cache import tree_map
 from diffaccel.runtime.features.base import Feature
@@ -32,10 +33,18 @@ class ResidualCorrection(Feature):
         gain = self.gain[step]
         bias = self.bias[step] if self.bias else None
 
+        biased = []
+
         def apply(v: torch.Tensor) -> torch.Tensor:
             out = v * gain
             if bias is not None and bias.numel() == v.shape[-1]:
+                biased.append(v)
                 out = out + bias.to(dtype=v.dtype, device=v.device)
             return out
 
-        return tree_map(apply, value)
+        served = tree_map(apply, value)
+        if bias is not None and not biased:
+            raise PlanError(f"correction.bias has {bias.numel()} values per step, but unit "
+                            f"{self.plan.units[index]}'s output has no last axis of that size at step {step}: "
+                            "the plan was fitted on another model")
+        return served

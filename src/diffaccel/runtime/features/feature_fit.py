@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from diffaccel.errors import PlanError
 from diffaccel.plan import Plan
 from diffaccel.runtime.cache import tree_map
 from diffaccel.runtime.features.base import Feature
@@ -36,14 +37,21 @@ class FeatureFitCorrection(Feature):
         if fit is None:
             return value
         gain, bias = fit
+        fitted = []
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             dim = self.axis % v.dim()
             if v.shape[dim] != gain.numel():  # another leaf of a tuple output: left as it is
                 return v
+            fitted.append(v)
             shape = [1] * v.dim()
             shape[dim] = -1
             out = v * gain.to(v).reshape(shape)
             return out if bias is None else out + bias.to(v).reshape(shape)
 
-        return tree_map(apply, value)
+        served = tree_map(apply, value)
+        if not fitted:
+            raise PlanError(f"feature_correction has {gain.numel()} gains at step {step}, unit "
+                            f"{self.plan.units[index]}, but its output has no axis {self.axis} of that size: the "
+                            "plan was fitted on another model")
+        return served
