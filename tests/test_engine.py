@@ -211,6 +211,15 @@ def test_a_method_given_bad_steps_or_settings_says_what_to_fix(pipes):
         methods.fora(pipe, num_steps=6, interval=0)
     with pytest.raises(MethodError, match="fora has no setting intervall"):
         methods.fora(pipe, num_steps=6, intervall=2)
+    units = len(methods.fora(pipe, num_steps=6, interval=2).units)
+    with pytest.raises(MethodError, match="makes no valid plan .*leave units to skip"):
+        methods.first_block_cache(pipe, first_blocks=units)  # was pydantic's ValidationError
+    with pytest.raises(MethodError, match="no unit is a component named zzz; this model's are"):
+        methods.fora(pipe, num_steps=6, interval=2, granularity="component", components=("zzz",))
+    with pytest.raises(MethodError, match="with granularity 'component'"):
+        methods.fora(pipe, num_steps=6, interval=2, components=("ff",))  # was ignored
+    with pytest.raises(MethodError, match="takes a caching plan"):
+        methods.ptq(pipe, None, cache={"method": "keysteps", "keys": 3})
 
 
 def test_plan_with_the_wrong_number_of_steps_is_refused_before_running(pipes):

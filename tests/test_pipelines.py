@@ -146,7 +146,7 @@ def test_calibrated_methods_refuse_calls_at_mixed_step_counts_or_sizes_before_ru
     makers = {"keysteps": lambda calls: methods.keysteps(pipe, calls, keys=3),
               "erta": lambda calls: methods.erta(pipe, calls, threshold=0.5),
               "ptq": lambda calls: methods.ptq(pipe, calls, bits="w8a8", per_step=True)}
-    for name, make in makers.items():
+    for make in makers.values():
         with pytest.raises(WorkloadError, match=r"different step counts \(\['6', '8'\]\).*same num_inference_steps"):
             make(steps)
         with pytest.raises(WorkloadError, match="different image sizes"):

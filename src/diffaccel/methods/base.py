@@ -87,10 +87,20 @@ def unit_names(model: torch.nn.Module, granularity: str = "block") -> list[str]:
 
 def make_plan(model: torch.nn.Module, rows: list[str], method: str, params: dict, granularity: str = "block",
               **fields) -> Plan:
-    adapter = adapter_for(model)
-    return Plan(adapter=adapter.name, model_class=type(model).__name__,
-                units=unit_names(model, granularity), granularity=granularity, num_steps=len(rows),
-                schedule=rows, method=method, params=params, **fields)
+    return checked_plan(model, method, params, units=unit_names(model, granularity), granularity=granularity,
+                        num_steps=len(rows), schedule=rows, **fields)
+
+
+def checked_plan(model: torch.nn.Module, method: str, params: dict, **fields: Any) -> Plan:
+    """A Plan for ``model``; settings that make no valid plan on it (a rule leaving no unit to skip on
+    a three-block model, ...) are a MethodError that says why."""
+    try:
+        return Plan(adapter=adapter_for(model).name, model_class=type(model).__name__, method=method, params=params,
+                    **fields)
+    except ValidationError as exc:
+        reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise MethodError(f"{method} with {params} makes no valid plan for this {type(model).__name__}: "
+                          f"{reason}") from None
 
 
 def key_steps_uniform(num_steps: int, interval: int, warmup: int = 1) -> set[int]:

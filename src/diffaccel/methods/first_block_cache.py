@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from diffaccel.methods.base import Method, Settings, check_applies, unit_names
+from diffaccel.methods.base import Method, Settings, check_applies, checked_plan, unit_names
 from diffaccel.plan import Plan, ResidualRule
 
 
@@ -25,10 +25,10 @@ class FirstBlockCacheSettings(Settings):
 
 def build(model: torch.nn.Module, num_steps: int | None, s: FirstBlockCacheSettings) -> Plan:
     """A step-free plan (``num_steps`` is ignored: the rule decides at run time)."""
-    adapter = check_applies(FIRST_BLOCK_CACHE, model)
+    check_applies(FIRST_BLOCK_CACHE, model)
     rule = ResidualRule(**s.model_dump())
-    return Plan(adapter=adapter.name, model_class=type(model).__name__, units=unit_names(model), rule=rule,
-                method="dbcache" if s.last_blocks else "first_block_cache", params=rule.model_dump())
+    return checked_plan(model, "dbcache" if s.last_blocks else "first_block_cache", rule.model_dump(),
+                        units=unit_names(model), rule=rule)
 
 
 FIRST_BLOCK_CACHE = Method("first_block_cache", "dynamic first-block residual rule (FBCache)",

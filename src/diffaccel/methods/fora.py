@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from diffaccel.errors import MethodError
 from diffaccel.methods.base import (
     Method,
     Settings,
@@ -32,7 +33,13 @@ class ForaSettings(Settings):
 def build(model: torch.nn.Module, num_steps: int, s: ForaSettings) -> Plan:
     names = unit_names(model, s.granularity)
     adapter = check_applies(FORA, model)
+    if s.components and s.granularity != "component":
+        raise MethodError("components choose parts of blocks: give them with granularity 'component'")
     cached = set(s.units) if s.units is not None else adapter.default_reused(model, s.granularity, s.components)
+    if s.components and not cached:
+        parts = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise MethodError(f"no unit is a component named {', '.join(s.components)}; this model's are "
+                          f"{', '.join(parts)}")
     action = "F" if s.order > 0 else "R"
     rows = rows_from(num_steps, names, key_steps_uniform(num_steps, s.interval, s.warmup), cached, action)
     params = {"interval": s.interval, "warmup": s.warmup, "granularity": s.granularity,

@@ -130,5 +130,9 @@ def ptq(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: str = "
     workload if None); ``cache``: a caching plan the quantized model follows (its schedule and
     settings; correct it on the quantized model with ``fit_feature_correction``). Other settings:
     ``PtqSettings``."""
+    if cache is not None and not isinstance(cache, Plan):
+        raise MethodError(f"ptq(..., cache=...) takes a caching plan, e.g. cache=methods.keysteps(pipe, calls, "
+                          f"keys=12), not {type(cache).__name__}: the {{'method': ...}} form is "
+                          "diffaccel.methods.build('ptq', ...)'s and the command line's")
     s = PTQ.make_settings(bits=bits, **settings)
     return build(pipe, calibration_workload(calls, pipe), s, cache)
