@@ -271,3 +271,21 @@ def test_the_held_out_mac_speedup_counts_the_whole_call_as_the_clock_does():
     assert 1 < record["speedup_macs"] < record["speedup_macs_denoiser"] == pytest.approx(2)  # 6 steps -> 3
     assert compare(pipe, workload(call), identity_plan(model), pairs=1)["speedup_macs"] == 1
     assert untouched(pipe)
+
+
+def test_a_prompt_lines_own_seed_sets_its_noise_in_every_image_set():
+    """A JSON prompt line's ``seed`` was overwritten by diffaccel's own (every seed gave the same
+    images); it is an offset from each set's base, so calibration and evaluation images stay apart."""
+    from diffaccel.targets import Target
+
+    pipe, call = build_case("dit")
+    target = Target("dit", pipe, [{"class_labels": [1], "seed": 5}, {"class_labels": [3]}])
+    evaluation = target.workload(4, 3.0, per_class=2, calibration=False)
+    assert [c.seeds for c in evaluation.calls] == [(5,), (6,), (2,), (3,)]
+    calibration = target.workload(4, 3.0, per_class=2)
+    assert not {c.seeds for c in calibration.calls} & {c.seeds for c in evaluation.calls}
+    for bad in ("abc", -5, True):
+        with pytest.raises(WorkloadError, match="seed must be a whole number >= 0"):
+            Target("dit", pipe, [{"class_labels": [1], "seed": bad}]).workload(4, 3.0, per_class=1)
+    with pytest.raises(WorkloadError, match=r"failed on the call for 2000 .*IndexError"):
+        Target("dit", pipe, [{"class_labels": [2000]}]).workload(2, 3.0, per_class=1)(pipe)  # was a traceback

@@ -132,7 +132,8 @@ class Target:
         if self.embedded:
             return self.pipe.workload_calls(steps, guidance, per_class, seed, calibration, classes, batch_size)
         base = (CALIBRATION_SEED if calibration else 0) + seed
-        calls = [{"num_inference_steps": steps, "guidance_scale": guidance, **call, "seed": base + i * per_class + k}
+        calls = [{"num_inference_steps": steps, "guidance_scale": guidance, **call,
+                  "seed": base + _own_seed(call, i * per_class) + k}
                  for i, call in enumerate(self.calls) for k in range(per_class)]
         kind = "calibration" if calibration else "evaluation"
         return Workload.from_calls(calls, description=f"{kind} seeds from {base}, {len(self.calls)} prompts x "
@@ -142,6 +143,15 @@ class Target:
     def prompt_scores(self, images: torch.Tensor, calls: list) -> dict[str, float]:
         """A t2i model's scores of ``images``, drawn by ``calls`` in order (see :func:`prompt_scores`)."""
         return prompt_scores(self.evaluator, images, calls)
+
+
+def _own_seed(call: dict, default: int) -> int:
+    """A prompt line's own ``seed`` (kept apart between calibration and evaluation sets as the default
+    seeds are: both are offsets from the set's base), else ``default``."""
+    seed = call.get("seed", default)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise WorkloadError(f"a prompt line's seed must be a whole number >= 0, got {seed!r}")
+    return seed
 
 
 def _values(calls: list[dict], key: str) -> str:

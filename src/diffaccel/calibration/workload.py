@@ -42,14 +42,15 @@ class Call:
         return gens[0] if len(gens) == 1 else gens
 
     def run(self, pipe: Any, **extra: Any) -> torch.Tensor:
-        """The call's images (see ``images_of``); a ValueError or TypeError of the pipeline (mostly its checks of
-        the arguments) becomes a WorkloadError that names the call."""
+        """The call's images (see ``images_of``); an error of the pipeline on the call's arguments (its checks,
+        a wrong type, an index out of the model's range) becomes a WorkloadError that names the call."""
         try:
             with torch.no_grad():
                 return images_of(pipe(**self.kwargs, generator=self.generators(), **extra))
         except DiffaccelError:
             raise
-        except (ValueError, TypeError) as exc:  # mostly the pipeline's checks of its arguments, or their types
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:  # mostly the pipeline's
+            # checks of its arguments, their types, or a value out of the model's range (a class id)
             raise WorkloadError(f"{type(pipe).__name__} failed on the call for {', '.join(self.describe())[:80]} "
                                 f"(arguments: {', '.join(self.kwargs)}): {type(exc).__name__}: {exc}; check that "
                                 "call's arguments") from exc
@@ -139,7 +140,10 @@ class Workload:
             if bad:
                 raise WorkloadError(f"call {i} sets {', '.join(bad)}: diffaccel sets these itself (give seeds "
                                     "with a 'seed' key instead of a generator)")
-            seeds = tuple(int(s) for s in given) if isinstance(given, (list, tuple)) else (int(given),)
+            seeds = tuple(given) if isinstance(given, (list, tuple)) else (given,)
+            if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+                raise WorkloadError(f"call {i}'s seed must be a whole number >= 0 (or a list of them, one per image), "
+                                    f"got {given!r}")
             out.append(Call(kwargs, seeds))
         calls = tuple(out)
         inputs = tuple(dict.fromkeys(x for c in calls for x in c.describe()))
