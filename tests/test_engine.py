@@ -310,7 +310,7 @@ def test_plan_show_prints_the_map(pipes, monkeypatch):
     text = plan_view.render_plan(whole)
     assert "every unit computes at every step" in text and "autocast to bfloat16" in text
     text = plan_view.render_plan(plan.model_copy(update={"solver": SolverSpec(name="unipc", steps=6)}))
-    assert "sampler: unipc 6" in text and "6 steps of that sampler" in text
+    assert "sampler: unipc 6" in text and "6 evaluations of that sampler" in text
 
 
 def test_guidance_branches_called_separately_keep_separate_caches():

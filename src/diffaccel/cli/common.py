@@ -18,6 +18,7 @@ from diffaccel.errors import DiffaccelError, PlanError
 from diffaccel.eval.allocator import keep_freed_memory
 from diffaccel.methods.registry import build
 from diffaccel.plan import Plan
+from diffaccel.steps import model_evaluations
 from diffaccel.targets import T2I_MODELS, Target, load_target
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -143,7 +144,7 @@ def resolve_plan(tgt: Target, steps: int, guidance: float, method: str | None, p
         plan = Plan.load(plan_file)
         if plan.solver is not None and plan.solver.steps != steps:
             log.info("the plan's solver runs its own %d steps (the run's step count is not used)", plan.solver.steps)
-        elif plan.num_steps is not None and plan.num_steps != steps:
+        elif plan.num_steps is not None and plan.num_steps != model_evaluations(tgt.denoiser()[1], steps):
             log.info("plan made for %d denoiser evaluations; runs of another count map it (Plan.resample)",
                      plan.num_steps)
         return plan

@@ -202,7 +202,7 @@ def summary_line(record: dict) -> str:
         if plan.get("precision"):
             head += f" in {plan['precision']}"
         if record.get("resampled_from"):
-            head += f" (made for {record['resampled_from']} steps, mapped)"
+            head += f" (made for {record['resampled_from']} denoiser evaluations, mapped)"
     parts = [head]
     if "speedup_wall" in record:
         macs = f"{record['speedup_macs']:.2f}x MACs" if "speedup_macs" in record else "MACs not counted across ranks"

@@ -77,8 +77,9 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
         lines.append("cost: decided at run time (see the record of a run)")
         return "\n".join(lines)
     fitted_with = plan.calibration.scheduler if plan.calibration is not None else None
-    steps = f"{plan.num_steps} " + ("steps of that sampler" if plan.solver is not None
-                                    else f"{fitted_with} steps" if fitted_with else "denoiser evaluations")
+    steps = f"{plan.num_steps} " + ("evaluations of that sampler" if plan.solver is not None
+                                    else f"{fitted_with} denoiser evaluations" if fitted_with
+                                    else "denoiser evaluations")
     lines.append(f"{steps}; # compute, . reuse, ~ forecast"
                  + ("; parallel decoding on" if plan.parallel_decode else ""))
     width = max(len(u) for u in plan.units)
