@@ -90,6 +90,15 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pickled", safe_serialization=False)
     assert "pickled weights (.bin) only" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", tmp_path / "pickled", "--prompts", prompts)
+    mixed = tmp_path / "mixed"  # one component pickled, the others safetensors: named, never unpickled
+    shutil.copytree(folder, mixed)
+    for weights in (mixed / "unet").glob("*.safetensors"):
+        weights.unlink()
+    (mixed / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
+    for command in ("generate", "bench"):  # bench checks the folder before starting its worker groups
+        assert "pickled weights (.bin) only for unet" in one_line_error(
+            monkeypatch, capsys, command, "--pipeline", mixed, "--prompts", prompts, "--out", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
     assert "cannot read the prompt file" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "missing.txt")
     (tmp_path / "blank.txt").write_text("\n# nothing\n")

@@ -79,9 +79,12 @@ def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:
     if not (folder / "model_index.json").is_file():
         raise WeightsError(f"{folder} is not a diffusers pipeline folder (no model_index.json): give the folder "
                            "that DiffusionPipeline.save_pretrained wrote")
-    if any(folder.glob("*/*.bin")) and not any(folder.glob("*/*.safetensors")):
-        raise WeightsError(f"{folder} holds pickled weights (.bin) only, which diffaccel does not load (a pickle can "
-                           "run code): save the pipeline with save_pretrained(..., safe_serialization=True)")
+    pickled = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(d.glob("*.bin"))
+                     and not any(d.glob("*.safetensors")))
+    if pickled:
+        raise WeightsError(f"{folder} holds pickled weights (.bin) only for {', '.join(pickled)}, which diffaccel "
+                           "does not load (a pickle can run code): save the pipeline with save_pretrained(..., "
+                           "safe_serialization=True)")
     _check_components(folder)
     try:  # safetensors only; loaded as stored, then converted (the dtype argument's name changed in diffusers 0.40)
         with quiet_loading():

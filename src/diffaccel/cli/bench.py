@@ -24,7 +24,7 @@ from diffaccel.cli.common import (
     run_guarded,
 )
 from diffaccel.cli.lm import LM_MODEL, lm_bench
-from diffaccel.targets import T2I_MODELS, in_caption_language, read_prompts, t2i_default_calls, t2i_folder
+from diffaccel.targets import T2I_MODELS, in_caption_language, load_target, read_prompts, t2i_default_calls, t2i_folder
 from diffaccel.zoo.t2i.pipelines import PIXART_CALL
 
 
@@ -73,6 +73,8 @@ def bench(
         adherence = model in T2I_MODELS and pipeline is None  # a t2i zoo model runs as its pipeline folder
         if adherence:
             (pipeline, prompts, adherence), weights = _t2i_inputs(model, weights, prompts, out), None
+        elif pipeline is not None:  # the folder and prompts checked here, once, not by every worker group
+            load_target(model, pipeline, prompts, sampler.value, weights)
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
                           steps=steps or DEFAULT_STEPS,

@@ -61,7 +61,7 @@ def _check_folder(name: str, folder: Path) -> None:
 def quiet_loading() -> Iterator[None]:
     """Silence diffusers' and transformers' loading bars and notes (e.g. PixArt's "expected T5EncoderModel")."""
     levels = diffusers_logging.get_verbosity(), transformers.logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its load errors are raised, not only logged
     transformers.logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers.logging.disable_progress_bar()
