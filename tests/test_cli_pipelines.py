@@ -128,8 +128,12 @@ def test_more_bad_input_is_one_line_and_leaves_nothing_behind(monkeypatch, capsy
     assert f"lists the component unet (UNet2DConditionModel), but the folder {partial / 'unet'} is missing" in \
         one_line_error(monkeypatch, capsys, "generate", "--pipeline", partial, "--prompts", prompts)
     (tmp_path / "steps.txt").write_text(json.dumps({"prompt": "a red circle", "num_inference_steps": "four"}) + "\n")
-    assert "failed on the call for a red circle" in one_line_error(  # in the quantization's calibration too
+    assert "line 1: num_inference_steps must be a whole number >= 1, got 'four'" in one_line_error(
         monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", tmp_path / "steps.txt",
+        "--out", tmp_path / "quant")
+    (tmp_path / "scale.txt").write_text(json.dumps({"prompt": "a red circle", "guidance_scale": "high"}) + "\n")
+    assert "failed on the call for a red circle" in one_line_error(  # in the quantization's calibration too
+        monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", tmp_path / "scale.txt",
         "--out", tmp_path / "quant")
     code, _, err = run_cli(monkeypatch, capsys, "search", "--pipeline", folder, "--prompts", prompts, "--storage",
                            "bogus://x", "--out", tmp_path / "search", "--calib-per-class", "1",

@@ -52,6 +52,10 @@ def read_prompts(path: Path) -> list[dict]:
                                     "JSON object of pipeline arguments per line") from None
             if not isinstance(call, dict):
                 raise WorkloadError(f"{path}, line {number}: a JSON line must be an object of pipeline arguments")
+            steps = call.get("num_inference_steps", 1)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise WorkloadError(f"{path}, line {number}: num_inference_steps must be a whole number >= 1, got "
+                                    f"{steps!r}")
             calls.append(call)
         elif line.startswith("[") and _is_json(line):
             raise WorkloadError(f"{path}, line {number}: a JSON line must be an object of pipeline arguments "

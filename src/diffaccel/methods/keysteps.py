@@ -38,7 +38,8 @@ def build(pipe: Any, workload: Workload, s: KeystepsSettings) -> Plan:
         raise MethodError(f"unknown level {s.level!r} for this model; choose one of "
                           f"{', '.join(n for n in levels if n != 'C')}")
     if s.keys > steps:
-        raise MethodError(f"keys must lie in [1, {steps}] (the run has {steps} steps), got {s.keys}")
+        raise MethodError(f"keys must lie in [1, {steps}] (the run has {steps} denoiser evaluations), got {s.keys}: "
+                          f"give fewer (keys=..., --keys on the command line)")
     reused = levels[s.level].reused
     chosen, loss = optimal_keys(set_matrix(run.dissimilarity, run.units, reused), s.keys)
     params = {"keys": s.keys, "level": s.level, "correct": s.correct, "key_steps": chosen,
