@@ -55,9 +55,10 @@ def test_generate_with_a_method_on_a_pipeline_folder(monkeypatch, capsys, sd_fol
     assert plan.num_steps == 5  # PNDM evaluates the model once more than its 4 steps
     # a plan made for other steps is mapped to the run, and the record says so
     ok(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--steps", "7", "--per-class",
-       "1", "--plan", tmp_path / "plan.json", "--out", tmp_path / "mapped")
+       "1", "--plan", tmp_path / "plan.json", "--out", tmp_path / "mapped", "--save-plan", tmp_path / "ran.json")
     mapped = json.loads((tmp_path / "mapped" / "record.json").read_text())
     assert mapped["resampled_from"] == 5 and mapped["work"]["steps"] == 8
+    assert mapped["plan"]["num_steps"] == Plan.load(tmp_path / "ran.json").num_steps == 8  # the plan as it ran
 
 
 def test_search_and_quantize_on_a_pipeline_folder(monkeypatch, capsys, sd_folder, tmp_path):

@@ -270,14 +270,15 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
         if target.evaluator is not None:  # a t2i zoo model on prompts of its caption language
             record.update(target.prompt_scores(main, calls))
     if plan is not None:
-        record["plan"] = plan.model_dump(exclude_none=True)
+        mapped = runner.executor.plan is not plan and runner.executor.plan.params.get("resampled_from")
+        record["plan"] = (runner.executor.plan if mapped else plan).model_dump(exclude_none=True)  # the plan that ran
         record["macs_per_image"] = round(runner.macs / n)
         # the executor's: the work its caching skipped, at the plan's own sampler and steps
         record["speedup_macs_executor"] = runner.full_macs / runner.macs
         if plan.solver is None:
             record["speedup_macs"] = record["speedup_macs_executor"]
         record["work"] = done["work"]
-        if runner.executor.plan is not plan and runner.executor.plan.params.get("resampled_from"):
+        if mapped:
             record["resampled_from"] = plan.num_steps
     if compare and plan is not None:
         reference = _concat(done["base"])

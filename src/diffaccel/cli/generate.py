@@ -116,8 +116,8 @@ def generate(
                                 precision.value if precision is not None else None)
         mode = ParallelConfig(parallel.value, warmup_steps) if parallel is not None else None
         record = run_generate(tgt, cfg, out, plan=the_plan, compare=compare, parallel=mode)
-        if the_plan is not None and save_plan is not None:  # only a plan that ran
-            the_plan.save(save_plan)
+        if record is not None and "plan" in record and save_plan is not None:  # the plan that ran, as it ran
+            Plan.from_dict(record["plan"]).save(save_plan)
         return record
 
     if model == LM_MODEL and pipeline is None:
