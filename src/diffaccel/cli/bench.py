@@ -68,13 +68,7 @@ def bench(
 
     def job():
         nonlocal pipeline, prompts, weights
-        if not math.isfinite(guidance):  # before _t2i_inputs writes into --out
-            raise ValueError(f"--guidance must be a finite number, got {guidance}")
-        adherence = model in T2I_MODELS and pipeline is None  # a t2i zoo model runs as its pipeline folder
-        if adherence:
-            (pipeline, prompts, adherence), weights = _t2i_inputs(model, weights, prompts, out), None
-        elif pipeline is not None:  # the folder and prompts checked here, once, not by every worker group
-            load_target(model, pipeline, prompts, sampler.value, weights)
+        pipeline, prompts, adherence, weights = _inputs(model, pipeline, prompts, weights, sampler.value, guidance, out)
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
                           steps=steps or DEFAULT_STEPS,
@@ -90,6 +84,21 @@ def bench(
         return run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))
 
     _print_summary(run_guarded(job, out_dir=out), out)
+
+
+def _inputs(model: str, pipeline: Path | None, prompts: Path | None, weights: Path | None, sampler: str,
+            guidance: float, out: Path) -> tuple[Path | None, Path | None, bool, Path | None]:
+    """The pipeline folder, prompts, whether adherence is scored, and the weights a bench runs: a t2i
+    zoo model runs as its pipeline folder; a user's folder and prompts are checked here, once, not by
+    every worker group."""
+    if not math.isfinite(guidance):  # before _t2i_inputs writes into --out
+        raise ValueError(f"--guidance must be a finite number, got {guidance}")
+    if model in T2I_MODELS and pipeline is None:
+        (pipeline, prompts, adherence), weights = _t2i_inputs(model, weights, prompts, out), None
+        return pipeline, prompts, adherence, weights
+    if pipeline is not None:
+        load_target(model, pipeline, prompts, sampler, weights)
+    return pipeline, prompts, False, weights
 
 
 def _print_summary(path: Path, out: Path) -> None:
