@@ -100,6 +100,11 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
         assert "pickled weights (.bin) only for unet" in one_line_error(
             monkeypatch, capsys, command, "--pipeline", mixed, "--prompts", prompts, "--out", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+    for case, hint in (("flux", "lacks components its pipeline class needs"),  # saved without text encoders
+                       ("user-pipeline", "MyPipeline is not a diffusers class")):
+        build(case)[0].save_pretrained(tmp_path / case)
+        assert hint in one_line_error(monkeypatch, capsys, "generate", "--pipeline", tmp_path / case,
+                                      "--prompts", prompts)
     assert "cannot read the prompt file" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "missing.txt")
     (tmp_path / "blank.txt").write_text("\n# nothing\n")

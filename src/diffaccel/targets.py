@@ -95,10 +95,23 @@ def load_pipeline_folder(path: Path, dtype: str = "float32") -> Any:
             pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                      low_cpu_mem_usage=False).to(getattr(torch, dtype))
     except Exception as exc:  # diffusers raises many kinds for a damaged or foreign folder
-        raise WeightsError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0][:600]}") from None
+        raise WeightsError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0][:600].rstrip('.')}"
+                           f"{_loading_hint(folder, str(exc))}") from None
     adapter_for(find_denoiser(pipe)[0])  # an unsupported denoiser is a one-line error now, not later
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _loading_hint(folder: Path, message: str) -> str:
+    """What to do about two load failures diffusers words for its own developers."""
+    if "were passed" in message and "expected" in message:
+        return ("; the folder lacks components its pipeline class needs (text encoders, tokenizers): save the "
+                "whole pipeline")
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    if f"has no attribute {name}" in message:
+        return (f"; {name} is not a diffusers class, and a folder loads diffusers pipelines only: load your "
+                "pipeline in Python and use diffaccel.accelerate / diffaccel.find_plan on it")
+    return ""
 
 
 def _check_components(folder: Path) -> None:
