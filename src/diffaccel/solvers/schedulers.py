@@ -58,9 +58,8 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
         raise PlanError(f"the solver's {spec.steps} steps" + (f" from {spec.start:g}" if spec.start < 1 else "")
                         + f" make a {planned}-step schedule, more than half of this noise schedule's {timesteps} "
                         "timesteps: run fewer steps" + (" or start later" if spec.start < 1 else ""))
-    if spec.timesteps is not None and max(spec.timesteps) >= timesteps:
-        raise PlanError(f"the plan's timesteps reach {max(spec.timesteps)}; this noise schedule's run from 0 to "
-                        f"{timesteps - 1}")
+    if spec.timesteps is not None:
+        _check_range(spec.timesteps, timesteps)
     _check_schedule(spec, scheduler)
     if exact_steps and (spec.start < 1 or spec.bottleneck is not None):
         raise PlanError("an informed start or a bottleneck runs the trajectory from pure noise; this pipeline starts "
@@ -150,14 +149,17 @@ def _runs_at(scheduler: Any, steps: int) -> bool:
     return len(scheduler.timesteps) == steps and int(scheduler.timesteps.min()) >= 0
 
 
+def _check_range(timesteps: tuple[int, ...], count: int) -> None:
+    if max(timesteps) >= count:
+        raise PlanError(f"the plan's timesteps reach {max(timesteps)}; this noise schedule's run from 0 to {count - 1}")
+
+
 def place_timesteps(scheduler: Any, timesteps: tuple[int, ...]) -> None:
     """Replace the timesteps ``set_timesteps`` chose by ``timesteps`` (same count), with the noise
     levels (sigmas) of the schedulers that keep them, computed as diffusers does for its own spacings,
     so that a scheduler's own timesteps given explicitly reproduce its run exactly."""
     bars = scheduler.alphas_cumprod
-    if max(timesteps) >= len(bars):
-        raise PlanError(f"the plan's timesteps reach {max(timesteps)}; this noise schedule's run from 0 to "
-                        f"{len(bars) - 1}")
+    _check_range(timesteps, len(bars))
     device = scheduler.timesteps.device
     index = torch.tensor(timesteps, dtype=torch.int64)
     if getattr(scheduler, "sigmas", None) is not None:
