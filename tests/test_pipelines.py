@@ -4,11 +4,12 @@ plans mapped to other step counts, and plans fitted on other weights."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 import diffaccel
 from diffaccel import methods
@@ -18,6 +19,7 @@ from diffaccel.calibration.workload import Workload
 from diffaccel.errors import PlanError, QuantError, WorkloadError
 from diffaccel.eval.cost import plan_mac_fraction
 from diffaccel.methods.registry import METHODS, applicable, build
+from diffaccel.plan import Plan
 from diffaccel.runtime import PlanWarning
 from diffaccel.search.heldout import compare
 from diffaccel.solvers.spec import SolverSpec
@@ -110,6 +112,15 @@ def test_a_plan_fitted_with_one_scheduler_warns_under_another():
         warnings.simplefilter("error", PlanWarning)
         with diffaccel.accelerate(pipe, plan):  # its own scheduler: no warning
             run(pipe, call)
+    pipe.scheduler = DDIMScheduler.from_config(own.config, clip_sample=not own.config.clip_sample)
+    try:
+        with pytest.warns(PlanWarning, match="fitted with DDIMScheduler set otherwise than the pipeline's: "
+                                             "clip_sample="):
+            with diffaccel.accelerate(pipe, plan):
+                run(pipe, call)
+    finally:
+        pipe.scheduler = own
+    assert Plan.from_dict(json.loads(plan.to_json())).calibration.scheduler_config == plan.calibration.scheduler_config
 
 
 def test_a_correction_with_nothing_to_fit_says_so_and_leaves_the_plan_as_it_was():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -144,6 +144,8 @@ class CalibrationInfo(_Strict):
     seeds: str = ""
     steps: int | None = Field(None, ge=1, description="denoiser evaluations per call")
     scheduler: str | None = Field(None, description="the pipeline's scheduler class (another one warns)")
+    scheduler_config: dict[str, Any] | None = Field(
+        None, description="that scheduler's settings (the same class with other settings warns, naming them)")
 
 
 class Plan(_Strict):

@@ -36,6 +36,7 @@ from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import CalibrationInfo, Plan
 from diffaccel.runtime.cache import tree_leaves
 from diffaccel.runtime.executor import Executor
+from diffaccel.runtime.fitted import scheduler_settings
 from diffaccel.solvers.spec import SolverSpec
 
 PROFILE_ELEMENTS = 4096
@@ -58,7 +59,8 @@ def calibration_info(model: torch.nn.Module, calibrate: Calibrate, images: int, 
         weights=fingerprint(model), calls=len(workload) if workload else 0, images=images,
         inputs=list(workload.inputs[:64]) if workload else [], steps=steps,
         seeds=workload.description if workload else getattr(calibrate, "description", "custom"),
-        scheduler=type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None)
+        scheduler=type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
+        scheduler_config=scheduler_settings(pipe.scheduler) if hasattr(pipe, "scheduler") else None)
 
 
 def sampled(output: Any) -> torch.Tensor:

@@ -4,6 +4,7 @@ was measured at does not carry over."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch
 from diffaccel.errors import PlanError, PlanWarning
 from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import Plan
+
+NOT_CARRIED = "but its quality figures do not carry over: make it again"
 
 
 def check_weights(model: torch.nn.Module, plan: Plan) -> None:
@@ -28,12 +31,31 @@ def check_weights(model: torch.nn.Module, plan: Plan) -> None:
                       "these weights", PlanWarning, stacklevel=4)
 
 
+def scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
+    """``scheduler``'s public config as JSON values (what a calibrated plan records of it)."""
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        return None
+    return {key: json.loads(json.dumps(value, default=str)) for key, value in dict(config).items()
+            if not key.startswith("_")}
+
+
 def check_scheduler(plan: Plan, scheduler: Any) -> None:
-    """A plan fitted under one scheduler's steps, run under another's (a plan with a solver section
-    brings its own and is not asked)."""
+    """A plan fitted under one scheduler's steps, run under another's, or under the same class set
+    otherwise (``timestep_spacing``, ``clip_sample``, ...); a plan with a solver section brings its
+    own scheduler and is not asked."""
     fitted = plan.calibration.scheduler if plan.calibration is not None else None
-    if fitted is None or scheduler is None or plan.solver is not None or type(scheduler).__name__ == fitted:
+    if fitted is None or scheduler is None or plan.solver is not None:
         return
-    warnings.warn(f"this plan was fitted with {fitted}; the pipeline runs {type(scheduler).__name__}: it runs, "
-                  "but its quality figures do not carry over: make it again with this scheduler", PlanWarning,
-                  stacklevel=4)
+    if type(scheduler).__name__ != fitted:
+        warnings.warn(f"this plan was fitted with {fitted}; the pipeline runs {type(scheduler).__name__}: it "
+                      f"runs, {NOT_CARRIED} with this scheduler", PlanWarning, stacklevel=4)
+        return
+    recorded, found = plan.calibration.scheduler_config, scheduler_settings(scheduler)
+    if recorded is None or found is None:
+        return
+    changed = sorted(key for key in recorded.keys() & found.keys() if recorded[key] != found[key])
+    if changed:
+        settings = ", ".join(f"{key}={found[key]!r} (fitted with {recorded[key]!r})" for key in changed)
+        warnings.warn(f"this plan was fitted with {fitted} set otherwise than the pipeline's: {settings}; it runs, "
+                      f"{NOT_CARRIED} with these settings", PlanWarning, stacklevel=4)
