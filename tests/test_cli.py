@@ -2,13 +2,14 @@
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import pytest
 
 from conftest import requires_weights, run_cli
 from diffaccel.calibration.reference import identity_plan
-from diffaccel.plan import Plan
+from diffaccel.plan import CalibrationInfo, Plan
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.weights import WEIGHTS_DIR, load_pipeline
 
@@ -103,6 +104,13 @@ def test_plan_show_describes_a_searched_plan_with_its_sampler_and_precision(run,
     identity_plan(model).model_copy(update={"precision": "bfloat16"}).save(tmp_path / "whole.json")
     whole = run("plan", "show", str(tmp_path / "whole.json"))
     assert whole.exit_code == 0 and "every unit computes at every step" in whole.output
+    # fitted on another U-Net with the same units (the SD pipeline's): not counted on the embedded one
+    other = plan.model_copy(update={"calibration": CalibrationInfo(weights="0c5f94bf995743c2", calls=1, images=1)})
+    other.save(tmp_path / "other.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shown = run("plan", "show", str(tmp_path / "other.json"))
+    assert shown.exit_code == 0 and "the plan does not fit an embedded model" in shown.output, shown.output
 
 
 @requires_weights

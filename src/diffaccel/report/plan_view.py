@@ -7,6 +7,7 @@ import torch
 from diffaccel.adapters import adapter_for
 from diffaccel.errors import PlanError
 from diffaccel.eval.cost import plan_mac_fraction, predicted_steps_saved
+from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.zoo.weights import load_pipeline
@@ -24,8 +25,9 @@ def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
     for name in candidates:
         pipe = load_pipeline(name)
         units = [u.name for u in adapter_for(pipe.denoiser).units(pipe.denoiser, plan.granularity)]
-        if units != list(plan.units):
-            continue
+        fitted = plan.calibration.weights if plan.calibration is not None else None
+        if units != list(plan.units) or (not model and fitted and fitted != fingerprint(pipe.denoiser)):
+            continue  # another model's plan (the SD pipeline's U-Net has the embedded U-Net's units)
         probe = plan.model_copy(update={"schedule": ["C" * len(units)], "num_steps": 1, "rule": None,
                                         "timesteps": None, "correction": None, "step_scale": None,
                                         "noise_injection": None, "parallel_decode": False, "solver": None,
