@@ -91,10 +91,11 @@ def bench(model: str) -> str:
     rows = {(r["name"], r["setting"]): r for r in data["rows"]}
     no_p5 = "; this run predates the 5th percentile: PSNR is the mean alone" \
         if any(r.get("psnr_p5") is None for r in data["rows"]) else ""
-    lines = [f"**{model}** ({data['samples']['n_images']} images per setting; baseline FD {base['fd']:.3f}, accuracy "
-             f"{base['accuracy']:.1%}{no_p5}):", "",
+    score = "adherence" if base.get("adherence") is not None else "accuracy"  # text-to-image: the prompt's attributes
+    lines = [f"**{model}** ({data['samples']['n_images']} images per setting; baseline FD {base['fd']:.3f}, {score} "
+             f"{base[score]:.1%}{no_p5}):", "",
              "| name | family | best setting at PSNR >= 30 dB | wall | MACs | PSNR (p5) | FD (vs baseline) "
-             "| accuracy |",
+             f"| {score} |",
              "|---|---|---|---|---|---|---|---|"]
     ranked = sorted(data["summary"].items(), key=lambda kv: -(kv[1]["speedup_wall"] or 0))
     for name, best in ranked:
@@ -104,7 +105,7 @@ def bench(model: str) -> str:
         r = rows[(name, best["setting"])]
         lines.append(f"| {name} | {best['family']} | {best['setting']} | {best['speedup_wall']:.2f}x | "
                      f"{best['speedup_macs']:.2f}x | {best['psnr']:.2f}{_p5(r)} | {r['fd']:.3f} "
-                     f"({r['fd'] / base['fd'] - 1:+.1%}) | {r['accuracy']:.1%} |")
+                     f"({r['fd'] / base['fd'] - 1:+.1%}) | {r[score]:.1%} |")
     return "\n".join(lines)
 
 

@@ -183,9 +183,12 @@ def test_a_search_returns_the_lowered_plan_only_when_timed_faster_and_reports_it
     assert on.chosen.source.endswith(" in bfloat16") and on.summary["source"] == on.chosen.source
     assert any(line.startswith("precision: the chosen plan in bfloat16,") for line in lines)
     assert untouched(pipe)
+    assert on.summary["precision_tried"][0]["kept"] and on.summary["precision_tried"][0]["speed"] == 1.6
     same = found(1.0)
     assert same.plan.precision is None and same.summary["precision_speed"] is None
     assert same.plan.schedule == on.plan.schedule  # the same pick, left in float32
+    tried = same.summary["precision_tried"]  # what was measured and not kept is on record too
+    assert tried == [{"arithmetic": "bfloat16", "forward_speed": 1.0}]
     off = found(1.6, "none")
     assert off.plan.precision is None and not any(line.startswith("precision:") for line in lines)
     with pytest.raises(SearchError, match="unknown precision"):

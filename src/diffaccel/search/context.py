@@ -34,6 +34,7 @@ class Context:
     margin: float = 0.0  # what calibration quality must clear the budget by (``_margin``)
     validator: Validator | None = None  # scores plans on fresh seeds (``config.validate``)
     precision_speed: float | None = None  # the returned plan's measured speed-up from its precision or int8
+    precision_tried: list[dict] = field(default_factory=list)  # each arithmetic the last step measured
 
     def validation_reserve(self) -> float:
         return validation_seconds(self.calib) if self.validator is not None and self.config.time_limit else 0.0

@@ -103,9 +103,12 @@ def precision_seconds(calib: CalibrationRun) -> float:
 
 def lower_precision(calib: CalibrationRun, chosen: Candidate, plan: Plan, budget: Budget, deadline: float | None,
                     log: Callable[[str], None], validator: Validator | None = None,
-                    choices: list[Arithmetic] | None = None) -> tuple[Candidate, float] | None:
+                    choices: list[Arithmetic] | None = None,
+                    tried: list[dict] | None = None) -> tuple[Candidate, float] | None:
     """``chosen`` (whose plan is ``plan``) in the fastest cheaper arithmetic that keeps it within
-    ``budget``, and its measured speed-up; None when none pays or time is short."""
+    ``budget``, and its measured speed-up; None when none pays or time is short. Each arithmetic
+    measured is appended to ``tried`` (for the results file, kept or not)."""
+    tried = [] if tried is None else tried
     if plan.quant is not None or plan.precision is not None:
         return None
     device = next(calib.model.parameters()).device
@@ -123,6 +126,7 @@ def lower_precision(calib: CalibrationRun, chosen: Candidate, plan: Plan, budget
         except DiffaccelError as exc:  # say, fbgemm's int8 kernel asked of a model on a GPU
             log(f"  the plan cannot run in {arithmetic.label} here: {exc}")
             continue
+        tried.append({"arithmetic": arithmetic.label, "forward_speed": round(gain, 3)})
         if gain < MIN_GAIN:
             log(f"  one denoiser forward in {arithmetic.label} runs {gain:.2f}x as fast as in float32 on this "
                 "machine: the plan is not timed in it")
@@ -141,6 +145,7 @@ def lower_precision(calib: CalibrationRun, chosen: Candidate, plan: Plan, budget
             f"{speed:.2f}x the float32 plan's speed: {'kept' if keep else 'not kept'}")
         if keep and validator is not None:
             keep = validator.confirmed(candidate)
+        tried[-1].update(speed=round(speed, 3), psnr=s.psnr, psnr_p5=s.psnr_p5, kept=keep)
         if keep and (best is None or speed > best[1]):
             best = (candidate, speed)
     return best

@@ -250,7 +250,7 @@ def _lowered(ctx: Context, chosen: Candidate, cleared: Budget,
     """``chosen`` in cheaper arithmetic if faster within ``cleared`` (``precision.py``), and its validation."""
     deadline = None if ctx.deadline is None else ctx.deadline + ctx.validation_reserve() + ctx.precision_reserve()
     found = lower_precision(ctx.calib, chosen, plan_getter(ctx.space)(chosen), cleared, deadline, ctx.log,
-                            ctx.validator, ctx.arithmetic())
+                            ctx.validator, ctx.arithmetic(), ctx.precision_tried)
     if found is None:
         return chosen, validation
     ctx.precision_speed = found[1]
@@ -316,7 +316,8 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
                          "units a plan computes; reuse is taken as free" + ("" if ctx.quant_speed is None else
                          "; quantized plans scaled by the measured quantized / plain wall time of the full run"),
         "quant_speed": ctx.quant_speed, "precision": chosen.plan.precision if chosen.plan is not None else None,
-        "precision_speed": ctx.precision_speed, "unit_macs": calib.unit_macs, "unit_seconds": calib.unit_seconds,
+        "precision_speed": ctx.precision_speed, "precision_tried": ctx.precision_tried,
+        "unit_macs": calib.unit_macs, "unit_seconds": calib.unit_seconds,
     }
 
 
