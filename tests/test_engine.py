@@ -158,6 +158,11 @@ def test_model_is_restored_after_an_exception_inside_the_context(pipes):
     assert untouched(pipe.denoiser)
     assert "set_timesteps" not in vars(pipe.scheduler) and "step" not in vars(pipe.scheduler)
     assert torch.equal(call(pipe), base)
+    with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 2)):  # a second plan inside: refused, not stacked
+        with pytest.raises(PlanError, match=r"plans do not nest\): leave its `accelerate` block"):
+            with diffaccel.accelerate(pipe, methods.fora(pipe.denoiser, 6, 3)):
+                pass
+    assert untouched(pipe.denoiser) and torch.equal(call(pipe), base)
 
 
 def test_plan_for_another_model_is_refused(pipes):

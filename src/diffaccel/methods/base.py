@@ -60,7 +60,7 @@ class Method:
     def make(self, target: Any, num_steps: int | None, **settings: Any) -> Plan:
         """A static method's plan for ``target``'s denoiser (a pipeline or the model itself)."""
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)):
-            raise MethodError(f"num_steps must be a whole number (num_inference_steps), got {num_steps!r}")
+            raise MethodError(f"num_steps must be a whole number (denoiser evaluations), got {num_steps!r}")
         return self.build(denoiser_of(target), num_steps, self.make_settings(**settings))
 
 

@@ -49,5 +49,6 @@ DEEPCACHE = Method("deepcache", "U-Net skip-branch reuse (DeepCache)", DeepCache
 
 
 def deepcache(target: Any, num_steps: int = 50, interval: int = 3, **settings: Any) -> Plan:
-    """A DeepCache plan for ``target``'s U-Net; settings: ``DeepCacheSettings``."""
+    """A DeepCache plan for ``target``'s U-Net over ``num_steps`` denoiser
+    evaluations (``steps.model_evaluations``: N + 1 for PNDM's N steps); settings: ``DeepCacheSettings``."""
     return DEEPCACHE.make(target, num_steps, interval=interval, **settings)

@@ -46,5 +46,7 @@ FASTER_DIFFUSION = Method("faster_diffusion", "encoder propagation, parallel dec
 
 
 def faster_diffusion(target: Any, num_steps: int = 50, interval: int = 3, **settings: Any) -> Plan:
-    """A Faster Diffusion plan for ``target``'s U-Net; settings: ``FasterDiffusionSettings``."""
+    """A Faster Diffusion plan for ``target``'s U-Net over ``num_steps`` denoiser
+    evaluations (``steps.model_evaluations``: N + 1 for PNDM's N steps); settings:
+    ``FasterDiffusionSettings``."""
     return FASTER_DIFFUSION.make(target, num_steps, interval=interval, **settings)

@@ -32,5 +32,6 @@ TAYLORSEER = Method("taylorseer", "Taylor forecasting of cached units (TaylorSee
 
 
 def taylorseer(target: Any, num_steps: int = 50, interval: int = 3, **settings: Any) -> Plan:
-    """A TaylorSeer plan for ``target``'s denoiser; settings: ``TaylorSeerSettings``."""
+    """A TaylorSeer plan for ``target``'s denoiser over ``num_steps`` denoiser
+    evaluations (``steps.model_evaluations``: N + 1 for PNDM's N steps); settings: ``TaylorSeerSettings``."""
     return TAYLORSEER.make(target, num_steps, interval=interval, **settings)

@@ -106,7 +106,8 @@ class Executor:
         """Apply the plan until ``remove()``; ``scheduler`` (the pipeline's) counts steps, ``pipe`` is
         needed by plans with a solver section, whose scheduler replaces the pipeline's meanwhile."""
         if getattr(self.model, "_diffaccel_executor", None) is not None:
-            raise PlanError("a plan is already applied to this model; disable it first")
+            raise PlanError("a plan is already applied to this model (plans do not nest): leave its `accelerate` "
+                            "block, or `diffaccel.disable` it, before applying another")
         try:
             if self.plan.solver is not None:
                 if pipe is None or not hasattr(pipe, "scheduler"):
