@@ -219,6 +219,27 @@ def test_w8a8_ptq_calibrates_on_the_pipeline_and_refuses_other_weights():
     assert untouched(other)
 
 
+def test_a_cached_calibration_is_not_reused_under_another_scheduler_or_text_encoder():
+    """Activation ranges follow the trajectory: the calibration cache keys on the pipeline's other
+    modules and its scheduler too, not only the denoiser's weights and the calls."""
+    pipe, call = build_case("sd-pndm")
+    calls = workload(call)
+    first = methods.ptq(pipe, calls, bits="w8a8").quant.calibration
+    assert methods.ptq(pipe, calls, bits="w8a8").quant.calibration == first  # the same pipeline: cached
+    own = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(own.config)
+    try:
+        plan = methods.ptq(pipe, calls, bits="w8a8", per_step=True)
+        assert plan.quant.calibration != first and plan.calibration.scheduler == "DDIMScheduler"
+        with diffaccel.accelerate(pipe, plan):  # calibrated on DDIM's 6 steps, not PNDM's 7
+            run(pipe, call)
+    finally:
+        pipe.scheduler = own
+    with torch.no_grad():
+        next(pipe.text_encoder.parameters()).mul_(3)
+    assert methods.ptq(pipe, calls, bits="w8a8").quant.calibration not in (first, plan.quant.calibration)
+
+
 def test_a_calibrated_plan_on_other_weights_warns():
     pipe, call = build_case("dit")
     plan = methods.keysteps(pipe, workload(call), keys=3)

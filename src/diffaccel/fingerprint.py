@@ -18,7 +18,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None:
-        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # "_" keys vary by process
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' configs too
+        public = {k: v for k, v in items.items() if not k.startswith("_")}  # "_" keys vary by process
         digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, value in model.state_dict().items():

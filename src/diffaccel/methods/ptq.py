@@ -11,6 +11,7 @@ workload and bits is reused from its file.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
@@ -33,6 +34,7 @@ from diffaccel.plan_files import validated
 from diffaccel.quant.apply import layer_bits
 from diffaccel.quant.calibrate import Calibration, quantizable
 from diffaccel.quant.spec import FULL_PRECISION, QuantSpec, parse_bits
+from diffaccel.runtime.fitted import scheduler_settings
 
 # Layers that carry the timestep or touch pixels directly: one step more precise than the rest
 # (QuEST: time-embedding layers are the most sensitive at low bit widths).
@@ -52,6 +54,18 @@ def workload_key(workload: Workload) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def trajectory_key(pipe: Any, model: torch.nn.Module) -> str:
+    """What sets the denoiser's inputs besides the calls: the pipeline's other modules (its text
+    encoders, say) and its scheduler, class and settings. A cached calibration made under others
+    would hold another trajectory's ranges."""
+    parts = [f"{name}={fingerprint(part)}" for name, part in sorted(getattr(pipe, "components", {}).items())
+             if isinstance(part, torch.nn.Module) and part is not model]
+    _, scheduler = find_denoiser(pipe)
+    if scheduler is not None:
+        parts.append(f"{type(scheduler).__name__}={json.dumps(scheduler_settings(scheduler), sort_keys=True)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+
+
 def calibration_for(pipe: Any, workload: Workload, act_bits: int, path: str | Path | None = None,
                     progress: bool = False) -> Path:
     """The calibration file for these weights, workload and bits: loaded if it exists and fits, else made."""
@@ -59,7 +73,8 @@ def calibration_for(pipe: Any, workload: Workload, act_bits: int, path: str | Pa
     if path is None:
         folder = Path(tempfile.gettempdir()) / "diffaccel-calibration"
         folder.mkdir(exist_ok=True)
-        path = folder / f"{fingerprint(model)}-{workload_key(workload)}-A{act_bits}.safetensors"
+        key = f"{fingerprint(model)}-{workload_key(workload)}-{trajectory_key(pipe, model)}"
+        path = folder / f"{key}-A{act_bits}.safetensors"
     path = Path(path)
     if path.exists():
         try:
