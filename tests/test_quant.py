@@ -157,7 +157,8 @@ def bad_calibration(path, tmp_path, change):
     return cal.save(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("case", ["other model", "other bits", "nan range", "zero range"])
+@pytest.mark.parametrize("case", ["other model", "other bits", "nan range", "zero range", "zero step", "flat range",
+                                  "few rows"])
 def test_bad_calibration_is_refused_and_the_model_left_untouched(pipes, calibrations, tmp_path, case):
     pipe = pipes[0]
     saved, base = state(pipe.denoiser), call(pipe, steps=STEPS)
@@ -168,14 +169,20 @@ def test_bad_calibration_is_refused_and_the_model_left_untouched(pipes, calibrat
         path = bad_calibration(calibrations[0], tmp_path, lambda c: setattr(c, "act_bits", 6))
     elif case == "nan range":
         path = bad_calibration(calibrations[0], tmp_path, lambda c: c.absmax[name].fill_(float("nan")))
-    else:
+    elif case == "zero range":
         path = bad_calibration(calibrations[0], tmp_path, lambda c: c.absmax[name].zero_())
+    elif case == "zero step":  # a per-step scale of zero: NaN at that step
+        path = bad_calibration(calibrations[0], tmp_path, lambda c: c.absmax[name][1].zero_())
+    else:  # a damaged tensor: a bare IndexError, or another step's range used silently
+        rows = {"flat range": lambda t: t[:, 0].contiguous(), "few rows": lambda t: t[-2:].contiguous()}[case]
+        path = bad_calibration(calibrations[0], tmp_path, lambda c: c.absmax.update({name: rows(c.absmax[name])}))
     plan = methods.fora(pipe.denoiser, STEPS, interval=1).with_quant(QuantSpec(calibration=str(path)))
     with pytest.raises(QuantError) as info:
         with diffaccel.accelerate(pipe, plan):
             pass
     assert {"other model": "another model", "other bits": "6-bit", "nan range": "not finite",
-            "zero range": "is zero"}[case] in str(info.value)
+            "zero range": "is zero", "zero step": "is zero at step 1", "flat range": "not one row per step",
+            "few rows": "not one row per step"}[case] in str(info.value)
     assert untouched(pipe.denoiser) and same_state(pipe.denoiser, saved)
     assert torch.equal(call(pipe, steps=STEPS), base)
 

@@ -97,9 +97,17 @@ class Calibration:
             raise QuantError(f"this calibration is for {self.act_bits}-bit activations, the plan asks for "
                              f"{act_bits}: calibrate again at A{act_bits}")
         for name, ranges in self.absmax.items():
+            if ranges.dim() != 2 or len(ranges) != self.num_steps + 1:
+                raise QuantError(f"calibrated ranges of {name} have shape {tuple(ranges.shape)}, not one row per step "
+                                 f"and one for the whole run ({self.num_steps + 1}, groups): the file is damaged; "
+                                 "calibrate again with `diffaccel quantize`")
             if not torch.isfinite(ranges).all():
                 raise QuantError(f"calibrated range of {name} is not finite: the calibration runs diverged; "
                                  "calibrate with other inputs or fewer guidance")
             if not (ranges[-1] > 0).all():
                 raise QuantError(f"calibrated range of {name} is zero: the calibration inputs never reach "
                                  "this layer; use more varied calibration inputs")
+            if not (ranges > 0).all():
+                step = int((ranges <= 0).any(dim=1).nonzero()[0])
+                raise QuantError(f"calibrated range of {name} is zero at step {step}: a per-step scale of zero cannot "
+                                 "quantize; calibrate again with `diffaccel quantize` (more varied inputs)")
