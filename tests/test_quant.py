@@ -80,6 +80,8 @@ def test_quantized_plan_runs_restores_the_model_and_counts_full_macs(pipes, cali
         QuantSpec(weight_bits=8, act_bits=8, backend="int8", calibration=str(calibrations[which])))
     with diffaccel.accelerate(pipe, plan) as run:
         out = call(pipe, steps=STEPS)
+        with pytest.raises(PlanError, match="plans do not nest"):  # not "fitted on other weights": they are swapped
+            diffaccel.enable(pipe, plan)
     assert not torch.equal(out, base) and (out - base).abs().mean() < 0.05
     assert run.stats.macs == run.stats.full_macs  # int8 products are counted, not dropped
     assert untouched(pipe.denoiser) and same_state(pipe.denoiser, saved)

@@ -33,6 +33,9 @@ from diffaccel.solvers.schedulers import slices_schedule, solver_scheduler
 log = logging.getLogger("diffaccel")
 
 
+NESTED = ("a plan is already applied to this model (plans do not nest): leave its `accelerate` block, or "
+          "`diffaccel.disable` it, before applying another")
+
 class Executor:
     def __init__(self, model: torch.nn.Module, plan: Plan, adapter: Adapter | None = None,
                  check_finite: bool = True, unit_macs: dict[tuple, list[int]] | None = None,
@@ -106,8 +109,7 @@ class Executor:
         """Apply the plan until ``remove()``; ``scheduler`` (the pipeline's) counts steps, ``pipe`` is
         needed by plans with a solver section, whose scheduler replaces the pipeline's meanwhile."""
         if getattr(self.model, "_diffaccel_executor", None) is not None:
-            raise PlanError("a plan is already applied to this model (plans do not nest): leave its `accelerate` "
-                            "block, or `diffaccel.disable` it, before applying another")
+            raise PlanError(NESTED)
         try:
             if self.plan.solver is not None:
                 if pipe is None or not hasattr(pipe, "scheduler"):

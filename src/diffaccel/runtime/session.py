@@ -11,7 +11,7 @@ from typing import Any
 from diffaccel.adapters import find_denoiser
 from diffaccel.errors import PlanError, PlanWarning
 from diffaccel.plan import Plan
-from diffaccel.runtime.executor import Executor
+from diffaccel.runtime.executor import NESTED, Executor
 
 # schedulers that evaluate the model twice at some timestep of a run
 REPEATS_TIMESTEPS = ("PNDMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
@@ -47,6 +47,8 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
         raise PlanError(f"a plan must be a diffaccel Plan, got {type(plan).__name__}: make one with a method "
                         "(diffaccel.methods), a search, or Plan.load('plan.json')")
     model, scheduler = find_denoiser(target, denoiser)
+    if getattr(model, "_diffaccel_executor", None) is not None:  # before the weights check: a quantized model's differ
+        raise PlanError(NESTED)
     if scheduler is None and not plan.step_free:
         _check_bare_model(plan)
     measured = _UNIT_MACS.setdefault(model, {})
