@@ -10,6 +10,7 @@ import pytest
 from conftest import requires_weights, run_cli
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.plan import CalibrationInfo, Plan
+from diffaccel.quant import QuantSpec
 from diffaccel.solvers import SolverSpec
 from diffaccel.zoo.weights import WEIGHTS_DIR, load_pipeline
 
@@ -188,6 +189,13 @@ def test_options_that_would_be_ignored_or_match_nothing_are_refused(run, tmp_pat
     assert_clean_error(run("plan", "show", str(tmp_path / "fora.json"), "--model", "unet"),
                        "this plan is for a DiTTransformer2DModel (the dit adapter), not the embedded unet model")
     assert "6 denoiser evaluations" in run("plan", "show", str(tmp_path / "fora.json")).output  # not "6 ddim steps"
+    (tmp_path / "ranges.safetensors").write_bytes(b"")  # never read: the refusal comes first
+    ranges = QuantSpec(calibration=str(tmp_path / "ranges.safetensors"))
+    quantized = Plan.load(tmp_path / "fora.json").with_quant(ranges)
+    quantized.save(tmp_path / "w8.json")  # --quant would replace its quantization silently
+    assert_clean_error(run("generate", "--model", "dit", "--plan", str(tmp_path / "w8.json"), "--quant", "w4a8",
+                           "--out", str(tmp_path / "g")), "the plan is already quantized (W8A8 fake): drop --quant")
+    assert not (tmp_path / "g").exists()
 
 
 def test_an_output_folder_taken_by_a_file_or_a_plan_folder_is_a_one_line_error(run, tmp_path):

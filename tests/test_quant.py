@@ -16,6 +16,7 @@ from diffaccel.quant import layers as quant_layers
 from diffaccel.quant.calibrate import shortcut_splits
 from diffaccel.quant.layers import QuantLinear, pack_nibbles, quantize_weight, unpack_nibbles
 from diffaccel.runtime.features import quantization as quantization_feature
+from diffaccel.zoo.models import build_dit
 from test_engine import call, make_pipes, untouched
 
 STEPS = 4
@@ -142,15 +143,34 @@ def test_unet_skip_concatenations_get_one_range_per_half(pipes, calibrations):
     assert cal.absmax["conv_in"].shape == (STEPS + 1, 1)
 
 
-def test_plan_file_carries_its_calibration_beside_it(pipes, calibrations, tmp_path):
+def test_plan_file_carries_its_calibration_beside_it(pipes, calibrations, tmp_path, monkeypatch):
     plan = methods.fora(pipes[0].denoiser, STEPS, interval=2).with_quant(
         QuantSpec(calibration=str(calibrations[0])))
     plan.save(tmp_path / "joint.json")
     assert (tmp_path / "joint.calibration.safetensors").is_file()
     loaded = Plan.load(tmp_path / "joint.json")
-    assert loaded.quant.calibration == str(tmp_path / "joint.calibration.safetensors")
+    assert loaded.quant.calibration == str((tmp_path / "joint.calibration.safetensors").resolve())
     with diffaccel.accelerate(pipes[0], loaded):
         call(pipes[0], steps=STEPS)
+    monkeypatch.chdir(tmp_path.parent)  # loaded by a relative path, then the working folder changes
+    relative = Plan.load(f"{tmp_path.name}/joint.json")
+    monkeypatch.chdir(tmp_path)
+    with diffaccel.accelerate(pipes[0], relative):
+        call(pipes[0], steps=STEPS)
+    with pytest.raises(QuantError, match="is a folder"):
+        Calibration.load(tmp_path)
+
+
+def test_quantization_refuses_what_it_cannot_run_before_running(pipes, calibrations):
+    """fbgemm's dynamic int8 layers take float32 activations (autocast fed them bfloat16 mid-run), and
+    the quantized layers compute from float32 weights (a bfloat16 model failed mid-run)."""
+    plan = methods.fora(pipes[0].denoiser, STEPS, interval=2).with_quant(
+        QuantSpec(backend="int8-dynamic", calibration=str(calibrations[0])))
+    with pytest.raises(PlanError, match="int8-dynamic backend .* takes float32 activations"):
+        Plan.from_dict({**plan.model_dump(), "precision": "bfloat16"})
+    half = build_dit().to(torch.bfloat16)
+    with pytest.raises(QuantError, match="needs a float32 denoiser; this DiTTransformer2DModel holds torch.bfloat16"):
+        quantize_(half, QuantSpec(calibration=str(calibrations[0])), Calibration.load(calibrations[0]))
 
 
 def bad_calibration(path, tmp_path, change):

@@ -231,6 +231,9 @@ class Plan(_Strict):
                                      "which the plan computes")
         if self.guidance is not None:
             self._check_guidance(self.guidance)
+        if self.precision is not None and self.quant is not None and self.quant.backend == "int8-dynamic":
+            raise ValueError("the int8-dynamic backend (fbgemm) takes float32 activations: drop precision, or "
+                             "quantize with the fake or int8 backend")
         return self
 
     def _check_guidance(self, guidance: GuidancePrediction) -> None:
@@ -336,7 +339,8 @@ class Plan(_Strict):
         plan = cls.from_dict(data)
         if plan.quant is not None and not Path(plan.quant.calibration).is_absolute():
             # a calibration file named in a plan file lives beside it
-            located = plan.quant.model_copy(update={"calibration": str(path.parent / plan.quant.calibration)})
+            beside = (path.parent / plan.quant.calibration).resolve()  # absolute: the working folder may change
+            located = plan.quant.model_copy(update={"calibration": str(beside)})
             plan = plan.model_copy(update={"quant": located})
         return plan
 

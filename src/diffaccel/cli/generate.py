@@ -179,6 +179,9 @@ def _whole_model(tgt, plan: Plan | None, calls: Any, quant: str | None, backend:
         return plan
     plan = plan or identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "ptq" if quant else "precision"})
     if quant is not None:
+        if plan.quant is not None:
+            raise ValueError(f"the plan is already quantized ({plan.quant.label} {plan.quant.backend}): drop --quant, "
+                             "or give a plan without a quantization section")
         plan = plan.with_quant(quant_spec(tgt.pipe, calls, quant, backend, per_step))
     return plan if precision is None else Plan.from_dict({**plan.model_dump(), "precision": precision})
 

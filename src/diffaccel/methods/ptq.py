@@ -31,7 +31,7 @@ from diffaccel.methods.base import Method, Settings
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 from diffaccel.plan_files import validated
-from diffaccel.quant.apply import layer_bits
+from diffaccel.quant.apply import check_float32, layer_bits
 from diffaccel.quant.calibrate import Calibration, quantizable
 from diffaccel.quant.spec import FULL_PRECISION, QuantSpec, parse_bits
 from diffaccel.runtime.fitted import scheduler_settings
@@ -95,6 +95,7 @@ def quant_spec(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: 
     except ValueError as exc:
         raise MethodError(str(exc)) from None
     model, _ = find_denoiser(pipe)
+    check_float32(model)  # before calibrating
     merged = {**default_overrides(weight_bits, model), **(overrides or {})}
     fields = dict(weight_bits=weight_bits, act_bits=act_bits, backend=backend, per_step=per_step, overrides=merged)
     # settings first: a bad one fails before calibrating

@@ -93,7 +93,18 @@ def prepare(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
             clock: StepClock | None = None) -> QuantHandle:
     """Check the request and build the quantized layers, leaving the model as it is until ``apply()``.
     ``clock`` returns the current step for per-step scales (the executor passes its own)."""
+    check_float32(model)
     return QuantHandle(quantized_layers(model, spec, calibration, clock))
+
+
+def check_float32(model: torch.nn.Module) -> None:
+    """The quantized layers compute from float32 weights and activations: a half-precision model
+    is refused before anything is calibrated or swapped (it failed mid-run on a dtype mismatch)."""
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise QuantError(f"quantization needs a float32 denoiser; this {type(model).__name__} holds {dtype}: load "
+                         "it in float32 (torch_dtype=torch.float32); for lower precision use a plan's precision "
+                         "(autocast) instead")
 
 
 def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,

@@ -74,6 +74,8 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         path = Path(path)
+        if path.is_dir():
+            raise QuantError(f"calibration file {path} is a folder: name the .safetensors file in it")
         if not path.is_file():
             raise QuantError(f"calibration file {path} does not exist: run `diffaccel quantize` to make it")
         try:
