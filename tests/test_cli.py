@@ -172,6 +172,8 @@ def test_the_language_model_refuses_several_processes_and_an_empty_row_list(run,
     (["generate", "--sampler", "ddim", "--classes", "circle"], "does not take --sampler, --classes"),
     (["generate", "--guidance", "3"], "--guidance"),  # given at its default value: still not for dlm
     (["search", "--strategy", "joint", "--time", "1m"], "does not take --strategy, --time"),
+    (["search", "--objective", "bops"], "searches by macs or latency, not bops"),
+    (["bench", "--seed", "5", "--guidance", "9"], "does not take --seed, --guidance"),
 ])
 def test_the_language_model_refuses_image_options_instead_of_ignoring_them(run, args, fragment, tmp_path):
     assert_clean_error(run(*args, "--model", "dlm", "--out", str(tmp_path / "o")), fragment)

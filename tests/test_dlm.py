@@ -224,7 +224,19 @@ def test_plans_that_do_not_fit_fail_before_anything_changes(tiny_pipe, problems)
             tiny_pipe(problems, steps=6)
     with pytest.raises(LMPlanError, match="between 1 and the answer length"):
         tiny_pipe(problems, steps=13)
+    # each returned something wrong without a word: [], an all-mask answer, one answer per character
+    for call, message in [(dict(batch_size=-1), "batch_size must be a whole number >= 1"),
+                          (dict(block_length=-4), "block_length must be a whole number >= 1"),
+                          (dict(block_length=0), "block_length must be a whole number >= 1")]:
+        with pytest.raises(LMPlanError, match=message):
+            tiny_pipe(problems, **call)
+    with pytest.raises(LMPlanError, match="problems must be a list"):
+        tiny_pipe(problems[0].prompt)
     assert vars(tiny_pipe) == attributes
+    with pytest.raises(ValueError, match="from 'calib' or 'eval', not 'test'"):
+        held_out("test")
+    with pytest.raises(ValueError, match="per_task must be a whole number >= 1"):
+        held_out("eval", per_task=-1)
 
 
 def test_plan_json_round_trip_and_validation(tmp_path):

@@ -23,13 +23,14 @@ from diffaccel.cli.common import (
     fail,
     run_guarded,
 )
-from diffaccel.cli.lm import LM_MODEL, lm_bench
+from diffaccel.cli.lm import BENCH_OPTIONS, LM_MODEL, lm_bench, refuse_image_options
 from diffaccel.targets import T2I_MODELS, in_caption_language, load_target, read_prompts, t2i_default_calls, t2i_folder
 from diffaccel.zoo.t2i.pipelines import PIXART_CALL
 
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
@@ -62,6 +63,7 @@ def bench(
     and report.html. ``--model dlm``: every LM method and the plan searched under ``--budget``,
     against the uncached sampler on held-out problems (results.json, results.md)."""
     if model == LM_MODEL and pipeline is None:
+        run_guarded(lambda: refuse_image_options(ctx, BENCH_OPTIONS))
         _bench_lm(out, budget, per_class or (5 if quick else 100), timed_pairs or (1 if quick else 5), steps, only,
                   weights, threads)
         return

@@ -52,6 +52,8 @@ def one_process(parallel: Any = None) -> None:
 GENERATE_OPTIONS = frozenset({"model", "pipeline", "out", "method", "plan", "compare", "param", "save_plan", "weights",
                               "threads", "steps", "per_class", "parallel"})
 SEARCH_OPTIONS = frozenset({"model", "pipeline", "budget", "objective", "out", "steps", "weights", "threads"})
+BENCH_OPTIONS = frozenset({"model", "pipeline", "quick", "out", "only", "per_class", "steps", "threads", "timed_pairs",
+                           "budget", "weights"})
 
 
 def refuse_image_options(ctx: typer.Context, takes: frozenset[str]) -> None:
@@ -118,6 +120,8 @@ def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int
 def lm_search(out: Path, budget: str, steps: int | None, objective: str, weights: Path | None) -> LMPlan:
     """The fastest LM plan within ``budget`` (``accuracy>=-1``: one point below the uncached sampler)."""
     one_process()
+    if objective not in ("macs", "latency"):
+        raise ValueError(f"--model dlm searches by macs or latency, not {objective}: its plans quantize nothing")
     pipe = load_dlm(weights)
     plan = search_lm(pipe, budget, steps=steps, objective="wall" if objective == "latency" else "macs")
     out.mkdir(parents=True, exist_ok=True)

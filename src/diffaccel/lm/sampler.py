@@ -38,6 +38,8 @@ def check_schedule(answer_length: int, steps: int, block_length: int | None, pla
     if not 1 <= steps <= answer_length:
         raise LMPlanError(f"steps must be between 1 and the answer length {answer_length}, not {steps} "
                           "(a step that decodes nothing recomputes the same prediction)")
+    if block_length is not None and (isinstance(block_length, bool) or block_length < 1):
+        raise LMPlanError(f"block_length must be a whole number >= 1 (or None: one block), not {block_length!r}")
     blocks_from_plan = plan.block_size if plan is not None and plan.method == "block" else None
     if blocks_from_plan and block_length and block_length != blocks_from_plan:
         raise LMPlanError(f"block_length {block_length} conflicts with the plan's block_size {blocks_from_plan}")

@@ -193,8 +193,11 @@ def held_out(split: str = "eval", per_task: int = 100, seed: int = 0,
              tasks: tuple[str, ...] = LANGUAGE) -> list[Problem]:
     """``per_task`` distinct problems of each task from a held-out split (``calib`` or ``eval``),
     task by task; their seeds (``10_000 + ...``) are outside the training seeds' use."""
-    if split == "train":
-        raise ValueError("held_out draws from 'calib' or 'eval'; training data comes from training_batch")
+    if split not in SPLITS or split == "train":
+        raise ValueError(f"held_out draws from 'calib' or 'eval', not {split!r} (training data comes from "
+                         "training_batch)")
+    if isinstance(per_task, bool) or per_task < 1:
+        raise ValueError(f"per_task must be a whole number >= 1, not {per_task!r}")
     problems: list[Problem] = []
     for task in tasks:  # seeded by the task's place in TASKS: a task's problems don't depend on the others asked for
         if task not in TASKS:
