@@ -174,6 +174,7 @@ def test_the_language_model_refuses_several_processes_and_an_empty_row_list(run,
     (["search", "--strategy", "joint", "--time", "1m"], "does not take --strategy, --time"),
     (["search", "--objective", "bops"], "searches by macs or latency, not bops"),
     (["bench", "--seed", "5", "--guidance", "9"], "does not take --seed, --guidance"),
+    (["generate", "--save-plan", "plan.json"], "--save-plan needs a plan to save"),  # wrote nothing, silently
 ])
 def test_the_language_model_refuses_image_options_instead_of_ignoring_them(run, args, fragment, tmp_path):
     assert_clean_error(run(*args, "--model", "dlm", "--out", str(tmp_path / "o")), fragment)

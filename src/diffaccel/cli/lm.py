@@ -92,6 +92,10 @@ def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int
     one_process(parallel)
     if compare and plan is None:
         raise ValueError("--compare needs a plan to compare with the uncached sampler: give --method or --plan")
+    if save_plan is not None and (plan is None or save_plan.is_dir()):  # refused before the run, not after it
+        raise ValueError("--save-plan needs a plan to save: give --method or --plan" if plan is None else
+                         f"--save-plan {save_plan} is a folder: name a .json file")
+    out.mkdir(parents=True, exist_ok=True)
     pipe = load_dlm(weights)
     problems = held_out("eval", per_task=per_task)
     call = {"steps": steps or pipe.default_steps}
@@ -104,7 +108,6 @@ def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int
                   **score(problems, output.texts), "macs": output.macs, "seconds": seconds, "steps": call["steps"],
                   "tokens_per_second": len(problems) * pipe.answer_length / seconds}
     record = {"model": LM_MODEL, "weights": str(weights) if weights else None, **record}
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "record.json", record)
     with (out / "answers.jsonl").open("w") as handle:
         for problem, text in zip(problems, output.texts):
@@ -122,9 +125,9 @@ def lm_search(out: Path, budget: str, steps: int | None, objective: str, weights
     one_process()
     if objective not in ("macs", "latency"):
         raise ValueError(f"--model dlm searches by macs or latency, not {objective}: its plans quantize nothing")
+    out.mkdir(parents=True, exist_ok=True)  # a file in its way fails now, not after the search
     pipe = load_dlm(weights)
     plan = search_lm(pipe, budget, steps=steps, objective="wall" if objective == "latency" else "macs")
-    out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
     record = plan.params["search"]
     write_json(out / "search.json", record)

@@ -138,7 +138,7 @@ def search(
     """Search a static plan that meets a quality budget at the least cost; write plan.json, front.json,
     front.png and summary.json. Run the same command again to resume an interrupted search."""
     if model == LM_MODEL and pipeline is None:
-        return run_guarded(search_command, ctx)
+        return run_guarded(search_command, ctx, out_dir=out)
 
     def job():
         started = time.time()  # the limit is the whole command's
