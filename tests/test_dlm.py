@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -167,6 +168,17 @@ def test_shipped_model_answers_and_exact_plans():
     with lm_accelerate(pipe, make_lm_plan("dkv-decode")) as run:
         cached = pipe(problems)
     assert run.stats.mac_ratio > 2.0 and score(problems, cached.texts)["accuracy"] >= 80.0
+
+
+@shipped
+@pytest.mark.parametrize("layout", [{"answer_length": 12}, {"prompt_length": 60, "answer_length": 12}, []])
+def test_a_damaged_pipeline_file_is_a_weights_error(tmp_path, layout):
+    """A missing key was a KeyError, lengths past the model's positions an IndexError mid-run."""
+    folder = tmp_path / "dlm"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    (folder / "pipeline.json").write_text(json.dumps(layout))
+    with pytest.raises(WeightsError, match="must give prompt_length and answer_length"):
+        load_dlm(folder)
 
 
 def test_no_state_leaks_between_calls(tiny_pipe, problems):

@@ -103,4 +103,9 @@ def load_dlm(weights_dir: str | Path | None = None, batch_size: int = 100) -> DL
     except Exception as exc:  # transformers raises many types for a damaged folder
         raise WeightsError(f"the diffusion LM in {folder} is corrupt: {str(exc).splitlines()[0][:200]} "
                            "(reinstall diffaccel or re-export it)") from exc
-    return DLMPipeline(model, tokenizer, layout["prompt_length"], layout["answer_length"], batch_size)
+    lengths = [layout.get(key) if isinstance(layout, dict) else None for key in ("prompt_length", "answer_length")]
+    positions = model.config.max_position_embeddings
+    if not all(isinstance(n, int) and n >= 1 for n in lengths) or sum(lengths) > positions:
+        raise WeightsError(f"{folder / 'pipeline.json'} must give prompt_length and answer_length, whole numbers "
+                           f">= 1 that fit the model's {positions} positions; got {lengths}: re-export the model")
+    return DLMPipeline(model, tokenizer, lengths[0], lengths[1], batch_size)
