@@ -16,15 +16,23 @@ import torch
 def fingerprint(model: torch.nn.Module) -> str:
     """16 hex digits identifying the model's class, config and weights."""
     digest = hashlib.sha256(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if config is not None:
-        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' configs too
-        public = {k: v for k, v in items.items() if not k.startswith("_")}  # "_" keys vary by process
+    public = public_config(model)
+    if public is not None:
         digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, value in model.state_dict().items():
             digest.update(f"{name}{_summary(value)}".encode())
     return digest.hexdigest()[:16]
+
+
+def public_config(obj: object) -> dict | None:
+    """``obj``'s config (diffusers' or transformers') without its "_" keys, which vary by process;
+    None when it has none."""
+    config = getattr(obj, "config", None)
+    if config is None:
+        return None
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in items.items() if not k.startswith("_")}
 
 
 def _summary(value: object) -> str:

@@ -36,6 +36,7 @@ log = logging.getLogger("diffaccel")
 NESTED = ("a plan is already applied to this model (plans do not nest): leave its `accelerate` block, or "
           "`diffaccel.disable` it, before applying another")
 
+
 class Executor:
     def __init__(self, model: torch.nn.Module, plan: Plan, adapter: Adapter | None = None,
                  check_finite: bool = True, unit_macs: dict[tuple, list[int]] | None = None,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from diffaccel.errors import PlanError, PlanWarning
-from diffaccel.fingerprint import fingerprint
+from diffaccel.fingerprint import fingerprint, public_config
 from diffaccel.plan import Plan
 
 NOT_CARRIED = "but its quality figures do not carry over: make it again"
@@ -33,11 +33,8 @@ def check_weights(model: torch.nn.Module, plan: Plan) -> None:
 
 def scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
     """``scheduler``'s public config as JSON values (what a calibrated plan records of it)."""
-    config = getattr(scheduler, "config", None)
-    if config is None:
-        return None
-    return {key: json.loads(json.dumps(value, default=str)) for key, value in dict(config).items()
-            if not key.startswith("_")}
+    public = public_config(scheduler)
+    return None if public is None else json.loads(json.dumps(public, default=str))
 
 
 def check_scheduler(plan: Plan, scheduler: Any) -> None:
