@@ -9,6 +9,7 @@ import torch
 from transformers import BertForMaskedLM
 
 import diffaccel
+from diffaccel.cli.common import parse_params
 from diffaccel.errors import WeightsError
 from diffaccel.eval.cost import count_macs
 from diffaccel.lm import (
@@ -371,3 +372,14 @@ def test_a_task_mix_chooses_the_training_tasks_and_bad_mixes_are_refused():
     for bad in ({"nope": 1.0}, {"get": -1.0}, {"get": 0.0}, {}):
         with pytest.raises(ValueError, match="task mix"):
             T.training_batch(0, 3, 5, bad)
+
+
+def test_methods_lists_every_lm_setting_a_param_can_set(monkeypatch, capsys):
+    from conftest import run_cli
+
+    code, stdout, err = run_cli(monkeypatch, capsys, "methods")
+    assert code == 0, err
+    lm_part = stdout.split("--model dlm", 1)[1]
+    settable = set(LMPlan.model_fields) - {"version", "kind", "method", "answer_length", "params"}
+    assert all(f"    {knob}=" in lm_part for knob in settable)
+    assert make_lm_plan("block", **parse_params(["block_size=4", "block_cache=false"])).block_cache is False

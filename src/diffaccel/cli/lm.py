@@ -72,7 +72,7 @@ def generate_command(ctx: typer.Context) -> None:
     refuse_image_options(ctx, GENERATE_OPTIONS)
     o = ctx.params
     setup(o["threads"])
-    plan = lm_plan(o["method"], o["plan"], parse_params(o["param"]))  # refresh_every, window, block_size
+    plan = lm_plan(o["method"], o["plan"], parse_params(o["param"]))  # LM_SETTINGS
     lm_generate(o["out"], plan, o["steps"], o["per_class"], o["compare"], 3, o["weights"], o["save_plan"],
                 o["parallel"])
 

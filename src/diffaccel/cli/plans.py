@@ -23,7 +23,7 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
-from diffaccel.lm.plan import LM_METHODS
+from diffaccel.lm.plan import LM_METHODS, LM_SETTINGS, LMPlan
 from diffaccel.methods.registry import METHODS
 from diffaccel.plan import Plan
 from diffaccel.report.plan_view import render_plan
@@ -86,5 +86,8 @@ def list_methods() -> None:
             default = spec.knobs()[knob]
             typer.echo(f"    {knob}={default!r}  {field.description or ''}")
     methods = ", ".join(m for m in LM_METHODS if m != "none")
-    typer.echo(f"\n--model dlm (the diffusion language model) takes its own: {methods} (settings with --param "
-               "key=value: refresh_every, window, block_size; see docs/language-models.md)")
+    typer.echo(f"\n--model dlm (the diffusion language model) takes its own: {methods} (see docs/language-models.md);"
+               " settings with --param key=value:")
+    for knob in LM_SETTINGS:
+        field = LMPlan.model_fields[knob]
+        typer.echo(f"    {knob}={field.default!r}  {field.description}")

@@ -27,6 +27,7 @@ from diffaccel.plan_files import read_plan_json, validated, write_plan_json
 LM_PLAN_VERSION = 1
 LM_METHODS = ("none", "dkv-decode", "dkv-greedy", "prompt-cache", "block")
 _REFRESHING = ("dkv-decode", "dkv-greedy", "prompt-cache")
+LM_SETTINGS = ("refresh_every", "window", "block_size", "block_cache")  # what ``--param key=value`` may set
 
 
 class LMPlanError(PlanError):
