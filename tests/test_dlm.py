@@ -383,3 +383,15 @@ def test_methods_lists_every_lm_setting_a_param_can_set(monkeypatch, capsys):
     settable = set(LMPlan.model_fields) - {"version", "kind", "method", "answer_length", "params"}
     assert all(f"    {knob}=" in lm_part for knob in settable)
     assert make_lm_plan("block", **parse_params(["block_size=4", "block_cache=false"])).block_cache is False
+
+
+def test_bench_refuses_a_step_count_some_rows_cannot_take_before_running_any(monkeypatch, capsys, tmp_path):
+    from conftest import run_cli
+    from diffaccel.lm.bench import ROWS, check_rows
+
+    check_rows(list(ROWS), 12, 12)  # the default: one token per step fits every row
+    with pytest.raises(LMPlanError, match="block-6") as info:
+        check_rows(list(ROWS), 12, 5)
+    assert "--only baseline," in str(info.value) and "block-4," not in str(info.value)
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", "dlm", "--steps", "5", "--out", tmp_path / "b")
+    assert code != 0 and "cannot run 5 steps" in err and not (tmp_path / "b").exists()

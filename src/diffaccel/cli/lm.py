@@ -17,7 +17,7 @@ import typer
 
 from diffaccel.cli.common import parse_params, setup
 from diffaccel.eval.io import write_json
-from diffaccel.lm.bench import ROWS, run_rows, table
+from diffaccel.lm.bench import ROWS, check_rows, run_rows, table
 from diffaccel.lm.evaluate import compare as compare_plan
 from diffaccel.lm.evaluate import run, score
 from diffaccel.lm.pipeline import load_dlm
@@ -146,6 +146,7 @@ def lm_bench(out: Path, budget: str, per_task: int, repeats: int, steps: int | N
     every task. Writes results.json (saved after every row) and results.md."""
     names = rows or list(ROWS)
     pipe = load_dlm(weights)
+    check_rows(names, pipe.answer_length, steps if steps is not None else pipe.default_steps)  # before out exists
     record: dict = {"model": LM_MODEL, "weights": str(weights) if weights else None, "budget": budget}
     out.mkdir(parents=True, exist_ok=True)
 

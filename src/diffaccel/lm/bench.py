@@ -16,7 +16,8 @@ import torch
 
 from diffaccel.lm.evaluate import compare
 from diffaccel.lm.pipeline import DLMPipeline
-from diffaccel.lm.plan import make_lm_plan
+from diffaccel.lm.plan import LMPlanError, make_lm_plan
+from diffaccel.lm.sampler import check_schedule
 from diffaccel.lm.search import search_lm
 from diffaccel.lm.tasks import Problem
 
@@ -40,11 +41,31 @@ ROWS: dict[str, tuple[str, dict] | None] = {
 SUMMARY_KEYS = ("name", "setting", "accuracy", "speedup_macs", "speedup_wall", "tokens_per_second")
 
 
-def check_rows(names: list[str]) -> None:
-    """Refuse row names the bench does not know, naming the ones it does."""
+def check_rows(names: list[str], answer_length: int | None = None, steps: int | None = None) -> None:
+    """Refuse row names the bench does not know, naming the ones it does, and (given the answer length
+    and the step count) rows whose plan cannot take that many steps: before any row runs, not when
+    the bench reaches them."""
     unknown = [n for n in names if n not in ROWS]
     if unknown or not names:
         raise ValueError(f"unknown or no rows {unknown}; rows are {', '.join(ROWS)}")
+    if answer_length is None or steps is None:
+        return
+    misfits = {n: why for n in ROWS if (why := _misfit(n, answer_length, steps))}
+    if any(n in misfits for n in names):
+        fitting = ",".join(n for n in ROWS if n not in misfits)
+        raise LMPlanError(f"rows that cannot run {steps} steps: "
+                          + "; ".join(f"{n} ({misfits[n]})" for n in names if n in misfits)
+                          + f". Drop them (--only {fitting}) or choose other --steps")
+
+
+def _misfit(name: str, answer_length: int, steps: int) -> str | None:
+    """Why row ``name``'s plan cannot decode ``answer_length`` tokens in ``steps`` steps (None: it can)."""
+    plan = None if ROWS[name] is None else make_lm_plan(ROWS[name][0], **ROWS[name][1])
+    try:
+        check_schedule(answer_length, steps, None, plan)
+    except LMPlanError as exc:
+        return str(exc)
+    return None
 
 
 def measure_row(name: str, pipe: DLMPipeline, problems: list[Problem], calibration: list[Problem], *,
@@ -73,7 +94,7 @@ def run_rows(names: list[str], pipe: DLMPipeline, problems: list[Problem], calib
              log: Callable[[str], None] = print) -> dict:
     """Measure ``names`` into ``record["rows"]`` (merged by name, in ROWS order), saving after
     every row so an interrupted bench keeps what it measured."""
-    check_rows(names)
+    check_rows(names, pipe.answer_length, steps if steps is not None else pipe.default_steps)
     rows = {row["name"]: row for row in record.get("rows", [])}
     for name in names:
         rows[name] = {**measure_row(name, pipe, problems, calibration, budget=budget, steps=steps, repeats=repeats),
