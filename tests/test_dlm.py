@@ -182,6 +182,18 @@ def test_a_damaged_pipeline_file_is_a_weights_error(tmp_path, layout):
         load_dlm(folder)
 
 
+@shipped
+def test_a_pipeline_file_that_disagrees_with_the_training_record_is_refused(tmp_path):
+    """Lengths that fit the model's positions but not the ones it was trained on ran at 0% accuracy."""
+    folder = tmp_path / "dlm"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    (folder / "pipeline.json").write_text(json.dumps({"prompt_length": 40, "answer_length": 12}))
+    with pytest.raises(WeightsError, match=r"trained on \[32, 12\]"):
+        load_dlm(folder)
+    (folder / "training.json").unlink()  # no record to check against: the layout is taken as given
+    assert load_dlm(folder).prompt_length == 40
+
+
 def test_no_state_leaks_between_calls(tiny_pipe, problems):
     for plan in all_plans():
         with lm_accelerate(tiny_pipe, plan) as run:

@@ -108,4 +108,17 @@ def load_dlm(weights_dir: str | Path | None = None, batch_size: int = 100) -> DL
     if not all(isinstance(n, int) and n >= 1 for n in lengths) or sum(lengths) > positions:
         raise WeightsError(f"{folder / 'pipeline.json'} must give prompt_length and answer_length, whole numbers "
                            f">= 1 that fit the model's {positions} positions; got {lengths}: re-export the model")
+    trained = _trained_lengths(folder)
+    if trained is not None and trained != lengths:
+        raise WeightsError(f"{folder / 'pipeline.json'} gives prompt and answer lengths {lengths}, but the model was "
+                           f"trained on {trained} (training.json): its answers would be noise; re-export the model")
     return DLMPipeline(model, tokenizer, lengths[0], lengths[1], batch_size)
+
+
+def _trained_lengths(folder: Path) -> list[int] | None:
+    """The prompt and answer lengths ``training.json`` says the model was trained on (None: no such record)."""
+    try:
+        config = json.loads((folder / "training.json").read_text())["config"]
+        return [int(config["prompt_length"]), int(config["answer_length"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
