@@ -157,7 +157,21 @@ def samplers(model: str) -> str:
     return "\n".join(lines + ["", f"Fewest steps to a mean PSNR of 30 dB: {reach}."])
 
 
-TABLES = {"engine": engine, "quant": quant, "search": search, "joint": joint, "bench": bench,
+def adherence(model: str) -> str:
+    """``benchmarks/adherence_t2i.py``'s rows: adherence, and the images lost and won against the reference."""
+    data = json.loads((RESULTS / f"adherence_{model}.json").read_text())
+    lines = [f"**{model}** ({data['images']} images, `{data['command']}`; the 50-step DDIM reference's adherence "
+             f"{data['reference_adherence']:.1%}):", "",
+             "| setting | adherence | images lost / won | lost on shape, colour | PSNR (p5) |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        by = r["lost_by_attribute"]
+        lines.append(f"| {r['setting']} | {r['adherence']:.1%} ({r['adherence'] - data['reference_adherence']:+.1%}) "
+                     f"| {r['lost']} / {r['won']} | {by['shape']}, {by['colour']} | {r['psnr']:.2f} "
+                     f"({r['psnr_p5']:.1f}) |")
+    return "\n".join(lines)
+
+
+TABLES = {"adherence": adherence, "engine": engine, "quant": quant, "search": search, "joint": joint, "bench": bench,
           "joint_search": joint_search, "samplers": samplers}
 
 
