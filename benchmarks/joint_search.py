@@ -70,6 +70,8 @@ def measure(target, name: str, plan, heldout, reference, pairs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dit")
+    parser.add_argument("--weights", type=Path, default=None, help="weights folder (a pipeline folder for pixart|sd) "
+                        "instead of the shipped one")
     parser.add_argument("--budget", default="psnr>=30")
     parser.add_argument("--time", default="15m")
     parser.add_argument("--heldout-per-class", type=int, default=8)
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--suffix", default="", help="appended to the results file's name (say, what machine ran it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    target = load_target(args.model)
+    target = load_target(args.model, weights=args.weights)
     calibrate = target.workload(50, args.guidance, args.calib_per_class, 0)
     heldout = target.workload(50, args.guidance, args.heldout_per_class, 0, calibration=False)
     name = f"joint_search_{args.model}" + (f"_c{args.calib_per_class}" if args.calib_per_class != 2 else "") \
@@ -132,6 +134,7 @@ def main() -> None:
         "heldout_images": len(reference), "guidance": args.guidance, "rows": rows, "threads": args.threads,
         "machine": platform.machine(), "processor": platform.processor(),
         "bf16_native": not emulated_on_cpu("bfloat16"), "torch": torch.__version__,
+        "weights": str(args.weights) if args.weights else None,
         "command": f"python benchmarks/joint_search.py --model {args.model} --budget '{args.budget}' --time "
                    f"{args.time} --heldout-per-class {args.heldout_per_class} --pairs {args.pairs} --threads "
                    f"{args.threads} --calib-per-class {args.calib_per_class} --objective {args.objective} "
@@ -139,6 +142,7 @@ def main() -> None:
                    + (f" --margin {args.margin:g}" if args.margin is not None else "")
                    + (f" --precision {args.precision}" if args.precision != "auto" else "")
                    + (f" --suffix {args.suffix}" if args.suffix else "")
+                   + (f" --weights {args.weights}" if args.weights else "")
                    + (f" --quant {args.quant} --quant-backend {args.quant_backend}" if args.quant else ""),
         "search_out": os.path.relpath(out, ROOT)})
 
