@@ -407,3 +407,25 @@ def test_bench_refuses_a_step_count_some_rows_cannot_take_before_running_any(mon
     assert "--only baseline," in str(info.value) and "block-4," not in str(info.value)
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", "dlm", "--steps", "5", "--out", tmp_path / "b")
     assert code != 0 and "cannot run 5 steps" in err and not (tmp_path / "b").exists()
+
+
+def test_plan_make_and_show_take_lm_plans(monkeypatch, capsys, tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "greedy.json"
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "make", "dkv-greedy", "--model", "dlm", "--param", "window=4",
+                           "--param", "refresh_every=8", "--out", path)
+    assert code == 0, err
+    made = LMPlan.load(path)
+    assert (made.method, made.window, made.refresh_every) == ("dkv-greedy", 4, 8)
+    code, stdout, err = run_cli(monkeypatch, capsys, "plan", "show", path)
+    assert code == 0, err
+    assert "dkv-greedy (window=4, refresh_every=8)" in stdout and f"--plan {path}" in stdout
+    for args, fragment in [(("block",), "'block_size' is needed"), (("dkv-decode", "--interval", "3"), "--interval"),
+                           (("dkv-nothing",), "unknown LM method")]:
+        bad = tmp_path / "x.json"
+        code, _, err = run_cli(monkeypatch, capsys, "plan", "make", *args, "--model", "dlm", "--out", bad)
+        assert code == 2 and fragment in err.strip().splitlines()[-1] and not bad.exists(), err
+    (tmp_path / "odd.json").write_text('{"kind": 3}')  # an LM plan's field, of the wrong type: the LM reader says so
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "show", tmp_path / "odd.json")
+    assert code == 2 and "invalid LM plan" in err

@@ -52,6 +52,7 @@ def one_process(parallel: Any = None) -> None:
 GENERATE_OPTIONS = frozenset({"model", "pipeline", "out", "method", "plan", "compare", "param", "save_plan", "weights",
                               "threads", "steps", "per_class", "parallel"})
 SEARCH_OPTIONS = frozenset({"model", "pipeline", "budget", "objective", "out", "steps", "weights", "threads"})
+PLAN_MAKE_OPTIONS = frozenset({"method", "model", "param", "out"})
 BENCH_OPTIONS = frozenset({"model", "pipeline", "quick", "out", "only", "per_class", "steps", "threads", "timed_pairs",
                            "budget", "weights"})
 
@@ -75,6 +76,33 @@ def generate_command(ctx: typer.Context) -> None:
     plan = lm_plan(o["method"], o["plan"], parse_params(o["param"]))  # LM_SETTINGS
     lm_generate(o["out"], plan, o["steps"], o["per_class"], o["compare"], 3, o["weights"], o["save_plan"],
                 o["parallel"])
+
+
+def plan_make_command(ctx: typer.Context) -> Path:
+    """``plan make METHOD --model dlm``: the LM plan of the method and its ``--param`` settings, saved."""
+    refuse_image_options(ctx, PLAN_MAKE_OPTIONS)
+    o = ctx.params
+    return make_lm_plan(o["method"], **parse_params(o["param"])).save(o["out"])
+
+
+def is_lm_plan_file(path: Path) -> bool:
+    """Whether ``path`` holds an LM plan (a ``kind`` and no ``adapter``); anything unreadable is left
+    to the image plan's reader, whose errors say what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "kind" in data and "adapter" not in data
+
+
+def describe_lm_plan(plan: LMPlan, path: Path) -> str:
+    """An LM plan in a few lines: the method, its settings, and what the file records besides."""
+    lines = [f"LM plan for a {plan.kind} model: {plan.method} ({plan.setting()})"]
+    if plan.answer_length is not None:
+        lines.append(f"made for answers of {plan.answer_length} tokens")
+    lines += [f"{key}: {value}" for key, value in plan.params.items()]
+    lines.append(f"run it with: diffaccel generate --model dlm --plan {path}")
+    return "\n".join(lines)
 
 
 def search_command(ctx: typer.Context) -> None:

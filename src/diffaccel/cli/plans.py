@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from diffaccel.cli.common import (
+    ANY_MODEL,
     ANY_STEPS,
     GUIDANCE,
-    MODEL,
     PIPELINE,
     PROMPTS,
     SAMPLER,
@@ -23,6 +23,7 @@ from diffaccel.cli.common import (
     setup,
     target,
 )
+from diffaccel.cli.lm import LM_MODEL, describe_lm_plan, is_lm_plan_file, plan_make_command
 from diffaccel.lm.plan import LM_METHODS, LM_SETTINGS, LMPlan
 from diffaccel.methods.registry import METHODS
 from diffaccel.plan import Plan
@@ -37,14 +38,19 @@ app.add_typer(plan_app, name="plan")
 def plan_show(path: Path = typer.Argument(..., help="plan JSON file"),
               model: str = typer.Option(None, help="embedded model to measure MACs on (default: the one the plan "
                                                    "fits, if any)")) -> None:
-    """Print a plan's step x unit map and the MACs it costs relative to the full model."""
+    """Print a plan's step x unit map and the MACs it costs relative to the full model (an LM plan:
+    its method and settings)."""
+    if is_lm_plan_file(path):
+        typer.echo(run_guarded(lambda: describe_lm_plan(LMPlan.load(path), path)))
+        return
     typer.echo(run_guarded(lambda: render_plan(Plan.load(path), model)))
 
 
 @plan_app.command("make")
 def plan_make(
+    ctx: typer.Context,
     method: str = typer.Argument(..., help="method name (see `diffaccel methods`)"),
-    model: str = MODEL,
+    model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
     steps: int = ANY_STEPS,
@@ -71,7 +77,10 @@ def plan_make(
             tgt = target(model, pipeline, prompts, sampler, weights)
         resolve_plan(tgt, call_steps(tgt, steps), guidance, method, None, settings).save(out)
 
-    run_guarded(job)
+    if model == LM_MODEL and pipeline is None:
+        run_guarded(plan_make_command, ctx)
+    else:
+        run_guarded(job)
     typer.echo(f"wrote {out}")
 
 
