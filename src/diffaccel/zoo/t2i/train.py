@@ -34,7 +34,7 @@ from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers
 MODELS = ("vae", "pixart", "sd", "t2i_evaluator")
 DEFAULTS: dict[str, dict] = {
     "vae": dict(steps=2400, batch=16, lr=1e-3, warmup=100, ema_decay=0.995),
-    "pixart": dict(steps=4000, batch=64, lr=1e-3, warmup=200),
+    "pixart": dict(steps=14000, batch=64, lr=1e-3, warmup=200),  # the shipped run: 4000 left shapes unlearned
     "sd": dict(steps=4000, batch=64, lr=1e-3, warmup=200),
     "t2i_evaluator": dict(steps=1500, batch=64, lr=2e-3, warmup=100, weight_decay=1e-4, ema_decay=0.99),
 }
