@@ -406,6 +406,8 @@ def test_the_headline_keeps_adherence_within_one_point_where_it_is_scored():
     gated = summarize(rows, [], 30.0, baseline_adherence=0.90)
     assert gated["fast"]["setting"] == "tight" and gated["blind"]["speedup_wall"] is None
     assert "adherence within 1 pt of the baseline" in gated["blind"]["note"]
+    slack = rows[:1] + [{**rows[1], "adherence": 0.885}]  # 1.5 points under: within the old 2, not within 1
+    assert summarize(slack, [], 30.0, baseline_adherence=0.90)["fast"]["speedup_wall"] is None
     low = summarize(rows[:1], [], 30.0, baseline_adherence=0.90)["fast"]  # held back by adherence alone: says so
     assert low["speedup_wall"] is None and "3.00x at 35.0 dB with loose, but adherence 80.0%" in low["note"]
     ungated = summarize(rows, [], 30.0)  # no adherence scored (embedded models, user pipelines): PSNR alone

@@ -24,6 +24,7 @@ from diffaccel.lm.pipeline import load_dlm
 from diffaccel.lm.plan import LM_METHODS, LMPlan, make_lm_plan
 from diffaccel.lm.search import search_lm
 from diffaccel.lm.tasks import held_out, is_correct
+from diffaccel.plan_files import OWN_FIELD
 
 LM_MODEL = "dlm"
 LM_HELP = f"dlm: the diffusion language model (methods {', '.join(m for m in LM_METHODS if m != 'none')})"
@@ -86,13 +87,14 @@ def plan_make_command(ctx: typer.Context) -> Path:
 
 
 def is_lm_plan_file(path: Path) -> bool:
-    """Whether ``path`` holds an LM plan (a ``kind`` and no ``adapter``); anything unreadable is left
-    to the image plan's reader, whose errors say what is wrong."""
+    """Whether ``path`` holds an LM plan (its own field and not the image plan's, as the readers tell
+    them apart); anything unreadable is left to the image plan's reader, whose errors say what is wrong."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and "kind" in data and "adapter" not in data
+    lm_field, image_field = OWN_FIELD["LM plan"][0], OWN_FIELD["plan"][0]
+    return isinstance(data, dict) and lm_field in data and image_field not in data
 
 
 def describe_lm_plan(plan: LMPlan, path: Path) -> str:
