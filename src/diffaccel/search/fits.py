@@ -17,7 +17,9 @@ from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import PLACEABLE, SolverSpec
 
 FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embedded models): where fits start
-AMPLE = 6.0  # dB above the budget at which a fit stops and is cached before the next fit (12 SD steps: +8 dB)
+AMPLE = 5.0  # dB above the budget at which a fit stops and is cached before the next fit (caching spent 4.3 dB
+# of SD's 15-step fit for 2.1x its MACs, 4.0 dB of PixArt's 12-step fit for 1.7x; at 6 dB PixArt's fit at +5.9 never
+# reached its caching in 40 minutes)
 RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
 
 
