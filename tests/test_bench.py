@@ -412,3 +412,36 @@ def test_the_headline_keeps_adherence_within_one_point_where_it_is_scored():
     assert low["speedup_wall"] is None and "3.00x at 35.0 dB with loose, but adherence 80.0%" in low["note"]
     ungated = summarize(rows, [], 30.0)  # no adherence scored (embedded models, user pipelines): PSNR alone
     assert ungated["fast"]["setting"] == "loose" and ungated["blind"]["speedup_wall"] == 5.0
+
+
+def test_the_headline_can_bound_the_tail_as_well_as_the_mean():
+    rows = [{"name": "steps", "family": "steps", "psnr": 31.0, "psnr_p5": 17.0, "speedup_wall": 4.0,
+             "speedup_macs": 4.0, "setting": "steps=11"},
+            {"name": "steps", "family": "steps", "psnr": 37.0, "psnr_p5": 26.0, "speedup_wall": 2.5,
+             "speedup_macs": 2.5, "setting": "steps=20"},
+            {"name": "plan", "family": "diffaccel", "psnr": 34.0, "psnr_p5": 27.0, "speedup_wall": 6.0,
+             "speedup_macs": 6.0, "setting": "p"},
+            {"name": "old", "family": "peer", "psnr": 40.0, "speedup_wall": 3.0, "speedup_macs": 3.0, "setting": "o"}]
+    mean_only = summarize(rows, [], 30.0)
+    assert mean_only["steps"]["setting"] == "steps=11" and mean_only["old"]["speedup_wall"] == 3.0
+    tail = summarize(rows, [], 30.0, tail=25.0)
+    assert tail["steps"]["setting"] == "steps=20" and tail["plan"]["speedup_wall"] == 6.0
+    assert tail["old"]["speedup_wall"] is None and "5th pct not recorded" in tail["old"]["note"]
+    assert "and 5th pct >= 25 dB" in tail["old"]["note"]
+    below = summarize(rows[:1], [], 30.0, tail=25.0)["steps"]
+    assert below["speedup_wall"] is None and "4.00x at 31.0 dB with steps=11, but 5th pct 17.0 dB" in below["note"]
+
+
+def test_report_tail_ranks_the_saved_rows_again(tiny_run, tmp_path, monkeypatch, capsys):
+    saved = json.loads((tiny_run / "results.json").read_text())
+    above = max(r["psnr_p5"] for r in saved["rows"] if r["psnr_p5"] is not None) + 1.0
+    code, out, err = invoke(monkeypatch, capsys, "report", tiny_run / "results.json", "--tail", str(above),
+                            "--out", tmp_path / "tail")
+    assert code == 0, err
+    md = (tmp_path / "tail" / "results.md").read_text()
+    assert f"## Speedup at PSNR >= 30 dB and 5th pct >= {above:g} dB" in md
+    assert "x wall (" not in md.split("## All settings")[0]  # no row clears a bound above every row's tail
+    assert json.loads((tiny_run / "results.json").read_text()) == saved  # the saved results are left as they were
+    code, out, err = invoke(monkeypatch, capsys, "report", tiny_run / "results.json", "--tail", "nan",
+                            "--out", tmp_path / "bad")
+    assert code != 0 and "--tail must be a finite number" in err and not (tmp_path / "bad").exists()

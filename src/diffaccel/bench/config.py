@@ -44,6 +44,7 @@ class BenchConfig:
     pipeline: str | None = None  # a diffusers pipeline folder instead of an embedded model
     prompts: str | None = None  # with pipeline: its prompts file
     adherence: bool = False  # score prompt adherence with the t2i zoo's evaluator (its 64x64 caption language)
+    tail: float | None = None  # the summary also bounds the 5th-percentile image's PSNR (dB); rows are unchanged
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> BenchConfig:

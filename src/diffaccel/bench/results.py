@@ -100,48 +100,72 @@ class Results(_Model):
     skipped: list[Skipped]
     summary: dict[str, Best]
     psnr_floor: float = PSNR_FLOOR
+    psnr_p5_floor: float | None = None  # the headline's bound on the 5th-percentile image, when one was given
     warnings: list[str] = []
     elapsed_s: float | None = None
 
 
-def meets_floor(row: dict, floor: float, baseline_adherence: float | None) -> bool:
-    """Mean PSNR >= ``floor`` and, where adherence is scored, within ADHERENCE_SLACK of the baseline's."""
+def headline(floor: float, tail: float | None = None) -> str:
+    """What a setting must reach to count in the summary, in words."""
+    return f"PSNR >= {floor:g} dB" + ("" if tail is None else f" and 5th pct >= {tail:g} dB")
+
+
+def meets_floor(row: dict, floor: float, baseline_adherence: float | None, tail: float | None = None) -> bool:
+    """Mean PSNR >= ``floor``, the 5th-percentile image's >= ``tail`` when given, and, where
+    adherence is scored, adherence within ADHERENCE_SLACK of the baseline's."""
+    return row["psnr"] >= floor and not _held_back(row, baseline_adherence, tail)
+
+
+def _held_back(row: dict, baseline_adherence: float | None, tail: float | None) -> str:
+    """Why a row at the mean floor still does not count ("" when it does)."""
     if baseline_adherence is not None and (row.get("adherence") is None or
                                            row["adherence"] < baseline_adherence - ADHERENCE_SLACK - 1e-9):
-        return False
-    return row["psnr"] >= floor
+        held = "not scored" if row.get("adherence") is None else f"{row['adherence']:.1%}"
+        return f"adherence {held} against the baseline's {baseline_adherence:.1%}"
+    if tail is not None and (row.get("psnr_p5") is None or row["psnr_p5"] < tail):
+        return f"5th pct {'not recorded' if row.get('psnr_p5') is None else format(row['psnr_p5'], '.1f')} dB"
+    return ""
 
 
 def summarize(rows: list[dict], skipped: list[dict], floor: float = PSNR_FLOOR,
-              baseline_adherence: float | None = None) -> dict[str, dict]:
-    """Each name's best wall-clock speedup among its settings with mean PSNR >= ``floor`` (and
-    adherence within ADHERENCE_SLACK of ``baseline_adherence`` when it is scored)."""
+              baseline_adherence: float | None = None, tail: float | None = None) -> dict[str, dict]:
+    """Each name's best wall-clock speedup among its settings with mean PSNR >= ``floor`` (the
+    5th-percentile image's >= ``tail`` when given, and adherence within ADHERENCE_SLACK of
+    ``baseline_adherence`` when it is scored)."""
     summary: dict[str, dict] = {}
-    gate = f"{floor:g} dB"
+    gate = headline(floor, tail)
     if baseline_adherence is not None:
         gate += f" with adherence within {ADHERENCE_SLACK * 100:g} pt of the baseline"
-    psnr_only: dict[str, dict] = {}  # the best row at the PSNR floor alone, to say what the adherence gate held back
+    mean_only: dict[str, dict] = {}  # the best row at the mean floor alone, to say what the other bounds held back
     for row in rows:
         entry = summary.setdefault(row["name"], {"family": row["family"], "speedup_wall": None,
                                                  "note": f"no setting reaches {gate}"})
         if row["speedup_wall"] is None or row["psnr"] < floor:
             continue
-        if meets_floor(row, floor, baseline_adherence):
+        if meets_floor(row, floor, baseline_adherence, tail):
             if entry["speedup_wall"] is None or row["speedup_wall"] > entry["speedup_wall"]:
                 entry.update(speedup_wall=row["speedup_wall"], speedup_macs=row["speedup_macs"], psnr=row["psnr"],
                              psnr_p5=row.get("psnr_p5"), setting=row["setting"], note="")
-        elif row["name"] not in psnr_only or row["speedup_wall"] > psnr_only[row["name"]]["speedup_wall"]:
-            psnr_only[row["name"]] = row
-    for name, row in psnr_only.items():
+        elif row["name"] not in mean_only or row["speedup_wall"] > mean_only[row["name"]]["speedup_wall"]:
+            mean_only[row["name"]] = row
+    for name, row in mean_only.items():
         if summary[name]["speedup_wall"] is None:
-            held = "not scored" if row.get("adherence") is None else f"{row['adherence']:.1%}"
             summary[name]["note"] += (f" ({row['speedup_wall']:.2f}x at {row['psnr']:.1f} dB with {row['setting']}, "
-                                      f"but adherence {held} against the baseline's {baseline_adherence:.1%})")
+                                      f"but {_held_back(row, baseline_adherence, tail)})")
     for item in skipped:
         if item["name"] not in summary:
             summary[item["name"]] = {"family": item["family"], "speedup_wall": None,
                                      "note": f"skipped: {item['reason']}"}
     return summary
+
+
+def resummarized(results: Results, tail: float | None) -> Results:
+    """``results`` with its summary ranked again under the 5th-percentile bound ``tail`` (None: the
+    mean floor alone), from the rows it holds: no setting runs again."""
+    rows = [r.model_dump() for r in results.rows]
+    skipped = [x.model_dump() for x in results.skipped]
+    summary = summarize(rows, skipped, results.psnr_floor, results.baseline.adherence, tail)
+    return Results.model_validate({**results.model_dump(), "summary": summary, "psnr_p5_floor": tail})
 
 
 def load_results(path: Path) -> Results:

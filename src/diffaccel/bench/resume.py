@@ -17,7 +17,7 @@ def run_identity(cfg: BenchConfig, sweep: dict, data: dict) -> dict:
     """What a resumed run must share with the run it continues (all but the sweep: each group is
     matched on its own settings)."""
     config = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "group_timeout", "sweep", "only",
-                                                                 "peers")}
+                                                                 "peers", "tail")}
     return {"diffaccel": diffaccel.__version__, "format_version": FORMAT_VERSION, "config": config,
             "items": data, "sweep": sweep}
 

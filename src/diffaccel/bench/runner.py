@@ -261,8 +261,8 @@ def _record(run: Run, started: float) -> dict:
         "config": {**asdict(cfg), "sweep": run.sweep, "run_dir": os.path.relpath(run.run_dir, run.out)},
         "machine": _machine(), "versions": _versions(), "threads": cfg.threads, "samples": samples,
         "baseline": run.baseline, "rows": run.rows, "skipped": run.skipped,
-        "summary": summarize(run.rows, run.skipped, PSNR_FLOOR, (run.baseline or {}).get("adherence")),
-        "psnr_floor": PSNR_FLOOR,
+        "summary": summarize(run.rows, run.skipped, PSNR_FLOOR, (run.baseline or {}).get("adherence"), cfg.tail),
+        "psnr_floor": PSNR_FLOOR, "psnr_p5_floor": cfg.tail,
         "warnings": run.warnings, "elapsed_s": round(time.time() - started, 1), "group_seconds": run.group_seconds,
     }
 

@@ -11,6 +11,7 @@ import typer
 
 from diffaccel.bench import BenchConfig, load_results, run_bench
 from diffaccel.bench.report import summary_lines, write_report
+from diffaccel.bench.results import headline, resummarized
 from diffaccel.bench.sweeps import read_sweep
 from diffaccel.cli.common import (
     ANY_MODEL,
@@ -57,6 +58,8 @@ def bench(
     resume: bool = typer.Option(False, help="continue the newest unfinished run of the same settings in --out"),
     group_timeout: float = typer.Option(6 * 3600.0, min=1, help="seconds one group (a peer, a method) may take"),
     weights: Path = typer.Option(None, help="weights folder (default: the shipped weights)"),
+    tail: float = typer.Option(None, help="the summary also asks the 5th-percentile image's PSNR to reach this "
+                                          "many dB (a setting that ruins a few images does not count)"),
 ) -> None:
     """Benchmark every diffaccel method, the peers and fewer-step baselines on one embedded model or
     pipeline folder: speed (MACs, wall clock), memory and quality, written as results.json, results.md
@@ -70,6 +73,7 @@ def bench(
 
     def job():
         nonlocal pipeline, prompts, weights
+        _check_tail(tail)
         pipeline, prompts, adherence, weights = _inputs(model, pipeline, prompts, weights, sampler.value, guidance, out)
         names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
@@ -80,7 +84,7 @@ def bench(
                           peers=peers, group_timeout=group_timeout, weights=str(weights) if weights else None,
                           timed_pairs=timed_pairs, resume=resume,
                           pipeline=str(pipeline) if pipeline else None, prompts=str(prompts) if prompts else None,
-                          adherence=adherence)
+                          adherence=adherence, tail=tail)
         if only is not None and not cfg.only:
             raise ValueError("--only is empty")
         return run_bench(cfg, out, log=lambda line: typer.echo(line, err=True))
@@ -103,9 +107,14 @@ def _inputs(model: str, pipeline: Path | None, prompts: Path | None, weights: Pa
     return pipeline, prompts, False, weights
 
 
+def _check_tail(tail: float | None) -> None:
+    if tail is not None and not math.isfinite(tail):
+        raise ValueError(f"--tail must be a finite number of dB, got {tail}")
+
+
 def _print_summary(path: Path, out: Path) -> None:
     results = load_results(path)
-    typer.echo(f"speedup at PSNR >= {results.psnr_floor:g} dB:")
+    typer.echo(f"speedup at {headline(results.psnr_floor, results.psnr_p5_floor)}:")
     for name, family, text in summary_lines(results):
         typer.echo(f"  {name:30s} {family:9s} {text}")
     typer.echo(f"wrote {path}, {out / 'results.md'} and {out / 'report.html'}")
@@ -142,10 +151,18 @@ def _t2i_inputs(model: str, weights: Path | None, prompts: Path | None, out: Pat
 def report(
     results: Path = typer.Argument(..., help="a results.json written by `diffaccel bench`"),
     out: Path = typer.Option(None, help="output folder (default: the results file's folder)"),
+    tail: float = typer.Option(None, help="rank the summary again with the 5th-percentile image's PSNR bounded "
+                                          "too (dB); default: as the bench ran"),
 ) -> None:
     """Render results.md and report.html again from a saved results.json, without rerunning."""
-    md, page = run_guarded(lambda: write_report(load_results(results), results.parent,
-                                                out if out is not None else results.parent))
+
+    def job():
+        _check_tail(tail)
+        saved = load_results(results)
+        return write_report(saved if tail is None else resummarized(saved, tail), results.parent,
+                            out if out is not None else results.parent)
+
+    md, page = run_guarded(job)
     typer.echo(f"wrote {md} and {page}")
 
 
