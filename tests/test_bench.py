@@ -434,6 +434,7 @@ def test_the_headline_can_bound_the_tail_as_well_as_the_mean():
 
 def test_report_tail_ranks_the_saved_rows_again(tiny_run, tmp_path, monkeypatch, capsys):
     saved = json.loads((tiny_run / "results.json").read_text())
+    assert "x wall (" in (tiny_run / "results.md").read_text().split("## All settings")[0]  # some row counts unbounded
     above = max(r["psnr_p5"] for r in saved["rows"] if r["psnr_p5"] is not None) + 1.0
     code, out, err = invoke(monkeypatch, capsys, "report", tiny_run / "results.json", "--tail", str(above),
                             "--out", tmp_path / "tail")
