@@ -39,7 +39,7 @@ from diffaccel.search import (
 from diffaccel.search import heldout as heldout_module
 from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
-from diffaccel.search.config import SearchConfig, auto_margin, configured
+from diffaccel.search.config import SearchConfig, auto_margin, configured, tail_lower_bound
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
 from diffaccel.search.space import Space
@@ -712,6 +712,15 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     first = found.tried[0]  # a mean that clears the budget by less than its error bound is not confirmed
     edge = validated(f"psnr>={first['psnr'] - first['bound'] / 2}", [_claimed(rough, 99, 0.5, "rough")])
     assert first["bound"] > 0 and not edge.confirmed and edge.chosen.source == "rough"
+    # a tail bound counts by a lower confidence bound on the 5th percentile: on fewer than 45 images
+    # the worst one, so a bound between the worst image and the images' own 5th percentile refuses
+    assert first["psnr_min"] < first["psnr_p5"] and first["psnr_p5_bound"] == pytest.approx(first["psnr_min"])
+    mean_ok = f"psnr>={first['psnr'] - first['bound'] - 1}"
+    between = validated(f"{mean_ok},psnr_p5>={(first['psnr_min'] + first['psnr_p5']) / 2}",
+                        [_claimed(rough, 99, 0.5, "rough")])
+    under = validated(f"{mean_ok},psnr_p5>={first['psnr_min'] - 0.01}", [_claimed(rough, 99, 0.5, "rough")])
+    assert not between.confirmed and under.confirmed
+    assert any("p5 at least" in line and "% confidence" in line for line in lines)
     found = validated("psnr>=200", [_claimed(rougher, 99, 0.2, "rougher"), _claimed(rough, 99, 0.5, "rough")])
     best = max(found.tried, key=lambda t: t["psnr"])["source"]
     assert not found.confirmed and found.chosen.source == best and len(found.tried) == 2
@@ -726,6 +735,25 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     callable_calib = CalibrationRun(pipe, lambda p: p(**kwargs, output_type="pt").images)
     assert validator_for(callable_calib, parse_budget("psnr>=60"), plan_getter(None), lines.append) is None
     assert "validation skipped" in lines[-1]
+
+
+def test_the_tail_bound_is_an_order_statistic_that_holds_with_the_stated_confidence():
+    """The bound on the 5th percentile is the k-th smallest value, k the largest whose chance of lying
+    under the true 5th percentile reaches 90%; the worst value on fewer than 45. Checked against its
+    definition by drawing: over many samples of 100 uniform values, it lies under 0.05 at least 90% of
+    the time, and the samples' own 5th percentile does not."""
+    assert tail_lower_bound([3.0, 1.0, 2.0]) == (1.0, pytest.approx(1 - 0.95 ** 3))
+    bound, held = tail_lower_bound([float(v) for v in range(48)])
+    assert bound == 0.0 and held == pytest.approx(1 - 0.95 ** 48) and held >= 0.9
+    bound, held = tail_lower_bound([float(v) for v in range(600)])
+    assert 0 < bound < 29 and held >= 0.9  # under the sample's own 5th percentile (29.95)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.rand(2000, 100, generator=generator)
+    bounds = torch.tensor([tail_lower_bound(row.tolist())[0] for row in draws])
+    own = torch.quantile(draws, 0.05, dim=1)
+    assert float((bounds <= 0.05).float().mean()) >= 0.9 > float((own <= 0.05).float().mean())
+    with pytest.raises(ValueError):
+        tail_lower_bound([])
 
 
 def test_validation_keeps_a_dearer_plan_the_search_confirmed_and_bounds_nothing_on_one_image(pipes):
