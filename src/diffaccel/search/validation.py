@@ -30,7 +30,7 @@ from diffaccel.calibration.workload import Workload
 from diffaccel.eval.fidelity import fidelity, psnr_per_image
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate
-from diffaccel.search.config import Budget, mean_error_bound, tail_lower_bound
+from diffaccel.search.config import TAIL_CONFIDENCE, Budget, mean_error_bound, tail_lower_bound
 
 VALIDATION_SEED_OFFSET = 2000  # validation seeds: apart from calibration (0) and correction-fit (1000) seeds
 MAX_VALIDATED = 6  # plans tried before the search gives up confirming one
@@ -79,9 +79,11 @@ class Validator:
             started = time.time()
             self._reference = checked_images(self.workload(self.calib.pipe), "validation")
             self.seconds += time.time() - started
+            tail = ("" if self.budget.tail is None else
+                    f" and a {TAIL_CONFIDENCE:.0%} lower confidence bound on their 5th percentile")
             self.log(f"validation: plans that cleared the budget are scored on {len(self._reference)} fresh "
                      f"calibration seeds, and count only if they meet {self.budget.text} there by their mean's "
-                     f"error bound (the unaccelerated run took {time.time() - started:.1f} s)")
+                     f"error bound{tail} (the unaccelerated run took {time.time() - started:.1f} s)")
         return self._reference
 
     def check(self, candidate: Candidate) -> dict | None:
