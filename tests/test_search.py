@@ -720,6 +720,7 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
                         [_claimed(rough, 99, 0.5, "rough")])
     under = validated(f"{mean_ok},psnr_p5>={first['psnr_min'] - 0.01}", [_claimed(rough, 99, 0.5, "rough")])
     assert not between.confirmed and under.confirmed
+    assert under.summary()["validation_psnr_p5_bound"] == pytest.approx(first["psnr_min"])
     assert any("p5 at least" in line and "% confidence" in line for line in lines)
     found = validated("psnr>=200", [_claimed(rougher, 99, 0.2, "rougher"), _claimed(rough, 99, 0.5, "rough")])
     best = max(found.tried, key=lambda t: t["psnr"])["source"]

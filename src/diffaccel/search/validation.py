@@ -50,6 +50,7 @@ class Validation:
     def summary(self) -> dict:
         return {"validation_images": self.images, "validation_confirmed": self.confirmed,
                 "validation_psnr": self.scores["psnr"], "validation_psnr_p5": self.scores["psnr_p5"],
+                "validation_psnr_p5_bound": self.scores.get("psnr_p5_bound"),
                 "validation_tried": self.tried, "validation_seconds": round(self.seconds, 1)}
 
 
