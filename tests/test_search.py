@@ -712,7 +712,7 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     first = found.tried[0]  # a mean that clears the budget by less than its error bound is not confirmed
     edge = validated(f"psnr>={first['psnr'] - first['bound'] / 2}", [_claimed(rough, 99, 0.5, "rough")])
     assert first["bound"] > 0 and not edge.confirmed and edge.chosen.source == "rough"
-    # a tail bound counts by a lower confidence bound on the 5th percentile: on fewer than 45 images
+    # a tail bound counts by a lower confidence bound on the 5th percentile: on up to 76 images
     # the worst one, so a bound between the worst image and the images' own 5th percentile refuses
     assert first["psnr_min"] < first["psnr_p5"] and first["psnr_p5_bound"] == pytest.approx(first["psnr_min"])
     mean_ok = f"psnr>={first['psnr'] - first['bound'] - 1}"
@@ -740,7 +740,7 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
 
 def test_the_tail_bound_is_an_order_statistic_that_holds_with_the_stated_confidence():
     """The bound on the 5th percentile is the k-th smallest value, k the largest whose chance of lying
-    under the true 5th percentile reaches 90%; the worst value on fewer than 45. Checked against its
+    under the true 5th percentile reaches 90%; the worst value on up to 76. Checked against its
     definition by drawing: over many samples of 100 uniform values, it lies under 0.05 at least 90% of
     the time, and the samples' own 5th percentile does not."""
     assert tail_lower_bound([3.0, 1.0, 2.0]) == (1.0, pytest.approx(1 - 0.95 ** 3))

@@ -13,7 +13,7 @@ per-image spread over the square root of the image count): a plan whose mean onl
 there is as likely under the budget as over it on other seeds (the U-Net plan above scored 30.4 dB on
 24 validation seeds and 29.7 on the held-out ones). A tail bound (``psnr_p5>=X``) is checked the same
 way, by a lower confidence bound on the 5th percentile (``config.tail_lower_bound``: an order
-statistic, the worst image when there are fewer than 45) rather than the validation images' own 5th
+statistic, the worst image up to 76 images) rather than the validation images' own 5th
 percentile: the SD search's 6-step plan had 26.7 dB there against a bound of 25, and 23.9 on 600 others.
 """
 
