@@ -346,6 +346,9 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
     assert compared == ["the chosen plan"] and late["best_handmade"]["heldout_skipped"] == "time limit"
     assert "not re-measured on the held-out seeds" in lines[-1]
     assert "not re-measured: time limit" in summary_line(late) and "3.50x wall" in summary_line(late)
+    assert "5th pct" not in summary_line(late)  # the budget bounds the mean only
+    tailed = {**late, "budget": "psnr>=30,psnr_p5>=25", "heldout_psnr_p5": 26.04, "validation_psnr_p5_bound": 27.34}
+    assert "(5th pct 26.0 dB held-out, at least 27.3 on validation)" in summary_line(tailed)
 
 
 def test_a_plan_slower_than_the_pipeline_on_the_held_out_check_is_said_to_be(monkeypatch):

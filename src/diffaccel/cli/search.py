@@ -177,12 +177,21 @@ def _workloads(tgt: Target, num_steps: int, guidance: float, seed: int, limit: f
             tgt.workload(num_steps, guidance, held, 0, calibration=False))
 
 
+def _tail_text(s: dict) -> str:
+    """Under a budget that bounds the tail: the held-out 5th percentile and the validation's lower bound on it."""
+    if "psnr_p5" not in str(s.get("budget", "")) or s.get("heldout_psnr_p5") is None:
+        return ""
+    bound = s.get("validation_psnr_p5_bound")
+    return (f" (5th pct {s['heldout_psnr_p5']:.1f} dB held-out"
+            + (f", at least {bound:.1f} on validation" if bound is not None else "") + ")")
+
+
 def summary_line(s: dict) -> str:
     """One line: the chosen plan's speed and quality, and the best hand-made plan's."""
     line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, "
             f"PSNR {s['calib_psnr']:.2f} dB calibration"
             + (f" / {s['validation_psnr']:.2f} dB validation" if s.get("validation_psnr") is not None else "")
-            + f" / {s['heldout_psnr']:.2f} dB held-out")
+            + f" / {s['heldout_psnr']:.2f} dB held-out" + _tail_text(s))
     hand = s.get("best_handmade")
     if hand and "heldout_psnr" not in hand:  # not re-measured on held-out: no time was left
         line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['calib_speedup_macs']:.2f}x MACs, "
