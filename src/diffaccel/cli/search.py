@@ -179,7 +179,7 @@ def _workloads(tgt: Target, num_steps: int, guidance: float, seed: int, limit: f
 
 def _tail_text(s: dict) -> str:
     """Under a budget that bounds the tail: the held-out 5th percentile and the validation's lower bound on it."""
-    if "psnr_p5" not in str(s.get("budget", "")) or s.get("heldout_psnr_p5") is None:
+    if not s.get("budget") or parse_budget(s["budget"]).tail is None or s.get("heldout_psnr_p5") is None:
         return ""
     bound = s.get("validation_psnr_p5_bound")
     return (f" (5th pct {s['heldout_psnr_p5']:.1f} dB held-out"
