@@ -97,7 +97,17 @@ def _bench_data(model: str) -> tuple[dict, str, list[str]]:
 
 def _bench_cells(row: dict, base: dict, score: str) -> str:
     return (f"{row['speedup_wall']:.2f}x | {row['speedup_macs']:.2f}x | {row['psnr']:.2f}{_p5(row)} | {row['fd']:.3f} "
-            f"({row['fd'] / base['fd'] - 1:+.1%}) | {row[score]:.1%} |")
+            f"({row['fd'] / base['fd'] - 1:+.1%}) | {_judged(row, score)} |")
+
+
+def _judged(row: dict, score: str) -> str:
+    """A bench row's accuracy or adherence, with its paired change from the baseline and the change's
+    95% interval where the run recorded them (runs from 2026-12-06 on)."""
+    paired = (row.get("paired") or {}).get(score)
+    if paired is None:
+        return f"{row[score]:.1%}"
+    interval = "" if paired["low"] is None else f", {paired['low'] * 100:+.1f}..{paired['high'] * 100:+.1f}"
+    return f"{row[score]:.1%} ({paired['change'] * 100:+.1f} pt{interval})"
 
 
 def bench(model: str) -> str:

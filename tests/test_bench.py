@@ -22,6 +22,7 @@ from diffaccel.bench.results import FORMAT_VERSION, load_results, summarize
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
 from diffaccel.eval import allocator
+from diffaccel.eval.paired import paired_change
 from diffaccel.methods.registry import METHODS
 from diffaccel.targets import load_target
 
@@ -86,6 +87,10 @@ def test_tiny_bench_writes_results_markdown_and_report(tiny_run):
             assert key in row, key
         assert row["speedup_wall"] > 0 and row["peak_mem_mb"] > 0 and 0 <= row["accuracy"] <= 1
         assert (tiny_run / row["grid"]).is_file()
+        # the accuracy's change from the baseline's images of the same seeds, paired image by image
+        paired = row["paired"]["accuracy"]
+        assert paired["change"] == pytest.approx(row["accuracy"] - data["baseline"]["accuracy"], abs=1e-6)
+        assert 0 <= paired["flips"] <= 2 and paired["low"] <= paired["change"] <= paired["high"]
     fora = next(r for r in results.rows if r.name == "fora")
     assert fora.speedup_macs > 1.5  # reusing every other step's residuals runs fewer MACs
     steps = next(r for r in results.rows if r.name == "steps-ddim")
@@ -96,12 +101,30 @@ def test_tiny_bench_writes_results_markdown_and_report(tiny_run):
     assert set(results.summary) == set(TINY_SWEEP)
     assert results.summary["cachedit-dbcache-taylorseer"].speedup_wall is None
     table = (tiny_run / "results.md").read_text()
+    assert f"{fora.accuracy:.1%} ({fora.paired['accuracy'].change * 100:+.1f} pt, " in table
     assert "Speedup at PSNR >= 30 dB" in table and "| fora |" in table and "not installed" in table
     best = [b for b in results.summary.values() if b.speedup_wall is not None]
     assert best and all(b.psnr_p5 <= b.psnr and f"dB (5th pct {b.psnr_p5:.1f})" in table for b in best)
     page = (tiny_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4  # two plots, the baseline grid, ours (and the peer's)
     assert "src='http" not in page and 'src="http' not in page  # self-contained
+
+
+def test_a_paired_change_counts_the_flips_and_its_interval_brackets_it():
+    base = torch.tensor([True] * 8 + [False] * 2)
+    hits = base.clone()
+    hits[:2] = False  # two right -> wrong
+    hits[8] = True  # one wrong -> right
+    change = paired_change(hits, base)
+    assert change["change"] == pytest.approx(-0.1) and change["flips"] == 3
+    diffs = (hits.double() - base.double())
+    half = 1.96 * float(diffs.std()) / 10 ** 0.5
+    assert change["low"] == pytest.approx(-0.1 - half) and change["high"] == pytest.approx(-0.1 + half)
+    same = paired_change(base, base)
+    assert same == {"change": 0.0, "low": 0.0, "high": 0.0, "flips": 0}
+    assert paired_change(hits[:1], base[:1])["low"] is None  # one image: no interval
+    with pytest.raises(ValueError, match="as many images"):
+        paired_change(hits, base[:5])
 
 
 def test_later_groups_reuse_the_first_groups_baseline_images(tiny_run):

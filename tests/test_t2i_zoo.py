@@ -117,6 +117,8 @@ def test_evaluator_reads_real_images_and_rejects_wrong_prompts():
     assert scores["adherence"] >= 0.95, scores
     shifted = attrs[1:] + attrs[:1]  # every image scored against another item's prompt
     assert evaluator.adherence(images, shifted) < 0.1
+    right = evaluator.correct(images, shifted)
+    assert right.shape == (120, 4) and float(right.all(1).float().mean()) == evaluator.adherence(images, shifted)
     real = evaluator.real_images(300)
     floor = evaluator.frechet_distance(evaluator.real_images(300, start=300), real)
     noise = torch.rand(300, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -204,6 +206,9 @@ def test_cli_runs_a_t2i_model_by_name_and_scores_prompt_adherence(monkeypatch, c
     bench = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert any(row["name"] == "fora" for row in bench["rows"]) and bench["model"] == "export"
     assert 0 <= bench["baseline"]["adherence"] <= 1 and all(0 <= row["adherence"] <= 1 for row in bench["rows"])
+    for row in bench["rows"]:  # both scores paired with the baseline's images of the same prompts and seeds
+        for metric in ("accuracy", "adherence"):
+            assert row["paired"][metric]["change"] == pytest.approx(row[metric] - bench["baseline"][metric], abs=1e-6)
     assert "adherence" in (tmp_path / "bench" / "results.md").read_text()
     if not SHIPPED[name]:
         code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", name, "--out", tmp_path / "none")

@@ -187,6 +187,13 @@ def prompt_scores(evaluator: Any, images: torch.Tensor, calls: list) -> dict[str
     return {"adherence": scores["adherence"], "accuracy": scores["accuracy_shape"], **scores}
 
 
+def prompt_verdicts(evaluator: Any, images: torch.Tensor, calls: list) -> dict[str, torch.Tensor]:
+    """Per image of ``images`` (drawn by ``calls`` in order), whether the t2i evaluator reads back
+    its shape (``accuracy``) and every attribute of its prompt (``adherence``)."""
+    right = evaluator.correct(images, [prompt for call in calls for prompt in image_prompts(call)])
+    return {"accuracy": right[:, 0], "adherence": right.all(1)}
+
+
 def image_prompts(call: Any) -> list[str]:
     """The prompt of every image of one call (a call of one prompt and several seeds repeats it)."""
     prompts = call.describe()

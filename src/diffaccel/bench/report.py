@@ -135,6 +135,19 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def _judged(r: Row, metric: str) -> str:
+    """An evaluator score, with its change from the baseline's images of the same seeds and its interval."""
+    value, paired = getattr(r, metric), r.paired.get(metric)
+    if value is None or paired is None:
+        return _pct(value)
+    interval = "" if paired.low is None else f", {paired.low * 100:+.1f}..{paired.high * 100:+.1f}"
+    return f"{value:.1%} ({paired.change * 100:+.1f} pt{interval})"
+
+
+PAIRED_NOTE = ("Accuracy and adherence: beside each, its change from the baseline's images of the same seeds, in "
+               "points, with a 95% interval (paired: a few images flip either way between any two runs).")
+
+
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -161,7 +174,7 @@ COLUMNS = ("family", "name", "setting", "speedup wall", "speedup MACs", "peak MB
 def _cells(r: Row) -> list[str]:
     return [r.family, r.name, r.setting, _fmt(r.speedup_wall), _fmt(r.speedup_macs), _fmt(r.peak_mem_mb, ".0f"),
             _fmt(r.mem_over_baseline_mb, "+.0f"), f"{r.psnr:.2f} ({_fmt(r.psnr_p5, '.1f')})", f"{r.ssim:.4f}",
-            _pct(r.accuracy), _pct(r.adherence), _fmt(r.fd)]
+            _judged(r, "accuracy"), _judged(r, "adherence"), _fmt(r.fd)]
 
 
 def markdown(results: Results) -> str:
@@ -180,7 +193,7 @@ def markdown(results: Results) -> str:
     lines += ["", "## All settings", "",
               f"Baseline: accuracy {_pct(b.accuracy)}, adherence {_pct(b.adherence)}, FD {_fmt(b.fd)} "
               f"(floor {_fmt(b.fd_floor)}), "
-              f"{b.seconds_per_image:.3f} s/image, peak {_fmt(b.peak_mem_mb, '.0f')} MB.", "",
+              f"{b.seconds_per_image:.3f} s/image, peak {_fmt(b.peak_mem_mb, '.0f')} MB. {PAIRED_NOTE}", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in results.rows]
     if results.skipped:
@@ -257,7 +270,7 @@ def render_html(results: Results, base: Path) -> str:
                f"{_pct(b.adherence)}, FD {_fmt(b.fd)} "
                f"(real-vs-real floor {_fmt(b.fd_floor)}), {b.seconds_per_image:.3f} s/image, peak RSS "
                f"{_fmt(b.peak_mem_mb, '.0f')} MB. Peak MB: the worker process's peak RSS during the setting's runs; "
-               "+MB: its excess over the baseline's in the same process (cache buffers).</p><table><tr>"
+               f"+MB: its excess over the baseline's in the same process (cache buffers). {PAIRED_NOTE}</p><table><tr>"
                + "".join(f"<th>{esc(c)}</th>" for c in COLUMNS) + "</tr>")
     for r in results.rows:
         cells = [esc(c) for c in _cells(r)]

@@ -25,6 +25,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class PairedChange(_Model):
+    """An evaluator score's change from the baseline on the same seeds (``eval/paired.py``)."""
+
+    change: float
+    low: float | None = None  # 95% interval; None from one image
+    high: float | None = None
+    flips: int  # images whose verdict differs from the baseline image's
+
+
 class Row(_Model):
     family: Family
     name: str
@@ -42,6 +51,7 @@ class Row(_Model):
     ssim: float
     accuracy: float | None = None  # the embedded evaluator's (t2i zoo: the shape's); None on a pipeline folder
     adherence: float | None = None  # t2i zoo models: every attribute of the prompt read back
+    paired: dict[str, PairedChange] = {}  # "accuracy" / "adherence": the change from the baseline's images
     fd: float | None
     fd_floor: float | None = None
     n_images: int

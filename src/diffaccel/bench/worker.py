@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from diffaccel.bench.candidates import open_candidate
 from diffaccel.bench.config import PROGRESS, BenchJob
 from diffaccel.bench.peers import Context
+from diffaccel.bench.scoring import paired, scorer
 from diffaccel.bench.sweeps import setting_label
 from diffaccel.calibration.workload import Call
 from diffaccel.eval.allocator import allocator_state, keep_freed_memory, release_freed_memory
@@ -51,9 +52,8 @@ from diffaccel.eval.io import write_json
 from diffaccel.eval.timing import wall_ratio
 from diffaccel.generate import save_grid
 from diffaccel.steps import scheduler_like
-from diffaccel.targets import load_pipeline_folder, prompt_scores
-from diffaccel.zoo.t2i.evaluator import load_t2i_evaluator
-from diffaccel.zoo.weights import load_evaluator, load_pipeline
+from diffaccel.targets import load_pipeline_folder
+from diffaccel.zoo.weights import load_pipeline
 
 
 # -- memory ----------------------------------------------------------------------------------------------
@@ -112,12 +112,9 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
 
 
-def _finite(value: float) -> float | None:
-    value = float(value)
-    return value if value == value and abs(value) != float("inf") else None
-
-
 # -- the shared baseline ----------------------------------------------------------------------------------
+
+
 def _load_baseline(path: Path, n: int) -> torch.Tensor | None:
     """The first group's baseline images, or None when there are none yet (or they do not fit)."""
     if not path.exists():
@@ -162,29 +159,6 @@ def _pipelines(job: BenchJob):
         return pipe
 
     return fresh_pipe
-
-
-def _labels(calls: list[Call]) -> torch.Tensor:
-    return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
-
-
-def _scorer(job: BenchJob, calls: list[Call], embedded: bool) -> Callable[[torch.Tensor], dict]:
-    """Accuracy (and for the t2i zoo adherence) and Fréchet distance of a group's images: the embedded
-    evaluator on class labels, the t2i evaluator on the calls' prompts, or nothing for other pipelines."""
-    if embedded:
-        evaluator, labels = load_evaluator(), _labels(calls)
-        score = lambda images: evaluator.score(images, labels)  # noqa: E731
-    elif job.target.get("adherence"):
-        t2i = load_t2i_evaluator()
-        score = lambda images: prompt_scores(t2i, images, calls)  # noqa: E731
-    else:
-        return lambda images: {"accuracy": None, "adherence": None, "fd": None, "fd_floor": None}
-
-    def scores_of(images: torch.Tensor) -> dict:
-        s = score(images)
-        return {"accuracy": s["accuracy"], "adherence": s.get("adherence"), "fd": _finite(s.get("fd", float("nan"))),
-                "fd_floor": _finite(s.get("fd_floor", float("nan")))}
-    return scores_of
 
 
 def _open_all(job: BenchJob, ctx: Context, first: Call, progress) -> tuple[list[dict], list[dict]]:
@@ -255,6 +229,8 @@ def _row(job: BenchJob, index: int, item: dict, reference: torch.Tensor, base: d
     entry, candidate = item["entry"], item["candidate"]
     images = torch.cat(item["images"])
     quality = fidelity(images, reference)
+    scores = scores_of(images)
+    verdicts = scores.pop("verdicts")
     row = {
         "family": job.family, "name": entry["name"], "setting": item["label"], "settings": entry["settings"],
         "sampler": job.sampler, "steps": job.steps,
@@ -262,7 +238,7 @@ def _row(job: BenchJob, index: int, item: dict, reference: torch.Tensor, base: d
         "speedup_wall": wall_ratio(base["times"], item["times"][:base["timed"]]),
         "peak_mem_mb": round(item["peak"], 1), "mem_over_baseline_mb": round(item["peak"] - base["peak"], 1),
         "psnr": quality["psnr"], "psnr_p5": quality["psnr_p5"], "psnr_min": quality["psnr_min"],
-        "ssim": quality["ssim"], **scores_of(images), "n_images": len(images),
+        "ssim": quality["ssim"], **scores, "paired": paired(verdicts, base["verdicts"]), "n_images": len(images),
         "wall_pairs": min(base["timed"], len(item["times"])),
         "seconds_per_image": sum(item["times"]) / len(images), "macs_per_image": item["macs"] // max(1, n_first),
         "grid": _save_grid(images, job, f"{job.group}-{index}"), "notes": candidate.notes,
@@ -284,7 +260,7 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
                   guidance=job.guidance, fresh_pipe=fresh_pipe, embedded=embedded,
                   calib_calls=[Call(c["kwargs"], tuple(c["seeds"])) for c in job.calib_calls])
     base_pipe = fresh_pipe()
-    scores_of = _scorer(job, calls, embedded)
+    scores_of = scorer(job, calls, embedded)
 
     first = calls[0]
     n_first = len(Context.sample(base_pipe, first))  # also warms the baseline up
@@ -302,8 +278,10 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
     if cache is not None and cached is None:
         _save_baseline(cache, reference)
     timed_images = sum(len(x) for x in base["images"][:base["timed"]])
+    base_scores = scores_of(reference)
+    base["verdicts"] = base_scores.pop("verdicts")
     baseline = {
-        "sampler": job.sampler, "steps": job.steps, "guidance": job.guidance, **scores_of(reference),
+        "sampler": job.sampler, "steps": job.steps, "guidance": job.guidance, **base_scores,
         "peak_mem_mb": round(base["peak"], 1), "seconds_per_image": sum(base["times"]) / timed_images,
         "macs_per_image": base_macs // max(1, n_first),
         "sha256": hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest(),

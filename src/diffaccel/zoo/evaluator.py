@@ -70,8 +70,12 @@ class Evaluator:
         """Predicted classes of images in [0, 1]."""
         return torch.cat([self.classifier(chunk).argmax(1) for chunk in images.split(self.batch_size)])
 
+    def correct(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per image, whether its class is read back as ``labels`` says (the paired comparisons' input)."""
+        return self.predict(images) == labels
+
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        return float((self.predict(images) == labels).float().mean())
+        return float(self.correct(images, labels).float().mean())
 
     @torch.no_grad()
     def frechet_distance(self, images: torch.Tensor, reference: torch.Tensor) -> float:

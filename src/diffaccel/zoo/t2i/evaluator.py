@@ -84,13 +84,17 @@ class T2IEvaluator:
         chunks = [torch.stack([lg.argmax(1) for lg in self.classifier(c)], 1) for c in images.split(self.batch_size)]
         return torch.cat(chunks) if chunks else torch.zeros(0, len(NAMES), dtype=torch.long)
 
-    def attribute_scores(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> dict[str, float]:
-        """``adherence`` (all four attributes right) and ``accuracy_<attribute>`` for each attribute.
-        ``prompts_or_attributes``: captions, or Attributes / (N, 4) index rows."""
+    def correct(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> torch.Tensor:
+        """(N, 4) whether each attribute of each image is read back as its prompt says."""
         targets = _attribute_targets(prompts_or_attributes)
         if len(targets) != len(images):
             raise ValueError(f"{len(images)} images but {len(targets)} prompts")
-        right = self.predict(images) == targets
+        return self.predict(images) == targets
+
+    def attribute_scores(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> dict[str, float]:
+        """``adherence`` (all four attributes right) and ``accuracy_<attribute>`` for each attribute.
+        ``prompts_or_attributes``: captions, or Attributes / (N, 4) index rows."""
+        right = self.correct(images, prompts_or_attributes)
         scores = {"adherence": float(right.all(1).float().mean())}
         scores.update({f"accuracy_{name}": float(right[:, i].float().mean()) for i, name in enumerate(NAMES)})
         return scores
