@@ -35,7 +35,7 @@ from diffaccel.methods.ptq import quant_spec
 from diffaccel.runtime.features.precision import emulated_on_cpu
 from diffaccel.search import compare, parse_budget, parse_duration, search
 from diffaccel.search.candidates import choose
-from diffaccel.targets import load_target
+from diffaccel.targets import class_labels, load_target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,8 +46,7 @@ def evaluate(target, images, heldout) -> dict:
         return {}
     if not target.embedded:
         return target.prompt_scores(images, list(heldout.calls))
-    labels = torch.tensor([int(c) for call in heldout.calls for c in call.kwargs["class_labels"]])
-    return target.evaluator.score(images, labels)
+    return target.evaluator.score(images, class_labels(heldout.calls))
 
 
 def scores(target, plan, heldout, reference) -> dict:
@@ -84,6 +83,7 @@ def main() -> None:
     parser.add_argument("--quant", default=None, help="e.g. w8a8: the search may also quantize its plans")
     parser.add_argument("--quant-backend", default="int8", help="with --quant: fake, int8 or int8-dynamic")
     parser.add_argument("--precision", default="auto", help="auto, none, bfloat16 or float16 (see docs/search.md)")
+    parser.add_argument("--judge-images", type=int, default=600, help="under a judge>=X budget: images judged")
     parser.add_argument("--suffix", default="", help="appended to the results file's name (say, what machine ran it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,7 +100,7 @@ def main() -> None:
     result = search(target.pipe, calibrate, budget=args.budget, strategy="joint", time_limit=parse_duration(args.time),
                     heldout=heldout, pairs=args.pairs, out=out, model_name=f"{args.model}-ddim",
                     objective=args.objective, quant=spec, margin=args.margin, precision=args.precision,
-                    log=lambda line: print(line, flush=True))
+                    judge=target.judge(), judge_images=args.judge_images, log=lambda line: print(line, flush=True))
     seconds = time.time() - started
     reference = checked_images(heldout(target.pipe), "held-out")
     rows = [measure(target, "searched (joint)", result.plan, heldout, reference, args.pairs)]
@@ -141,6 +141,7 @@ def main() -> None:
                    f"--guidance {args.guidance:g}"
                    + (f" --margin {args.margin:g}" if args.margin is not None else "")
                    + (f" --precision {args.precision}" if args.precision != "auto" else "")
+                   + (f" --judge-images {args.judge_images}" if args.judge_images != 600 else "")
                    + (f" --suffix {args.suffix}" if args.suffix else "")
                    + (f" --weights {args.weights}" if args.weights else "")
                    + (f" --quant {args.quant} --quant-backend {args.quant_backend}" if args.quant else ""),

@@ -242,3 +242,24 @@ def test_plan_make_and_show(run, tmp_path):
     assert shown.exit_code == 0, shown.output
     assert "MACs:" in shown.output and "of the full model" in shown.output
     assert shown.output.count("########") == 5  # 5 of 10 steps compute every block
+
+
+@requires_weights
+def test_search_under_a_judge_budget_uses_the_models_evaluator(run, tmp_path):
+    """On an embedded model the judge is its evaluator (the class read back); the closing line and the
+    summary give the chosen plan's judged change on the judge's images."""
+    out = tmp_path / "s"
+    result = run("search", "--model", "dit", "--steps", "4", "--strategy", "dp", "--budget", "psnr>=10,judge>=-1",
+                 "--calib-per-class", "1", "--heldout-per-class", "1", "--pairs", "1", "--judge-images", "8",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.error
+    summary = json.loads((out / "summary.json").read_text())
+    judged = summary["judged"]
+    assert judged["images"] == 12 and -1 <= judged["change"] <= 1  # the 6 classes' calls twice: >= 8 images
+    tried = summary["validation_tried"]
+    assert any(t["judged"] is not None for t in tried)
+    for t in tried:  # a plan its PSNR confirms is judged, and kept only within 1 point
+        assert t["met"] == (t["judged"] is not None and t["judged"]["change"] * 100 >= -1)
+    if summary["validation_confirmed"]:
+        assert judged["change"] * 100 >= -1
+    assert summary["heldout_judged"] is not None and f"judged {judged['change'] * 100:+.1f} pt" in result.output

@@ -71,6 +71,9 @@ def test_search_and_quantize_on_a_pipeline_folder(monkeypatch, capsys, sd_folder
     found = Plan.load(tmp_path / "search" / "plan.json")
     assert found.calibration.inputs[0] == "a red circle on a blue background"
     assert "4 steps, guidance 3/4" in found.calibration.seeds  # the second prompt line sets its own 4
+    code, _, err = run_cli(monkeypatch, capsys, "search", "--pipeline", folder, "--prompts", prompts, "--budget",
+                           "psnr>=10,judge>=-1", "--out", tmp_path / "judged")
+    assert code != 0 and "no judge was given" in err and not (tmp_path / "judged" / "summary.json").exists()
     ok(monkeypatch, capsys, "quantize", "--pipeline", folder, "--prompts", prompts, "--steps", "4", "--per-class",
        "1", "--out", tmp_path / "quant")
     plan = Plan.load(tmp_path / "quant" / "plan.json")

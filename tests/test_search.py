@@ -25,7 +25,7 @@ from diffaccel.calibration.dp import optimal_keys
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import Workload, as_workload
 from diffaccel.cli.search import default_strategy, summary_line
-from diffaccel.errors import SearchWarning, WorkloadError
+from diffaccel.errors import SearchError, SearchWarning, WorkloadError
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.search import (
@@ -41,6 +41,7 @@ from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import SearchConfig, auto_margin, configured, tail_lower_bound
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
+from diffaccel.search.judged import JudgedCheck
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
 from diffaccel.search.space import Space
 from diffaccel.search.validation import MAX_VALIDATED, Validator, plan_getter, validate, validator_for
@@ -82,6 +83,17 @@ def test_budget_parsing():
         parse_budget("psnr>=30,psnr_p5>=24,psnr_p5>=5")
     with pytest.raises(BudgetError, match="finite"):
         parse_budget("psnr>=1e400")
+    judged = parse_budget("psnr>=30, judge>=-1")
+    assert judged.judge == -1 and judged.text == "psnr>=30,judge>=-1" and parse_budget(judged.text) == judged
+    assert judged.raised(0.8).judge == -1  # the judge's bound is checked on its own images, not raised
+    for bad, message in (("psnr>=30,judge>=-101", "between -100 and 100"), ("judge>=-1", "exactly one of"),
+                         ("psnr>=30,judge>=-1,judge>=-2", "bounds judge twice")):
+        with pytest.raises(BudgetError, match=message):
+            parse_budget(bad)
+    with pytest.raises(SearchError, match="leave validate on"):
+        SearchConfig(budget="psnr>=30,judge>=-1", validate=False).check()
+    with pytest.raises(SearchError, match="judge_images"):
+        SearchConfig(budget="psnr>=30,judge>=-1", judge_images=0).check()
 
 
 def test_unparsable_budget_fails_before_any_work(pipes):
@@ -739,6 +751,73 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     callable_calib = CalibrationRun(pipe, lambda p: p(**kwargs, output_type="pt").images)
     assert validator_for(callable_calib, parse_budget("psnr>=60"), plan_getter(None), lines.append) is None
     assert "validation skipped" in lines[-1]
+
+
+class _ExactJudge:
+    """Reads an image as right only when it equals one of the first images it judged (the
+    unaccelerated run's): any plan that changes pixels loses every image."""
+
+    def __init__(self):
+        self.seen: torch.Tensor | None = None
+        self.workloads: list[Workload] = []
+
+    def __call__(self, images, workload):
+        self.workloads.append(workload)
+        if self.seen is None:
+            self.seen = images.clone()
+            return torch.ones(len(images), dtype=torch.bool)
+        return (images - self.seen).flatten(1).abs().amax(1) < 1e-6
+
+
+def test_a_judge_budget_refuses_a_plan_that_loses_the_judged_share_on_more_images(pipes):
+    """On diffusers' StableDiffusionPipeline (PNDM, tiny, random): under ``judge>=-1`` a plan confirmed
+    by PSNR on the validation seeds is also judged on about ``judge_images`` more images (the
+    calibration calls, other seeds) against the unaccelerated ones; one whose judged share falls by
+    more than a point is refused and the next is taken. A judge that returns the wrong number of
+    verdicts, or values outside [0, 1], is a clear error."""
+    pipe, kwargs = build_case("sd-pndm")
+    calib = CalibrationRun(pipe, as_workload([kwargs]))
+    rough, exact = methods.fora(pipe, calib.num_steps, interval=2), identity_plan(pipe.unet)
+    lines: list[str] = []
+    judge = _ExactJudge()
+    budget = parse_budget("psnr>=1,judge>=-1")
+    checked = JudgedCheck(calib, judge, budget.judge, 5, lines.append)
+    validator = Validator(calib, budget, plan_getter(None), lines.append, checked)
+    found = validate(validator, [_claimed(rough, 99, 0.5, "rough"), _claimed(exact, 99, 1.0, "exact")], None)
+    rough_record, exact_record = found.tried
+    assert rough_record["psnr"] >= 1 and not rough_record["met"]  # PSNR holds, the judge refuses
+    lost = rough_record["judged"]
+    assert lost["change"] == -1.0 and lost["flips"] == lost["images"]
+    assert found.confirmed and found.chosen.source == "exact" and exact_record["judged"]["change"] == 0.0
+    images = len(calib.reference)
+    assert exact_record["judged"]["images"] == images * -(-5 // images) >= 5  # whole copies of the calls
+    seeds = [s for call in judge.workloads[0].calls for s in call.seeds]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & set(calib.calibrate.calls[0].seeds)
+    assert found.summary()["judged"]["change"] == 0.0
+    assert any("judged -100.0 points" in line and "refused" in line for line in lines)
+    assert untouched(pipe.unet) and isinstance(pipe.scheduler, PNDMScheduler)
+    for bad, message in ((lambda images, w: torch.ones(len(images) + 1), "one per image"),
+                         (lambda images, w: torch.full((len(images),), 2.0), r"in \[0, 1\]"),
+                         (lambda images, w: 1 / 0, "the judge failed")):
+        with pytest.raises(SearchError, match=message):
+            JudgedCheck(calib, bad, -1, 2, quiet).reference  # noqa: B018 -- the unaccelerated run judges first
+    with pytest.raises(SearchError, match="no judge was given"):
+        search(pipe, as_workload([kwargs]), budget="psnr>=1,judge>=-1", strategy="dp", log=quiet)
+    with pytest.raises(SearchError, match="as a Workload"):
+        search(pipe, lambda p: p(**kwargs, output_type="pt").images, budget="psnr>=1,judge>=-1", strategy="dp",
+               judge=judge, log=quiet)
+
+
+def test_a_search_under_a_judge_budget_reports_the_judged_change(pipes):
+    lines: list[str] = []
+    result = search(pipes[0], calib(), budget="psnr>=20,judge>=-1", strategy="greedy", greedy_points=4,
+                    heldout=heldout(), pairs=1, judge=lambda images, w: torch.ones(len(images)), judge_images=4,
+                    log=lines.append)
+    s = result.summary
+    assert s["judged"] is not None and s["judged"]["change"] == 0.0 and s["judged"]["images"] == 4
+    assert s["heldout_judged"]["change"] == 0.0 and s["budget"] == "psnr>=20,judge>=-1"
+    assert any(line.startswith("judge: 4 images") for line in lines)
+    assert "judged +0.0 pt on 4 images" in summary_line(s)
 
 
 def test_the_tail_bound_is_an_order_statistic_that_holds_with_the_stated_confidence():

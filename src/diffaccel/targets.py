@@ -11,6 +11,7 @@ for methods and the search) and the evaluation workload (noise from the user's s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,17 @@ class Target:
                                                       f"{per_class}, {_values(calls, 'num_inference_steps')} steps, "
                                                       f"guidance {_values(calls, 'guidance_scale')}")
 
+    def judge(self) -> Callable[[torch.Tensor, Workload], torch.Tensor] | None:
+        """The evaluator's verdict per image, for a search's judge budget (``search/judged.py``): its
+        class read back (the embedded models), or every attribute of its prompt (the t2i zoo); None
+        for a pipeline without an evaluator."""
+        evaluator = self.evaluator
+        if evaluator is None:
+            return None
+        if self.embedded:
+            return lambda images, workload: evaluator.correct(images, class_labels(workload.calls))
+        return lambda images, workload: prompt_verdicts(evaluator, images, list(workload.calls))["adherence"]
+
     def prompt_scores(self, images: torch.Tensor, calls: list) -> dict[str, float]:
         """A t2i model's scores of ``images``, drawn by ``calls`` in order (see :func:`prompt_scores`)."""
         return prompt_scores(self.evaluator, images, calls)
@@ -185,6 +197,11 @@ def prompt_scores(evaluator: Any, images: torch.Tensor, calls: list) -> dict[str
     prompts = [prompt for call in calls for prompt in image_prompts(call)]
     scores = evaluator.score(images, prompts)
     return {"adherence": scores["adherence"], "accuracy": scores["accuracy_shape"], **scores}
+
+
+def class_labels(calls: Sequence[Any]) -> torch.Tensor:
+    """The class id of every image the embedded models' calls draw, in order."""
+    return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
 
 
 def prompt_verdicts(evaluator: Any, images: torch.Tensor, calls: list) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 from diffaccel.bench.config import BenchJob
 from diffaccel.calibration.workload import Call
 from diffaccel.eval.paired import paired_change
-from diffaccel.targets import prompt_scores, prompt_verdicts
+from diffaccel.targets import class_labels, prompt_scores, prompt_verdicts
 from diffaccel.zoo.t2i.evaluator import load_t2i_evaluator
 from diffaccel.zoo.weights import load_evaluator
 
@@ -21,15 +21,11 @@ def _finite(value: float) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
-def _labels(calls: list[Call]) -> torch.Tensor:
-    return torch.tensor([int(c) for call in calls for c in call.kwargs["class_labels"]])
-
-
 def scorer(job: BenchJob, calls: list[Call], embedded: bool) -> Callable[[torch.Tensor], dict]:
     """Accuracy (and for the t2i zoo adherence) and Fréchet distance of a group's images: the embedded
     evaluator on class labels, the t2i evaluator on the calls' prompts, or nothing for other pipelines."""
     if embedded:
-        evaluator, labels = load_evaluator(), _labels(calls)
+        evaluator, labels = load_evaluator(), class_labels(calls)
         score = lambda images: evaluator.score(images, labels)  # noqa: E731
         verdicts = lambda images: {"accuracy": evaluator.correct(images, labels)}  # noqa: E731
     elif job.target.get("adherence"):

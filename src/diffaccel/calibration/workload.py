@@ -172,6 +172,15 @@ class Workload:
         calls = tuple(Call(c.kwargs, tuple(s + shift for s in c.seeds)) for c in self.calls)
         return Workload(calls, description or f"{self.description}, seeds shifted by {shift}", self.inputs)
 
+    def repeated(self, times: int, shift: int, description: str) -> Workload:
+        """``times`` copies of these calls, each with other noise: seeds shifted by ``shift``, and by
+        the seeds' span once more for each copy (no two images share a seed)."""
+        seeds = [s for call in self.calls for s in call.seeds] or [0]
+        span = max(seeds) - min(seeds) + 1
+        calls = tuple(Call(c.kwargs, tuple(s + shift + k * span for s in c.seeds))
+                      for k in range(times) for c in self.calls)
+        return Workload(calls, description, self.inputs)
+
     def fingerprint(self) -> str:
         """A short hash of every call's arguments and seeds: a stored search continues only on the same
         calls (a description such as "3 calls, seeds from N" does not tell prompts apart)."""

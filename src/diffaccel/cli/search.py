@@ -80,9 +80,10 @@ def _log(line: str) -> None:
     typer.echo(line, err=True)
 
 
-BUDGET = typer.Option(None, help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X, also psnr_p5>=X, "
-                                 "comma-separated (default psnr>=30); dlm: accuracy>=-1 (points from the uncached "
-                                 "sampler) or accuracy>=95 (percent)")
+BUDGET = typer.Option(None, help="quality budget on the calibration set: psnr>=X (dB) or ssim>=X, also psnr_p5>=X "
+                                 "and, on a model that ships an evaluator, judge>=-1 (its verdicts may fall by at most "
+                                 "1 point, on 600 more images), comma-separated (default psnr>=30); dlm: accuracy>=-1 "
+                                 "(points from the uncached sampler) or accuracy>=95 (percent)")
 STRATEGY = typer.Option(None, help="joint (sampler, steps, timesteps, caching and quantization together: the "
                                    "default), nsga2 (evolutionary over caching; the default with --trials or --bits "
                                    "or a simulated --quant), dp (dynamic programming on the profile) or greedy")
@@ -131,6 +132,7 @@ def search(
     bits: str = typer.Option(None, help="with --quant: weight bits each unit may take, e.g. 8,4 (nsga2)"),
     correct: bool = CORRECT,
     validate: bool = VALIDATE,
+    judge_images: int = typer.Option(600, min=1, help="under judge>=X: about how many images the judge compares"),
     precision: PrecisionChoice = PRECISION,
     weights: Path = WEIGHTS,
     threads: int = THREADS,
@@ -154,17 +156,21 @@ def search(
                               if strategy else default_strategy(trials, bits, quant, backend),
                               time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
                               quant=spec, bits=choices, correct=correct, validate=validate, precision=precision.value,
+                              judge_images=judge_images,
                               model_name=f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name)
         return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log,
-                          started=started)
+                          started=started, judge=tgt.judge())
 
     result = run_guarded(job, out_dir=out)
     if not result.met:
-        s = result.summary
-        fail(f"no plan meets {s['budget']} on the calibration set; the closest ({s['source']}) reaches "
-             f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall']:.4g}, at "
-             f"{s['calib_speedup_macs']:.2f}x fewer MACs; wrote it to {out / 'plan.json'}")
+        _fail_unmet(result.summary, out)
     typer.echo(summary_line(result.summary))
+
+
+def _fail_unmet(s: dict, out: Path) -> None:
+    fail(f"no plan meets {s['budget']} on the calibration set; the closest ({s['source']}) reaches "
+         f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall']:.4g}, at "
+         f"{s['calib_speedup_macs']:.2f}x fewer MACs; wrote it to {out / 'plan.json'}")
 
 
 def _workloads(tgt: Target, num_steps: int, guidance: float, seed: int, limit: float | None, pairs: int,
@@ -186,12 +192,18 @@ def _tail_text(s: dict) -> str:
             + (f", at least {bound:.1f} on validation" if bound is not None else "") + ")")
 
 
+def _judged_text(s: dict) -> str:
+    """Under a judge budget: the chosen plan's judged change, on the judge's images."""
+    judged = s.get("judged")
+    return "" if not judged else f", judged {judged['change'] * 100:+.1f} pt on {judged['images']} images"
+
+
 def summary_line(s: dict) -> str:
     """One line: the chosen plan's speed and quality, and the best hand-made plan's."""
     line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, "
             f"PSNR {s['calib_psnr']:.2f} dB calibration"
             + (f" / {s['validation_psnr']:.2f} dB validation" if s.get("validation_psnr") is not None else "")
-            + f" / {s['heldout_psnr']:.2f} dB held-out" + _tail_text(s))
+            + f" / {s['heldout_psnr']:.2f} dB held-out" + _tail_text(s) + _judged_text(s))
     hand = s.get("best_handmade")
     if hand and "heldout_psnr" not in hand:  # not re-measured on held-out: no time was left
         line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['calib_speedup_macs']:.2f}x MACs, "

@@ -14,16 +14,17 @@ Z_TWO_SIDED_95 = 1.96
 
 
 def paired_change(hits: torch.Tensor, base_hits: torch.Tensor) -> dict[str, float | int | None]:
-    """``change``: the share judged right among ``hits`` minus that among ``base_hits`` (the same
-    images' baseline verdicts); ``low`` / ``high``: its 95% confidence interval (normal approximation
-    of the mean of the per-image differences, each +1 for wrong -> right, -1 for right -> wrong, 0
-    otherwise: indicative when only a few images flip); ``flips``: how many images changed verdict."""
-    hits, base_hits = hits.reshape(-1).bool(), base_hits.reshape(-1).bool()
+    """``change``: the mean of ``hits`` (per image, 1 judged right, 0 wrong, or a score in between)
+    minus that of ``base_hits`` (the same images' baseline verdicts); ``low`` / ``high``: its 95%
+    confidence interval (normal approximation of the mean of the per-image differences, each +1 for
+    wrong -> right, -1 for right -> wrong, 0 otherwise: indicative when only a few images flip);
+    ``flips``: how many images changed verdict."""
+    hits, base_hits = hits.reshape(-1).double(), base_hits.reshape(-1).double()
     if hits.shape != base_hits.shape or not len(hits):
         raise ValueError(f"paired verdicts need as many images on each side, got {len(hits)} and {len(base_hits)}")
-    diff = hits.double() - base_hits.double()
-    change = float(diff.mean())
+    diff = hits - base_hits
+    change, flips = float(diff.mean()), int((diff != 0).sum())
     if len(diff) < 2:
-        return {"change": change, "low": None, "high": None, "flips": int(diff.abs().sum())}
+        return {"change": change, "low": None, "high": None, "flips": flips}
     half = Z_TWO_SIDED_95 * float(diff.std()) / math.sqrt(len(diff))
-    return {"change": change, "low": change - half, "high": change + half, "flips": int(diff.abs().sum())}
+    return {"change": change, "low": change - half, "high": change + half, "flips": flips}

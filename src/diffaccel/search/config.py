@@ -15,7 +15,8 @@ from diffaccel.quant.spec import QuantSpec
 STRATEGIES = ("nsga2", "dp", "greedy", "joint")
 OBJECTIVES = ("macs", "latency", "bops")  # bops: MACs weighted by weight bits (joint searches)
 PRECISIONS = ("auto", "none", "bfloat16", "float16")  # auto: what the device runs fast (``search/precision.py``)
-_BUDGET = re.compile(r"^\s*(psnr_p5|psnr|ssim)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*(psnr_p5|psnr|ssim|judge)\s*>=\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$",
+                     re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,12 @@ class Budget:
     metric: str  # "psnr" (dB) or "ssim": the mean over the calibration images
     threshold: float
     tail: float | None = None  # the 5th-percentile PSNR must reach this too (``psnr_p5>=X``)
+    judge: float | None = None  # points: the judged share of images may change by no less (``judge>=-1``)
 
     @property
     def text(self) -> str:
-        return f"{self.metric}>={self.threshold:g}" + (f",psnr_p5>={self.tail:g}" if self.tail is not None else "")
+        return (f"{self.metric}>={self.threshold:g}" + (f",psnr_p5>={self.tail:g}" if self.tail is not None else "")
+                + (f",judge>={self.judge:g}" if self.judge is not None else ""))
 
     def met(self, quality: float) -> bool:
         return quality >= self.threshold
@@ -43,7 +46,8 @@ class Budget:
         """The budget the calibration set must meet so that unseen inputs still meet this one. The
         tail bound is in dB: under an SSIM budget it is raised by the default PSNR margin (if any)."""
         tail_margin = margin if self.metric == "psnr" else (DEFAULT_MARGIN["psnr"] if margin > 0 else 0.0)
-        return Budget(self.metric, self.threshold + margin, None if self.tail is None else self.tail + tail_margin)
+        return Budget(self.metric, self.threshold + margin, None if self.tail is None else self.tail + tail_margin,
+                      self.judge)
 
 
 # A plan chosen on a dozen calibration images loses some quality on other inputs (0.6-2 dB on the
@@ -106,17 +110,20 @@ CORRECTION_SEED_OFFSET = 1000  # the feature correction is fitted on calibration
 
 def parse_budget(text: str) -> Budget:
     """``psnr>=X`` (dB, mean over the calibration images) or ``ssim>=X`` (0 < X <= 1), optionally
-    with a bound on the tail: ``psnr>=30,psnr_p5>=24``."""
+    with a bound on the tail, ``psnr>=30,psnr_p5>=24``, and on a judge's verdicts, ``judge>=-1``: the
+    share of images a judge (``search/judged.py``) reads as right may fall by at most 1 point."""
     parts = [p for p in (text or "").split(",") if p.strip()]
     found: dict[str, float] = {}
     for part in parts:
         match = _BUDGET.match(part)
         if match is None:
             raise BudgetError(f"cannot read the budget {text!r}: write psnr>=X (dB, e.g. psnr>=30) or ssim>=X "
-                              "(e.g. ssim>=0.95), optionally with psnr_p5>=Y for the 5th-percentile image")
+                              "(e.g. ssim>=0.95), optionally with psnr_p5>=Y for the 5th-percentile image and "
+                              "judge>=-Z for the judged share of images (points)")
         name, value = match.group(1).lower(), float(match.group(2))
         if name in found:
-            raise BudgetError(f"the budget {text!r} bounds {name} twice: give each of psnr, ssim and psnr_p5 once")
+            raise BudgetError(f"the budget {text!r} bounds {name} twice: give each of psnr, ssim, psnr_p5 and judge "
+                              "once")
         if not math.isfinite(value):
             raise BudgetError(f"the budget {text!r} asks {name} to reach {value:g}: give a finite number")
         found[name] = value
@@ -128,7 +135,10 @@ def parse_budget(text: str) -> Budget:
         raise BudgetError(f"an SSIM budget must lie in (0, 1], got {value:g}")
     if metric == "psnr" and value <= 0:
         raise BudgetError(f"a PSNR budget must be positive (dB), got {value:g}")
-    return Budget(metric, value, found.get("psnr_p5"))
+    if not -100 <= found.get("judge", 0) <= 100:
+        raise BudgetError(f"the budget {text!r} bounds the judged share's change at {found['judge']:g} points: "
+                          "give a number of points between -100 and 100 (e.g. judge>=-1)")
+    return Budget(metric, value, found.get("psnr_p5"), found.get("judge"))
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -162,6 +172,7 @@ class SearchConfig:
     bits: tuple[int, ...] | None = None  # joint search: per-unit weight bits to choose from
     correct: bool = False  # fit a feature correction to the chosen plan
     validate: bool = True  # confirm the chosen plan on fresh calibration seeds (``validation.py``)
+    judge_images: int = 600  # a judge budget: about this many images, the calibration calls on other seeds
     precision: str = "auto"  # try the chosen plan in a lower float precision (``precision.py``); none: never
     model_name: str | None = None  # names the study (default: the adapter)
     calibration_id: str | None = None  # identifies the calibration set in the storage
@@ -206,6 +217,10 @@ class SearchConfig:
                               "a joint search by MACs could never choose it: give --objective bops (MACs weighted "
                               "by weight bits) or latency, or a real backend (--quant-backend int8-dynamic or "
                               "int8), which a search by MACs tries on the plan it chose")
+        if self.parsed_budget().judge is not None and not self.validate:
+            raise SearchError("a judge budget (judge>=X) is checked with the validation: leave validate on")
+        if isinstance(self.judge_images, bool) or not isinstance(self.judge_images, int) or self.judge_images < 1:
+            raise SearchError(f"judge_images must be a whole number >= 1, got {self.judge_images!r}")
         if self.objective == "bops" and self.quant is None:
             raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from diffaccel.calibration.reference import CalibrationRun
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import Budget, SearchConfig
+from diffaccel.search.judged import Judge, judge_seconds
 from diffaccel.search.precision import Arithmetic, arithmetic_choices, precision_seconds
 from diffaccel.search.space import Space
 from diffaccel.search.store import Store
@@ -35,9 +36,14 @@ class Context:
     validator: Validator | None = None  # scores plans on fresh seeds (``config.validate``)
     precision_speed: float | None = None  # the returned plan's measured speed-up from its precision or int8
     precision_tried: list[dict] = field(default_factory=list)  # each arithmetic the last step measured
+    judge: Judge | None = None  # scores each image's verdict (``judged.py``): the judge budget, the held-out check
 
     def validation_reserve(self) -> float:
-        return validation_seconds(self.calib) if self.validator is not None and self.config.time_limit else 0.0
+        """Seconds kept back for the validation, and for a judge budget's checks (``judged.py``)."""
+        if self.validator is None or not self.config.time_limit:
+            return 0.0
+        judged = judge_seconds(self.calib, self.config.judge_images) if self.validator.judged is not None else 0.0
+        return validation_seconds(self.calib) + judged
 
     def arithmetic(self) -> list[Arithmetic]:
         """What the last step may run the chosen plan in (``precision.py``)."""

@@ -9,19 +9,24 @@ from typing import Any
 
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.reference import checked_images, identity_plan, run_with_plan
+from diffaccel.calibration.workload import Workload
 from diffaccel.eval.allocator import allocator_state
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
+from diffaccel.eval.paired import paired_change
 from diffaccel.eval.timing import wall_ratio
 from diffaccel.plan import Plan
+from diffaccel.search.judged import Judge, verdicts
 
 
-def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3, deadline: float | None = None) -> dict:
+def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3, deadline: float | None = None,
+            judge: Judge | None = None) -> dict:
     """Run ``fn`` without and with ``plan``, interleaved ``pairs`` times after one warm-up of each, in
     this process: fidelity of the plan's images to the unaccelerated ones, MAC and wall speedups.
     With ``deadline``, a pair that would end past it is not started (one pair always runs).
     ``speedup_macs`` counts every MAC of the calls (text encoder and decoder too, as ``bench`` does),
-    so that it is comparable with the wall-clock; ``speedup_macs_denoiser`` the denoiser's alone."""
+    so that it is comparable with the wall-clock; ``speedup_macs_denoiser`` the denoiser's alone.
+    With ``judge`` (and ``fn`` a ``Workload``), ``judged``: the change of its verdicts (``paired_change``)."""
     # the untimed runs count the MACs; the plan's warm-up executor's unit MACs spare the timed runs
     # the FLOP-counted first forward (a counter's overhead the unaccelerated runs do not pay)
     warm: list = []
@@ -46,6 +51,8 @@ def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3, deadline: float
                   speedup_wall=wall_ratio(base_times, fast_times), seconds_base=sum(base_times) / len(base_times),
                   seconds_plan=sum(fast_times) / len(fast_times), images=len(base), pairs=len(base_times),
                   allocator=allocator_state())
+    if judge is not None and isinstance(fn, Workload):
+        record["judged"] = paired_change(verdicts(judge, fast, fn), verdicts(judge, base, fn))
     return record
 
 
@@ -82,7 +89,7 @@ def heldout_check(ctx: Any, summary: dict, plan: Plan, heldout: Callable | None,
     ctx.log("held-out check: the chosen plan against the unaccelerated pipeline")
     start = time.time()
     limit = ctx.started + ctx.config.time_limit if ctx.config.time_limit else None
-    measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs, limit)
+    measured = compare(ctx.calib.pipe, heldout, plan, ctx.config.pairs, limit, ctx.judge)
     elapsed = time.time() - start
     if measured["pairs"] < ctx.config.pairs:
         ctx.log(f"held-out check: {measured['pairs']} of {ctx.config.pairs} timed pairs, within the time limit")
@@ -90,7 +97,8 @@ def heldout_check(ctx: Any, summary: dict, plan: Plan, heldout: Callable | None,
                    heldout_psnr_min=measured["psnr_min"],
                    heldout_ssim=measured["ssim"], speedup_macs=measured["speedup_macs"],
                    speedup_macs_denoiser=measured["speedup_macs_denoiser"], speedup_wall=measured["speedup_wall"],
-                   heldout_images=measured["images"], heldout_pairs=measured["pairs"], allocator=measured["allocator"])
+                   heldout_images=measured["images"], heldout_pairs=measured["pairs"], allocator=measured["allocator"],
+                   heldout_judged=measured.get("judged"))
     quality = measured["psnr"] if ctx.budget.metric == "psnr" else measured["ssim"]
     summary["heldout_met"] = ctx.budget.accepts(quality, measured["psnr_p5"])
     if measured["speedup_wall"] is not None and measured["speedup_wall"] < 1:

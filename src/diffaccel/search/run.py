@@ -31,13 +31,14 @@ from diffaccel.search.greedy import greedy_candidates
 from diffaccel.search.handmade import handmade_plans
 from diffaccel.search.heldout import heldout_check, heldout_reserve
 from diffaccel.search.joint import JointSearch
+from diffaccel.search.judged import Judge, check_judge, judged_for
 from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
 from diffaccel.search.outputs import write_outputs
 from diffaccel.search.precision import lower_precision
 from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
-from diffaccel.search.validation import Validation, plan_getter, validate, validator_for
+from diffaccel.search.validation import Validation, Validator, plan_getter, validate, validator_for
 
 LOG = logging.getLogger("diffaccel")
 
@@ -48,7 +49,8 @@ def study_name(model_name: str, budget: Budget, objective: str, strategy: str, s
 
 def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, *, out: str | Path | None = None,
            storage: str | None = None, heldout: Calibrate | None = None, denoiser: str | None = None,
-           log: Callable[[str], None] = LOG.info, started: float | None = None, **options: Any) -> SearchResult:
+           log: Callable[[str], None] = LOG.info, started: float | None = None, judge: Judge | None = None,
+           **options: Any) -> SearchResult:
     """Search static plans for ``pipe``'s denoiser on the calibration set ``calibrate`` (a
     ``Workload``, or a callable running the pipeline on fixed inputs and returning images in [0, 1]).
 
@@ -58,12 +60,14 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     set, on evaluation seeds, on which the chosen and the best hand-made plans are re-measured
     against the unaccelerated pipeline (``config.pairs`` interleaved runs each). Before that, the
     pick is confirmed on fresh calibration seeds (``validation.py``; ``config.validate``). ``started``:
-    when the time limit's clock started (``time.time()``; default now: the command line passes its own
-    start, so that loading the pipeline and sizing the image sets count)."""
+    when the time limit's clock started (default now; the command line passes its own start, so that
+    loading the pipeline counts). ``judge``: ``(images, workload) -> a verdict in [0, 1] per image``,
+    for ``judge>=X`` and ``heldout_judged`` (``judged.py``)."""
     started = time.time() if started is None else started
     config = configured(config, options)
     config.check()
     budget = config.parsed_budget()
+    check_judge(budget, judge, calibrate)  # before any work, as the settings are
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +91,7 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     store = Store(storage, study_name(name, budget, config.objective, config.strategy, config.seed), space,
                   study_key(space, calib_id), sampler, check_all_studies=own_file)
     try:
-        ctx = Context(config, budget, calib, space, store, out, started, log)
+        ctx = Context(config, budget, calib, space, store, out, started, log, judge=judge)
         log(f"search: {name}, {space.num_steps} steps, {len(space.units)} units, strategy {config.strategy}, "
             f"budget {budget.text}, objective {config.objective}; levels {space.describe()}")
         log(f"calibration: {len(calib.reference)} images, full-compute run {calib.seconds:.1f} s")
@@ -111,8 +115,7 @@ def _evaluator(ctx: Context) -> Callable[[Genome], tuple[list[float], dict]]:
             return [0.0, 1.0], {"psnr": 0.0, "psnr_min": 0.0, "ssim": 0.0, "mac_fraction": macs,
                                 "latency_fraction": latency, "bops_fraction": 1.0, "error": str(exc)[:200]}
         attrs = {"psnr": s.psnr, "psnr_p5": s.psnr_p5, "psnr_min": s.psnr_min, "ssim": s.ssim,
-                 "mac_fraction": s.mac_fraction,
-                 "latency_fraction": s.latency_fraction, "seconds": round(s.seconds, 3)}
+                 "mac_fraction": s.mac_fraction, "latency_fraction": s.latency_fraction, "seconds": round(s.seconds, 3)}
         if space.quant is not None:
             attrs["bops_fraction"] = space.bit_mac_fraction(genome, calib.unit_macs)
         quality = s.psnr if budget.metric == "psnr" else s.ssim
@@ -161,8 +164,7 @@ def _handmade(ctx: Context):
 def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> SearchResult:
     config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
     handmade, seeds = _handmade(ctx)
-    if config.validate:
-        ctx.validator = validator_for(calib, budget, plan_getter(space), ctx.log)
+    ctx.validator = _validator(ctx) if config.validate else None
     ctx.reserve = heldout_reserve(ctx, heldout) + ctx.validation_reserve() + ctx.precision_reserve()
     enough = budget.raised(config.largest_margin())
     ctx.log(f"scoring {len(handmade)} hand-made plans first, cheapest first, up to the first that meets {enough.text} "
@@ -236,6 +238,12 @@ def _marked(plan: Plan, summary: dict, budget: Budget) -> Plan:
                                               "heldout_met": summary.get("heldout_met")}})
 
 
+def _validator(ctx: Context) -> Validator | None:
+    """What confirms the chosen plan on fresh seeds (``validation.py``), with a judge budget's check."""
+    judged = judged_for(ctx.calib, ctx.budget, ctx.judge, ctx.config.judge_images, ctx.log)
+    return validator_for(ctx.calib, ctx.budget, plan_getter(ctx.space), ctx.log, judged)
+
+
 def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Validation | None:
     """The candidates that cleared ``cleared`` on calibration, cheapest first, validated on fresh
     seeds (``validation.py``); None when the search does not validate."""
@@ -303,9 +311,9 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
         "seed": config.seed, "margin": ctx.margin, "clears_margin": chosen.meets(safe),
         "num_steps": space.num_steps, "units": space.units, "met": met, "shortfall": shortfall,
         "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_p5": chosen.psnr_p5,
-        "calib_psnr_min": chosen.psnr_min,
-        "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction, "latency_fraction": chosen.latency_fraction,
-        "calib_speedup_macs": 1 / chosen.mac_fraction, "source": chosen.source, "trial": chosen.trial,
+        "calib_psnr_min": chosen.psnr_min, "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction,
+        "latency_fraction": chosen.latency_fraction, "calib_speedup_macs": 1 / chosen.mac_fraction,
+        "source": chosen.source, "trial": chosen.trial,
         "bops_fraction": chosen.bops_fraction, "feature_correction": config.correct, "calib_psnr_corrected": None,
         "quant": None if quant is None else {
             "weight_bits": quant.weight_bits, "act_bits": quant.act_bits, "backend": quant.backend,

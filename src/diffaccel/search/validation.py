@@ -31,6 +31,7 @@ from diffaccel.eval.fidelity import fidelity, psnr_per_image
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import TAIL_CONFIDENCE, Budget, mean_error_bound, tail_lower_bound
+from diffaccel.search.judged import JudgedCheck
 
 VALIDATION_SEED_OFFSET = 2000  # validation seeds: apart from calibration (0) and correction-fit (1000) seeds
 MAX_VALIDATED = 6  # plans tried before the search gives up confirming one
@@ -50,7 +51,7 @@ class Validation:
     def summary(self) -> dict:
         return {"validation_images": self.images, "validation_confirmed": self.confirmed,
                 "validation_psnr": self.scores["psnr"], "validation_psnr_p5": self.scores["psnr_p5"],
-                "validation_psnr_p5_bound": self.scores.get("psnr_p5_bound"),
+                "validation_psnr_p5_bound": self.scores.get("psnr_p5_bound"), "judged": self.scores.get("judged"),
                 "validation_tried": self.tried, "validation_seconds": round(self.seconds, 1)}
 
 
@@ -66,8 +67,9 @@ class Validator:
     reuses what it measured."""
 
     def __init__(self, calib: CalibrationRun, budget: Budget, plan_of: Callable[[Candidate], Plan],
-                 log: Callable[[str], None]):
-        self.calib, self.budget, self.plan_of, self.log = calib, budget, plan_of, log
+                 log: Callable[[str], None], judged: JudgedCheck | None = None):
+        """``judged``: a plan met on the validation seeds must also keep the judge's verdicts (``judged.py``)."""
+        self.calib, self.budget, self.plan_of, self.log, self.judged = calib, budget, plan_of, log, judged
         self.workload = calib.calibrate.reseeded(VALIDATION_SEED_OFFSET,
                                                  "validation seeds (calibration calls, fresh noise)")
         self._reference: Any = None
@@ -128,16 +130,18 @@ class Validator:
         self.log(f"  {candidate.source}: {quality['psnr']:.2f} dB (p5 {quality['psnr_p5']:.1f}, error bound "
                  f"{shown}{tail_text}) on validation, {candidate.psnr:.2f} dB on calibration: "
                  f"{'confirmed' if met else 'not confirmed'}")
+        judged = self.judged.check(plan, candidate.source) if met and self.judged is not None else None
         return {"source": candidate.source, **quality, "bound": bound if math.isfinite(bound) else None,
-                "psnr_p5_bound": tail, "psnr_p5_confidence": round(held, 3), "met": met}
+                "psnr_p5_bound": tail, "psnr_p5_confidence": round(held, 3), "judged": judged,
+                "met": met and (judged is None or judged["met"])}
 
 
 def validator_for(calib: CalibrationRun, budget: Budget, plan_of: Callable[[Candidate], Plan],
-                  log: Callable[[str], None]) -> Validator | None:
+                  log: Callable[[str], None], judged: JudgedCheck | None = None) -> Validator | None:
     """A ``Validator``, or None (logged) when the calibration set is a callable rather than a
     ``Workload``: it has no noise seeds to change."""
     if isinstance(calib.calibrate, Workload):
-        return Validator(calib, budget, plan_of, log)
+        return Validator(calib, budget, plan_of, log, judged)
     log("validation skipped: the calibration set is a callable, not a Workload of pipeline calls "
         "(no noise seeds to change); the plan is chosen on the calibration images alone")
     return None

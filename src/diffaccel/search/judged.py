@@ -1,0 +1,113 @@
+"""A judge's verdicts in the budget (``judge>=-1``): what the prompt asked for, not only pixels.
+
+A PSNR budget cannot see whether an image still shows what was asked: on the shipped PixArt
+pipeline 8-step plans at 31-33 dB lost 4.3-4.8 points of prompt adherence on 600 images (the shapes
+go), where a 9-step one at the same PSNR kept it. A judge is any callable ``judge(images, workload)``
+returning, per image (N, C, H, W in [0, 1], drawn by ``workload``'s calls in order), 1 when it shows
+what its call asked for and 0 when not (or a score in between: a CLIP similarity scaled to [0, 1]);
+the shipped text-to-image and class-conditional models bring their evaluator's
+(``Target.judge``). Under ``judge>=X`` a plan is returned only when the mean of its images' verdicts
+falls by at most X points from the unaccelerated images' of the same seeds.
+
+Why not on the calibration images: on 48 of them a few points are one or two images, and any two
+runs differ by that much (a 49-step DDIM run reads 1 of 48 PixArt shapes differently from the 50-step
+one). So the verdicts are compared on about ``judge_images`` images (the calibration calls with other
+noise: 600 by default, where a 4-point loss lies outside the interval of the change), and only for
+the plans the validation confirms, cheapest first: the check is part of the validation."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from diffaccel.calibration.reference import CalibrationRun, checked_images, run_with_plan
+from diffaccel.calibration.workload import Workload
+from diffaccel.errors import SearchError
+from diffaccel.eval.paired import paired_change
+from diffaccel.plan import Plan
+from diffaccel.search.config import Budget
+
+Judge = Callable[[torch.Tensor, Workload], "torch.Tensor | Sequence[float]"]
+JUDGE_SEED_OFFSET = 3000  # judge seeds: apart from calibration (0), correction (1000) and validation (2000) seeds
+
+
+def verdicts(judge: Judge, images: torch.Tensor, workload: Workload) -> torch.Tensor:
+    """The judge's per-image verdicts on ``images``, checked: one per image, each in [0, 1]."""
+    try:
+        out = torch.as_tensor(judge(images, workload)).reshape(-1).double()
+    except Exception as exc:  # noqa: BLE001 -- a user's judge may raise anything: say it was the judge
+        raise SearchError(f"the judge failed on {len(images)} images ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    if len(out) != len(images):
+        raise SearchError(f"the judge returned {len(out)} verdicts for {len(images)} images: return one per image")
+    if not torch.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+        raise SearchError("the judge's verdicts must lie in [0, 1] (True/False per image, or a score scaled to it)")
+    return out
+
+
+class JudgedCheck:
+    """The judge's verdicts on a plan's images against the unaccelerated ones, on the judge seeds
+    (the unaccelerated run is made at the first check)."""
+
+    def __init__(self, calib: CalibrationRun, judge: Judge, least: float, images: int, log: Callable[[str], None]):
+        self.calib, self.judge, self.least, self.log = calib, judge, least, log
+        repeats = max(1, math.ceil(images / len(calib.reference)))
+        self.workload = calib.calibrate.repeated(repeats, JUDGE_SEED_OFFSET,
+                                                 f"judge seeds: the calibration calls x {repeats}, other noise")
+        self._reference: torch.Tensor | None = None
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """The unaccelerated images' verdicts."""
+        if self._reference is None:
+            started = time.time()
+            images = checked_images(self.workload(self.calib.pipe), "judge")
+            self._reference = verdicts(self.judge, images, self.workload)
+            self.log(f"judge: {len(images)} images on other seeds (the unaccelerated run took "
+                     f"{time.time() - started:.0f} s), {self._reference.mean() * 100:.1f}% judged right; a plan "
+                     f"confirmed on validation must keep that within {-self.least:g} points")
+        return self._reference
+
+    def check(self, plan: Plan, source: str) -> dict[str, Any]:
+        """``plan``'s judged change from the unaccelerated images (``paired_change``, in shares), and
+        whether it meets the budget: the change is at least ``least`` points."""
+        reference = self.reference
+        images = checked_images(run_with_plan(self.calib.pipe, self.workload, plan, self.calib.shape_macs)[0],
+                                "judge")
+        change = paired_change(verdicts(self.judge, images, self.workload), reference)
+        met = change["change"] * 100 >= self.least - 1e-9
+        interval = "" if change["low"] is None else \
+            f", 95% interval {change['low'] * 100:+.1f}..{change['high'] * 100:+.1f}"
+        self.log(f"  {source}: judged {change['change'] * 100:+.1f} points on {len(images)} images{interval}, "
+                 f"{change['flips']} changed: {'kept' if met else 'refused'}")
+        return {**change, "images": len(images), "met": met}
+
+
+def judge_seconds(calib: CalibrationRun, images: int) -> float:
+    """Estimated time of the judged checks: the unaccelerated run of the judge seeds and a few plans."""
+    return 1.8 * calib.seconds * max(1, math.ceil(images / len(calib.reference)))
+
+
+def judged_for(calib: CalibrationRun, budget: Budget, judge: Judge | None, images: int,
+               log: Callable[[str], None]) -> JudgedCheck | None:
+    """A ``JudgedCheck`` under a judge budget (None without one)."""
+    check_judge(budget, judge, calib.calibrate)
+    return None if budget.judge is None else JudgedCheck(calib, judge, budget.judge, images, log)
+
+
+def check_judge(budget: Budget, judge: Judge | None, calibrate: Any) -> None:
+    """A clear error when the budget asks for a judge that is missing, or the calibration set has no
+    calls to draw more images of."""
+    if budget.judge is None:
+        return
+    if judge is None:
+        raise SearchError(f"the budget {budget.text} bounds the judged share of images but no judge was given: pass "
+                          "judge=... (a callable (images, workload) -> one verdict in [0, 1] per image), or, on "
+                          "the command line, a model that ships an evaluator (--model pixart, sd, unet or dit)")
+    if not isinstance(calibrate, Workload):
+        raise SearchError("a judge budget needs the calibration set as a Workload of pipeline calls: the judge "
+                          "reads what each call asked for, and the check draws more images of those calls")
