@@ -329,7 +329,7 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
     when it would end past the limit, and the summary and its one-line report say so."""
     compared = []
 
-    def timed_compare(pipe, fn, plan, pairs, deadline=None):  # a comparison that takes 0.2 s
+    def timed_compare(pipe, fn, plan, pairs, deadline=None, judge=None):  # a comparison that takes 0.2 s
         compared.append(plan)
         time.sleep(0.2)
         return {"psnr": 31.0, "psnr_p5": 25.0, "psnr_min": 20.0, "ssim": 0.9, "speedup_macs": 4.0,
@@ -344,7 +344,7 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
     def check(started: float) -> dict:
         compared.clear()
         ctx = SimpleNamespace(calib=SimpleNamespace(pipe=None, reference=[0] * 4), log=lines.append,
-                              budget=parse_budget("psnr>=30"), started=started,
+                              budget=parse_budget("psnr>=30"), started=started, judge=None,
                               config=SimpleNamespace(pairs=2, time_limit=900.0))
         summary = {"met": True, "model": "m", "strategy": "joint", "calib_psnr": 32.0, "budget": "psnr>=30",
                    "best_handmade": {"name": "deepcache", "settings": {"interval": 5}, "met": True,
@@ -370,7 +370,7 @@ def test_a_plan_slower_than_the_pipeline_on_the_held_out_check_is_said_to_be(mon
         "seconds_plan": 1.16, "allocator": "kept"})
     lines: list[str] = []
     ctx = SimpleNamespace(calib=SimpleNamespace(pipe=None, reference=[0] * 4), log=lines.append,
-                          budget=parse_budget("psnr>=30"), started=time.time(),
+                          budget=parse_budget("psnr>=30"), started=time.time(), judge=None,
                           config=SimpleNamespace(pairs=3, time_limit=None))
     summary = {"met": True}
     heldout_check(ctx, summary, "the chosen plan", object(), None, [])
