@@ -69,7 +69,8 @@ class JudgedCheck:
             self._reference = verdicts(self.judge, images, self.workload)
             self.log(f"judge: {len(images)} images on other seeds (the unaccelerated run took "
                      f"{time.time() - started:.0f} s), {self._reference.mean() * 100:.1f}% judged right; a plan "
-                     f"confirmed on validation must keep that within {-self.least:g} points")
+                     f"confirmed on validation must keep that within {-self.least:g} point"
+                     f"{'' if abs(self.least) == 1 else 's'}")
         return self._reference
 
     def check(self, plan: Plan, source: str) -> dict[str, Any]:
