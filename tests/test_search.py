@@ -44,7 +44,14 @@ from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.judged import JudgedCheck
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
 from diffaccel.search.space import Space
-from diffaccel.search.validation import MAX_VALIDATED, Validator, plan_getter, validate, validator_for
+from diffaccel.search.validation import (
+    MAX_VALIDATED,
+    Validator,
+    plan_getter,
+    validate,
+    validation_seconds,
+    validator_for,
+)
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
 from test_engine import make_pipes, untouched
@@ -794,6 +801,11 @@ def test_a_judge_budget_refuses_a_plan_that_loses_the_judged_share_on_more_image
     seeds = [s for call in judge.workloads[0].calls for s in call.seeds]
     assert len(set(seeds)) == len(seeds) and not set(seeds) & set(calib.calibrate.calls[0].seeds)
     assert found.summary()["judged"]["change"] == 0.0
+    # the judge's checks are kept back in the time limit with the validation's, and given back when made early
+    kept = validation_seconds(calib)
+    assert validator.reserve() == pytest.approx(kept + checked.seconds()) and checked.seconds() > 0
+    validator.seconds = 1e9
+    assert validator.reserve_used() == validator.reserve()
     assert any("judged -100.0 points" in line and "refused" in line for line in lines)
     assert untouched(pipe.unet) and isinstance(pipe.scheduler, PNDMScheduler)
     for bad, message in ((lambda images, w: torch.ones(len(images) + 1), "one per image"),

@@ -10,11 +10,11 @@ from pathlib import Path
 from diffaccel.calibration.reference import CalibrationRun
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import Budget, SearchConfig
-from diffaccel.search.judged import Judge, judge_seconds
+from diffaccel.search.judged import Judge
 from diffaccel.search.precision import Arithmetic, arithmetic_choices, precision_seconds
 from diffaccel.search.space import Space
 from diffaccel.search.store import Store
-from diffaccel.search.validation import Validator, validation_seconds
+from diffaccel.search.validation import Validator
 
 
 @dataclass
@@ -40,10 +40,7 @@ class Context:
 
     def validation_reserve(self) -> float:
         """Seconds kept back for the validation, and for a judge budget's checks (``judged.py``)."""
-        if self.validator is None or not self.config.time_limit:
-            return 0.0
-        judged = judge_seconds(self.calib, self.config.judge_images) if self.validator.judged is not None else 0.0
-        return validation_seconds(self.calib) + judged
+        return self.validator.reserve() if self.validator is not None and self.config.time_limit else 0.0
 
     def arithmetic(self) -> list[Arithmetic]:
         """What the last step may run the chosen plan in (``precision.py``)."""

@@ -73,6 +73,10 @@ class JudgedCheck:
                      f"{'' if abs(self.least) == 1 else 's'}")
         return self._reference
 
+    def seconds(self) -> float:
+        """Estimated time of the checks: the unaccelerated run of the judge seeds and a few plans."""
+        return 1.8 * self.calib.seconds * len(self.workload) / max(1, len(self.calib.calibrate))
+
     def check(self, plan: Plan, source: str) -> dict[str, Any]:
         """``plan``'s judged change from the unaccelerated images (``paired_change``, in shares), and
         whether it meets the budget: the change is at least ``least`` points."""
@@ -86,11 +90,6 @@ class JudgedCheck:
         self.log(f"  {source}: judged {change['change'] * 100:+.1f} points on {len(images)} images{interval}, "
                  f"{change['flips']} changed: {'kept' if met else 'refused'}")
         return {**change, "images": len(images), "met": met}
-
-
-def judge_seconds(calib: CalibrationRun, images: int) -> float:
-    """Estimated time of the judged checks: the unaccelerated run of the judge seeds and a few plans."""
-    return 1.8 * calib.seconds * max(1, math.ceil(images / len(calib.reference)))
 
 
 def judged_for(calib: CalibrationRun, budget: Budget, judge: Judge | None, images: int,

@@ -101,10 +101,14 @@ class Validator:
             self.seconds += time.time() - started
         return self._records[key]
 
+    def reserve(self) -> float:
+        """The time a search keeps back for its validation, and for a judge budget's checks."""
+        return validation_seconds(self.calib) + (self.judged.seconds() if self.judged is not None else 0.0)
+
     def reserve_used(self) -> float:
-        """Seconds spent so far of the time a search keeps back for its validation
-        (``validation_seconds``): what a search that validates as it goes may take back."""
-        return min(self.seconds, validation_seconds(self.calib))
+        """Seconds spent so far of ``reserve()``: what a search that validates as it goes may take back
+        (a judge budget's checks run inside the validation: their time counts too)."""
+        return min(self.seconds, self.reserve())
 
     def measured(self, candidate: Candidate) -> bool:
         """Whether ``candidate`` was scored already (by the search as it went: a free look-up)."""
