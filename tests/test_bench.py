@@ -120,8 +120,9 @@ def test_a_paired_change_counts_the_flips_and_its_interval_brackets_it():
     diffs = (hits.double() - base.double())
     half = 1.96 * float(diffs.std()) / 10 ** 0.5
     assert change["low"] == pytest.approx(-0.1 - half) and change["high"] == pytest.approx(-0.1 + half)
+    assert change["se"] == pytest.approx(half / 1.96)
     same = paired_change(base, base)
-    assert same == {"change": 0.0, "low": 0.0, "high": 0.0, "flips": 0}
+    assert same == {"change": 0.0, "low": 0.0, "high": 0.0, "se": 0.0, "flips": 0}
     assert paired_change(hits[:1], base[:1])["low"] is None  # one image: no interval
     with pytest.raises(ValueError, match="as many images"):
         paired_change(hits, base[:5])

@@ -807,6 +807,18 @@ def test_a_judge_budget_refuses_a_plan_that_loses_the_judged_share_on_more_image
     validator.seconds = 1e9
     assert validator.reserve_used() == validator.reserve()
     assert any("judged -100.0 points" in line and "refused" in line for line in lines)
+    assert exact_record["judged"]["bound"] == 0.0  # no image changed: nothing to doubt
+    # a change whose interval does not secure the bound is refused: 1 of 12 images won back
+    flipping = JudgedCheck(calib, lambda images, w: torch.ones(len(images)), 0, 12, quiet)
+    flipping._reference = torch.tensor([1.0] * 11 + [0.0])
+    record = flipping.check(exact, "judged noisily")  # every image right, one more than the reference
+    assert record["change"] > 0 > record["bound"] and not record["met"]
+    assert exact_record["judged"]["bound"] == 0.0  # no image changed: nothing to doubt
+    # a change above the bound that its interval does not secure is refused: 1 of 12 images lost, 1 won
+    flipping = JudgedCheck(calib, lambda images, w: torch.ones(len(images)), -1, 12, quiet)
+    flipping._reference = torch.tensor([1.0] * 11 + [0.0])
+    record = flipping.check(exact, "judged noisily")  # its verdicts: all right; against the doctored reference
+    assert record["change"] > 0 and record["bound"] < record["change"]
     assert untouched(pipe.unet) and isinstance(pipe.scheduler, PNDMScheduler)
     for bad, message in ((lambda images, w: torch.ones(len(images) + 1), "one per image"),
                          (lambda images, w: torch.full((len(images),), 2.0), r"in \[0, 1\]"),

@@ -31,6 +31,7 @@ class PairedChange(_Model):
     change: float
     low: float | None = None  # 95% interval; None from one image
     high: float | None = None
+    se: float | None = None  # the change's standard error
     flips: int  # images whose verdict differs from the baseline image's
 
 

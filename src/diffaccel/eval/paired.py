@@ -18,13 +18,14 @@ def paired_change(hits: torch.Tensor, base_hits: torch.Tensor) -> dict[str, floa
     minus that of ``base_hits`` (the same images' baseline verdicts); ``low`` / ``high``: its 95%
     confidence interval (normal approximation of the mean of the per-image differences, each +1 for
     wrong -> right, -1 for right -> wrong, 0 otherwise: indicative when only a few images flip);
-    ``flips``: how many images changed verdict."""
+    ``se``: the change's standard error; ``flips``: how many images changed verdict."""
     hits, base_hits = hits.reshape(-1).double(), base_hits.reshape(-1).double()
     if hits.shape != base_hits.shape or not len(hits):
         raise ValueError(f"paired verdicts need as many images on each side, got {len(hits)} and {len(base_hits)}")
     diff = hits - base_hits
     change, flips = float(diff.mean()), int((diff != 0).sum())
     if len(diff) < 2:
-        return {"change": change, "low": None, "high": None, "flips": flips}
-    half = Z_TWO_SIDED_95 * float(diff.std()) / math.sqrt(len(diff))
-    return {"change": change, "low": change - half, "high": change + half, "flips": flips}
+        return {"change": change, "low": None, "high": None, "se": None, "flips": flips}
+    se = float(diff.std()) / math.sqrt(len(diff))
+    return {"change": change, "low": change - Z_TWO_SIDED_95 * se, "high": change + Z_TWO_SIDED_95 * se, "se": se,
+            "flips": flips}
