@@ -40,6 +40,7 @@ from diffaccel.search import heldout as heldout_module
 from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import SearchConfig, auto_margin, configured, tail_lower_bound
+from diffaccel.search.context import Context
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.judged import JudgedCheck
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
@@ -328,6 +329,11 @@ def test_the_held_out_reserve_counts_the_chosen_plans_comparison_and_leaves_the_
     ctx.config.time_limit = 900.0  # a slow machine: the check would take 660 s of 900
     assert heldout_reserve(ctx, heldout=object()) == 450
     assert lines and "more than half" in lines[0]
+    # every step after the search together (a judge's 600 images on a loaded machine): half the limit at most
+    Context.keep_back(ctx, 400.0)
+    assert ctx.reserve == 400.0 and len(lines) == 1
+    Context.keep_back(ctx, 3674.0)
+    assert ctx.reserve == 450.0 and "steps after the search are estimated at 3674 s" in lines[-1]
 
 
 def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_past_the_limit(monkeypatch):

@@ -38,6 +38,19 @@ class Context:
     precision_tried: list[dict] = field(default_factory=list)  # each arithmetic the last step measured
     judge: Judge | None = None  # scores each image's verdict (``judged.py``): the judge budget, the held-out check
 
+    def keep_back(self, seconds: float) -> None:
+        """Keep ``seconds`` of the time limit for the steps after the strategy (validation, a judge's
+        checks, precision, held-out check), at most half of it (logged): the search proper keeps the
+        rest. Estimated from the calibration run: on a loaded machine that run is slow, and a judge's
+        600 images came to more than the whole limit (the search then scored nothing)."""
+        limit = self.config.time_limit
+        if limit and seconds > limit / 2:
+            self.log(f"warning: the steps after the search are estimated at {seconds:.0f} s, more than half the "
+                     f"{limit:.0f} s limit: the search keeps half of it and the whole run may overrun the limit; "
+                     "give more time, or fewer judge or held-out images")
+            seconds = limit / 2
+        self.reserve = seconds
+
     def validation_reserve(self) -> float:
         """Seconds kept back for the validation, and for a judge budget's checks (``judged.py``)."""
         return self.validator.reserve() if self.validator is not None and self.config.time_limit else 0.0

@@ -165,7 +165,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     config, budget, space, calib = ctx.config, ctx.budget, ctx.space, ctx.calib
     handmade, seeds = _handmade(ctx)
     ctx.validator = _validator(ctx) if config.validate else None
-    ctx.reserve = heldout_reserve(ctx, heldout) + ctx.validation_reserve() + ctx.precision_reserve()
+    ctx.keep_back(heldout_reserve(ctx, heldout) + ctx.validation_reserve() + ctx.precision_reserve())
     enough = budget.raised(config.largest_margin())
     ctx.log(f"scoring {len(handmade)} hand-made plans first, cheapest first, up to the first that meets {enough.text} "
             "(the seeds, and what the search must beat)")
