@@ -26,6 +26,7 @@ from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import Workload, as_workload
 from diffaccel.cli.search import default_strategy, summary_line
 from diffaccel.errors import SearchError, SearchWarning, WorkloadError
+from diffaccel.eval.paired import paired_change
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
 from diffaccel.search import (
@@ -37,12 +38,13 @@ from diffaccel.search import (
     search,
 )
 from diffaccel.search import heldout as heldout_module
+from diffaccel.search import judged as judged_module
 from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import SearchConfig, auto_margin, configured, tail_lower_bound
 from diffaccel.search.context import Context
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
-from diffaccel.search.judged import JudgedCheck
+from diffaccel.search.judged import JudgedCheck, chance_to_pass
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
 from diffaccel.search.space import Space
 from diffaccel.search.validation import (
@@ -767,19 +769,20 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
 
 
 class _ExactJudge:
-    """Reads an image as right only when it equals one of the first images it judged (the
+    """Reads an image as right only when it equals the first image it judged of the same seeds (the
     unaccelerated run's): any plan that changes pixels loses every image."""
 
     def __init__(self):
-        self.seen: torch.Tensor | None = None
+        self.seen: dict[int, torch.Tensor] = {}
         self.workloads: list[Workload] = []
 
     def __call__(self, images, workload):
         self.workloads.append(workload)
-        if self.seen is None:
-            self.seen = images.clone()
-            return torch.ones(len(images), dtype=torch.bool)
-        return (images - self.seen).flatten(1).abs().amax(1) < 1e-6
+        per_call = len(images) // len(workload.calls)  # a call may draw several images from its seeds
+        seeds = [(call.seeds, j) for call in workload.calls for j in range(per_call)]
+        for seed, image in zip(seeds, images):
+            self.seen.setdefault(seed, image.clone())
+        return torch.tensor([bool((image - self.seen[seed]).abs().max() < 1e-6) for seed, image in zip(seeds, images)])
 
 
 def test_a_judge_budget_refuses_a_plan_that_loses_the_judged_share_on_more_images(pipes):
@@ -816,13 +819,13 @@ def test_a_judge_budget_refuses_a_plan_that_loses_the_judged_share_on_more_image
     assert exact_record["judged"]["bound"] == 0.0  # no image changed: nothing to doubt
     # a change whose interval does not secure the bound is refused: 1 of 12 images won back
     flipping = JudgedCheck(calib, lambda images, w: torch.ones(len(images)), 0, 12, quiet)
-    flipping._reference = torch.tensor([1.0] * 11 + [0.0])
+    flipping._references = [torch.tensor([1.0] * 11 + [0.0])]  # one stage: 12 images
     record = flipping.check(exact, "judged noisily")  # every image right, one more than the reference
     assert record["change"] > 0 > record["bound"] and not record["met"]
     assert exact_record["judged"]["bound"] == 0.0  # no image changed: nothing to doubt
     # a change above the bound that its interval does not secure is refused: 1 of 12 images lost, 1 won
     flipping = JudgedCheck(calib, lambda images, w: torch.ones(len(images)), -1, 12, quiet)
-    flipping._reference = torch.tensor([1.0] * 11 + [0.0])
+    flipping._references = [torch.tensor([1.0] * 11 + [0.0])]  # one stage: 12 images
     record = flipping.check(exact, "judged noisily")  # its verdicts: all right; against the doctored reference
     assert record["change"] > 0 and record["bound"] < record["change"]
     assert untouched(pipe.unet) and isinstance(pipe.scheduler, PNDMScheduler)
@@ -838,6 +841,46 @@ def test_a_judge_budget_refuses_a_plan_that_loses_the_judged_share_on_more_image
                judge=judge, log=quiet)
 
 
+def test_a_judged_check_stops_a_plan_that_cannot_reach_the_bound_after_its_first_stage(pipes, monkeypatch):
+    """The judge's images come in stages of whole copies of the calibration calls, each stage's
+    unaccelerated run made when a plan first reaches it; a plan that could pass only if the images
+    still to judge changed far less than those judged is refused there (``chance_to_pass``), and one
+    that keeps its verdicts runs every stage, on the same images as one unstaged run."""
+    monkeypatch.setattr(judged_module, "STAGE_IMAGES", 1)  # the tiny pipeline draws a few images a copy
+    pipe, kwargs = build_case("sd-pndm")
+    calib = CalibrationRun(pipe, as_workload([kwargs]))
+    judge, lines = _ExactJudge(), []
+    checked = JudgedCheck(calib, judge, -1, 5 * len(calib.reference), lines.append)
+    assert len(checked.stages) == 4 and checked.total == 5 * len(calib.reference)
+    lost = checked.check(methods.fora(pipe, calib.num_steps, interval=2), "rough")
+    assert lost["stopped"] and not lost["met"] and lost["change"] == -1.0
+    assert lost["images"] == len(checked.stages[0].run(pipe)) < checked.total
+    assert checked._references[1:] == [None] * 3  # the later stages' unaccelerated runs were not made
+    assert any("stopped, it cannot reach the bound" in line for line in lines)
+    kept = checked.check(identity_plan(pipe.unet), "exact")
+    assert kept["met"] and not kept["stopped"] and kept["images"] == checked.total and kept["change"] == 0.0
+    staged = [call.seeds for stage in checked.stages for call in stage.calls]
+    assert staged == [call.seeds for call in checked.workload.calls]  # the stages, in order
+    assert len(judge.workloads) == 2 + 1 + 2 * 3  # stage 1: reference, rough, exact; then the reference and exact
+    assert untouched(pipe.unet) and isinstance(pipe.scheduler, PNDMScheduler)
+
+
+def test_the_chance_to_pass_follows_the_changes_judged_so_far():
+    """Conditional power under the current trend: a plan 2.7 points down on 144 of 624 images with 9
+    flips (a PixArt key-step plan) has almost no chance; one at +0.0 keeps a fair one; without a
+    spread the change decides alone."""
+    def change(flips_down: int, flips_up: int, images: int) -> dict:
+        same = images - flips_down - flips_up
+        return paired_change(torch.tensor([0.0] * flips_down + [1.0] * flips_up + [1.0] * same),
+                             torch.tensor([1.0] * flips_down + [0.0] * flips_up + [1.0] * same))
+
+    assert chance_to_pass(change(6, 2, 144), 144, 624, -1) < judged_module.FUTILITY
+    assert chance_to_pass(change(4, 4, 144), 144, 624, -1) > 0.15
+    assert chance_to_pass(change(4, 4, 144), 144, 624, -1) < chance_to_pass(change(2, 6, 144), 144, 624, -1)
+    assert chance_to_pass(change(0, 0, 144), 144, 624, -1) == 1.0
+    assert chance_to_pass(change(144, 0, 144), 144, 624, -1) == 0.0
+
+
 def test_a_search_under_a_judge_budget_reports_the_judged_change(pipes):
     lines: list[str] = []
     result = search(pipes[0], calib(), budget="psnr>=20,judge>=-1", strategy="greedy", greedy_points=4,
@@ -846,7 +889,7 @@ def test_a_search_under_a_judge_budget_reports_the_judged_change(pipes):
     s = result.summary
     assert s["judged"] is not None and s["judged"]["change"] == 0.0 and s["judged"]["images"] == 4
     assert s["heldout_judged"]["change"] == 0.0 and s["budget"] == "psnr>=20,judge>=-1"
-    assert any(line.startswith("judge: 4 images") for line in lines)
+    assert any(line.startswith("judge: up to 4 images") for line in lines)
     assert "judged +0.0 pt on 4 images" in summary_line(s)
 
 

@@ -34,6 +34,9 @@ from diffaccel.search.config import Z_ONE_SIDED_95, Budget
 
 Judge = Callable[[torch.Tensor, Workload], "torch.Tensor | Sequence[float]"]
 JUDGE_SEED_OFFSET = 3000  # judge seeds: apart from calibration (0), correction (1000) and validation (2000) seeds
+MAX_STAGES = 4  # looks at a plan's judged change before the last, where it may be stopped
+STAGE_IMAGES = 100  # images a stage holds at least: fewer give no spread to stop on
+FUTILITY = 0.05  # a plan whose chance to pass falls under this is stopped (``chance_to_pass``)
 
 
 def verdicts(judge: Judge, images: torch.Tensor, workload: Workload) -> torch.Tensor:
@@ -51,28 +54,44 @@ def verdicts(judge: Judge, images: torch.Tensor, workload: Workload) -> torch.Te
 
 
 class JudgedCheck:
-    """The judge's verdicts on a plan's images against the unaccelerated ones, on the judge seeds
-    (the unaccelerated run is made at the first check)."""
+    """The judge's verdicts on a plan's images against the unaccelerated ones, on the judge seeds, in
+    stages of whole copies of the calibration calls (each stage's unaccelerated run is made when a
+    plan first reaches it). After each stage but the last a plan is stopped, and refused, when it
+    could reach the bound only if the images still to judge changed far less than those judged
+    (``chance_to_pass`` under ``FUTILITY``): a PixArt plan 4 points down after a quarter of its 624
+    images costs a quarter of the check. Stopping can only refuse a plan, never keep one: the chance
+    of keeping a plan that loses more than the bound stays that of the full check."""
 
     def __init__(self, calib: CalibrationRun, judge: Judge, least: float, images: int, log: Callable[[str], None]):
         self.calib, self.judge, self.least, self.log = calib, judge, least, log
         repeats = max(1, math.ceil(images / len(calib.reference)))
         self.workload = calib.calibrate.repeated(repeats, JUDGE_SEED_OFFSET,
                                                  f"judge seeds: the calibration calls x {repeats}, other noise")
-        self._reference: torch.Tensor | None = None
+        self.total = repeats * len(calib.reference)  # images judged when a plan runs every stage
+        count = _stage_count(repeats, len(calib.reference))
+        copies = [round(k * repeats / count) for k in range(count + 1)]
+        per_copy = len(calib.calibrate)
+        self.stages = [self.workload.take(range(a * per_copy, b * per_copy)) for a, b in zip(copies, copies[1:])]
+        self._references: list[torch.Tensor | None] = [None] * len(self.stages)
 
     @property
     def reference(self) -> torch.Tensor:
-        """The unaccelerated images' verdicts."""
-        if self._reference is None:
+        """The unaccelerated images' verdicts, every stage's."""
+        return torch.cat([self.reference_of(k) for k in range(len(self.stages))])
+
+    def reference_of(self, stage: int) -> torch.Tensor:
+        """The unaccelerated images' verdicts on stage ``stage`` (run at the first call)."""
+        if self._references[stage] is None:
             started = time.time()
-            images = checked_images(self.workload(self.calib.pipe), "judge")
-            self._reference = verdicts(self.judge, images, self.workload)
-            self.log(f"judge: {len(images)} images on other seeds (the unaccelerated run took "
-                     f"{time.time() - started:.0f} s), {self._reference.mean() * 100:.1f}% judged right; a plan "
-                     f"confirmed on validation must keep that within {-self.least:g} point"
-                     f"{'' if abs(self.least) == 1 else 's'}")
-        return self._reference
+            images = checked_images(self.stages[stage](self.calib.pipe), "judge")
+            self._references[stage] = verdicts(self.judge, images, self.stages[stage])
+            if stage == 0:
+                self.log(f"judge: up to {self.total} images on other seeds, in {len(self.stages)} stage"
+                         f"{'' if len(self.stages) == 1 else 's'} (the first unaccelerated stage took "
+                         f"{time.time() - started:.0f} s, {self._references[0].mean() * 100:.1f}% judged right); a "
+                         f"plan confirmed on validation must keep that within {-self.least:g} point"
+                         f"{'' if abs(self.least) == 1 else 's'}")
+        return self._references[stage]
 
     def seconds(self) -> float:
         """Estimated time of the checks: the unaccelerated run of the judge seeds and a few plans."""
@@ -84,17 +103,43 @@ class JudgedCheck:
         is at least ``least`` points (as the validation's PSNR mean must clear the budget by its error
         bound). The change itself flatters the plan the search keeps: the first to clear it is the
         one whose images happened to flip least (a 40-minute PixArt search kept a plan at -0.6 points
-        on these images that lost 2.8 on 600 others)."""
-        reference = self.reference
-        images = checked_images(run_with_plan(self.calib.pipe, self.workload, plan, self.calib.shape_macs)[0],
-                                "judge")
-        change = paired_change(verdicts(self.judge, images, self.workload), reference)
+        on these images that lost 2.8 on 600 others). ``stopped``: refused before its last stage."""
+        hits, base, stopped = [], [], False
+        for k, stage in enumerate(self.stages):
+            base.append(self.reference_of(k))
+            images = checked_images(run_with_plan(self.calib.pipe, stage, plan, self.calib.shape_macs)[0], "judge")
+            hits.append(verdicts(self.judge, images, stage))
+            change = paired_change(torch.cat(hits), torch.cat(base))
+            judged = sum(len(h) for h in hits)
+            if k + 1 < len(self.stages) and chance_to_pass(change, judged, self.total,
+                                                           self.least) < FUTILITY:
+                stopped = True
+                break
         bound = None if change["se"] is None else change["change"] - Z_ONE_SIDED_95 * change["se"]
-        met = bound is not None and bound * 100 >= self.least - 1e-9
+        met = not stopped and bound is not None and bound * 100 >= self.least - 1e-9
         shown = "none from one image" if bound is None else f"{bound * 100:+.1f}"
-        self.log(f"  {source}: judged {change['change'] * 100:+.1f} points on {len(images)} images (at least "
+        of = f" of {self.total}: stopped, it cannot reach the bound" if stopped else ""
+        self.log(f"  {source}: judged {change['change'] * 100:+.1f} points on {judged} images{of} (at least "
                  f"{shown} with 95% confidence), {change['flips']} changed: {'kept' if met else 'refused'}")
-        return {**change, "bound": bound, "images": len(images), "met": met}
+        return {**change, "bound": bound, "images": judged, "stopped": stopped, "met": met}
+
+
+def _stage_count(copies: int, per_copy: int) -> int:
+    """Stages of whole copies, each of at least ``STAGE_IMAGES`` images, at most ``MAX_STAGES``."""
+    return max(1, min(MAX_STAGES, copies, copies * per_copy // STAGE_IMAGES))
+
+
+def chance_to_pass(change: dict, judged: int, total: int, least: float) -> float:
+    """The chance that the bound on all ``total`` images reaches ``least`` points if the images still
+    to judge change as the ``judged`` ones did, mean and spread (the conditional power under the
+    current trend). Without a spread yet (no image flipped, or all alike) it is 1 or 0 by the change."""
+    se = change["se"]
+    if se is None or se == 0 or judged >= total:
+        return 1.0 if change["change"] * 100 >= least - 1e-9 else 0.0
+    spread, rest = se * math.sqrt(judged), total - judged
+    needed = least / 100 + Z_ONE_SIDED_95 * spread / math.sqrt(total)  # the final change that passes
+    rest_needed = (total * needed - judged * change["change"]) / rest
+    return 0.5 * math.erfc((rest_needed - change["change"]) / (spread / math.sqrt(rest)) / math.sqrt(2))
 
 
 def judged_for(calib: CalibrationRun, budget: Budget, judge: Judge | None, images: int,
