@@ -866,7 +866,7 @@ def test_a_judged_check_stops_a_plan_that_cannot_reach_the_bound_after_its_first
 
 
 def test_the_chance_to_pass_follows_the_changes_judged_so_far():
-    """Conditional power under the current trend: a plan 2.7 points down on 144 of 624 images with 9
+    """Conditional power under the current trend: a plan 2.8 points down on 144 of 624 images with 8
     flips (a PixArt key-step plan) has almost no chance; one at +0.0 keeps a fair one; without a
     spread the change decides alone."""
     def change(flips_down: int, flips_up: int, images: int) -> dict:
