@@ -24,10 +24,13 @@ from diffaccel.search import joint as joint_module
 from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
+from diffaccel.search.model_timesteps import SHIFTS, fit_model_timesteps
 from diffaccel.search.timesteps import FAMILY, fit_timesteps, next_fit_count, power_schedule, resampled
 from diffaccel.search.validation import Validator, plan_getter, validation_seconds
 from diffaccel.solvers import SolverSpec
+from diffaccel.solvers.corrected import Corrected
 from diffaccel.solvers.evodiff import EVODiffScheduler
+from diffaccel.solvers.model_time import ModelTime
 from diffaccel.solvers.schedulers import place_timesteps, solver_scheduler
 from diffaccel.zoo.pipeline import shapes_workload
 from stock_pipelines import build as build_case
@@ -465,6 +468,72 @@ def test_a_solver_plan_refuses_call_arguments_it_would_override_or_the_pipeline_
     assert untouched(pixart.transformer)
 
 
+@pytest.mark.parametrize("name", ["ddim", "unipc", "evodiff"])
+def test_told_timesteps_equal_to_the_solvers_own_reproduce_its_run_and_others_change_it(name):
+    """On diffusers' StableDiffusionPipeline (PNDM, tiny, random): the timesteps the denoiser is told
+    (``model_timesteps``) replace what the pipeline passes it while the solver steps at its own; told
+    timesteps equal to its own reproduce the plain run exactly, with fitted coefficients too (they
+    read the solver's timesteps, not the told ones); other told timesteps change the images."""
+    pipe, kwargs = build_case("sd-pndm")
+    scheduler, unet = pipe.scheduler, pipe.unet
+    spec = SolverSpec(name=name, steps=4, coefficients=tuple((0.01,) * n for n in (2, 3, 4, 4)))
+    built = solver_scheduler(spec, scheduler)
+    built.set_timesteps(4)
+    own = tuple(int(t) for t in built.timesteps)
+    seen = []
+    handle = unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1].reshape(-1)[0])))
+    try:
+        runs = {}
+        for key, told in (("plain", None), ("own", own), ("told", (own[0] - 16, *own[1:-1], own[-1] + 4))):
+            plan = identity_plan(unet).model_copy(update={"solver": spec.model_copy(update={"model_timesteps": told})})
+            seen.clear()
+            with diffaccel.accelerate(pipe, plan) as run:
+                runs[key] = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
+            assert run.stats.steps == 4 and sorted(set(seen), reverse=True) == list(told or own)
+    finally:
+        handle.remove()
+    assert torch.equal(runs["own"], runs["plain"]) and not torch.equal(runs["told"], runs["plain"])
+    assert torch.isfinite(runs["told"]).all() and pipe.scheduler is scheduler and untouched(unet)
+    told = spec.model_copy(update={"model_timesteps": (990, 700, 400, 100)})
+    wrapped = solver_scheduler(told, scheduler)  # outermost: the corrections inside see the solver's timesteps
+    assert isinstance(wrapped, ModelTime) and isinstance(wrapped.inner, Corrected)
+    assert SolverSpec.model_validate_json(told.model_dump_json()) == told and "model timesteps 990/700" in told.label
+
+
+def test_bad_told_timesteps_are_refused_with_what_to_fix(pipes):
+    for bad, message in (({"steps": 3, "model_timesteps": (900, 500)}, "3 distinct decreasing"),
+                         ({"steps": 2, "model_timesteps": (100, 900)}, "decreasing"),
+                         ({"steps": 2, "model_timesteps": (900, 100), "start": 0.5}, "informed start"),
+                         ({"steps": 2, "model_timesteps": [True, False]}, "true/false")):
+        with pytest.raises(ValueError, match=message):
+            SolverSpec(name="ddim", **bad)
+    pipe = pipes[0]
+    with pytest.raises(PlanError, match="reach 5000"):
+        with diffaccel.accelerate(pipe, with_solver(pipe, name="unipc", steps=2, model_timesteps=(5000, 10))):
+            call(pipe)
+    assert untouched(pipe.denoiser)
+
+
+def test_a_told_timestep_fit_moves_each_step_toward_what_scores_best_coarse_to_fine():
+    own, target = (999, 749, 499, 249), (987, 721, 503, 249)
+    spec = SolverSpec(name="unipc", steps=4)
+    runs = []
+
+    def objective(candidate: SolverSpec) -> float:
+        runs.append(candidate.model_timesteps)
+        return -sum(abs(a - b) for a, b in zip(candidate.model_timesteps, target))
+
+    fit = fit_model_timesteps(spec, own, objective, None, 1000)
+    assert runs[0] == own and fit.evaluations == len(runs) <= 1 + 2 * 4 * len(SHIFTS)
+    assert all(abs(a - b) <= 2 for a, b in zip(fit.spec.model_timesteps, target))  # moves of 16, 8, 4: within 2
+    assert fit.quality == objective(fit.spec) > fit.start_quality and fit.spec.timesteps is None
+    assert all(t[0] < 1000 for t in runs)  # never past the noise schedule: 999 + 16 is not tried
+    assert fit_model_timesteps(spec, own, lambda s: 0.0, None, 1000).spec == spec  # nothing gained: the solver's own
+    runs.clear()
+    late = fit_model_timesteps(spec, own, objective, time.time() - 1, 1000)
+    assert runs == [] and late.spec == spec and late.evaluations == 0
+
+
 def test_a_timestep_fit_moves_the_steps_toward_what_scores_best_within_its_cap_and_deadline():
     target = (999, 900, 700, 300)
     spec = SolverSpec(name="unipc", steps=4)
@@ -515,13 +584,17 @@ def test_the_joint_search_fits_timesteps_one_step_fewer_at_a_time_while_the_budg
     assert [spec.steps for spec in found] == [3, 4] and all(spec.name == "unipc" for spec in found)
     assert all(len(spec.timesteps) == spec.steps and spec.timesteps[0] == 999 for spec in found)
     fitted = [c for c in easy.candidates if c.plan.method == "fitted-timesteps"]
-    assert [c.plan.solver for c in fitted] == [s.model_copy(update={"coefficients": None}) for s in found[::-1]]
+    assert [c.plan.solver for c in fitted] == [s.model_copy(update={"coefficients": None, "model_timesteps": None})
+                                               for s in found[::-1]]
     assert sum("timesteps fitted" in line for line in lines) == 2
     corrected = [c for c in easy.candidates if c.plan.method == "fitted-solver"]  # phase 1c: two fits per count
     assert len(corrected) == 4 and all(c.plan.solver.coefficients for c in corrected)
+    told = [c for c in easy.candidates if c.plan.method == "fitted-model-timesteps"]  # phase 1d on each best fit
+    assert sum("its denoiser is told, fitted" in line for line in lines) == 2 and len(told) <= 2
+    assert all(len(c.plan.solver.model_timesteps) == c.plan.solver.steps for c in told)
     for spec in found:  # each count keeps whichever of its fits scored best
-        same = [c for c in fitted + corrected if c.plan.solver.timesteps == spec.timesteps]
-        assert len(same) == 3 and max(same, key=lambda c: c.psnr).plan.solver == spec
+        same = [c for c in fitted + corrected + told if c.plan.solver.timesteps == spec.timesteps]
+        assert len(same) in (3, 4) and max(same, key=lambda c: c.psnr).plan.solver == spec
     hard = JointSearch(calib, parse_budget("psnr>=200"), "macs", None, lambda _: None)
     assert hard.fitted([SolverSpec(name="unipc", steps=5)]) == [] and len(hard.candidates) == 3  # stops at a miss
     assert hard.fitted([SolverSpec(name="ddim", steps=5)]) == []  # DDIM assumes even steps: nothing to fit

@@ -23,7 +23,7 @@ import torch
 from diffaccel.calibration.reference import run_with_plan
 from diffaccel.errors import SearchError
 from diffaccel.plan import Plan
-from diffaccel.solvers.corrected import Corrected, data_prediction
+from diffaccel.solvers.corrected import data_prediction
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec, basis_size
 
@@ -157,7 +157,7 @@ def fit_coefficients(pipe: Any, calibrate: Callable[[Any], Any], spec: SolverSpe
             if deadline is not None and time.time() >= deadline:
                 return None
             fit = _StepFit(reference, rows, k)
-            pipe.scheduler = Corrected(solver_scheduler(plain, own), fitter=fit)
+            pipe.scheduler = solver_scheduler(plain, own, fitter=fit)
             if plan is None:
                 calibrate(pipe)
             else:  # the executor counts steps on the scheduler in place: the fitting one

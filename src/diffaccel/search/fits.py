@@ -1,5 +1,6 @@
 """The joint search's fit phases (``joint.py``): 1b, fitted timesteps; 1c, fitted solver
-coefficients on each timestep fit; 4, refinement of the fit one step below the cheapest that clears.
+coefficients on each timestep fit; 1d, the timesteps its denoiser is told, fitted on the best of
+them; 4, refinement of the fit one step below the cheapest that clears.
 A mixin of ``JointSearch``: the phases share its candidates, calibration run and deadline."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from diffaccel.calibration.reference import CalibrationRun, Scores, identity_pla
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.coefficients import ReferenceTrajectory, coefficient_fits, record_reference
 from diffaccel.search.config import Budget
+from diffaccel.search.model_timesteps import fit_model_timesteps
 from diffaccel.search.timesteps import fit_timesteps, next_fit_count, resampled
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import PLACEABLE, SolverSpec
@@ -20,6 +22,8 @@ FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embed
 AMPLE = 5.0  # dB above the budget at which a fit stops and is cached before the next fit (caching spent 4.3 dB
 # of SD's 15-step fit for 2.1x its MACs, 4.0 dB of PixArt's 12-step fit for 1.7x; at 6 dB PixArt's fit at +5.9 never
 # reached its caching in 40 minutes)
+TOLD_REACH = 2.0  # dB below the budget from which a fit gets its told timesteps fitted (they added 0.4-0.8 dB
+# to the embedded U-Net's 5-step fit)
 RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
 
 
@@ -35,7 +39,7 @@ class FitPhases:
     fit_solver: str | None  # the solver whose timesteps are fitted
     fit_ceiling: int  # ... below the steps of its plain run that cleared
     fits: dict[int, Candidate]  # the best fit per step count
-    _fit_scores: dict[tuple, Scores]  # every fit run's scores, by solver and timesteps
+    _fit_scores: dict[SolverSpec, Scores]  # every fit run's scores, by solver setting
     _reference: ReferenceTrajectory | None  # the reference run's trajectory, recorded for phase 1c
 
     def fitted(self, configs: list[SolverSpec]) -> list[SolverSpec]:
@@ -117,11 +121,8 @@ class FitPhases:
         """``spec`` with fitted timesteps (from its own when it has them: a restart), kept as a
         candidate with the scores of the fit's best run (None when out of time)."""
         own, restart = spec.timesteps, spec.timesteps is not None
-        spec = spec.model_copy(update={"timesteps": None, "coefficients": None})
-        if own is None:
-            scheduler = solver_scheduler(spec, self.calib.scheduler)
-            scheduler.set_timesteps(spec.steps)
-            own = tuple(int(t) for t in scheduler.timesteps)
+        spec = spec.model_copy(update={"timesteps": None, "coefficients": None, "model_timesteps": None})
+        own = own or self._own_timesteps(spec)
         share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
         enough = self.budget.threshold + AMPLE if self.budget.metric == "psnr" else None
         fit = fit_timesteps(spec, own, self._fit_objective, share, warm=resampled(warm, spec.steps) if warm else None,
@@ -130,13 +131,43 @@ class FitPhases:
         ample = f" (the budget cleared by {AMPLE:g} dB: the fit stops)" if enough and fit.quality >= enough else ""
         self.log(f"  {spec.label}: {how} in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
                  f"{fit.quality:.2f}{self.budget.unit()}{ample}")
-        scores = self._fit_scores.get((spec.name, fit.spec.timesteps))
+        scores = self._fit_scores.get(fit.spec)
         if scores is None:
             return None
         plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
         timed = self._keep(plan, scores, fit.spec.label)
         fits = [timed, *self._corrected(fit.spec, every=not self._ample(timed))]
-        return max(fits, key=lambda c: (c.meets(self.budget), c.quality(self.budget)))
+        best = max(fits, key=lambda c: (c.meets(self.budget), c.quality(self.budget)))
+        told = self._told(best) if self._within_reach(best) else None
+        return best if told is None or told.quality(self.budget) <= best.quality(self.budget) else told
+
+    def _within_reach(self, c: Candidate) -> bool:
+        """Whether phase 1d may pay on the fit ``c``: under a PSNR budget, ``c`` within ``TOLD_REACH`` dB
+        below it (what told timesteps may add) and not clearing it by ``AMPLE`` (caching spends that)."""
+        threshold = self.budget.threshold
+        return self.budget.metric == "psnr" and threshold - TOLD_REACH <= c.psnr < threshold + AMPLE
+
+    def _own_timesteps(self, spec: SolverSpec) -> tuple[int, ...]:
+        scheduler = solver_scheduler(spec.model_copy(update={"model_timesteps": None}), self.calib.scheduler)
+        scheduler.set_timesteps(spec.steps)
+        return tuple(int(t) for t in scheduler.timesteps)
+
+    def _told(self, c: Candidate) -> Candidate | None:
+        """Phase 1d: ``c``'s solver with the timesteps its denoiser is told fitted (``model_timesteps.py``),
+        within a third of the time left, kept as a candidate (None when nothing moved or time ran out)."""
+        spec = c.plan.solver
+        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
+        fit = fit_model_timesteps(spec, spec.timesteps or self._own_timesteps(spec), self._fit_objective, share,
+                                  len(self.calib.scheduler.alphas_cumprod))
+        if not fit.evaluations:
+            return None
+        self.log(f"  {spec.label}: the timesteps its denoiser is told, fitted in {fit.evaluations} runs, "
+                 f"{fit.start_quality:.2f} -> {fit.quality:.2f}{self.budget.unit()}")
+        scores = self._fit_scores.get(fit.spec)
+        if fit.spec == spec or scores is None:
+            return None
+        return self._keep(c.plan.model_copy(update={"solver": fit.spec, "method": "fitted-model-timesteps"}), scores,
+                          fit.spec.label)
 
     def _corrected(self, spec: SolverSpec, every: bool = True) -> list[Candidate]:
         """Phase 1c: ``spec`` with its coefficients fitted to the reference trajectory (the last
@@ -160,11 +191,10 @@ class FitPhases:
     def _fit_objective(self, spec: SolverSpec) -> float:
         """What a timestep fit maximizes: the budget's quality, less three times any shortfall of the
         tail bound; a setting that fails scores nothing."""
-        key = (spec.name, spec.timesteps)
-        s = self._fit_scores.get(key) or self._scores(identity_plan(self.calib.model).model_copy(
+        s = self._fit_scores.get(spec) or self._scores(identity_plan(self.calib.model).model_copy(
             update={"solver": spec}), None)
         if s is None:
             return -math.inf
-        self._fit_scores[key] = s  # a restart begins at its best timesteps: scored already
+        self._fit_scores[spec] = s  # a restart begins at its best timesteps: scored already
         quality = s.psnr if self.budget.metric == "psnr" else s.ssim
         return quality - 3 * max(0.0, (self.budget.tail or -math.inf) - s.psnr_p5)

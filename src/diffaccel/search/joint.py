@@ -116,7 +116,7 @@ class JointSearch(FitPhases, GuidancePhase):
         self.fit_solver: str | None = None  # phases 1b and 4: the solver whose timesteps are fitted
         self.fit_ceiling = 0  # ... below the steps of its plain run that cleared
         self.fits: dict[int, Candidate] = {}  # the best fit per step count
-        self._fit_scores: dict[tuple, Scores] = {}  # every fit run's scores, by solver and timesteps
+        self._fit_scores: dict[SolverSpec, Scores] = {}  # every fit run's scores, by solver setting
         self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
         self._cached: list[SolverSpec | None] = []  # the settings phase 2 has run for
         self._guided: set[int | None] = set()  # the candidates phase 2b has tried

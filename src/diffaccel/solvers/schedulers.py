@@ -17,8 +17,9 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from diffaccel.errors import PlanError
-from diffaccel.solvers.corrected import Corrected, data_prediction, show_inner_step
+from diffaccel.solvers.corrected import Corrected, Fitter, data_prediction, show_inner_step
 from diffaccel.solvers.evodiff import EVODiffScheduler
+from diffaccel.solvers.model_time import ModelTime
 from diffaccel.solvers.spec import SolverSpec
 
 CLASSES: dict[str, tuple[type, dict]] = {
@@ -32,12 +33,15 @@ CLASSES: dict[str, tuple[type, dict]] = {
 }
 
 
-def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, size_multiple: int = 1) -> Any:
+def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, size_multiple: int = 1,
+                     fitter: Fitter | None = None) -> Any:
     """A scheduler running ``spec`` on ``base``'s noise schedule: its ``set_timesteps`` always sets
     ``spec.steps`` steps (whatever the pipeline asks for; with ``exact_steps``, for a pipeline that
     also uses its step count itself, another count is refused); with ``spec.start`` < 1 it is wrapped
-    in an ``InformedStart``, with ``spec.coefficients`` in a ``Corrected``, with ``spec.bottleneck`` in
-    a ``Bottleneck`` (whose reduced latent sizes must be multiples of ``size_multiple``)."""
+    in an ``InformedStart``, with ``spec.coefficients`` (or a coefficient ``fitter``) in a ``Corrected``,
+    with ``spec.bottleneck`` in a ``Bottleneck`` (whose reduced latent sizes must be multiples of
+    ``size_multiple``), and last, with ``spec.model_timesteps``, in a ``ModelTime``: the corrections
+    read the solver's own timesteps."""
     config = dict(base.config)
     flow = config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
     if flow or ("beta_schedule" not in config and "trained_betas" not in config):
@@ -58,8 +62,9 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
         raise PlanError(f"the solver's {spec.steps} steps" + (f" from {spec.start:g}" if spec.start < 1 else "")
                         + f" make a {planned}-step schedule, more than half of this noise schedule's {timesteps} "
                         "timesteps: run fewer steps" + (" or start later" if spec.start < 1 else ""))
-    if spec.timesteps is not None:
-        _check_range(spec.timesteps, timesteps)
+    for given in (spec.timesteps, spec.model_timesteps):
+        if given is not None:
+            _check_range(given, timesteps)
     _check_schedule(spec, scheduler)
     if exact_steps and (spec.start < 1 or spec.bottleneck is not None):
         raise PlanError("an informed start or a bottleneck runs the trajectory from pure noise; this pipeline starts "
@@ -78,7 +83,9 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
             place_timesteps(scheduler, spec.timesteps)
 
     scheduler.set_timesteps = set_planned_timesteps
-    return Corrected(scheduler, spec.coefficients) if spec.coefficients is not None else scheduler
+    if spec.coefficients is not None or fitter is not None:
+        scheduler = Corrected(scheduler, spec.coefficients, fitter)
+    return ModelTime(scheduler, spec.model_timesteps) if spec.model_timesteps is not None else scheduler
 
 
 def added_noise(scheduler: Any, calls: list[dict]) -> str | None:

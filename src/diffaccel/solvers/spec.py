@@ -41,11 +41,14 @@ class SolverSpec(BaseModel):
     scale: int = Field(2, ge=2, le=4, description="bottleneck sampling: the reduced resolution is 1/scale")
     timesteps: tuple[int, ...] | None = Field(
         None, description="explicit timesteps, one per step, decreasing (a fitted schedule; default: the spacing's)")
+    model_timesteps: tuple[int, ...] | None = Field(
+        None, description="the timestep the denoiser is told at each step, one per step, decreasing (a fitted "
+                          "shift off the solver's own, which it still steps at: solvers/model_time.py)")
     coefficients: tuple[tuple[float, ...], ...] | None = Field(
         None, description="fitted corrections, one row per step: the weights of its input sample and of the "
                           "newest data predictions added to the solver's step (solvers/corrected.py)")
 
-    @field_validator("steps", "start", "scale", "bottleneck", "timesteps", mode="before")
+    @field_validator("steps", "start", "scale", "bottleneck", "timesteps", "model_timesteps", mode="before")
     @classmethod
     def _no_true_false(cls, value: object) -> object:
         """JSON's true/false would pass as 1/0 (a bottleneck stage of ``true`` steps, ``start: true``)."""
@@ -79,6 +82,14 @@ class SolverSpec(BaseModel):
                                  f"{', '.join(PLACEABLE)} (not {self.name}, a spacing, a start or a bottleneck)")
         if self.coefficients is not None:
             self._check_coefficients()
+        if self.model_timesteps is not None:
+            told = self.model_timesteps
+            if len(told) != self.steps or any(a <= b for a, b in zip(told, told[1:])) or told[-1] < 0:
+                raise ValueError(f"model_timesteps must be {self.steps} distinct decreasing values >= 0, one per "
+                                 f"step; got {list(told)}")
+            if self.start < 1 or self.bottleneck:
+                raise ValueError("model_timesteps tell the denoiser one timestep per step of a run from the first "
+                                 "step (not with an informed start or a bottleneck)")
         return self
 
     def _check_coefficients(self) -> None:
@@ -116,4 +127,6 @@ class SolverSpec(BaseModel):
             text += f" bottleneck {'/'.join(map(str, self.bottleneck))} at 1/{self.scale}"
         if self.coefficients:
             text += " + fitted coefficients"
+        if self.model_timesteps:
+            text += " + model timesteps " + "/".join(map(str, self.model_timesteps))
         return text
