@@ -20,7 +20,10 @@ need no profile run and are the plans a short search must not miss):
    (caching spends the headroom; on a slow pipeline the descent may take the rest);
 1c. **fitted coefficients**: each timestep fit also with its steps' coefficients fitted to the
    reference trajectory (``coefficients.py``: one calibration run per step), kept where it scores
-   better (phases 1b, 1c and 4 live in ``fits.py``);
+   better;
+1d. **told timesteps**: the best fit of a step count, when within ``TOLD_REACH`` dB under a PSNR
+   budget, with the timesteps its denoiser is told fitted (``model_timesteps.py``; phases 1b-1d and
+   4 live in ``fits.py``);
 2. **caching**: for the pipeline's own sampler (profiled already by the reference run, so free:
    key steps at its full step count are often the best plan when fewer-step samplers leave no
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
