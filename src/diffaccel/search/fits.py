@@ -29,7 +29,8 @@ RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it ag
 
 class FitPhases:
     """Phases 1b, 1c and 4 of ``JointSearch``, which provides what is declared here and the scoring
-    (``score``, ``_keep``, ``_scores``, ``late``), caching (``cached``) and guidance (``guided``) they call."""
+    (``score``, ``_keep``, ``_scores``, ``late``), caching (``cached``) and guidance (``guided``,
+    ``_refitted``) they call."""
 
     calib: CalibrationRun
     budget: Budget
@@ -137,9 +138,13 @@ class FitPhases:
         plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
         timed = self._keep(plan, scores, fit.spec.label)
         fits = [timed, *self._corrected(fit.spec, every=not self._ample(timed))]
-        best = max(fits, key=lambda c: (c.meets(self.budget), c.quality(self.budget)))
-        told = self._told(best) if self._within_reach(best) else None
-        return best if told is None or told.quality(self.budget) <= best.quality(self.budget) else told
+        best = max(fits, key=self._rank)
+        if self._within_reach(best):
+            fits += self._told(best)
+        return max(fits, key=self._rank)
+
+    def _rank(self, c: Candidate) -> tuple[bool, float]:
+        return c.meets(self.budget), c.quality(self.budget)
 
     def _within_reach(self, c: Candidate) -> bool:
         """Whether phase 1d may pay on the fit ``c``: under a PSNR budget, ``c`` within ``TOLD_REACH`` dB
@@ -152,22 +157,27 @@ class FitPhases:
         scheduler.set_timesteps(spec.steps)
         return tuple(int(t) for t in scheduler.timesteps)
 
-    def _told(self, c: Candidate) -> Candidate | None:
+    def _told(self, c: Candidate) -> list[Candidate]:
         """Phase 1d: ``c``'s solver with the timesteps its denoiser is told fitted (``model_timesteps.py``),
-        within a third of the time left, kept as a candidate (None when nothing moved or time ran out)."""
+        within a third of the time left, then its coefficients (if it has them) fitted again under
+        them; each kept as a candidate (none when nothing moved or time ran out)."""
         spec = c.plan.solver
         share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
         fit = fit_model_timesteps(spec, spec.timesteps or self._own_timesteps(spec), self._fit_objective, share,
                                   len(self.calib.scheduler.alphas_cumprod))
         if not fit.evaluations:
-            return None
+            return []
         self.log(f"  {spec.label}: the timesteps its denoiser is told, fitted in {fit.evaluations} runs, "
                  f"{fit.start_quality:.2f} -> {fit.quality:.2f}{self.budget.unit()}")
         scores = self._fit_scores.get(fit.spec)
         if fit.spec == spec or scores is None:
-            return None
-        return self._keep(c.plan.model_copy(update={"solver": fit.spec, "method": "fitted-model-timesteps"}), scores,
-                          fit.spec.label)
+            return []
+        plan = c.plan.model_copy(update={"solver": fit.spec, "method": "fitted-model-timesteps"})
+        found = [self._keep(plan, scores, fit.spec.label)]
+        refit = self._refitted(plan)
+        if refit is not plan:
+            found += [x for x in [self.score(refit, f"{fit.spec.label} (coefficients refitted)")] if x is not None]
+        return found
 
     def _corrected(self, spec: SolverSpec, every: bool = True) -> list[Candidate]:
         """Phase 1c: ``spec`` with its coefficients fitted to the reference trajectory (the last
