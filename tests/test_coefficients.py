@@ -46,6 +46,24 @@ def test_zero_coefficients_reproduce_the_solver_exactly_and_others_change_it(pip
     assert pipe.scheduler is scheduler and untouched(pipe.denoiser)
 
 
+@pytest.mark.parametrize("name", ["unipc", "evodiff"])
+def test_zero_coefficients_and_the_solvers_own_told_timesteps_keep_its_explicit_timesteps(pipes, name):
+    """The wrappers (``Corrected``, ``ModelTime``) sit over a scheduler whose timesteps the plan
+    places: with all-zero coefficients, and with the solver's timesteps told, a run at explicit
+    timesteps is the run at those timesteps, not at the spacing's (a wrapper once took the placement)."""
+    pipe = pipes[0]
+    placed = (999, 850, 500, 200)
+    with diffaccel.accelerate(pipe, with_solver(pipe, name=name, steps=4)):
+        spaced = call(pipe)
+    with diffaccel.accelerate(pipe, with_solver(pipe, name=name, steps=4, timesteps=placed)):
+        plain = call(pipe)
+    assert not torch.equal(plain, spaced)
+    for extra in ({"coefficients": rows(4)}, {"model_timesteps": placed},
+                  {"coefficients": rows(4), "model_timesteps": placed}):
+        with diffaccel.accelerate(pipe, with_solver(pipe, name=name, steps=4, timesteps=placed, **extra)):
+            assert torch.equal(call(pipe), plain), extra
+
+
 def test_bad_coefficients_are_refused_with_what_to_fix():
     with pytest.raises(ValueError, match="one row per step"):
         SolverSpec(name="unipc", steps=3, coefficients=rows(2))

@@ -83,9 +83,9 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
             place_timesteps(scheduler, spec.timesteps)
 
     scheduler.set_timesteps = set_planned_timesteps
-    if spec.coefficients is not None or fitter is not None:
-        scheduler = Corrected(scheduler, spec.coefficients, fitter)
-    return ModelTime(scheduler, spec.model_timesteps) if spec.model_timesteps is not None else scheduler
+    wrapped = Corrected(scheduler, spec.coefficients, fitter) if spec.coefficients is not None or fitter is not None \
+        else scheduler
+    return ModelTime(wrapped, spec.model_timesteps) if spec.model_timesteps is not None else wrapped
 
 
 def added_noise(scheduler: Any, calls: list[dict]) -> str | None:
