@@ -24,6 +24,8 @@ AMPLE = 5.0  # dB above the budget at which a fit stops and is cached before the
 # reached its caching in 40 minutes)
 TOLD_REACH = 2.0  # dB below the budget from which a fit gets its told timesteps fitted (they added 0.4-0.8 dB
 # to the embedded U-Net's 5-step fit)
+TOLD_SHARE = 1 / 6  # of the time left for a told-timestep fit: it gained 0-0.3 dB (U-Net, DiT) where the timestep
+# fits before it gain several, and on a slow pipeline the fits at fewer steps need the time
 RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
 
 
@@ -159,10 +161,10 @@ class FitPhases:
 
     def _told(self, c: Candidate) -> list[Candidate]:
         """Phase 1d: ``c``'s solver with the timesteps its denoiser is told fitted (``model_timesteps.py``),
-        within a third of the time left, then its coefficients (if it has them) fitted again under
-        them; each kept as a candidate (none when nothing moved or time ran out)."""
+        within ``TOLD_SHARE`` of the time left, then its coefficients (if it has them) fitted again
+        under them; each kept as a candidate (none when nothing moved or time ran out)."""
         spec = c.plan.solver
-        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
+        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) * TOLD_SHARE
         fit = fit_model_timesteps(spec, spec.timesteps or self._own_timesteps(spec), self._fit_objective, share,
                                   len(self.calib.scheduler.alphas_cumprod))
         if not fit.evaluations:
