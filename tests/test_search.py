@@ -849,10 +849,15 @@ def test_a_judged_check_stops_a_plan_that_cannot_reach_the_bound_after_its_first
     monkeypatch.setattr(judged_module, "STAGE_IMAGES", 1)  # the tiny pipeline draws a few images a copy
     pipe, kwargs = build_case("sd-pndm")
     calib = CalibrationRun(pipe, as_workload([kwargs]))
+    rough = methods.fora(pipe, calib.num_steps, interval=2)
+    few = JudgedCheck(calib, _ExactJudge(), -1, 5 * len(calib.reference), quiet)
+    assert len(calib.reference) < judged_module.MIN_FLIPS  # the first stage's few flips are too few to stop on
+    assert few.check(rough, "rough")["images"] > len(few.stages[0].run(pipe))
+    monkeypatch.setattr(judged_module, "MIN_FLIPS", 1)
     judge, lines = _ExactJudge(), []
     checked = JudgedCheck(calib, judge, -1, 5 * len(calib.reference), lines.append)
     assert len(checked.stages) == 4 and checked.total == 5 * len(calib.reference)
-    lost = checked.check(methods.fora(pipe, calib.num_steps, interval=2), "rough")
+    lost = checked.check(rough, "rough")
     assert lost["stopped"] and not lost["met"] and lost["change"] == -1.0
     assert lost["images"] == len(checked.stages[0].run(pipe)) < checked.total
     assert checked._references[1:] == [None] * 3  # the later stages' unaccelerated runs were not made

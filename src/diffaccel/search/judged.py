@@ -37,6 +37,8 @@ JUDGE_SEED_OFFSET = 3000  # judge seeds: apart from calibration (0), correction 
 MAX_STAGES = 4  # looks at a plan's judged change before the last, where it may be stopped
 STAGE_IMAGES = 100  # images a stage holds at least: fewer give no spread to stop on
 FUTILITY = 0.05  # a plan whose chance to pass falls under this is stopped (``chance_to_pass``)
+MIN_FLIPS = 5  # changed verdicts before a plan may be stopped: on fewer the spread is too rough to project (2 lost
+# of 144 reads as a 0.2% chance, for a plan that ends at -0.3 points, bound -0.7, if no other image flips)
 
 
 def verdicts(judge: Judge, images: torch.Tensor, workload: Workload) -> torch.Tensor:
@@ -58,9 +60,10 @@ class JudgedCheck:
     stages of whole copies of the calibration calls (each stage's unaccelerated run is made when a
     plan first reaches it). After each stage but the last a plan is stopped, and refused, when it
     could reach the bound only if the images still to judge changed far less than those judged
-    (``chance_to_pass`` under ``FUTILITY``): a PixArt plan 4 points down after a quarter of its 624
-    images costs a quarter of the check. Stopping can only refuse a plan, never keep one: the chance
-    of keeping a plan that loses more than the bound stays that of the full check."""
+    (``chance_to_pass`` under ``FUTILITY``, once ``MIN_FLIPS`` verdicts changed): a PixArt plan 4
+    points down after a quarter of its 624 images costs a quarter of the check. Stopping can only
+    refuse a plan, never keep one: the chance of keeping a plan that loses more than the bound stays
+    that of the full check."""
 
     def __init__(self, calib: CalibrationRun, judge: Judge, least: float, images: int, log: Callable[[str], None]):
         self.calib, self.judge, self.least, self.log = calib, judge, least, log
@@ -111,8 +114,8 @@ class JudgedCheck:
             hits.append(verdicts(self.judge, images, stage))
             change = paired_change(torch.cat(hits), torch.cat(base))
             judged = sum(len(h) for h in hits)
-            if k + 1 < len(self.stages) and chance_to_pass(change, judged, self.total,
-                                                           self.least) < FUTILITY:
+            if k + 1 < len(self.stages) and change["flips"] >= MIN_FLIPS and \
+                    chance_to_pass(change, judged, self.total, self.least) < FUTILITY:
                 stopped = True
                 break
         bound = None if change["se"] is None else change["change"] - Z_ONE_SIDED_95 * change["se"]
