@@ -6,7 +6,8 @@ time-shift samplers and timestep tuners correct). Telling the model a nearby tim
 matches the sample, while the solver keeps its own, gave a fitted 5-step sampler on the embedded
 U-Net +0.4 to +0.8 dB (``benchmarks/model_time_probe.py``). The wrapper shows the pipeline the told
 timesteps (what it passes to the denoiser) and maps each back to the solver's own when the pipeline
-steps, by position, so the solver, its step counting and any fitted coefficients see their own."""
+steps (the told value's position among the told ones), so the solver, its step counting and any
+fitted coefficients see their own."""
 
 from __future__ import annotations
 
