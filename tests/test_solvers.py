@@ -592,17 +592,23 @@ def test_the_joint_search_fits_timesteps_one_step_fewer_at_a_time_while_the_budg
     assert sum("timesteps fitted" in line for line in lines) == 2
     corrected = [c for c in easy.candidates if c.plan.method == "fitted-solver"]  # phase 1c: two fits per count
     assert len(corrected) == 4 and all(c.plan.solver.coefficients for c in corrected)
-    told = [c for c in easy.candidates if c.plan.method == "fitted-model-timesteps"]  # phase 1d on each best fit
-    assert sum("its denoiser is told, fitted" in line for line in lines) == 2 and len(told) <= 4  # + refitted
-    assert all(len(c.plan.solver.model_timesteps) == c.plan.solver.steps for c in told)
-    refitted = [c for c in told if c.source.endswith("(coefficients refitted)")]
-    assert all(c.plan.solver.coefficients for c in refitted)
+    told = [c for c in easy.candidates if c.plan.method == "fitted-model-timesteps"]
+    assert told == [] and not any("its denoiser is told" in line for line in lines)  # both clear: told later
     for spec in found:  # each count keeps whichever of its fits scored best
-        same = [c for c in fitted + corrected + told if c.plan.solver.timesteps == spec.timesteps]
-        assert 3 <= len(same) <= 5 and max(same, key=lambda c: c.psnr).plan.solver == spec
+        same = [c for c in fitted + corrected if c.plan.solver.timesteps == spec.timesteps]
+        assert len(same) == 3 and max(same, key=lambda c: c.psnr).plan.solver == spec
+    easy.refine()  # nothing below 3 steps to fit: the time left goes to the cheapest clearing fit's told timesteps
+    told = [c for c in easy.candidates if c.plan.method == "fitted-model-timesteps"]
+    assert sum("its denoiser is told, fitted" in line for line in lines) == 1 and len(told) <= 2  # + refitted
+    assert all(c.plan.solver.steps == 3 == len(c.plan.solver.model_timesteps) for c in told)
+    assert all(c.plan.solver.coefficients for c in told if c.source.endswith("(coefficients refitted)"))
     hard = JointSearch(calib, parse_budget("psnr>=200"), "macs", None, lambda _: None)
     assert hard.fitted([SolverSpec(name="unipc", steps=5)]) == [] and len(hard.candidates) == 3  # stops at a miss
     assert hard.fitted([SolverSpec(name="ddim", steps=5)]) == []  # DDIM assumes even steps: nothing to fit
+    monkeypatch.setattr("diffaccel.search.fits.TOLD_REACH", 1000.0)  # a miss within reach: told at once
+    near = JointSearch(calib, parse_budget("psnr>=200"), "macs", None, lines.append)
+    assert near.fitted([SolverSpec(name="unipc", steps=5)]) == []
+    assert sum("its denoiser is told, fitted" in line for line in lines) == 2
 
 
 def test_timestep_fits_start_near_the_budget_and_go_down_while_they_clear_it_else_up(pipes, monkeypatch):

@@ -22,10 +22,13 @@ FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embed
 AMPLE = 5.0  # dB above the budget at which a fit stops and is cached before the next fit (caching spent 4.3 dB
 # of SD's 15-step fit for 2.1x its MACs, 4.0 dB of PixArt's 12-step fit for 1.7x; at 6 dB PixArt's fit at +5.9 never
 # reached its caching in 40 minutes)
-TOLD_REACH = 2.0  # dB below the budget from which a fit gets its told timesteps fitted (they added 0.4-0.8 dB
-# to the embedded U-Net's 5-step fit)
+TOLD_REACH = 2.0  # dB below the budget from which a fit that misses gets its told timesteps fitted at once (they
+# may move it over; they added 0.3-0.5 dB to fits of the embedded U-Net and SD)
 TOLD_SHARE = 1 / 6  # of the time left for a told-timestep fit: it gained 0-0.3 dB (U-Net, DiT) where the timestep
 # fits before it gain several, and on a slow pipeline the fits at fewer steps need the time
+TOLD_LEFTOVER = 1 / 2  # ... of the time phase 4 leaves, for the cheapest clearing fit's told timesteps (its
+# margin, not its step count: they wait until nothing else may pay; on SD's tail-bounded 40-minute search the told
+# fits of clearing fits took 7 minutes and the validation ran out of time before the plans they delayed)
 RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
 
 
@@ -102,23 +105,33 @@ class FitPhases:
         its fit restarted from its best timesteps with a fresh simplex while that gains
         ``RESTART_GAIN`` dB (a fit cut short by its time share, as on a slow pipeline, goes on; one
         that had converged stops after one restart), or a new fit one step further down once it
-        clears; each new clearing fit gets its caching phase."""
-        while self.fit_solver is not None and not self.late():
-            steps = self._next_fit()
-            if steps is None and self.fits:  # the count just below the cheapest clear missed: restart it
-                met = self._cheapest_fit()
-                steps = max((n for n in self.fits if met is None or n < met), default=None)
-            if steps is None:
-                return
-            before = self.fits.get(steps)
-            spec = before.plan.solver if before else SolverSpec(name=self.fit_solver, steps=steps)
-            c = self._fit(spec, None if before else self._warm())
-            if c is None or (before is not None and c.psnr < before.psnr + RESTART_GAIN):
-                return
-            self.fits[steps] = c
-            if c.meets(self.budget):
-                self.cached(c.plan.solver)
-                self.guided()
+        clears; each new clearing fit gets its caching phase. What time is left then goes to the
+        told timesteps of the cheapest fit that cleared (``_told``)."""
+        while self.fit_solver is not None and not self.late() and self._refined():
+            pass
+        met = self.fits.get(self._cheapest_fit())
+        if met is not None and not self.late() and self._within_reach(met) \
+                and met.plan.solver.model_timesteps is None:
+            self._told(met, part=TOLD_LEFTOVER)
+
+    def _refined(self) -> bool:
+        """One step of phase 4; False when it has nothing more to gain."""
+        steps = self._next_fit()
+        if steps is None and self.fits:  # the count just below the cheapest clear missed: restart it
+            met = self._cheapest_fit()
+            steps = max((n for n in self.fits if met is None or n < met), default=None)
+        if steps is None:
+            return False
+        before = self.fits.get(steps)
+        spec = before.plan.solver if before else SolverSpec(name=self.fit_solver, steps=steps)
+        c = self._fit(spec, None if before else self._warm())
+        if c is None or (before is not None and c.psnr < before.psnr + RESTART_GAIN):
+            return False
+        self.fits[steps] = c
+        if c.meets(self.budget):
+            self.cached(c.plan.solver)
+            self.guided()
+        return True
 
     def _fit(self, spec: SolverSpec, warm: tuple[int, ...] | None) -> Candidate | None:
         """``spec`` with fitted timesteps (from its own when it has them: a restart), kept as a
@@ -141,7 +154,7 @@ class FitPhases:
         timed = self._keep(plan, scores, fit.spec.label)
         fits = [timed, *self._corrected(fit.spec, every=not self._ample(timed))]
         best = max(fits, key=self._rank)
-        if self._within_reach(best):
+        if self._within_reach(best) and not best.meets(self.budget):  # may move the step count: told now
             fits += self._told(best)
         return max(fits, key=self._rank)
 
@@ -159,12 +172,12 @@ class FitPhases:
         scheduler.set_timesteps(spec.steps)
         return tuple(int(t) for t in scheduler.timesteps)
 
-    def _told(self, c: Candidate) -> list[Candidate]:
+    def _told(self, c: Candidate, part: float = TOLD_SHARE) -> list[Candidate]:
         """Phase 1d: ``c``'s solver with the timesteps its denoiser is told fitted (``model_timesteps.py``),
-        within ``TOLD_SHARE`` of the time left, then its coefficients (if it has them) fitted again
+        within ``part`` of the time left, then its coefficients (if it has them) fitted again
         under them; each kept as a candidate (none when nothing moved or time ran out)."""
         spec = c.plan.solver
-        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) * TOLD_SHARE
+        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) * part
         fit = fit_model_timesteps(spec, spec.timesteps or self._own_timesteps(spec), self._fit_objective, share,
                                   len(self.calib.scheduler.alphas_cumprod))
         if not fit.evaluations:
