@@ -180,6 +180,22 @@ def test_the_joint_search_predicts_guidance_from_the_last_step_back_while_the_bu
     assert len([c for c in joint.candidates if "guidance predicted" in c.source]) == len(guided)
 
 
+def test_a_predicted_step_saves_half_a_step_of_macs_and_what_the_half_batch_saves_in_time(monkeypatch):
+    dit, _ = make_pipes()
+    calib = CalibrationRun(dit, shapes_workload([0, 1], 6, per_class=1))
+    forwards = []
+    monkeypatch.setattr(calib, "_forward_seconds", lambda args, kwargs, context=None: forwards.append(
+        args[0].shape[0] if args else kwargs["hidden_states"].shape[0]) or 0.01 * (2 + forwards[-1]))
+    plan = guided_plan(dit.denoiser, {4: [1.0, 0, 0, 0, 0], 5: [1.0, 0, 0, 0, 0]})
+    macs, latency = calib.fractions(plan)
+    assert calib.half_batch_cost() == pytest.approx(4 / 6)  # a batch of 2: 0.04 s against 0.06 for 4
+    assert sorted(set(forwards)) == [2, 4] and len(forwards) == 6  # measured once, interleaved
+    assert macs == pytest.approx(1 - 2 * 0.5 / 6) and latency == pytest.approx(1 - 2 * (2 / 6) / 6)
+    assert calib.fractions(identity_plan(dit.denoiser)) == (1.0, pytest.approx(1.0)) and len(forwards) == 6
+    unguided = CalibrationRun(dit, shapes_workload([0, 1], 6, guidance=1.0, per_class=1))
+    assert unguided.half_batch_cost() == 0.5  # an odd or unguided batch: nothing to time
+
+
 def test_the_guidance_phase_tries_the_best_of_equally_cheap_plans_first(monkeypatch):
     """A sampler's fits cost the same: the prediction spends headroom, so the best ones are tried."""
     dit, _ = make_pipes()

@@ -8,7 +8,8 @@ gives, at once:
 * per-sample MACs of the model and of each unit (the executor measures them on its first forward);
 * per-forward wall time of the model and of each unit (timed with forward hooks), the basis of
   the latency estimate: a plan's latency fraction is computed like its MAC fraction, from unit
-  seconds instead of unit MACs (a linear model that ignores the small cost of a cache read);
+  seconds instead of unit MACs (a linear model that ignores the small cost of a cache read), and a
+  step with its guidance branch predicted saving what the half batch is measured to save;
 * the dissimilarity profile for DP and greedy: each unit's output at every step (a fixed strided
   subsample of at most ``PROFILE_ELEMENTS`` values per forward) and from it
   ``d[u, j, i] = |o_i - o_j|_1 / |o_i|_1``, the relative L1 change of unit ``u`` from step j to i.
@@ -16,6 +17,7 @@ gives, at once:
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections import defaultdict
@@ -36,6 +38,7 @@ from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import CalibrationInfo, Plan
 from diffaccel.runtime.cache import tree_leaves
 from diffaccel.runtime.executor import Executor
+from diffaccel.runtime.features.guidance import halved
 from diffaccel.runtime.fitted import scheduler_settings
 from diffaccel.solvers.spec import SolverSpec
 
@@ -140,6 +143,7 @@ class CalibrationRun:
             raise CalibrationError("the calibration workload never ran the pipeline's denoiser")
         self.num_steps = executor.stats.steps
         self.first_forward = first[0]  # the denoiser's inputs at the first step (``forward_speed``)
+        self._half_cost: float | None = None
         self.shape_macs = dict(executor.unit_macs)
         self.unit_macs = next(iter(self.shape_macs.values()))
         forwards = max(1, timed["forwards"])
@@ -238,13 +242,14 @@ class CalibrationRun:
     def fractions(self, plan: Plan) -> tuple[float, float]:
         """MAC and latency fractions of the reference run: a plan with fewer (or more) denoiser
         evaluations (its solver section) costs that many steps' worth, a step with its guidance
-        branch predicted half of one."""
+        branch predicted half of one in MACs and ``half_batch_cost`` of one in time."""
         steps = plan.solver.evaluations if plan.solver is not None else self.num_steps
         if plan.schedule is None and plan.rule is not None:
             return 1.0, 1.0  # decided at run time: unknown here
         saved = predicted_steps_saved(plan)
-        return tuple((plan_mac_fraction(plan, table) * steps - saved) / self.num_steps
-                     for table in (self.unit_macs, self.unit_seconds))
+        half = self.half_batch_cost() if saved else 0.5
+        return tuple((plan_mac_fraction(plan, table) * steps - saved * cost) / self.num_steps
+                     for table, cost in ((self.unit_macs, 1.0), (self.unit_seconds, 2 * (1 - half))))
 
     def score(self, plan: Plan) -> Scores:
         start = time.perf_counter()
@@ -265,23 +270,47 @@ class CalibrationRun:
         interleaved, the fastest of ``repeats`` each. A look that costs a few forwards, before whole
         runs are timed (where the arithmetic is emulated, a whole run of it can take ten times as long)."""
         args, kwargs = self.first_forward
+        return self._fastest_ratio(lambda: self._forward_seconds(args, kwargs),
+                                   lambda: self._forward_seconds(args, kwargs, lowered()), repeats)
+
+    def half_batch_cost(self, repeats: int = 3) -> float:
+        """Seconds of a denoiser forward on half the first step's batch (what a step with its guidance
+        branch predicted runs) over those of the whole batch: measured once, interleaved, the fastest
+        of ``repeats`` each. A small batch costs more than half (on the embedded PixArt on 1 CPU thread,
+        2 images in 15 ms, 1 in 9-10): the latency model counts what a predicted step saves in time."""
+        if self._half_cost is None:
+            args, kwargs = self.first_forward
+            sample = inspect.signature(self.model.forward).bind(*args, **kwargs).arguments.get(
+                adapter_for(self.model).sample_arg)
+            batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
+            if batch % 2 or not torch.equal(*sample.chunk(2)):
+                self._half_cost = 0.5  # not a guidance batch (halves alike): nothing to time, the MAC model's half
+            else:
+                keep = slice(0, batch // 2)
+                half_args, half_kwargs = halved(args, batch, keep), halved(kwargs, batch, keep)
+                self._half_cost = self._fastest_ratio(lambda: self._forward_seconds(half_args, half_kwargs),
+                                                      lambda: self._forward_seconds(args, kwargs), repeats)
+        return self._half_cost
+
+    def _forward_seconds(self, args: tuple, kwargs: dict, context: AbstractContextManager | None = None) -> float:
         device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), context or nullcontext():
+            self.model(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
-        def seconds(lower: bool) -> float:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            with torch.no_grad(), lowered() if lower else nullcontext():
-                self.model(*args, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - start
-
-        plain, lowered_seconds = [], []
+    @staticmethod
+    def _fastest_ratio(first: Callable[[], float], second: Callable[[], float], repeats: int) -> float:
+        """The fastest of ``repeats`` timings of ``first`` over the fastest of ``second``, interleaved."""
+        a, b = [], []
         for _ in range(repeats):
-            plain.append(seconds(False))
-            lowered_seconds.append(seconds(True))
-        return min(plain) / min(lowered_seconds)
+            a.append(first())
+            b.append(second())
+        return min(a) / min(b)
 
     def timed_against(self, plan: Plan, base: Plan, runs: int = 2) -> tuple[float, Scores]:
         """``plan``'s speed-up over ``base`` and ``plan``'s scores: both run ``runs`` times, interleaved

@@ -99,7 +99,7 @@ class PredictedGuidance(Feature):
         half = sample.shape[0] // 2
         keep = slice(half, None) if self.unconditional_first else slice(0, half)
         for name, value in list(bound.arguments.items()):
-            bound.arguments[name] = _halved(value, sample.shape[0], keep)
+            bound.arguments[name] = halved(value, sample.shape[0], keep)
         # a throwaway branch state: the half batch computes every unit and leaves the caches as they were
         out = executor.run_forward(original, bound.args, bound.kwargs, BranchState(step=state.step),
                                    (half, *sample.shape[1:]))
@@ -112,13 +112,13 @@ class PredictedGuidance(Feature):
         return with_model_sample(out, torch.cat(both))
 
 
-def _halved(value: Any, batch: int, keep: slice) -> Any:
+def halved(value: Any, batch: int, keep: slice) -> Any:
     """``value`` with every tensor of the batch's size (in dicts, lists and tuples too) cut to ``keep``."""
     if isinstance(value, torch.Tensor):
         return value[keep] if value.dim() > 0 and value.shape[0] == batch else value
     if isinstance(value, dict):
-        return {k: _halved(v, batch, keep) for k, v in value.items()}
+        return {k: halved(v, batch, keep) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_halved(v, batch, keep) for v in value)
+        return type(value)(halved(v, batch, keep) for v in value)
     return value
 
