@@ -280,8 +280,11 @@ class CalibrationRun:
         2 images in 15 ms, 1 in 9-10): the latency model counts what a predicted step saves in time."""
         if self._half_cost is None:
             args, kwargs = self.first_forward
-            sample = inspect.signature(self.model.forward).bind(*args, **kwargs).arguments.get(
-                adapter_for(self.model).sample_arg)
+            try:
+                sample = inspect.signature(self.model.forward).bind(*args, **kwargs).arguments.get(
+                    adapter_for(self.model).sample_arg)
+            except (TypeError, ValueError):  # a forward whose signature does not show its inputs
+                sample = None
             batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
             if batch % 2 or not torch.equal(*sample.chunk(2)):
                 self._half_cost = 0.5  # not a guidance batch (halves alike): nothing to time, the MAC model's half
