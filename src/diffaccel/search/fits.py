@@ -1,6 +1,6 @@
 """The joint search's fit phases (``joint.py``): 1b, fitted timesteps; 1c, fitted solver
-coefficients on each timestep fit; 1d, the timesteps its denoiser is told, fitted on the best of
-them; 4, refinement of the fit one step below the cheapest that clears.
+coefficients on each timestep fit; 4, refinement of the fit one step below the cheapest that clears;
+1d, after it, the timesteps the denoiser is told, fitted on the cheapest fit that clears.
 A mixin of ``JointSearch``: the phases share its candidates, calibration run and deadline."""
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ FIT_GAIN = 3.0  # dB fitted timesteps add at 5-10 steps (2.4-4.2 dB on the embed
 AMPLE = 5.0  # dB above the budget at which a fit stops and is cached before the next fit (caching spent 4.3 dB
 # of SD's 15-step fit for 2.1x its MACs, 4.0 dB of PixArt's 12-step fit for 1.7x; at 6 dB PixArt's fit at +5.9 never
 # reached its caching in 40 minutes)
-TOLD_REACH = 2.0  # dB below the budget from which a fit that misses gets its told timesteps fitted at once (they
-# may move it over; they added 0.3-0.5 dB to fits of the embedded U-Net and SD)
-TOLD_SHARE = 1 / 6  # of the time left for a told-timestep fit: it gained 0-0.3 dB (U-Net, DiT) where the timestep
-# fits before it gain several, and on a slow pipeline the fits at fewer steps need the time
-TOLD_LEFTOVER = 1 / 2  # ... of the time phase 4 leaves, for the cheapest clearing fit's told timesteps (its
-# margin, not its step count: they wait until nothing else may pay; on SD's tail-bounded 40-minute search the told
-# fits of clearing fits took 7 minutes and the validation ran out of time before the plans they delayed)
+TOLD_SHARE = 1 / 2  # of the time phase 4 leaves, for the told timesteps of the cheapest fit that clears (phase 1d).
+# Only there: told fits added 0.1-0.5 dB where tried (U-Net, DiT, SD), moved no step count, and on the SD pipeline's
+# tail-bounded 40-minute search, run on each fit near the budget, took 7 minutes and left the validation no time
+# to reach the 7-step plans; on the U-Net's cheapest clearing fit they added 0.15 dB of held-out margin
 RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
 
 
@@ -110,9 +107,9 @@ class FitPhases:
         while self.fit_solver is not None and not self.late() and self._refined():
             pass
         met = self.fits.get(self._cheapest_fit())
-        if met is not None and not self.late() and self._within_reach(met) \
+        if met is not None and not self.late() and self._short_of_ample(met) \
                 and met.plan.solver.model_timesteps is None:
-            self._told(met, part=TOLD_LEFTOVER)
+            self._told(met)
 
     def _refined(self) -> bool:
         """One step of phase 4; False when it has nothing more to gain."""
@@ -153,31 +150,27 @@ class FitPhases:
         plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
         timed = self._keep(plan, scores, fit.spec.label)
         fits = [timed, *self._corrected(fit.spec, every=not self._ample(timed))]
-        best = max(fits, key=self._rank)
-        if self._within_reach(best) and not best.meets(self.budget):  # may move the step count: told now
-            fits += self._told(best)
         return max(fits, key=self._rank)
 
     def _rank(self, c: Candidate) -> tuple[bool, float]:
         return c.meets(self.budget), c.quality(self.budget)
 
-    def _within_reach(self, c: Candidate) -> bool:
-        """Whether phase 1d may pay on the fit ``c``: under a PSNR budget, ``c`` within ``TOLD_REACH`` dB
-        below it (what told timesteps may add) and not clearing it by ``AMPLE`` (caching spends that)."""
-        threshold = self.budget.threshold
-        return self.budget.metric == "psnr" and threshold - TOLD_REACH <= c.psnr < threshold + AMPLE
+    def _short_of_ample(self, c: Candidate) -> bool:
+        """Whether phase 1d may pay on the fit ``c``: under a PSNR budget, ``c`` not clearing it by
+        ``AMPLE`` dB (caching spends that)."""
+        return self.budget.metric == "psnr" and c.psnr < self.budget.threshold + AMPLE
 
     def _own_timesteps(self, spec: SolverSpec) -> tuple[int, ...]:
         scheduler = solver_scheduler(spec.model_copy(update={"model_timesteps": None}), self.calib.scheduler)
         scheduler.set_timesteps(spec.steps)
         return tuple(int(t) for t in scheduler.timesteps)
 
-    def _told(self, c: Candidate, part: float = TOLD_SHARE) -> list[Candidate]:
+    def _told(self, c: Candidate) -> list[Candidate]:
         """Phase 1d: ``c``'s solver with the timesteps its denoiser is told fitted (``model_timesteps.py``),
-        within ``part`` of the time left, then its coefficients (if it has them) fitted again
+        within ``TOLD_SHARE`` of the time left, then its coefficients (if it has them) fitted again
         under them; each kept as a candidate (none when nothing moved or time ran out)."""
         spec = c.plan.solver
-        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) * part
+        share = None if self.deadline is None else time.time() + (self.deadline - time.time()) * TOLD_SHARE
         fit = fit_model_timesteps(spec, spec.timesteps or self._own_timesteps(spec), self._fit_objective, share,
                                   len(self.calib.scheduler.alphas_cumprod))
         if not fit.evaluations:

@@ -21,9 +21,10 @@ need no profile run and are the plans a short search must not miss):
 1c. **fitted coefficients**: each timestep fit also with its steps' coefficients fitted to the
    reference trajectory (``coefficients.py``: one calibration run per step), kept where it scores
    better;
-1d. **told timesteps**: the best fit of a step count, when it misses a PSNR budget by at most
-   ``TOLD_REACH`` dB, with the timesteps its denoiser is told fitted (``model_timesteps.py``; phases
-   1b-1d and 4 live in ``fits.py``); the cheapest fit that clears gets them only after phase 4;
+1d. **told timesteps**: after phase 4, in half the time it leaves, the cheapest fit that clears a
+   PSNR budget by less than ``AMPLE`` dB with the timesteps its denoiser is told fitted
+   (``model_timesteps.py``; phases 1b-1d and 4 live in ``fits.py``): more margin for the
+   validation, not fewer steps;
 2. **caching**: for the pipeline's own sampler (profiled already by the reference run, so free:
    key steps at its full step count are often the best plan when fewer-step samplers leave no
    headroom, as on a text-to-image U-Net) and for the cheapest sampler settings that clear the
@@ -43,8 +44,7 @@ need no profile run and are the plans a short search must not miss):
    ratio of the quantized to the plain full-compute calibration run (interleaved, median of two),
    and its bit-operations by the weight bits (W8: a quarter of fp32 per MAC);
 4. **refinement**: the time left goes to the fit one step below the cheapest that cleared, restarted
-   from its best timesteps, and to caching on it once it clears (``refine``); then the told
-   timesteps of the cheapest fit that clears (more margin for the validation, not fewer steps).
+   from its best timesteps, and to caching on it once it clears (``refine``); then phase 1d.
 
 Every candidate is an ordinary plan (solver section, schedule, quant section), scored on the
 calibration set against the pipeline's own output.
