@@ -26,7 +26,7 @@ from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
 from diffaccel.search.model_timesteps import SHIFTS, fit_model_timesteps
 from diffaccel.search.timesteps import FAMILY, fit_timesteps, next_fit_count, power_schedule, resampled
-from diffaccel.search.validation import Validator, plan_getter, validation_seconds
+from diffaccel.search.validation import FINAL_SHARE, Validator, plan_getter, validation_seconds
 from diffaccel.solvers import SolverSpec
 from diffaccel.solvers.corrected import Corrected
 from diffaccel.solvers.evodiff import EVODiffScheduler
@@ -258,8 +258,9 @@ def test_validation_runs_during_the_joint_search_take_back_the_time_kept_for_the
     assert kept > 0 and joint.deadline == 1000.0 and joint.late()  # nothing validated yet
     validator.seconds = kept / 2
     assert joint.deadline == pytest.approx(1000.0 + kept / 2)
-    validator.seconds = kept * 10  # only the time kept back for the validation is given back
-    assert joint.deadline == pytest.approx(1000.0 + kept)
+    validator.seconds = kept * 10  # only the time kept back for the validation is given back, less the final's share
+    assert joint.deadline == pytest.approx(1000.0 + kept - FINAL_SHARE * calib.seconds)
+    assert joint.deadline < 1000.0 + kept
     unlimited = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None, validator=validator)
     assert unlimited.deadline is None and not unlimited.late()
 

@@ -35,6 +35,9 @@ from diffaccel.search.judged import JudgedCheck
 
 VALIDATION_SEED_OFFSET = 2000  # validation seeds: apart from calibration (0) and correction-fit (1000) seeds
 MAX_VALIDATED = 6  # plans tried before the search gives up confirming one
+FINAL_SHARE = 0.3  # of the calibration run's time, kept for the validation after a search that took back the rest:
+# a check or two of few-step plans (on the SD pipeline's tail-bounded 40-minute search the checks made during it took
+# the whole reserve, and the final validation checked one plan, not the 7-step fit next in line)
 
 
 @dataclass
@@ -107,8 +110,9 @@ class Validator:
 
     def reserve_used(self) -> float:
         """Seconds spent so far of ``reserve()``: what a search that validates as it goes may take back
-        (a judge budget's checks run inside the validation: their time counts too)."""
-        return min(self.seconds, self.reserve())
+        (a judge budget's checks run inside the validation: their time counts too), less
+        ``FINAL_SHARE`` of the calibration run's time, kept for the validation after the search."""
+        return min(self.seconds, max(0.0, self.reserve() - FINAL_SHARE * self.calib.seconds))
 
     def measured(self, candidate: Candidate) -> bool:
         """Whether ``candidate`` was scored already (by the search as it went: a free look-up)."""
