@@ -38,7 +38,7 @@ from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import CalibrationInfo, Plan
 from diffaccel.runtime.cache import tree_leaves
 from diffaccel.runtime.executor import Executor
-from diffaccel.runtime.features.guidance import halved
+from diffaccel.runtime.features.guidance import halved, is_guidance_batch
 from diffaccel.runtime.fitted import scheduler_settings
 from diffaccel.solvers.spec import SolverSpec
 
@@ -285,10 +285,10 @@ class CalibrationRun:
                     adapter_for(self.model).sample_arg)
             except (TypeError, ValueError):  # a forward whose signature does not show its inputs
                 sample = None
-            batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
-            if batch % 2 or not torch.equal(*sample.chunk(2)):
-                self._half_cost = 0.5  # not a guidance batch (halves alike): nothing to time, the MAC model's half
+            if not is_guidance_batch(sample):
+                self._half_cost = 0.5  # nothing to time: the MAC model's half
             else:
+                batch = sample.shape[0]
                 keep = slice(0, batch // 2)
                 half_args, half_kwargs = halved(args, batch, keep), halved(kwargs, batch, keep)
                 self._half_cost = self._fastest_ratio(lambda: self._forward_seconds(half_args, half_kwargs),

@@ -28,10 +28,16 @@ class StepRecord:
     uncond: torch.Tensor
 
 
+def is_guidance_batch(sample: Any) -> bool:
+    """Whether ``sample`` is a classifier-free-guidance batch: an even batch whose halves are the same sample."""
+    return isinstance(sample, torch.Tensor) and sample.dim() > 0 and sample.shape[0] % 2 == 0 \
+        and torch.equal(*sample.chunk(2))
+
+
 def guidance_halves(sample: torch.Tensor, unconditional_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(unconditional, conditional) halves of a guidance batch; a clear error for a batch that is not
     one (an odd size, or halves with different samples: the pipeline runs without guidance)."""
-    if sample.shape[0] % 2 or not torch.equal(*sample.chunk(2)):
+    if not is_guidance_batch(sample):
         raise PlanError("a guidance prediction needs the pipeline to run classifier-free guidance as one doubled "
                         f"batch (both halves the same sample); this forward's batch of {sample.shape[0]} is not "
                         "one: the call runs without it (guidance_scale <= 1, or a model with guidance distilled "
