@@ -25,7 +25,7 @@ from diffaccel.search import parse_budget, search
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.joint import JointSearch, _gap, _headroom_for
 from diffaccel.search.model_timesteps import SHIFTS, fit_model_timesteps
-from diffaccel.search.timesteps import FAMILY, fit_timesteps, next_fit_count, power_schedule, resampled
+from diffaccel.search.timesteps import FAMILY, STALL_PER_STEP, fit_timesteps, next_fit_count, power_schedule, resampled
 from diffaccel.search.validation import FINAL_SHARE, Validator, plan_getter, validation_seconds
 from diffaccel.solvers import SolverSpec
 from diffaccel.solvers.corrected import Corrected
@@ -559,6 +559,25 @@ def test_a_timestep_fit_moves_the_steps_toward_what_scores_best_within_its_cap_a
     runs.clear()
     late = fit_timesteps(spec, own, objective, deadline=time.time() - 1)
     assert runs == [] and late.spec.timesteps == own and late.evaluations == 0
+
+
+def test_a_timestep_fit_stops_when_its_runs_stop_gaining_and_goes_on_while_they_gain():
+    """A fit whose last ``STALL_PER_STEP`` runs per free timestep raised the best by less than
+    ``stall_gain`` stops there (the time goes to a restart or the next fit); one that keeps gaining
+    runs to its cap, as does any fit without a ``stall_gain``."""
+    spec, own = SolverSpec(name="unipc", steps=4), (999, 749, 499, 249)
+    flat = fit_timesteps(spec, own, lambda candidate: 1.0, evaluations=60, stall_gain=0.05)
+    assert flat.stalled and flat.evaluations == 1 + STALL_PER_STEP * 3 and flat.quality == 1.0
+    unbounded = fit_timesteps(spec, own, lambda candidate: 1.0, evaluations=60)  # until the simplex converges
+    assert not unbounded.stalled and unbounded.evaluations > flat.evaluations
+    runs = []
+
+    def rising(candidate: SolverSpec) -> float:  # every new run scores 0.1 above the last
+        runs.append(candidate)
+        return 0.1 * len(runs)
+
+    climbing = fit_timesteps(spec, own, rising, evaluations=60, stall_gain=0.05)
+    assert not climbing.stalled and climbing.evaluations == 60 and climbing.quality == pytest.approx(6.0)
 
 
 def test_a_timestep_fit_scores_a_one_parameter_family_before_the_simplex():

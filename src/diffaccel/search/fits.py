@@ -26,7 +26,8 @@ TOLD_SHARE = 1 / 2  # of the time phase 4 leaves, for the told timesteps of the 
 # Only there: told fits added 0.1-0.5 dB where tried (U-Net, DiT, SD), moved no step count, and on the SD pipeline's
 # tail-bounded 40-minute search, run on each fit near the budget, took 7 minutes and left the validation no time
 # to reach the 7-step plans; on the U-Net's cheapest clearing fit they added 0.15 dB of held-out margin
-RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again
+RESTART_GAIN = 0.05  # dB a restarted fit must gain for phase 4 to restart it again, and a timestep fit within its
+# stall window (``timesteps.STALL_PER_STEP``) to go on
 
 
 class FitPhases:
@@ -137,13 +138,15 @@ class FitPhases:
         spec = spec.model_copy(update={"timesteps": None, "coefficients": None, "model_timesteps": None})
         own = own or self._own_timesteps(spec)
         share = None if self.deadline is None else time.time() + (self.deadline - time.time()) / 3
-        enough = self.budget.threshold + AMPLE if self.budget.metric == "psnr" else None
+        psnr = self.budget.metric == "psnr"
+        enough = self.budget.threshold + AMPLE if psnr else None
         fit = fit_timesteps(spec, own, self._fit_objective, share, warm=resampled(warm, spec.steps) if warm else None,
-                            enough=enough)
+                            enough=enough, stall_gain=RESTART_GAIN if psnr else None)
         how = "fit restarted" if restart else "timesteps fitted"
         ample = f" (the budget cleared by {AMPLE:g} dB: the fit stops)" if enough and fit.quality >= enough else ""
+        stalled = f" (no {RESTART_GAIN:g} dB gained in its last runs: the fit stops)" if fit.stalled else ""
         self.log(f"  {spec.label}: {how} in {fit.evaluations} runs, {fit.start_quality:.2f} -> "
-                 f"{fit.quality:.2f}{self.budget.unit()}{ample}")
+                 f"{fit.quality:.2f}{self.budget.unit()}{ample}{stalled}")
         scores = self._fit_scores.get(fit.spec)
         if scores is None:
             return None
