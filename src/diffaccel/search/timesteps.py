@@ -99,13 +99,14 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
     count, ``resampled``) and the power schedules (``_score_family``) are scored, then the simplex
     starts from ``own`` or ``warm``, whichever scored better. Stops at the evaluation cap, at
     ``deadline``, once a run reaches ``enough``, or (given ``stall_gain``) after ``STALL_PER_STEP``
-    runs per free timestep that did not raise the best by ``stall_gain``, returning the best seen;
+    runs per free timestep of the simplex that did not raise the best by ``stall_gain`` (the starts and
+    the family do not count: a good warm start must not leave the simplex no runs), returning the best seen;
     candidates that round to repeated timesteps are skipped."""
     cap = evaluations or EVALUATIONS_PER_STEP * max(1, spec.steps - 1)
     stall = STALL_PER_STEP * max(1, spec.steps - 1)
     seen: dict[tuple[int, ...], float] = {}
     best: list = [-math.inf, own]
-    mark = [-math.inf, 0]  # the best when it last rose by ``stall_gain``, and the run count then
+    mark = [math.inf, math.inf]  # the best when it last rose by ``stall_gain`` in the simplex, and the run count then
 
     def loss(log_gaps: np.ndarray) -> float:
         timesteps = timesteps_from(log_gaps, own[0])
@@ -133,6 +134,7 @@ def fit_timesteps(spec: SolverSpec, own: tuple[int, ...], objective: Callable[[S
             starts.append((loss(log_gaps_of(warm)), log_gaps_of(warm)))
         _score_family(loss, own[0], len(own))  # the best run seen is what the fit returns
         start = min(starts, key=lambda pair: pair[0])[1]
+        mark[:] = [best[0], len(seen)]  # the stall window counts the simplex's runs only
         simplex = np.vstack([start, start + STEP_SIZE * np.eye(len(start))])
         minimize(loss, start, method="Nelder-Mead",
                  options={"initial_simplex": simplex, "maxfev": 4 * cap, "xatol": 1e-3, "fatol": 1e-3})
