@@ -1,8 +1,9 @@
 """What the search's validation makes of saved plans under a tail bound: each plan run on the
 validation seeds a joint search of the same settings uses (calibration calls, seeds shifted by 2000),
-with its mean PSNR, its 5th percentile, the 90% lower confidence bound on the 5th percentile that
-validation now checks a ``psnr_p5>=X`` budget by (``search.config.tail_lower_bound``) and the worst
-images.
+with its mean PSNR, its 5th percentile, the 95% lower confidence bound on the 5th percentile that
+validation checks a ``psnr_p5>=X`` budget by (``search.config.tail_lower_bound``) and the worst
+images. The validation seeds are those of a tail-bounded search: copies of the calibration calls up
+to 93 images (``search.validation.tail_copies``).
 
     python benchmarks/tail_bound.py --model sd --guidance 4 --calib-per-class 4 PLAN.json [PLAN.json ...]
 """
@@ -19,7 +20,7 @@ from diffaccel.eval.fidelity import psnr_per_image
 from diffaccel.eval.io import write_json
 from diffaccel.plan import Plan
 from diffaccel.search.config import tail_lower_bound
-from diffaccel.search.validation import VALIDATION_SEED_OFFSET
+from diffaccel.search.validation import VALIDATION_SEED_OFFSET, tail_copies
 from diffaccel.targets import load_target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = load_target(args.model)
-    workload = target.workload(50, args.guidance, args.calib_per_class, 0).reseeded(VALIDATION_SEED_OFFSET,
-                                                                                     "validation seeds")
+    calls = target.workload(50, args.guidance, args.calib_per_class, 0)
+    copies = tail_copies(sum(len(call.seeds) for call in calls.calls))
+    workload = calls.repeated(copies, VALIDATION_SEED_OFFSET, "validation seeds")
     reference = checked_images(workload(target.pipe), "validation")
     rows = []
     for path in args.plans:

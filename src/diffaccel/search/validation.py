@@ -68,12 +68,15 @@ def validation_seconds(calib: CalibrationRun, copies: int = 1) -> float:
     return 1.6 * calib.seconds * copies
 
 
+def tail_copies(images: int) -> int:
+    """Copies of calibration calls that make ``images`` images a tail bound's validation runs: enough
+    for ``TAIL_IMAGES`` images, at most ``MAX_COPIES``."""
+    return min(MAX_COPIES, max(1, math.ceil(TAIL_IMAGES / max(1, images))))
+
+
 def validation_copies(calib: CalibrationRun, budget: Budget) -> int:
-    """Copies of the calibration calls the validation runs: one, or under a tail bound enough for
-    ``TAIL_IMAGES`` images (at most ``MAX_COPIES``)."""
-    if budget.tail is None:
-        return 1
-    return min(MAX_COPIES, max(1, math.ceil(TAIL_IMAGES / max(1, len(calib.reference)))))
+    """Copies of the calibration calls the validation runs: one, or under a tail bound ``tail_copies``."""
+    return 1 if budget.tail is None else tail_copies(len(calib.reference))
 
 
 class Validator:
