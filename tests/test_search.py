@@ -945,6 +945,12 @@ def test_validation_keeps_a_dearer_plan_the_search_confirmed_and_bounds_nothing_
     found = validate(validator, [*cheap, dear], None)
     assert found.confirmed and found.chosen is dear
     assert [t["source"] for t in found.tried] == [c.source for c in cheap[:MAX_VALIDATED]] + ["exact"]
+    # a hand-made seed past the cheaper plans' checks is checked too (it need not have been measured)
+    seed = _claimed(exact.model_copy(update={"params": {"seed": True}}), 99, 0.9, "hand-made exact")
+    fresh = Validator(calib, parse_budget("psnr>=60"), plan_getter(None), quiet)
+    assert validate(fresh, [*cheap, seed], None).chosen is not seed  # without it: unchecked, not chosen
+    seeded = validate(fresh, [*cheap, seed], None, seeds=[seed])
+    assert seeded.confirmed and seeded.chosen is seed and seeded.tried[-1]["source"] == "hand-made exact"
     lines: list[str] = []
     one = CalibrationRun(pipe, as_workload([{**kwargs, "prompt": kwargs["prompt"][:1]}]))
     assert len(one.reference) == 1

@@ -191,7 +191,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     cleared = safe if met else budget
     if not met:  # nothing clears the margin: the cheapest plan meeting the budget itself, if any
         chosen, met, shortfall = choose(points, budget, config.objective)
-    validation = _validation(ctx, points, cleared) if met else None
+    validation = _validation(ctx, points, cleared, hand) if met else None
     chosen = validation.chosen if validation is not None else chosen
     from_hand = chosen in hand
     if from_hand:
@@ -244,13 +244,13 @@ def _validator(ctx: Context) -> Validator | None:
     return validator_for(ctx.calib, ctx.budget, plan_getter(ctx.space), ctx.log, judged)
 
 
-def _validation(ctx: Context, points: list[Candidate], cleared: Budget) -> Validation | None:
+def _validation(ctx: Context, points: list[Candidate], cleared: Budget, hand: list[Candidate]) -> Validation | None:
     """The candidates that cleared ``cleared`` on calibration, cheapest first, validated on fresh
     seeds (``validation.py``); None when the search does not validate."""
     if ctx.validator is None:
         return None
     deadline = None if ctx.deadline is None else ctx.deadline + ctx.validation_reserve()
-    return validate(ctx.validator, ordered(points, cleared, ctx.config.objective), deadline)
+    return validate(ctx.validator, ordered(points, cleared, ctx.config.objective), deadline, seeds=hand)
 
 
 def _lowered(ctx: Context, chosen: Candidate, cleared: Budget,
