@@ -78,8 +78,8 @@ def mean_error_bound(spread: float, images: int) -> float:
 
 TAIL_CONFIDENCE = 0.95  # what a tail bound checked on validation images holds with (``tail_lower_bound``)
 TAIL_IMAGES = 93  # validation images a tail bound is checked on, where it can: the 2nd worst holds at 95% from 93.
-# At 90% on 48 images (the worst one) two SD 6-step plans were confirmed at p5 >= 25.7 and 26.3 and had 23.4 and 23.6
-# on 600 other images (7.5% of them under 25 dB; the chance of 48 images all above 25.7 was 1.4%)
+# At 90% on 48 images (the worst one) two SD 6-step plans were confirmed at p5 >= 25.7 and 26.6 and had p5 23.4 and 24.6
+# on 600 other images (7.5% and 5.7% of them under 25 dB; the chance of 48 images all above their worst: 1.4%, 1.0%)
 
 
 def tail_lower_bound(values: list[float], quantile: float = 0.05,
