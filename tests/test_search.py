@@ -762,6 +762,8 @@ def test_validation_refuses_a_plan_flattered_by_its_calibration_score_and_takes_
     assert len(set(seeds)) == len(seeds) and not set(seeds) & {s for c in calib.calibrate.calls for s in c.seeds}
     plain = Validator(calib, parse_budget("psnr>=1"), plan_getter(None), lines.append)
     assert plain.copies == 1 and tailed.reserve() == pytest.approx(copies * plain.reserve())
+    tailed.seconds = 1e9  # the share kept for the final validation grows with the copies too
+    assert tailed.reserve_used() == pytest.approx(tailed.reserve() - FINAL_SHARE * calib.seconds * copies)
     assert any("p5 at least" in line and "% confidence" in line for line in lines)
     found = validated("psnr>=200", [_claimed(rougher, 99, 0.2, "rougher"), _claimed(rough, 99, 0.5, "rough")])
     best = max(found.tried, key=lambda t: t["psnr"])["source"]
