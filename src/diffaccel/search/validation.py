@@ -178,10 +178,10 @@ def validate(validator: Validator, ordered: list[Candidate], deadline: float | N
     """Check ``ordered`` (the candidates that cleared the budget on calibration, cheapest first) on
     the validation seeds until one meets the budget there; None when nothing is to be validated.
     At most ``MAX_VALIDATED`` are measured here, until ``deadline``; those the search measured as it
-    went count at no cost, wherever they stand (a dearer plan it confirmed is not forgotten), and so
-    do the hand-made ``seeds`` (on the U-Net under a tail bound the 6 checks went to cheaper fits and
-    the search returned a plan slower than its unchecked best seed). When none is confirmed, the one
-    that scored best there."""
+    went count at no cost, wherever they stand (a dearer plan it confirmed is not forgotten), and the
+    hand-made ``seeds`` are measured past the cap, until ``deadline`` (on the U-Net under a tail bound
+    the 6 checks went to cheaper fits and the search returned a plan slower than its unchecked best
+    seed). When none is confirmed, the one that scored best there."""
     if not ordered:
         return None
     budget, log = validator.budget, validator.log
