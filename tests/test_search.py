@@ -53,6 +53,7 @@ from diffaccel.search.validation import (
     MAX_VALIDATED,
     Validator,
     plan_getter,
+    tail_text,
     validate,
     validation_seconds,
     validator_for,
@@ -929,6 +930,15 @@ def test_the_tail_bound_is_an_order_statistic_that_holds_with_the_stated_confide
     assert tail_lower_bound([float(v) for v in range(93)]) == (1.0, pytest.approx(0.95, abs=1e-3))  # the 2nd worst
     with pytest.raises(ValueError):
         tail_lower_bound([])
+
+
+def test_the_validation_says_when_its_images_hold_the_tail_bound_at_less_than_95_percent():
+    """Under 59 images the bound is their worst at less than 95%: the log says so, and how to fix it."""
+    assert tail_text(96) == " and a 95% lower confidence bound on their 5th percentile"
+    assert tail_text(59) == tail_text(96)  # the worst of 59 holds at 95% already
+    few = tail_text(32)
+    assert "their worst image, at only 80.6% confidence (95% needs 59 images" in few
+    assert "more calibration images" in few
 
 
 def test_validation_keeps_a_dearer_plan_the_search_confirmed_and_bounds_nothing_on_one_image(pipes):

@@ -74,6 +74,17 @@ def tail_copies(images: int) -> int:
     return min(MAX_COPIES, max(1, math.ceil(TAIL_IMAGES / max(1, images))))
 
 
+def tail_text(images: int) -> str:
+    """How the validation's ``images`` bound the 5th percentile, saying so when too few hold it at
+    ``TAIL_CONFIDENCE`` (their worst image then, at the confidence it has)."""
+    _, held = tail_lower_bound([0.0] * images)
+    if held >= TAIL_CONFIDENCE:
+        return f" and a {TAIL_CONFIDENCE:.0%} lower confidence bound on their 5th percentile"
+    needed = math.ceil(math.log(1 - TAIL_CONFIDENCE) / math.log(0.95))  # the worst of n under the 5th percentile
+    return (f" and a lower confidence bound on their 5th percentile: their worst image, at only {held:.1%} "
+            f"confidence ({TAIL_CONFIDENCE:.0%} needs {needed} images; more calibration images give them)")
+
+
 def validation_copies(calib: CalibrationRun, budget: Budget) -> int:
     """Copies of the calibration calls the validation runs: one, or under a tail bound ``tail_copies``."""
     return 1 if budget.tail is None else tail_copies(len(calib.reference))
@@ -102,8 +113,7 @@ class Validator:
             started = time.time()
             self._reference = checked_images(self.workload(self.calib.pipe), "validation")
             self.seconds += time.time() - started
-            tail = ("" if self.budget.tail is None else
-                    f" and a {TAIL_CONFIDENCE:.0%} lower confidence bound on their 5th percentile")
+            tail = "" if self.budget.tail is None else tail_text(len(self._reference))
             self.log(f"validation: plans that cleared the budget are scored on {len(self._reference)} fresh "
                      f"calibration seeds, and count only if they meet {self.budget.text} there by their mean's "
                      f"error bound{tail} (the unaccelerated run took {time.time() - started:.1f} s)")
