@@ -22,6 +22,7 @@ through that had 5.7% and 7.5% of 600 other images under 25 dB.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Collection
@@ -80,7 +81,7 @@ def tail_text(images: int) -> str:
     _, held = tail_lower_bound([0.0] * images)
     if held >= TAIL_CONFIDENCE:
         return f" and a {TAIL_CONFIDENCE:.0%} lower confidence bound on their 5th percentile"
-    needed = math.ceil(math.log(1 - TAIL_CONFIDENCE) / math.log(0.95))  # the worst of n under the 5th percentile
+    needed = next(n for n in itertools.count(images) if tail_lower_bound([0.0] * n)[1] >= TAIL_CONFIDENCE)
     return (f" and a lower confidence bound on their 5th percentile: their worst image, at only {held:.1%} "
             f"confidence ({TAIL_CONFIDENCE:.0%} needs {needed} images; more calibration images give them)")
 
