@@ -5,7 +5,7 @@ process (the joint search's held-out rows: ``joint_search.measure``).
     python benchmarks/plan_int8.py --model pixart --guidance 4 --plan PLAN.json [--backends int8-dynamic,int8]
 
 The static backend's activation ranges are calibrated on 2 calibration images per class or prompt
-(``methods.ptq.quant_spec``). Results: ``benchmarks/results/plan_int8_<model>.json``.
+(``methods.ptq.quant_spec``). Results: ``benchmarks/results/plan_int8_<model>_t<threads>.json``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
         rows.append(measure(target, f"plan in w8a8 {backend}", plan.with_quant(spec), heldout, reference, args.pairs))
     command = (f"python benchmarks/plan_int8.py --model {args.model} --plan {args.plan} --guidance {args.guidance:g} "
                f"--per-class {args.per_class} --pairs {args.pairs} --backends {args.backends} --threads {args.threads}")
-    write_json(ROOT / "benchmarks" / "results" / f"plan_int8_{args.model}.json",
+    write_json(ROOT / "benchmarks" / "results" / f"plan_int8_{args.model}_t{args.threads}.json",
                {"rows": rows, "heldout_images": len(reference), "command": command})
 
 
