@@ -21,6 +21,7 @@ from diffaccel.bench.config import BenchConfig, BenchJob, check_config, items
 from diffaccel.bench.results import FORMAT_VERSION, load_results, summarize
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
+from diffaccel.errors import SweepError
 from diffaccel.eval import allocator
 from diffaccel.eval.paired import paired_change
 from diffaccel.methods.registry import METHODS
@@ -315,6 +316,18 @@ def test_default_sweeps_cover_every_method_peer_and_step_baseline():
     assert {"diffusers-fbc", "diffusers-taylorseer", "diffusers-pab", "diffusers-fastercache", "diffusers-magcache",
             "cachedit-dbcache", "cachedit-dbcache-taylorseer"} <= set(sweeps.default_sweep("dit"))
     assert {"deepcache-sdhelper", "tgate", "tomesd"} <= set(sweeps.default_sweep("unet"))
+
+
+def test_a_flow_matching_model_gets_the_step_baselines_its_flow_solvers_run():
+    """SD3 and Flux sample a flow path: the bench's fewer-step rows are its flow solvers (DDIM's step
+    there is Euler's, the pipeline's own); EVODiff, which needs a betas schedule, is left out of the
+    default sweep and refused by name in a user's sweep."""
+    for model in ("sd3", "flux"):
+        steps = {n for n in sweeps.default_sweep(model) if n.startswith("steps-")}
+        assert steps == {"steps-ddim", "steps-dpm", "steps-unipc"}
+        with pytest.raises(SweepError, match=f"steps-evodiff does not apply to the {model} model"):
+            sweeps.validate({"steps-evodiff": [{"steps": 8}]}, model)
+    assert "steps-evodiff" in sweeps.default_sweep("pixart")
 
 
 def test_quick_size():

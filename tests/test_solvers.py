@@ -9,7 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 import diffaccel
 from diffaccel import methods
@@ -161,6 +166,77 @@ def test_an_informed_start_costs_one_evaluation_more_and_is_deterministic(pipes)
         with_solver(pipe, name="euler", steps=4, start=0.6)
 
 
+def _flow_latents(pipe, kwargs, steps=None):
+    kwargs = {**kwargs, **({"num_inference_steps": steps} if steps else {})}
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+
+FLOW_SCHEDULERS = {"sd3": {"shift": 3.0},  # SD3's static shift; Flux's shift from the image size (mu)
+                   "flux": {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "shift": 3.0}}
+
+
+@pytest.mark.parametrize("case", ["sd3", "flux"])
+def test_on_a_flow_matching_pipeline_a_solver_plan_runs_on_the_pipelines_own_noise_levels(case):
+    """SD3 calls ``set_timesteps(n)``, Flux ``set_timesteps(sigmas=linspace(1, 1/n, n), mu=...)``:
+    either way the plan's steps run. ``ddim`` and ``euler`` are the pipeline's own Euler at the plan's
+    steps, exactly; the multistep solvers run on diffusers' flow grid shifted as the pipeline shifts
+    it, so at 12 steps they land nearer a 100-step run than Euler does (a misplaced schedule would
+    not); the pipeline's scheduler is restored; custom sigmas from the caller are refused."""
+    pipe, kwargs = build_case(case)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULERS[case])
+    scheduler, denoiser = pipe.scheduler, find_denoiser(pipe)[0]
+    own = {n: _flow_latents(pipe, kwargs, n) for n in (4, 12, 100)}
+    errors = {}
+    for name in ("ddim", "euler", "dpm++1", "dpm++2", "dpm++3", "unipc"):
+        for steps in (4, 12):
+            plan = identity_plan(denoiser).model_copy(update={"solver": SolverSpec(name=name, steps=steps)})
+            with diffaccel.accelerate(pipe, plan) as run:
+                out = _flow_latents(pipe, kwargs, 28)  # the pipeline asks for 28; the plan runs its steps
+            assert run.stats.steps == steps and torch.isfinite(out).all() and pipe.scheduler is scheduler
+            errors[name, steps] = (out - own[100]).pow(2).mean().item()
+            if name in ("ddim", "euler"):
+                assert torch.equal(out, own[steps])
+    for name in ("dpm++2", "dpm++3", "unipc"):
+        assert errors[name, 12] < errors["euler", 12], (name, errors)
+    assert torch.equal(_flow_latents(pipe, kwargs, 4), own[4]) and untouched(denoiser)
+    plan = identity_plan(denoiser).model_copy(update={"solver": SolverSpec(name="unipc", steps=4)})
+    with pytest.raises(PlanError, match="without timesteps= and sigmas="):
+        with diffaccel.accelerate(pipe, plan):
+            _flow_latents(pipe, {**kwargs, "sigmas": [1.0, 0.8, 0.5, 0.2]}, 4)
+    assert pipe.scheduler is scheduler and untouched(denoiser)
+
+
+def test_a_pipeline_whose_own_sampler_is_a_flow_multistep_solver_gets_the_plans_solver():
+    """A user's pipeline running diffusers' UniPC in its flow mode: ``unipc`` at its own step count
+    reproduces the pipeline's run exactly, and ``euler`` runs Euler, not the pipeline's UniPC."""
+    pipe, kwargs = build_case("user-pipeline")
+    pipe.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    denoiser = find_denoiser(pipe)[0]
+    own = pipe(**{**kwargs, "num_inference_steps": 5}, generator=torch.Generator().manual_seed(1)).images
+    outs = {}
+    for name in ("unipc", "euler"):
+        plan = identity_plan(denoiser).model_copy(update={"solver": SolverSpec(name=name, steps=5)})
+        with diffaccel.accelerate(pipe, plan):
+            assert type(pipe.scheduler.inner).__name__ == ("UniPCMultistepScheduler" if name == "unipc"
+                                                           else "FlowMatchEulerDiscreteScheduler")
+            outs[name] = pipe(**{**kwargs, "num_inference_steps": 9}, generator=torch.Generator().manual_seed(1)).images
+    assert torch.equal(outs["unipc"], own) and not torch.equal(outs["euler"], own)
+
+
+def test_a_flow_solver_takes_the_same_noise_levels_as_diffusers_own_flow_mode():
+    """What a user gets from ``DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3)`` on
+    SD3 is what the plan's ``dpm++2`` runs on (the timesteps differ only by diffusers' rounding)."""
+    pipe, kwargs = build_case("sd3")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    stock = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+                                        solver_order=2, final_sigmas_type="zero")
+    stock.set_timesteps(8)
+    solver = solver_scheduler(SolverSpec(name="dpm++2", steps=8), pipe.scheduler)
+    solver.set_timesteps(28)
+    assert torch.allclose(solver.sigmas, stock.sigmas, atol=1e-6)
+    assert torch.equal(solver.timesteps.long(), stock.timesteps)
+
+
 def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
     pipe = pipes[0]
     with pytest.raises(PlanError, match="solver dpm\\+\\+2 4 runs 4"):
@@ -169,19 +245,14 @@ def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
         diffaccel.enable(pipe.denoiser, with_solver(pipe, name="ddim", steps=4))
     flux, flux_call = build_case("flux")
     scheduler = flux.scheduler
-    plan = identity_plan(flux.transformer).model_copy(update={"solver": SolverSpec(name="dpm++2", steps=4)})
-    with pytest.raises(PlanError, match="noise-schedule"):
-        with diffaccel.accelerate(flux, plan):
-            pass
-    pipe_flow, _ = build_case("user-pipeline")
-    own_scheduler = pipe_flow.scheduler
-    pipe_flow.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
-    flow_plan = identity_plan(find_denoiser(pipe_flow)[0]).model_copy(
-        update={"solver": SolverSpec(name="unipc", steps=4)})
-    with pytest.raises(PlanError, match="noise-schedule"):  # flow sigmas on a betas scheduler's config
-        with diffaccel.accelerate(pipe_flow, flow_plan):
-            pass
-    pipe_flow.scheduler = own_scheduler
+    for spec, message in (({"name": "evodiff", "steps": 4}, "evodiff needs a noise-schedule .* use one of ddim, euler"),
+                          ({"name": "unipc", "steps": 4, "spacing": "leading"}, "sampler and its steps only; leave "
+                                                                                "out a spacing"),
+                          ({"name": "ddim", "steps": 4, "start": 0.5}, "leave out an informed start")):
+        plan = identity_plan(flux.transformer).model_copy(update={"solver": SolverSpec(**spec)})
+        with pytest.raises(PlanError, match=message):
+            with diffaccel.accelerate(flux, plan):
+                pass
     assert flux.scheduler is scheduler and untouched(pipe.denoiser) and untouched(flux.transformer)
     own = pipe.scheduler
     for spec, message in (({"name": "unipc", "steps": 1000}, "1000-step schedule, more than half"),
@@ -777,23 +848,24 @@ def test_sampler_phase_goes_up_until_a_setting_clears_then_down_from_it_and_keep
     assert found == [("unipc", 9), ("evodiff", 9)] and scored[-1] == ("evodiff", 9) and len(scored) == 8
 
 
-def test_on_a_flow_matching_pipeline_the_sampler_phase_is_skipped_once_with_the_reason():
-    """diffusers' StableDiffusion3Pipeline (tiny, random) has a FlowMatchEulerDiscreteScheduler: no
-    noise schedule to build the solvers on. The joint search says so once and goes on with the
-    pipeline's own sampler, instead of scoring 55 solver settings that each fail; on an SD pipeline
-    (PNDM) the phase runs."""
+def test_on_a_flow_matching_pipeline_the_sampler_phase_runs_its_flow_solvers_and_skips_the_fits():
+    """diffusers' StableDiffusion3Pipeline (tiny, random) has a FlowMatchEulerDiscreteScheduler: the
+    joint search runs the solvers that have a flow mode at fewer steps (not EVODiff, which needs a
+    betas schedule), says once that the fits are left out, and no setting fails."""
     pipe, kwargs = build_case("sd3")
     lines: list[str] = []
     joint = JointSearch(CalibrationRun(pipe, as_workload([kwargs])), parse_budget("psnr>=25"), "macs", None,
-                        lines.append)
-    assert joint.samplers() == [] and joint.candidates == []
-    assert [line for line in lines if "are skipped" in line and "FlowMatchEulerDiscreteScheduler" in line] == lines
-    assert len(lines) == 1
+                        lines.append, space=joint_module.JointSpace(steps=(3, 4)))
+    found = joint.samplers()
+    scored = {c.plan.solver.name for c in joint.candidates}
+    assert found and scored == {"unipc", "dpm++3", "dpm++2", "ddim"} and joint.flow
+    assert [line for line in lines if "flow-matching" in line and "without fitted timesteps" in line]
+    assert joint.fitted(found) == [] and not any("failed" in line for line in lines)
     joint.run()
-    assert joint.candidates and not any("failed" in line for line in lines)
+    assert not any("failed" in line or "fitted in" in line for line in lines)
     sd, sd_kwargs = build_case("sd-pndm")
     assert JointSearch(CalibrationRun(sd, as_workload([sd_kwargs])), parse_budget("psnr>=25"), "macs", None,
-                       lines.append)._solvers_apply()
+                       lines.append)._solvers_applying() == joint_module.JointSpace().solvers
 
 
 @pytest.mark.parametrize("case", ["sd-euler-ancestral", "sd-ddim-eta"])
@@ -805,9 +877,9 @@ def test_a_sampler_that_adds_noise_at_every_step_keeps_the_sampler_phase_out_wit
     lines: list[str] = []
     joint = JointSearch(CalibrationRun(pipe, as_workload([kwargs])), parse_budget("psnr>=25"), "macs", None,
                         lines.append)
-    assert not joint._solvers_apply() and len(lines) == 1 and "fresh noise at every step" in lines[0]
+    assert not joint._solvers_applying() and len(lines) == 1 and "fresh noise at every step" in lines[0]
     if case == "sd-ddim-eta":
         assert "eta=1" in lines[0]
         deterministic = JointSearch(CalibrationRun(pipe, as_workload([{**kwargs, "eta": 0.0}])),
                                     parse_budget("psnr>=25"), "macs", None, lines.append)
-        assert deterministic._solvers_apply()
+        assert deterministic._solvers_applying()

@@ -56,7 +56,8 @@ class Adapter:
     # what the architecture offers methods: "residual-chain" (units are residual blocks in a chain:
     # the dynamic rule), "skip-branches" (a U-Net's skip structure: DeepCache, encoder propagation),
     # "parallel-decode" (decoder-only steps can run batched), "any-resolution" (the model runs at
-    # other latent sizes mid-run: bottleneck sampling)
+    # other latent sizes mid-run: bottleneck sampling), "flow-matching" (trained on a flow path: the
+    # solvers of solvers/flow.py, no betas-schedule sampler such as EVODiff)
     capabilities: frozenset[str] = frozenset()
     channel_axis: int = -1  # channel axis of cached unit outputs (per-channel corrections)
     sample_arg: str = "hidden_states"

@@ -16,6 +16,7 @@ def _joint(block):
 class FluxAdapter(TransformerAdapter):
     name: str = "flux"
     model_classes: tuple[str, ...] = ("FluxTransformer2DModel",)
+    capabilities: frozenset[str] = TransformerAdapter.capabilities | {"flow-matching"}
     block_lists: tuple[BlockList, ...] = (
         BlockList("double", "transformer_blocks", ("attn", "ff", "ff_context"), _joint),
         BlockList("single", "single_transformer_blocks", ("attn", "proj_mlp"), _joint),

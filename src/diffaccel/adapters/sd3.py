@@ -21,5 +21,6 @@ def _inputs(block):
 class SD3Adapter(TransformerAdapter):
     name: str = "sd3"
     model_classes: tuple[str, ...] = ("SD3Transformer2DModel",)
+    capabilities: frozenset[str] = TransformerAdapter.capabilities | {"flow-matching"}
     block_lists: tuple[BlockList, ...] = (
         BlockList("blocks", "transformer_blocks", ("attn", "ff", "ff_context"), _inputs),)

@@ -17,6 +17,7 @@ from diffaccel.bench.peers import PEERS
 from diffaccel.errors import PlanError, SweepError
 from diffaccel.methods.registry import METHODS, parameters
 from diffaccel.plan import Plan
+from diffaccel.solvers.flow import FLOW_SOLVERS
 
 # a plan file (``{"plan": [{"file": "out/search/plan.json"}]}``): a searched plan beside the peers and
 # the plain samplers in one run
@@ -120,8 +121,9 @@ def entry(name: str) -> Entry:
         return Entry("diffaccel", parameters(name), lambda model: METHODS[name].applies(adapter_by_name(model)))
     if name in PEERS:
         return Entry("peer", dict(PEERS[name].knobs), lambda model: model in PEERS[name].models)
-    if name in STEP_NAMES:
-        return Entry("steps", dict(STEP_KNOBS), lambda model: True)
+    if name in STEP_NAMES:  # a flow-matching model runs the samplers of solvers/flow.py
+        return Entry("steps", dict(STEP_KNOBS), lambda model: STEP_NAMES[name] in FLOW_SOLVERS
+                     or "flow-matching" not in adapter_by_name(model).capabilities)
     raise SweepError(f"unknown method or peer {name!r}")
 
 
@@ -154,7 +156,8 @@ def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: boo
     kind = kind_of(model)
     every_peer = {**PEER_SWEEPS["dit"], **PEER_SWEEPS["unet"], **PEER_SWEEPS[kind]}
     peers = {name: every_peer[name] for name in PEERS if name in every_peer and applies_to(name, model)}
-    sweep = {**OURS[kind], **peers, **step_sweep(sampler, steps, quick)}
+    fewer = {name: s for name, s in step_sweep(sampler, steps, quick).items() if applies_to(name, model)}
+    sweep = {**OURS[kind], **peers, **fewer}
     if quick:  # two settings of each: a mild one and the most aggressive one
         sweep = {name: settings if name in STEP_NAMES or len(settings) <= 2 else [settings[1], settings[-1]]
                  for name, settings in sweep.items()}

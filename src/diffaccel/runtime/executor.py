@@ -28,7 +28,8 @@ from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
 from diffaccel.runtime.fitted import check_scheduler, check_weights
 from diffaccel.runtime.state import BranchState, Stats, merged_run
-from diffaccel.solvers.schedulers import slices_schedule, solver_scheduler
+from diffaccel.solvers.calls import slices_schedule
+from diffaccel.solvers.schedulers import solver_scheduler
 
 log = logging.getLogger("diffaccel")
 

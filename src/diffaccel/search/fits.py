@@ -41,6 +41,7 @@ class FitPhases:
     log: Callable[[str], None]
     candidates: list[Candidate]
     fit_solver: str | None  # the solver whose timesteps are fitted
+    flow: bool  # a flow-matching pipeline: no fits (its solvers take no explicit timesteps)
     fit_ceiling: int  # ... below the steps of its plain run that cleared
     fits: dict[int, Candidate]  # the best fit per step count
     _fit_scores: dict[SolverSpec, Scores]  # every fit run's scores, by solver setting
@@ -51,7 +52,7 @@ class FitPhases:
         is at the fewest steps whose plain run came within ``FIT_GAIN`` dB of the budget; the next
         is chosen by ``_next_fit``, until the counts that clear and those that miss meet."""
         plain = [spec for spec in configs if spec.name in PLACEABLE and spec.start == 1 and spec.spacing is None]
-        if not plain:
+        if not plain or self.flow:
             return []
         self.fit_solver, self.fit_ceiling = plain[0].name, plain[0].steps
         steps = self._first_fit(self.fit_solver, self.fit_ceiling)

@@ -69,7 +69,9 @@ from diffaccel.search.config import Budget
 from diffaccel.search.fits import FitPhases
 from diffaccel.search.guided import GuidancePhase
 from diffaccel.search.validation import Validator
-from diffaccel.solvers.schedulers import added_noise, solver_scheduler
+from diffaccel.solvers.calls import added_noise
+from diffaccel.solvers.flow import FLOW_SOLVERS, is_flow
+from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec
 
 HEADROOM = 6.0  # dB above the budget at which a sampler needs no more steps
@@ -124,6 +126,7 @@ class JointSearch(FitPhases, GuidancePhase):
         self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
         self._cached: list[SolverSpec | None] = []  # the settings phase 2 has run for
         self._guided: set[int | None] = set()  # the candidates phase 2b has tried
+        self.flow = False  # a flow-matching pipeline: the samplers run, their fits do not (phase 1)
 
     @property
     def deadline(self) -> float | None:
@@ -184,10 +187,9 @@ class JointSearch(FitPhases, GuidancePhase):
         misses below. The phase stops once something clears and it has used ``SAMPLERS_SHARE`` of the
         time left at its start (the fit and caching phases need the rest)."""
         clearing: list[tuple[float, SolverSpec]] = []
-        if not self._solvers_apply():
-            return []
+        names = self._solvers_applying()
         cap = None if self.deadline is None else time.time() + SAMPLERS_SHARE * (self.deadline - time.time())
-        for name in self.space.solvers:
+        for name in names:
             for start in self.space.starts:
                 if not clearing:
                     self._upward(name, start, clearing)
@@ -195,23 +197,29 @@ class JointSearch(FitPhases, GuidancePhase):
                     self._downward(name, start, clearing, cap)
         return [spec for _, spec in sorted(clearing, key=lambda x: x[0])]
 
-    def _solvers_apply(self) -> bool:
-        """Whether the pipeline's scheduler can host a solver section at all: a flow-matching one
-        (SD3, Flux) has no noise schedule to build the solvers on, and every setting would fail; a
-        stochastic one (ancestral, SDE, eta > 0) draws a trajectory no deterministic solver follows."""
+    def _solvers_applying(self) -> tuple[str, ...]:
+        """The solvers the pipeline's scheduler can host: none for a stochastic one (ancestral, SDE, eta > 0),
+        whose trajectory no deterministic solver follows; on a flow-matching one those of ``solvers/flow.py``."""
         if not (self.space.solvers and self.space.steps):
-            return False
+            return ()
         scheduler = find_denoiser(self.calib.pipe)[1]
         calls = [c.kwargs for c in getattr(self.calib.calibrate, "calls", ())]
+        self.flow = is_flow(scheduler)
+        names = tuple(n for n in self.space.solvers if not self.flow or n in FLOW_SOLVERS)
         try:
-            solver_scheduler(SolverSpec(name=self.space.solvers[0], steps=self.space.steps[0]), scheduler)
+            if not names:
+                raise PlanError(f"none of {', '.join(self.space.solvers)} runs on a flow-matching schedule")
+            solver_scheduler(SolverSpec(name=names[0], steps=self.space.steps[0]), scheduler)
             noise = added_noise(scheduler, calls)
             if noise is not None:
                 raise PlanError(f"{noise}, which no deterministic solver can follow: the plans keep that sampler")
         except PlanError as exc:
             self.log(f"  the sampler, its steps and their fits are skipped: {exc}")
-            return False
-        return True
+            return ()
+        if self.flow:
+            self.log(f"  a flow-matching pipeline: the samplers {', '.join(names)} at fewer steps, without fitted "
+                     "timesteps or coefficients (they need a noise-schedule sampler)")
+        return names
 
     def _plain_steps(self, spec: SolverSpec) -> Candidate | None:
         return self.score(identity_plan(self.calib.model).model_copy(update={"solver": spec, "method": "steps"}),

@@ -17,8 +17,10 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from diffaccel.errors import PlanError
+from diffaccel.solvers.calls import check_call
 from diffaccel.solvers.corrected import Corrected, Fitter, data_prediction, show_inner_step
 from diffaccel.solvers.evodiff import EVODiffScheduler
+from diffaccel.solvers.flow import flow_solver, is_flow
 from diffaccel.solvers.model_time import ModelTime
 from diffaccel.solvers.spec import SolverSpec
 
@@ -41,10 +43,11 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
     in an ``InformedStart``, with ``spec.coefficients`` (or a coefficient ``fitter``) in a ``Corrected``,
     with ``spec.bottleneck`` in a ``Bottleneck`` (whose reduced latent sizes must be multiples of
     ``size_multiple``), and last, with ``spec.model_timesteps``, in a ``ModelTime``: the corrections
-    read the solver's own timesteps."""
+    read the solver's own timesteps. On a flow-matching pipeline, ``flow.py``'s ``FlowSolver``."""
+    if is_flow(base):
+        return flow_solver(spec, base, exact_steps, fitting=fitter is not None)
     config = dict(base.config)
-    flow = config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
-    if flow or ("beta_schedule" not in config and "trained_betas" not in config):
+    if "beta_schedule" not in config and "trained_betas" not in config:
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; this pipeline's "
                         f"{type(base).__name__} has none: leave the plan's solver out for it")
     cls, extra = CLASSES[spec.name]
@@ -86,44 +89,6 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
     wrapped = Corrected(scheduler, spec.coefficients, fitter) if spec.coefficients is not None or fitter is not None \
         else scheduler
     return ModelTime(wrapped, spec.model_timesteps) if spec.model_timesteps is not None else wrapped
-
-
-def added_noise(scheduler: Any, calls: list[dict]) -> str | None:
-    """Why ``scheduler``, run on ``calls``, adds fresh noise at every step (ancestral, SDE, DDPM, DDIM
-    with ``eta`` > 0), or None: no deterministic solver can follow such a trajectory."""
-    name = type(scheduler).__name__
-    if "Ancestral" in name or "SDE" in name or name == "DDPMScheduler":
-        return f"the pipeline's {name} adds fresh noise at every step"
-    if "sde" in str(scheduler.config.get("algorithm_type", "")):
-        return f"the pipeline's {name} runs {scheduler.config['algorithm_type']}, which adds fresh noise at every step"
-    eta = max((float(c.get("eta") or 0) for c in calls), default=0.0)
-    if eta > 0 and "eta" in inspect.signature(scheduler.step).parameters:
-        return f"the calls' eta={eta:g} makes the pipeline's {name} add fresh noise at every step"
-    return None
-
-
-def slices_schedule(pipe: Any) -> bool:
-    """Whether ``pipe`` uses its step count beyond ``set_timesteps``: image-to-image and inpainting
-    pipelines take the last ``strength`` of a ``num_inference_steps``-step schedule."""
-    return "strength" in inspect.signature(type(pipe).__call__).parameters
-
-
-def check_call(spec: SolverSpec, num_inference_steps: int | None, timesteps: Any, sigmas: Any,
-               exact_steps: bool) -> None:
-    """Refuse what a pipeline call asks of the scheduler that the plan's solver would silently
-    override or that the pipeline itself would misread."""
-    if timesteps is not None or sigmas is not None:
-        raise PlanError("the plan's solver section sets the timesteps: call the pipeline without timesteps= and "
-                        "sigmas= (or use a plan without a solver section)")
-    if num_inference_steps is None or int(num_inference_steps) == spec.steps:
-        return
-    if exact_steps:
-        raise PlanError(f"this pipeline uses num_inference_steps itself (its strength takes a part of the schedule): "
-                        f"call it with num_inference_steps={spec.steps}, the steps of the plan's solver")
-    if int(num_inference_steps) == 1:
-        raise PlanError(f"a call with num_inference_steps=1 takes a one-step path in some pipelines (PixArt returns "
-                        f"every step's clean-sample estimate): call it with num_inference_steps={spec.steps}, the "
-                        "steps of the plan's solver")
 
 
 def _check_schedule(spec: SolverSpec, scheduler: Any) -> None:
