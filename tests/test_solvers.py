@@ -223,6 +223,34 @@ def test_a_pipeline_whose_own_sampler_is_a_flow_multistep_solver_gets_the_plans_
     assert torch.equal(outs["unipc"], own) and not torch.equal(outs["euler"], own)
 
 
+def test_explicit_timesteps_on_a_flow_pipeline_name_its_noise_levels():
+    """On Flux's default schedule (no shift) 4 steps run at timesteps 1000/750/500/250: Euler given
+    them explicitly is the pipeline's own run; other timesteps are what the denoiser is told (the
+    noise level times 1000), and past 1000 is refused."""
+    pipe, kwargs = build_case("flux")
+    denoiser = pipe.transformer
+    own = _flow_latents(pipe, kwargs, 4)
+    told = []
+    hook = denoiser.register_forward_pre_hook(lambda m, a, kw: told.append(round(float(kw["timestep"][0]) * 1000)),
+                                              with_kwargs=True)
+    for name, steps in (("euler", (1000, 750, 500, 250)), ("unipc", (1000, 900, 600, 200)), ("dpm++2", (950, 500))):
+        told.clear()
+        plan = identity_plan(denoiser).model_copy(
+            update={"solver": SolverSpec(name=name, steps=len(steps), timesteps=steps)})
+        with diffaccel.accelerate(pipe, plan):
+            out = _flow_latents(pipe, kwargs, 28)
+        assert tuple(told) == steps and torch.isfinite(out).all()
+        if name == "euler":
+            assert torch.equal(out, own)
+    hook.remove()
+    plan = identity_plan(denoiser).model_copy(
+        update={"solver": SolverSpec(name="unipc", steps=2, timesteps=(1200, 10))})
+    with pytest.raises(PlanError, match="timesteps reach 1200; on this flow schedule they run from 0 to 1000"):
+        with diffaccel.accelerate(pipe, plan):
+            pass
+    assert untouched(denoiser)
+
+
 def test_a_flow_solver_takes_the_same_noise_levels_as_diffusers_own_flow_mode():
     """What a user gets from ``DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3)`` on
     SD3 is what the plan's ``dpm++2`` runs on (the timesteps differ only by diffusers' rounding)."""
@@ -246,8 +274,8 @@ def test_bad_solver_plans_are_refused_and_leave_everything_as_it_was(pipes):
     flux, flux_call = build_case("flux")
     scheduler = flux.scheduler
     for spec, message in (({"name": "evodiff", "steps": 4}, "evodiff needs a noise-schedule .* use one of ddim, euler"),
-                          ({"name": "unipc", "steps": 4, "spacing": "leading"}, "sampler and its steps only; leave "
-                                                                                "out a spacing"),
+                          ({"name": "unipc", "steps": 4, "spacing": "leading"}, "the sampler, its steps and their "
+                                                                                "timesteps only; leave out a spacing"),
                           ({"name": "ddim", "steps": 4, "start": 0.5}, "leave out an informed start")):
         plan = identity_plan(flux.transformer).model_copy(update={"solver": SolverSpec(**spec)})
         with pytest.raises(PlanError, match=message):
@@ -848,21 +876,25 @@ def test_sampler_phase_goes_up_until_a_setting_clears_then_down_from_it_and_keep
     assert found == [("unipc", 9), ("evodiff", 9)] and scored[-1] == ("evodiff", 9) and len(scored) == 8
 
 
-def test_on_a_flow_matching_pipeline_the_sampler_phase_runs_its_flow_solvers_and_skips_the_fits():
+def test_on_a_flow_matching_pipeline_the_sampler_phase_runs_its_flow_solvers_and_fits_their_timesteps():
     """diffusers' StableDiffusion3Pipeline (tiny, random) has a FlowMatchEulerDiscreteScheduler: the
     joint search runs the solvers that have a flow mode at fewer steps (not EVODiff, which needs a
-    betas schedule), says once that the fits are left out, and no setting fails."""
+    betas schedule) and fits their timesteps, says once that coefficient fits and told timesteps are
+    left out, and no setting fails."""
     pipe, kwargs = build_case("sd3")
     lines: list[str] = []
     joint = JointSearch(CalibrationRun(pipe, as_workload([kwargs])), parse_budget("psnr>=25"), "macs", None,
-                        lines.append, space=joint_module.JointSpace(steps=(3, 4)))
+                        lines.append, space=joint_module.JointSpace(steps=(4, 6)))
     found = joint.samplers()
     scored = {c.plan.solver.name for c in joint.candidates}
     assert found and scored == {"unipc", "dpm++3", "dpm++2", "ddim"} and joint.flow
-    assert [line for line in lines if "flow-matching" in line and "without fitted timesteps" in line]
-    assert joint.fitted(found) == [] and not any("failed" in line for line in lines)
+    assert [line for line in lines if "flow-matching" in line and "their fitted timesteps, without" in line]
+    joint.fitted(found)
+    fitted = [c.plan.solver for c in joint.candidates if c.plan.solver.timesteps is not None]
+    assert fitted and all(s.coefficients is None for s in fitted) and not any("failed" in line for line in lines)
     joint.run()
-    assert not any("failed" in line or "fitted in" in line for line in lines)
+    later = [line for line in lines if "flow-matching" not in line]
+    assert not any("failed" in line or "coefficients" in line or "told" in line for line in later)
     sd, sd_kwargs = build_case("sd-pndm")
     assert JointSearch(CalibrationRun(sd, as_workload([sd_kwargs])), parse_budget("psnr>=25"), "macs", None,
                        lines.append)._solvers_applying() == joint_module.JointSpace().solvers

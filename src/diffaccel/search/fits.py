@@ -41,7 +41,7 @@ class FitPhases:
     log: Callable[[str], None]
     candidates: list[Candidate]
     fit_solver: str | None  # the solver whose timesteps are fitted
-    flow: bool  # a flow-matching pipeline: no fits (its solvers take no explicit timesteps)
+    flow: bool  # a flow-matching pipeline: timestep fits only (coefficients and told timesteps need betas)
     fit_ceiling: int  # ... below the steps of its plain run that cleared
     fits: dict[int, Candidate]  # the best fit per step count
     _fit_scores: dict[SolverSpec, Scores]  # every fit run's scores, by solver setting
@@ -52,7 +52,7 @@ class FitPhases:
         is at the fewest steps whose plain run came within ``FIT_GAIN`` dB of the budget; the next
         is chosen by ``_next_fit``, until the counts that clear and those that miss meet."""
         plain = [spec for spec in configs if spec.name in PLACEABLE and spec.start == 1 and spec.spacing is None]
-        if not plain or self.flow:
+        if not plain:
             return []
         self.fit_solver, self.fit_ceiling = plain[0].name, plain[0].steps
         steps = self._first_fit(self.fit_solver, self.fit_ceiling)
@@ -109,7 +109,7 @@ class FitPhases:
         while self.fit_solver is not None and not self.late() and self._refined():
             pass
         met = self.fits.get(self._cheapest_fit())
-        if met is not None and not self.late() and self._short_of_ample(met) \
+        if met is not None and not self.late() and self._short_of_ample(met) and not self.flow \
                 and met.plan.solver.model_timesteps is None:
             self._told(met)
 
@@ -153,7 +153,7 @@ class FitPhases:
             return None
         plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
         timed = self._keep(plan, scores, fit.spec.label)
-        fits = [timed, *self._corrected(fit.spec, every=not self._ample(timed))]
+        fits = [timed, *([] if self.flow else self._corrected(fit.spec, every=not self._ample(timed)))]
         return max(fits, key=self._rank)
 
     def _rank(self, c: Candidate) -> tuple[bool, float]:

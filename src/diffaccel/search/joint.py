@@ -126,7 +126,7 @@ class JointSearch(FitPhases, GuidancePhase):
         self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
         self._cached: list[SolverSpec | None] = []  # the settings phase 2 has run for
         self._guided: set[int | None] = set()  # the candidates phase 2b has tried
-        self.flow = False  # a flow-matching pipeline: the samplers run, their fits do not (phase 1)
+        self.flow = False  # a flow-matching pipeline: no coefficient fits or told timesteps (phases 1c, 1d)
 
     @property
     def deadline(self) -> float | None:
@@ -217,8 +217,8 @@ class JointSearch(FitPhases, GuidancePhase):
             self.log(f"  the sampler, its steps and their fits are skipped: {exc}")
             return ()
         if self.flow:
-            self.log(f"  a flow-matching pipeline: the samplers {', '.join(names)} at fewer steps, without fitted "
-                     "timesteps or coefficients (they need a noise-schedule sampler)")
+            self.log(f"  a flow-matching pipeline: the samplers {', '.join(names)} and their fitted timesteps, without "
+                     "fitted coefficients or told timesteps (they need a noise-schedule sampler)")
         return names
 
     def _plain_steps(self, spec: SolverSpec) -> Candidate | None:

@@ -47,12 +47,16 @@ def flow_solver(spec: SolverSpec, base: Any, exact_steps: bool = False, fitting:
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; on this flow-matching "
                         f"pipeline ({type(base).__name__}) use one of {', '.join(FLOW_SOLVERS)}")
     unsupported = [what for what, given in (("a spacing", spec.spacing), ("an informed start", spec.start < 1),
-                                            ("a bottleneck", spec.bottleneck), ("explicit timesteps", spec.timesteps),
+                                            ("a bottleneck", spec.bottleneck),
                                             ("model_timesteps", spec.model_timesteps),
                                             ("fitted coefficients", spec.coefficients or fitting)) if given]
     if unsupported:
-        raise PlanError(f"on a flow-matching pipeline ({type(base).__name__}) a solver section sets the sampler and "
-                        f"its steps only; leave out {', '.join(unsupported)}")
+        raise PlanError(f"on a flow-matching pipeline ({type(base).__name__}) a solver section sets the sampler, "
+                        f"its steps and their timesteps only; leave out {', '.join(unsupported)}")
+    trained = base.config.num_train_timesteps
+    if spec.timesteps is not None and max(spec.timesteps) > trained:
+        raise PlanError(f"the plan's timesteps reach {max(spec.timesteps)}; on this flow schedule they run from 0 to "
+                        f"{trained} (the noise level times {trained})")
     if base.config.get("stochastic_sampling") or base.config.get("invert_sigmas"):
         raise PlanError(f"this pipeline's {type(base).__name__} runs stochastic or inverted sigmas, which the "
                         "plan's solvers cannot follow: leave the plan's solver out for it")
@@ -76,7 +80,9 @@ class FlowSolver:
             self.inner = cls(**trained)
         else:
             self.inner = cls.from_config(trained, **_FLOW_MODE, **extra)
-        self.own.set_timesteps(spec.steps, mu=0.0 if base.config.get("use_dynamic_shifting") else None)
+        # a resolution-dependent shift before any call: the one at the base image size
+        self._mu = base.config.get("base_shift", 0.5) if base.config.get("use_dynamic_shifting") else None
+        self.own.set_timesteps(spec.steps, mu=self._mu)
         if self.inner is not self.own:
             self.inner.set_timesteps(spec.steps)
         self.timesteps = self.inner.timesteps
@@ -92,6 +98,10 @@ class FlowSolver:
         asked = len(sigmas) if default else num_inference_steps
         check_call(self.spec, asked, timesteps, None if default else sigmas, self.exact_steps)
         steps, multistep = self.spec.steps, not isinstance(self.inner, FlowMatchEulerDiscreteScheduler)
+        mu = self._mu if mu is None else mu
+        if self.spec.timesteps is not None:  # explicit (fitted) timesteps: the noise levels they name, unshifted
+            self._place(self.spec.timesteps, device, multistep)
+            return
         if multistep and isinstance(self.own, FlowMatchEulerDiscreteScheduler):
             # diffusers' own flow grid for its multistep solvers, shifted as the pipeline's scheduler shifts it:
             # on an Euler grid ending near sigma 0 (SD3's) their higher orders diverge as the steps grow
@@ -108,6 +118,17 @@ class FlowSolver:
                 levels[0] = min(float(levels[0]), 1 - 1e-6)
             self.inner.sigmas = levels
             self.inner.timesteps = self.own.timesteps.clone() if multistep else self.own.timesteps.float()
+        self.timesteps = self.inner.timesteps
+
+    def _place(self, timesteps: tuple[int, ...], device: Any, multistep: bool) -> None:
+        """Run at ``timesteps`` (the model's timestep, noise level x ``num_train_timesteps``), then 0."""
+        self.inner.set_timesteps(len(timesteps), device=device, **({} if multistep else {"mu": self._mu}))
+        placed = torch.tensor(timesteps, dtype=torch.float32)
+        levels = torch.cat([placed / self.config.num_train_timesteps, torch.zeros(1)])
+        if multistep:  # log(1 - sigma) finite, as diffusers' UniPC keeps it
+            levels[0] = min(float(levels[0]), 1 - 1e-6)
+        self.inner.sigmas = levels if multistep else levels.to(self.inner.sigmas.device)
+        self.inner.timesteps = placed.to(self.inner.timesteps.device)
         self.timesteps = self.inner.timesteps
 
 
