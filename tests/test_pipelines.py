@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
 import diffaccel
 from diffaccel import methods
@@ -321,3 +321,78 @@ def test_a_prompt_lines_own_seed_sets_its_noise_in_every_image_set():
             Target("dit", pipe, [{"class_labels": [1], "seed": bad}]).workload(4, 3.0, per_class=1)
     with pytest.raises(WorkloadError, match=r"failed on the call for 2000 .*IndexError"):
         Target("dit", pipe, [{"class_labels": [2000]}]).workload(2, 3.0, per_class=1)(pipe)  # was a traceback
+
+
+def test_the_mac_count_follows_the_text_length_not_only_the_image_size():
+    """SD3's joint attention runs over the text tokens too: a call with 60 tokens costs more than one
+    with 5 at the same image size, in the same ``with`` block as after it, and each call's count is
+    what a fresh pipeline measures for it (the MACs of a shape were once remembered by the image's
+    shape alone, so the longer call read the shorter one's count)."""
+    def long(call):
+        g = torch.Generator().manual_seed(7)
+        return {**call, "prompt_embeds": torch.randn(2, 60, 16, generator=g),
+                "negative_prompt_embeds": torch.randn(2, 60, 16, generator=g)}
+
+    def full_macs(pipe, calls):
+        counts = []
+        with diffaccel.accelerate(pipe, methods.fora(pipe, 6, interval=2)) as run:
+            for call in calls:
+                pipe(**call, output_type="latent")
+                counts.append(run.stats.full_macs)
+        return counts
+
+    pipe, call = CASES["sd3"][0]()
+    short_then_long = full_macs(pipe, [call, long(call)])
+    fresh_long = full_macs(CASES["sd3"][0]()[0], [long(call)])
+    assert short_then_long[1] > 1.5 * short_then_long[0] and short_then_long[1] == fresh_long[0]
+
+
+def test_a_saved_plan_on_dpm_solver_does_not_warn_of_a_changed_scheduler(tmp_path):
+    """DPM-Solver's ``lambda_min_clipped`` is -inf by default, which a plan file keeps as null: the
+    plan read back on the same pipeline must not read it as a setting changed since calibration."""
+    pipe, call = CASES["sd-dpm-multistep"][0]()
+    plan = methods.keysteps(pipe, [call], keys=3)
+    plan.save(tmp_path / "plan.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        with diffaccel.accelerate(pipe, Plan.load(tmp_path / "plan.json")):
+            pipe(**call, output_type="latent")
+    pipe.scheduler.register_to_config(lambda_min_clipped=-5.0)  # a setting that did change still warns
+    with pytest.warns(PlanWarning, match="lambda_min_clipped=-5.0"):
+        with diffaccel.accelerate(pipe, Plan.load(tmp_path / "plan.json")):
+            pass
+
+
+def test_an_image_to_image_call_runs_a_plan_for_the_evaluations_it_makes():
+    """At strength 0.5 a 6-step DDIM img2img call evaluates the denoiser 3 times (t = 333, 167, 1; DDIM
+    keeps no begin index): a plan's steps are those 3 evaluations. A 6-step plan is refused with the
+    count to make it for (it had run its first 3 rows, made for t = 999.., on those timesteps)."""
+    pipe, call = CASES["sd-pndm"][0]()
+    i2i = StableDiffusionImg2ImgPipeline(**{**pipe.components, "scheduler": DDIMScheduler()})
+    i2i.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        return i2i(prompt=call["prompt"], image=image, strength=0.5, num_inference_steps=6, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+
+    plain = run()
+    with diffaccel.accelerate(i2i, methods.fora(pipe, 3, interval=1)) as full:
+        assert torch.equal(run(), plain) and full.stats.steps == 3
+    with diffaccel.accelerate(i2i, methods.fora(pipe, 3, interval=2)) as cached:
+        out = run()
+    assert cached.stats.reused > 0 and cached.stats.macs < cached.stats.full_macs and torch.isfinite(out).all()
+    with pytest.raises(PlanError, match="runs 3 .*the last 3 of its 6-step schedule.*make the plan for 3 steps"):
+        with diffaccel.accelerate(i2i, methods.fora(pipe, 6, interval=2)):
+            run()
+    assert torch.equal(run(), plain)
+
+
+def test_a_plan_that_cannot_be_mapped_is_refused_before_the_log_says_it_was(caplog):
+    pipe, call = CASES["dit"][0]()
+    every = Plan.from_dict({**methods.fora(pipe, 6, interval=2).model_dump(), "schedule": ["CCC"] * 6})
+    guided = methods.fit_guidance(pipe, every, steps=[5], calls=[call])
+    with caplog.at_level("INFO", logger="diffaccel"), pytest.raises(PlanError):
+        with diffaccel.accelerate(pipe, guided, resample=True):
+            pipe(**{**call, "num_inference_steps": 8}, output_type="latent")
+    assert not any("mapped to" in r.getMessage() for r in caplog.records)

@@ -900,6 +900,19 @@ def test_on_a_flow_matching_pipeline_the_sampler_phase_runs_its_flow_solvers_and
                        lines.append)._solvers_applying() == joint_module.JointSpace().solvers
 
 
+def test_a_pipeline_that_cannot_take_a_guidance_prediction_is_told_so_once():
+    """Flux (guidance-distilled: no doubled guidance batch) refuses the prediction for every plan; the
+    joint search tries it once, says it leaves it out, and goes on."""
+    pipe, kwargs = build_case("flux")
+    lines: list[str] = []
+    joint = JointSearch(CalibrationRun(pipe, as_workload([kwargs])), parse_budget("psnr>=25"), "macs", None,
+                        lines.append, space=joint_module.JointSpace(steps=(4, 6)))
+    joint.run()
+    refused = [line for line in lines if "not fitted" in line]
+    assert len(refused) == 1 and "left out of the rest of the search" in refused[0] and "doubled" in refused[0]
+    assert len(joint.candidates) > 5
+
+
 @pytest.mark.parametrize("case", ["sd-euler-ancestral", "sd-ddim-eta"])
 def test_a_sampler_that_adds_noise_at_every_step_keeps_the_sampler_phase_out_with_the_reason(case):
     """Against an ancestral sampler or DDIM at eta=1 every deterministic solver scores the same low

@@ -82,3 +82,9 @@ def predicted_steps_saved(plan: Plan) -> float:
     """Full steps' worth of MACs a plan's predicted guidance saves: half of each predicted step (the
     unconditional half of its batch never runs)."""
     return len(plan.guidance.steps) / 2 if plan.guidance is not None else 0.0
+
+
+def condition_shapes(arguments: dict) -> tuple:
+    """The per-sample shapes of a forward's tensor inputs by argument name (text embeddings, masks):
+    with the sample's, what its MACs depend on."""
+    return tuple((k, tuple(v.shape[1:])) for k, v in arguments.items() if isinstance(v, torch.Tensor) and v.dim() > 1)

@@ -51,6 +51,12 @@ class StepClock:
         self.active, self.step, self.calls, self.begin = True, 0, 0, 0
         self.timesteps = [timestep_value(t) for t in timesteps]
 
+    def find_begin(self, t: float) -> None:
+        """At a run's first forward: where an image-to-image pipeline whose scheduler keeps no begin
+        index (DDIM) starts in the schedule, read off the timestep the model sees there."""
+        if self.begin == 0 and self.timesteps and t != self.timesteps[0] and t in self.timesteps:
+            self.begin = self.timesteps.index(t)
+
     def next_branch(self) -> int:
         branch = self.calls
         self.calls += 1

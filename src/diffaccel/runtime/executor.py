@@ -20,13 +20,13 @@ import torch
 
 from diffaccel.adapters import Adapter, adapter_for
 from diffaccel.errors import CacheError, PlanError
-from diffaccel.eval.cost import FlopCounterMode, register_flop_formulas
+from diffaccel.eval.cost import FlopCounterMode, condition_shapes, register_flop_formulas
 from diffaccel.plan import Plan
 from diffaccel.runtime import features as feature_modules
 from diffaccel.runtime.cache import UnitCache, all_finite, tree_map
 from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
-from diffaccel.runtime.fitted import check_scheduler, check_weights
+from diffaccel.runtime.fitted import check_scheduler, check_weights, plan_for_run
 from diffaccel.runtime.state import BranchState, Stats, merged_run
 from diffaccel.solvers.calls import slices_schedule
 from diffaccel.solvers.schedulers import solver_scheduler
@@ -67,11 +67,13 @@ class Executor:
         self.source_plan = plan
         self.stats = Stats()
         self.clock = StepClock()
-        self.unit_macs: dict[tuple, list[int]] = dict(unit_macs or {})
+        self.unit_macs: dict[tuple, list[int]] = dict(unit_macs or {})  # by mac_key: sample and condition shapes
+        self.mac_key: tuple = ()
         self._states: dict[Any, BranchState] = {}
         self._current: BranchState | None = None
         self._saved: list[tuple[Any, str, Any, bool]] = []
         self._measuring: list[int] | None = None
+        self._pending_run = False  # timesteps set, the run's first forward still to come
         self.features: list[Feature] = []
         self.step_observers: list[StepHook] = []  # called after every scheduler step: (step, sample, prev)
         self._use(plan)
@@ -145,7 +147,7 @@ class Executor:
                     lambda *a, _i=index, _f=unit_original, **k: self._unit_forward(_i, _f, a, k)))
             self.clock = StepClock()
             if scheduler is not None:
-                self.clock.hook(scheduler, self.patch, self._start_run, self._after_step)
+                self.clock.hook(scheduler, self.patch, self._run_set, self._after_step)
             self.patch(self.model, "_diffaccel_executor", self)
         except BaseException:
             self.remove()
@@ -164,21 +166,19 @@ class Executor:
         self._current = None
         self.clock = StepClock()
 
+    def _run_set(self) -> None:
+        """The scheduler's timesteps are set: the run starts at its first forward, where an image-to-image
+        pipeline's begin index is known (its evaluations are the schedule's tail from there)."""
+        self._pending_run = True
+
     def _start_run(self) -> None:
         """A pipeline call starts: forget all cache state; fit the plan to the run's step count."""
+        self._pending_run = False
         self._states.clear()
         self.stats = Stats()
         steps = self.clock.expected_steps
-        source = self.source_plan
-        if not source.step_free and steps != self.plan.num_steps:
-            if source.num_steps != steps and not self.resample:
-                raise PlanError(f"the plan is for {source.num_steps} steps but the pipeline runs {steps} "
-                                f"(denoiser evaluations of this call): make the plan for {steps} steps, or map "
-                                f"it with plan.resample({steps}) / accelerate(..., resample=True)")
-            if source.num_steps != steps:
-                log.warning("plan %s made for %d steps, mapped to %d steps of this run (Plan.resample)",
-                            source.method, source.num_steps, steps)
-            self._use(source.resample(steps))
+        if not self.source_plan.step_free and steps != self.plan.num_steps:
+            self._use(plan_for_run(self.source_plan, steps, len(self.clock.timesteps), self.resample))
         for feature in self._hooks["start_run"]:
             feature.start_run()
 
@@ -214,6 +214,9 @@ class Executor:
         bound = self._signature.bind(*args, **kwargs)
         sample = bound.arguments[self.adapter.sample_arg]
         t = timestep_value(bound.arguments[self.adapter.timestep_arg])
+        if self._pending_run:
+            self.clock.find_begin(t)
+            self._start_run()
         state = self._branch(tuple(sample.shape), t)
         state.last_t = t
         state.passthrough = set()
@@ -230,8 +233,10 @@ class Executor:
     def run_forward(self, original: Callable, args: tuple, kwargs: dict, state: BranchState, shape: tuple) -> Any:
         """Run the model under the plan for branch ``state`` on a sample of ``shape`` and count its MACs."""
         self._shape, self._batch = shape[1:], shape[0]
+        # by name, however a feature passes them: a longer text conditioning costs more
+        self.mac_key = (self._shape, condition_shapes(self._signature.bind(*args, **kwargs).arguments))
         batch = self._batch
-        measure = self._shape not in self.unit_macs
+        measure = self.mac_key not in self.unit_macs
         if state.shape is not None and state.shape != self._shape:
             state.forget()  # the resolution changed mid-run (bottleneck sampling): nothing cached fits
         state.shape = self._shape
@@ -249,7 +254,7 @@ class Executor:
         self._check_finite(state, out)
         state.computed = {}  # let this forward's unit outputs go
         self.stats.forwards += 1
-        total = self.unit_macs[self._shape][0] * batch
+        total = self.unit_macs[self.mac_key][0] * batch
         self.stats.full_macs += total
         self.stats.macs += total
         return out
@@ -262,7 +267,7 @@ class Executor:
             with FlopCounterMode(display=False) as counter:
                 out = original(*args, **kwargs)
             self._measuring[0] = counter.get_total_flops()
-            self.unit_macs[self._shape] = [f // 2 // self._batch for f in self._measuring]
+            self.unit_macs[self.mac_key] = [f // 2 // self._batch for f in self._measuring]
         finally:
             self._measuring = None
         return out
@@ -336,6 +341,7 @@ class Executor:
         return out
 
     def _charge_skipped(self, index: int) -> None:
-        table = self.unit_macs.get(self._shape)
+        table = self.unit_macs.get(self.mac_key)
         if table is not None:
             self.stats.macs -= table[index + 1] * self._batch
+

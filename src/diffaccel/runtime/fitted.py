@@ -1,10 +1,11 @@
-"""What a calibrated plan was fitted with, checked where it is applied: other weights warn (and
-refuse, for calibrated quantization), another scheduler warns. Such a plan runs, but the quality it
-was measured at does not carry over."""
+"""What a plan was made for, checked where it is applied: other weights warn (and refuse, for
+calibrated quantization), another scheduler warns (such a plan runs, but the quality it was measured
+at does not carry over); another step count is refused or, when asked, mapped."""
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from typing import Any
 
@@ -15,6 +16,7 @@ from diffaccel.fingerprint import fingerprint, public_config
 from diffaccel.plan import Plan
 
 NOT_CARRIED = "but its quality figures do not carry over: make it again"
+log = logging.getLogger("diffaccel")
 
 
 def check_weights(model: torch.nn.Module, plan: Plan) -> None:
@@ -33,8 +35,8 @@ def check_weights(model: torch.nn.Module, plan: Plan) -> None:
 
 def scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
     """``scheduler``'s public config as JSON values (what a calibrated plan records of it)."""
-    public = public_config(scheduler)
-    return None if public is None else json.loads(json.dumps(public, default=str))
+    public = public_config(scheduler)  # infinities (DPM-Solver's lambda_min_clipped) as a plan file keeps them: null
+    return None if public is None else json.loads(json.dumps(public, default=str), parse_constant=lambda _: None)
 
 
 def check_scheduler(plan: Plan, scheduler: Any) -> None:
@@ -56,3 +58,19 @@ def check_scheduler(plan: Plan, scheduler: Any) -> None:
         settings = ", ".join(f"{key}={found[key]!r} (fitted with {recorded[key]!r})" for key in changed)
         warnings.warn(f"this plan was fitted with {fitted} set otherwise than the pipeline's: {settings}; it runs, "
                       f"{NOT_CARRIED} with these settings", PlanWarning, stacklevel=4)
+
+
+def plan_for_run(source: Plan, steps: int, schedule: int, resample: bool) -> Plan:
+    """``source`` for a run of ``steps`` denoiser evaluations (the last ``steps`` of a ``schedule``-step
+    schedule for an image-to-image call): as it is, mapped (``Plan.resample``) when ``resample``, or refused."""
+    if source.step_free or source.num_steps == steps:
+        return source
+    if not resample:
+        tail = f", the last {steps} of its {schedule}-step schedule" if schedule > steps else ""
+        raise PlanError(f"the plan is for {source.num_steps} steps but the pipeline runs {steps} (denoiser "
+                        f"evaluations of this call{tail}): make the plan for {steps} steps, or map it with "
+                        f"plan.resample({steps}) / accelerate(..., resample=True)")
+    mapped = source.resample(steps)  # refuses a plan that cannot be mapped, before the log says it was
+    log.warning("plan %s made for %d steps, mapped to %d steps of this run (Plan.resample)", source.method,
+                source.num_steps, steps)
+    return mapped

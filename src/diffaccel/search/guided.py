@@ -31,6 +31,7 @@ class GuidancePhase:
     candidates: list[Candidate]
     _reference: ReferenceTrajectory | None
     _guided: set[int | None]  # the candidates (by trial number) the phase has tried
+    _refused: bool = False  # a first prediction failed: the pipeline cannot take one (no doubled guidance batch)
 
     def guided(self) -> None:
         """Phase 2b over the ``GUIDED`` cheapest plans that clear the budget and can take it, the best
@@ -38,7 +39,7 @@ class GuidancePhase:
         tier = sorted((c for c in self.candidates if c.plan is not None and _takes_guidance(c.plan)
                        and c.meets(self.budget)), key=lambda c: (c.cost(self.objective), -c.quality(self.budget)))
         for c in tier[:GUIDED]:
-            if self.late():
+            if self.late() or self._refused:
                 return
             if c.trial not in self._guided:
                 self._guided.add(c.trial)
@@ -57,7 +58,9 @@ class GuidancePhase:
             try:
                 plan = self._refitted(fit_guidance(self.calib.pipe, c.plan, [step, *predicted], self.calib.calibrate))
             except (MethodError, PlanError) as exc:
-                self.log(f"  {source}: not fitted ({str(exc)[:160]})")
+                self._refused = not predicted  # the plan's own run failed to take it: so would every other
+                rest = "; guidance prediction is left out of the rest of the search" if self._refused else ""
+                self.log(f"  {source}: not fitted ({str(exc)[:160]}){rest}")
                 return
             found = self.score(plan, source)
             if not found or not found.meets(self.budget):

@@ -109,7 +109,7 @@ class PredictedGuidance(Feature):
         # a throwaway branch state: the half batch computes every unit and leaves the caches as they were
         out = executor.run_forward(original, bound.args, bound.kwargs, BranchState(step=state.step),
                                    (half, *sample.shape[1:]))
-        executor.stats.full_macs += executor.unit_macs[tuple(sample.shape[1:])][0] * half
+        executor.stats.full_macs += executor.unit_macs[executor.mac_key][0] * half
         cond = model_sample(out)
         given = terms(state.step, StepRecord(cond_in, cond, cond), own.previous)  # its uncond is no term
         uncond = sum(w * t for w, t in zip(self.weights[state.step], given))
