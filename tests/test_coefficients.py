@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 import diffaccel
 from conftest import requires_weights
 from diffaccel import methods
+from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.errors import PlanError, SearchError
 from diffaccel.search.coefficients import coefficient_fits, fit_coefficients, record_reference
@@ -109,6 +111,36 @@ def test_the_last_steps_fit_brings_a_stock_pipelines_run_closer_to_its_reference
     refit = fit_coefficients(pipe, calibrate, spec, reference, trajectory=False, plan=cached)
     assert refit.coefficients != last.coefficients and latent_error(refit, cached) < latent_error(spec, cached)
     assert pipe.scheduler is scheduler and untouched(pipe.unet)
+
+
+@pytest.mark.parametrize("case", ["sd3", "flux"])
+def test_coefficients_fit_on_a_flow_matching_pipeline(case):
+    """SD3 and Flux (tiny, random; Flux with its resolution-dependent shift, set through sigmas=): the
+    reference is recorded on the flow path (clean sample x - sigma v), zero coefficients reproduce the
+    flow solver exactly, and the last step's fit brings the final latents closer to the reference."""
+    pipe, kwargs = build_case(case)
+    if case == "flux":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    scheduler, denoiser = pipe.scheduler, find_denoiser(pipe)[0]
+
+    def calibrate(p):
+        return p(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    reference = record_reference(pipe, calibrate)
+    target = reference.target(0, None)
+    spec = SolverSpec(name="unipc", steps=3)
+
+    def latents(solver: SolverSpec) -> torch.Tensor:
+        with diffaccel.accelerate(pipe, identity_plan(denoiser).model_copy(update={"solver": solver})):
+            return calibrate(pipe)
+
+    plain = latents(spec)
+    assert torch.equal(latents(spec.model_copy(update={"coefficients": rows(3)})), plain)
+    last = fit_coefficients(pipe, calibrate, spec, reference, trajectory=False)
+    assert any(last.coefficients[2]) and ((latents(last) - target) ** 2).mean() < ((plain - target) ** 2).mean()
+    every = fit_coefficients(pipe, calibrate, spec, reference)
+    assert all(any(r) for r in every.coefficients) and torch.isfinite(latents(every)).all()
+    assert pipe.scheduler is scheduler and untouched(denoiser)
 
 
 def test_coefficients_need_a_variance_preserving_reference_and_solver(pipes):

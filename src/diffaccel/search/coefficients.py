@@ -14,6 +14,7 @@ what lets the weights carry over to other seeds.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from diffaccel.calibration.reference import run_with_plan
 from diffaccel.errors import SearchError
 from diffaccel.plan import Plan
-from diffaccel.solvers.corrected import data_prediction
+from diffaccel.solvers.paths import clean_estimate, is_flow, noise_levels
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec, basis_size
 
@@ -38,6 +39,8 @@ class _Recorder:
     def __init__(self, inner: Any):
         self.inner = inner
         self.calls: list[dict[str, list]] = []
+        # the inner signature: a pipeline passes sigmas= (Flux) only to a set_timesteps that names them
+        self.set_timesteps = functools.wraps(inner.set_timesteps)(functools.partial(_Recorder.set_timesteps, self))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -48,10 +51,9 @@ class _Recorder:
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         call = self.calls[-1]
-        t = int(timestep)
-        call["timesteps"].append(t)
+        call["timesteps"].append(float(timestep))
         call["samples"].append(sample.detach().float().cpu().clone())
-        clean = data_prediction(self.inner.config, float(self.inner.alphas_cumprod[t]), model_output, sample)
+        clean = clean_estimate(self.inner, timestep, model_output, sample)
         call["clean"].append(clean.detach().float().cpu())
         out = self.inner.step(model_output, timestep, sample, *args, **kwargs)
         prev = out[0] if isinstance(out, tuple) else out.prev_sample
@@ -62,10 +64,10 @@ class _Recorder:
 class ReferenceTrajectory:
     """The reference run's states, per pipeline call, and the targets read off them."""
 
-    def __init__(self, calls: list[dict[str, list]], alphas_cumprod: torch.Tensor):
-        self.calls, self.bars = calls, alphas_cumprod.double()
+    def __init__(self, calls: list[dict[str, list]], scheduler: Any):
+        self.calls, self.scheduler = calls, scheduler  # its noise path: each timestep's alpha and sigma
 
-    def target(self, call: int, timestep: int | None) -> torch.Tensor:
+    def target(self, call: int, timestep: float | None) -> torch.Tensor:
         """The reference's sample at ``timestep`` of call ``call`` (None: its final sample)."""
         if call >= len(self.calls):
             raise SearchError("the fit's run made more pipeline calls than the reference run: the calibration "
@@ -75,18 +77,21 @@ class ReferenceTrajectory:
             return record["final"][0]
         above = [k for k, t in enumerate(record["timesteps"]) if t >= timestep]
         k = above[-1] if above else 0
-        a, b = self.bars[record["timesteps"][k]], self.bars[timestep]
+        (alpha_a, sigma_a), (alpha_b, sigma_b) = (noise_levels(self.scheduler, t) for t in (record["timesteps"][k],
+                                                                                            timestep))
         clean, sample = record["clean"][k].double(), record["samples"][k].double()
-        noise = (sample - a.sqrt() * clean) / (1 - a).sqrt()
-        return (b.sqrt() * clean + (1 - b).sqrt() * noise).float()
+        noise = (sample - alpha_a * clean) / sigma_a
+        return (alpha_b * clean + sigma_b * noise).float()
 
 
 def record_reference(pipe: Any, calibrate: Callable[[Any], Any]) -> ReferenceTrajectory:
     """One run of the calibration workload with the pipeline's own sampler, recorded."""
     own = pipe.scheduler
-    if getattr(own, "alphas_cumprod", None) is None or float(getattr(own, "init_noise_sigma", 1.0)) != 1.0:
+    betas = getattr(own, "alphas_cumprod", None) is not None and float(getattr(own, "init_noise_sigma", 1.0)) == 1.0
+    if not (betas or is_flow(own)):
         raise SearchError(f"fitting solver coefficients needs a reference sampler on a noise schedule with "
-                          f"variance-preserving samples (DDIM, DPM-Solver, UniPC, PNDM); this pipeline's "
+                          f"variance-preserving samples (DDIM, DPM-Solver, UniPC, PNDM) or a flow-matching one; "
+                          f"this pipeline's "
                           f"{type(own).__name__} is not one")
     recorder = _Recorder(own)
     pipe.scheduler = recorder
@@ -94,7 +99,7 @@ def record_reference(pipe: Any, calibrate: Callable[[Any], Any]) -> ReferenceTra
         calibrate(pipe)
     finally:
         pipe.scheduler = own
-    return ReferenceTrajectory(recorder.calls, own.alphas_cumprod)
+    return ReferenceTrajectory(recorder.calls, own)
 
 
 class _StepFit:
@@ -111,7 +116,7 @@ class _StepFit:
         self.call += 1
 
     def weights(self, step: int, basis: list[torch.Tensor], prev: torch.Tensor,
-                next_timestep: int | None) -> Sequence[float] | None:
+                next_timestep: float | None) -> Sequence[float] | None:
         if step != self.k:
             return self.rows[step] if step < self.k else None
         target = self.reference.target(self.call, next_timestep)

@@ -41,7 +41,7 @@ class FitPhases:
     log: Callable[[str], None]
     candidates: list[Candidate]
     fit_solver: str | None  # the solver whose timesteps are fitted
-    flow: bool  # a flow-matching pipeline: timestep fits only (coefficients and told timesteps need betas)
+    flow: bool  # a flow-matching pipeline: no told timesteps (phase 1d)
     fit_ceiling: int  # ... below the steps of its plain run that cleared
     fits: dict[int, Candidate]  # the best fit per step count
     _fit_scores: dict[SolverSpec, Scores]  # every fit run's scores, by solver setting
@@ -153,7 +153,7 @@ class FitPhases:
             return None
         plan = identity_plan(self.calib.model).model_copy(update={"solver": fit.spec, "method": "fitted-timesteps"})
         timed = self._keep(plan, scores, fit.spec.label)
-        fits = [timed, *([] if self.flow else self._corrected(fit.spec, every=not self._ample(timed)))]
+        fits = [timed, *self._corrected(fit.spec, every=not self._ample(timed))]
         return max(fits, key=self._rank)
 
     def _rank(self, c: Candidate) -> tuple[bool, float]:

@@ -70,7 +70,8 @@ from diffaccel.search.fits import FitPhases
 from diffaccel.search.guided import GuidancePhase
 from diffaccel.search.validation import Validator
 from diffaccel.solvers.calls import added_noise
-from diffaccel.solvers.flow import FLOW_SOLVERS, is_flow
+from diffaccel.solvers.flow import FLOW_SOLVERS
+from diffaccel.solvers.paths import is_flow
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec
 
@@ -126,7 +127,7 @@ class JointSearch(FitPhases, GuidancePhase):
         self._reference: ReferenceTrajectory | None = None  # the reference run's trajectory (phase 1c)
         self._cached: list[SolverSpec | None] = []  # the settings phase 2 has run for
         self._guided: set[int | None] = set()  # the candidates phase 2b has tried
-        self.flow = False  # a flow-matching pipeline: no coefficient fits or told timesteps (phases 1c, 1d)
+        self.flow = False  # a flow-matching pipeline: no told timesteps (phase 1d)
 
     @property
     def deadline(self) -> float | None:
@@ -217,8 +218,7 @@ class JointSearch(FitPhases, GuidancePhase):
             self.log(f"  the sampler, its steps and their fits are skipped: {exc}")
             return ()
         if self.flow:
-            self.log(f"  a flow-matching pipeline: the samplers {', '.join(names)} and their fitted timesteps, without "
-                     "fitted coefficients or told timesteps (they need a noise-schedule sampler)")
+            self.log(f"  a flow-matching pipeline: the samplers {', '.join(names)}; no told timesteps (need betas)")
         return names
 
     def _plain_steps(self, spec: SolverSpec) -> Candidate | None:

@@ -19,18 +19,8 @@ from typing import Any, Protocol
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from diffaccel.solvers.paths import clean_estimate
 from diffaccel.solvers.spec import HISTORY
-
-
-def data_prediction(config: Any, alpha_bar: float, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """The clean-sample estimate of a variance-preserving model's output, whatever it predicts."""
-    alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
-    kind = config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if kind == "v_prediction":
-        return alpha * sample - sigma * model_output
-    return model_output
 
 
 class Fitter(Protocol):
@@ -40,7 +30,7 @@ class Fitter(Protocol):
         """A pipeline call starts (``set_timesteps``)."""
 
     def weights(self, step: int, basis: list[torch.Tensor], prev: torch.Tensor,
-                next_timestep: int | None) -> Sequence[float] | None:
+                next_timestep: float | None) -> Sequence[float] | None:
         """The weights for ``step``, given its basis and the solver's own output, which lands at
         ``next_timestep`` (None: the last step, the clean sample)."""
 
@@ -61,6 +51,8 @@ class Corrected:
         self.inner, self._rows, self._fitter = inner, weights, fitter
         self._index, self._history = 0, []
         show_inner_step(self)
+        # the inner signature too: a pipeline passes sigmas= (Flux) only to a set_timesteps that names them
+        self.set_timesteps = functools.wraps(inner.set_timesteps)(functools.partial(Corrected.set_timesteps, self))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -74,15 +66,13 @@ class Corrected:
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
              **kwargs: Any) -> Any:
         i, self._index = self._index, self._index + 1
-        bars = self.inner.alphas_cumprod
-        self._history = [data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample),
-                         *self._history][:HISTORY]
+        self._history = [clean_estimate(self.inner, timestep, model_output, sample), *self._history][:HISTORY]
         out = self.inner.step(model_output, timestep, sample, *args, **{**kwargs, "return_dict": False})
         prev = out[0]
         basis = [sample, *self._history]
         if self._fitter is not None:
             timesteps = self.inner.timesteps
-            following = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
+            following = float(timesteps[i + 1]) if i + 1 < len(timesteps) else None
             row = self._fitter.weights(i, basis, prev, following)
         else:
             row = self._rows[i] if self._rows is not None and i < len(self._rows) else None

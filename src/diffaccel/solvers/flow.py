@@ -1,6 +1,7 @@
 """A plan's solver section on a flow-matching pipeline (SD3, Flux): the plan's sampler at the plan's
 step count, on the noise levels the pipeline's own flow-matching scheduler sets at that count (its
-shift, or its resolution-dependent shift from the ``mu`` the pipeline passes for the image size).
+shift, or its resolution-dependent shift from the ``mu`` the pipeline passes for the image size), or
+at explicit timesteps (noise level x 1000), with fitted coefficients if the plan has them.
 
 On a flow path x_t = (1 - s) x_0 + s noise, DDIM's deterministic step is Euler's, so ``ddim`` and
 ``euler`` both run the pipeline's own scheduler at the plan's steps (exactly its run at that
@@ -18,6 +19,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 
 from diffaccel.errors import PlanError
 from diffaccel.solvers.calls import check_call
+from diffaccel.solvers.corrected import Corrected, Fitter
 from diffaccel.solvers.spec import SolverSpec
 
 FLOW_SOLVERS: dict[str, tuple[type, dict]] = {
@@ -33,26 +35,18 @@ _FLOW_MODE = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "fi
               "flow_shift": 1.0, "use_dynamic_shifting": False, "lower_order_final": True}
 
 
-def is_flow(scheduler: Any) -> bool:
-    """Whether ``scheduler`` samples a flow-matching path (no betas; sigmas from 1 down to 0)."""
-    config = dict(scheduler.config)
-    if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
-        return True
-    return "shift" in config and "beta_schedule" not in config and hasattr(scheduler, "time_shift")
-
-
-def flow_solver(spec: SolverSpec, base: Any, exact_steps: bool = False, fitting: bool = False) -> FlowSolver:
-    """``spec`` on ``base``'s flow schedule, or a clear error for what a flow path has no meaning for."""
+def flow_solver(spec: SolverSpec, base: Any, exact_steps: bool = False, fitter: Fitter | None = None) -> Any:
+    """``spec`` on ``base``'s flow schedule (in a ``Corrected`` with its coefficients or a ``fitter``), or a
+    clear error for what a flow path has no meaning for."""
     if spec.name not in FLOW_SOLVERS:
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; on this flow-matching "
                         f"pipeline ({type(base).__name__}) use one of {', '.join(FLOW_SOLVERS)}")
     unsupported = [what for what, given in (("a spacing", spec.spacing), ("an informed start", spec.start < 1),
                                             ("a bottleneck", spec.bottleneck),
-                                            ("model_timesteps", spec.model_timesteps),
-                                            ("fitted coefficients", spec.coefficients or fitting)) if given]
+                                            ("model_timesteps", spec.model_timesteps)) if given]
     if unsupported:
         raise PlanError(f"on a flow-matching pipeline ({type(base).__name__}) a solver section sets the sampler, "
-                        f"its steps and their timesteps only; leave out {', '.join(unsupported)}")
+                        f"its steps, their timesteps and coefficients only; leave out {', '.join(unsupported)}")
     trained = base.config.num_train_timesteps
     if spec.timesteps is not None and max(spec.timesteps) > trained:
         raise PlanError(f"the plan's timesteps reach {max(spec.timesteps)}; on this flow schedule they run from 0 to "
@@ -60,7 +54,9 @@ def flow_solver(spec: SolverSpec, base: Any, exact_steps: bool = False, fitting:
     if base.config.get("stochastic_sampling") or base.config.get("invert_sigmas"):
         raise PlanError(f"this pipeline's {type(base).__name__} runs stochastic or inverted sigmas, which the "
                         "plan's solvers cannot follow: leave the plan's solver out for it")
-    return FlowSolver(spec, base, exact_steps)
+    solver = FlowSolver(spec, base, exact_steps)
+    return Corrected(solver, spec.coefficients, fitter) if spec.coefficients is not None or fitter is not None \
+        else solver
 
 
 class FlowSolver:
@@ -68,6 +64,8 @@ class FlowSolver:
     steps; the pipeline's own scheduler (a copy) computes the noise levels and, for ``ddim`` and
     ``euler``, steps; a multistep solver steps on the same levels. ``config`` stays the pipeline's
     scheduler's, whose shift settings the pipeline reads before it sets the timesteps."""
+
+    flow_path = True  # for ``paths.is_flow``, through any wrapper
 
     def __init__(self, spec: SolverSpec, base: Any, exact_steps: bool = False) -> None:
         self.spec, self.exact_steps, self.config = spec, exact_steps, base.config

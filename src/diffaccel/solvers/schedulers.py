@@ -18,10 +18,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from diffaccel.errors import PlanError
 from diffaccel.solvers.calls import check_call
-from diffaccel.solvers.corrected import Corrected, Fitter, data_prediction, show_inner_step
+from diffaccel.solvers.corrected import Corrected, Fitter, show_inner_step
 from diffaccel.solvers.evodiff import EVODiffScheduler
-from diffaccel.solvers.flow import flow_solver, is_flow
+from diffaccel.solvers.flow import flow_solver
 from diffaccel.solvers.model_time import ModelTime
+from diffaccel.solvers.paths import clean_estimate, is_flow
 from diffaccel.solvers.spec import SolverSpec
 
 CLASSES: dict[str, tuple[type, dict]] = {
@@ -45,7 +46,7 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
     ``size_multiple``), and last, with ``spec.model_timesteps``, in a ``ModelTime``: the corrections
     read the solver's own timesteps. On a flow-matching pipeline, ``flow.py``'s ``FlowSolver``."""
     if is_flow(base):
-        return flow_solver(spec, base, exact_steps, fitting=fitter is not None)
+        return flow_solver(spec, base, exact_steps, fitter)
     config = dict(base.config)
     if "beta_schedule" not in config and "trained_betas" not in config:
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; this pipeline's "
@@ -176,7 +177,7 @@ class InformedStart:
             return self.inner.step(model_output, timestep, sample, *args, **kwargs)
         self._jump = False
         bars = self.inner.alphas_cumprod
-        x0 = data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
+        x0 = clean_estimate(self.inner, timestep, model_output, sample)
         target = float(bars[self._target])
         prev = target ** 0.5 * x0 + (1 - target) ** 0.5 * sample  # the run's own noise, as the first latent
         return SchedulerOutput(prev_sample=prev) if kwargs.get("return_dict", True) else (prev,)
@@ -215,7 +216,7 @@ class Bottleneck:
         if i not in (first - 1, first + low - 1):
             return self.inner.step(model_output, timestep, sample, *args, **kwargs)
         bars = self.inner.alphas_cumprod
-        x0 = data_prediction(self.inner.config, float(bars[int(timestep)]), model_output, sample)
+        x0 = clean_estimate(self.inner, timestep, model_output, sample)
         full = self._noise.shape[-2:]
         if i == first - 1:  # down
             size = (full[0] // self.spec.scale, full[1] // self.spec.scale)
