@@ -13,6 +13,7 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
     UniPCMultistepScheduler,
 )
 
@@ -249,6 +250,30 @@ def test_explicit_timesteps_on_a_flow_pipeline_name_its_noise_levels():
         with diffaccel.accelerate(pipe, plan):
             pass
     assert untouched(denoiser)
+
+
+def test_a_flow_image_to_image_pipeline_runs_the_plans_solver_from_its_noised_image():
+    """FluxImg2ImgPipeline at strength 0.5 noises the image to its start with the scheduler's
+    ``scale_noise``, which diffusers' multistep solvers lack: the plan's solver provides it on the
+    flow path (the pipeline's own Euler gives bitwise its own run), and runs the last 3 of 6 steps."""
+    pipe, kwargs = build_case("flux")
+    i2i = FluxImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    kwargs = {**kwargs, "prompt_embeds": kwargs["prompt_embeds"][:1],
+              "pooled_prompt_embeds": kwargs["pooled_prompt_embeds"][:1], "num_inference_steps": 6}
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        return i2i(**kwargs, image=image, strength=0.5, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+
+    own = run()
+    for name in ("euler", "unipc", "dpm++2"):
+        plan = identity_plan(pipe.transformer).model_copy(update={"solver": SolverSpec(name=name, steps=6)})
+        with diffaccel.accelerate(i2i, plan) as executed:
+            out = run()
+        assert executed.stats.steps == 3 and torch.isfinite(out).all()
+        assert torch.equal(out, own) == (name == "euler")
 
 
 def test_a_flow_solver_takes_the_same_noise_levels_as_diffusers_own_flow_mode():

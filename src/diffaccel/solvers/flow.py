@@ -118,6 +118,13 @@ class FlowSolver:
             self.inner.timesteps = self.own.timesteps.clone() if multistep else self.own.timesteps.float()
         self.timesteps = self.inner.timesteps
 
+    def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor) -> torch.Tensor:
+        """``sample`` noised to ``timestep`` on the flow path (an image-to-image call's start), for every
+        solver: diffusers' multistep ones have no ``scale_noise``."""
+        sigma = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1) / self.config.num_train_timesteps
+        sigma = sigma.to(sample.device, sample.dtype).reshape(-1, *[1] * (sample.dim() - 1))
+        return sigma * noise + (1 - sigma) * sample
+
     def _place(self, timesteps: tuple[int, ...], device: Any, multistep: bool) -> None:
         """Run at ``timesteps`` (the model's timestep, noise level x ``num_train_timesteps``), then 0."""
         self.inner.set_timesteps(len(timesteps), device=device, **({} if multistep else {"mu": self._mu}))
