@@ -95,12 +95,13 @@ class FlowSolver:
         default = sigmas is not None and _default_sigmas(sigmas)
         asked = len(sigmas) if default else num_inference_steps
         check_call(self.spec, asked, timesteps, None if default else sigmas, self.exact_steps)
-        steps, multistep = self.spec.steps, not isinstance(self.inner, FlowMatchEulerDiscreteScheduler)
-        mu = self._mu if mu is None else mu
+        steps, mu = self.spec.steps, self._mu if mu is None else mu
         if self.spec.timesteps is not None:  # explicit (fitted) timesteps: the noise levels they name, unshifted
-            self._place(self.spec.timesteps, device, multistep)
+            placed = torch.tensor(self.spec.timesteps, dtype=torch.float32)
+            self._place(torch.cat([placed / self.config.num_train_timesteps, torch.zeros(1)]), placed, device)
             return
-        if multistep and isinstance(self.own, FlowMatchEulerDiscreteScheduler):
+        if not isinstance(self.inner, FlowMatchEulerDiscreteScheduler) \
+                and isinstance(self.own, FlowMatchEulerDiscreteScheduler):
             # diffusers' own flow grid for its multistep solvers, shifted as the pipeline's scheduler shifts it:
             # on an Euler grid ending near sigma 0 (SD3's) their higher orders diverge as the steps grow
             self.own.set_timesteps(sigmas=_multistep_grid(self.inner, steps), device=device, mu=mu)
@@ -108,15 +109,10 @@ class FlowSolver:
             self.own.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
         else:
             self.own.set_timesteps(steps, device=device, mu=mu)
-        if self.inner is not self.own:
-            self.inner.set_timesteps(steps, device=device)  # resets its history; the levels are placed next
-            levels = self.own.sigmas.detach().float().clone()
-            if multistep:  # kept on the CPU, with log(1 - sigma) finite, as diffusers' UniPC keeps them
-                levels = levels.cpu()
-                levels[0] = min(float(levels[0]), 1 - 1e-6)
-            self.inner.sigmas = levels
-            self.inner.timesteps = self.own.timesteps.clone() if multistep else self.own.timesteps.float()
-        self.timesteps = self.inner.timesteps
+        if self.inner is self.own:
+            self.timesteps = self.own.timesteps
+        else:
+            self._place(self.own.sigmas, self.own.timesteps, device)
 
     def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor) -> torch.Tensor:
         """``sample`` noised to ``timestep`` on the flow path (an image-to-image call's start), for every
@@ -125,17 +121,18 @@ class FlowSolver:
         sigma = sigma.to(sample.device, sample.dtype).reshape(-1, *[1] * (sample.dim() - 1))
         return sigma * noise + (1 - sigma) * sample
 
-    def _place(self, timesteps: tuple[int, ...], device: Any, multistep: bool) -> None:
-        """Run at ``timesteps`` (the model's timestep, noise level x ``num_train_timesteps``), then 0."""
-        self.inner.set_timesteps(len(timesteps), device=device, **({} if multistep else {"mu": self._mu}))
-        placed = torch.tensor(timesteps, dtype=torch.float32)
-        levels = torch.cat([placed / self.config.num_train_timesteps, torch.zeros(1)])
-        if multistep:  # log(1 - sigma) finite, as diffusers' UniPC keeps it
+    def _place(self, levels: torch.Tensor, timesteps: torch.Tensor, device: Any) -> None:
+        """Run the inner solver at ``timesteps`` and the noise levels ``levels`` (one more: the last, 0)."""
+        multistep = not isinstance(self.inner, FlowMatchEulerDiscreteScheduler)
+        self.inner.set_timesteps(len(timesteps), device=device, **({} if multistep else {"mu": self._mu}))  # resets
+        levels = levels.detach().float().clone()
+        if multistep:  # kept on the CPU, with log(1 - sigma) finite, as diffusers' UniPC keeps them
+            levels = levels.cpu()
             levels[0] = min(float(levels[0]), 1 - 1e-6)
         self.inner.sigmas = levels if multistep else levels.to(self.inner.sigmas.device)
-        self.inner.timesteps = placed.to(self.inner.timesteps.device)
+        # Euler refuses integer timesteps; a multistep solver keeps the dtype its own scheduler gave them
+        self.inner.timesteps = (timesteps.clone() if multistep else timesteps.float()).to(self.inner.timesteps.device)
         self.timesteps = self.inner.timesteps
-
 
 def _multistep_grid(solver: Any, steps: int) -> np.ndarray:
     """The unshifted noise levels diffusers' ``solver`` sets in its flow mode at ``steps`` steps."""
