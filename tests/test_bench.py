@@ -276,6 +276,8 @@ def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path
     ({}, ["--model", "dit"], ["is empty"]),
     ({"fora": []}, ["--model", "dit"], ["fora has an empty sweep"]),
     ({"fora": [{"intervall": 2}]}, ["--model", "dit"], ["has no setting intervall"]),
+    ({"fora": {"interval": 3}}, ["--model", "dit"], ["fora takes a list of settings", '[{"interval": 3}]']),
+    ({"fora": [{"interval": "three"}]}, ["--model", "dit"], ["fora's interval is a number (default 3), got 'three'"]),
     ({"tgate": [{"gate_step": 2}]}, ["--model", "dit"], ["tgate does not apply to the dit"]),
     ("{not json", ["--model", "dit"], ["not valid JSON"]),
     (None, ["--model", "dit", "--only", "nope"], ["--only", "unknown method or peer 'nope'"]),

@@ -264,3 +264,24 @@ def test_search_under_a_judge_budget_uses_the_models_evaluator(run, tmp_path):
     if summary["validation_confirmed"]:
         assert judged["bound"] * 100 >= -1
     assert summary["heldout_judged"] is not None and f"judged {judged['change'] * 100:+.1f} pt" in result.output
+
+
+@requires_weights
+def test_a_rerun_of_a_search_takes_the_sizes_its_first_run_was_given(run, tmp_path, monkeypatch):
+    """The calibration set is sized from a timed run: on a busier machine the same command sized
+    another one, and the stored search refused it ("another calibration set"). A rerun in the same
+    --out takes the sizes the first run recorded there, and resumes."""
+    from diffaccel.cli import search as search_cli
+
+    timed = iter([1, 2])  # what the timed run affords: less, then more
+    monkeypatch.setattr(search_cli, "affordable_sizes",
+                        lambda probe, steps, limit, pairs, calib, held, log: (calib or next(timed), held or 1))
+    out = tmp_path / "s"
+    args = ("search", "--model", "dit", "--steps", "4", "--strategy", "dp", "--budget", "psnr>=10", "--pairs", "1",
+            "--time", "5m", "--out", str(out))
+    first = run(*args)
+    assert first.exit_code == 0, first.error
+    assert json.loads((out / "sizes.json").read_text()) == {"calibration": 1, "heldout": 1}
+    again = run(*args)
+    assert again.exit_code == 0, again.error
+    assert "as the search in" in again.error and json.loads((out / "sizes.json").read_text())["calibration"] == 1

@@ -9,7 +9,12 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import (
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+)
 
 import diffaccel
 from diffaccel import methods
@@ -396,3 +401,28 @@ def test_a_plan_that_cannot_be_mapped_is_refused_before_the_log_says_it_was(capl
         with diffaccel.accelerate(pipe, guided, resample=True):
             pipe(**{**call, "num_inference_steps": 8}, output_type="latent")
     assert not any("mapped to" in r.getMessage() for r in caplog.records)
+
+
+def test_a_solver_plan_warns_only_when_the_noise_schedule_it_was_fitted_on_changed():
+    """A plan with a solver section brings its own sampler, built on the pipeline's noise schedule:
+    another scheduler class on the same schedule is no news; another flow shift (or betas) is, as its
+    fitted timesteps and coefficients followed the old one."""
+    pipe, call = CASES["sd3"][0]()
+    plan = methods.keysteps(pipe, [call], keys=4).model_copy(update={"solver": SolverSpec(name="unipc", steps=6)})
+    assert plan.calibration.scheduler_config["shift"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        with diffaccel.accelerate(pipe, plan):
+            pipe(**call, output_type="latent")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    with pytest.warns(PlanWarning, match="a noise schedule set otherwise .*shift=3.0 \\(fitted with 1.0\\)"):
+        with diffaccel.accelerate(pipe, plan):
+            pass
+    sd, sd_call = CASES["sd-pndm"][0]()  # another sampler class on the same betas: silent
+    sd_plan = Plan.from_dict({**methods.keysteps(sd, [sd_call], keys=4).model_dump(), "schedule": None,
+                              "num_steps": None, "solver": {"name": "unipc", "steps": 5}})
+    sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        with diffaccel.accelerate(sd, sd_plan):
+            sd(**sd_call, output_type="latent")

@@ -51,6 +51,7 @@ from diffaccel.search.validation import (
     FINAL_SHARE,
     MAX_COPIES,
     MAX_VALIDATED,
+    VALIDATION_SEED_OFFSET,
     Validator,
     plan_getter,
     tail_text,
@@ -983,3 +984,37 @@ def test_a_search_validates_its_choice_unless_told_not_to(pipes):
     assert plain.chosen.source == tried[0]["source"]  # unvalidated: the cheapest that cleared, the first one tried
     if checked.summary["validation_confirmed"]:
         assert checked.chosen.source == tried[-1]["source"] and checked.summary["validation_psnr"] >= 20
+
+
+def test_the_validation_and_judge_copies_of_the_embedded_models_seeds_stay_in_range():
+    """The embedded models' seeds are hashed up to 2**63 - 1: the copies that a tail bound's
+    validation and a judge run (seeds shifted by the calibration seeds' whole span per copy) once
+    went past what torch.Generator takes, and the search died at its validation. They wrap around,
+    every seed distinct."""
+    calib = shapes_workload(list(range(6)), per_class=8)
+    judge = judged_module.JUDGE_SEED_OFFSET
+    for copies in (calib.repeated(4, VALIDATION_SEED_OFFSET, "v"), calib.repeated(13, judge, "j"), calib.reseeded()):
+        seeds = [s for call in copies.calls for s in call.seeds]
+        assert all(0 <= s < 2 ** 63 for s in seeds) and len(set(seeds)) == len(seeds)
+        assert not set(seeds) & {s for call in calib.calls for s in call.seeds}
+        for s in (min(seeds), max(seeds)):
+            torch.Generator().manual_seed(s)
+
+
+def test_find_plan_refuses_up_front_what_would_fail_at_its_end(tmp_path):
+    """A budget that is not text, an out= that is a file, and held-out calls at another step count
+    than the calibration calls (which once ran the whole search, then died at the held-out check with
+    the plan unwritten) are one-line errors before any work."""
+    pipe, kwargs = build_case("dit")
+    calls = [{**kwargs, "seed": i} for i in range(2)]
+    with pytest.raises(BudgetError, match="a budget is text such as 'psnr>=30'"):
+        diffaccel.find_plan(pipe, calls=calls, budget=30)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SearchError, match="is a file: give a folder"):
+        diffaccel.find_plan(pipe, calls=calls, out=tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    started = time.time()
+    with pytest.raises(SearchError, match="held-out calls ask for 12 steps and the calibration calls for 6"):
+        diffaccel.find_plan(pipe, calls=calls, heldout=[{**c, "num_inference_steps": 12} for c in calls],
+                            out=tmp_path / "search")
+    assert time.time() - started < 5 and not (tmp_path / "search").exists()

@@ -185,7 +185,9 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
         if not spec.applies(model):
             raise SweepError(f"{source}: {name} does not apply to the {model} model")
         if not isinstance(settings, list) or not settings:
-            raise SweepError(f"{source}: {name} has an empty sweep; give a list of at least one settings object")
+            what = "has an empty sweep" if settings in ([], None) else f"takes a list of settings, got {settings!r}"
+            raise SweepError(f"{source}: {name} {what}; give a list of at least one settings object, e.g. "
+                             f"[{json.dumps({k: v for k, v in list(spec.knobs.items())[:1]})}]")
         allowed = spec.knobs
         for setting in settings:
             if not isinstance(setting, dict):
@@ -194,8 +196,19 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
             if unknown:
                 raise SweepError(f"{source}: {name} has no setting {', '.join(unknown)}; "
                                  f"its settings are {', '.join(allowed) or '(none)'}")
+            _check_types(name, setting, allowed, source)
             spec.check(setting, source)
     return {name: [dict(s) for s in settings] for name, settings in sweep.items()}
+
+
+def _check_types(name: str, setting: dict, defaults: dict, source: str) -> None:
+    """A number where the default is a number (``"three"`` for an interval once passed, and the row
+    was only skipped when the bench ran it)."""
+    for knob, value in setting.items():
+        default = defaults.get(knob)
+        number = isinstance(default, int | float) and not isinstance(default, bool)
+        if number and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise SweepError(f"{source}: {name}'s {knob} is a number (default {default!r}), got {value!r}")
 
 
 def _check_plan_file(setting: dict, source: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from diffaccel.errors import DiffaccelError, WorkloadError
-from diffaccel.seeds import CALIBRATION_SEED, HELDOUT_SHIFT
+from diffaccel.seeds import CALIBRATION_SEED, HELDOUT_SHIFT, shifted_seed
 
 RESERVED = ("generator", "output_type", "return_dict")
 
@@ -169,7 +169,7 @@ class Workload:
 
     def reseeded(self, shift: int = HELDOUT_SHIFT, description: str | None = None) -> Workload:
         """The same inputs with other noise (a held-out check of a plan fitted on this workload)."""
-        calls = tuple(Call(c.kwargs, tuple(s + shift for s in c.seeds)) for c in self.calls)
+        calls = tuple(Call(c.kwargs, tuple(shifted_seed(s, shift) for s in c.seeds)) for c in self.calls)
         return Workload(calls, description or f"{self.description}, seeds shifted by {shift}", self.inputs)
 
     def repeated(self, times: int, shift: int, description: str) -> Workload:
@@ -177,7 +177,7 @@ class Workload:
         the seeds' span once more for each copy (no two images share a seed)."""
         seeds = [s for call in self.calls for s in call.seeds] or [0]
         span = max(seeds) - min(seeds) + 1
-        calls = tuple(Call(c.kwargs, tuple(s + shift + k * span for s in c.seeds))
+        calls = tuple(Call(c.kwargs, tuple(shifted_seed(s, shift + k * span) for s in c.seeds))
                       for k in range(times) for c in self.calls)
         return Workload(calls, description, self.inputs)
 

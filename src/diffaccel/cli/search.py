@@ -31,7 +31,7 @@ from diffaccel.cli.lm import LM_MODEL, search_command
 from diffaccel.methods.ptq import quant_spec
 from diffaccel.search import SearchConfig, parse_budget, parse_duration
 from diffaccel.search import search as run_search
-from diffaccel.search.sizing import PROBE_STEPS, affordable_sizes
+from diffaccel.search.sizing import PROBE_STEPS, affordable_sizes, kept_sizes, sizes_kept
 from diffaccel.targets import Target
 
 
@@ -149,17 +149,18 @@ def search(
         backend = quant_backend_for(quant, quant_backend)
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
-        calibrate, heldout = _workloads(tgt, call_steps(tgt, steps), guidance, seed, limit, pairs,
-                                        (calib_per_class, heldout_per_class))
-        spec = quant_spec(tgt.pipe, calibrate, quant, backend) if quant is not None else None
-        config = SearchConfig(budget=quality, objective=objective.value, seed=seed, strategy=strategy.value
-                              if strategy else default_strategy(trials, bits, quant, backend),
-                              time_limit=limit, trials=trials, population=population, pairs=pairs, margin=margin,
-                              quant=spec, bits=choices, correct=correct, validate=validate, precision=precision.value,
-                              judge_images=judge_images,
-                              model_name=f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name)
-        return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log,
-                          started=started, judge=tgt.judge())
+        calibrate, heldout, sizes = _workloads(tgt, call_steps(tgt, steps), guidance, seed, limit, pairs,
+                                               kept_sizes(out, (calib_per_class, heldout_per_class), _log))
+        with sizes_kept(out, *sizes):
+            spec = quant_spec(tgt.pipe, calibrate, quant, backend) if quant is not None else None
+            config = SearchConfig(budget=quality, objective=objective.value, seed=seed, strategy=strategy.value
+                                  if strategy else default_strategy(trials, bits, quant, backend),
+                                  time_limit=limit, trials=trials, population=population, pairs=pairs,
+                                  margin=margin, quant=spec, bits=choices, correct=correct, validate=validate,
+                                  precision=precision.value, judge_images=judge_images,
+                                  model_name=f"{tgt.name}-{sampler.value}" if tgt.embedded else tgt.name)
+            return run_search(tgt.pipe, calibrate, config, out=out, storage=storage, heldout=heldout, log=_log,
+                              started=started, judge=tgt.judge())
 
     result = run_guarded(job, out_dir=out)
     if not result.met:
@@ -174,13 +175,13 @@ def _fail_unmet(s: dict, out: Path) -> None:
 
 
 def _workloads(tgt: Target, num_steps: int, guidance: float, seed: int, limit: float | None, pairs: int,
-               sizes: tuple[int | None, int | None]) -> tuple[Workload, Workload]:
+               sizes: tuple[int | None, int | None]) -> tuple[Workload, Workload, tuple[int, int]]:
     """The calibration and held-out calls, as many per class or prompt as given or as the time limit affords
-    (timed on a short run: a prompt file's own steps are shortened too)."""
+    (timed on a short run: a prompt file's own steps are shortened too), and those two sizes."""
     probe = tgt.workload(PROBE_STEPS, guidance, 1, seed).with_steps(PROBE_STEPS)
     calib, held = affordable_sizes(lambda: probe(tgt.pipe), num_steps, limit, pairs, *sizes, _log)
     return (tgt.workload(num_steps, guidance, calib, seed),
-            tgt.workload(num_steps, guidance, held, 0, calibration=False))
+            tgt.workload(num_steps, guidance, held, 0, calibration=False), (calib, held))
 
 
 def _tail_text(s: dict) -> str:

@@ -17,6 +17,10 @@ from diffaccel.plan import Plan
 
 NOT_CARRIED = "but its quality figures do not carry over: make it again"
 log = logging.getLogger("diffaccel")
+# what a plan's solver reads off the pipeline's scheduler (its betas or flow shift, its spacing)
+NOISE_SCHEDULE = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                  "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "shift", "use_dynamic_shifting",
+                  "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "shift_terminal"}
 
 
 def check_weights(model: torch.nn.Module, plan: Plan) -> None:
@@ -42,21 +46,23 @@ def scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
 def check_scheduler(plan: Plan, scheduler: Any) -> None:
     """A plan fitted under one scheduler's steps, run under another's, or under the same class set
     otherwise (``timestep_spacing``, ``clip_sample``, ...); a plan with a solver section brings its
-    own scheduler and is not asked."""
+    own sampler, built on the pipeline's noise schedule: only a change there is reported."""
     fitted = plan.calibration.scheduler if plan.calibration is not None else None
-    if fitted is None or scheduler is None or plan.solver is not None:
+    if fitted is None or scheduler is None:
         return
-    if type(scheduler).__name__ != fitted:
+    if plan.solver is None and type(scheduler).__name__ != fitted:
         warnings.warn(f"this plan was fitted with {fitted}; the pipeline runs {type(scheduler).__name__}: it "
                       f"runs, {NOT_CARRIED} with this scheduler", PlanWarning, stacklevel=4)
         return
     recorded, found = plan.calibration.scheduler_config, scheduler_settings(scheduler)
     if recorded is None or found is None:
         return
-    changed = sorted(key for key in recorded.keys() & found.keys() if recorded[key] != found[key])
+    keys = recorded.keys() & found.keys() & (NOISE_SCHEDULE if plan.solver is not None else recorded.keys())
+    changed = sorted(key for key in keys if recorded[key] != found[key])
     if changed:
         settings = ", ".join(f"{key}={found[key]!r} (fitted with {recorded[key]!r})" for key in changed)
-        warnings.warn(f"this plan was fitted with {fitted} set otherwise than the pipeline's: {settings}; it runs, "
+        what = "a noise schedule" if plan.solver is not None else f"{fitted}"
+        warnings.warn(f"this plan was fitted with {what} set otherwise than the pipeline's: {settings}; it runs, "
                       f"{NOT_CARRIED} with these settings", PlanWarning, stacklevel=4)
 
 

@@ -115,6 +115,8 @@ def parse_budget(text: str) -> Budget:
     """``psnr>=X`` (dB, mean over the calibration images) or ``ssim>=X`` (0 < X <= 1), optionally
     with a bound on the tail, ``psnr>=30,psnr_p5>=24``, and on a judge's verdicts, ``judge>=-1``: the
     share of images a judge (``search/judged.py``) reads as right may fall by at most 1 point."""
+    if text is not None and not isinstance(text, str):
+        raise BudgetError(f"a budget is text such as 'psnr>=30' or 'psnr>=30,psnr_p5>=24', got {text!r}")
     parts = [p for p in (text or "").split(",") if p.strip()]
     found: dict[str, float] = {}
     for part in parts:

@@ -10,6 +10,7 @@ from typing import Any
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.reference import checked_images, identity_plan, run_with_plan
 from diffaccel.calibration.workload import Workload
+from diffaccel.errors import SearchError
 from diffaccel.eval.allocator import allocator_state
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
@@ -17,6 +18,14 @@ from diffaccel.eval.paired import paired_change
 from diffaccel.eval.timing import wall_ratio
 from diffaccel.plan import Plan
 from diffaccel.search.judged import Judge, verdicts
+
+
+def check_heldout_steps(calibrate: Any, heldout: Any) -> None:
+    """Held-out calls at another step count than the calibration calls would refuse the plan at the end."""
+    if isinstance(calibrate, Workload) and isinstance(heldout, Workload) \
+            and heldout.num_inference_steps != calibrate.num_inference_steps:
+        raise SearchError(f"the held-out calls ask for {heldout.num_inference_steps} steps and the calibration calls "
+                          f"for {calibrate.num_inference_steps}: a plan is made for one step count; give them the same")
 
 
 def compare(pipe: Any, fn: Callable, plan: Plan, pairs: int = 3, deadline: float | None = None,

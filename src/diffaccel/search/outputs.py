@@ -10,9 +10,21 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from diffaccel.errors import SearchError
 from diffaccel.eval.io import write_json
 from diffaccel.search.config import Budget
 from diffaccel.search.result import SearchResult
+
+
+def output_folder(out: str | Path | None) -> Path | None:
+    """The search's output folder, made if missing; a clear error where a file stands."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"out={str(out)!r} is a file: give a folder for the search's outputs")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def write_outputs(result: SearchResult, budget: Budget, objective: str) -> None:

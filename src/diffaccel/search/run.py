@@ -29,11 +29,11 @@ from diffaccel.search.context import Context
 from diffaccel.search.dp import dp_candidates
 from diffaccel.search.greedy import greedy_candidates
 from diffaccel.search.handmade import handmade_plans
-from diffaccel.search.heldout import heldout_check, heldout_reserve
+from diffaccel.search.heldout import check_heldout_steps, heldout_check, heldout_reserve
 from diffaccel.search.joint import JointSearch
 from diffaccel.search.judged import Judge, check_judge, judged_for
 from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
-from diffaccel.search.outputs import write_outputs
+from diffaccel.search.outputs import output_folder, write_outputs
 from diffaccel.search.precision import lower_precision
 from diffaccel.search.result import SearchResult
 from diffaccel.search.space import Genome, Space
@@ -68,9 +68,8 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     config.check()
     budget = config.parsed_budget()
     check_judge(budget, judge, calibrate)  # before any work, as the settings are
-    out = Path(out) if out is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    check_heldout_steps(calibrate, heldout)
+    out = output_folder(out)
     calib = CalibrationRun(pipe, calibrate, config.granularity, denoiser)
     try:
         space = Space(calib.model, calib.num_steps, config.granularity, config.searched_quant(), config.bits)

@@ -140,8 +140,9 @@ class Store:
         where = self.url or "the storage"
         differ = {k for k in set(stored) | set(fp) if stored.get(k) != fp.get(k)}
         if differ == {"calibration"}:
-            return (f"{where} holds a search of this model on another calibration set "
-                    f"({stored.get('calibration')}); use another --out (or delete it) to search with this one")
+            return (f"{where} holds a search of this model on another calibration set or quantization (there: "
+                    f"{stored.get('calibration')}; this one: {fp.get('calibration')}); use another --out (or "
+                    "delete it) to search with this one")
         if differ <= {"calibration", "num_steps"}:
             return (f"{where} holds a search of this model at {stored.get('num_steps')} steps, not "
                     f"{fp.get('num_steps')}; use another --out (or delete it) to search at these steps")
