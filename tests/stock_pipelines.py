@@ -159,6 +159,24 @@ def flux() -> tuple[FluxPipeline, dict]:
     return pipe, call
 
 
+def flow_with_text_encoders() -> dict[str, DiffusionPipeline]:
+    """SD3 (static shift 3) and Flux (resolution-dependent shift) with tiny CLIP and T5 text encoders,
+    for the command line's ``--pipeline FOLDER --prompts FILE`` (calls: height and width 16,
+    ``max_sequence_length`` 16)."""
+    sd3_pipe, _ = sd3()
+    sd3_pipe = StableDiffusion3Pipeline(
+        transformer=sd3_pipe.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=sd3_pipe.vae, text_encoder=clip_text_encoder(hidden=8, projection=8), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_text_encoder(hidden=8, seed=1, projection=8), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(), tokenizer_3=t5_tokenizer())
+    flux_pipe, _ = flux()
+    flux_pipe = FluxPipeline(
+        transformer=flux_pipe.transformer, vae=flux_pipe.vae, text_encoder=clip_text_encoder(),
+        tokenizer=clip_tokenizer(), text_encoder_2=t5_encoder(), tokenizer_2=t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15))
+    return {"sd3": sd3_pipe, "flux": flux_pipe}
+
+
 def dit() -> tuple[DiTPipeline, dict]:
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,

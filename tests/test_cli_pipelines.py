@@ -13,7 +13,7 @@ from conftest import run_cli
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.plan import Plan
 from diffaccel.solvers import SolverSpec
-from stock_pipelines import build
+from stock_pipelines import build, flow_with_text_encoders
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +238,27 @@ def test_embedded_set_up_on_other_weights_is_refused_not_run(monkeypatch, capsys
     line = one_line_error(monkeypatch, capsys, "generate", "--model", "dit", "--weights", tmp_path / "weights",
                           "--per-class", "1", "--steps", "2", "--out", tmp_path / "out")
     assert "10 classes" in line and "--pipeline" in line and not (tmp_path / "out" / "record.json").exists()
+
+
+def test_flow_matching_folders_get_their_flow_samplers_from_the_command_line(monkeypatch, capsys, tmp_path):
+    """SD3 and Flux folders (tiny, random, with text encoders): the bench's fewer-step rows run their
+    flow samplers (UniPC, DPM-Solver++ and the pipeline's own Euler at fewer steps; no EVODiff), and a
+    plan file with a solver section runs through `generate`, its own step count."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "height": 16, "width": 16, "max_sequence_length": 16})
+                                 for p in ("a red circle on a blue background", "a small green square")) + "\n")
+    for name, pipe in flow_with_text_encoders().items():
+        pipe.save_pretrained(tmp_path / name)
+        out = tmp_path / f"bench-{name}"
+        ok(monkeypatch, capsys, "bench", "--pipeline", tmp_path / name, "--prompts", prompts, "--quick", "--steps",
+           "12", "--per-class", "1", "--no-peers", "--only", "steps-unipc,steps-ddim", "--threads", "1",
+           "--out", out)
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert {r["name"] for r in rows} == {"steps-unipc", "steps-ddim"}
+        assert all(r["speedup_macs"] > 1 and r["psnr"] > 0 for r in rows)
+        plan = identity_plan(pipe.transformer).model_copy(update={"solver": SolverSpec(name="dpm++2", steps=5)})
+        plan.save(tmp_path / f"{name}-plan.json")
+        ok(monkeypatch, capsys, "generate", "--pipeline", tmp_path / name, "--prompts", prompts, "--plan",
+           tmp_path / f"{name}-plan.json", "--compare", "--threads", "1", "--out", tmp_path / f"gen-{name}")
+        record = json.loads((tmp_path / f"gen-{name}" / "record.json").read_text())
+        assert record["speedup_macs"] > 1 and record["psnr"] > 0 and record["plan"]["solver"]["name"] == "dpm++2"
