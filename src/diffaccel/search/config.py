@@ -210,7 +210,7 @@ class SearchConfig:
         if self.precision not in PRECISIONS:
             raise SearchError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
-            raise SearchError(f"time_limit is in seconds (a number > 0, or None for no limit), got {self.time_limit!r}")
+            raise SearchError(f"time_limit is in seconds (> 0; 0 or None for no limit), got {self.time_limit!r}")
         if self.trials is not None and self.trials < 1:
             raise SearchError(f"trials must be >= 1, got {self.trials}")
         margin = self.effective_margin()
