@@ -285,3 +285,24 @@ def test_a_rerun_of_a_search_takes_the_sizes_its_first_run_was_given(run, tmp_pa
     again = run(*args)
     assert again.exit_code == 0, again.error
     assert "as the search in" in again.error and json.loads((out / "sizes.json").read_text())["calibration"] == 1
+
+
+def test_more_refusals_come_before_the_run_and_say_what_is_wrong(run, tmp_path):
+    """--save-plan naming a folder was refused only after the whole run (its images written); a plan
+    file whose version is the text "1" said "has version 1; this diffaccel reads version 1"; --classes
+    on a text-to-image model blamed a --pipeline that was not given."""
+    (tmp_path / "a_folder").mkdir()
+    assert_clean_error(run("generate", "--model", "dit", "--method", "fora", "--steps", "5", "--out", tmp_path / "g",
+                           "--save-plan", tmp_path / "a_folder"), "is a folder: name a .json file")
+    assert not (tmp_path / "g").exists()
+    plan = json.loads(identity_plan_json())
+    (tmp_path / "v.json").write_text(json.dumps({**plan, "version": "1"}))
+    assert_clean_error(run("plan", "show", tmp_path / "v.json"), "has version '1'; this diffaccel reads version 1")
+    assert_clean_error(run("generate", "--model", "pixart", "--classes", "circle", "--out", tmp_path / "p"),
+                       "--classes is for the class-label models")
+
+
+def identity_plan_json() -> str:
+    from diffaccel.zoo.models import build_dit
+
+    return identity_plan(build_dit(num_layers=1)).to_json()

@@ -124,7 +124,7 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
     assert "failed on the call for a red circle" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "typed.txt", "--steps", "2")
     assert "--pipeline needs --prompts" in one_line_error(monkeypatch, capsys, "generate", "--pipeline", folder)
-    assert "contradict" in one_line_error(
+    assert "--classes is for the class-label models" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--classes", "circle")
 
 

@@ -429,3 +429,18 @@ def test_plan_make_and_show_take_lm_plans(monkeypatch, capsys, tmp_path):
     (tmp_path / "odd.json").write_text('{"kind": 3}')  # an LM plan's field, of the wrong type: the LM reader says so
     code, _, err = run_cli(monkeypatch, capsys, "plan", "show", tmp_path / "odd.json")
     assert code == 2 and "invalid LM plan" in err
+
+
+def test_compare_on_no_problems_says_so(tiny_pipe):
+    """An empty problem list divided by zero (evaluate returns a NaN accuracy for it instead)."""
+    with pytest.raises(ValueError, match="needs at least one problem"):
+        compare(tiny_pipe, make_lm_plan("dkv-decode"), [], repeats=1)
+
+
+def test_method_settings_with_an_lm_plan_file_are_refused(tmp_path):
+    from diffaccel.cli.lm import lm_plan
+
+    make_lm_plan("dkv-greedy", window=3).save(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="go with --method, not --plan"):
+        lm_plan(None, tmp_path / "p.json", {"window": 5})
+    assert lm_plan(None, tmp_path / "p.json", {}).setting() == make_lm_plan("dkv-greedy", window=3).setting()

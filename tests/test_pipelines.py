@@ -426,3 +426,9 @@ def test_a_solver_plan_warns_only_when_the_noise_schedule_it_was_fitted_on_chang
         warnings.simplefilter("error", PlanWarning)
         with diffaccel.accelerate(sd, sd_plan):
             sd(**sd_call, output_type="latent")
+
+
+def test_a_quantized_plan_records_the_images_it_was_calibrated_on():
+    pipe, call = CASES["sd-pndm"][0]()  # 2 prompts a call, 2 calls: 4 images
+    plan = methods.ptq(pipe, [call, {**call, "seed": 9}], bits="w8a8", backend="fake")
+    assert plan.calibration.images == 4 and plan.calibration.calls == 2

@@ -72,3 +72,31 @@ def test_stop_after_keeps_the_schedule_of_the_full_run(tmp_path):
     a = load_ema(tmp_path / "stopped", cfg).state_dict()
     b = load_ema(tmp_path / "straight", cfg).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_continues_only_with_the_recipe_it_was_saved_with(tmp_path, monkeypatch, capsys):
+    """Rerunning the trainer on a run folder continues its checkpoint: a changed recipe (batch, lr,
+    model overrides) once trained on silently and overwrote train_config.json; it is refused by name,
+    while more steps are fine. The LM trainer's --resume does the same, and refuses a folder with
+    nothing to resume and model overrides that are no model setting."""
+    from conftest import run_cli
+
+    dit = ["train", "--model", "dit", "--out", tmp_path / "dit", "--batch", "4", "--overrides", TINY["dit"],
+           "--threads", "1"]
+    assert run_cli(monkeypatch, capsys, *dit, "--steps", "2")[0] == 0
+    assert run_cli(monkeypatch, capsys, *dit, "--steps", "3")[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, *dit[:-4], "--batch", "8", "--overrides", TINY["dit"], "--steps", "4")
+    assert code == 2 and "saved with another recipe: --batch 8 (saved: 4)" in err
+    assert json.loads((tmp_path / "dit" / "train_config.json").read_text())["batch"] == 4
+    tiny_lm = '{"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 16}'
+    lm = ["train", "--model", "dlm", "--out", tmp_path / "lm", "--threads", "1", "--eval-every", "0"]
+    assert run_cli(monkeypatch, capsys, *lm, "--steps", "2", "--batch", "4", "--lr", "0.005",
+                   "--overrides", tiny_lm)[0] == 0
+    assert run_cli(monkeypatch, capsys, *lm, "--resume", "--steps", "3")[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, *lm, "--resume", "--steps", "4", "--lr", "0.001")
+    assert code == 2 and "--lr 0.001 (saved: 0.005)" in err
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", "dlm", "--out", tmp_path / "none", "--resume")
+    assert code == 2 and "nothing to resume" in err and not (tmp_path / "none").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", "dlm", "--out", tmp_path / "x", "--overrides",
+                           '{"bogus_key": 1}')
+    assert code == 2 and "bogus_key is not a model setting" in err

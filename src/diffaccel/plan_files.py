@@ -37,8 +37,8 @@ def read_plan_json(path: Path, what: str, version: int, error: type[Exception]) 
         keys = ", ".join(list(data)[:4]) or "none"
         hint = ": give a file that Plan.save, plan make or --save-plan wrote" if what == "plan" else ""
         raise error(f"{path} is not {named} file (it has no version or {own} field; its fields: {keys}){hint}")
-    if data.get("version", version) != version:
-        raise error(f"{what} file {path} has version {data.get('version')}; this diffaccel reads version {version}")
+    if data.get("version", version) != version:  # repr: a "1" (text) is not version 1
+        raise error(f"{what} file {path} has version {data.get('version')!r}; this diffaccel reads version {version}")
     return data
 
 

@@ -277,8 +277,8 @@ def class_ids(target: Target, names: list[str] | None) -> list[int]:
     """Class ids of ``names`` for an embedded target, checked against the loaded model's classes."""
     if not target.embedded:
         if names is not None:
-            raise UnsupportedModelError("--classes contradicts --pipeline: classes are for the embedded models; "
-                                        "a pipeline folder runs the prompts of --prompts")
+            raise UnsupportedModelError(f"--classes is for the class-label models (dit, unet); the {target.name} "
+                                        "pipeline runs the prompts of --prompts")
         return []
     ids = shapes.class_ids(names)
     if max(ids) >= target.pipe.num_classes:

@@ -65,6 +65,17 @@ class Call:
         return ["<embeddings>"] if any(k.endswith("embeds") for k in self.kwargs) else ["<call>"]
 
 
+def image_count(workload: Workload) -> int:
+    """The images ``workload``'s calls make: one per prompt, class label or embedding row (or seed),
+    times ``num_images_per_prompt``."""
+    total = 0
+    for call in workload.calls:
+        embeds = call.kwargs.get("prompt_embeds")
+        rows = embeds.shape[0] if isinstance(embeds, torch.Tensor) else len(call.describe())
+        total += max(rows, len(call.seeds)) * int(call.kwargs.get("num_images_per_prompt") or 1)
+    return total
+
+
 def images_of(result: Any) -> torch.Tensor:
     """A pipeline's output as a float tensor (N, C, H, W) in [0, 1], whatever its ``output_type``."""
     images = getattr(result, "images", result)

@@ -105,7 +105,7 @@ def generate(
         tag_logging(init())
         names = _class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
-        _check_inputs(plan, compare and not (method or plan or quant or precision))
+        _check_inputs(plan, compare and not (method or plan or quant or precision), save_plan)
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = call_steps(tgt, steps)
         cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,
@@ -125,11 +125,14 @@ def generate(
     _report(run_guarded(_rank_tagged, job, out_dir=out), out, compare)
 
 
-def _check_inputs(plan: Path | None, compares_nothing: bool) -> None:
-    """Refuse a broken plan file, or ``--compare`` with nothing to compare, before any model loads."""
+def _check_inputs(plan: Path | None, compares_nothing: bool, save_plan: Path | None) -> None:
+    """Refuse a broken plan file, ``--compare`` with nothing to compare, or a folder where ``--save-plan``
+    (written after the run) would go, before any model loads."""
     check_plan_file(plan)
     if compares_nothing:
         raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
+    if save_plan is not None and save_plan.is_dir():
+        raise ValueError(f"--save-plan {save_plan} is a folder: name a .json file")
 
 
 def _class_names(classes: str | None) -> list[str] | None:

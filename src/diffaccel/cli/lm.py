@@ -35,6 +35,8 @@ def lm_plan(method: str | None, plan_file: Path | None, settings: dict[str, Any]
     if method is not None and plan_file is not None:
         raise ValueError("give --method or --plan, not both")
     if plan_file is not None:
+        if settings:  # a plan file's settings are its own: --param would be silently ignored
+            raise ValueError(f"method settings ({', '.join(settings)}) go with --method, not --plan")
         return LMPlan.load(plan_file)
     if method is None:
         if settings:
@@ -64,7 +66,8 @@ def refuse_image_options(ctx: typer.Context, takes: frozenset[str]) -> None:
     given = [name for name in ctx.params if name not in takes  # (typer vendors click: its enum, by name)
              and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
     if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        named = {param.name: param.opts[0] for param in ctx.command.params if param.opts}  # as typed: --time
+        flags = ", ".join(named.get(name, "--" + name.replace("_", "-")) for name in given)
         raise ValueError(f"--model dlm does not take {flags} (image-model options); drop "
                          f"{'it' if len(given) == 1 else 'them'}")
 

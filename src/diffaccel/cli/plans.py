@@ -8,7 +8,6 @@ import typer
 
 from diffaccel.cli.common import (
     ANY_MODEL,
-    ANY_STEPS,
     GUIDANCE,
     PIPELINE,
     PROMPTS,
@@ -53,7 +52,8 @@ def plan_make(
     model: str = ANY_MODEL,
     pipeline: Path = PIPELINE,
     prompts: Path = PROMPTS,
-    steps: int = ANY_STEPS,
+    steps: int = typer.Option(None, min=1, help="denoising steps the plan is made for (image models; default 50; "
+                                                "a dlm plan runs at any step count)"),
     sampler: SamplerName = SAMPLER,
     guidance: float = GUIDANCE,
     weights: Path = WEIGHTS,

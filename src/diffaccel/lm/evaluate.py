@@ -64,6 +64,8 @@ def compare(pipe: DLMPipeline, plan: LMPlan, problems: list[Problem], repeats: i
     problems whose answer is identical to the baseline's."""
     if repeats < 1:
         raise ValueError("compare needs at least one timed repeat")
+    if not problems:
+        raise ValueError("compare needs at least one problem (e.g. tasks.held_out(...))")
     run(pipe, problems[:pipe.batch_size], None, **call)
     run(pipe, problems[:pipe.batch_size], plan, **call)
     base_times, plan_times = [], []

@@ -28,14 +28,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import BertConfig
 
+from diffaccel.errors import DiffaccelError
 from diffaccel.lm.evaluate import score
 from diffaccel.lm.model import ANSWER_LENGTH, PROMPT_LENGTH, block_training_layout, build_model, forward_full
 from diffaccel.lm.pipeline import DLMPipeline
 from diffaccel.lm.tasks import Problem, check_mix, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
-from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, json_object
+from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, check_recipe, json_object
 
 
 @dataclass
@@ -75,8 +77,25 @@ def check_config(cfg: TrainConfig, threads: int = 0) -> None:
     """Refuse settings that cannot train, before any folder is made or any work is done."""
     check_numbers({**asdict(cfg), "threads": threads}, AT_LEAST, positive=("lr",),
                   fractions=("ema_decay", "block_fraction"))
-    json_object("--overrides", cfg.overrides)
+    unknown = sorted(set(json_object("--overrides", cfg.overrides)) - set(BertConfig().to_dict()))
+    if unknown:  # BertConfig would keep them as attributes no layer reads
+        raise DiffaccelError(f"--overrides: {', '.join(unknown)} is not a model setting (BertConfig's: hidden_size, "
+                             "num_hidden_layers, num_attention_heads, intermediate_size, ...)")
     check_mix(json_object("--mix", cfg.mix) if cfg.mix else None)
+
+
+def resumed_config(out: Path, given: dict) -> TrainConfig:
+    """The saved recipe of the run in ``out``, with ``given`` settings that only say when to stop; a
+    changed recipe is refused (the run would silently train on another one and record it as its own)."""
+    if not (out / "checkpoint.safetensors").exists():
+        raise DiffaccelError(f"nothing to resume in {out}: no checkpoint.safetensors there (leave out --resume to "
+                             "start a run)")
+    check_recipe(out, given)
+    try:
+        saved = json.loads((out / "train_config.json").read_text())  # a time limit is each invocation's own
+        return TrainConfig(**{**saved, "time_limit_min": 0.0, **given})
+    except (OSError, ValueError, TypeError) as exc:
+        raise DiffaccelError(f"cannot read the run's recipe {out / 'train_config.json'}: {exc}") from None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -209,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: ``--out`` run folder, ``--export`` weights folder, ``--steps``, ``--resume``,
     ``--time-limit-min``, ``--threads``, ``--overrides`` and the other ``TrainConfig`` fields."""
     parser = argparse.ArgumentParser(prog="diffaccel train --model dlm", description=__doc__.splitlines()[0])
-    for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+    for f in fields(TrainConfig):  # only what is given: --resume tells a changed recipe from the saved one
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=argparse.SUPPRESS,
                             help=HELP[f.name] + (f" (default: {f.default})" if f.default != "" else ""))
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, config, log.jsonl)")
     parser.add_argument("--export", type=Path, help="after training, write the EMA weights here")
@@ -218,9 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's default)")
     args = vars(parser.parse_args(argv))
     out, dest, resume, threads = args.pop("out"), args.pop("export"), args.pop("resume"), args.pop("threads")
-    cfg = TrainConfig(**args)
-    check_config(cfg, threads)  # bad numbers, a malformed --overrides or --mix fail here, before any work
     check_folder("--out", out)
+    cfg = resumed_config(out, args) if resume else TrainConfig(**args)
+    check_config(cfg, threads)  # bad numbers, a malformed --overrides or --mix fail here, before any work
     check_folder("--export", dest)
     if threads:
         torch.set_num_threads(threads)

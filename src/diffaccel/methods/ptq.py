@@ -24,7 +24,7 @@ from pydantic import Field
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import calibration_info, identity_plan
-from diffaccel.calibration.workload import Workload, calibration_workload
+from diffaccel.calibration.workload import Workload, calibration_workload, image_count
 from diffaccel.errors import MethodError, QuantError
 from diffaccel.fingerprint import fingerprint
 from diffaccel.methods.base import Method, Settings
@@ -123,7 +123,7 @@ def build(pipe: Any, workload: Workload, s: PtqSettings, caching: Plan | None = 
     spec = quant_spec(pipe, workload, s.bits, s.backend, s.per_step, dict.fromkeys(s.keep, FULL_PRECISION))
     model, _ = find_denoiser(pipe)
     params = {"bits": s.bits, "backend": s.backend, "per_step": s.per_step, "keep": list(s.keep)}
-    info = calibration_info(model, workload, 0, Calibration.load(spec.calibration).num_steps, pipe)
+    info = calibration_info(model, workload, image_count(workload), Calibration.load(spec.calibration).num_steps, pipe)
     if caching is None:
         base = identity_plan(model)
         return base.model_copy(update={"method": "ptq", "params": params, "calibration": info}).with_quant(spec)

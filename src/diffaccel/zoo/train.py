@@ -26,7 +26,7 @@ from tqdm import tqdm
 from diffaccel.zoo import checkpoint, shapes
 from diffaccel.zoo.evaluator import train_evaluator
 from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
-from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, json_object
+from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, check_recipe, json_object
 
 log = logging.getLogger("diffaccel")
 MODELS = ("dit", "unet", "evaluator")
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**args)
     check_config(cfg, threads)
     check_folder("--out", out)
+    check_recipe(out, asdict(cfg))  # a checkpoint in --out is continued: with its own recipe only
     check_folder("--export", dest)
     if threads:
         torch.set_num_threads(threads)

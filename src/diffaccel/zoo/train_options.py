@@ -55,3 +55,24 @@ def check_folder(option: str, path: Path | None) -> None:
         where = "" if existing == path else f" ({existing} is a file)"
         raise ValueError(f"{option} {path}: a file stands where the output folder should be{where}; "
                          f"choose another {option}")
+
+
+WHEN_TO_STOP = ("steps", "stop_after", "time_limit_min", "checkpoint_every", "eval_every", "device", "workers")
+
+
+def check_recipe(out: Path, recipe: dict[str, Any]) -> None:
+    """A run in ``out`` continues only with the recipe it was saved with (``train_config.json``): settings
+    that only say when to stop or where to run may change; any other change is refused, naming it (it
+    would train on another recipe and record that as the run's own)."""
+    path = out / "train_config.json"
+    if not (out / "checkpoint.safetensors").exists() or not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the run's recipe {path}: {exc}") from None
+    changed = sorted(k for k, v in recipe.items() if k not in WHEN_TO_STOP and k in saved and saved[k] != v)
+    if changed:
+        raise ValueError(f"{out} holds a run saved with another recipe: "
+                         + ", ".join(f"--{k.replace('_', '-')} {recipe[k]} (saved: {saved[k]})" for k in changed)
+                         + "; continue it with its own settings, or train into another --out")
