@@ -316,6 +316,9 @@ def test_plan_show_prints_the_map(pipes, monkeypatch):
     assert "every unit computes at every step" in text and "autocast to bfloat16" in text
     text = plan_view.render_plan(plan.model_copy(update={"solver": SolverSpec(name="unipc", steps=6)}))
     assert "sampler: unipc 6" in text and "6 evaluations of that sampler" in text
+    assert "any number of steps" in plan_view.render_plan(whole)
+    solver_only = whole.model_copy(update={"solver": SolverSpec(name="unipc", steps=6)})
+    assert "its solver's 6, whatever the pipeline is called with" in plan_view.render_plan(solver_only)
 
 
 def test_guidance_branches_called_separately_keep_separate_caches():

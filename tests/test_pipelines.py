@@ -432,3 +432,11 @@ def test_a_quantized_plan_records_the_images_it_was_calibrated_on():
     pipe, call = CASES["sd-pndm"][0]()  # 2 prompts a call, 2 calls: 4 images
     plan = methods.ptq(pipe, [call, {**call, "seed": 9}], bits="w8a8", backend="fake")
     assert plan.calibration.images == 4 and plan.calibration.calls == 2
+
+
+def test_plan_show_says_a_per_step_quantized_plan_runs_only_at_its_calibrated_steps():
+    from diffaccel.report.plan_view import render_plan
+
+    pipe, call = CASES["sd-pndm"][0]()
+    plan = methods.ptq(pipe, [call], bits="w8a8", backend="fake", per_step=True)
+    assert f"only at the {plan.calibration.steps} steps its per-step quantization" in render_plan(plan)

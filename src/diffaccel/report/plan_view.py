@@ -58,6 +58,15 @@ def _whole_run(plan: Plan) -> list[str]:
     return lines
 
 
+def _step_count(plan: Plan) -> str:
+    """At how many steps a plan without a schedule runs."""
+    if plan.quant is not None and plan.quant.per_step and plan.calibration is not None:
+        return f"only at the {plan.calibration.steps} steps its per-step quantization scales were calibrated for"
+    if plan.solver is not None:
+        return f"its solver's {plan.solver.steps}, whatever the pipeline is called with"
+    return "any number of steps"
+
+
 def render_plan(plan: Plan, model: str | None = None) -> str:
     settings = {k: v for k, v in plan.params.items() if k != "profile"}
     lines = [f"plan: {plan.method} {settings}",
@@ -68,7 +77,7 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
         if plan.solver is not None and plan.solver.bottleneck is not None:
             cost += (f", about 1/{plan.solver.scale ** 2} of them at the {plan.solver.bottleneck[1]} "
                      "reduced-resolution steps")
-        lines.append(f"every unit computes at every step (any number of steps); cost: {cost}")
+        lines.append(f"every unit computes at every step ({_step_count(plan)}); cost: {cost}")
         return "\n".join(lines)
     if plan.schedule is None:
         rule = plan.rule
