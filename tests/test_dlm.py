@@ -444,3 +444,12 @@ def test_method_settings_with_an_lm_plan_file_are_refused(tmp_path):
     with pytest.raises(ValueError, match="go with --method, not --plan"):
         lm_plan(None, tmp_path / "p.json", {"window": 5})
     assert lm_plan(None, tmp_path / "p.json", {}).setting() == make_lm_plan("dkv-greedy", window=3).setting()
+
+
+def test_plan_show_runs_a_searched_lm_plan_at_the_steps_its_search_checked(tmp_path):
+    """A plan searched at 5 steps was suggested with a command that runs the default 12, unchecked."""
+    from diffaccel.cli.lm import describe_lm_plan
+
+    searched = make_lm_plan("dkv-greedy", window=4).model_copy(update={"params": {"search": {"steps": 5}}})
+    assert describe_lm_plan(searched, tmp_path / "p.json").endswith("--plan " + str(tmp_path / "p.json") + " --steps 5")
+    assert "--steps" not in describe_lm_plan(make_lm_plan("dkv-greedy", window=4), tmp_path / "p.json")

@@ -78,6 +78,10 @@ def generate_command(ctx: typer.Context) -> None:
     o = ctx.params
     setup(o["threads"])
     plan = lm_plan(o["method"], o["plan"], parse_params(o["param"]))  # LM_SETTINGS
+    searched = searched_steps(plan)
+    if searched is not None and o["steps"] != searched:
+        typer.echo(f"warning: this plan's search checked it at {searched} steps; it runs at "
+                   f"{o['steps'] or 'the pipeline default'} here, unchecked (pass --steps {searched})", err=True)
     lm_generate(o["out"], plan, o["steps"], o["per_class"], o["compare"], 3, o["weights"], o["save_plan"],
                 o["parallel"])
 
@@ -100,13 +104,21 @@ def is_lm_plan_file(path: Path) -> bool:
     return isinstance(data, dict) and lm_field in data and image_field not in data
 
 
+def searched_steps(plan: LMPlan | None) -> int | None:
+    """The step count a searched LM plan was checked at (the plan itself runs at any)."""
+    search = plan.params.get("search") if plan is not None else None
+    return search.get("steps") if isinstance(search, dict) else None
+
+
 def describe_lm_plan(plan: LMPlan, path: Path) -> str:
     """An LM plan in a few lines: the method, its settings, and what the file records besides."""
     lines = [f"LM plan for a {plan.kind} model: {plan.method} ({plan.setting()})"]
     if plan.answer_length is not None:
         lines.append(f"made for answers of {plan.answer_length} tokens")
     lines += [f"{key}: {value}" for key, value in plan.params.items()]
-    lines.append(f"run it with: diffaccel generate --model dlm --plan {path}")
+    searched = searched_steps(plan)
+    at = f" --steps {searched}" if searched else ""  # what the search checked it at: another count is unchecked
+    lines.append(f"run it with: diffaccel generate --model dlm --plan {path}{at}")
     return "\n".join(lines)
 
 
