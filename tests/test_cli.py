@@ -306,3 +306,11 @@ def identity_plan_json() -> str:
     from diffaccel.zoo.models import build_dit
 
     return identity_plan(build_dit(num_layers=1)).to_json()
+
+
+@requires_weights
+def test_an_lm_bench_reads_its_budget_before_any_row_runs(run, tmp_path):
+    """A bad budget was found only when the search row ran, after the other rows, with an empty --out left."""
+    assert_clean_error(run("bench", "--model", "dlm", "--quick", "--budget", "acc>=x", "--out", tmp_path / "b"),
+                       "cannot read the budget 'acc>=x'")
+    assert not (tmp_path / "b").exists()

@@ -22,7 +22,7 @@ from diffaccel.lm.evaluate import compare as compare_plan
 from diffaccel.lm.evaluate import run, score
 from diffaccel.lm.pipeline import load_dlm
 from diffaccel.lm.plan import LM_METHODS, LMPlan, make_lm_plan
-from diffaccel.lm.search import search_lm
+from diffaccel.lm.search import parse_budget, search_lm
 from diffaccel.lm.tasks import held_out, is_correct
 from diffaccel.plan_files import OWN_FIELD
 
@@ -190,6 +190,7 @@ def lm_bench(out: Path, budget: str, per_task: int, repeats: int, steps: int | N
     calibration problems), each against the uncached sampler on ``per_task`` held-out problems of
     every task. Writes results.json (saved after every row) and results.md."""
     names = rows or list(ROWS)
+    parse_budget(budget, 100.0)  # the search row's budget, read before the model loads and any row runs
     pipe = load_dlm(weights)
     check_rows(names, pipe.answer_length, steps if steps is not None else pipe.default_steps)  # before out exists
     record: dict = {"model": LM_MODEL, "weights": str(weights) if weights else None, "budget": budget}
