@@ -344,4 +344,3 @@ class Executor:
         table = self.unit_macs.get(self.mac_key)
         if table is not None:
             self.stats.macs -= table[index + 1] * self._batch
-

@@ -14,7 +14,6 @@ what lets the weights carry over to other seeds.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from diffaccel.calibration.reference import run_with_plan
 from diffaccel.errors import SearchError
 from diffaccel.plan import Plan
+from diffaccel.solvers.corrected import show_inner_step
 from diffaccel.solvers.paths import clean_estimate, is_flow, noise_levels
 from diffaccel.solvers.schedulers import solver_scheduler
 from diffaccel.solvers.spec import SolverSpec, basis_size
@@ -39,8 +39,7 @@ class _Recorder:
     def __init__(self, inner: Any):
         self.inner = inner
         self.calls: list[dict[str, list]] = []
-        # the inner signature: a pipeline passes sigmas= (Flux) only to a set_timesteps that names them
-        self.set_timesteps = functools.wraps(inner.set_timesteps)(functools.partial(_Recorder.set_timesteps, self))
+        show_inner_step(self, "set_timesteps")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -35,10 +35,13 @@ class Fitter(Protocol):
         ``next_timestep`` (None: the last step, the clean sample)."""
 
 
-def show_inner_step(wrapper: Any) -> None:
-    """Give ``wrapper.step`` the wrapped scheduler's signature: pipelines pass ``eta`` and
-    ``generator`` only to a ``step`` whose signature names them, and ``(*args, **kwargs)`` does not."""
-    wrapper.step = functools.wraps(wrapper.inner.step)(functools.partial(type(wrapper).step, wrapper))
+def show_inner_step(wrapper: Any, *names: str) -> None:
+    """Give ``wrapper``'s methods ``names`` (default ``step``) the wrapped scheduler's signatures:
+    pipelines pass ``eta`` and ``generator`` only to a ``step`` whose signature names them, and Flux
+    passes ``sigmas`` only to a ``set_timesteps`` that names them; ``(*args, **kwargs)`` does not."""
+    for name in names or ("step",):
+        method = functools.partial(getattr(type(wrapper), name), wrapper)
+        setattr(wrapper, name, functools.wraps(getattr(wrapper.inner, name))(method))
 
 
 class Corrected:
@@ -50,9 +53,7 @@ class Corrected:
     def __init__(self, inner: Any, weights: Sequence[Sequence[float]] | None = None, fitter: Fitter | None = None):
         self.inner, self._rows, self._fitter = inner, weights, fitter
         self._index, self._history = 0, []
-        show_inner_step(self)
-        # the inner signature too: a pipeline passes sigmas= (Flux) only to a set_timesteps that names them
-        self.set_timesteps = functools.wraps(inner.set_timesteps)(functools.partial(Corrected.set_timesteps, self))
+        show_inner_step(self, "step", "set_timesteps")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
