@@ -160,9 +160,11 @@ def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path)
 def test_the_language_model_refuses_several_processes_and_an_empty_row_list(run, monkeypatch, tmp_path):
     assert_clean_error(run("generate", "--model", "dlm", "--parallel", "cfg", "--out", str(tmp_path / "g")),
                        "--model dlm runs in one process")
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
-    assert_clean_error(run("search", "--model", "dlm", "--out", str(tmp_path / "s")), "runs in one process")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them
+    monkeypatch.setenv("RANK", "1")
+    assert_clean_error(run("search", "--model", "dlm", "--out", str(tmp_path / "s")), "[rank 1/2] --model dlm")
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
     assert_clean_error(run("bench", "--model", "dlm", "--only", "", "--out", str(tmp_path / "b")), "--only is empty")
     assert not any(tmp_path.iterdir())
 

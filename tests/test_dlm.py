@@ -252,7 +252,10 @@ def test_plans_that_do_not_fit_fail_before_anything_changes(tiny_pipe, problems)
     # each returned something wrong without a word: [], an all-mask answer, one answer per character
     for call, message in [(dict(batch_size=-1), "batch_size must be a whole number >= 1"),
                           (dict(block_length=-4), "block_length must be a whole number >= 1"),
-                          (dict(block_length=0), "block_length must be a whole number >= 1")]:
+                          (dict(block_length=0), "block_length must be a whole number >= 1"),
+                          (dict(steps=2.5), "steps must be a whole number"),  # had blamed the blocks
+                          (dict(block_length=True), "block_length must be a whole number >= 1"),
+                          (dict(batch_size=2.5), "batch_size must be a whole number >= 1")]:
         with pytest.raises(LMPlanError, match=message):
             tiny_pipe(problems, **call)
     with pytest.raises(LMPlanError, match="problems must be a list"):
@@ -271,6 +274,8 @@ def test_plan_json_round_trip_and_validation(tmp_path):
                          ({"method": "block", "block_size": 4, "refresh_every": 2}, "refresh_every"),
                          ({"method": "dkv-decode", "refresh_every": -1}, "refresh_every"),
                          ({"method": "dkv-decode", "surprise": 1}, "surprise"),
+                         ({"method": "dkv-decode", "refresh_every": True}, "refresh_every"),  # had become 1
+                         ({"method": "dkv-greedy", "window": 2.5}, "window"),
                          ({"method": "block", "block_size": 5, "answer_length": 12}, "does not divide")]:
         with pytest.raises(LMPlanError, match=message):
             LMPlan.from_dict(bad)
@@ -422,10 +427,14 @@ def test_plan_make_and_show_take_lm_plans(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     assert "dkv-greedy (window=4, refresh_every=8)" in stdout and f"--plan {path}" in stdout
     for args, fragment in [(("block",), "'block_size' is needed"), (("dkv-decode", "--interval", "3"), "--interval"),
-                           (("dkv-nothing",), "unknown LM method")]:
+                           (("dkv-nothing",), "unknown LM method"),
+                           (("dkv-greedy", "--param", "window=40"), "larger than the answer (12 tokens)"),
+                           (("block", "--param", "block_size=5"), "does not divide the answer length 12")]:
         bad = tmp_path / "x.json"
         code, _, err = run_cli(monkeypatch, capsys, "plan", "make", *args, "--model", "dlm", "--out", bad)
         assert code == 2 and fragment in err.strip().splitlines()[-1] and not bad.exists(), err
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "show", path, "--model", "dit")  # had been ignored
+    assert code == 2 and "an LM plan for the 'dlm' model, not for 'dit'" in err
     (tmp_path / "odd.json").write_text('{"kind": 3}')  # an LM plan's field, of the wrong type: the LM reader says so
     code, _, err = run_cli(monkeypatch, capsys, "plan", "show", tmp_path / "odd.json")
     assert code == 2 and "invalid LM plan" in err

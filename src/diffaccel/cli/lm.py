@@ -20,6 +20,7 @@ from diffaccel.eval.io import write_json
 from diffaccel.lm.bench import ROWS, check_rows, run_rows, table
 from diffaccel.lm.evaluate import compare as compare_plan
 from diffaccel.lm.evaluate import run, score
+from diffaccel.lm.executor import check_fits
 from diffaccel.lm.pipeline import load_dlm
 from diffaccel.lm.plan import LM_METHODS, LMPlan, make_lm_plan
 from diffaccel.lm.search import parse_budget, search_lm
@@ -48,14 +49,16 @@ def lm_plan(method: str | None, plan_file: Path | None, settings: dict[str, Any]
 def one_process(parallel: Any = None) -> None:
     """The language model runs in one process: several (torchrun) would each run the whole job and
     write the same files."""
-    if parallel is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--model dlm runs in one process: drop --parallel and torchrun")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel is not None or world > 1:
+        rank = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world > 1 else ""  # as the image jobs' errors
+        raise ValueError(f"{rank}--model dlm runs in one process: drop --parallel and torchrun")
 
 
 GENERATE_OPTIONS = frozenset({"model", "pipeline", "out", "method", "plan", "compare", "param", "save_plan", "weights",
                               "threads", "steps", "per_class", "parallel"})
 SEARCH_OPTIONS = frozenset({"model", "pipeline", "budget", "objective", "out", "steps", "weights", "threads"})
-PLAN_MAKE_OPTIONS = frozenset({"method", "model", "param", "out"})
+PLAN_MAKE_OPTIONS = frozenset({"method", "model", "param", "weights", "out"})
 BENCH_OPTIONS = frozenset({"model", "pipeline", "quick", "out", "only", "per_class", "steps", "threads", "timed_pairs",
                            "budget", "weights"})
 
@@ -87,10 +90,13 @@ def generate_command(ctx: typer.Context) -> None:
 
 
 def plan_make_command(ctx: typer.Context) -> Path:
-    """``plan make METHOD --model dlm``: the LM plan of the method and its ``--param`` settings, saved."""
+    """``plan make METHOD --model dlm``: the LM plan of the method and its ``--param`` settings, checked
+    against the model it is for (the shipped one, or ``--weights``) and saved."""
     refuse_image_options(ctx, PLAN_MAKE_OPTIONS)
     o = ctx.params
-    return make_lm_plan(o["method"], **parse_params(o["param"])).save(o["out"])
+    plan = make_lm_plan(o["method"], **parse_params(o["param"]))
+    check_fits(load_dlm(o["weights"]), plan)  # a window or block size the answers cannot take fails here, not at use
+    return plan.save(o["out"])
 
 
 def is_lm_plan_file(path: Path) -> bool:
@@ -110,8 +116,11 @@ def searched_steps(plan: LMPlan | None) -> int | None:
     return search.get("steps") if isinstance(search, dict) else None
 
 
-def describe_lm_plan(plan: LMPlan, path: Path) -> str:
-    """An LM plan in a few lines: the method, its settings, and what the file records besides."""
+def describe_lm_plan(plan: LMPlan, path: Path, model: str | None = None) -> str:
+    """An LM plan in a few lines: the method, its settings, and what the file records besides
+    (``model``: the ``--model`` the user named, which must be the one the plan is for)."""
+    if model not in (None, plan.kind):
+        raise ValueError(f"{path} is an LM plan for the {plan.kind!r} model, not for {model!r}; drop --model")
     lines = [f"LM plan for a {plan.kind} model: {plan.method} ({plan.setting()})"]
     if plan.answer_length is not None:
         lines.append(f"made for answers of {plan.answer_length} tokens")

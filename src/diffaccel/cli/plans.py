@@ -40,7 +40,7 @@ def plan_show(path: Path = typer.Argument(..., help="plan JSON file"),
     """Print a plan's step x unit map and the MACs it costs relative to the full model (an LM plan:
     its method and settings)."""
     if is_lm_plan_file(path):
-        typer.echo(run_guarded(lambda: describe_lm_plan(LMPlan.load(path), path)))
+        typer.echo(run_guarded(lambda: describe_lm_plan(LMPlan.load(path), path, model)))
         return
     typer.echo(run_guarded(lambda: render_plan(Plan.load(path), model)))
 

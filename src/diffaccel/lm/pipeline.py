@@ -19,7 +19,7 @@ from diffaccel.errors import WeightsError
 from diffaccel.lm.kvcache import MacCounter
 from diffaccel.lm.model import ANSWER_LENGTH, PROMPT_LENGTH, forward_macs
 from diffaccel.lm.plan import LMPlanError
-from diffaccel.lm.sampler import check_schedule, decode
+from diffaccel.lm.sampler import check_schedule, decode, whole_number
 from diffaccel.lm.tasks import Problem
 from diffaccel.lm.tokenizer import CharTokenizer
 
@@ -62,7 +62,7 @@ class DLMPipeline:
         (default: the answer length), semi-autoregressively in blocks of ``block_length`` tokens."""
         if isinstance(problems, (str, Problem)):
             raise LMPlanError("problems must be a list (of prompt strings or Problems); wrap one prompt in a list")
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        if batch_size is not None and (not whole_number(batch_size) or batch_size < 1):
             raise LMPlanError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
         run = self._lm_run
         plan = run.plan if run is not None else None

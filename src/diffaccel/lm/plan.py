@@ -40,11 +40,12 @@ class LMPlan(BaseModel):
     version: Literal[1] = LM_PLAN_VERSION
     kind: str = Field("dlm", description="the model kind the plan is for (a pipeline's ``kind``)")
     method: Literal["none", "dkv-decode", "dkv-greedy", "prompt-cache", "block"]
-    refresh_every: int = Field(0, ge=0, description="recompute every position every N steps (0: never)")
-    window: int | None = Field(None, ge=1, description="dkv-greedy: masked positions recomputed per step")
-    block_size: int | None = Field(None, ge=1, description="block: tokens per block")
-    block_cache: bool = Field(True, description="block: cache finished blocks (False: recompute the prefix)")
-    answer_length: int | None = Field(None, ge=1, description="the answer length the plan was made for")
+    refresh_every: int = Field(0, ge=0, strict=True, description="recompute every position every N steps (0: never)")
+    window: int | None = Field(None, ge=1, strict=True, description="dkv-greedy: masked positions recomputed per step")
+    block_size: int | None = Field(None, ge=1, strict=True, description="block: tokens per block")
+    block_cache: bool = Field(True, strict=True,
+                              description="block: cache finished blocks (False: recompute the prefix)")
+    answer_length: int | None = Field(None, ge=1, strict=True, description="the answer length the plan was made for")
     params: dict = Field(default_factory=dict, description="free-form record (e.g. how a search chose it)")
 
     @model_validator(mode="after")

@@ -33,12 +33,18 @@ def transfer_counts(tokens: int, steps: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
+def whole_number(value: object) -> bool:
+    """Whether ``value`` is a whole number (an int, not a bool or a float)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_schedule(answer_length: int, steps: int, block_length: int | None, plan: LMPlan | None) -> int:
     """Raise ``LMPlanError`` unless the step schedule fits; returns the block length used."""
-    if not 1 <= steps <= answer_length:
-        raise LMPlanError(f"steps must be between 1 and the answer length {answer_length}, not {steps} "
+    if not whole_number(steps) or not 1 <= steps <= answer_length:
+        raise LMPlanError(f"steps must be a whole number between 1 and the answer length {answer_length}, "
+                          f"not {steps!r} "
                           "(a step that decodes nothing recomputes the same prediction)")
-    if block_length is not None and (isinstance(block_length, bool) or block_length < 1):
+    if block_length is not None and (not whole_number(block_length) or block_length < 1):
         raise LMPlanError(f"block_length must be a whole number >= 1 (or None: one block), not {block_length!r}")
     blocks_from_plan = plan.block_size if plan is not None and plan.method == "block" else None
     if blocks_from_plan and block_length and block_length != blocks_from_plan:
