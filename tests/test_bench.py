@@ -282,6 +282,7 @@ def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path
     ("{not json", ["--model", "dit"], ["not valid JSON"]),
     (None, ["--model", "dit", "--only", "nope"], ["--only", "unknown method or peer 'nope'"]),
     (None, ["--model", "unet", "--only", "fora", "--classes", "blob"], ["unknown class blob"]),
+    (None, ["--model", "unet", "--only", "fora", "--classes", "circle,circle"], ["circle is named more than once"]),
     ({"plan": [{"file": "nowhere/plan.json"}]}, ["--model", "dit"], ["plan file nowhere/plan.json does not exist"]),
     ({"plan": [{}]}, ["--model", "dit"], ["a plan entry needs \"file\""]),
 ])

@@ -138,6 +138,7 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
 
 @pytest.mark.parametrize("args,fragments", [
     (["--classes", "hexagon"], ["unknown class hexagon", "circle"]),
+    (["--classes", "circle, circle"], ["class circle is named more than once"]),  # had made the images twice
     (["--steps", "0"], ["--steps"]),
     (["--steps", "-3"], ["--steps"]),
     (["--guidance", "abc"], ["--guidance"]),

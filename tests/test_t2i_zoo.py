@@ -45,6 +45,18 @@ def test_captions_are_deterministic_and_parse_back():
         captions.parse_caption("a small red circle on a red background")
 
 
+def test_prompts_outside_the_caption_language_are_flagged_once_with_the_first_culprit():
+    from diffaccel.targets import in_caption_language
+
+    good = {"prompt": captions.caption(captions.ALL_COMBOS[0])}
+    assert in_caption_language([good, good])
+    with pytest.warns(UserWarning, match=r"prompt 2 is outside .*'a fluffy cat'.*adherence is not scored") as caught:
+        assert not in_caption_language([good, {"prompt": "a fluffy cat"}, {"prompt": "a dog"}])
+    assert len(caught) == 1  # had run with no word, adherence silently left out
+    with pytest.warns(UserWarning, match="prompt 1 is outside"):
+        assert not in_caption_language([{"prompt_embeds": "given"}])
+
+
 def test_splits_are_disjoint_and_hold_out_prompts_from_training():
     seeds = {split: {s for _, s in captions.items(split, 3000)} for split in captions.SPLITS}
     splits = list(seeds)

@@ -11,6 +11,7 @@ for methods and the search) and the evaluation workload (noise from the user's s
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,12 +244,16 @@ def _t2i_target(model: str, prompts: Path | None, sampler: str, weights: Path | 
 
 
 def in_caption_language(calls: list[dict]) -> bool:
-    """Whether every call's prompt is a caption the t2i evaluator can score."""
-    try:
-        for call in calls:
-            captions.parse_caption(call.get("prompt"))
-    except (ValueError, AttributeError):
-        return False
+    """Whether every call's prompt is a caption the t2i evaluator can score; warns at the first that
+    is not, since the models were trained on those captions alone."""
+    for number, call in enumerate(calls, 1):
+        prompt = call.get("prompt")
+        try:
+            captions.parse_caption(prompt if isinstance(prompt, str) else "")
+        except ValueError as exc:
+            warnings.warn(f"prompt {number} is outside the caption language the t2i models know ({exc}): words they "
+                          "do not know become <unk>, and adherence is not scored for this run", stacklevel=2)
+            return False
     return True
 
 

@@ -21,6 +21,7 @@ from diffaccel.cli.common import (
     PROMPTS,
     SamplerName,
     app,
+    class_names,
     fail,
     run_guarded,
 )
@@ -75,7 +76,7 @@ def bench(
         nonlocal pipeline, prompts, weights
         _check_tail(tail)
         pipeline, prompts, adherence, weights = _inputs(model, pipeline, prompts, weights, sampler.value, guidance, out)
-        names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
+        names = class_names(classes)
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
                           steps=steps or DEFAULT_STEPS,
                           sampler=sampler.value, guidance=guidance, seed=seed, threads=threads, classes=names,

@@ -20,6 +20,7 @@ from diffaccel.methods.registry import build
 from diffaccel.plan import Plan
 from diffaccel.steps import model_evaluations
 from diffaccel.targets import T2I_MODELS, Target, load_target
+from diffaccel.zoo import shapes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Make diffusion sampling cheaper, and show what it cost in quality.")
@@ -174,3 +175,13 @@ def os_message(exc: OSError) -> str:
         return str(exc)
     hint = " (a file stands where a folder is needed)" if isinstance(exc, (FileExistsError, NotADirectoryError)) else ""
     return f"{exc.filename}: {exc.strerror.lower()}{hint}"
+
+
+def class_names(classes: str | None) -> list[str] | None:
+    """``--classes`` as a list of names (None: not given, every class), checked against the classes."""
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
+    if names is not None and not names:
+        raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
+    if names is not None:
+        shapes.class_ids(names)  # unknown or repeated names are refused before any model loads
+    return names

@@ -25,6 +25,7 @@ from diffaccel.cli.common import (
     app,
     call_steps,
     check_plan_file,
+    class_names,
     parse_params,
     quant_backend_for,
     resolve_plan,
@@ -40,7 +41,6 @@ from diffaccel.parallel import ParallelError, close, init, tag_logging
 from diffaccel.parallel.job import ParallelConfig
 from diffaccel.plan import Plan
 from diffaccel.solvers import SolverSpec
-from diffaccel.zoo import shapes
 
 
 class Precision(str, Enum):
@@ -103,7 +103,7 @@ def generate(
     def job() -> dict | None:
         setup(threads, guidance)
         tag_logging(init())
-        names = _class_names(classes)
+        names = class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
         _check_inputs(plan, compare and not (method or plan or quant or precision), save_plan)
         tgt = target(model, pipeline, prompts, sampler, weights)
@@ -133,13 +133,6 @@ def _check_inputs(plan: Path | None, compares_nothing: bool, save_plan: Path | N
         raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
     if save_plan is not None and save_plan.is_dir():
         raise ValueError(f"--save-plan {save_plan} is a folder: name a .json file")
-
-
-def _class_names(classes: str | None) -> list[str] | None:
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
-    if names is not None and not names:
-        raise ValueError(f"--classes is empty; choose from {', '.join(shapes.CLASSES)}")
-    return names
 
 
 def _report(record: dict | None, out: Path, compare: bool) -> None:

@@ -111,4 +111,7 @@ def class_ids(names: list[str] | None) -> list[int]:
     unknown = [n for n in names if n not in CLASSES]
     if unknown:
         raise ValueError(f"unknown class {', '.join(unknown)}; choose from {', '.join(CLASSES)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # each would make the same images again
+        raise ValueError(f"class {', '.join(repeated)} is named more than once; name each class once")
     return [CLASSES.index(n) for n in names]
