@@ -411,3 +411,18 @@ def test_torchrun_command_line(monkeypatch, capsys, tmp_path):
     lines = [line for line in bad.stderr.splitlines() if line.startswith("error: [rank")]
     assert {line[:16] for line in lines} == {"error: [rank 0/2", "error: [rank 1/2"}, bad.stderr[-2000:]
     assert all("U-Net" in line for line in lines)
+
+
+@requires_weights
+def test_patch_parallelism_under_a_few_step_plan_warns_that_stale_keys_cost_more(caplog):
+    from diffaccel.parallel.group import Group
+    from diffaccel.plan import Plan
+
+    plan = Plan.load(Path(__file__).parents[1] / "benchmarks/results/plans/dit-joint-unipc7-fitted-coefficients.json")
+    model = load_pipeline("dit").transformer
+    two = Group(rank=0, world=2)
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        check_job(ParallelConfig("patch", warmup_steps=3), two, model, plan)
+        assert not caplog.records  # half the 7 steps exact: nothing to say
+        check_job(ParallelConfig("patch", warmup_steps=1), two, model, plan)
+    assert "7-step sampler" in caplog.text and "--warmup-steps 3" in caplog.text
