@@ -24,6 +24,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -96,6 +97,22 @@ def stable_diffusion(scheduler=None) -> tuple[StableDiffusionPipeline, dict]:
     pipe.set_progress_bar_config(disable=True)
     return pipe, {"prompt": PROMPTS[:2], "num_inference_steps": 6, "guidance_scale": 5.0, "height": 16,
                   "width": 16}
+
+
+def sdxl() -> tuple[StableDiffusionXLPipeline, dict]:
+    """SDXL layout: two text encoders, and pooled text embeddings and time ids in ``added_cond_kwargs``."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4).eval()
+    pipe = StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_text_encoder(), tokenizer=clip_tokenizer(),
+                                     text_encoder_2=clip_text_encoder(seed=1, projection=16),
+                                     tokenizer_2=clip_tokenizer(), unet=unet,
+                                     scheduler=sd_scheduler("EulerDiscreteScheduler", timestep_spacing="leading"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {"prompt": PROMPTS[:2], "num_inference_steps": 8, "guidance_scale": 5.0, "height": 16, "width": 16}
 
 
 def sd_scheduler(name: str, **extra):

@@ -29,7 +29,7 @@ from diffaccel.runtime import PlanWarning
 from diffaccel.search.heldout import compare
 from diffaccel.solvers.spec import SolverSpec
 from diffaccel.steps import model_evaluations
-from stock_pipelines import CASES
+from stock_pipelines import CASES, sd_scheduler, sdxl, stable_diffusion
 from stock_pipelines import build as build_case
 
 NAMES = list(CASES)
@@ -440,3 +440,81 @@ def test_plan_show_says_a_per_step_quantized_plan_runs_only_at_its_calibrated_st
     pipe, call = CASES["sd-pndm"][0]()
     plan = methods.ptq(pipe, [call], bits="w8a8", backend="fake", per_step=True)
     assert f"only at the {plan.calibration.steps} steps its per-step quantization" in render_plan(plan)
+
+
+def _drop_guidance_at(step: int):
+    """diffusers' documented dynamic-CFG callback: from ``step`` on, the conditional half alone."""
+    def callback(pipe, index, timestep, kwargs):
+        if index == step:
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return kwargs
+    return callback
+
+
+def test_a_callback_that_drops_guidance_mid_run_recomputes_instead_of_serving_the_old_batch():
+    pipe, call = stable_diffusion(sd_scheduler("DDIMScheduler", clip_sample=False))
+    call = {**call, "num_inference_steps": 10, "callback_on_step_end": _drop_guidance_at(4),
+            "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+    base = run(pipe, call)
+    with diffaccel.accelerate(pipe, methods.fora(pipe, 10, interval=1)):
+        assert torch.equal(run(pipe, call), base)
+    for plan in (methods.fora(pipe, 10, interval=2), methods.deepcache(pipe, 10, interval=3),
+                 methods.taylorseer(pipe, 10, interval=3), methods.faster_diffusion(pipe, 10, interval=3, warmup=1)):
+        with diffaccel.accelerate(pipe, plan) as ex:  # each had served its batch-of-4 caches to a batch of 2
+            out = run(pipe, call)
+        assert out.shape == base.shape and torch.isfinite(out).all() and ex.stats.mac_ratio > 1, plan.method
+
+
+def test_parallel_decoding_repeats_nested_conditions_and_follows_a_prompt_changed_midway():
+    pipe, call = sdxl()  # its pooled text embeddings and time ids sit in a dict, added_cond_kwargs
+    outputs = {}
+    for parallel in (False, True):
+        plan = methods.faster_diffusion(pipe, 8, interval=4, warmup=1, parallel=parallel)
+        with diffaccel.accelerate(pipe, plan):  # parallel=True had stopped on a batch-size mismatch
+            outputs[parallel] = run(pipe, call)
+    assert torch.allclose(outputs[True], outputs[False], atol=1e-5)
+    pipe, call = stable_diffusion(sd_scheduler("DDIMScheduler", clip_sample=False))
+    other = pipe.encode_prompt(["a large blue circle", "a small red square"], "cpu", 1, True, ["", ""])
+    swapped = torch.cat([other[1], other[0]])
+
+    def swap(pipe, index, timestep, kwargs):
+        if index == 3:
+            kwargs["prompt_embeds"] = swapped
+        return kwargs
+
+    call = {**call, "num_inference_steps": 10, "callback_on_step_end": swap,
+            "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+    for parallel in (False, True):
+        with diffaccel.accelerate(pipe, methods.faster_diffusion(pipe, 10, interval=4, warmup=2, parallel=parallel)):
+            outputs[parallel] = run(pipe, call)
+    assert torch.equal(outputs[True], outputs[False])  # the steps batched ahead had kept the old prompt
+
+
+def test_noise_injection_adds_the_initial_noise_whatever_the_scheduler_scales_it_by():
+    changes = {}
+    for name, extra in (("DDIMScheduler", {"clip_sample": False}), ("EulerDiscreteScheduler", {}),
+                        ("HeunDiscreteScheduler", {})):
+        pipe, call = stable_diffusion(sd_scheduler(name, **extra))
+        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        steps = model_evaluations(pipe.scheduler, call["num_inference_steps"])
+        latents = {}
+        for strength in (0.0, 0.02):
+            plan = methods.faster_diffusion(pipe, steps, interval=3, warmup=1, parallel=False, noise_strength=strength)
+            with diffaccel.accelerate(pipe, plan) as ex:
+                latents[strength] = pipe(**call, latents=noise, output_type="latent").images
+        injection = next(f for f in ex.features if type(f).__name__ == "NoiseInjection")
+        assert torch.allclose(injection.z, noise, atol=1e-5)  # had been noise x 14.6 under Euler and Heun
+        changes[name] = float((latents[0.02] - latents[0.0]).std())
+    assert max(changes.values()) < 2 * min(changes.values()), changes  # had been 15-22x DDIM's
+
+
+def test_a_scheduler_replaced_inside_the_block_is_refused_not_run_misaligned():
+    pipe, call = stable_diffusion(sd_scheduler("DDIMScheduler", clip_sample=False))
+    heun = sd_scheduler("HeunDiscreteScheduler")
+    plan = methods.fora(pipe, model_evaluations(heun, call["num_inference_steps"]), interval=2)
+    with diffaccel.accelerate(pipe, plan):
+        pipe.scheduler = heun  # its steps are not counted: the plan's rows would fall on the wrong evaluations
+        with pytest.raises(PlanError, match="scheduler was replaced inside the accelerate block"):
+            run(pipe, call)
+    assert untouched(pipe)

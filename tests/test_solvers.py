@@ -13,7 +13,9 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     FluxImg2ImgPipeline,
+    IPNDMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -548,6 +550,12 @@ def test_solver_settings_that_would_run_wrong_are_refused():
             one = solver_scheduler(SolverSpec(name=name, steps=1, spacing=spacing), sd.scheduler)
             one.set_timesteps(1)
             assert one.timesteps.tolist() == [999]
+    # IPNDM carries trained_betas=None: the solver had run on diffusers' default betas; FlowMatchHeun had
+    # been told it lacks betas, where it is a flow scheduler the flow solvers do not read
+    with pytest.raises(PlanError, match="IPNDMScheduler has none"):
+        solver_scheduler(SolverSpec(name="dpm++2", steps=4), IPNDMScheduler())
+    with pytest.raises(PlanError, match="FlowMatchHeunDiscreteScheduler is another flow-matching scheduler"):
+        solver_scheduler(SolverSpec(name="unipc", steps=4), FlowMatchHeunDiscreteScheduler(shift=3.0))
 
 
 def test_a_solver_plan_refuses_call_arguments_it_would_override_or_the_pipeline_would_misread():

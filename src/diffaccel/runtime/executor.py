@@ -27,9 +27,8 @@ from diffaccel.runtime.cache import UnitCache, all_finite, tree_map
 from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
 from diffaccel.runtime.fitted import check_scheduler, check_weights, plan_for_run
+from diffaccel.runtime.sampler import plan_scheduler
 from diffaccel.runtime.state import BranchState, Stats, merged_run
-from diffaccel.solvers.calls import slices_schedule
-from diffaccel.solvers.schedulers import solver_scheduler
 
 log = logging.getLogger("diffaccel")
 
@@ -73,6 +72,8 @@ class Executor:
         self._current: BranchState | None = None
         self._saved: list[tuple[Any, str, Any, bool]] = []
         self._measuring: list[int] | None = None
+        self.scheduler: Any = None  # the one whose steps are counted (set by install)
+        self._pipe: Any = None
         self._pending_run = False  # timesteps set, the run's first forward still to come
         self.features: list[Feature] = []
         self.step_observers: list[StepHook] = []  # called after every scheduler step: (step, sample, prev)
@@ -116,14 +117,7 @@ class Executor:
             raise PlanError(NESTED)
         try:
             if self.plan.solver is not None:
-                if pipe is None or not hasattr(pipe, "scheduler"):
-                    raise PlanError("this plan sets the sampler (its solver section): pass the pipeline, "
-                                    "not the model")
-                if self.plan.solver.bottleneck and "any-resolution" not in self.adapter.capabilities:
-                    raise PlanError(f"bottleneck sampling changes the latent size mid-run; the {self.adapter.name} "
-                                    "adapter's model does not support it (DiT and PixArt transformers do)")
-                scheduler = solver_scheduler(self.plan.solver, pipe.scheduler, slices_schedule(pipe),
-                                             self.adapter.size_multiple(self.model))
+                scheduler = plan_scheduler(self.plan, pipe, self.adapter, self.model)
                 self.patch(pipe, "scheduler", scheduler)
             check_scheduler(self.plan, scheduler)
             if scheduler is None and any(f.needs_scheduler for f in self.features):
@@ -148,6 +142,7 @@ class Executor:
             self.clock = StepClock()
             if scheduler is not None:
                 self.clock.hook(scheduler, self.patch, self._run_set, self._after_step)
+            self.scheduler, self._pipe = scheduler, pipe
             self.patch(self.model, "_diffaccel_executor", self)
         except BaseException:
             self.remove()
@@ -165,6 +160,7 @@ class Executor:
         self._states.clear()
         self._current = None
         self.clock = StepClock()
+        self.scheduler = self._pipe = None
 
     def _run_set(self) -> None:
         """The scheduler's timesteps are set: the run starts at its first forward, where an image-to-image
@@ -211,6 +207,10 @@ class Executor:
     def _model_forward(self, original, args: tuple, kwargs: dict):
         if self._current is not None:  # re-entrant call (e.g. parallel decoding): plain pass-through
             return original(*args, **kwargs)
+        if self._pipe is not None and getattr(self._pipe, "scheduler", None) is not self.scheduler:
+            raise PlanError("the pipeline's scheduler was replaced inside the accelerate block, so its steps are "
+                            "not counted and the plan's rows would not match them: set pipe.scheduler before "
+                            "applying the plan")
         bound = self._signature.bind(*args, **kwargs)
         sample = bound.arguments[self.adapter.sample_arg]
         t = timestep_value(bound.arguments[self.adapter.timestep_arg])
@@ -237,9 +237,10 @@ class Executor:
         self.mac_key = (self._shape, condition_shapes(self._signature.bind(*args, **kwargs).arguments))
         batch = self._batch
         measure = self.mac_key not in self.unit_macs
-        if state.shape is not None and state.shape != self._shape:
-            state.forget()  # the resolution changed mid-run (bottleneck sampling): nothing cached fits
-        state.shape = self._shape
+        own = (shape[0] // state.tile, *shape[1:])  # parallel decoding runs several steps' batches as one
+        if state.shape is not None and state.shape != own:
+            state.forget()  # the resolution (bottleneck sampling) or the batch (a callback dropping guidance) changed
+        state.shape = own
         for feature in self._hooks["before_forward"]:
             feature.before_forward(state)
         self._current = state

@@ -53,7 +53,7 @@ class BranchState:
     run_sums: dict[tuple[int, int], UnitCache] = field(default_factory=dict)
     features: dict[int, Any] = field(default_factory=dict)  # each feature's own per-branch state, by id
     computed: dict[int, Any] = field(default_factory=dict)  # this forward's computed units' outputs, in order
-    shape: tuple | None = None  # per-sample input shape the caches were filled at
+    shape: tuple | None = None  # the input shape (batch included) the caches were filled at
 
     def forget(self) -> None:
         """Drop every cached value (each unit computes again at its next call)."""

@@ -48,7 +48,11 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
     if is_flow(base):
         return flow_solver(spec, base, exact_steps, fitter)
     config = dict(base.config)
-    if "beta_schedule" not in config and "trained_betas" not in config:
+    if "shift" in config and config.get("beta_schedule") is None:  # a flow path this code does not read
+        raise PlanError(f"the flow solvers read the shift of FlowMatchEulerDiscreteScheduler; this pipeline's "
+                        f"{type(base).__name__} is another flow-matching scheduler: set pipe.scheduler = "
+                        "FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), or leave the solver out")
+    if config.get("beta_schedule") is None and config.get("trained_betas") is None:  # IPNDM has the key, as None
         raise PlanError(f"the solver {spec.name} needs a noise-schedule (betas) scheduler; this pipeline's "
                         f"{type(base).__name__} has none: leave the plan's solver out for it")
     cls, extra = CLASSES[spec.name]
@@ -130,7 +134,8 @@ def _check_range(timesteps: tuple[int, ...], count: int) -> None:
 def place_timesteps(scheduler: Any, timesteps: tuple[int, ...]) -> None:
     """Replace the timesteps ``set_timesteps`` chose by ``timesteps`` (same count), with the noise
     levels (sigmas) of the schedulers that keep them, computed as diffusers does for its own spacings,
-    so that a scheduler's own timesteps given explicitly reproduce its run exactly."""
+    so that a scheduler's own timesteps given explicitly reproduce its run exactly (not where its own
+    levels sit between whole timesteps: Karras sigmas, Euler's linspace spacing)."""
     bars = scheduler.alphas_cumprod
     _check_range(timesteps, len(bars))
     device = scheduler.timesteps.device

@@ -112,6 +112,33 @@ def with_model_sample(out: Any, sample: torch.Tensor) -> Any:
     return type(out)(sample=sample) if hasattr(out, "sample") else (sample, *out[1:])
 
 
+def batch_mapped(value: Any, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor of the batch's size, in dicts, lists and tuples too
+    (SDXL's ``added_cond_kwargs`` holds its text embeddings and time ids in a dict)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: batch_mapped(v, batch, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(batch_mapped(v, batch, fn) for v in value)
+    return value
+
+
+def same_inputs(a: Any, b: Any) -> bool:
+    """Whether two model arguments hold the same values (tensors compared by shape and value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_inputs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_inputs(x, y) for x, y in zip(a, b))
+    try:
+        return a is b or bool(a == b)
+    except (TypeError, ValueError):  # an array's == compares elementwise
+        return False
+
+
 def overrides(feature: Feature, hook: str) -> bool:
     """Whether ``feature`` implements ``hook`` (the executor calls only features that do)."""
     return getattr(type(feature), hook) is not getattr(Feature, hook)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from diffaccel.errors import PlanError
 from diffaccel.plan import Plan
-from diffaccel.runtime.features.base import Feature, model_sample, with_model_sample
+from diffaccel.runtime.features.base import Feature, batch_mapped, model_sample, with_model_sample
 from diffaccel.runtime.state import BranchState
 
 
@@ -120,11 +120,5 @@ class PredictedGuidance(Feature):
 
 def halved(value: Any, batch: int, keep: slice) -> Any:
     """``value`` with every tensor of the batch's size (in dicts, lists and tuples too) cut to ``keep``."""
-    if isinstance(value, torch.Tensor):
-        return value[keep] if value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return {k: halved(v, batch, keep) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(halved(v, batch, keep) for v in value)
-    return value
+    return batch_mapped(value, batch, lambda tensor: tensor[keep])
 

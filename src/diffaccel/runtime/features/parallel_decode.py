@@ -13,13 +13,14 @@ import torch
 
 from diffaccel.errors import PlanError
 from diffaccel.plan import Plan
-from diffaccel.runtime.features.base import Feature, model_sample, with_model_sample
+from diffaccel.runtime.features.base import Feature, batch_mapped, model_sample, same_inputs, with_model_sample
 from diffaccel.runtime.state import BranchState
 
 
 @dataclass
 class DecodeState:
     pending: dict[int, Any] = field(default_factory=dict)  # step -> precomputed output
+    made_from: dict[str, Any] = field(default_factory=dict)  # the conditioning they were computed with
 
 
 class ParallelDecode(Feature):
@@ -48,6 +49,13 @@ class ParallelDecode(Feature):
     def forward(self, original: Callable, bound: inspect.BoundArguments, state: BranchState) -> Any:
         own = state.of(self, DecodeState)
         executor = self.executor
+        adapter = executor.adapter
+        sample = bound.arguments[adapter.sample_arg]
+        batch = sample.shape[0]
+        conditioning = {name: value for name, value in bound.arguments.items()
+                        if name not in (adapter.sample_arg, adapter.timestep_arg)}
+        if own.pending and not same_inputs(conditioning, own.made_from):
+            own.pending.clear()  # a callback changed the prompt or the batch: the steps computed ahead are stale
         if state.step in own.pending:  # computed ahead, in an earlier batched forward
             executor.stats.forwards += 1
             return own.pending.pop(state.step)
@@ -57,15 +65,13 @@ class ParallelDecode(Feature):
         timesteps = executor.timesteps()
         if timesteps is None:
             raise PlanError("parallel decoding needs the timesteps: pass the pipeline, or a plan with timesteps")
-        adapter = executor.adapter
-        sample = bound.arguments[adapter.sample_arg]
-        batch = sample.shape[0]
+        own.made_from = conditioning
         t_arg = bound.arguments[adapter.timestep_arg]
         dtype = t_arg.dtype if isinstance(t_arg, torch.Tensor) else torch.float32
         times = torch.tensor(timesteps[state.step:state.step + run], dtype=dtype, device=sample.device)
-        for name, value in list(bound.arguments.items()):
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-                bound.arguments[name] = value.repeat(run, *([1] * (value.dim() - 1)))
+        for name, value in conditioning.items():
+            bound.arguments[name] = batch_mapped(value, batch, lambda t: t.repeat(run, *([1] * (t.dim() - 1))))
+        bound.arguments[adapter.sample_arg] = sample.repeat(run, *([1] * (sample.dim() - 1)))
         bound.arguments[adapter.timestep_arg] = times.repeat_interleave(batch)
         state.tile = run
         try:

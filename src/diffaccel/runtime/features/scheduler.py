@@ -35,7 +35,9 @@ class StepScale(Feature):
 
 
 class NoiseInjection(Feature):
-    """Add ``strength * z_T`` (the run's first latent) to the latent after every step from ``from_step`` on."""
+    """Add ``strength * z_T`` (the run's initial noise: its first latent over the scheduler's
+    ``init_noise_sigma``, 14.6 on SD's Euler) to the latent after every step from ``from_step`` on;
+    under Heun or KDPM2 once a whole step, after its second evaluation."""
 
     needs_scheduler = True
 
@@ -56,7 +58,10 @@ class NoiseInjection(Feature):
         self.z = None
 
     def after_step(self, step: int, sample: torch.Tensor, prev: torch.Tensor) -> None:
+        scheduler = self.executor.scheduler
         if self.z is None:
-            self.z = sample.clone()
+            self.z = sample / float(getattr(scheduler, "init_noise_sigma", 1.0))
+        if not getattr(scheduler, "state_in_first_order", True):
+            return  # the first half of a second-order step: its latent is a prediction the step discards
         if step >= self.settings.from_step and self.settings.strength > 0:
             prev.add_(self.z, alpha=self.settings.strength)
