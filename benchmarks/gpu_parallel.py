@@ -27,10 +27,10 @@ import parallel as bench  # noqa: E402  (benchmarks/parallel.py: the settings, t
 
 def main(argv: list[str] | None = None) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    args = bench.parse(argv, device="cuda", nprocs=max(gpus, 2), per_class=32)  # --help before the GPU check
     if gpus < 2:
         raise SystemExit(f"benchmarks/gpu_parallel.py needs at least 2 GPUs (found {gpus}); on CPUs run "
                          "benchmarks/parallel.py")
-    args = bench.parse(argv, device="cuda", nprocs=gpus, per_class=32)
     if not 2 <= args.nprocs <= gpus:
         raise SystemExit(f"--nprocs must lie in [2, {gpus}] (one process per GPU)")
     os.environ.setdefault("DIFFACCEL_DIST_BACKEND", "nccl")

@@ -122,6 +122,9 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true", help="skip the CUDA timing of plans")
     args = parser.parse_args()
     device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu_train.py trains on a GPU and none is visible here; train on CPUs with "
+                         "`diffaccel train`, or pass --device cpu to try this script's steps there")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     cfg = TrainConfig(model=args.model, batch=args.batch, lr=args.lr, warmup=args.warmup, device=device,

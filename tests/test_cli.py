@@ -317,3 +317,13 @@ def test_an_lm_bench_reads_its_budget_before_any_row_runs(run, tmp_path):
     assert_clean_error(run("bench", "--model", "dlm", "--quick", "--budget", "acc>=x", "--out", tmp_path / "b"),
                        "cannot read the budget 'acc>=x'")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_warning_in_a_group_of_processes_names_its_rank(monkeypatch, capsys):
+    from diffaccel.cli.common import _one_line_warning
+
+    _one_line_warning(UserWarning("alone"), UserWarning, "x.py", 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    _one_line_warning(UserWarning("prompt 1 is outside"), UserWarning, "x.py", 1)  # had been untagged
+    assert capsys.readouterr().err.splitlines() == ["warning: alone", "warning: [rank 1/2] prompt 1 is outside"]

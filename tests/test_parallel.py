@@ -426,3 +426,51 @@ def test_patch_parallelism_under_a_few_step_plan_warns_that_stale_keys_cost_more
         assert not caplog.records  # half the 7 steps exact: nothing to say
         check_job(ParallelConfig("patch", warmup_steps=1), two, model, plan)
     assert "7-step sampler" in caplog.text and "--warmup-steps 3" in caplog.text
+
+
+def test_a_rank_lost_under_gloo_is_told_as_such_not_as_the_calls_fault(monkeypatch):
+    """gloo reports a dead peer as a plain RuntimeError: it had become "check that call's arguments" (cfg)
+    or a traceback (batch, patch)."""
+    from diffaccel.calibration.workload import Call
+    from diffaccel.cli.generate import _rank_tagged
+    from diffaccel.errors import WorkloadError
+
+    def broken(message):
+        def pipe(**kwargs):
+            raise RuntimeError(message)
+        return pipe
+
+    lost = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500"
+    call = Call({"class_labels": [0]}, (0,))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        call.run(broken(lost))
+    with pytest.raises(WorkloadError, match="check that call's arguments"):
+        call.run(broken("mat1 and mat2 shapes cannot be multiplied"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def job():
+        call.run(broken(lost))
+
+    def other():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(ParallelError, match=r"\[rank \?\] lost contact with the other ranks"):
+        _rank_tagged(job)
+    with pytest.raises(RuntimeError, match="mat1"):  # any other RuntimeError is left as it is
+        _rank_tagged(other)
+
+
+@requires_weights
+def test_a_quantized_plan_under_cfg_parallelism_warns_that_its_images_differ(caplog):
+    from diffaccel.parallel.group import Group
+    from diffaccel.quant.spec import QuantSpec
+
+    dit = load_target("dit")
+    plan = methods.fora(dit.pipe, 10, interval=2).model_copy(update={"quant": None})
+    two = Group(rank=0, world=2)
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        check_job(ParallelConfig("cfg"), two, dit.denoiser()[0], plan)
+        assert not caplog.records
+        quantized = plan.with_quant(QuantSpec(calibration="ranges.safetensors"))
+        check_job(ParallelConfig("cfg"), two, dit.denoiser()[0], quantized)
+    assert "quantized plan under CFG parallelism" in caplog.text

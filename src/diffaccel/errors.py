@@ -53,6 +53,19 @@ class StorageMismatchError(SearchError):
     """The search storage holds a search of another model (or calibration set)."""
 
 
+# how gloo reports a peer that died (a plain RuntimeError, not torch's DistError)
+LOST_PEER_MARKS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the error it was raised from) says another process of the group is gone."""
+    while exc is not None:
+        if isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in LOST_PEER_MARKS):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 class PlanWarning(UserWarning):
     """A plan runs, but perhaps not as it was meant to (other weights or another scheduler than it was
     fitted with)."""

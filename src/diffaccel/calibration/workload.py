@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffaccel.errors import DiffaccelError, WorkloadError
+from diffaccel.errors import DiffaccelError, WorkloadError, lost_peer
 from diffaccel.seeds import CALIBRATION_SEED, HELDOUT_SHIFT, shifted_seed
 
 RESERVED = ("generator", "output_type", "return_dict")
@@ -51,6 +51,8 @@ class Call:
             raise
         except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:  # mostly the pipeline's
             # checks of its arguments, their types, or a value out of the model's range (a class id)
+            if lost_peer(exc):  # a parallel split's collective: another rank died, not this call's fault
+                raise
             raise WorkloadError(f"{type(pipe).__name__} failed on the call for {', '.join(self.describe())[:80]} "
                                 f"(arguments: {', '.join(self.kwargs)}): {type(exc).__name__}: {exc}; check that "
                                 "call's arguments") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable
 from enum import Enum
@@ -74,8 +75,11 @@ def setup(threads: int = 0, guidance: float | None = None) -> None:
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       file: Any = None, line: str | None = None) -> None:
-    """A warning on the command line: what it says, not the source line that raised it."""
-    typer.echo(f"warning: {message}", err=True)
+    """A warning on the command line: what it says (and, in a group of processes, which rank says it),
+    not the source line that raised it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world > 1 else ""
+    typer.echo(f"warning: {rank}{message}", err=True)
 
 
 def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: SamplerName | str = "ddim",

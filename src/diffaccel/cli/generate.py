@@ -34,7 +34,7 @@ from diffaccel.cli.common import (
     target,
 )
 from diffaccel.cli.lm import LM_MODEL, generate_command
-from diffaccel.errors import DiffaccelError
+from diffaccel.errors import DiffaccelError, lost_peer
 from diffaccel.generate import GenerateConfig, run_generate
 from diffaccel.methods.ptq import quant_spec
 from diffaccel.parallel import ParallelError, close, init, tag_logging
@@ -154,7 +154,9 @@ def _rank_tagged(job: Callable[[], Any]) -> Any:
             return job()
         except (DiffaccelError, ValueError, OSError) as exc:
             raise ParallelError(f"{_tag()} {exc}") from None
-        except dist.DistError as exc:
+        except (dist.DistError, RuntimeError) as exc:
+            if not isinstance(exc, dist.DistError) and not lost_peer(exc):
+                raise
             raise ParallelError(f"{_tag()} lost contact with the other ranks ({str(exc).splitlines()[0][:200]}); "
                                 "another rank probably failed: see its error") from None
     finally:

@@ -68,9 +68,10 @@ class StaleSelfAttention:
         self.owner = owner
         self.exchanges: dict[Any, Pending] = {}  # per guidance branch: the latest gather of keys and values
 
-    def reset(self) -> None:
-        for pending in self.exchanges.values():
-            pending.wait()  # every started collective must complete on every rank
+    def reset(self, wait: bool = True) -> None:
+        if wait:
+            for pending in self.exchanges.values():
+                pending.wait()  # every started collective must complete on every rank
         self.exchanges.clear()
 
     def _keys_values(self, kv: torch.Tensor) -> torch.Tensor:
@@ -150,26 +151,28 @@ class PatchParallel:
                          blocks[-1].register_forward_hook(self._gather_bands)]
         return self
 
-    def remove(self) -> None:
+    def remove(self, wait: bool = True) -> None:
+        """Restore the model; ``wait`` False (an error is unwinding, perhaps a lost rank) abandons the
+        exchanges in flight instead of waiting on peers that may be gone."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.reset()
+        self.reset(wait)
         for block, processor in zip(self.model.transformer_blocks, self._saved):
             block.attn1.set_processor(processor)
         self._saved = []
 
-    def reset(self) -> None:
+    def reset(self, wait: bool = True) -> None:
         """Forget the stale activations (a new pipeline call starts); waits for exchanges in flight."""
         for processor in self.processors:
-            processor.reset()
+            processor.reset(wait)
         self.steps, self.branch, self.last_t = {}, 0, None
 
     def __enter__(self) -> PatchParallel:
         return self.install()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self.remove(wait=kind is None)
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _start_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
