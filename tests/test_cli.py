@@ -101,17 +101,27 @@ def test_plan_show_describes_a_searched_plan_with_its_sampler_and_precision(run,
     result = run("plan", "show", str(tmp_path / "plan.json"))
     assert result.exit_code == 0, result.output
     assert "sampler: unipc 4" in result.output and "autocast to bfloat16" in result.output
-    assert "MACs:" in result.output and "fewer), measured on the embedded unet model" in result.output
+    assert "fewer), measured on the shipped unet model's denoiser" in result.output
+    # a static plan of these units fits SD's U-Net too: both are measured (it had been counted on the embedded one
+    # alone, also for SD plans, whose 1.61x it read as 1.86x), or the one --model names
+    assert "measured on the shipped sd model's denoiser" in result.output
+    only = run("plan", "show", str(tmp_path / "plan.json"), "--model", "sd")
+    assert only.exit_code == 0 and [line for line in only.output.splitlines() if "MACs:" in line] == [
+        line for line in result.output.splitlines() if "shipped sd model" in line]
     identity_plan(model).model_copy(update={"precision": "bfloat16"}).save(tmp_path / "whole.json")
     whole = run("plan", "show", str(tmp_path / "whole.json"))
     assert whole.exit_code == 0 and "every unit computes at every step" in whole.output
-    # fitted on another U-Net with the same units (the SD pipeline's): not counted on the embedded one
+    # fitted on another U-Net with the same units (the SD pipeline's): counted on that one alone
     other = plan.model_copy(update={"calibration": CalibrationInfo(weights="0c5f94bf995743c2", calls=1, images=1)})
     other.save(tmp_path / "other.json")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         shown = run("plan", "show", str(tmp_path / "other.json"))
-    assert shown.exit_code == 0 and "the plan does not fit an embedded model" in shown.output, shown.output
+    macs = [line for line in shown.output.splitlines() if line.startswith("MACs:")]
+    assert shown.exit_code == 0 and len(macs) == 1 and "shipped sd model" in macs[0], shown.output
+    unknown = plan.model_copy(update={"calibration": CalibrationInfo(weights="0123456789abcdef", calls=1, images=1)})
+    unknown.save(tmp_path / "unknown.json")
+    assert "the plan does not fit a shipped model" in run("plan", "show", str(tmp_path / "unknown.json")).output
 
 
 @requires_weights
@@ -193,7 +203,7 @@ def test_options_that_would_be_ignored_or_match_nothing_are_refused(run, tmp_pat
     made = run("plan", "make", "fora", "--model", "dit", "--steps", "6", "--out", str(tmp_path / "fora.json"))
     assert made.exit_code == 0, made.error
     assert_clean_error(run("plan", "show", str(tmp_path / "fora.json"), "--model", "unet"),
-                       "this plan is for a DiTTransformer2DModel (the dit adapter), not the embedded unet model")
+                       "this plan is for a DiTTransformer2DModel (the dit adapter), not the shipped unet model")
     assert "6 denoiser evaluations" in run("plan", "show", str(tmp_path / "fora.json")).output  # not "6 ddim steps"
     (tmp_path / "ranges.safetensors").write_bytes(b"")  # never read: the refusal comes first
     ranges = QuantSpec(calibration=str(tmp_path / "ranges.safetensors"))

@@ -35,8 +35,8 @@ app.add_typer(plan_app, name="plan")
 
 @plan_app.command("show")
 def plan_show(path: Path = typer.Argument(..., help="plan JSON file"),
-              model: str = typer.Option(None, help="embedded model to measure MACs on (default: the one the plan "
-                                                   "fits, if any)")) -> None:
+              model: str = typer.Option(None, help="shipped model to measure MACs on: dit, unet, sd or pixart "
+                                                   "(default: each one the plan fits)")) -> None:
     """Print a plan's step x unit map and the MACs it costs relative to the full model (an LM plan:
     its method and settings)."""
     if is_lm_plan_file(path):

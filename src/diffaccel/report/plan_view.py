@@ -10,36 +10,48 @@ from diffaccel.eval.cost import plan_mac_fraction, predicted_steps_saved
 from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
-from diffaccel.zoo.weights import load_pipeline
+from diffaccel.targets import Target, load_target
 
 SYMBOLS = {"C": "#", "R": ".", "F": "~"}
-EMBEDDED = ("dit", "unet")
+# the shipped models by their denoiser's adapter (the SD pipeline's U-Net has the embedded U-Net's unit names)
+SHIPPED = {"dit": "dit", "unet": "unet", "sd": "unet", "pixart": "pixart"}
 
 
-def embedded_unit_macs(plan: Plan, model: str | None) -> list[int] | None:
-    """Per-sample MACs of the embedded model the plan fits (or the one named), else None."""
-    if model and model != plan.adapter:
-        raise PlanError(f"this plan is for a {plan.model_class} (the {plan.adapter} adapter), not the embedded {model} "
-                        f"model: drop --model{' or give --model ' + plan.adapter if plan.adapter in EMBEDDED else ''}")
-    candidates = [model] if model else [m for m in EMBEDDED if m == plan.adapter]
-    for name in candidates:
-        pipe = load_pipeline(name)
-        units = [u.name for u in adapter_for(pipe.denoiser).units(pipe.denoiser, plan.granularity)]
-        fitted = plan.calibration.weights if plan.calibration is not None else None
-        if units != list(plan.units) or (not model and fitted and fitted != fingerprint(pipe.denoiser)):
-            continue  # another model's plan (the SD pipeline's U-Net has the embedded U-Net's units)
-        probe = plan.model_copy(update={"schedule": ["C" * len(units)], "num_steps": 1, "rule": None,
-                                        "timesteps": None, "correction": None, "step_scale": None,
-                                        "noise_injection": None, "parallel_decode": False, "solver": None,
-                                        "feature_correction": None, "precision": None, "guidance": None})
-        executor = Executor(pipe.denoiser, probe)
-        executor.install(pipe.scheduler)
-        try:
-            pipe([0], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
-        finally:
-            executor.remove()
-        return next(iter(executor.unit_macs.values()))
-    return None
+def shipped_unit_macs(plan: Plan, model: str | None) -> list[tuple[str, list[int]]]:
+    """``(model, per-sample MACs of its denoiser's units)`` for each shipped model the plan fits (only
+    the one named, if any): a static plan of the U-Net's units fits the embedded U-Net and SD's alike."""
+    if model is not None and SHIPPED.get(model) != plan.adapter:
+        fits = [m for m, adapter in SHIPPED.items() if adapter == plan.adapter]
+        known = "" if model in SHIPPED else f" (shipped models: {', '.join(SHIPPED)})"
+        raise PlanError(f"this plan is for a {plan.model_class} (the {plan.adapter} adapter), not the shipped {model} "
+                        f"model{known}: drop --model" + (f" or give --model {' or '.join(fits)}" if fits else ""))
+    fitted = plan.calibration.weights if plan.calibration is not None else None
+    measured = []
+    for name in [model] if model else [m for m, adapter in SHIPPED.items() if adapter == plan.adapter]:
+        target = load_target(name)
+        denoiser = target.denoiser()[0]
+        units = [u.name for u in adapter_for(denoiser).units(denoiser, plan.granularity)]
+        if units == list(plan.units) and (model or not fitted or fitted == fingerprint(denoiser)):
+            measured.append((name, _probe_unit_macs(plan, target)))
+    return measured
+
+
+def _probe_unit_macs(plan: Plan, target: Target) -> list[int]:
+    """Every unit's per-sample MACs, from one all-compute step of ``target``'s pipeline."""
+    denoiser, scheduler = target.denoiser()
+    probe = plan.model_copy(update={"schedule": ["C" * len(plan.units)], "num_steps": 1, "rule": None,
+                                    "timesteps": None, "correction": None, "step_scale": None,
+                                    "noise_injection": None, "parallel_decode": False, "solver": None,
+                                    "feature_correction": None, "precision": None, "guidance": None})
+    call = {"class_labels": [0]} if target.embedded else target.calls[0]
+    executor = Executor(denoiser, probe)
+    executor.install(scheduler)
+    try:
+        target.pipe(**{**call, "num_inference_steps": 1, "guidance_scale": 1.0},
+                    generator=torch.Generator().manual_seed(0))
+    finally:
+        executor.remove()
+    return next(iter(executor.unit_macs.values()))
 
 
 def _whole_run(plan: Plan) -> list[str]:
@@ -101,12 +113,12 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
         lines.append(f"{step:>5} {''.join(SYMBOLS[a] for a in row)}")
     counts = plan.counts()
     lines.append(f"actions: {counts['compute']} compute, {counts['reuse']} reuse, {counts['forecast']} forecast")
-    unit_macs = embedded_unit_macs(plan, model)
-    if unit_macs is not None:
+    measured = shipped_unit_macs(plan, model)
+    if not measured:
+        lines.append("MACs: the plan does not fit a shipped model; apply it to its model to count them")
+    for name, unit_macs in measured:
         fraction = plan_mac_fraction(plan, unit_macs) - predicted_steps_saved(plan) / plan.num_steps
-        lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the "
-                     f"embedded {plan.adapter} model" + (" (over the plan's own steps: the pipeline's sampler "
-                                                         "may run more)" if plan.solver is not None else ""))
-    else:
-        lines.append("MACs: the plan does not fit an embedded model; apply it to its model to count them")
+        lines.append(f"MACs: {fraction:.1%} of the full model ({1 / fraction:.2f}x fewer), measured on the shipped "
+                     f"{name} model's denoiser" + (" (over the plan's own steps: the pipeline's sampler may run more)"
+                                                   if plan.solver is not None else ""))
     return "\n".join(lines)
