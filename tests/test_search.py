@@ -130,6 +130,9 @@ def test_search_settings_are_checked_before_any_work(pipes):
     assert all(parse_duration(zero) is None for zero in ("0", "0s", "0.0m", 0, None))  # zero in any unit: no limit
     assert configured(None, {"time_limit": 0}).time_limit is None and configured(None, {"time_limit": 0.0}) == \
         configured(None, {"time_limit": "0s"})
+    # as the docs say, in a SearchConfig too (both had been refused by its own check, whose text allows them)
+    assert SearchConfig(time_limit="15m").time_limit == 900.0 and SearchConfig(time_limit=0).time_limit is None
+    SearchConfig(strategy="joint", time_limit="20s").check()
 
 
 # -- dynamic programming -----------------------------------------------------------------------------

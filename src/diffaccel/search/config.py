@@ -182,6 +182,11 @@ class SearchConfig:
     model_name: str | None = None  # names the study (default: the adapter)
     calibration_id: str | None = None  # identifies the calibration set in the storage
 
+    def __post_init__(self) -> None:
+        limit = self.time_limit  # as the command line writes it ("15m"), and zero for no limit, here too
+        if isinstance(limit, str) or (limit == 0 and not isinstance(limit, bool)):
+            object.__setattr__(self, "time_limit", parse_duration(str(limit)))
+
     def parsed_budget(self) -> Budget:
         return parse_budget(self.budget)
 
@@ -240,7 +245,4 @@ def configured(config: SearchConfig | None, options: dict[str, Any]) -> SearchCo
         hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                  for key in unknown for close in [difflib.get_close_matches(key, names, 1, cutoff=0.5)]]
         raise SearchError(f"unknown search setting {', '.join(hints)}; the settings are {', '.join(names)}")
-    limit = options.get("time_limit")
-    if isinstance(limit, str) or (limit == 0 and not isinstance(limit, bool)):
-        options = {**options, "time_limit": parse_duration(str(limit))}
     return replace(config or SearchConfig(), **options)
