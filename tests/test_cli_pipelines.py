@@ -262,3 +262,12 @@ def test_flow_matching_folders_get_their_flow_samplers_from_the_command_line(mon
            tmp_path / f"{name}-plan.json", "--compare", "--threads", "1", "--out", tmp_path / f"gen-{name}")
         record = json.loads((tmp_path / f"gen-{name}" / "record.json").read_text())
         assert record["speedup_macs"] > 1 and record["psnr"] > 0 and record["plan"]["solver"]["name"] == "dpm++2"
+
+
+def test_a_prompt_file_with_a_byte_order_mark_reads_its_first_line_as_json(tmp_path):
+    from diffaccel.targets import read_prompts
+
+    path = tmp_path / "prompts.jsonl"  # as Windows Notepad saves UTF-8
+    path.write_bytes('{"prompt": "a small red circle", "seed": 3}\n# a comment\nplain words\n'.encode("utf-8-sig"))
+    # the first line had been taken for a literal prompt, its seed dropped
+    assert read_prompts(path) == [{"prompt": "a small red circle", "seed": 3}, {"prompt": "plain words"}]

@@ -35,9 +35,10 @@ T2I_DEFAULT_PROMPTS = 12  # held-out evaluation prompts a t2i model runs when no
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """One prompt per line, or JSON lines of pipeline call arguments (``{"prompt": ..., ...}``)."""
+    """One prompt per line, or JSON lines of pipeline call arguments (``{"prompt": ..., ...}``); blank
+    lines and ``#`` comments are skipped."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is no prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkloadError(f"cannot read the prompt file {path} ({exc}); give a text file with one prompt per "
                             "line") from None
