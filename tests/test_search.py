@@ -43,6 +43,7 @@ from diffaccel.search import run as search_run
 from diffaccel.search.candidates import Candidate
 from diffaccel.search.config import TAIL_IMAGES, SearchConfig, auto_margin, configured, tail_lower_bound
 from diffaccel.search.context import Context
+from diffaccel.search.handmade import handmade_plans
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.judged import JudgedCheck, chance_to_pass
 from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
@@ -707,6 +708,21 @@ def test_joint_search_quantizes_its_plans_and_ranks_them_by_bit_operations(pipes
     assert run.stats.reused > 0
     with pytest.raises(diffaccel.search.SearchError):
         search(pipes[0], calib(), objective="bops", out=tmp_path / "plain", log=quiet)
+
+
+def test_a_search_by_bit_operations_can_return_the_quantization_alone(pipes, w8_spec, tmp_path):
+    """Under a budget no caching plan meets, the quantized all-compute plan still saves bit-ops: it had been
+    dropped as a plan that "saves no work" (judged by MACs whatever the objective), and was no seed."""
+    hand = handmade_plans(pipes[0].transformer, STEPS, w8_spec, quant_alone=True)
+    assert hand[0].name == "quantization alone" and set("".join(hand[0].plan.schedule)) == {"C"}
+    assert all(h.plan.quant == w8_spec for h in hand)
+    result = search(pipes[0], calib(), budget="psnr>=40", strategy="dp", objective="bops", quant=w8_spec,
+                    out=tmp_path, log=quiet, validate=False)  # the caching plans reach 35 dB at most here
+    alone = [c for c in json.loads((tmp_path / "front.json").read_text())["handmade"]
+             if c["name"] == "quantization alone"]
+    assert len(alone) == 1 and alone[0]["mac_fraction"] == 1.0 and alone[0]["bops_fraction"] == pytest.approx(0.25)
+    assert alone[0]["calib_psnr"] > 40 and result.plan.params["budget_met"]
+    assert result.summary["bops_fraction"] <= 0.25  # the cheapest plan that meets it, the quantization alone at most
 
 
 def test_search_can_fit_a_feature_correction_to_the_chosen_plan(pipes, tmp_path):

@@ -201,7 +201,9 @@ def _judged_text(s: dict) -> str:
 
 def summary_line(s: dict) -> str:
     """One line: the chosen plan's speed and quality, and the best hand-made plan's."""
-    line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, {s['speedup_wall']:.2f}x wall, "
+    bops = s.get("bops_fraction")  # a search by bit-ops: what it counted
+    line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, "
+            + (f"{1 / bops:.2f}x bit-ops, " if bops else "") + f"{s['speedup_wall']:.2f}x wall, "
             f"PSNR {s['calib_psnr']:.2f} dB calibration"
             + (f" / {s['validation_psnr']:.2f} dB validation" if s.get("validation_psnr") is not None else "")
             + f" / {s['heldout_psnr']:.2f} dB held-out" + _tail_text(s) + _judged_text(s))

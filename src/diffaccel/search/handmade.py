@@ -3,13 +3,14 @@ a static schedule, at several settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from diffaccel.adapters import adapter_for
 from diffaccel.methods import deepcache, faster_diffusion, fora, taylorseer
 from diffaccel.plan import Plan
+from diffaccel.quant.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,14 @@ class HandMade:
         return self.name + " " + " ".join(f"{k}={v}" for k, v in self.settings.items())
 
 
-def handmade_plans(model: torch.nn.Module, num_steps: int) -> list[HandMade]:
-    """Hand-made static plans for ``model`` at ``num_steps`` steps (duplicate schedules dropped)."""
+def handmade_plans(model: torch.nn.Module, num_steps: int, quant: QuantSpec | None = None,
+                   quant_alone: bool = False) -> list[HandMade]:
+    """Hand-made static plans for ``model`` at ``num_steps`` steps (duplicate schedules dropped), each
+    quantized with ``quant`` if given, and with ``quant_alone`` the quantization alone first (it saves
+    bit-ops or time, not MACs, and may be the best plan there)."""
     found: list[HandMade] = []
+    if quant is not None and quant_alone:
+        found.append(HandMade("quantization alone", {}, fora(model, num_steps, 1)))
     intervals = [i for i in (2, 3, 4, 5, 6) if i < num_steps]
 
     def add(name: str, settings: dict, make) -> None:
@@ -68,4 +74,6 @@ def handmade_plans(model: torch.nn.Module, num_steps: int) -> list[HandMade]:
         p = item.plan
         identity = (tuple(p.schedule), p.parallel_decode, p.noise_injection is not None, p.forecast_order)
         unique.setdefault(identity, item)
-    return list(unique.values())
+    if quant is None:
+        return list(unique.values())
+    return [replace(item, plan=item.plan.with_quant(quant)) for item in unique.values()]

@@ -149,9 +149,8 @@ def _run_strategy(ctx: Context, seeds: list[tuple[Genome, str]]) -> int:
 
 
 def _handmade(ctx: Context):
-    handmade = handmade_plans(ctx.space.model, ctx.space.num_steps)
-    if ctx.space.quant is not None:  # compared at the same quantization
-        handmade = [replace(h, plan=h.plan.with_quant(ctx.space.quant)) for h in handmade]
+    # compared at the same quantization
+    handmade = handmade_plans(ctx.space.model, ctx.space.num_steps, ctx.space.quant, ctx.config.objective != "macs")
     seeds: list[tuple[Genome, str]] = []
     for item in handmade:
         genome = ctx.space.genome(item.plan.schedule)
@@ -174,8 +173,8 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     evaluated = _run_strategy(ctx, seeds)
     if ctx.quant_speed is not None:  # the quantized hand-made plans are as fast as the quantized model
         hand = [replace(c, latency_fraction=c.latency_fraction * ctx.quant_speed) for c in hand]
-    searched = [c for c in [*candidates_of(ctx.store, space), *ctx.joint]
-                if c.mac_fraction < 1.0 - 1e-9 and "error" not in c.extra]
+    searched = [c for c in [*candidates_of(ctx.store, space), *ctx.joint]  # saving work as the objective counts it
+                if c.cost(config.objective) < 1.0 - 1e-9 and "error" not in c.extra]
     points = searched + hand  # a hand-made plan that beats every searched one is returned, and said so
     if not points:
         raise SearchError("the search evaluated no plan that saves work (time limit too short?); run it again "
