@@ -337,3 +337,19 @@ def test_a_warning_in_a_group_of_processes_names_its_rank(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     _one_line_warning(UserWarning("prompt 1 is outside"), UserWarning, "x.py", 1)  # had been untagged
     assert capsys.readouterr().err.splitlines() == ["warning: alone", "warning: [rank 1/2] prompt 1 is outside"]
+
+
+def test_ctrl_c_says_it_was_interrupted_and_what_was_kept(monkeypatch, capsys):
+    import diffaccel.cli
+    import diffaccel.cli.plans
+
+    class Interrupted(dict):
+        def items(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffaccel.cli.plans, "METHODS", Interrupted())
+    monkeypatch.setattr("sys.argv", ["diffaccel", "methods"])
+    with pytest.raises(SystemExit) as exit_:
+        diffaccel.cli.main()
+    err = capsys.readouterr().err  # had been empty: typer returns Ctrl-C as code 130 itself
+    assert exit_.value.code == 130 and err.startswith("interrupted: what was finished is kept")

@@ -10,14 +10,18 @@ import typer
 from diffaccel.cli import bench, generate, plans, quantize, search, train  # noqa: F401  (register the commands)
 from diffaccel.cli.common import app
 
+INTERRUPTED = 130  # the shell's code for Ctrl-C
+INTERRUPTED_TEXT = ("interrupted: what was finished is kept (a search's study, a bench's partial.json, training "
+                    "checkpoints); the same command resumes a search or an image model's training, add --resume "
+                    "for bench or the LM's training")
+
 
 def main() -> None:
     """Entry point: click's usage errors and our own come out as one line, never a traceback."""
     try:
         code = app(standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("interrupted", err=True)
-        code = 130
+        code = INTERRUPTED
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.TyperException as exc:  # usage errors: bad option values, unknown options
@@ -25,6 +29,8 @@ def main() -> None:
         if message.strip():  # empty for "no command given", after the help was shown
             typer.echo(f"error: {' '.join(message.split())}", err=True)
         code = getattr(exc, "exit_code", 2)
+    if code == INTERRUPTED:  # typer returns Ctrl-C as this code, having caught the KeyboardInterrupt itself
+        typer.echo(INTERRUPTED_TEXT, err=True)
     sys.exit(code or 0)
 
 
