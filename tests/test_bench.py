@@ -486,3 +486,12 @@ def test_report_tail_ranks_the_saved_rows_again(tiny_run, tmp_path, monkeypatch,
     code, out, err = invoke(monkeypatch, capsys, "report", tiny_run / "results.json", "--tail", "nan",
                             "--out", tmp_path / "bad")
     assert code != 0 and "--tail must be a finite number" in err and not (tmp_path / "bad").exists()
+
+
+def test_the_default_key_step_rows_follow_the_run_s_step_count():
+    """Written for 50 steps, 12 of them keys had refused the whole keysteps family at --steps 10."""
+    for steps in (10, 4):
+        sweep = sweeps.default_sweep("dit", steps=steps)
+        keys = [s["keys"] for s in sweep["keysteps"]] + [s["cache"]["keys"] for s in sweep["ptq"] if "cache" in s]
+        assert keys and all(1 <= k < steps for k in keys), (steps, keys)
+    assert [s["keys"] for s in sweeps.default_sweep("unet")["keysteps"]] == [8, 10, 12, 14]  # 50 steps: as written

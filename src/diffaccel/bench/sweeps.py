@@ -157,11 +157,24 @@ def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: boo
     every_peer = {**PEER_SWEEPS["dit"], **PEER_SWEEPS["unet"], **PEER_SWEEPS[kind]}
     peers = {name: every_peer[name] for name in PEERS if name in every_peer and applies_to(name, model)}
     fewer = {name: s for name, s in step_sweep(sampler, steps, quick).items() if applies_to(name, model)}
-    sweep = {**OURS[kind], **peers, **fewer}
+    sweep = {**{name: _keys_for(settings, steps) for name, settings in OURS[kind].items()}, **peers, **fewer}
     if quick:  # two settings of each: a mild one and the most aggressive one
         sweep = {name: settings if name in STEP_NAMES or len(settings) <= 2 else [settings[1], settings[-1]]
                  for name, settings in sweep.items()}
     return sweep
+
+
+def _keys_for(settings: list[dict], steps: int) -> list[dict]:
+    """Key-step counts (``keys``, also a quantized row's ``cache``), written for 50 steps, scaled to
+    ``steps`` (at 10 steps, 12 keys of 50 had refused the whole family); repeats dropped."""
+    def scaled(one: dict) -> dict:
+        if "cache" in one:
+            return {**one, "cache": scaled(one["cache"])}
+        if "keys" not in one or steps == 50:
+            return one
+        return {**one, "keys": min(max(1, round(one["keys"] * steps / 50)), max(1, steps - 1))}
+    kept = [scaled(one) for one in settings]
+    return [one for i, one in enumerate(kept) if one not in kept[:i]]
 
 
 def applies_to(name: str, model: str) -> bool:
