@@ -110,6 +110,11 @@ def test_bad_pipeline_folders_and_prompt_files_are_one_line_errors(monkeypatch, 
                                       "--prompts", prompts)
     assert "cannot read the prompt file" in one_line_error(
         monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / "missing.txt")
+    for command in ("generate", "search", "bench", "plan make fora"):  # --sampler had been ignored without a word
+        assert "--sampler applies to the shipped models" in one_line_error(
+            monkeypatch, capsys, *command.split(), "--pipeline", folder, "--prompts", prompts, "--sampler", "dpm",
+            "--out", tmp_path / "s")
+    assert not (tmp_path / "s").exists()
     (tmp_path / "blank.txt").write_text("\n# nothing\n")
     assert "holds no prompt" in one_line_error(
         monkeypatch, capsys, "search", "--pipeline", folder, "--prompts", tmp_path / "blank.txt")

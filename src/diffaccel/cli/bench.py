@@ -23,6 +23,7 @@ from diffaccel.cli.common import (
     app,
     class_names,
     fail,
+    refuse_sampler_with_folder,
     run_guarded,
 )
 from diffaccel.cli.lm import BENCH_OPTIONS, LM_MODEL, lm_bench, refuse_image_options
@@ -74,7 +75,7 @@ def bench(
 
     def job():
         nonlocal pipeline, prompts, weights
-        _check_tail(tail)
+        _check_options(ctx, pipeline, tail)
         pipeline, prompts, adherence, weights = _inputs(model, pipeline, prompts, weights, sampler.value, guidance, out)
         names = class_names(classes)
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
@@ -106,6 +107,12 @@ def _inputs(model: str, pipeline: Path | None, prompts: Path | None, weights: Pa
     if pipeline is not None:
         load_target(model, pipeline, prompts, sampler, weights)
     return pipeline, prompts, False, weights
+
+
+def _check_options(ctx: typer.Context, pipeline: Path | None, tail: float | None) -> None:
+    """The options that need no model, checked before one loads."""
+    refuse_sampler_with_folder(ctx, pipeline)
+    _check_tail(tail)
 
 
 def _check_tail(tail: float | None) -> None:

@@ -189,3 +189,12 @@ def class_names(classes: str | None) -> list[str] | None:
     if names is not None:
         shapes.class_ids(names)  # unknown or repeated names are refused before any model loads
     return names
+
+
+def refuse_sampler_with_folder(ctx: typer.Context, pipeline: Path | None) -> None:
+    """A pipeline folder runs the scheduler saved in it: a ``--sampler`` given with one would be ignored."""
+    given = getattr(ctx.get_parameter_source("sampler"), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+    if pipeline is not None and given:
+        raise ValueError("--sampler applies to the shipped models; a --pipeline folder runs the scheduler saved in "
+                         "it (edit its scheduler/scheduler_config.json, or use a plan with a solver section): drop "
+                         "--sampler")

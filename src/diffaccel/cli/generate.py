@@ -28,6 +28,7 @@ from diffaccel.cli.common import (
     class_names,
     parse_params,
     quant_backend_for,
+    refuse_sampler_with_folder,
     resolve_plan,
     run_guarded,
     setup,
@@ -101,6 +102,7 @@ def generate(
     a plan, and score the images: grid.png and record.json in --out."""
 
     def job() -> dict | None:
+        refuse_sampler_with_folder(ctx, pipeline)
         setup(threads, guidance)
         tag_logging(init())
         names = class_names(classes)

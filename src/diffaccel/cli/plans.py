@@ -17,6 +17,7 @@ from diffaccel.cli.common import (
     app,
     call_steps,
     parse_params,
+    refuse_sampler_with_folder,
     resolve_plan,
     run_guarded,
     setup,
@@ -68,6 +69,7 @@ def plan_make(
     """Make a plan with a method for an embedded model or a pipeline folder, and save it."""
 
     def job() -> None:
+        refuse_sampler_with_folder(ctx, pipeline)
         setup(guidance=guidance)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
         static = method in METHODS and not METHODS[method].calibrated

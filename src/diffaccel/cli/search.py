@@ -23,6 +23,7 @@ from diffaccel.cli.common import (
     call_steps,
     fail,
     quant_backend_for,
+    refuse_sampler_with_folder,
     run_guarded,
     setup,
     target,
@@ -145,7 +146,7 @@ def search(
     def job():
         started = time.time()  # the limit is the whole command's
         setup(threads, guidance)
-        quality = parse_budget("psnr>=30" if budget is None else budget).text
+        quality = _checked_budget(ctx, pipeline, budget)
         backend = quant_backend_for(quant, quant_backend)
         limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
@@ -197,6 +198,12 @@ def _judged_text(s: dict) -> str:
     """Under a judge budget: the chosen plan's judged change, on the judge's images."""
     judged = s.get("judged")
     return "" if not judged else f", judged {judged['change'] * 100:+.1f} pt on {judged['images']} images"
+
+
+def _checked_budget(ctx: typer.Context, pipeline: Path | None, budget: str | None) -> str:
+    """The budget's text (default ``psnr>=30``), read, and the other options that need no model checked."""
+    refuse_sampler_with_folder(ctx, pipeline)
+    return parse_budget("psnr>=30" if budget is None else budget).text
 
 
 def summary_line(s: dict) -> str:
