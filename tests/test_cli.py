@@ -307,6 +307,9 @@ def test_more_refusals_come_before_the_run_and_say_what_is_wrong(run, tmp_path):
     (tmp_path / "a_folder").mkdir()
     assert_clean_error(run("generate", "--model", "dit", "--method", "fora", "--steps", "5", "--out", tmp_path / "g",
                            "--save-plan", tmp_path / "a_folder"), "is a folder: name a .json file")
+    (tmp_path / "a_file").write_text("")  # a path under a file cannot be made (nor, for root, one under /proc)
+    assert_clean_error(run("generate", "--model", "dit", "--method", "fora", "--steps", "5", "--out", tmp_path / "g",
+                           "--save-plan", tmp_path / "a_file" / "plan.json"), "cannot write a file in")
     assert not (tmp_path / "g").exists()
     plan = json.loads(identity_plan_json())
     (tmp_path / "v.json").write_text(json.dumps({**plan, "version": "1"}))

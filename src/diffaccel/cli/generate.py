@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -135,6 +136,19 @@ def _check_inputs(plan: Path | None, compares_nothing: bool, save_plan: Path | N
         raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
     if save_plan is not None and save_plan.is_dir():
         raise ValueError(f"--save-plan {save_plan} is a folder: name a .json file")
+    if save_plan is not None and not _can_write_in(save_plan.parent):
+        raise ValueError(f"--save-plan {save_plan}: cannot write a file in {save_plan.parent}; name another place")
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder`` (or in the folders it would be made under): tried, not
+    guessed from permissions, which a root user or a special file system (/proc) bypass."""
+    existing = next((f for f in (folder, *folder.parents) if f.exists()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return True
+    except OSError:
+        return False
 
 
 def _report(record: dict | None, out: Path, compare: bool) -> None:
