@@ -495,3 +495,12 @@ def test_the_default_key_step_rows_follow_the_run_s_step_count():
         keys = [s["keys"] for s in sweep["keysteps"]] + [s["cache"]["keys"] for s in sweep["ptq"] if "cache" in s]
         assert keys and all(1 <= k < steps for k in keys), (steps, keys)
     assert [s["keys"] for s in sweeps.default_sweep("unet")["keysteps"]] == [8, 10, 12, 14]  # 50 steps: as written
+
+
+def test_resume_with_no_run_to_continue_says_a_new_one_starts(tmp_path):
+    from diffaccel.bench.runner import _start
+
+    said = []
+    cfg = BenchConfig(model="dit", quick=True, per_class=1, classes=["circle"], steps=4, batch_size=1, resume=True)
+    run = _start(cfg, tmp_path / "out", said.append)  # had started afresh without a word
+    assert run.run_dir.parent == tmp_path / "out" and said and "--resume: no run in" in said[0], said

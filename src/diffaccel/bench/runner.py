@@ -174,6 +174,9 @@ def _start(cfg: BenchConfig, out: Path, log: Callable[[str], None] | None) -> Ru
     run_dir = find_resumable(out, identity) if cfg.resume else None
     if run_dir is not None and log:
         log(f"resuming {run_dir}")
+    elif cfg.resume and log:
+        log(f"--resume: no run in {out} was started with these settings (model, sweep, images, steps, seed), so a "
+            "new one starts")
     if run_dir is None:
         run_dir = out / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for sub in ("jobs", "logs", "grids"):
