@@ -151,6 +151,10 @@ def test_missing_or_corrupt_folders_raise_weights_error(tmp_path):
     shutil.rmtree(folder / "text_encoder")
     with pytest.raises(WeightsError, match="text_encoder"):
         load_t2i_pipeline(name, weights_dir=folder)
+    (folder / "text_encoder").mkdir()  # pickled weights are named as such (it had said the files were missing)
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(WeightsError, match=r"pickled weights \(.bin\) only for text_encoder"):
+        load_t2i_pipeline(name, weights_dir=folder)
     with pytest.raises(WeightsError):
         load_t2i_evaluator(tmp_path / "nowhere")
 

@@ -53,6 +53,11 @@ def _check_folder(name: str, folder: Path) -> None:
     for part in _components(name):
         files = {p.name for p in (folder / part).glob("*")} if (folder / part).is_dir() else set()
         needs_weights = part not in ("scheduler", "tokenizer")
+        if needs_weights and files and not any(f.endswith(".safetensors") for f in files) \
+                and any(f.endswith(".bin") for f in files):
+            raise WeightsError(f"the {name} pipeline in {folder} holds pickled weights (.bin) only for {part}, which "
+                               "diffaccel never loads (unpickling runs code): save it with safetensors "
+                               "(save_pretrained's default)")
         if not files or (needs_weights and not any(f.endswith(".safetensors") for f in files)):
             raise WeightsError(f"the {name} pipeline in {folder} lacks its {part}/ files ({fix})")
 
