@@ -285,6 +285,8 @@ def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path
     (None, ["--model", "unet", "--only", "fora", "--classes", "circle,circle"], ["circle is named more than once"]),
     ({"plan": [{"file": "nowhere/plan.json"}]}, ["--model", "dit"], ["plan file nowhere/plan.json does not exist"]),
     ({"plan": [{}]}, ["--model", "dit"], ["a plan entry needs \"file\""]),
+    ({"plan": [{"file": str(Path(__file__).parents[1] / "benchmarks/results/plans/unet-dp.json")}]},
+     ["--model", "dit"], ["(the unet adapter), not this dit model"]),  # had been skipped after the baseline ran
 ])
 def test_bench_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, sweep, args, fragments):
     extra = []

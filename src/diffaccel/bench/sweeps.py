@@ -110,7 +110,7 @@ class Entry:
     family: str
     knobs: dict[str, object]
     applies: Callable[[str], bool]
-    check: Callable[[dict, str], None] = lambda setting, source: None
+    check: Callable[[dict, str, str], None] = lambda setting, source, model: None
 
 
 def entry(name: str) -> Entry:
@@ -210,7 +210,7 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
                 raise SweepError(f"{source}: {name} has no setting {', '.join(unknown)}; "
                                  f"its settings are {', '.join(allowed) or '(none)'}")
             _check_types(name, setting, allowed, source)
-            spec.check(setting, source)
+            spec.check(setting, source, model)
     return {name: [dict(s) for s in settings] for name, settings in sweep.items()}
 
 
@@ -224,14 +224,18 @@ def _check_types(name: str, setting: dict, defaults: dict, source: str) -> None:
             raise SweepError(f"{source}: {name}'s {knob} is a number (default {default!r}), got {value!r}")
 
 
-def _check_plan_file(setting: dict, source: str) -> None:
-    """A plan entry names a readable plan file (before any worker starts)."""
+def _check_plan_file(setting: dict, source: str, model: str) -> None:
+    """A plan entry names a readable plan file for the model's adapter (before any worker starts; the
+    executor checks its units against the model when its row runs)."""
     if not isinstance(setting.get("file"), str):
         raise SweepError(f'{source}: a plan entry needs "file": the path of a plan JSON file')
     try:
-        Plan.load(setting["file"])
+        plan = Plan.load(setting["file"])
     except PlanError as exc:
         raise SweepError(f"{source}: {exc}") from None
+    if plan.adapter != model:  # had been skipped only after the baseline had run
+        raise SweepError(f"{source}: the plan {setting['file']} is for a {plan.model_class} (the {plan.adapter} "
+                         f"adapter), not this {model} model")
 
 
 def read_sweep(path: Path) -> object:
