@@ -304,7 +304,7 @@ def test_plan_show_prints_the_map(pipes, monkeypatch):
     from diffaccel.report import plan_view
 
     plan = methods.deepcache(pipes[1].denoiser, 6, 3)
-    monkeypatch.setattr(plan_view, "embedded_unit_macs", lambda p, m: [100] + [10] * len(p.units))
+    monkeypatch.setattr(plan_view, "shipped_unit_macs", lambda p, m: [("unet", [100] + [10] * len(p.units))])
     text = plan_view.render_plan(plan)
     rows = [line.split()[1] for line in text.splitlines() if re.fullmatch(r"\s+\d+ [#.~]+", line)]
     assert rows == [r.replace("C", "#").replace("R", ".") for r in plan.schedule]
