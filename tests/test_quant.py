@@ -10,6 +10,7 @@ from conftest import run_cli
 from diffaccel import methods
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import identity_plan
+from diffaccel.errors import CacheError
 from diffaccel.plan import Plan, PlanError
 from diffaccel.quant import Calibration, QuantError, QuantSpec, quantize_, weight_bytes
 from diffaccel.quant import layers as quant_layers
@@ -254,3 +255,67 @@ def test_the_int8_backend_warns_where_this_cpus_int8_products_are_slower_than_fl
             pass
     said = [str(w.message) for w in caught if "int8 matrices" in str(w.message)]
     assert (said == []) == (speed > 1) and all("25x slower" in s and "int8-dynamic" in s for s in said)
+
+
+# -- found by using quantization on stock pipelines as a user would ----------------------------------
+@pytest.mark.parametrize("backend", ["fake", "int8", "int8-dynamic"])
+def test_sdxl_runs_under_every_backend_its_pipeline_reading_layer_shapes(backend, tmp_path):
+    """SDXL's pipeline reads ``unet.add_embedding.linear_1.in_features``: the quantized stand-ins had
+    no such attribute, and every quantized plan stopped there."""
+    from stock_pipelines import sdxl
+
+    pipe, call_ = sdxl()
+    spec = methods.quant_spec(pipe, [call_], "w8a8", backend, calibration=str(tmp_path / "c.safetensors"))
+    base = pipe(**call_, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    with diffaccel.accelerate(pipe, methods.fora(pipe, call_["num_inference_steps"], interval=1).with_quant(spec)):
+        layer = pipe.unet.add_embedding.linear_1
+        assert isinstance(layer, QuantLinear) and (layer.in_features, layer.out_features) == (40, 32)
+        assert layer.weight.shape == (32, 40) and layer.weight.dtype == torch.float32
+        out = pipe(**call_, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert out.shape == base.shape and (out - base).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("backend", ["int8", "int8-dynamic"])
+def test_the_integer_backends_stop_on_a_non_finite_input_as_the_float_run_does(pipes, calibrations, backend):
+    spec = QuantSpec(weight_bits=8, act_bits=8, backend=backend, calibration=str(calibrations[0]))
+    plan = methods.fora(pipes[0].denoiser, STEPS, interval=1).with_quant(spec)
+    model = pipes[0].denoiser
+    x = torch.randn(2, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    x[0, 0, 0, 0] = float("nan")  # rounded to an integer, it had run on to a finite output
+    with diffaccel.accelerate(model, plan), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CacheError, match="non-finite value .* int8 layer"):
+            model(x, torch.tensor([999, 999]), class_labels=torch.tensor([0, 1]))
+
+
+def test_a_calibration_is_reused_only_for_the_same_calls_pipeline_and_file(pipes, tmp_path):
+    from diffaccel.calibration.workload import Workload
+    from diffaccel.methods.ptq import workload_key
+
+    big = torch.zeros(1, 3, 64, 64)
+    other = big.clone()
+    other[..., 30:34, 30:34] = 1.0  # repr shows a large tensor's corners only: the same text
+    keys = {workload_key(Workload.from_calls([{"image": image}])) for image in (big, other)}
+    assert len(keys) == 2
+    pipe = pipes[0]
+    path = tmp_path / "ranges.safetensors"
+    methods.quant_spec(pipe, pipe.workload_calls(STEPS, per_class=1, classes=[0]), calibration=str(path))
+    made = path.stat().st_mtime_ns
+    methods.quant_spec(pipe, pipe.workload_calls(STEPS, per_class=1, classes=[0]), calibration=str(path))
+    assert path.stat().st_mtime_ns == made  # the same calls: read back
+    with pytest.raises(QuantError, match="calibrated on other calls"):  # had returned the 4-step file for 6 steps
+        methods.quant_spec(pipe, pipe.workload_calls(6, per_class=1, classes=[0]), calibration=str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["ranges.safetensors"]  # no temporary file left
+
+
+def test_an_override_below_eight_bits_on_an_integer_backend_is_refused():
+    with pytest.raises(ValueError, match="runs 8-bit weights only"):  # had run simulated, labelled W8A8 int8
+        QuantSpec(backend="int8-dynamic", overrides={"*": 4}, calibration="c")
+    assert QuantSpec(backend="int8", overrides={"final_layer*": 32}, calibration="c").overrides
+
+
+def test_overrides_that_keep_every_layer_in_floating_point_warn_that_nothing_is_quantized(pipes, tmp_path):
+    pipe = pipes[0]
+    with pytest.warns(UserWarning, match="quantizes nothing"):
+        methods.quant_spec(pipe, pipe.workload_calls(STEPS, per_class=1, classes=[0]), overrides={"*": 32},
+                           calibration=str(tmp_path / "c.safetensors"))

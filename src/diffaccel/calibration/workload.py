@@ -229,6 +229,10 @@ def _stable(value: Any) -> str:
         data = value.detach().cpu().contiguous()
         digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy()).hexdigest()
         return f"tensor{tuple(data.shape)}{data.dtype}:{digest}"
+    is_image = hasattr(value, "tobytes") and hasattr(value, "mode")  # a PIL image, whose repr is its address
+    if (isinstance(value, np.ndarray) and value.dtype != object) or is_image:
+        array = np.ascontiguousarray(np.asarray(value))  # repr summarizes a large array to its corners
+        return f"array{array.shape}{array.dtype}:{hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()}"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_stable(value[k])}" for k in sorted(value, key=str)) + "}"
     if isinstance(value, (list, tuple)):

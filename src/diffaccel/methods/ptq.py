@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import warnings
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -50,16 +51,19 @@ def default_overrides(weight_bits: int, model: torch.nn.Module) -> dict[str, int
 
 
 def workload_key(workload: Workload) -> str:
-    text = repr([(sorted((k, repr(v)) for k, v in c.kwargs.items()), c.seeds) for c in workload.calls])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """The calls and seeds, tensors, arrays and images by their bytes (repr summarizes a large tensor)."""
+    return workload.fingerprint()[:12]
 
 
 def trajectory_key(pipe: Any, model: torch.nn.Module) -> str:
     """What sets the denoiser's inputs besides the calls: the pipeline's other modules (its text
     encoders, say) and its scheduler, class and settings. A cached calibration made under others
     would hold another trajectory's ranges."""
-    parts = [f"{name}={fingerprint(part)}" for name, part in sorted(getattr(pipe, "components", {}).items())
+    components = sorted(getattr(pipe, "components", {}).items())
+    parts = [f"{name}={fingerprint(part)}" for name, part in components
              if isinstance(part, torch.nn.Module) and part is not model]
+    parts += [f"{name}={hashlib.sha256(json.dumps(sorted(part.get_vocab().items())).encode()).hexdigest()[:8]}"
+              for name, part in components if callable(getattr(part, "get_vocab", None))]  # tokenizers
     _, scheduler = find_denoiser(pipe)
     if scheduler is not None:
         parts.append(f"{type(scheduler).__name__}={json.dumps(scheduler_settings(scheduler), sort_keys=True)}")
@@ -70,19 +74,27 @@ def calibration_for(pipe: Any, workload: Workload, act_bits: int, path: str | Pa
                     progress: bool = False) -> Path:
     """The calibration file for these weights, workload and bits: loaded if it exists and fits, else made."""
     model, _ = find_denoiser(pipe)
+    made_on = f"{workload_key(workload)}-{trajectory_key(pipe, model)}"
+    given = path is not None
     if path is None:
         folder = Path(tempfile.gettempdir()) / "diffaccel-calibration"
         folder.mkdir(exist_ok=True)
-        key = f"{fingerprint(model)}-{workload_key(workload)}-{trajectory_key(pipe, model)}"
-        path = folder / f"{key}-A{act_bits}.safetensors"
+        path = folder / f"{fingerprint(model)}-{made_on}-A{act_bits}.safetensors"
     path = Path(path)
     if path.exists():
         try:
-            Calibration.load(path).check(model, act_bits)
-            return path
+            found = Calibration.load(path)
+            found.check(model, act_bits)
         except QuantError:
-            pass  # stale or foreign: calibrate again
-    activation_ranges(pipe, workload, act_bits, progress=progress).save(path)
+            found = None  # stale or foreign: calibrate again
+        if found is not None and found.workload in ("", made_on):
+            return path
+        if found is not None and given:  # a plan may read it: never overwritten behind the user's back
+            raise QuantError(f"{path} holds ranges calibrated on other calls or another pipeline setup; delete it, "
+                             "or name another file, to calibrate on these")
+    calibration = activation_ranges(pipe, workload, act_bits, progress=progress)
+    calibration.workload = made_on
+    calibration.save(path)
     return path
 
 
@@ -100,7 +112,10 @@ def quant_spec(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: 
     fields = dict(weight_bits=weight_bits, act_bits=act_bits, backend=backend, per_step=per_step, overrides=merged)
     # settings first: a bad one fails before calibrating
     checked = validated(QuantSpec, {**fields, "calibration": "-"}, "quantization settings", MethodError)
-    layer_bits(checked, list(quantizable(model)), dict(model.named_modules()))  # every pattern names a layer
+    bits_of = layer_bits(checked, list(quantizable(model)), dict(model.named_modules()))  # every pattern names a layer
+    if bits_of and all(b == FULL_PRECISION for b in bits_of.values()):
+        warnings.warn(f"the overrides keep every layer in floating point: this {checked.label} plan quantizes "
+                      "nothing", stacklevel=2)
     path = calibration_for(pipe, calibration_workload(calls, pipe), act_bits, calibration, progress)
     return QuantSpec(**fields, calibration=str(path))
 

@@ -11,6 +11,8 @@ ranges; those layers get one range per half ("split shortcut").
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,14 +63,21 @@ class Calibration:
     num_steps: int
     absmax: dict[str, torch.Tensor]
     splits: dict[str, int] = field(default_factory=dict)
+    workload: str = ""  # what it was calibrated on (calls, seeds, the pipeline's other parts), as a key; "" unknown
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         meta = {"format": FORMAT, "model_class": self.model_class, "fingerprint": self.fingerprint,
-                "act_bits": str(self.act_bits), "num_steps": str(self.num_steps), "splits": json.dumps(self.splits)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({name: t.contiguous() for name, t in self.absmax.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+                "act_bits": str(self.act_bits), "num_steps": str(self.num_steps), "splits": json.dumps(self.splits),
+                "workload": self.workload}
+        # a temporary name of its own for each writer (ranks may save the same file), renamed over it whole
+        handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file({name: t.contiguous() for name, t in self.absmax.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -87,7 +96,8 @@ class Calibration:
         if meta.get("format") != FORMAT:
             raise QuantError(f"{path} is not a diffaccel calibration file (format {meta.get('format')!r})")
         return cls(meta["model_class"], meta["fingerprint"], int(meta["act_bits"]), int(meta["num_steps"]),
-                   absmax, {k: int(v) for k, v in json.loads(meta.get("splits", "{}")).items()})
+                   absmax, {k: int(v) for k, v in json.loads(meta.get("splits", "{}")).items()},
+                   meta.get("workload", ""))
 
     def check(self, model: torch.nn.Module, act_bits: int) -> None:
         """Raise QuantError unless this calibration was made for this model and bit width and holds

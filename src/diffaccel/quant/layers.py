@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from diffaccel.errors import CacheError
+
 StepClock = Callable[[], "int | None"]
 
 
@@ -65,6 +67,15 @@ class QuantizedLayer(torch.nn.Module):
         self.register_buffer("act_scale", act_absmax.float() / qmax(act_bits))
         self.split = split
         self.clock = clock
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads a layer's weight (SDXL's pipeline its shape, other
+        models its dtype or device); the layer itself runs on the integers."""
+        packed = getattr(self, "packed", None)
+        if packed is not None:  # fbgemm's packed copy replaced the plain one
+            return torch.ops.quantized.linear_unpack(packed)[0].dequantize()
+        return self.dequantized_weight()
 
     def integer_weight(self) -> torch.Tensor:
         if self.weight_bits <= 4:
@@ -136,11 +147,16 @@ def _use_fbgemm(module: QuantizedLayer, device: torch.device) -> None:
 
 class QuantLinear(QuantizedLayer):
     """``mode``: ``fake`` (simulated), ``int8`` (int8 x int8 products with the calibrated scales) or
-    ``int8-dynamic`` (fbgemm's fused kernel, activation range measured per call; CPU only)."""
+    ``int8-dynamic`` (fbgemm's fused kernel, activation range measured per call; CPU only).
+    ``check_finite`` (the executor's setting): on the integer paths, which turn NaN into a number, a
+    non-finite input stops the run (one reduction per layer) as the executor's output check would."""
+
+    check_finite = False
 
     def __init__(self, layer: torch.nn.Linear, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
                  split: int | None = None, clock: StepClock | None = None, mode: str = "fake"):
         super().__init__(layer, weight_bits, act_bits, act_absmax, split, clock)
+        self.in_features, self.out_features = layer.in_features, layer.out_features  # as nn.Linear's readers expect
         w8a8 = weight_bits == 8 and act_bits == 8
         self.mode = mode if w8a8 and not (mode == "int8" and split) else "fake"
         if self.mode == "int8":  # [in, out] for x @ w; the original [out, in] layout is not kept
@@ -152,6 +168,9 @@ class QuantLinear(QuantizedLayer):
         return self.weight_q.t() if self.mode == "int8" else super().integer_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check_finite and self.mode != "fake" and not torch.isfinite(x).all():
+            raise CacheError(f"a non-finite value (NaN or infinity) reached the int8 layer {tuple(self.weight_shape)}, "
+                             "whose rounding would hide it: the model or its input is broken; the run was stopped")
         if self.mode == "int8-dynamic":
             rows = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self.packed, True)
             return rows.reshape(*x.shape[:-1], rows.shape[-1])
@@ -178,6 +197,9 @@ class QuantConv2d(QuantizedLayer):
         super().__init__(layer, weight_bits, act_bits, act_absmax, split, clock)
         self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                               groups=layer.groups)
+        self.in_channels, self.out_channels, self.kernel_size = layer.in_channels, layer.out_channels, layer.kernel_size
+        self.stride, self.padding, self.dilation, self.groups = (layer.stride, layer.padding, layer.dilation,
+                                                                 layer.groups)
         if layer.padding_mode != "zeros":
             raise ValueError(f"Conv2d with padding_mode {layer.padding_mode!r} is not supported")
 

@@ -56,6 +56,9 @@ class QuantSpec(BaseModel):
             if bits != FULL_PRECISION and not 2 <= bits <= 8:
                 raise ValueError(f"override {pattern!r}: weight bits must lie in 2..8, or be "
                                  f"{FULL_PRECISION} to keep the layer in floating point (got {bits})")
+            if self.backend != "fake" and bits not in (8, FULL_PRECISION):  # had run simulated under the label
+                raise ValueError(f"override {pattern!r}: the {self.backend} backend runs 8-bit weights only (or "
+                                 f"{FULL_PRECISION}, floating point), not {bits}; use backend 'fake' for other widths")
         return self
 
     @property

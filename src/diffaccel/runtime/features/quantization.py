@@ -36,6 +36,8 @@ class Quantization(Feature):
 
     def install(self) -> None:
         self.handle.apply()
+        for _, _, _, layer in self.handle.replacements:  # the integer paths would round a NaN into a number
+            layer.check_finite = self.executor.check_finite
 
     def start_run(self) -> None:
         """Per-step scales fit one step count only: another would quantize each step with another step's
