@@ -21,7 +21,7 @@ from diffaccel.bench.config import BenchConfig, BenchJob, check_config, items
 from diffaccel.bench.results import FORMAT_VERSION, load_results, summarize
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
-from diffaccel.errors import SweepError
+from diffaccel.errors import BenchError, SweepError
 from diffaccel.eval import allocator
 from diffaccel.eval.paired import paired_change
 from diffaccel.methods.registry import METHODS
@@ -122,8 +122,10 @@ def test_a_paired_change_counts_the_flips_and_its_interval_brackets_it():
     half = 1.96 * float(diffs.std()) / 10 ** 0.5
     assert change["low"] == pytest.approx(-0.1 - half) and change["high"] == pytest.approx(-0.1 + half)
     assert change["se"] == pytest.approx(half / 1.96)
-    same = paired_change(base, base)
-    assert same == {"change": 0.0, "low": 0.0, "high": 0.0, "se": 0.0, "flips": 0}
+    same = paired_change(base, base)  # no flip on 10 images is no certainty: the rule of three
+    assert same == {"change": 0.0, "low": -0.3, "high": 0.3, "se": 0.0, "flips": 0}
+    worst = paired_change(torch.tensor([False] * 3 + [True]), torch.tensor([True] * 4))
+    assert worst["low"] == -1.0 and worst["high"] <= 1.0  # had read -124 points
     assert paired_change(hits[:1], base[:1])["low"] is None  # one image: no interval
     with pytest.raises(ValueError, match="as many images"):
         paired_change(hits, base[:5])
@@ -280,6 +282,8 @@ def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path
     ({"fora": [{"interval": "three"}]}, ["--model", "dit"], ["fora's interval is a number (default 3), got 'three'"]),
     ({"tgate": [{"gate_step": 2}]}, ["--model", "dit"], ["tgate does not apply to the dit"]),
     ("{not json", ["--model", "dit"], ["not valid JSON"]),
+    ('{"fora": [{"interval": 2}], "fora": [{"interval": 3}]}', ["--model", "dit"], ["names fora twice"]),  # one lost
+    ({"fora": [{"interval": 2}, {"interval": 2}]}, ["--model", "dit"], ["fora lists a setting twice"]),
     (None, ["--model", "dit", "--only", "nope"], ["--only", "unknown method or peer 'nope'"]),
     (None, ["--model", "unet", "--only", "fora", "--classes", "blob"], ["unknown class blob"]),
     (None, ["--model", "unet", "--only", "fora", "--classes", "circle,circle"], ["circle is named more than once"]),
@@ -506,3 +510,9 @@ def test_resume_with_no_run_to_continue_says_a_new_one_starts(tmp_path):
     cfg = BenchConfig(model="dit", quick=True, per_class=1, classes=["circle"], steps=4, batch_size=1, resume=True)
     run = _start(cfg, tmp_path / "out", said.append)  # had started afresh without a word
     assert run.run_dir.parent == tmp_path / "out" and said and "--resume: no run in" in said[0], said
+
+
+def test_a_zero_count_in_the_python_config_is_refused_not_replaced_by_the_preset():
+    for key in ("per_class", "batch_size", "timed_pairs"):  # 0 had become 100, 60 or 5
+        with pytest.raises(BenchError, match=f"--{key.replace('_', '-')} must be >= 1"):
+            check_config(BenchConfig(model="dit", **{key: 0}))

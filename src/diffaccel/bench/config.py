@@ -50,9 +50,8 @@ class BenchConfig:
     def resolved(self) -> BenchConfig:
         preset = QUICK if self.quick else FULL
         out = BenchConfig(**asdict(self))
-        out.per_class = self.per_class or preset["per_class"]
-        out.batch_size = self.batch_size or preset["batch_size"]
-        out.timed_pairs = self.timed_pairs or preset["timed_pairs"]
+        for key in ("per_class", "batch_size", "timed_pairs"):  # None takes the preset; 0 is left to check_config
+            setattr(out, key, preset[key] if getattr(self, key) is None else getattr(self, key))
         if self.pipeline is not None:
             out.model = Path(self.pipeline).name
         return out

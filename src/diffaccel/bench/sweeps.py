@@ -202,6 +202,8 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
             raise SweepError(f"{source}: {name} {what}; give a list of at least one settings object, e.g. "
                              f"[{json.dumps({k: v for k, v in list(spec.knobs.items())[:1]})}]")
         allowed = spec.knobs
+        if any(setting in settings[:i] for i, setting in enumerate(settings)):
+            raise SweepError(f"{source}: {name} lists a setting twice (two rows of one label); list each once")
         for setting in settings:
             if not isinstance(setting, dict):
                 raise SweepError(f"{source}: each setting of {name} must be an object, got {setting!r}")
@@ -238,10 +240,20 @@ def _check_plan_file(setting: dict, source: str, model: str) -> None:
                          f"adapter), not this {model} model")
 
 
+def _unique_names(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose names are unique: a name given twice would keep its last list alone, silently."""
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SweepError(f"the sweep names {', '.join(repeated)} twice; give each name once, with all its settings "
+                         "in one list")
+    return dict(pairs)
+
+
 def read_sweep(path: Path) -> object:
     """A sweep file's JSON (validated against the model later, by ``validate``)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=_unique_names)
     except FileNotFoundError:
         raise SweepError(f"sweep file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -17,7 +17,8 @@ def paired_change(hits: torch.Tensor, base_hits: torch.Tensor) -> dict[str, floa
     """``change``: the mean of ``hits`` (per image, 1 judged right, 0 wrong, or a score in between)
     minus that of ``base_hits`` (the same images' baseline verdicts); ``low`` / ``high``: its 95%
     confidence interval (normal approximation of the mean of the per-image differences, each +1 for
-    wrong -> right, -1 for right -> wrong, 0 otherwise: indicative when only a few images flip);
+    wrong -> right, -1 for right -> wrong, 0 otherwise: indicative when only a few images flip; kept
+    within -1..+1, and +-3/n when no image flips);
     ``se``: the change's standard error; ``flips``: how many images changed verdict."""
     hits, base_hits = hits.reshape(-1).double(), base_hits.reshape(-1).double()
     if hits.shape != base_hits.shape or not len(hits):
@@ -27,5 +28,6 @@ def paired_change(hits: torch.Tensor, base_hits: torch.Tensor) -> dict[str, floa
     if len(diff) < 2:
         return {"change": change, "low": None, "high": None, "se": None, "flips": flips}
     se = float(diff.std()) / math.sqrt(len(diff))
-    return {"change": change, "low": change - Z_TWO_SIDED_95 * se, "high": change + Z_TWO_SIDED_95 * se, "se": se,
-            "flips": flips}
+    half = Z_TWO_SIDED_95 * se if flips else 3 / len(diff)  # no flip seen: the rule of three, not a certainty
+    return {"change": change, "low": max(change - half, -1.0), "high": min(change + half, 1.0), "se": se,
+            "flips": flips}  # a share changes by at most 100 points either way
