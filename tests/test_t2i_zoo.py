@@ -243,3 +243,14 @@ def test_the_shipped_pipeline_runs_by_name_and_follows_its_prompts(monkeypatch, 
     # A trained model follows its prompts (the shipped SD: 9 of these 12 at 20 steps, 94% of 720 images at 50);
     # all four attributes right by chance is 1/6 x 1/6 x 1/5 x 1/2, about 0.3%. The margin absorbs another CPU.
     assert record["adherence"] >= 0.5, record
+
+
+@needs_any
+def test_fd_is_measured_against_real_images_of_the_prompts_captions():
+    """FD had compared the 12 held-out captions' images with all 360 combinations (25-31 against a floor near 1)."""
+    from diffaccel.targets import t2i_default_calls
+
+    prompts = [call["prompt"] for call in t2i_default_calls()] * 2
+    real = captions.make_batch_of([captions.parse_caption(p) for p in prompts], split="val")
+    scores = load_t2i_evaluator().score(torch.from_numpy(real).add(1).div(2), prompts)
+    assert scores["adherence"] > 0.9 and scores["fd"] < 3 * scores["fd_floor"], scores

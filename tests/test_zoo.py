@@ -41,3 +41,16 @@ def test_evaluator_reads_real_images_and_separates_real_from_noise():
     noise = torch.rand(300, 3, shapes.RESOLUTION, shapes.RESOLUTION, generator=torch.Generator().manual_seed(0))
     floor = evaluator.frechet_distance(evaluator.real_images(300, start=300), real)
     assert evaluator.frechet_distance(noise, real) > 20 * floor
+
+
+@requires_weights
+def test_fd_is_measured_against_real_images_of_the_classes_drawn():
+    """With --classes ring, FD had compared rings with all six classes (90 against a floor of 2)."""
+    evaluator = load_evaluator()
+    ring = [shapes.CLASSES.index("ring")] * 12
+    images = torch.from_numpy(shapes.make_batch_of(ring, split="val")).add(1).div(2)  # real rings: a perfect model
+    scores = evaluator.score(images, torch.tensor(ring))
+    assert scores["fd"] < 3 * scores["fd_floor"], scores
+    _, labels = shapes.make_batch("val", 24)  # every class in turn: the same real images as before, reordered
+    new = torch.from_numpy(shapes.make_batch_of(labels.tolist())).add(1).div(2)
+    assert sorted(x.numpy().tobytes() for x in new) == sorted(x.numpy().tobytes() for x in evaluator.real_images(24))

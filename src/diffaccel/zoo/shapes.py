@@ -8,6 +8,8 @@ anti-aliases them without supersampling.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "plus", "diamond", "ring")
@@ -102,6 +104,22 @@ def make_batch(split: str, count: int, start: int = 0, resolution: int = RESOLUT
     images = np.stack([render(int(c), int(s), resolution) for c, s in zip(labels, seeds)]) if count else (
         np.zeros((0, 3, resolution, resolution), np.float32))
     return images, labels
+
+
+def make_batch_of(labels: Sequence[int], split: str = "eval", skip: int = 0,
+                  resolution: int = RESOLUTION) -> np.ndarray:
+    """Images (N, 3, H, W) in [-1, 1] of the given classes, in their order: the split's items of each
+    class in turn, after its first ``skip`` (two calls with ``skip`` apart by the largest class count
+    draw disjoint sets; with every class alike, the set ``make_batch`` draws, in another order)."""
+    seen: dict[int, int] = {}
+    items = []
+    for label in (int(c) for c in labels):
+        k = skip + seen.get(label, 0)
+        seen[label] = seen.get(label, 0) + 1
+        items.append((label, label + NUM_CLASSES * k))
+    if not items:
+        return np.zeros((0, 3, resolution, resolution), np.float32)
+    return np.stack([render(c, SPLITS[split] + index, resolution) for c, index in items])
 
 
 def class_ids(names: list[str] | None) -> list[int]:

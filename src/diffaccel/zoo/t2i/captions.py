@@ -12,6 +12,7 @@ split walks through every attribute combination in a fixed shuffled order, so an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -144,6 +145,20 @@ def make_batch(split: str, count: int, start: int = 0, include_held_out: bool | 
     if not listed:
         return np.zeros((0, 3, resolution, resolution), np.float32), []
     return np.stack([render(a, s, resolution) for a, s in listed]), [a for a, _ in listed]
+
+
+def make_batch_of(attrs: Sequence[Attributes], split: str = "eval", skip: int = 0,
+                  resolution: int = RESOLUTION) -> np.ndarray:
+    """Images (N, 3, H, W) in [-1, 1] of the given attribute combinations, in their order: the ``eval``
+    items of each combination in turn, after its first ``skip`` (as ``shapes.make_batch_of``)."""
+    seen: dict[Attributes, int] = {}
+    images = []
+    for combo in (Attributes(*a) for a in attrs):
+        k = skip + seen.get(combo, 0)
+        seen[combo] = seen.get(combo, 0) + 1
+        index = ALL_COMBOS.index(combo) + len(ALL_COMBOS) * k
+        images.append(render(combo, SPLITS[split] + index, resolution))
+    return np.stack(images) if images else np.zeros((0, 3, resolution, resolution), np.float32)
 
 
 def attribute_tensor(attrs: list[Attributes]) -> np.ndarray:

@@ -113,13 +113,16 @@ class T2IEvaluator:
         return torch.from_numpy(images).add(1).div(2)
 
     def score(self, images: torch.Tensor, prompts_or_attributes: Sequence) -> dict[str, float]:
-        """Attribute scores, Fréchet distance to as many real ``eval`` images (items 0..n) and the floor:
-        the distance between those and the next n real images."""
+        """Attribute scores, Fréchet distance to as many real ``eval`` images of the same captions and
+        the floor: the distance between those and as many others of the same captions."""
         scores = self.attribute_scores(images, prompts_or_attributes)
         if len(images) < 2:  # a distribution of one has no covariance: no distance
             return scores
         n = len(images)
-        real_a, real_b = self.real_images(n), self.real_images(n, start=n)
+        attrs = [captions.Attributes(*row) for row in _attribute_targets(prompts_or_attributes).tolist()]
+        most = max(attrs.count(a) for a in set(attrs))
+        real_a, real_b = (torch.from_numpy(captions.make_batch_of(attrs, skip=skip)).add(1).div(2)
+                          for skip in (0, most))
         return {**scores, "fd": self.frechet_distance(images, real_a),
                 "fd_floor": self.frechet_distance(real_b, real_a), "fd_samples": n}
 
