@@ -489,6 +489,8 @@ def test_report_tail_ranks_the_saved_rows_again(tiny_run, tmp_path, monkeypatch,
     assert f"## Speedup at PSNR >= 30 dB and 5th pct >= {above:g} dB" in md
     assert "x wall (" not in md.split("## All settings")[0]  # no row clears a bound above every row's tail
     assert json.loads((tiny_run / "results.json").read_text()) == saved  # the saved results are left as they were
+    ranked = json.loads((tmp_path / "tail" / "results.json").read_text())  # beside its report: the folder agrees
+    assert ranked["psnr_p5_floor"] == above and ranked["rows"] == saved["rows"]
     code, out, err = invoke(monkeypatch, capsys, "report", tiny_run / "results.json", "--tail", "nan",
                             "--out", tmp_path / "bad")
     assert code != 0 and "--tail must be a finite number" in err and not (tmp_path / "bad").exists()

@@ -27,6 +27,7 @@ from diffaccel.cli.common import (
     run_guarded,
 )
 from diffaccel.cli.lm import BENCH_OPTIONS, LM_MODEL, lm_bench, refuse_image_options
+from diffaccel.eval.io import write_json
 from diffaccel.targets import T2I_MODELS, in_caption_language, load_target, read_prompts, t2i_default_calls, t2i_folder
 from diffaccel.zoo.t2i.pipelines import PIXART_CALL
 
@@ -160,15 +161,25 @@ def report(
     results: Path = typer.Argument(..., help="a results.json written by `diffaccel bench`"),
     out: Path = typer.Option(None, help="output folder (default: the results file's folder)"),
     tail: float = typer.Option(None, help="rank the summary again with the 5th-percentile image's PSNR bounded "
-                                          "too (dB); default: as the bench ran"),
+                                          "too (dB); default: as the bench ran. With --out elsewhere, the re-ranked "
+                                          "results.json is written there too"),
 ) -> None:
     """Render results.md and report.html again from a saved results.json, without rerunning."""
 
     def job():
         _check_tail(tail)
         saved = load_results(results)
-        return write_report(saved if tail is None else resummarized(saved, tail), results.parent,
-                            out if out is not None else results.parent)
+        folder = out if out is not None else results.parent
+        if tail is None:
+            return write_report(saved, results.parent, folder)
+        ranked = resummarized(saved, tail)
+        written = write_report(ranked, results.parent, folder)
+        if folder.resolve() != results.parent.resolve():  # that folder's three files agree; the bench's stays
+            write_json(folder / "results.json", ranked.model_dump(mode="json"))
+        else:
+            typer.echo(f"{results} keeps the bench's own ranking; the report shows the one under --tail {tail:g}",
+                       err=True)
+        return written
 
     md, page = run_guarded(job)
     typer.echo(f"wrote {md} and {page}")
