@@ -258,8 +258,10 @@ def render_html(results: Results, base: Path) -> str:
             for n, f, t in summary_lines(results)]
     out.append("</table>")
     out.append("<h2 id='plots'>Quality vs speed</h2><p>Wall clock: median over interleaved batches of baseline "
-               "time / setting time. MACs: counted with torch's FlopCounterMode. Lines: each family's Pareto "
-               "front.</p>")
+               "time / setting time. MACs: counted with torch's FlopCounterMode on each setting's first (warm-up) "
+               "batch; where the work depends on the input (runtime rules, dynamic peers) that is the first "
+               "batch's count, a few percent from the run's mean (diffaccel's rows also carry the executor's count "
+               "over every batch: speedup_macs_executor in results.json). Lines: each family's Pareto front.</p>")
     out += [f"<figure><img class='plot' id='plot-{k}' alt='PSNR vs {k} speedup' src='data:image/png;base64,{b}'>"
             f"</figure>" for k, b in plots]
     out.append("<h2 id='grids'>Samples (same seeds; a row per class)</h2>")
