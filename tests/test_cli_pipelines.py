@@ -276,3 +276,18 @@ def test_a_prompt_file_with_a_byte_order_mark_reads_its_first_line_as_json(tmp_p
     path.write_bytes('{"prompt": "a small red circle", "seed": 3}\n# a comment\nplain words\n'.encode("utf-8-sig"))
     # the first line had been taken for a literal prompt, its seed dropped
     assert read_prompts(path) == [{"prompt": "a small red circle", "seed": 3}, {"prompt": "plain words"}]
+
+
+def test_bench_counts_the_images_of_calls_that_draw_several(monkeypatch, capsys, sd_folder, tmp_path):
+    """num_images_per_prompt 2 with fewer timed pairs than calls: the untimed calls' baseline images had been
+    sliced one per call, and every row after the first group skipped ("returned 2 images for 1 labels")."""
+    folder, _ = sd_folder
+    prompts = tmp_path / "two.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "num_images_per_prompt": 2}) + "\n"
+                               for p in ("a red circle", "a small green square")))
+    ok(monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", prompts, "--quick", "--per-class", "2",
+       "--steps", "4", "--no-peers", "--only", "fora,steps-ddim", "--timed-pairs", "1", "--threads", "1",
+       "--out", tmp_path / "b")
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert results["samples"]["n_images"] == 8 and not results["skipped"]
+    assert {row["n_images"] for row in results["rows"]} == {8}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from diffaccel.adapters import find_adapter_by_class
 from diffaccel.bench import sweeps
+from diffaccel.calibration.workload import Call, call_images
 from diffaccel.errors import BenchError, DiffaccelError
 from diffaccel.eval.io import write_json
 from diffaccel.seeds import CALIBRATION_SEED, image_seed
@@ -165,4 +166,5 @@ def items(cfg: BenchConfig) -> dict:
     calls = [{"kwargs": {**common, **prompt}, "seeds": [cfg.seed + k * len(prompts) + i]}
              for k in range(cfg.per_class) for i, prompt in enumerate(prompts)]
     calib = [{"kwargs": {**common, **prompt}, "seeds": [CALIBRATION_SEED + i]} for i, prompt in enumerate(prompts)]
-    return {"calls": calls, "calib_calls": calib, "classes": None, "n_images": len(calls), "grid_rows": len(prompts)}
+    images = sum(call_images(Call(c["kwargs"], tuple(c["seeds"]))) for c in calls)  # num_images_per_prompt counts
+    return {"calls": calls, "calib_calls": calib, "classes": None, "n_images": images, "grid_rows": len(prompts)}

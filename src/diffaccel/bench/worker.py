@@ -44,7 +44,8 @@ from diffaccel.bench.config import PROGRESS, BenchJob
 from diffaccel.bench.peers import Context
 from diffaccel.bench.scoring import paired, scorer
 from diffaccel.bench.sweeps import setting_label
-from diffaccel.calibration.workload import Call
+from diffaccel.calibration.workload import Call, call_images
+from diffaccel.errors import BenchError
 from diffaccel.eval.allocator import allocator_state, keep_freed_memory, release_freed_memory
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
@@ -199,14 +200,13 @@ def _interleave(job: BenchJob, calls: list[Call], live: list[dict], base_run, ca
     timed = len(calls) if cached is None else max(1, min(len(calls), int(job.timed_pairs or len(calls))))
     base_images, base_times, matches, start = [], [], True, 0
     for index, call in enumerate(calls):
-        n = len(call.seeds) if len(call.seeds) > 1 else None
         if index < timed:
             images, seconds = _measured(lambda c=call: base_run(c))
             base_times.append(seconds)
             if cached is not None:
                 matches = matches and torch.equal(images, cached[start:start + len(images)])
         else:
-            images = cached[start:start + (n or 1)]
+            images = cached[start:start + call_images(call)]  # num_images_per_prompt, a list of prompts
         start += len(images)
         base_images.append(images)
         progress(1)
@@ -269,7 +269,10 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
     progress(1)
     live, skipped = _open_all(job, ctx, first, progress)
     cache = Path(job.baseline_cache) if job.baseline_cache else None
-    n_images = sum(len(c.seeds) if len(c.seeds) > 1 else n_first for c in calls)
+    if call_images(first) != n_first:  # the count the cached baseline is sliced by must be the pipeline's
+        raise BenchError(f"the first call made {n_first} images where its arguments ask for {call_images(first)}; "
+                         "write one prompt (or class list) per line, without arguments that change the count")
+    n_images = sum(call_images(c) for c in calls)
     cached = _load_baseline(cache, n_images) if cache is not None else None
     base_peak = _peaks(first, live, lambda c: Context.sample(base_pipe, c))
     base = _interleave(job, calls, live, lambda c: Context.sample(base_pipe, c), cached, progress)

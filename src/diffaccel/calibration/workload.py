@@ -68,14 +68,16 @@ class Call:
 
 
 def image_count(workload: Workload) -> int:
-    """The images ``workload``'s calls make: one per prompt, class label or embedding row (or seed),
-    times ``num_images_per_prompt``."""
-    total = 0
-    for call in workload.calls:
-        embeds = call.kwargs.get("prompt_embeds")
-        rows = embeds.shape[0] if isinstance(embeds, torch.Tensor) else len(call.describe())
-        total += max(rows, len(call.seeds)) * int(call.kwargs.get("num_images_per_prompt") or 1)
-    return total
+    """The images ``workload``'s calls make (``call_images`` of each)."""
+    return sum(call_images(call) for call in workload.calls)
+
+
+def call_images(call: Call) -> int:
+    """The images one call makes: one per prompt, class label or embedding row (or seed), times
+    ``num_images_per_prompt``."""
+    embeds = call.kwargs.get("prompt_embeds")
+    rows = embeds.shape[0] if isinstance(embeds, torch.Tensor) else len(call.describe())
+    return max(rows, len(call.seeds)) * int(call.kwargs.get("num_images_per_prompt") or 1)
 
 
 def images_of(result: Any) -> torch.Tensor:
