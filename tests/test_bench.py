@@ -285,6 +285,7 @@ def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path
     ('{"fora": [{"interval": 2}], "fora": [{"interval": 3}]}', ["--model", "dit"], ["names fora twice"]),  # one lost
     ({"fora": [{"interval": 2}, {"interval": 2}]}, ["--model", "dit"], ["fora lists a setting twice"]),
     (None, ["--model", "dit", "--only", "nope"], ["--only", "unknown method or peer 'nope'"]),
+    (None, ["--model", "dit", "--steps", "1"], ["--steps 1 leaves nothing to accelerate"]),
     (None, ["--model", "unet", "--only", "fora", "--classes", "blob"], ["unknown class blob"]),
     (None, ["--model", "unet", "--only", "fora", "--classes", "circle,circle"], ["circle is named more than once"]),
     ({"plan": [{"file": "nowhere/plan.json"}]}, ["--model", "dit"], ["plan file nowhere/plan.json does not exist"]),
@@ -489,6 +490,9 @@ def test_report_tail_ranks_the_saved_rows_again(tiny_run, tmp_path, monkeypatch,
     assert f"## Speedup at PSNR >= 30 dB and 5th pct >= {above:g} dB" in md
     assert "x wall (" not in md.split("## All settings")[0]  # no row clears a bound above every row's tail
     assert json.loads((tiny_run / "results.json").read_text()) == saved  # the saved results are left as they were
+    (tmp_path / "partial.json").write_text('{"rows": []}')  # what an interrupted run leaves
+    code, out, err = invoke(monkeypatch, capsys, "report", tmp_path / "partial.json")
+    assert code != 0 and "finish it with the same `diffaccel bench` command and --resume" in err
     ranked = json.loads((tmp_path / "tail" / "results.json").read_text())  # beside its report: the folder agrees
     assert ranked["psnr_p5_floor"] == above and ranked["rows"] == saved["rows"]
     code, out, err = invoke(monkeypatch, capsys, "report", tiny_run / "results.json", "--tail", "nan",

@@ -123,6 +123,9 @@ def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
     for key in ("per_class", "batch_size", "steps", "threads", "timed_pairs"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise BenchError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.steps == 1:  # (under leading spacing its one step even returns noise, and every row is compared to it)
+        raise BenchError("--steps 1 leaves nothing to accelerate: a bench compares methods against a run of 2 or "
+                         "more steps (default 50)")
     if cfg.classes is not None and (not cfg.classes or cfg.pipeline is not None):
         raise BenchError("--classes is empty" if not cfg.classes else "--classes is for the embedded models")
     try:

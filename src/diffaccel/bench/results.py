@@ -199,7 +199,9 @@ def load_results(path: Path) -> Results:
         raise BenchError(f"{path} is the language model's bench: its report is the results.md beside it "
                          "(`diffaccel report` renders the image benches)")
     if not isinstance(data, dict) or "format_version" not in data:
-        raise BenchError(f"{path} is not a diffaccel bench results file (no format_version)")
+        partial = " (partial.json holds an unfinished run's rows: finish it with the same `diffaccel bench` " \
+                  "command and --resume, which writes results.json)" if path.name == "partial.json" else ""
+        raise BenchError(f"{path} is not a diffaccel bench results file (no format_version){partial}")
     if data["format_version"] != FORMAT_VERSION:
         raise BenchError(f"results file {path} has format_version {data['format_version']!r}, but this diffaccel "
                          f"reads format_version {FORMAT_VERSION}; rerun `diffaccel bench` to make a new one")

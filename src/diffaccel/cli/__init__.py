@@ -11,7 +11,7 @@ from diffaccel.cli import bench, generate, plans, quantize, search, train  # noq
 from diffaccel.cli.common import app
 
 INTERRUPTED = 130  # the shell's code for Ctrl-C
-INTERRUPTED_TEXT = ("interrupted: what was finished is kept (a search's study, a bench's partial.json, training "
+INTERRUPTED_TEXT = ("interrupted: what was finished is kept (a search's study, a bench's finished groups, training "
                     "checkpoints); the same command resumes a search or an image model's training, add --resume "
                     "for bench or the LM's training")
 
