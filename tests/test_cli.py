@@ -356,3 +356,25 @@ def test_ctrl_c_says_it_was_interrupted_and_what_was_kept(monkeypatch, capsys):
         diffaccel.cli.main()
     err = capsys.readouterr().err  # had been empty: typer returns Ctrl-C as code 130 itself
     assert exit_.value.code == 130 and err.startswith("interrupted: what was finished is kept")
+
+
+def test_the_search_clock_starts_with_the_process_when_the_command_is_the_process(monkeypatch):
+    """Importing torch and diffusers took ~5 s before the search's clock started: a 1-minute search ran 66 s."""
+    import time
+
+    from diffaccel.cli.common import command_started
+
+    monkeypatch.setattr("sys.argv", ["/usr/local/bin/diffaccel", "search"])
+    started = command_started()
+    assert time.time() - 7 * 24 * 3600 < started <= time.time()  # this process's own start (pytest's, here)
+    monkeypatch.setattr("sys.argv", ["pytest"])  # called in-process: from now
+    assert abs(command_started() - time.time()) < 1
+
+
+def test_the_search_line_shows_bit_ops_only_for_a_quantized_plan():
+    from diffaccel.cli.search import summary_line
+
+    s = {"model": "m", "strategy": "joint", "speedup_macs": 4.0, "speedup_wall": 3.5, "calib_psnr": 31.0,
+         "heldout_psnr": 30.5, "bops_fraction": 0.25, "quant": None}
+    assert "bit-ops" not in summary_line(s)  # the joint search sets bops = MACs when nothing is quantized
+    assert "4.00x bit-ops" in summary_line({**s, "quant": {"label": "W8A8"}})

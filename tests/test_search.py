@@ -40,7 +40,7 @@ from diffaccel.search import (
 from diffaccel.search import heldout as heldout_module
 from diffaccel.search import judged as judged_module
 from diffaccel.search import run as search_run
-from diffaccel.search.candidates import Candidate
+from diffaccel.search.candidates import Candidate, choose
 from diffaccel.search.config import TAIL_IMAGES, SearchConfig, auto_margin, configured, tail_lower_bound
 from diffaccel.search.context import Context
 from diffaccel.search.handmade import handmade_plans
@@ -422,6 +422,21 @@ def test_impossible_budget_reports_the_shortfall_and_still_writes(pipes, tmp_pat
     assert result.chosen.psnr == max(c.psnr for c in result.front)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["met"] is False and summary["shortfall"] > 0 and (tmp_path / "plan.json").exists()
+    assert summary["shortfall_text"] == f"{99 - result.chosen.psnr:.4g} dB on the mean"
+
+
+def test_a_missed_tail_bound_is_the_shortfall_and_ranks_the_closest_plan():
+    """The mean alone had ranked the closest plan and set its shortfall: 31.9 dB against psnr>=30 read
+    "short by -1.87" while its 5th percentile missed psnr_p5>=40 by 14.6 dB."""
+    budget = parse_budget("psnr>=30,psnr_p5>=40")
+    high_mean = Candidate(None, [], 31.9, 20.0, 0.9, 0.5, 0.5, "a", psnr_p5=25.4)
+    high_tail = Candidate(None, [], 30.5, 30.0, 0.9, 0.6, 0.6, "b", psnr_p5=38.0)
+    chosen, met, shortfall = choose([high_mean, high_tail], budget, "macs")
+    assert chosen is high_tail and not met and shortfall == pytest.approx(2.0)
+    assert budget.shortfall(31.9, 25.4) == pytest.approx(14.6)
+    assert budget.miss_text(29.0, 25.4) == "1 dB on the mean and 14.6 dB on the 5th percentile"
+    ssim = parse_budget("ssim>=0.9")
+    assert ssim.shortfall(0.85, None) == pytest.approx(0.05) and ssim.miss_text(0.85, None) == "0.05 on the mean"
 
 
 def test_storage_from_another_model_is_refused(pipes, dit_search):

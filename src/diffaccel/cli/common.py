@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 import warnings
 from collections.abc import Callable
 from enum import Enum
@@ -198,3 +200,24 @@ def refuse_sampler_with_folder(ctx: typer.Context, pipeline: Path | None) -> Non
         raise ValueError("--sampler applies to the shipped models; a --pipeline folder runs the scheduler saved in "
                          "it (edit its scheduler/scheduler_config.json, or use a plan with a solver section): drop "
                          "--sampler")
+
+
+def command_started() -> float:
+    """When this command started: where it is the process itself (the ``diffaccel`` script, or
+    ``python -m diffaccel``), the process's start, since importing torch and diffusers takes seconds
+    before any of our code runs (a time limit counts them); else (called in-process) now."""
+    entry = Path(sys.argv[0])
+    if entry.name == "diffaccel" or entry.parts[-2:] == ("diffaccel", "__main__.py"):
+        try:
+            return _process_start()
+        except (OSError, ValueError, IndexError, StopIteration):  # not Linux: from here on
+            pass
+    return time.time()
+
+
+def _process_start() -> float:
+    """This process's start in seconds since the epoch, from /proc (Linux; to the clock tick)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from enum import Enum
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from diffaccel.cli.common import (
     SamplerName,
     app,
     call_steps,
+    command_started,
     fail,
     quant_backend_for,
     refuse_sampler_with_folder,
@@ -144,7 +144,7 @@ def search(
         return run_guarded(search_command, ctx, out_dir=out)
 
     def job():
-        started = time.time()  # the limit is the whole command's
+        started = command_started()  # the limit is the whole command's, its imports included
         setup(threads, guidance)
         quality = _checked_budget(ctx, pipeline, budget)
         backend = quant_backend_for(quant, quant_backend)
@@ -171,7 +171,7 @@ def search(
 
 def _fail_unmet(s: dict, out: Path) -> None:
     fail(f"no plan meets {s['budget']} on the calibration set; the closest ({s['source']}) reaches "
-         f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall']:.4g}, at "
+         f"{s['calib_psnr']:.2f} dB PSNR / {s['calib_ssim']:.4f} SSIM, short by {s['shortfall_text']}, at "
          f"{s['calib_speedup_macs']:.2f}x fewer MACs; wrote it to {out / 'plan.json'}")
 
 
@@ -208,7 +208,7 @@ def _checked_budget(ctx: typer.Context, pipeline: Path | None, budget: str | Non
 
 def summary_line(s: dict) -> str:
     """One line: the chosen plan's speed and quality, and the best hand-made plan's."""
-    bops = s.get("bops_fraction")  # a search by bit-ops: what it counted
+    bops = s.get("bops_fraction") if s.get("quant") else None  # bit-ops differ from MACs only when quantized
     line = (f"{s['model']} {s['strategy']}: {s['speedup_macs']:.2f}x MACs, "
             + (f"{1 / bops:.2f}x bit-ops, " if bops else "") + f"{s['speedup_wall']:.2f}x wall, "
             f"PSNR {s['calib_psnr']:.2f} dB calibration"

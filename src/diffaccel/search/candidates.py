@@ -70,12 +70,15 @@ def ordered(points: list[Candidate], budget: Budget, objective: str) -> list[Can
 
 
 def choose(points: list[Candidate], budget: Budget, objective: str) -> tuple[Candidate, bool, float]:
-    """The cheapest candidate meeting the budget; else the best-quality one and its shortfall."""
+    """The cheapest candidate meeting the budget; else the closest one, tail bound included (the best
+    mean had been taken, 14.6 dB under a psnr_p5 bound, and reported short by a negative number), and
+    its shortfall."""
     meeting = ordered(points, budget, objective)
     if meeting:
         return meeting[0], True, 0.0
-    best = max(points, key=lambda c: (c.quality(budget), -c.cost(objective), -(c.trial or 0)))
-    return best, False, budget.threshold - best.quality(budget)
+    best = min(points, key=lambda c: (budget.shortfall(c.quality(budget), c.psnr_p5), -c.quality(budget),
+                                      c.cost(objective), -(c.trial or 0)))
+    return best, False, budget.shortfall(best.quality(budget), best.psnr_p5)
 
 
 

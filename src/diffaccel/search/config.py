@@ -42,6 +42,25 @@ class Budget:
     def unit(self) -> str:
         return " dB" if self.metric == "psnr" else ""
 
+    def gaps(self, quality: float, psnr_p5: float | None) -> tuple[float, float]:
+        """How far a plan misses the mean's threshold and the tail's bound (0 where it meets them; the
+        tail's in dB, infinite where no 5th percentile was recorded)."""
+        tail = 0.0 if self.tail is None else (math.inf if psnr_p5 is None else max(0.0, self.tail - psnr_p5))
+        return max(0.0, self.threshold - quality), tail
+
+    def shortfall(self, quality: float, psnr_p5: float | None) -> float:
+        """The miss, in the budget's unit: the larger gap of a PSNR budget (a plan that meets the mean
+        but not the tail is short by the tail's gap); the mean's, else the tail's, under SSIM."""
+        mean, tail = self.gaps(quality, psnr_p5)
+        return max(mean, tail) if self.metric == "psnr" else (mean or tail)
+
+    def miss_text(self, quality: float, psnr_p5: float | None) -> str:
+        """Which parts a plan misses, and by how much (for messages)."""
+        mean, tail = self.gaps(quality, psnr_p5)
+        parts = ([f"{mean:.4g}{self.unit()} on the mean"] if mean > 0 else []) + (
+            [f"{tail:.4g} dB on the 5th percentile"] if tail > 0 else [])
+        return " and ".join(parts) or "nothing"
+
     def raised(self, margin: float) -> Budget:
         """The budget the calibration set must meet so that unseen inputs still meet this one. The
         tail bound is in dB: under an SSIM budget it is raised by the default PSNR margin (if any)."""

@@ -199,11 +199,11 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
         chosen, validation = _lowered(ctx, chosen, cleared, validation)
     best_hand = choose(hand, budget, config.objective) if hand else None
     plan = _chosen_plan(ctx, chosen)
+    summary = _summary(ctx, name, chosen, met, shortfall, safe, front, evaluated)
     if not met:
         ctx.log(f"no plan that saves work meets {budget.text} on the calibration set; the closest reaches "
-                f"{chosen.quality(budget):.4g}{budget.unit()} (short by {shortfall:.4g}{budget.unit()}) at "
+                f"{chosen.quality(budget):.4g}{budget.unit()} (short by {summary['shortfall_text']}) at "
                 f"{1 / chosen.mac_fraction:.2f}x fewer MACs")
-    summary = _summary(ctx, name, chosen, met, shortfall, safe, front, evaluated)
     summary["chosen_is_handmade"] = from_hand
     summary.update(validation.summary() if validation is not None else {"validation_confirmed": None})
     summary["solver"] = plan.solver.label if plan.solver is not None else None
@@ -225,7 +225,7 @@ def _marked(plan: Plan, summary: dict, budget: Budget) -> Plan:
     when it missed: a caller of ``find_plan`` gets a plan either way, and the log is off by default."""
     if not summary["met"]:
         warnings.warn(SearchWarning(f"no plan that saves work met {budget.text} on the calibration set: the closest "
-                                    f"is returned, short by {summary['shortfall']:.4g}{budget.unit()} (its plan.params "
+                                    f"is returned, short by {summary['shortfall_text']} (its plan.params "
                                     "say budget_met: false); loosen the budget or search longer"), stacklevel=3)
     elif summary.get("heldout_met") is False:
         warnings.warn(SearchWarning(f"the plan returned met {budget.text} on the calibration set but misses it on the "
@@ -308,6 +308,7 @@ def _summary(ctx: Context, name: str, chosen: Candidate, met: bool, shortfall: f
         "model": name, "strategy": config.strategy, "objective": config.objective, "budget": budget.text,
         "seed": config.seed, "margin": ctx.margin, "clears_margin": chosen.meets(safe),
         "num_steps": space.num_steps, "units": space.units, "met": met, "shortfall": shortfall,
+        "shortfall_text": ctx.budget.miss_text(chosen.quality(ctx.budget), chosen.psnr_p5),
         "calib_images": len(calib.reference), "calib_psnr": chosen.psnr, "calib_psnr_p5": chosen.psnr_p5,
         "calib_psnr_min": chosen.psnr_min, "calib_ssim": chosen.ssim, "mac_fraction": chosen.mac_fraction,
         "latency_fraction": chosen.latency_fraction, "calib_speedup_macs": 1 / chosen.mac_fraction,
