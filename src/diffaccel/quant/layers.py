@@ -19,8 +19,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from diffaccel.errors import CacheError
-
 StepClock = Callable[[], "int | None"]
 
 
@@ -147,11 +145,8 @@ def _use_fbgemm(module: QuantizedLayer, device: torch.device) -> None:
 
 class QuantLinear(QuantizedLayer):
     """``mode``: ``fake`` (simulated), ``int8`` (int8 x int8 products with the calibrated scales) or
-    ``int8-dynamic`` (fbgemm's fused kernel, activation range measured per call; CPU only).
-    ``check_finite`` (the executor's setting): on the integer paths, which turn NaN into a number, a
-    non-finite input stops the run (one reduction per layer) as the executor's output check would."""
-
-    check_finite = False
+    ``int8-dynamic`` (fbgemm's fused kernel, activation range measured per call; CPU only). The
+    integer paths round a NaN into a number: the plan's quantization feature checks the model's inputs."""
 
     def __init__(self, layer: torch.nn.Linear, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,
                  split: int | None = None, clock: StepClock | None = None, mode: str = "fake"):
@@ -168,9 +163,6 @@ class QuantLinear(QuantizedLayer):
         return self.weight_q.t() if self.mode == "int8" else super().integer_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.check_finite and self.mode != "fake" and not torch.isfinite(x).all():
-            raise CacheError(f"a non-finite value (NaN or infinity) reached the int8 layer {tuple(self.weight_shape)}, "
-                             "whose rounding would hide it: the model or its input is broken; the run was stopped")
         if self.mode == "int8-dynamic":
             rows = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self.packed, True)
             return rows.reshape(*x.shape[:-1], rows.shape[-1])
