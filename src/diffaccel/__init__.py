@@ -11,6 +11,10 @@
     print(run.stats.mac_ratio)
 """
 
+import time as _time
+
+IMPORT_STARTED = _time.time()  # the command line's time limits count the imports that follow (torch, diffusers)
+
 from contextlib import AbstractContextManager
 from os import PathLike
 from typing import Any

@@ -1,3 +1,3 @@
-from diffaccel.cli import main
+from diffaccel.cli import script
 
-main()
+script()

@@ -7,13 +7,21 @@ import sys
 
 import typer
 
-from diffaccel.cli import bench, generate, plans, quantize, search, train  # noqa: F401  (register the commands)
+from diffaccel import IMPORT_STARTED
+from diffaccel.cli import bench, common, generate, plans, quantize, search, train  # noqa: F401  (register the commands)
 from diffaccel.cli.common import app
 
 INTERRUPTED = 130  # the shell's code for Ctrl-C
 INTERRUPTED_TEXT = ("interrupted: what was finished is kept (a search's study, a bench's finished groups, training "
                     "checkpoints); the same command resumes a search or an image model's training, add --resume "
                     "for bench or the LM's training")
+
+
+def script() -> None:
+    """The installed ``diffaccel`` script and ``python -m diffaccel``: ``main`` as the process itself, whose
+    time limits count from when importing diffaccel began (torch and diffusers take seconds)."""
+    common.COMMAND_STARTED = IMPORT_STARTED
+    main()
 
 
 def main() -> None:
@@ -34,4 +42,4 @@ def main() -> None:
     sys.exit(code or 0)
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "script"]

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,8 @@ from diffaccel.plan import Plan
 from diffaccel.steps import model_evaluations
 from diffaccel.targets import T2I_MODELS, Target, load_target
 from diffaccel.zoo import shapes
+
+COMMAND_STARTED: float | None = None  # set by ``cli.script`` for the process's own command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Make diffusion sampling cheaper, and show what it cost in quality.")
@@ -203,21 +204,9 @@ def refuse_sampler_with_folder(ctx: typer.Context, pipeline: Path | None) -> Non
 
 
 def command_started() -> float:
-    """When this command started: where it is the process itself (the ``diffaccel`` script, or
-    ``python -m diffaccel``), the process's start, since importing torch and diffusers takes seconds
-    before any of our code runs (a time limit counts them); else (called in-process) now."""
-    entry = Path(sys.argv[0])
-    if entry.name == "diffaccel" or entry.parts[-2:] == ("diffaccel", "__main__.py"):
-        try:
-            return _process_start()
-        except (OSError, ValueError, IndexError, StopIteration):  # not Linux: from here on
-            pass
-    return time.time()
-
-
-def _process_start() -> float:
-    """This process's start in seconds since the epoch, from /proc (Linux; to the clock tick)."""
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                if line.startswith("btime"))
-    return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    """When this command started: for the ``diffaccel`` process itself (``cli.script``), when importing
+    diffaccel began, since torch and diffusers take seconds to import before any command runs (a time
+    limit counts them); for a command run in-process (``cli.main``), now. Read once."""
+    global COMMAND_STARTED
+    started, COMMAND_STARTED = COMMAND_STARTED, None
+    return started if started is not None else time.time()
