@@ -80,9 +80,13 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
                       file: Any = None, line: str | None = None) -> None:
     """A warning on the command line: what it says (and, in a group of processes, which rank says it),
     not the source line that raised it."""
+    typer.echo(f"warning: {rank_tag()}{message}", err=True)
+
+
+def rank_tag() -> str:
+    """``[rank r/w] `` in a group of processes torchrun started (from its environment), else nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world > 1 else ""
-    typer.echo(f"warning: {rank}{message}", err=True)
+    return f"[rank {os.environ.get('RANK', '?')}/{world}] " if world > 1 else ""
 
 
 def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: SamplerName | str = "ddim",

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from diffaccel.cli.common import parse_params, setup
+from diffaccel.cli.common import parse_params, rank_tag, setup
 from diffaccel.eval.io import write_json
 from diffaccel.lm.bench import ROWS, check_rows, run_rows, table
 from diffaccel.lm.evaluate import compare as compare_plan
@@ -49,10 +49,8 @@ def lm_plan(method: str | None, plan_file: Path | None, settings: dict[str, Any]
 def one_process(parallel: Any = None) -> None:
     """The language model runs in one process: several (torchrun) would each run the whole job and
     write the same files."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if parallel is not None or world > 1:
-        rank = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world > 1 else ""  # as the image jobs' errors
-        raise ValueError(f"{rank}--model dlm runs in one process: drop --parallel and torchrun")
+    if parallel is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{rank_tag()}--model dlm runs in one process: drop --parallel and torchrun")
 
 
 GENERATE_OPTIONS = frozenset({"model", "pipeline", "out", "method", "plan", "compare", "param", "save_plan", "weights",

@@ -43,12 +43,11 @@ class Quantization(Feature):
         """The integer paths round a NaN into a number, which the executor's check of the output would
         never see: under ``check_finite`` the model's inputs are checked instead (a check per int8
         layer cost 1.5x the run's time on the embedded DiT)."""
-        if self.integer and self.executor.check_finite:
-            for name, value in bound.arguments.items():
-                if not all_finite(value):
-                    raise CacheError(f"the model's input {name!r} holds a non-finite value (NaN or infinity) at step "
-                                     f"{state.step}, which the int8 layers would round into numbers: the input "
-                                     "is broken; the run was stopped")
+        if self.integer and self.executor.check_finite and not all_finite(dict(bound.arguments)):  # one sync
+            name = next(name for name, value in bound.arguments.items() if not all_finite(value))
+            raise CacheError(f"the model's input {name!r} holds a non-finite value (NaN or infinity) at step "
+                             f"{state.step}, which the int8 layers would round into numbers: the input is broken; "
+                             "the run was stopped")
 
     def start_run(self) -> None:
         """Per-step scales fit one step count only: another would quantize each step with another step's
