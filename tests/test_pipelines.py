@@ -21,11 +21,13 @@ from diffaccel import methods
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.reference import identity_plan
 from diffaccel.calibration.workload import Workload
-from diffaccel.errors import PlanError, QuantError, WorkloadError
+from diffaccel.errors import MethodError, PlanError, QuantError, UnsupportedModelError, WorkloadError
 from diffaccel.eval.cost import plan_mac_fraction
+from diffaccel.lm import make_lm_plan
 from diffaccel.methods.registry import METHODS, applicable, build
 from diffaccel.plan import Plan
 from diffaccel.runtime import PlanWarning
+from diffaccel.search import search
 from diffaccel.search.heldout import compare
 from diffaccel.solvers.spec import SolverSpec
 from diffaccel.steps import model_evaluations
@@ -518,3 +520,81 @@ def test_a_scheduler_replaced_inside_the_block_is_refused_not_run_misaligned():
         with pytest.raises(PlanError, match="scheduler was replaced inside the accelerate block"):
             run(pipe, call)
     assert untouched(pipe)
+
+
+def test_a_plan_on_the_model_alone_says_when_a_run_was_shorter_and_refuses_resample():
+    """The model alone cannot tell a run's length: a 10-step plan run for 6 steps had run its first
+    rows without a word, and ``resample=True`` was ignored there."""
+    pipe, call = build_case("dit")
+    plan = methods.fora(pipe, 10, interval=3)
+    with pytest.raises(PlanError, match="resample=True .* only the pipeline's scheduler"):
+        diffaccel.accelerate(pipe.transformer, plan, resample=True).__enter__()
+    assert untouched(pipe)
+    with pytest.warns(PlanWarning, match="ran at most 6 steps under a plan for 10"):
+        with diffaccel.accelerate(pipe.transformer, plan):
+            run(pipe, {**call, "num_inference_steps": 6})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with diffaccel.accelerate(pipe.transformer, plan):
+            run(pipe, {**call, "num_inference_steps": 10})
+    assert not [w for w in caught if "ran at most" in str(w.message)]
+    assert untouched(pipe)
+
+
+def test_warnings_point_at_the_users_line_and_the_step_is_known_to_hooks_on_the_denoiser():
+    pipe, call = build_case("sd-pndm")
+    steps = model_evaluations(pipe.scheduler, call["num_inference_steps"])
+    with pytest.warns(PlanWarning) as caught:
+        with diffaccel.accelerate(pipe.unet, methods.fora(pipe.unet, steps, interval=2)):
+            pass
+    assert {w.filename for w in caught} == {__file__}  # had been session.py and contextlib.py
+    seen = []
+    with diffaccel.accelerate(pipe, methods.fora(pipe, steps, interval=2)) as executor:
+        handle = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(executor.current_step))
+        run(pipe, call)
+        handle.remove()
+    assert seen == list(range(steps))  # had been None at every step
+
+
+def test_a_plan_edited_with_model_copy_is_checked_where_it_is_applied():
+    """``model_copy(update=...)`` skips pydantic's checks (the docs show it for adding a solver): a
+    misspelled action letter had run as forecasts, a dict for the solver had failed deep inside."""
+    pipe, call = build_case("dit")
+    plan = methods.fora(pipe, 6, interval=2)
+    bad = plan.model_copy(update={"schedule": ["XXX"] * 6})
+    with pytest.raises(PlanError, match="unknown action 'X'"):
+        diffaccel.accelerate(pipe, bad).__enter__()
+    assert untouched(pipe)
+    as_dict = plan.model_copy(update={"solver": {"name": "unipc", "steps": 6}})
+    expected = SolverSpec(name="unipc", steps=6)
+    with diffaccel.accelerate(pipe, as_dict) as executor:
+        run(pipe, call)
+    assert executor.plan.solver == expected
+    with pytest.raises(PlanError, match="enable takes the plans of image pipelines"):
+        diffaccel.enable(pipe, make_lm_plan("dkv-decode"))
+    with pytest.raises(PlanError, match="Plan.load"):
+        diffaccel.enable(pipe, "plan.json")
+
+
+def test_a_precision_plan_on_a_half_precision_unet_is_refused_before_it_runs():
+    pipe, call = stable_diffusion(sd_scheduler("DDIMScheduler"))
+    pipe.to(torch.float16)
+    plan = methods.fora(pipe, call["num_inference_steps"], interval=2).model_copy(update={"precision": "bfloat16"})
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(PlanError, match="weights are float16.*drop the plan's precision"):
+        diffaccel.accelerate(pipe, plan).__enter__()  # had been torch's "mixed dtype (CPU)" mid-call
+    assert untouched(pipe) and all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in state.items())
+
+
+def test_method_and_search_inputs_a_user_would_plausibly_pass():
+    pipe, call = build_case("dit")
+    with pytest.raises(MethodError, match="interval must be a number, not True"):
+        methods.fora(pipe, 6, interval=True)  # had become interval 1: an all-compute plan
+    with pytest.raises(MethodError, match="give num_steps"):
+        methods.fora(pipe, None)
+    assert methods.keysteps(pipe, dict(call), keys=3).calibration.calls == 1  # one call's dict, not its keys
+    compiled = torch.compile(pipe.transformer)
+    with pytest.raises(UnsupportedModelError, match="compiled.*_orig_mod"):
+        methods.fora(compiled, 6)
+    with pytest.raises(ValueError, match="unknown strategy"):  # a SettingError: also a ValueError
+        search(pipe, [dict(call)], strategy="nope")

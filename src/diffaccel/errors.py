@@ -4,6 +4,30 @@ The CLI prints a ``DiffaccelError`` as one line and exits non-zero. Errors about
 passed also derive from ``ValueError``, so code that catches ``ValueError`` keeps working.
 """
 
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+# frames a warning is not about: diffaccel's own, and the libraries between it and the user's line
+_INTERNAL = (str(Path(__file__).parent), contextlib.__file__)
+_LIBRARIES = ("torch", "diffusers", "transformers")
+
+
+def warn(warning: Warning | str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the user's line: the first caller outside diffaccel, contextlib
+    (``accelerate`` is a context manager) and the libraries a pipeline call runs through."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(warning, category, stacklevel=level)
+
+
+def _internal(filename: str) -> bool:
+    return filename.startswith(_INTERNAL) or any(
+        module is not None and filename.startswith(str(Path(module.__file__).parent))
+        for module in (sys.modules.get(name) for name in _LIBRARIES) if getattr(module, "__file__", None))
+
 
 class DiffaccelError(Exception):
     """Base class of every error meant for the user."""
@@ -39,6 +63,10 @@ class QuantError(DiffaccelError, ValueError):
 
 class SearchError(DiffaccelError):
     """Base class of the search's errors."""
+
+
+class SettingError(SearchError, ValueError):
+    """A search setting the user passed cannot work."""
 
 
 class BudgetError(SearchError, ValueError):

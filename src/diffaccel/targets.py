@@ -11,7 +11,6 @@ for methods and the search) and the evaluation workload (noise from the user's s
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from diffusers import DiffusionPipeline
 
 from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.workload import Workload, check_arguments
-from diffaccel.errors import UnsupportedModelError, WeightsError, WorkloadError
+from diffaccel.errors import UnsupportedModelError, WeightsError, WorkloadError, warn
 from diffaccel.seeds import CALIBRATION_SEED
 from diffaccel.zoo import shapes
 from diffaccel.zoo.t2i import captions
@@ -252,8 +251,8 @@ def in_caption_language(calls: list[dict]) -> bool:
         try:
             captions.parse_caption(prompt if isinstance(prompt, str) else "")
         except ValueError as exc:
-            warnings.warn(f"prompt {number} is outside the caption language the t2i models know ({exc}): words they "
-                          "do not know become <unk>, and adherence is not scored for this run", stacklevel=2)
+            warn(f"prompt {number} is outside the caption language the t2i models know ({exc}): words they "
+                 "do not know become <unk>, and adherence is not scored for this run")
             return False
     return True
 

@@ -44,6 +44,11 @@ def find_adapter_by_class(class_name: str) -> Adapter | None:
 def adapter_for(model: torch.nn.Module) -> Adapter:
     """The adapter for a model, by its class (or a base class) name."""
     adapter = find_adapter(model)
+    if adapter is None and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        raise UnsupportedModelError(
+            f"this {type(model._orig_mod).__name__} is compiled (torch.compile wraps it in an OptimizedModule, whose "
+            "forward diffaccel cannot reach): apply the plan to the uncompiled model (model._orig_mod, or the "
+            "pipeline before compiling its denoiser)")
     if adapter is None:
         raise UnsupportedModelError(
             f"diffaccel has no adapter for {type(model).__name__}; supported: {', '.join(supported_classes())}. "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffaccel.errors import DiffaccelError, WorkloadError, lost_peer
+from diffaccel.errors import DiffaccelError, WorkloadError, lost_peer, warn
 from diffaccel.seeds import CALIBRATION_SEED, HELDOUT_SHIFT, shifted_seed
 
 RESERVED = ("generator", "output_type", "return_dict")
@@ -118,8 +117,8 @@ def check_arguments(calls: Iterable[dict], pipe: Any) -> None:
             if close or not catch_all:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise WorkloadError(f"call {i} sets {key!r}, which {type(pipe).__name__} does not take{hint}")
-            warnings.warn(f"call {i} sets {key!r}, which is no named argument of {type(pipe).__name__}: it goes to the "
-                          "pipeline's **kwargs, which may ignore it", stacklevel=2)
+            warn(f"call {i} sets {key!r}, which is no named argument of {type(pipe).__name__}: it goes to the "
+                 "pipeline's **kwargs, which may ignore it")
 
 
 def _accepts(pipe: Any, name: str) -> bool:
@@ -248,7 +247,7 @@ def as_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **def
     if isinstance(calls, Workload):
         return calls
     if calls is not None:
-        calls = list(calls)
+        calls = [calls] if isinstance(calls, dict) else list(calls)  # one call's arguments, or several calls
         if hasattr(pipe, "scheduler"):  # a pipeline (not a bare model): its arguments are known
             check_arguments([c for c in calls if isinstance(c, dict)], pipe)
         return Workload.from_calls(calls)
@@ -258,6 +257,12 @@ def as_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **def
                             "the keyword arguments of the pipeline calls to calibrate on (prompts or class labels, "
                             "num_inference_steps, guidance_scale; CLI: --prompts FILE)")
     return make(**defaults)
+
+
+def as_calibration(calls: Any, pipe: Any = None) -> Any:
+    """A calibration set as the search takes it: a Workload or a callable ``run(pipe) -> images`` as
+    given, pipeline calls (a list of argument dicts, or one) as a Workload; None stays None."""
+    return calls if calls is None or callable(calls) else as_workload(calls, pipe)
 
 
 def calibration_workload(calls: Workload | Iterable[dict] | None, pipe: Any = None, **defaults: Any) -> Workload:

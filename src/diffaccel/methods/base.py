@@ -9,12 +9,14 @@ registry (``registry.py``), the CLI options and ``diffaccel methods`` are all bu
 from __future__ import annotations
 
 import numbers
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 from diffaccel.adapters import Adapter, adapter_for, find_denoiser
 from diffaccel.errors import MethodError
@@ -37,6 +39,7 @@ class Method:
     needs: frozenset[str] = frozenset()  # adapter capabilities the method needs
     defaults: dict[str, Any] | None = None  # overrides of the settings' defaults (a variant, e.g. dbcache)
     composes: bool = False  # its settings' ``cache`` names another method, whose plan it builds on
+    step_free: bool = False  # a rule decides at run time: the plan holds no per-step rows
 
     def applies(self, adapter: Adapter) -> bool:
         return self.needs <= adapter.capabilities
@@ -46,6 +49,9 @@ class Method:
         unknown = sorted(set(values) - set(self.settings.model_fields))
         if unknown:
             raise MethodError(f"{self.name} has no setting {', '.join(unknown)}; its settings are {known}")
+        flags = [k for k, v in values.items() if isinstance(v, bool) and not _takes_bool(self.settings.model_fields[k])]
+        if flags:  # pydantic would read True as 1
+            raise MethodError(f"{self.name} settings: {', '.join(flags)} must be a number, not True or False")
         try:
             return self.settings(**{**(self.defaults or {}), **values})
         except ValidationError as exc:
@@ -59,9 +65,15 @@ class Method:
 
     def make(self, target: Any, num_steps: int | None, **settings: Any) -> Plan:
         """A static method's plan for ``target``'s denoiser (a pipeline or the model itself)."""
+        if num_steps is None and not self.step_free:
+            raise MethodError(f"{self.name} makes a plan for a number of steps: give num_steps (denoiser evaluations)")
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)):
             raise MethodError(f"num_steps must be a whole number (denoiser evaluations), got {num_steps!r}")
         return self.build(denoiser_of(target), num_steps, self.make_settings(**settings))
+
+
+def _takes_bool(field: FieldInfo) -> bool:
+    return field.annotation is bool or bool in typing.get_args(field.annotation)
 
 
 def denoiser_of(target: Any) -> torch.nn.Module:

@@ -12,7 +12,6 @@ the calibration images more closely), hence the default. Units whose value is no
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import run_each
 from diffaccel.calibration.workload import Workload, calibration_workload
-from diffaccel.errors import MethodError, PlanWarning
+from diffaccel.errors import MethodError, PlanWarning, warn
 from diffaccel.methods.base import unit_names
 from diffaccel.plan import FeatureCorrection, FeatureFit, Plan
 
@@ -89,8 +88,7 @@ def fit_feature_correction(pipe: Any, plan: Plan, calls: Workload | Iterable[dic
         why = ("reuses no unit" if not plan.served_units() else
                f"reuses only units that return several tensors on a {type(model).__name__} (such as joint text "
                "and image streams), which a per-channel correction does not handle")
-        warnings.warn(PlanWarning(f"no feature correction was fitted: the plan {why}; it is returned without one"),
-                      stacklevel=2)
+        warn(PlanWarning(f"no feature correction was fitted: the plan {why}; it is returned without one"))
         return plan
     params = {**plan.params, "feature_correction": {"calibration_calls": len(workload), "fits": len(fits)}}
     correction = FeatureCorrection(axis=executor.adapter.channel_axis, fits=fits)

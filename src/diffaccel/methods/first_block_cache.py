@@ -32,9 +32,10 @@ def build(model: torch.nn.Module, num_steps: int | None, s: FirstBlockCacheSetti
 
 
 FIRST_BLOCK_CACHE = Method("first_block_cache", "dynamic first-block residual rule (FBCache)",
-                           FirstBlockCacheSettings, build, needs=frozenset({"residual-chain"}))
+                           FirstBlockCacheSettings, build, needs=frozenset({"residual-chain"}), step_free=True)
 DBCACHE = Method("dbcache", "dual-block residual rule (DBCache): first and last blocks always run",
-                 FirstBlockCacheSettings, build, needs=frozenset({"residual-chain"}), defaults={"last_blocks": 1})
+                 FirstBlockCacheSettings, build, needs=frozenset({"residual-chain"}), defaults={"last_blocks": 1},
+                 step_free=True)
 
 
 def first_block_cache(target: Any, threshold: float = 0.1, **settings: Any) -> Plan:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import warnings
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -26,7 +25,7 @@ from diffaccel.adapters import find_denoiser
 from diffaccel.calibration.record import activation_ranges
 from diffaccel.calibration.reference import calibration_info, identity_plan
 from diffaccel.calibration.workload import Workload, calibration_workload, image_count
-from diffaccel.errors import MethodError, QuantError
+from diffaccel.errors import MethodError, QuantError, warn
 from diffaccel.fingerprint import fingerprint
 from diffaccel.methods.base import Method, Settings
 from diffaccel.methods.feature_correction import fit_feature_correction
@@ -114,8 +113,8 @@ def quant_spec(pipe: Any, calls: Workload | Iterable[dict] | None = None, bits: 
     checked = validated(QuantSpec, {**fields, "calibration": "-"}, "quantization settings", MethodError)
     bits_of = layer_bits(checked, list(quantizable(model)), dict(model.named_modules()))  # every pattern names a layer
     if bits_of and all(b == FULL_PRECISION for b in bits_of.values()):
-        warnings.warn(f"the overrides keep every layer in floating point: this {checked.label} plan quantizes "
-                      "nothing", stacklevel=2)
+        warn(f"the overrides keep every layer in floating point: this {checked.label} plan quantizes "
+             "nothing")
     path = calibration_for(pipe, calibration_workload(calls, pipe), act_bits, calibration, progress)
     return QuantSpec(**fields, calibration=str(path))
 

@@ -94,8 +94,11 @@ class Executor:
 
     @property
     def current_step(self) -> int | None:
-        """The step of the model forward running now (None outside one); for hooks and profilers."""
-        return self._current.step if self._current is not None else None
+        """The step of the model forward running now, or, between a pipeline's forwards, the step its
+        scheduler is on (None outside a run); for hooks and profilers."""
+        if self._current is not None:
+            return self._current.step
+        return self.clock.step if self.clock.active and self.clock.step < self.clock.expected_steps else None
 
     def timesteps(self) -> list[float] | None:
         """The timesteps of the current run (from the scheduler, else the plan's)."""

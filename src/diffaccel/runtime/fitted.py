@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from typing import Any
 
 import torch
 
-from diffaccel.errors import PlanError, PlanWarning
+from diffaccel.errors import PlanError, PlanWarning, warn
 from diffaccel.fingerprint import fingerprint, public_config
 from diffaccel.plan import Plan
 
@@ -33,8 +32,8 @@ def check_weights(model: torch.nn.Module, plan: Plan) -> None:
         if plan.quant is not None:
             raise PlanError(message + ": its quantization is calibrated for them; calibrate it for these "
                             "weights (`diffaccel quantize`)")
-        warnings.warn(message + "; it runs, but its quality figures do not carry over: make it again for "
-                      "these weights", PlanWarning, stacklevel=4)
+        warn(message + "; it runs, but its quality figures do not carry over: make it again for "
+             "these weights", PlanWarning)
 
 
 def scheduler_settings(scheduler: Any) -> dict[str, Any] | None:
@@ -51,8 +50,8 @@ def check_scheduler(plan: Plan, scheduler: Any) -> None:
     if fitted is None or scheduler is None:
         return
     if plan.solver is None and type(scheduler).__name__ != fitted:
-        warnings.warn(f"this plan was fitted with {fitted}; the pipeline runs {type(scheduler).__name__}: it "
-                      f"runs, {NOT_CARRIED} with this scheduler", PlanWarning, stacklevel=4)
+        warn(f"this plan was fitted with {fitted}; the pipeline runs {type(scheduler).__name__}: it "
+             f"runs, {NOT_CARRIED} with this scheduler", PlanWarning)
         return
     recorded, found = plan.calibration.scheduler_config, scheduler_settings(scheduler)
     if recorded is None or found is None:
@@ -62,8 +61,8 @@ def check_scheduler(plan: Plan, scheduler: Any) -> None:
     if changed:
         settings = ", ".join(f"{key}={found[key]!r} (fitted with {recorded[key]!r})" for key in changed)
         what = "a noise schedule" if plan.solver is not None else f"{fitted}"
-        warnings.warn(f"this plan was fitted with {what} set otherwise than the pipeline's: {settings}; it runs, "
-                      f"{NOT_CARRIED} with these settings", PlanWarning, stacklevel=4)
+        warn(f"this plan was fitted with {what} set otherwise than the pipeline's: {settings}; it runs, "
+             f"{NOT_CARRIED} with these settings", PlanWarning)
 
 
 def plan_for_run(source: Plan, steps: int, schedule: int, resample: bool) -> Plan:

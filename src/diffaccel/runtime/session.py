@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Iterator
+from os import PathLike
 from typing import Any
 
 from diffaccel.adapters import find_denoiser
-from diffaccel.errors import PlanError, PlanWarning
+from diffaccel.errors import PlanError, PlanWarning, warn
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import NESTED, Executor
 
@@ -35,6 +35,7 @@ def accelerate(target: Any, plan: Plan, check_finite: bool = True, resample: boo
     executor = enable(target, plan, check_finite, resample, denoiser)
     try:
         yield executor
+        _check_bare_run(executor)
     finally:
         executor.remove()
 
@@ -43,14 +44,12 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
            denoiser: str | None = None) -> Executor:
     """Apply ``plan`` until ``disable(target)``; returns the executor (its ``stats`` count the work
     of the latest pipeline call)."""
-    if not isinstance(plan, Plan):
-        raise PlanError(f"a plan must be a diffaccel Plan, got {type(plan).__name__}: make one with a method "
-                        "(diffaccel.methods), a search, or Plan.load('plan.json')")
+    plan = _checked(plan)
     model, scheduler = find_denoiser(target, denoiser)
     if getattr(model, "_diffaccel_executor", None) is not None:  # before the weights check: a quantized model's differ
         raise PlanError(NESTED)
     if scheduler is None and not plan.step_free:
-        _check_bare_model(plan)
+        _check_bare_model(plan, resample)
     measured = _UNIT_MACS.setdefault(model, {})
     key = (plan.granularity, tuple(plan.units))
     executor = Executor(model, plan, check_finite=check_finite, resample=resample, unit_macs=measured.get(key))
@@ -59,18 +58,35 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
     return executor
 
 
-def _check_bare_model(plan: Plan) -> None:
+def _checked(plan: Any) -> Plan:
+    """``plan`` validated again: one edited with ``model_copy(update=...)`` skipped pydantic's checks."""
+    if isinstance(plan, Plan):
+        return Plan.from_dict(plan.model_dump(warnings=False))
+    if type(plan).__name__ == "LMPlan":
+        raise PlanError("an LMPlan runs on a diffusion-LM pipeline through diffaccel.accelerate(lm_pipe, plan); "
+                        "enable takes the plans of image pipelines")
+    hint = ("read the file with Plan.load(path) (diffaccel.accelerate takes paths)" if isinstance(plan, (str, PathLike))
+            else "make one with a method (diffaccel.methods), a search, or Plan.load('plan.json')")
+    raise PlanError(f"a plan must be a diffaccel Plan, got {type(plan).__name__}: {hint}")
+
+
+def _check_bare_model(plan: Plan, resample: bool) -> None:
     """A step-indexed plan on a model without its pipeline: steps are counted from the timesteps the
     model sees, and a repeated timestep is taken for another guidance branch, which misreads the
-    schedulers that evaluate a timestep twice (PNDM's first steps, Heun's and KDPM2's every step)."""
+    schedulers that evaluate a timestep twice (PNDM's first steps, Heun's and KDPM2's every step).
+    A run's step count is known only to the scheduler, so such a plan cannot be resampled."""
+    if resample:
+        raise PlanError("resample=True maps a plan onto each run's step count, which only the pipeline's scheduler "
+                        "tells: apply the plan to the pipeline (accelerate(pipe, plan, resample=True)), or make it "
+                        "for the step count the model runs")
     fitted = plan.calibration.scheduler if plan.calibration is not None else None
     if fitted in REPEATS_TIMESTEPS:
         raise PlanError(f"this plan was made under {fitted}, which evaluates some timesteps twice; applied to the "
                         "model alone, those evaluations would be taken for guidance branches: apply it to the "
                         "pipeline (accelerate(pipe, plan))")
-    warnings.warn(PlanWarning("a step-indexed plan applied to the model alone counts steps from the timesteps it "
-                              "sees; under a scheduler that evaluates a timestep twice (PNDM, Heun, KDPM2) apply it "
-                              "to the pipeline instead"), stacklevel=4)
+    warn(PlanWarning("a step-indexed plan applied to the model alone counts steps from the timesteps it "
+                     "sees; under a scheduler that evaluates a timestep twice (PNDM, Heun, KDPM2) apply it "
+                     "to the pipeline instead"))
 
 
 def disable(target: Any) -> None:
@@ -82,4 +98,16 @@ def disable(target: Any) -> None:
     for model in models:
         executor = getattr(model, "_diffaccel_executor", None)
         if executor is not None:
+            _check_bare_run(executor)
             executor.remove()
+
+
+def _check_bare_run(executor: Executor) -> None:
+    """On the model alone nothing tells a run's end, so a run shorter than the plan ran its first rows
+    without a word: said when the plan is removed."""
+    plan, steps = executor.plan, executor.stats.steps
+    if executor.scheduler is None and plan.num_steps is not None and 0 < steps < plan.num_steps:
+        warn(PlanWarning(f"the model ran at most {steps} steps under a plan for {plan.num_steps}: only the plan's "
+                         f"first {steps} rows ran, and its quality figures do not hold; make the plan for {steps} "
+                         "steps (applied to the pipeline, a run of another step count is refused, or mapped "
+                         "with resample=True)"))

@@ -22,13 +22,13 @@ front as an uninterrupted one with the same seed (``nsga.py`` explains how). Sev
 share one study through ``--storage`` (a database URL; see docs/search.md).
 """
 
-from diffaccel.errors import BudgetError, CalibrationError, SearchError, StorageMismatchError
+from diffaccel.errors import BudgetError, CalibrationError, SearchError, SettingError, StorageMismatchError
 from diffaccel.search.coefficients import fit_coefficients, record_reference
 from diffaccel.search.config import Budget, SearchConfig, parse_budget, parse_duration
 from diffaccel.search.heldout import compare
 from diffaccel.search.result import SearchResult
 from diffaccel.search.run import find_plan, search
 
-__all__ = ["Budget", "BudgetError", "CalibrationError", "SearchConfig", "SearchError", "SearchResult",
+__all__ = ["Budget", "BudgetError", "CalibrationError", "SearchConfig", "SearchError", "SearchResult", "SettingError",
            "StorageMismatchError", "compare", "find_plan", "fit_coefficients", "parse_budget", "parse_duration",
            "record_reference", "search"]

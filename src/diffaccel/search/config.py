@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from diffaccel.errors import BudgetError, SearchError
+from diffaccel.errors import BudgetError, SettingError
 from diffaccel.quant.spec import QuantSpec
 
 STRATEGIES = ("nsga2", "dp", "greedy", "joint")
@@ -171,7 +171,7 @@ def parse_duration(text: str | None) -> float | None:
         return None
     match = re.fullmatch(r"\s*(\d+(\.\d*)?)\s*([smh]?)\s*", str(text))
     if match is None:
-        raise SearchError(f"cannot read the time limit {text!r}: write e.g. 90s, 15m or 2h")
+        raise SettingError(f"cannot read the time limit {text!r}: write e.g. 90s, 15m or 2h")
     seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(3)]
     return seconds or None
 
@@ -225,33 +225,33 @@ class SearchConfig:
         return MAX_AUTO_MARGIN if self.parsed_budget().metric == "psnr" else DEFAULT_MARGIN["ssim"]
 
     def check(self) -> None:
-        """Raise a one-line SearchError for a setting that cannot work."""
+        """Raise a one-line SettingError (a SearchError and a ValueError) for a setting that cannot work."""
         self.parsed_budget()
         if self.objective not in OBJECTIVES:
-            raise SearchError(f"unknown objective {self.objective!r}; choose {' or '.join(OBJECTIVES)}")
+            raise SettingError(f"unknown objective {self.objective!r}; choose {' or '.join(OBJECTIVES)}")
         if self.strategy not in STRATEGIES:
-            raise SearchError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+            raise SettingError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.precision not in PRECISIONS:
-            raise SearchError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+            raise SettingError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.time_limit is not None and not (isinstance(self.time_limit, (int, float)) and self.time_limit > 0):
-            raise SearchError(f"time_limit is in seconds (> 0; 0 or None for no limit), got {self.time_limit!r}")
+            raise SettingError(f"time_limit is in seconds (> 0; 0 or None for no limit), got {self.time_limit!r}")
         if self.trials is not None and self.trials < 1:
-            raise SearchError(f"trials must be >= 1, got {self.trials}")
+            raise SettingError(f"trials must be >= 1, got {self.trials}")
         margin = self.effective_margin()
         if not math.isfinite(margin) or margin < 0:
-            raise SearchError(f"the margin must be a finite number >= 0, got {margin}")
+            raise SettingError(f"the margin must be a finite number >= 0, got {margin}")
         if self.strategy == "joint" and self.quant is not None and self.objective == "macs" \
                 and self.quant.backend == "fake":
-            raise SearchError("simulated quantization (backend fake) changes neither the MACs nor the time, so "
+            raise SettingError("simulated quantization (backend fake) changes neither the MACs nor the time, so "
                               "a joint search by MACs could never choose it: give --objective bops (MACs weighted "
                               "by weight bits) or latency, or a real backend (--quant-backend int8-dynamic or "
                               "int8), which a search by MACs tries on the plan it chose")
         if self.parsed_budget().judge is not None and not self.validate:
-            raise SearchError("a judge budget (judge>=X) is checked with the validation: leave validate on")
+            raise SettingError("a judge budget (judge>=X) is checked with the validation: leave validate on")
         if isinstance(self.judge_images, bool) or not isinstance(self.judge_images, int) or self.judge_images < 1:
-            raise SearchError(f"judge_images must be a whole number >= 1, got {self.judge_images!r}")
+            raise SettingError(f"judge_images must be a whole number >= 1, got {self.judge_images!r}")
         if self.objective == "bops" and self.quant is None:
-            raise SearchError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")
+            raise SettingError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")
 
 
 def configured(config: SearchConfig | None, options: dict[str, Any]) -> SearchConfig:
@@ -263,5 +263,5 @@ def configured(config: SearchConfig | None, options: dict[str, Any]) -> SearchCo
     if unknown:
         hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                  for key in unknown for close in [difflib.get_close_matches(key, names, 1, cutoff=0.5)]]
-        raise SearchError(f"unknown search setting {', '.join(hints)}; the settings are {', '.join(names)}")
+        raise SettingError(f"unknown search setting {', '.join(hints)}; the settings are {', '.join(names)}")
     return replace(config or SearchConfig(), **options)

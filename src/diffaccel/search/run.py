@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from diffaccel.calibration.reference import Calibrate, CalibrationRun
-from diffaccel.calibration.workload import Workload, as_workload, calibration_workload
-from diffaccel.errors import SearchError, SearchWarning
+from diffaccel.calibration.workload import Workload, as_calibration, as_workload, calibration_workload
+from diffaccel.errors import SearchError, SearchWarning, warn
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, ordered, pareto
@@ -64,6 +63,7 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
     loading the pipeline counts). ``judge``: ``(images, workload) -> a verdict in [0, 1] per image``,
     for ``judge>=X`` and ``heldout_judged`` (``judged.py``)."""
     started = time.time() if started is None else started
+    calibrate, heldout = as_calibration(calibrate, pipe), as_calibration(heldout, pipe)
     config = configured(config, options)
     config.check()
     budget = config.parsed_budget()
@@ -224,14 +224,14 @@ def _marked(plan: Plan, summary: dict, budget: Budget) -> Plan:
     """``plan`` with whether it met the budget in its params; a Python warning, not only a log line,
     when it missed: a caller of ``find_plan`` gets a plan either way, and the log is off by default."""
     if not summary["met"]:
-        warnings.warn(SearchWarning(f"no plan that saves work met {budget.text} on the calibration set: the closest "
-                                    f"is returned, short by {summary['shortfall_text']} (its plan.params "
-                                    "say budget_met: false); loosen the budget or search longer"), stacklevel=3)
+        warn(SearchWarning(f"no plan that saves work met {budget.text} on the calibration set: the closest "
+                           f"is returned, short by {summary['shortfall_text']} (its plan.params "
+                           "say budget_met: false); loosen the budget or search longer"))
     elif summary.get("heldout_met") is False:
-        warnings.warn(SearchWarning(f"the plan returned met {budget.text} on the calibration set but misses it on the "
-                                    f"held-out seeds ({summary['heldout_' + budget.metric]:.4g}{budget.unit()} mean, "
-                                    f"5th percentile {summary['heldout_psnr_p5']:.4g} dB); search again with more "
-                                    "calibration images or a larger margin"), stacklevel=3)
+        warn(SearchWarning(f"the plan returned met {budget.text} on the calibration set but misses it on the "
+                           f"held-out seeds ({summary['heldout_' + budget.metric]:.4g}{budget.unit()} mean, "
+                           f"5th percentile {summary['heldout_psnr_p5']:.4g} dB); search again with more "
+                           "calibration images or a larger margin"))
     return plan.model_copy(update={"params": {**plan.params, "budget_met": summary["met"],
                                               "heldout_met": summary.get("heldout_met")}})
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from typing import Any
 
 import torch
 from diffusers.utils import BaseOutput
 
+from diffaccel.errors import PlanError, warn
 from diffaccel.plan import Plan
 from diffaccel.runtime.features.base import Feature
 
@@ -62,10 +62,15 @@ class Precision(Feature):
         original, sample_arg = model.forward, self.executor.adapter.sample_arg
         signature = inspect.signature(original)
         weight = next(model.parameters(), None)
+        if weight is not None and weight.dtype not in (torch.float32, dtype):
+            raise PlanError(f"the plan runs the denoiser's products in {self.plan.precision}, and this model's "
+                            f"weights are {str(weight.dtype).removeprefix('torch.')} (autocast mixes the two and "
+                            "fails): drop the plan's precision, which a half-precision model has no use for "
+                            "(plan.model_copy(update={'precision': None})), or load the model in float32")
         if weight is not None and weight.device.type == "cpu" and emulated_on_cpu(self.plan.precision):
-            warnings.warn(f"this CPU has no native {self.plan.precision} matrix products: the plan's precision is "
-                          "emulated and runs slower than float32 (drop it from the plan, or search with "
-                          "--precision auto, which measures it)", stacklevel=2)
+            warn(f"this CPU has no native {self.plan.precision} matrix products: the plan's precision is "
+                 "emulated and runs slower than float32 (drop it from the plan, or search with "
+                 "--precision auto, which measures it)")
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:

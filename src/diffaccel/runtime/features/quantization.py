@@ -3,10 +3,9 @@ request checked) once, swapped in on every install and out on every remove."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-from diffaccel.errors import CacheError, PlanError
+from diffaccel.errors import CacheError, PlanError, warn
 from diffaccel.plan import Plan
 from diffaccel.quant import Calibration, prepare
 from diffaccel.quant.layers import int8_matmul_speed
@@ -24,9 +23,9 @@ class Quantization(Feature):
         weight = next(executor.model.parameters(), None)
         if plan.quant.backend == "int8" and weight is not None and weight.device.type == "cpu" \
                 and (speed := int8_matmul_speed()) < 1.0:
-            warnings.warn(f"this CPU multiplies int8 matrices {1 / speed:.0f}x slower than float32 ones "
-                          "(torch._int_mm): the int8 backend will run slower than float32 here; use the "
-                          "int8-dynamic backend (fbgemm) on a CPU", stacklevel=2)
+            warn(f"this CPU multiplies int8 matrices {1 / speed:.0f}x slower than float32 ones "
+                 "(torch._int_mm): the int8 backend will run slower than float32 here; use the "
+                 "int8-dynamic backend (fbgemm) on a CPU")
 
     @classmethod
     def applies(cls, plan: Plan) -> bool:
