@@ -4,6 +4,7 @@ bad input as one-line errors that never replace a good report."""
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from diffaccel.adapters import adapter_by_name
 from diffaccel.bench import peers as peer_registry
 from diffaccel.bench import sweeps
 from diffaccel.bench.config import BenchConfig, BenchJob, check_config, items
+from diffaccel.bench.report import markdown
 from diffaccel.bench.results import FORMAT_VERSION, load_results, summarize
 from diffaccel.bench.runner import group_units, plan_groups
 from diffaccel.cli import main
@@ -258,6 +260,9 @@ def test_report_command_rerenders_from_saved_results(tiny_run, tmp_path, monkeyp
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "baseline"}), ["baseline"]),
     (lambda text: json.dumps({**json.loads(text), "baseline": {**json.loads(text)["baseline"],
                                                                "grid": "nowhere/missing.png"}}), ["missing"]),
+    (lambda text: json.dumps({**json.loads(text), "samples": {}}), ["samples.n_images", "Field required"]),
+    (lambda text: json.dumps({**json.loads(text), "rows": [{**r, "psnr": float("nan")} for r in json.loads(text)[
+        "rows"]]}), ["rows.0.psnr", "finite number"]),  # had been ranked, and printed as "nan dB"
 ])
 def test_report_refuses_bad_results_and_keeps_the_good_report(tiny_run, tmp_path, monkeypatch, capsys,
                                                                mutate, fragments):
@@ -494,7 +499,10 @@ def test_report_tail_ranks_the_saved_rows_again(tiny_run, tmp_path, monkeypatch,
     code, out, err = invoke(monkeypatch, capsys, "report", tmp_path / "partial.json")
     assert code != 0 and "finish it with the same `diffaccel bench` command and --resume" in err
     ranked = json.loads((tmp_path / "tail" / "results.json").read_text())  # beside its report: the folder agrees
-    assert ranked["psnr_p5_floor"] == above and ranked["rows"] == saved["rows"]
+    assert ranked["psnr_p5_floor"] == above
+    assert [{**r, "grid": None} for r in ranked["rows"]] == [{**r, "grid": None} for r in saved["rows"]]
+    code, out, err = invoke(monkeypatch, capsys, "report", tmp_path / "tail" / "results.json")
+    assert code == 0, err  # its grid paths lead from its own folder to the bench's images (had been "missing")
     code, out, err = invoke(monkeypatch, capsys, "report", tiny_run / "results.json", "--tail", "nan",
                             "--out", tmp_path / "bad")
     assert code != 0 and "--tail must be a finite number" in err and not (tmp_path / "bad").exists()
@@ -522,3 +530,12 @@ def test_a_zero_count_in_the_python_config_is_refused_not_replaced_by_the_preset
     for key in ("per_class", "batch_size", "timed_pairs"):  # 0 had become 100, 60 or 5
         with pytest.raises(BenchError, match=f"--{key.replace('_', '-')} must be >= 1"):
             check_config(BenchConfig(model="dit", **{key: 0}))
+
+
+def test_a_bar_in_a_setting_does_not_shift_the_markdown_table(tiny_run):
+    saved = load_results(tiny_run / "results.json")
+    row = saved.rows[0].model_copy(update={"setting": "file=odd|plan.json"})
+    lines = markdown(saved.model_copy(update={"rows": [row]})).splitlines()
+    header = next(line for line in lines if line.startswith("| family"))
+    odd = next(line for line in lines if "odd" in line)
+    assert len(re.split(r"(?<!\\)\|", odd)) == len(re.split(r"(?<!\\)\|", header))  # unescaped bars: columns

@@ -1,6 +1,7 @@
 """The command line: the main job and its errors (one line, non-zero exit, no traceback)."""
 
 import json
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -377,3 +378,35 @@ def test_the_search_line_shows_bit_ops_only_for_a_quantized_plan():
          "heldout_psnr": 30.5, "bops_fraction": 0.25, "quant": None}
     assert "bit-ops" not in summary_line(s)  # the joint search sets bops = MACs when nothing is quantized
     assert "4.00x bit-ops" in summary_line({**s, "quant": {"label": "W8A8"}})
+
+
+def test_a_prompt_drawing_several_images_gets_a_grid_row_of_its_own():
+    """Two prompt lines, the second with num_images_per_prompt 3, each called twice: the grid had laid
+    the 8 images out 4 per row, so the first row held both prompts' images."""
+    import torch
+
+    from diffaccel.calibration.workload import Call
+    from diffaccel.generate import grid_array, prompt_rows
+
+    calls = [Call({"prompt": "a"}, (0,)), Call({"prompt": "a"}, (1,)),
+             Call({"prompt": "b", "num_images_per_prompt": 3}, (0,)),
+             Call({"prompt": "b", "num_images_per_prompt": 3}, (1,))]
+    rows = prompt_rows(calls, prompts=2)
+    assert rows == [2, 6]
+    images = torch.cat([torch.zeros(2, 3, 4, 4), torch.ones(6, 3, 4, 4) * 0.5])
+    grid = grid_array(images, rows)
+    assert grid.shape[:2] == (2 * 5 + 1, 6 * 5 + 1)
+    assert (grid[1:5, 1:5] == 0).all() and (grid[1:5, 6:10] == 0).all()  # prompt a's two images
+    assert (grid[1:5, 11:] == 255).all() and (grid[6:10, 1:5] == 128).all()  # then blank; prompt b below
+
+
+def test_a_nan_image_scores_zero_db_and_leaves_the_mean_ssim_finite():
+    import torch
+
+    from diffaccel.eval.fidelity import fidelity
+
+    reference = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = reference.clone()
+    images[0] = float("nan")  # a peer's float16 overflow
+    scores = fidelity(images, reference)
+    assert scores["psnr_min"] == 0.0 and all(map(math.isfinite, scores.values())), scores  # SSIM had been NaN

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from diffaccel.calibration.reference import identity_plan
-from diffaccel.calibration.workload import Call
+from diffaccel.calibration.workload import Call, call_images
 from diffaccel.errors import WorkloadError
 from diffaccel.eval.cost import count_macs
 from diffaccel.eval.fidelity import fidelity
@@ -49,7 +50,7 @@ class GenerateConfig:
     batch_size: int = 64
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> None:
+def save_grid(images: torch.Tensor, rows: int | Sequence[int], path: Path, scale: int = 4) -> None:
     """Images (N, 3, H, W) in [0, 1] as one PNG, ``rows`` rows (one per class or prompt), upscaled."""
     img = Image.fromarray(grid_array(images, rows))
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
@@ -58,18 +59,21 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 4) -> No
 DIFFERENCE_GAIN = 10  # the side-by-side picture shows |accelerated - baseline| times this
 
 
-def grid_array(images: torch.Tensor, rows: int) -> np.ndarray:
-    """Images (N, 3, H, W) in [0, 1] as one HxWx3 uint8 array, ``rows`` rows, one-pixel white gaps."""
+def grid_array(images: torch.Tensor, rows: int | Sequence[int]) -> np.ndarray:
+    """Images (N, 3, H, W) in [0, 1] as one HxWx3 uint8 array, ``rows`` rows (or as many rows as
+    ``rows`` lists, each of that many images: prompts that draw different numbers), one-pixel white gaps."""
     n, _, h, w = images.shape
-    cols = -(-n // rows)
-    canvas = torch.ones(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
+    counts = [-(-n // rows)] * rows if isinstance(rows, int) else list(rows)
+    cols = max(counts)
+    canvas = torch.ones(3, len(counts) * (h + 1) + 1, cols * (w + 1) + 1)
+    cells = [(r, c) for r, count in enumerate(counts) for c in range(count)]
+    for image, (r, c) in zip(images, cells, strict=False):
         canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
     return (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def save_comparison(images: torch.Tensor, reference: torch.Tensor, rows: int, path: Path, scale: int = 4) -> None:
+def save_comparison(images: torch.Tensor, reference: torch.Tensor, rows: int | Sequence[int], path: Path,
+                    scale: int = 4) -> None:
     """Baseline, accelerated and the amplified difference (grey levels, white where none) side by
     side, each labelled, as one PNG."""
     gray = ((images - reference).abs().mean(1, keepdim=True) * DIFFERENCE_GAIN).clamp(0, 1)
@@ -233,8 +237,14 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
         record["parallel"] = parallel.describe(group)
     _write(out, record, _concat(done["fast"] if plan is not None else done["base"]),
            _concat(done["base"]) if compare and plan is not None else None,
-           len(ids) if target.embedded else len(target.calls))
+           len(ids) if target.embedded else prompt_rows(calls, len(target.calls)))
     return record
+
+
+def prompt_rows(calls: list[Call], prompts: int) -> list[int]:
+    """The images of each prompt line (its calls come one after another), one grid row each."""
+    per_prompt = len(calls) // prompts
+    return [sum(call_images(c) for c in calls[i * per_prompt:(i + 1) * per_prompt]) for i in range(prompts)]
 
 
 def per_call(calls: list[Call], key: str, default: Any) -> Any:
@@ -299,7 +309,8 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
     return record
 
 
-def _write(out: Path, record: dict, images: torch.Tensor, reference: torch.Tensor | None, rows: int) -> None:
+def _write(out: Path, record: dict, images: torch.Tensor, reference: torch.Tensor | None,
+           rows: int | Sequence[int]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images, rows=rows, path=out / "grid.png")
     if reference is not None:

@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -177,8 +178,13 @@ def _cells(r: Row) -> list[str]:
             _judged(r, "accuracy"), _judged(r, "adherence"), _fmt(r.fd)]
 
 
+def _md_row(cells: Iterable[str]) -> str:
+    """A table row; a ``|`` inside a cell (a plan file's name, a prompt) would start another column."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
 def markdown(results: Results) -> str:
-    s = results.samples
+    s = results.samples.model_dump()
     lines = [f"# diffaccel bench: {results.model}", "",
              f"{results.created}; {s['n_images']} images ({s['per_class']} per class), batch {s['batch_size']}, "
              f"{results.baseline.steps} {results.baseline.sampler} steps, guidance {results.baseline.guidance:g}, "
@@ -188,14 +194,14 @@ def markdown(results: Results) -> str:
         lines += [f"Note: {s['note']}.", ""]
     lines += [f"## Speedup at {headline(results.psnr_floor, results.psnr_p5_floor)}", "",
               "| name | family | best |", "|---|---|---|"]
-    lines += [f"| {n} | {f} | {t} |" for n, f, t in summary_lines(results)]
+    lines += [_md_row(item) for item in summary_lines(results)]
     b = results.baseline
     lines += ["", "## All settings", "",
               f"Baseline: accuracy {_pct(b.accuracy)}, adherence {_pct(b.adherence)}, FD {_fmt(b.fd)} "
               f"(floor {_fmt(b.fd_floor)}), "
               f"{b.seconds_per_image:.3f} s/image, peak {_fmt(b.peak_mem_mb, '.0f')} MB. {PAIRED_NOTE}", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in results.rows]
+    lines += [_md_row(_cells(r)) for r in results.rows]
     if results.skipped:
         lines += ["", "## Skipped", ""]
         lines += [f"- {x.name} {x.setting or '(all settings)'}: {x.reason}" for x in results.skipped]
@@ -238,7 +244,7 @@ def sample_grids(results: Results, base: Path) -> list[tuple[str, str, str]]:
 
 def render_html(results: Results, base: Path) -> str:
     esc = html.escape
-    s = results.samples
+    s = results.samples.model_dump()
     grids = sample_grids(results, base)
     plots = [("wall", _png_b64(plot(results, "wall"))), ("macs", _png_b64(plot(results, "macs")))]
 

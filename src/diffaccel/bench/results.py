@@ -7,6 +7,7 @@ versions (and truncated or malformed files) with one line instead of drawing a w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,7 @@ Family = Literal["diffaccel", "peer", "steps"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # a NaN figure is a broken file, not a rank
 
 
 class PairedChange(_Model):
@@ -95,6 +96,16 @@ class Best(_Model):
     note: str = ""
 
 
+class Samples(_Model):
+    """How many images each setting drew, and how the wall clock was timed."""
+
+    n_images: int
+    per_class: int | None = None  # None: a pipeline folder's prompts
+    batch_size: int
+    wall_pairs: int
+    note: str = ""
+
+
 class Results(_Model):
     format_version: int
     tool: str = "diffaccel bench"
@@ -105,7 +116,7 @@ class Results(_Model):
     machine: dict
     versions: dict
     threads: int
-    samples: dict
+    samples: Samples
     baseline: Baseline
     rows: list[Row]
     skipped: list[Skipped]
@@ -177,6 +188,19 @@ def resummarized(results: Results, tail: float | None) -> Results:
     skipped = [x.model_dump() for x in results.skipped]
     summary = summarize(rows, skipped, results.psnr_floor, results.baseline.adherence, tail)
     return Results.model_validate({**results.model_dump(), "summary": summary, "psnr_p5_floor": tail})
+
+
+def relocated(results: Results, source: Path, dest: Path) -> Results:
+    """``results`` (read from folder ``source``) as a file in folder ``dest`` reads it: its grid
+    paths, relative to the results file, rewritten to point at the same images."""
+    def moved(grid: str | None) -> str | None:
+        return None if grid is None else os.path.relpath(Path(source).resolve() / grid, Path(dest).resolve())
+
+    data = results.model_dump()
+    data["baseline"]["grid"] = moved(data["baseline"].get("grid"))
+    for row in data["rows"]:
+        row["grid"] = moved(row.get("grid"))
+    return Results.model_validate(data)
 
 
 def load_results(path: Path) -> Results:

@@ -11,7 +11,7 @@ import typer
 
 from diffaccel.bench import BenchConfig, load_results, run_bench
 from diffaccel.bench.report import summary_lines, write_report
-from diffaccel.bench.results import headline, resummarized
+from diffaccel.bench.results import headline, relocated, resummarized
 from diffaccel.bench.sweeps import read_sweep
 from diffaccel.cli.common import (
     ANY_MODEL,
@@ -175,7 +175,7 @@ def report(
         ranked = resummarized(saved, tail)
         written = write_report(ranked, results.parent, folder)
         if folder.resolve() != results.parent.resolve():  # that folder's three files agree; the bench's stays
-            write_json(folder / "results.json", ranked.model_dump(mode="json"))
+            write_json(folder / "results.json", relocated(ranked, results.parent, folder).model_dump(mode="json"))
         else:
             typer.echo(f"{results} keeps the bench's own ranking; the report shows the one under --tail {tail:g}",
                        err=True)

@@ -11,7 +11,7 @@ PSNR_CAP = 100.0  # identical images have infinite PSNR; report them at this cap
 def psnr_per_image(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of each image in [0, 1] against its reference, capped at ``PSNR_CAP``."""
     values = peak_signal_noise_ratio(images, reference, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return values.nan_to_num(posinf=PSNR_CAP).clamp(max=PSNR_CAP)
+    return values.nan_to_num(nan=0.0, posinf=PSNR_CAP).clamp(max=PSNR_CAP)  # a NaN image: 0 dB, ruined
 
 
 def fidelity(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -20,6 +20,8 @@ def fidelity(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     if images.shape != reference.shape:
         raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(reference.shape)}")
     psnr = psnr_per_image(images, reference)
-    ssim = structural_similarity_index_measure(images, reference, data_range=1.0, kernel_size=7)
+    # a NaN image (a peer's float16 overflow) scores as black there, not as a NaN mean over every image
+    ssim = structural_similarity_index_measure(images.nan_to_num(nan=0.0, posinf=1.0, neginf=0.0), reference,
+                                               data_range=1.0, kernel_size=7)
     return {"psnr": float(psnr.mean()), "psnr_p5": float(torch.quantile(psnr.double(), 0.05)),
             "psnr_min": float(psnr.min()), "ssim": float(ssim)}

@@ -54,6 +54,10 @@ def plot_front(result: SearchResult, budget: Budget, objective: str, path: Path)
     ax.scatter([1 / result.chosen.cost(objective)], [result.chosen.quality(budget)], s=160, facecolors="none",
                edgecolors="tab:red", linewidths=2, label="chosen")
     ax.axhline(budget.threshold, color="gray", linestyle="--", linewidth=1, label=f"budget {budget.text}")
+    margin = result.summary.get("margin") or 0.0
+    if margin > 0:  # what the calibration images had to clear, so that unseen ones meet the budget
+        ax.axhline(budget.threshold + margin, color="gray", linestyle=":", linewidth=1,
+                   label=f"budget + margin {margin:.2g}{budget.unit()} (what a plan must clear here)")
     ax.set_xlabel("speedup (" + ("MACs" if objective == "macs" else "estimated latency") + ")")
     ax.set_ylabel(f"calibration {budget.metric.upper()}{budget.unit()}")
     ax.set_title(f"{result.summary['model']}: {result.summary['num_steps']} steps")
