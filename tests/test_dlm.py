@@ -462,3 +462,66 @@ def test_plan_show_runs_a_searched_lm_plan_at_the_steps_its_search_checked(tmp_p
     searched = make_lm_plan("dkv-greedy", window=4).model_copy(update={"params": {"search": {"steps": 5}}})
     assert describe_lm_plan(searched, tmp_path / "p.json").endswith("--plan " + str(tmp_path / "p.json") + " --steps 5")
     assert "--steps" not in describe_lm_plan(make_lm_plan("dkv-greedy", window=4), tmp_path / "p.json")
+
+
+def test_an_lm_plan_file_without_its_kind_is_shown_as_one(monkeypatch, capsys, tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "p.json").write_text('{"version": 1, "method": "block", "block_size": 4}')  # kind has a default
+    code, stdout, err = run_cli(monkeypatch, capsys, "plan", "show", tmp_path / "p.json")
+    assert code == 0 and "LM plan for a dlm model: block" in stdout, err  # had been read as an image plan
+
+
+def test_search_lm_and_the_bench_refuse_what_they_cannot_run_before_any_work(tiny_pipe):
+    from diffaccel.lm.bench import ROWS, check_rows
+
+    with pytest.raises(LMPlanError, match="needs calibration problems"):
+        search_lm(tiny_pipe, problems=[])  # had been a ZeroDivisionError
+    with pytest.raises(LMPlanError, match="steps must be a whole number"):
+        search_lm(tiny_pipe, steps=0)  # had been run as the default 12
+    with pytest.raises(LMPlanError, match="cannot read the budget"):
+        search_lm(tiny_pipe, "psnr>=30")
+    with pytest.raises(LMPlanError, match="between 1 and the answer length 12, not 13") as info:
+        check_rows(list(ROWS), 12, 13)
+    assert "--only )" not in str(info.value)  # had suggested an empty --only
+
+
+def test_the_longest_problems_fit_the_lengths_training_checks():
+    from diffaccel.errors import DiffaccelError
+    from diffaccel.lm.train import check_config, trained_tasks
+
+    rng = __import__("random").Random(0)
+    for task, (prompt, answer) in T.LONGEST.items():
+        drawn = [T.make_problem(task, rng) for _ in range(3000)]
+        assert max(len(p.prompt) for p in drawn) == prompt and max(len(p.answer) for p in drawn) == answer, task
+    check_config(TrainConfig())
+    for given, fragment in [({"answer_length": 9}, "give at least 26 and 10"),
+                            ({"prompt_length": 16, "mix": '{"get": 1.0}'}, "give at least 30 and 3"),
+                            ({"prompt_length": 60}, "exceed the model's 64 positions")]:
+        with pytest.raises(DiffaccelError, match=fragment):
+            check_config(TrainConfig(**given))
+    assert trained_tasks({"get": 1.0, "add": 0}) == ("get",) and trained_tasks(None) == T.LANGUAGE
+
+
+def test_the_lm_bench_adds_rows_to_its_results_and_resumes(monkeypatch, tmp_path):
+    from diffaccel.cli import lm as cli_lm
+    from diffaccel.lm import bench
+
+    measured = []
+
+    def fake_row(name, *args, **kwargs):
+        measured.append(name)
+        return {"name": name, "method": name, "setting": "", "accuracy": 100.0, "agreement": 100.0,
+                "speedup_macs": 1.0, "speedup_wall": 1.0, "tokens_per_second": 1.0}
+
+    monkeypatch.setattr(bench, "measure_row", fake_row)
+    monkeypatch.setattr(cli_lm, "load_dlm", lambda weights=None: load_dlm())
+    out = tmp_path / "b"
+    cli_lm.lm_bench(out, "accuracy>=-1", 1, 1, None, ["baseline", "block-4"], None, threads=1)
+    record = cli_lm.lm_bench(out, "accuracy>=-1", 1, 1, None, ["block-4"], None, threads=1)
+    assert [r["name"] for r in record["rows"]] == ["baseline", "block-4"]  # the baseline row had been dropped
+    assert record["rows"][1]["command"].endswith("--threads 1")
+    cli_lm.lm_bench(out, "accuracy>=-1", 1, 1, None, ["baseline", "block-2", "block-4"], None, resume=True)
+    assert measured == ["baseline", "block-4", "block-4", "block-2"]  # --resume measures only the missing row
+    with pytest.raises(ValueError, match="other settings .*per_task 1 there, 2 now"):
+        cli_lm.lm_bench(out, "accuracy>=-1", 2, 1, None, ["block-4"], None)

@@ -71,7 +71,7 @@ def bench(
     if model == LM_MODEL and pipeline is None:
         run_guarded(lambda: refuse_image_options(ctx, BENCH_OPTIONS))
         _bench_lm(out, budget, per_class or (5 if quick else 100), timed_pairs or (1 if quick else 5), steps, only,
-                  weights, threads)
+                  weights, threads, resume)
         return
 
     def job():
@@ -130,12 +130,12 @@ def _print_summary(path: Path, out: Path) -> None:
 
 
 def _bench_lm(out: Path, budget: str, per_task: int, repeats: int, steps: int | None, only: str | None,
-              weights: Path | None, threads: int) -> None:
+              weights: Path | None, threads: int, resume: bool) -> None:
     rows = [n.strip() for n in only.split(",") if n.strip()] if only is not None else None
     if rows == []:
         fail("--only is empty: name the rows to run (or leave --only out for all)")
     torch.set_num_threads(threads)  # the LM bench runs in this process
-    record = run_guarded(lambda: lm_bench(out, budget, per_task, repeats, steps, rows, weights))
+    record = run_guarded(lambda: lm_bench(out, budget, per_task, repeats, steps, rows, weights, resume, threads))
     typer.echo(f"accuracy of the uncached sampler {record['rows'][0]['baseline_accuracy']:.1f} %")
     for row in record["rows"]:
         typer.echo(f"  {row['name']:24s} {row['accuracy']:5.1f} %  {row['speedup_macs']:.2f}x MACs  "

@@ -23,6 +23,7 @@ from diffaccel.lm.evaluate import run, score
 from diffaccel.lm.executor import check_fits
 from diffaccel.lm.pipeline import load_dlm
 from diffaccel.lm.plan import LM_METHODS, LMPlan, make_lm_plan
+from diffaccel.lm.sampler import whole_number
 from diffaccel.lm.search import parse_budget, search_lm
 from diffaccel.lm.tasks import held_out, is_correct
 from diffaccel.plan_files import OWN_FIELD
@@ -58,7 +59,7 @@ GENERATE_OPTIONS = frozenset({"model", "pipeline", "out", "method", "plan", "com
 SEARCH_OPTIONS = frozenset({"model", "pipeline", "budget", "objective", "out", "steps", "weights", "threads"})
 PLAN_MAKE_OPTIONS = frozenset({"method", "model", "param", "weights", "out"})
 BENCH_OPTIONS = frozenset({"model", "pipeline", "quick", "out", "only", "per_class", "steps", "threads", "timed_pairs",
-                           "budget", "weights"})
+                           "budget", "weights", "resume"})
 
 
 def refuse_image_options(ctx: typer.Context, takes: frozenset[str]) -> None:
@@ -79,10 +80,6 @@ def generate_command(ctx: typer.Context) -> None:
     o = ctx.params
     setup(o["threads"])
     plan = lm_plan(o["method"], o["plan"], parse_params(o["param"]))  # LM_SETTINGS
-    searched = searched_steps(plan)
-    if searched is not None and o["steps"] != searched:
-        typer.echo(f"warning: this plan's search checked it at {searched} steps; it runs at "
-                   f"{o['steps'] or 'the pipeline default'} here, unchecked (pass --steps {searched})", err=True)
     lm_generate(o["out"], plan, o["steps"], o["per_class"], o["compare"], 3, o["weights"], o["save_plan"],
                 o["parallel"])
 
@@ -105,13 +102,15 @@ def is_lm_plan_file(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     lm_field, image_field = OWN_FIELD["LM plan"][0], OWN_FIELD["plan"][0]
-    return isinstance(data, dict) and lm_field in data and image_field not in data
+    return isinstance(data, dict) and image_field not in data and (  # "kind" has a default: a file may leave it out
+        lm_field in data or data.get("method") in LM_METHODS)
 
 
 def searched_steps(plan: LMPlan | None) -> int | None:
     """The step count a searched LM plan was checked at (the plan itself runs at any)."""
     search = plan.params.get("search") if plan is not None else None
-    return search.get("steps") if isinstance(search, dict) else None
+    steps = search.get("steps") if isinstance(search, dict) else None
+    return steps if whole_number(steps) else None  # a hand-edited "abc" is no step count to suggest
 
 
 def describe_lm_plan(plan: LMPlan, path: Path, model: str | None = None) -> str:
@@ -150,7 +149,11 @@ def lm_generate(out: Path, plan: LMPlan | None, steps: int | None, per_task: int
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_dlm(weights)
     problems = held_out("eval", per_task=per_task)
-    call = {"steps": steps or pipe.default_steps}
+    call = {"steps": pipe.default_steps if steps is None else steps}
+    searched = searched_steps(plan)
+    if searched is not None and call["steps"] != searched:
+        typer.echo(f"warning: this plan's search checked it at {searched} steps; it runs at {call['steps']} here, "
+                   f"unchecked (pass --steps {searched})", err=True)
     if compare:
         record = compare_plan(pipe, plan, problems, repeats=repeats, **call)
         output, _ = run(pipe, problems, plan, **call)  # the answers (compare keeps only their scores)
@@ -177,6 +180,7 @@ def lm_search(out: Path, budget: str, steps: int | None, objective: str, weights
     one_process()
     if objective not in ("macs", "latency"):
         raise ValueError(f"--model dlm searches by macs or latency, not {objective}: its plans quantize nothing")
+    parse_budget(budget, 100.0)  # a budget it cannot read is refused before the model loads
     out.mkdir(parents=True, exist_ok=True)  # a file in its way fails now, not after the search
     pipe = load_dlm(weights)
     plan = search_lm(pipe, budget, steps=steps, objective="wall" if objective == "latency" else "macs")
@@ -192,26 +196,54 @@ def lm_search(out: Path, budget: str, steps: int | None, objective: str, weights
 
 
 def lm_bench(out: Path, budget: str, per_task: int, repeats: int, steps: int | None, rows: list[str] | None,
-             weights: Path | None) -> dict:
+             weights: Path | None, resume: bool = False, threads: int | None = None) -> dict:
     """Every LM method at its standard settings and the plan searched under ``budget`` (on
     calibration problems), each against the uncached sampler on ``per_task`` held-out problems of
-    every task. Writes results.json (saved after every row) and results.md."""
+    every task. Writes results.json (saved after every row; the rows of an earlier bench in ``out``
+    with the same settings are kept, and with ``resume`` not measured again) and results.md."""
     names = rows or list(ROWS)
     parse_budget(budget, 100.0)  # the search row's budget, read before the model loads and any row runs
+    settings = {"weights": str(weights) if weights else None, "budget": budget, "per_task": per_task,
+                "repeats": repeats, "steps": steps}
+    record = {"model": LM_MODEL, **earlier_bench(out / "results.json", settings), **settings}
+    if resume:
+        names = [n for n in names if n not in {row["name"] for row in record.get("rows", [])}]
+        if not names:
+            typer.echo(f"--resume: every row asked for is in {out / 'results.json'} already", err=True)
+            return record
     pipe = load_dlm(weights)
     check_rows(names, pipe.answer_length, steps if steps is not None else pipe.default_steps)  # before out exists
-    record: dict = {"model": LM_MODEL, "weights": str(weights) if weights else None, "budget": budget}
     out.mkdir(parents=True, exist_ok=True)
+    given = [f"--weights {weights}"] * bool(weights) + [f"--threads {threads}"] * bool(threads) + \
+        [f"--steps {steps}"] * bool(steps)
 
-    def command(name: str) -> str:
-        return (f"diffaccel bench --model dlm --only {name} --budget '{budget}' --per-class {per_task} "
-                f"--timed-pairs {repeats}" + (f" --steps {steps}" if steps else ""))
+    def command(name: str) -> str:  # what reproduces the row alone
+        return " ".join([f"diffaccel bench --model dlm --only {name} --budget '{budget}' --per-class {per_task} "
+                         f"--timed-pairs {repeats}", *given])
 
     record = run_rows(names, pipe, held_out("eval", per_task=per_task), held_out("calib", per_task=max(per_task, 20)),
                       record, lambda current: write_json(out / "results.json", current), command,
                       budget=budget, steps=steps, repeats=repeats, log=lambda line: typer.echo(line, err=True))
     (out / "results.md").write_text(f"# diffaccel bench: dlm, budget {budget}\n\n{table(record)}\n")
     return record
+
+
+def earlier_bench(path: Path, settings: dict) -> dict:
+    """The LM bench already in ``path`` (its rows are kept), if its settings are ``settings``; another
+    bench's file there is refused rather than overwritten, so that no measured row is lost."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or earlier.get("model") != LM_MODEL:
+        raise ValueError(f"{path} is not an LM bench's results: give another --out")
+    changed = [f"{k} {earlier.get(k)!r} there, {v!r} now" for k, v in settings.items() if earlier.get(k) != v]
+    if changed:
+        raise ValueError(f"{path} holds LM bench rows measured with other settings ({'; '.join(changed)}): "
+                         "give another --out, or the same options to add rows to it")
+    return earlier
 
 
 def _summary(record: dict) -> str:

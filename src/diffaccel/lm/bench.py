@@ -50,6 +50,7 @@ def check_rows(names: list[str], answer_length: int | None = None, steps: int | 
         raise ValueError(f"unknown or no rows {unknown}; rows are {', '.join(ROWS)}")
     if answer_length is None or steps is None:
         return
+    check_schedule(answer_length, steps, None, None)  # no row runs a step count the sampler cannot
     misfits = {n: why for n in ROWS if (why := _misfit(n, answer_length, steps))}
     if any(n in misfits for n in names):
         fitting = ",".join(n for n in ROWS if n not in misfits)

@@ -58,8 +58,13 @@ def search_lm(pipe: DLMPipeline, budget: str = "accuracy>=-1", problems: list[Pr
     plan (``method="none"``) is returned; an absolute floor the baseline itself misses is an error."""
     if objective not in ("macs", "wall"):
         raise LMPlanError(f"objective must be 'macs' or 'wall', not {objective!r}")
+    parse_budget(budget, 100.0)  # read before any work
+    if problems is not None and not problems:
+        raise LMPlanError("search_lm needs calibration problems to score the plans on: got none (leave problems "
+                          "out for the calibration split)")
     problems = problems if problems is not None else held_out("calib", per_task=40)
-    steps = steps or pipe.default_steps
+    steps = pipe.default_steps if steps is None else steps
+    check_schedule(pipe.answer_length, steps, None, None)  # steps=0 had been run as the default
     candidates = candidates if candidates is not None else default_candidates(pipe.answer_length, steps)
     base = evaluate(pipe, problems, None, steps=steps)
     floor = parse_budget(budget, base["accuracy"])

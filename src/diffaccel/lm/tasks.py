@@ -34,6 +34,10 @@ SPLITS = ("train", "calib", "eval")
 _BUCKETS = 64
 _OPEN, _CLOSE = "([{<", ")]}>"
 MAX_DEPTH = 6
+# each task's longest prompt and answer, in characters (= tokens), from its generator below:
+# add "0000+0000=" -> 5 digits; sort/rev 10 symbols; get 7 key/value pairs, "?" and a key -> 3 digits;
+# close "close:" and 20 brackets -> at most MAX_DEPTH closers
+LONGEST = {"add": (10, 5), "sort": (15, 10), "rev": (14, 10), "get": (30, 3), "close": (26, MAX_DEPTH)}
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,16 @@ from transformers import BertConfig
 
 from diffaccel.errors import DiffaccelError
 from diffaccel.lm.evaluate import score
-from diffaccel.lm.model import ANSWER_LENGTH, PROMPT_LENGTH, block_training_layout, build_model, forward_full
+from diffaccel.lm.model import (
+    ANSWER_LENGTH,
+    MODEL_DEFAULTS,
+    PROMPT_LENGTH,
+    block_training_layout,
+    build_model,
+    forward_full,
+)
 from diffaccel.lm.pipeline import DLMPipeline
-from diffaccel.lm.tasks import Problem, check_mix, held_out, training_batch
+from diffaccel.lm.tasks import LANGUAGE, LONGEST, TASKS, Problem, check_mix, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
 from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, check_recipe, json_object
@@ -81,7 +88,31 @@ def check_config(cfg: TrainConfig, threads: int = 0) -> None:
     if unknown:  # BertConfig would keep them as attributes no layer reads
         raise DiffaccelError(f"--overrides: {', '.join(unknown)} is not a model setting (BertConfig's: hidden_size, "
                              "num_hidden_layers, num_attention_heads, intermediate_size, ...)")
-    check_mix(json_object("--mix", cfg.mix) if cfg.mix else None)
+    mix = json_object("--mix", cfg.mix) if cfg.mix else None
+    check_mix(mix)
+    check_lengths(cfg, mix)
+
+
+def trained_tasks(mix: dict[str, float] | None) -> tuple[str, ...]:
+    """The tasks a run trains on: its mix's (those weighted above zero), else the default language."""
+    return tuple(t for t in TASKS if mix and mix.get(t, 0) > 0) if mix else LANGUAGE
+
+
+def check_lengths(cfg: TrainConfig, mix: dict[str, float] | None) -> None:
+    """The prompt and answer regions must hold the longest problem of the tasks trained, and fit the
+    model's positions together (a 9-token answer region had failed at the first 10-digit sort answer,
+    a prompt past the positions with torch's IndexError)."""
+    tasks = trained_tasks(mix)
+    prompt = max(LONGEST[t][0] for t in tasks)
+    answer = max(LONGEST[t][1] for t in tasks)
+    positions = {**MODEL_DEFAULTS, **json.loads(cfg.overrides)}["max_position_embeddings"]
+    if cfg.prompt_length < prompt or cfg.answer_length < answer:
+        raise DiffaccelError(f"--prompt-length {cfg.prompt_length} and --answer-length {cfg.answer_length} cannot hold "
+                             f"the longest problem of {', '.join(tasks)}: give at least {prompt} and {answer}")
+    if cfg.prompt_length + cfg.answer_length > positions:
+        raise DiffaccelError(f"--prompt-length {cfg.prompt_length} + --answer-length {cfg.answer_length} exceed the "
+                             f"model's {positions} positions: shorten them, or raise max_position_embeddings in "
+                             "--overrides")
 
 
 def resumed_config(out: Path, given: dict) -> TrainConfig:
@@ -145,11 +176,11 @@ def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tenso
 
 
 def _evaluate(ema: dict[str, torch.Tensor], cfg: TrainConfig, tokenizer: CharTokenizer) -> dict:
-    """Exact match of the EMA weights on 20 calibration problems per task (a progress signal)."""
+    """Exact match of the EMA weights on 20 calibration problems of each task trained (a progress signal)."""
     model = build_model(len(tokenizer), **json.loads(cfg.overrides))
     model.load_state_dict(ema)
     pipe = DLMPipeline(model, tokenizer, cfg.prompt_length, cfg.answer_length)
-    problems = held_out("calib", per_task=20)
+    problems = held_out("calib", per_task=20, tasks=trained_tasks(json.loads(cfg.mix) if cfg.mix else None))
     return score(problems, pipe(problems).texts)
 
 
