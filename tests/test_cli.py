@@ -410,3 +410,27 @@ def test_a_nan_image_scores_zero_db_and_leaves_the_mean_ssim_finite():
     images[0] = float("nan")  # a peer's float16 overflow
     scores = fidelity(images, reference)
     assert scores["psnr_min"] == 0.0 and all(map(math.isfinite, scores.values())), scores  # SSIM had been NaN
+
+
+def test_plan_show_reads_a_plan_from_a_pipe_and_says_what_it_cannot_count(monkeypatch, capsys, tmp_path):
+    import os
+    import threading
+
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "make", "fora", "--model", "dit", "--steps", "10",
+                           "--out", tmp_path / "fora.json")
+    assert code == 0, err
+    text = (tmp_path / "fora.json").read_text()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(text))
+    writer.start()
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "show", fifo)  # read twice: had been "not valid JSON"
+    writer.join()
+    assert code == 0 and "MACs:" in out, err
+    bottleneck = {**json.loads(text), "solver": {"name": "ddim", "steps": 10, "bottleneck": [3, 4, 3]}}
+    (tmp_path / "bn.json").write_text(json.dumps(bottleneck))
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "show", tmp_path / "bn.json")
+    assert code == 0 and "cannot reuse across a change of resolution" in out and "x fewer" not in out, out
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "make", "fora", "--model", "dit", "--steps", "10",
+                           "--interval", "2", "--param", "interval=3", "--out", tmp_path / "twice.json")
+    assert code == 2 and "interval is given twice" in err and not (tmp_path / "twice.json").exists()

@@ -362,6 +362,9 @@ def test_cli_trains_generates_compares_and_searches_the_lm(monkeypatch, capsys, 
     assert code == 0, err
     chosen = LMPlan.load(tmp_path / "search" / "plan.json")
     assert chosen.method != "none" and "chosen" in stdout  # any plan meets a floor 100 points down
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", "dlm", "--weights", weights, "--per-class", "1",
+                           "--plan", tmp_path / "search" / "plan.json", "--out", tmp_path / "searched")
+    assert code == 0 and "unchecked" not in err, err  # the default steps are the searched ones: nothing to warn of
     code, stdout, err = run_cli(monkeypatch, capsys, "bench", "--model", "dlm", "--weights", weights, "--quick",
                                 "--only", "baseline,block-4,search", "--budget", "accuracy>=-100",
                                 "--out", tmp_path / "bench")

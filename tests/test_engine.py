@@ -450,3 +450,43 @@ def test_nan_under_an_all_compute_plan_names_its_unit(pipes):
     finally:
         handle.remove()
     assert untouched(pipe.denoiser)
+
+
+def test_plan_files_are_utf8_tolerate_a_bom_and_refuse_converted_json_types(pipes, tmp_path):
+    plan = methods.fora(pipes[0], 10, interval=2)
+    data = json.loads(plan.to_json())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+    assert Plan.load(tmp_path / "bom.json") == plan  # had been "Unexpected UTF-8 BOM (decode using utf-8-sig)"
+    named = plan.model_copy(update={"params": {"note": "café"}})
+    assert Plan.load(named.save(tmp_path / "named.json")) == named
+    assert "café".encode() in (tmp_path / "named.json").read_bytes()  # UTF-8 whatever the locale's encoding
+    for field, value, fragment in [("parallel_decode", "yes", 'parallel_decode must be true or false, not "yes"'),
+                                   ("forecast_order", True, "forecast_order must be a whole number, not true"),
+                                   ("forecast_order", "2", 'forecast_order must be a whole number, not "2"'),
+                                   ("version", True, "version True"),
+                                   ("noise_injection", {"from_step": 50}, "past the plan's 10 steps"),
+                                   ("step_scale", [1e30] * 10, "step_scale values must be positive and at most 100"),
+                                   ("correction", {"gain": [1e30] * 10}, "each within +-100")]:
+        (tmp_path / "bad.json").write_text(json.dumps({**data, field: value}))
+        with pytest.raises(PlanError, match=re.escape(fragment)):
+            Plan.load(tmp_path / "bad.json")  # each had been converted (true -> 1, "yes" -> True) or accepted
+
+
+def test_a_failed_save_of_a_quantized_plan_leaves_the_earlier_plan_and_its_calibration(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffaccel.quant import QuantSpec
+
+    plan = identity_plan(build_dit(), "block")
+    for name, value in (("old", 0.0), ("new", 1.0)):
+        save_file({"x": torch.full((2,), value)}, str(tmp_path / f"{name}.safetensors"))
+    old = plan.with_quant(QuantSpec(calibration=str(tmp_path / "old.safetensors")))
+    old.save(tmp_path / "out" / "plan.json")
+    before = (tmp_path / "out" / "plan.calibration.safetensors").read_bytes()
+    (tmp_path / "out" / "plan.json.tmp").mkdir()  # the plan's own write fails
+    new = plan.with_quant(QuantSpec(calibration=str(tmp_path / "new.safetensors")))
+    with pytest.raises(OSError):
+        new.save(tmp_path / "out" / "plan.json")
+    assert (tmp_path / "out" / "plan.calibration.safetensors").read_bytes() == before  # had been the new plan's
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plan.calibration.safetensors", "plan.json",
+                                                                     "plan.json.tmp"]

@@ -15,24 +15,25 @@ executor applies them, ``diffaccel plan show`` prints them.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from diffaccel.errors import PlanError
-from diffaccel.plan_files import read_plan_json, validated, write_plan_json
+from diffaccel.plan_files import json_types, read_plan_json, validated, write_plan_json
 from diffaccel.quant.spec import QuantSpec
 from diffaccel.resample import carry_per_step, carry_unit_steps, resample_rows
 from diffaccel.solvers.spec import SolverSpec
 
 PLAN_VERSION = 1
 ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
+BOUND = 100.0  # of a step scale or a correction gain: past it a hand-edited value overflows the run
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _json_types = model_validator(mode="before")(json_types)
 
 
 class ResidualRule(_Strict):
@@ -211,11 +212,14 @@ class Plan(_Strict):
             raise ValueError("timesteps must not increase (a run goes from noise to the clean sample)")
         if self.step_scale is not None and len(self.step_scale) != self.num_steps:
             raise ValueError("step_scale needs one value per step")
-        if self.step_scale is not None and min(self.step_scale) <= 0:
-            raise ValueError("step_scale values must be positive (each is a factor on a step's update)")
+        if self.step_scale is not None and not 0 < min(self.step_scale) <= max(self.step_scale) <= BOUND:
+            raise ValueError(f"step_scale values must be positive and at most {BOUND:g} (each is a factor on a "
+                             "step's update)")
+        if (start := self.noise_injection.from_step if self.noise_injection else -1) >= (self.num_steps or 1e9):
+            raise ValueError(f"noise_injection.from_step {start} is past the plan's {self.num_steps} steps: never acts")
         if self.correction is not None and self.num_steps is not None:
-            if len(self.correction.gain) != self.num_steps:
-                raise ValueError("correction.gain needs one value per step")
+            if len(self.correction.gain) != self.num_steps or max(map(abs, self.correction.gain)) > BOUND:
+                raise ValueError(f"correction.gain needs one value per step, each within +-{BOUND:g}")
             bias = self.correction.bias
             if bias and (len(bias) != self.num_steps or len({len(row) for row in bias}) != 1):
                 raise ValueError("correction.bias needs one row per step, all of one width (the channels), or none")
@@ -316,17 +320,13 @@ class Plan(_Strict):
         ``<name>.calibration.safetensors``) and named relative to it, so the folder travels whole."""
         path = Path(path)
         Plan.from_dict(self.model_dump())  # a plan edited with model_copy (unvalidated) that load would refuse
-        path.parent.mkdir(parents=True, exist_ok=True)
-        plan = self
-        if self.quant is not None:
-            source = Path(self.quant.calibration)
-            target = path.parent / f"{path.stem}.calibration.safetensors"
-            if not source.is_file():
-                raise PlanError(f"the plan's calibration file {source} does not exist")
-            if source.resolve() != target.resolve():
-                shutil.copyfile(source, target)
-            plan = self.with_quant(self.quant.model_copy(update={"calibration": target.name}))
-        return write_plan_json(path, plan.to_json())
+        if self.quant is None:
+            return write_plan_json(path, self.to_json())
+        source, target = Path(self.quant.calibration), path.parent / f"{path.stem}.calibration.safetensors"
+        if not source.is_file():
+            raise PlanError(f"the plan's calibration file {source} does not exist")
+        plan = self.with_quant(self.quant.model_copy(update={"calibration": target.name}))
+        return write_plan_json(path, plan.to_json(), beside=(source, target))
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:

@@ -131,6 +131,9 @@ def parse_params(params: list[str] | None, **named: Any) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--param needs key=value, got {item!r}")
+        if key.strip() in settings:
+            option = f"--{key.strip().replace('_', '-')}" if key.strip() in named else f"--param {key.strip()}"
+            raise ValueError(f"{key.strip()} is given twice ({option} and --param {item}): give it once")
         try:
             settings[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

@@ -26,7 +26,7 @@ from diffaccel.lm.plan import LM_METHODS, LMPlan, make_lm_plan
 from diffaccel.lm.sampler import whole_number
 from diffaccel.lm.search import parse_budget, search_lm
 from diffaccel.lm.tasks import held_out, is_correct
-from diffaccel.plan_files import OWN_FIELD
+from diffaccel.plan_files import OWN_FIELD, plan_text
 
 LM_MODEL = "dlm"
 LM_HELP = f"dlm: the diffusion language model (methods {', '.join(m for m in LM_METHODS if m != 'none')})"
@@ -98,7 +98,7 @@ def is_lm_plan_file(path: Path) -> bool:
     """Whether ``path`` holds an LM plan (its own field and not the image plan's, as the readers tell
     them apart); anything unreadable is left to the image plan's reader, whose errors say what is wrong."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(plan_text(path))
     except (OSError, ValueError):
         return False
     lm_field, image_field = OWN_FIELD["LM plan"][0], OWN_FIELD["plan"][0]

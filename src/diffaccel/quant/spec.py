@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from diffaccel.plan_files import json_types
+
 FULL_PRECISION = 32  # an override to this width keeps a layer in floating point
 
 
@@ -36,6 +38,7 @@ class QuantSpec(BaseModel):
     simulated on them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _json_types = model_validator(mode="before")(json_types)
 
     weight_bits: int = Field(8, ge=2, le=8)
     act_bits: int = Field(8, ge=4, le=8)

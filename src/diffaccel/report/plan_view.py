@@ -9,6 +9,7 @@ from diffaccel.errors import PlanError
 from diffaccel.eval.cost import plan_mac_fraction, predicted_steps_saved
 from diffaccel.fingerprint import fingerprint
 from diffaccel.plan import Plan
+from diffaccel.quant.calibrate import Calibration
 from diffaccel.runtime.executor import Executor
 from diffaccel.targets import Target, load_target
 
@@ -72,8 +73,10 @@ def _whole_run(plan: Plan) -> list[str]:
 
 def _step_count(plan: Plan) -> str:
     """At how many steps a plan without a schedule runs."""
-    if plan.quant is not None and plan.quant.per_step and plan.calibration is not None:
-        return f"only at the {plan.calibration.steps} steps its per-step quantization scales were calibrated for"
+    if plan.quant is not None and plan.quant.per_step:  # made by --quant-per-step, it records no calibration
+        calibrated = plan.calibration
+        steps = calibrated.steps if calibrated is not None else Calibration.load(plan.quant.calibration).num_steps
+        return f"only at the {steps} steps its per-step quantization scales were calibrated for"
     if plan.solver is not None:
         return f"its solver's {plan.solver.steps}, whatever the pipeline is called with"
     return "any number of steps"
@@ -113,6 +116,10 @@ def render_plan(plan: Plan, model: str | None = None) -> str:
         lines.append(f"{step:>5} {''.join(SYMBOLS[a] for a in row)}")
     counts = plan.counts()
     lines.append(f"actions: {counts['compute']} compute, {counts['reuse']} reuse, {counts['forecast']} forecast")
+    if plan.solver is not None and plan.solver.bottleneck is not None:  # what the schedule's letters cannot tell
+        lines.append(f"MACs: {plan.solver.bottleneck[1]} steps run at reduced resolution, and a unit cannot reuse "
+                     "across a change of resolution: measure the plan on its model (generate --plan ... --compare)")
+        return "\n".join(lines)
     measured = shipped_unit_macs(plan, model)
     if not measured:
         lines.append("MACs: the plan does not fit a shipped model; apply it to its model to count them")

@@ -283,8 +283,8 @@ class Executor:
             return
         index = next((i for i, value in state.computed.items() if not all_finite(value)), None)
         where = "the model" if index is None else f"unit {self.units[index].name}"
-        raise CacheError(f"{where} produced a non-finite value at step {state.step}: the model or its input is "
-                         "broken (NaN or infinity); the run was stopped")
+        raise CacheError(f"{where} produced a non-finite value at step {state.step}: the model, its input or the "
+                         "plan's correction or scale values are broken (NaN or infinity); the run was stopped")
 
     # -- units ----------------------------------------------------------------------------------
     def _action(self, state: BranchState, index: int) -> str:
