@@ -279,3 +279,65 @@ def test_unsupported_model_names_supported_classes():
                 "FluxTransformer2DModel", "UNet2DConditionModel"):
         assert cls in message
         assert cls in supported_classes()
+
+
+def test_runs_of_reused_blocks_are_summed_only_on_a_residual_chain():
+    """Serving a run of reused blocks summed at its first block makes the others pass their input
+    through: right for a chain, wrong where a block's output is read elsewhere (HunyuanDiT's long
+    skips). An adapter without ``residual-chain`` serves each block on its own."""
+    import dataclasses
+
+    from diffaccel.runtime.executor import Executor
+
+    case = get_case("dit")
+    plan = fora(case.model, num_steps=STEPS, interval=3)
+    chain = adapter_for(case.model)
+    skips = dataclasses.replace(chain, capabilities=chain.capabilities - {"residual-chain"})
+    outputs = {}
+    for name, adapter, merge in (("merged", chain, True), ("skips", skips, True), ("per-unit", chain, False)):
+        executor = Executor(case.model, plan, adapter=adapter, merge_runs=merge)
+        executor.install()
+        try:
+            outputs[name] = drive(case)
+        finally:
+            executor.remove()
+    assert all(torch.equal(a, b) for a, b in zip(outputs["skips"], outputs["per-unit"], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(outputs["merged"], outputs["per-unit"], strict=True))
+    assert_untouched(case)
+
+
+def test_an_adapter_naming_arguments_the_model_lacks_is_refused_before_anything_changes():
+    import dataclasses
+
+    from diffaccel.runtime.executor import Executor
+
+    case = get_case("dit")
+    plan = fora(case.model, num_steps=STEPS, interval=2)
+    for field in ("sample_arg", "timestep_arg"):
+        wrong = dataclasses.replace(adapter_for(case.model), **{field: "x"})
+        with pytest.raises(UnsupportedModelError, match=f"{field} is 'x', which DiTTransformer2DModel.forward"):
+            Executor(case.model, plan, adapter=wrong)  # had been a bare KeyError mid-run
+    assert_untouched(case)
+
+
+def test_skipped_layers_are_part_of_what_a_forward_costs():
+    from diffaccel.eval.cost import condition_shapes
+
+    embeds = torch.zeros(2, 5, 16)
+    assert condition_shapes({"encoder_hidden_states": embeds, "skip_layers": [1, 2]}) != condition_shapes(
+        {"encoder_hidden_states": embeds, "skip_layers": None})  # SD3's skip-layer guidance had been charged in full
+
+
+def test_a_begin_index_the_pipeline_sets_is_not_guessed_again():
+    """AuraFlow sets the begin index 0 and passes t / 1000, which can equal the schedule's last timestep:
+    the run had been taken for an image-to-image call starting there."""
+    from diffaccel.runtime.clock import StepClock
+
+    clock = StepClock()
+    clock.start([1000.0, 750.0, 500.0, 250.0, 1.0])
+    clock.begin_told = True
+    clock.find_begin(1.0)
+    assert clock.expected_steps == 5
+    clock.start([1000.0, 750.0, 500.0, 250.0, 1.0])
+    clock.find_begin(500.0)  # no begin index told (DDIM's image-to-image): read off the timestep
+    assert clock.expected_steps == 3

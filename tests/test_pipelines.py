@@ -442,6 +442,8 @@ def test_plan_show_says_a_per_step_quantized_plan_runs_only_at_its_calibrated_st
     pipe, call = CASES["sd-pndm"][0]()
     plan = methods.ptq(pipe, [call], bits="w8a8", backend="fake", per_step=True)
     assert f"only at the {plan.calibration.steps} steps its per-step quantization" in render_plan(plan)
+    unrecorded = plan.model_copy(update={"calibration": None})  # as `generate --quant-per-step --save-plan` writes it
+    assert f"only at the {plan.calibration.steps} steps" in render_plan(unrecorded)  # had said "any number of steps"
 
 
 def _drop_guidance_at(step: int):
@@ -598,3 +600,60 @@ def test_method_and_search_inputs_a_user_would_plausibly_pass():
         methods.fora(compiled, 6)
     with pytest.raises(ValueError, match="unknown strategy"):  # a SettingError: also a ValueError
         search(pipe, [dict(call)], strategy="nope")
+
+
+def test_a_reused_output_changed_in_place_downstream_does_not_change_the_cache():
+    """FreeU scales the next up block's input in place, and a T2I-Adapter adds its residual in place:
+    the cached output had been handed out itself, so it grew at every reuse."""
+    pipe, call = stable_diffusion(sd_scheduler("DDIMScheduler", clip_sample=False))
+    steps = call["num_inference_steps"]
+    plan = methods.fora(pipe, steps, interval=2)
+    units = list(plan.units)
+    index = next(i for i, name in enumerate(units) if name.startswith("up.") and plan.schedule[1][i] == "R")
+    following = pipe.unet.up_blocks[int(units[index].split(".")[1]) + 1]
+    computed = []
+    with diffaccel.accelerate(pipe, plan) as executor:
+        unit = executor.units[index].module
+        record = unit.register_forward_hook(lambda m, a, out: computed.append(
+            (executor.current_step, out.clone() if torch.is_tensor(out) else out[0].clone())))
+        def in_place(module, args, kwargs):  # what FreeU does to the next up block's input
+            (args[0] if args else kwargs["hidden_states"]).mul_(1.5)
+
+        scale = following.register_forward_pre_hook(in_place, with_kwargs=True)
+        run(pipe, call)
+        cache = executor._states[0].caches[index]
+        last = cache.last()
+        record.remove()
+        scale.remove()
+    last_computed = [value for step, value in computed if plan.schedule[step][index] == "C"][-1]
+    assert torch.equal(last if torch.is_tensor(last) else last[0], last_computed)
+    assert untouched(pipe)
+
+
+def test_controlnet_style_conditioning_that_changes_every_step_stops_parallel_decoding():
+    """Faster Diffusion batches decoder-only steps ahead; conditioning that changes at every step (a
+    ControlNet's residuals) threw them away and recomputed them, while the MACs counted a saving."""
+    pipe, call = stable_diffusion(sd_scheduler("DDIMScheduler", clip_sample=False))
+    steps = call["num_inference_steps"]
+
+    def jitter(pipe_, index, timestep, kwargs):
+        kwargs["prompt_embeds"] = kwargs["prompt_embeds"] * 1.001
+        return kwargs
+
+    changing = {**call, "callback_on_step_end": jitter, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+    stats = {}
+    for parallel in (True, False):
+        plan = methods.faster_diffusion(pipe, steps, interval=3, parallel=parallel)
+        with diffaccel.accelerate(pipe, plan) as executor:
+            run(pipe, changing)
+        stats[parallel] = executor.stats
+    assert stats[True].full_macs == stats[False].full_macs  # the unaccelerated run's cost, whatever was batched
+    assert stats[True].macs <= stats[False].macs + stats[False].full_macs / steps  # at most one batch wasted
+
+
+def test_a_pipeline_run_that_stops_before_the_plan_ends_warns():
+    pipe, call = sdxl()
+    steps = call["num_inference_steps"]
+    with pytest.warns(PlanWarning, match=f"stopped after {steps // 2} of the plan's {steps} steps"):
+        with diffaccel.accelerate(pipe, methods.fora(pipe, steps, interval=2)):
+            pipe(**call, denoising_end=0.5, output_type="latent")

@@ -85,6 +85,9 @@ def predicted_steps_saved(plan: Plan) -> float:
 
 
 def condition_shapes(arguments: dict) -> tuple:
-    """The per-sample shapes of a forward's tensor inputs by argument name (text embeddings, masks):
-    with the sample's, what its MACs depend on."""
-    return tuple((k, tuple(v.shape[1:])) for k, v in arguments.items() if isinstance(v, torch.Tensor) and v.dim() > 1)
+    """The per-sample shapes of a forward's tensor inputs by argument name (text embeddings, masks),
+    and the lists of whole numbers it takes (SD3's ``skip_layers`` skip blocks): with the sample's,
+    what its MACs depend on."""
+    shapes = tuple((k, tuple(v.shape[1:])) for k, v in arguments.items() if isinstance(v, torch.Tensor) and v.dim() > 1)
+    return shapes + tuple((k, tuple(v)) for k, v in arguments.items()
+                          if isinstance(v, (list, tuple)) and v and all(type(i) is int for i in v))

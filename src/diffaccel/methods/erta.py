@@ -25,6 +25,7 @@ from diffaccel.adapters import adapter_for, find_denoiser
 from diffaccel.calibration.record import trajectories
 from diffaccel.calibration.reference import calibration_info
 from diffaccel.calibration.workload import Workload, calibration_workload
+from diffaccel.errors import MethodError
 from diffaccel.methods.base import Method, Settings, make_plan, rows_from, unit_names
 from diffaccel.plan import Correction, Plan
 
@@ -87,6 +88,9 @@ def build(pipe: Any, workload: Workload, s: ErtaSettings) -> Plan:
     units = adapter_for(model).units(model)
     full = trajectories(pipe, workload)
     outputs = full["output"]
+    if len({tuple(o.shape) for o in outputs}) > 1:
+        raise MethodError("the calibration calls change the model's batch mid-run (a callback that drops guidance): "
+                          "erta compares each step's output with the step before's; calibrate on calls without it")
     profile = [0.0] + [float((b - a).abs().mean() / a.abs().mean().clamp_min(1e-12))
                        for a, b in zip(outputs, outputs[1:])]
     steps = len(outputs)

@@ -25,7 +25,7 @@ class FirstBlockCacheSettings(Settings):
 
 def build(model: torch.nn.Module, num_steps: int | None, s: FirstBlockCacheSettings) -> Plan:
     """A step-free plan (``num_steps`` is ignored: the rule decides at run time)."""
-    check_applies(FIRST_BLOCK_CACHE, model)
+    check_applies(DBCACHE if s.last_blocks else FIRST_BLOCK_CACHE, model)
     rule = ResidualRule(**s.model_dump())
     return checked_plan(model, "dbcache" if s.last_blocks else "first_block_cache", rule.model_dump(),
                         units=unit_names(model), rule=rule)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from diffaccel.errors import CacheError
+
 
 def tree_map(fn: Callable, *trees: Any) -> Any:
     """Apply ``fn`` leaf-wise to tensors in matching nested tuples/lists; None stays None."""
@@ -37,6 +39,15 @@ def all_finite(value: Any) -> bool:
     leaves = tree_leaves(list(value.values()) if isinstance(value, dict) else value)
     leaves = [v for v in leaves if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return not leaves or bool(torch.stack([torch.isfinite(v).all() for v in leaves]).all())
+
+
+def non_finite_error(state: Any, names: list[str]) -> CacheError:
+    """What a forward whose output holds a NaN or infinity broke: the first non-finite unit it computed
+    (one reduction over the output found it: a check per unit cost 5% of a small DiT's run)."""
+    index = next((i for i, value in state.computed.items() if not all_finite(value)), None)
+    where = "the model" if index is None else f"unit {names[index]}"
+    return CacheError(f"{where} produced a non-finite value at step {state.step}: the model, its input or the "
+                      "plan's correction or scale values are broken (NaN or infinity); the run was stopped")
 
 
 def primary(tree: Any) -> torch.Tensor:

@@ -42,19 +42,21 @@ class StepClock:
         self.calls = 0  # denoiser calls in the current step so far
         self.timesteps: list[float] = []
         self.begin = 0
+        self.begin_told = False  # the pipeline set the begin index itself (0 included)
 
     @property
     def expected_steps(self) -> int:
         return len(self.timesteps) - self.begin
 
     def start(self, timesteps: Any) -> None:
-        self.active, self.step, self.calls, self.begin = True, 0, 0, 0
+        self.active, self.step, self.calls, self.begin, self.begin_told = True, 0, 0, 0, False
         self.timesteps = [timestep_value(t) for t in timesteps]
 
     def find_begin(self, t: float) -> None:
         """At a run's first forward: where an image-to-image pipeline whose scheduler keeps no begin
-        index (DDIM) starts in the schedule, read off the timestep the model sees there."""
-        if self.begin == 0 and self.timesteps and t != self.timesteps[0] and t in self.timesteps:
+        index (DDIM) starts in the schedule, read off the timestep the model sees there (not where the
+        pipeline told it: AuraFlow sets 0 and passes t / 1000, which can equal a later timestep)."""
+        if not self.begin_told and self.timesteps and t != self.timesteps[0] and t in self.timesteps:
             self.begin = self.timesteps.index(t)
 
     def next_branch(self) -> int:
@@ -93,7 +95,7 @@ class StepClock:
             @functools.wraps(set_begin_index)
             def set_begin_index_counted(*args, **kwargs):
                 out = set_begin_index(*args, **kwargs)
-                self.begin = int(getattr(scheduler, "begin_index", None) or 0)
+                self.begin, self.begin_told = int(getattr(scheduler, "begin_index", None) or 0), True
                 return out
 
             patch(scheduler, "set_begin_index", set_begin_index_counted)

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from diffaccel.adapters import Adapter, adapter_for
-from diffaccel.errors import CacheError, PlanError
+from diffaccel.errors import PlanError
 from diffaccel.eval.cost import FlopCounterMode, condition_shapes, register_flop_formulas
 from diffaccel.plan import Plan
 from diffaccel.runtime import features as feature_modules
-from diffaccel.runtime.cache import UnitCache, all_finite, tree_map
+from diffaccel.runtime.cache import UnitCache, all_finite, non_finite_error, tree_map
 from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
 from diffaccel.runtime.fitted import check_scheduler, check_weights, plan_for_run
@@ -56,6 +56,7 @@ class Executor:
         if plan.adapter != self.adapter.name:
             raise PlanError(f"this plan was made for the {plan.adapter!r} adapter ({plan.model_class}); "
                             f"the model is a {type(model).__name__} ({self.adapter.name!r}): make a plan for it")
+        self.adapter.check_arguments(model)
         self.units = self.adapter.units(model, plan.granularity)
         names = [u.name for u in self.units]
         if names != list(plan.units):
@@ -86,7 +87,9 @@ class Executor:
         self._hooks = {hook: [f for f in self.features if overrides(f, hook)] for hook in (
             "forward", "before_forward", "action", "before_unit", "after_compute", "serve", "after_step",
             "start_run")}
-        self._merge = self.merge_runs and not any(f.edits_served_values for f in self.features)
+        # a run of reused blocks is served summed at its first only where no block's output is read elsewhere
+        self._merge = self.merge_runs and "residual-chain" in self.adapter.capabilities and not any(
+            f.edits_served_values for f in self.features)
         self._order = plan.rule.forecast_order if plan.rule else plan.forecast_order
         self._keep = max(plan.forecast_order, self._order) + 1
         # only the outputs a later step may serve are kept (an all-compute plan stores nothing)
@@ -277,14 +280,8 @@ class Executor:
         return out
 
     def _check_finite(self, state: BranchState, out: Any) -> None:
-        """One reduction over the model's output, which a NaN or infinity anywhere in the forward reaches (a
-        check per unit cost 5% of a small DiT's run); on failure, names the first non-finite unit."""
-        if not self.check_finite or all_finite(out):
-            return
-        index = next((i for i, value in state.computed.items() if not all_finite(value)), None)
-        where = "the model" if index is None else f"unit {self.units[index].name}"
-        raise CacheError(f"{where} produced a non-finite value at step {state.step}: the model, its input or the "
-                         "plan's correction or scale values are broken (NaN or infinity); the run was stopped")
+        if self.check_finite and not all_finite(out):
+            raise non_finite_error(state, [u.name for u in self.units])
 
     # -- units ----------------------------------------------------------------------------------
     def _action(self, state: BranchState, index: int) -> str:
@@ -320,8 +317,8 @@ class Executor:
             value = feature.serve(value, state.step, index)
         if state.tile > 1:
             value = tree_map(lambda v: v.repeat(state.tile, *([1] * (v.dim() - 1))), value)
-        if unit.residual_inputs is None:
-            return value
+        if unit.residual_inputs is None:  # a copy: the model may change it in place (FreeU, T2I-Adapter residuals)
+            return tree_map(torch.clone, value)
         return tree_map(lambda x, r: x + r, unit.residual_inputs(args, kwargs), value)
 
     def _compute(self, index, original, args, kwargs, state: BranchState, cache: UnitCache):
@@ -333,7 +330,7 @@ class Executor:
         else:
             out = original(*args, **kwargs)
         if index in self._stored:
-            value = out if unit.residual_inputs is None else tree_map(
+            value = tree_map(torch.clone, out) if unit.residual_inputs is None else tree_map(
                 lambda y, x: y - x, out, unit.residual_inputs(args, kwargs))
             if state.tile > 1:  # keep the first copy of a tiled (parallel-decoding) batch
                 value = tree_map(lambda v: v[: v.shape[0] // state.tile], value)

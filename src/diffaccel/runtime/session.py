@@ -35,7 +35,7 @@ def accelerate(target: Any, plan: Plan, check_finite: bool = True, resample: boo
     executor = enable(target, plan, check_finite, resample, denoiser)
     try:
         yield executor
-        _check_bare_run(executor)
+        _check_short_run(executor)
     finally:
         executor.remove()
 
@@ -98,16 +98,23 @@ def disable(target: Any) -> None:
     for model in models:
         executor = getattr(model, "_diffaccel_executor", None)
         if executor is not None:
-            _check_bare_run(executor)
+            _check_short_run(executor)
             executor.remove()
 
 
-def _check_bare_run(executor: Executor) -> None:
-    """On the model alone nothing tells a run's end, so a run shorter than the plan ran its first rows
-    without a word: said when the plan is removed."""
+def _check_short_run(executor: Executor) -> None:
+    """A run that ended before the plan's last row ran its first rows without a word: on the model alone
+    nothing tells a run's end, and a pipeline may stop early (SDXL's ``denoising_end``). Said when the
+    plan is removed."""
     plan, steps = executor.plan, executor.stats.steps
-    if executor.scheduler is None and plan.num_steps is not None and 0 < steps < plan.num_steps:
+    if plan.num_steps is None or not 0 < steps < plan.num_steps:
+        return
+    if executor.scheduler is None:
         warn(PlanWarning(f"the model ran at most {steps} steps under a plan for {plan.num_steps}: only the plan's "
                          f"first {steps} rows ran, and its quality figures do not hold; make the plan for {steps} "
                          "steps (applied to the pipeline, a run of another step count is refused, or mapped "
                          "with resample=True)"))
+    else:
+        warn(PlanWarning(f"the pipeline's last call stopped after {steps} of the plan's {plan.num_steps} steps "
+                         "(denoising_end, or a callback that interrupts): only the plan's first rows ran, and its "
+                         "quality figures do not hold"))

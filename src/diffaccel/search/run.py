@@ -177,12 +177,13 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
                 if c.cost(config.objective) < 1.0 - 1e-9 and "error" not in c.extra]
     points = searched + hand  # a hand-made plan that beats every searched one is returned, and said so
     if not points:
-        raise SearchError("the search evaluated no plan that saves work (time limit too short?); run it again "
-                          "with more time: it continues where it stopped")
+        failed = next((c.extra["error"] for c in candidates_of(ctx.store, space) if "error" in c.extra), None)
+        raise SearchError(f"every plan the search evaluated failed on this pipeline, the first with: {failed}"
+                          if failed else "the search evaluated no plan that saves work (time limit too short?); "
+                          "run it again with more time: it continues where it stopped")
     if not searched:
-        ctx.log("warning: the time limit ran out on the hand-made plans, before the search proper evaluated "
-                "anything: the best hand-made plan is returned; run it again with more time (it continues "
-                "where it stopped)")
+        ctx.log("warning: the time limit ran out on the hand-made plans, before the search proper evaluated anything: "
+                "the best hand-made plan is returned; run it again with more time (it continues where it stopped)")
     front = pareto(points, budget, config.objective)
     safe = budget.raised(ctx.margin)
     chosen, met, shortfall = choose(points, safe, config.objective)

@@ -21,6 +21,8 @@ from diffaccel.runtime.state import BranchState
 class DecodeState:
     pending: dict[int, Any] = field(default_factory=dict)  # step -> precomputed output
     made_from: dict[str, Any] = field(default_factory=dict)  # the conditioning they were computed with
+    step_macs: float = 0.0  # an unaccelerated step's MACs, as the batched forward charged them
+    stale: bool = False  # the conditioning changed between steps (ControlNet's residuals do at every one)
 
 
 class ParallelDecode(Feature):
@@ -55,12 +57,16 @@ class ParallelDecode(Feature):
         conditioning = {name: value for name, value in bound.arguments.items()
                         if name not in (adapter.sample_arg, adapter.timestep_arg)}
         if own.pending and not same_inputs(conditioning, own.made_from):
-            own.pending.clear()  # a callback changed the prompt or the batch: the steps computed ahead are stale
+            # a callback or a ControlNet changed the conditioning: the steps computed ahead are stale, their
+            # work was done for nothing (not an unaccelerated step's), and batching ahead stops for this run
+            executor.stats.full_macs -= round(own.step_macs * len(own.pending))
+            own.pending.clear()
+            own.stale = True
         if state.step in own.pending:  # computed ahead, in an earlier batched forward
             executor.stats.forwards += 1
             return own.pending.pop(state.step)
         run = self.run_length(state.step)
-        if run == 1:
+        if run == 1 or own.stale:
             return None
         timesteps = executor.timesteps()
         if timesteps is None:
@@ -73,11 +79,12 @@ class ParallelDecode(Feature):
             bound.arguments[name] = batch_mapped(value, batch, lambda t: t.repeat(run, *([1] * (t.dim() - 1))))
         bound.arguments[adapter.sample_arg] = sample.repeat(run, *([1] * (sample.dim() - 1)))
         bound.arguments[adapter.timestep_arg] = times.repeat_interleave(batch)
-        state.tile = run
+        state.tile, charged = run, executor.stats.full_macs
         try:
             out = executor.run_forward(original, bound.args, bound.kwargs, state, (batch * run, *sample.shape[1:]))
         finally:
             state.tile = 1
+        own.step_macs = (executor.stats.full_macs - charged) / run
         chunks = model_sample(out).chunk(run)
         for k in range(1, run):
             own.pending[state.step + k] = with_model_sample(out, chunks[k])
