@@ -254,3 +254,103 @@ def test_fd_is_measured_against_real_images_of_the_prompts_captions():
     real = captions.make_batch_of([captions.parse_caption(p) for p in prompts], split="val")
     scores = load_t2i_evaluator().score(torch.from_numpy(real).add(1).div(2), prompts)
     assert scores["adherence"] > 0.9 and scores["fd"] < 3 * scores["fd_floor"], scores
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny VAE and a 4-step SD run on its latents, copied by the tests that change them."""
+    root = tmp_path_factory.mktemp("t2i")
+    torch.manual_seed(0)
+    build_vae(block_out_channels=(8, 8, 8), norm_num_groups=4).save_pretrained(root / "vae", safe_serialization=True)
+    _tiny_run(root, "sd", root / "vae", [])
+    return root
+
+
+def test_t2i_export_replaces_only_an_earlier_export(tiny_sd, tmp_path, monkeypatch, capsys):
+    """--export had deleted whatever folder it named: the user's files, the run's own --out (its checkpoint)
+    or the --vae folder. Those are refused before any work, an earlier export is replaced. A pipeline whose
+    config.json asks for more layers than its files hold had loaded with random layers."""
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sd / "sd", run)
+    mine = tmp_path / "mine"
+    (mine / "src").mkdir(parents=True)
+    (mine / "notes.txt").write_text("important")
+    export = ["train", "--out", run, "--export-only", "--threads", "1", "--export"]  # the run's model is read
+    for dest, said in ((mine, "not an earlier export"), (run, "--out"), (tmp_path, "--out"),
+                       (tiny_sd / "vae", "--vae")):
+        code, _, err = run_cli(monkeypatch, capsys, *export, dest)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert (mine / "notes.txt").read_text() == "important" and (mine / "src").is_dir()
+    assert (run / "checkpoint.safetensors").exists() and (tiny_sd / "vae" / "config.json").exists()
+    for _ in range(2):
+        code, _, err = run_cli(monkeypatch, capsys, *export, tmp_path / "ex")
+        assert code == 0, err
+    assert type(load_t2i_pipeline("sd", weights_dir=tmp_path / "ex")).__name__ == "StableDiffusionPipeline"
+    config = tmp_path / "ex" / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 2}))
+    with pytest.raises(WeightsError, match=r"text_encoder do not match its config.json: \d+ tensors missing"):
+        load_t2i_pipeline("sd", weights_dir=tmp_path / "ex")
+
+
+def test_t2i_resume_keeps_its_recipe_and_config_until_training_starts(tiny_sd, tmp_path, monkeypatch, capsys):
+    """--resume had trained on a changed --batch/--lr/--seed (or as another --model) and rewritten
+    train_config.json, even when it then failed; a --latents file that is no latent cache gave a
+    SafetensorError or AttributeError traceback. Without --model, the run's own is used."""
+    from safetensors.torch import save_file
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sd / "sd", run)
+    before = (run / "train_config.json").read_text()
+    resume = ["train", "--out", run, "--resume", "--threads", "1", "--steps", "6"]
+    code, _, err = run_cli(monkeypatch, capsys, *resume, "--batch", "2", "--lr", "0.5", "--seed", "9")
+    assert code == 2 and "--batch 2 (saved: 4), --lr 0.5 (saved: 0.001), --seed 9 (saved: 0)" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, *resume, "--model", "vae")
+    assert code == 2 and "--model vae (saved: sd)" in err, err
+    (tmp_path / "junk.safetensors").write_text("junk")
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    for name in ("junk.safetensors", "plain.safetensors"):
+        kept = (tmp_path / name).read_bytes()
+        code, _, err = run_cli(monkeypatch, capsys, *resume, "--latents", tmp_path / name)
+        assert code == 2 and f"{name} is not a latent cache" in err and "Traceback" not in err, err
+        assert (tmp_path / name).read_bytes() == kept
+    assert (run / "train_config.json").read_text() == before
+    code, _, err = run_cli(monkeypatch, capsys, *resume[:-1], "5")
+    assert code == 0, err
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 5
+
+
+@pytest.mark.parametrize("model, option, value, said", [
+    ("vae", "--overrides", '{"channels": 8}', "channels is not a setting of AutoencoderKL"),
+    ("pixart", "--overrides", '{"num_layer": 1}', "did you mean num_layers?"),
+    ("sd", "--overrides", '{"block_out_channel": [8]}', "did you mean block_out_channels?"),
+    ("t2i_evaluator", "--overrides", '{"widht": 8}', "did you mean width?"),
+    ("sd", "--text-overrides", '{"hidden_sise": 8}', "is not a setting of CLIPTextConfig"),
+    ("sd", "--vae", "no_vae_here", "is not an exported VAE"),
+])
+def test_t2i_settings_are_checked_before_any_folder_is_made(tmp_path, monkeypatch, capsys, model, option, value,
+                                                            said):
+    """A misspelled override had crashed with a TypeError after making --out; a denoiser without a trained VAE
+    had said it could not reach huggingface.co."""
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", model, "--out", "run", option, value)
+    assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    if option == "--vae":
+        assert "diffaccel train --model vae --out runs/t2i/vae --export no_vae_here" in err
+
+
+@needs("sd")
+def test_the_vae_recipe_defaults_are_those_of_the_shipped_vae():
+    """The docs' command (no --steps) had trained 2400 steps where the shipped VAE records 3000."""
+    from diffaccel.zoo.t2i.train import TrainConfig
+
+    shipped = json.loads((WEIGHTS_DIR / "sd" / "vae" / "training.json").read_text())["config"]
+    default = vars(TrainConfig.for_model("vae"))
+    assert {k: default[k] for k in ("steps", "batch", "lr", "warmup", "ema_decay")} == \
+        {k: shipped[k] for k in ("steps", "batch", "lr", "warmup", "ema_decay")}

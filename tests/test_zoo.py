@@ -1,12 +1,17 @@
 """The shipped models and evaluator: they load, sample deterministically and score correctly."""
 
+import json
+import shutil
+
+import pytest
 import torch
 
 from conftest import requires_weights
+from diffaccel.errors import WeightsError
 from diffaccel.seeds import image_seed
 from diffaccel.zoo import shapes
 from diffaccel.zoo.pipeline import sample
-from diffaccel.zoo.weights import load_evaluator, load_pipeline
+from diffaccel.zoo.weights import WEIGHTS_DIR, load_evaluator, load_pipeline
 
 pytestmark = requires_weights
 
@@ -54,3 +59,17 @@ def test_fd_is_measured_against_real_images_of_the_classes_drawn():
     _, labels = shapes.make_batch("val", 24)  # every class in turn: the same real images as before, reordered
     new = torch.from_numpy(shapes.make_batch_of(labels.tolist())).add(1).div(2)
     assert sorted(x.numpy().tobytes() for x in new) == sorted(x.numpy().tobytes() for x in evaluator.real_images(24))
+
+
+def test_a_config_that_does_not_match_its_weights_is_refused(tmp_path):
+    """A config.json asking for more blocks than the file holds had loaded with random blocks, fewer with the
+    extra tensors dropped, both silently; --weights naming a file had said the folder does not exist."""
+    for layers, said in ((12, "76 tensors missing"), (4, "76 tensors unexpected")):
+        folder = tmp_path / f"dit{layers}"
+        shutil.copytree(WEIGHTS_DIR / "dit", folder)
+        config = folder / "transformer" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": layers}))
+        with pytest.raises(WeightsError, match=f"do not match its config.json: {said} \\(transformer_blocks"):
+            load_pipeline("dit", weights_dir=folder)
+    with pytest.raises(WeightsError, match="is a file: give the folder an export wrote"):
+        load_pipeline("dit", weights_dir=WEIGHTS_DIR / "dit" / "training.json")

@@ -19,14 +19,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
 from diffusers.models.embeddings import LabelEmbedding
 from tqdm import tqdm
 
 from diffaccel.zoo import checkpoint, shapes
 from diffaccel.zoo.evaluator import train_evaluator
 from diffaccel.zoo.models import NULL_CLASS, SCHEDULER_CONFIG, build_dit, build_unet
-from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, check_recipe, json_object
+from diffaccel.zoo.train_options import (
+    COMMON_HELP,
+    WEIGHTS_FILES,
+    check_export,
+    check_folder,
+    check_numbers,
+    check_overrides,
+    check_recipe,
+    init_settings,
+)
 
 log = logging.getLogger("diffaccel")
 MODELS = ("dit", "unet", "evaluator")
@@ -65,6 +74,9 @@ HELP = {
 }
 AT_LEAST = {"steps": 1, "batch": 1, "warmup": 0, "weight_decay": 0, "seed": 0, "checkpoint_every": 1,
             "time_limit_min": 0, "stop_after": 0, "workers": 0, "threads": 0}
+TRAINED = {"dit": DiTTransformer2DModel, "unet": UNet2DConditionModel}  # the class --overrides configures
+EXPORT_FILES = {"dit": ("training.json", "transformer"), "unet": ("training.json", "unet", "class_embedder")}
+EVALUATOR_OPTIONS = ("model", "steps", "batch", "lr", "seed")
 
 
 def check_config(cfg: TrainConfig, threads: int = 0) -> None:
@@ -73,11 +85,29 @@ def check_config(cfg: TrainConfig, threads: int = 0) -> None:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
     check_numbers({**asdict(cfg), "threads": threads}, AT_LEAST, positive=("lr", "min_snr_gamma"),
                   fractions=("ema_decay", "label_dropout"))
-    json_object("--overrides", cfg.overrides)
+    if cfg.model in TRAINED:
+        check_overrides("--overrides", cfg.overrides, init_settings(TRAINED[cfg.model]), TRAINED[cfg.model].__name__)
     if not (cfg.device == "cpu" or cfg.device.split(":")[0] == "cuda"):
         raise ValueError(f"--device must be cpu or cuda (cuda:N), got {cfg.device!r}")
     if cfg.device != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is available; train with --device cpu")
+
+
+def check_outputs(cfg: TrainConfig, out: Path, dest: Path | None) -> None:
+    """Before any work: a run continues only with its own recipe, and no output overwrites other files. The
+    evaluator's recipe is short and restarts when rerun, writing its weights into --out: the options it would
+    ignore are refused, and so is an --out holding anything but an earlier evaluator."""
+    if cfg.model != "evaluator":
+        check_recipe(out, asdict(cfg))
+        check_export("--export", dest, EXPORT_FILES[cfg.model], {"--out": out})
+        return
+    default = asdict(TrainConfig())
+    ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(cfg).items()
+               if k not in EVALUATOR_OPTIONS and v != default[k]] + ["--export"] * (dest is not None)
+    if ignored:
+        raise ValueError("--model evaluator takes only --steps, --batch, --lr and --seed (it writes its weights into "
+                         f"--out and starts over when rerun): drop {', '.join(ignored)}")
+    check_export("--out", out, WEIGHTS_FILES)
 
 
 class Denoiser(torch.nn.Module):
@@ -177,7 +207,6 @@ def batches(cfg: TrainConfig, first: int, last: int) -> Iterator[tuple]:
 
 def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
     """Train (or resume) into ``out``; returns a summary with the final step and recent loss."""
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = Denoiser(cfg.model, json.loads(cfg.overrides)).to(cfg.device)
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
@@ -190,6 +219,7 @@ def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
     if ckpt_path.exists():
         step, meta = checkpoint.load(ckpt_path, model, ema, optimizer)
         losses = meta.get("losses", [])
+    out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     start = time.monotonic()
@@ -269,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**args)
     check_config(cfg, threads)
     check_folder("--out", out)
-    check_recipe(out, asdict(cfg))  # a checkpoint in --out is continued: with its own recipe only
     check_folder("--export", dest)
+    check_outputs(cfg, out, dest)  # a checkpoint in --out is continued: with its own recipe only
     if threads:
         torch.set_num_threads(threads)
     if cfg.model == "evaluator":

@@ -9,6 +9,7 @@ The schedule (warm-up then cosine decay) is :func:`diffaccel.zoo.train.lr_at`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,14 +67,16 @@ def load_ema(module: torch.nn.Module, cfg: LoopSettings, out: Path) -> int:
 
 
 def run(module: torch.nn.Module, loss_at: Callable[[int, torch.Generator], torch.Tensor], cfg: LoopSettings,
-        out: Path, desc: str = "train", show_progress: bool = True) -> dict:
-    """Train (or resume) ``module`` into ``out``; returns the final step, recent losses and seconds per step."""
-    out.mkdir(parents=True, exist_ok=True)
+        out: Path, recipe: dict, desc: str = "train", show_progress: bool = True) -> dict:
+    """Train (or resume) ``module`` into ``out``; returns the final step, recent losses and seconds per step.
+    ``recipe`` becomes ``train_config.json`` once the checkpoint has loaded (a resume that fails keeps the old)."""
     optimizer, ema = new_state(module, cfg)
     step, losses = 0, []
     if (out / CHECKPOINT).exists():
         step, meta = checkpoint.load(out / CHECKPOINT, module, ema, optimizer)
         losses = meta.get("losses", [])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(recipe, indent=2))
     last = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     start, first = time.monotonic(), step
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not show_progress, mininterval=30)

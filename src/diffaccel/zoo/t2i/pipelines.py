@@ -27,7 +27,8 @@ from diffaccel.errors import WeightsError
 from diffaccel.zoo.models import make_scheduler
 from diffaccel.zoo.t2i import text
 from diffaccel.zoo.t2i.vae import load_vae
-from diffaccel.zoo.weights import WEIGHTS_DIR
+from diffaccel.zoo.train_options import check_export
+from diffaccel.zoo.weights import WEIGHTS_DIR, check_complete
 
 # class names, looked up when used: importing StableDiffusionPipeline loads transformers' image processors,
 # which warn about torchvision; a command that never runs these pipelines should not pay for that
@@ -44,6 +45,11 @@ DEFAULT_GUIDANCE = {"pixart": 4.0, "sd": 4.0}
 
 def _components(name: str) -> list[str]:
     return ["scheduler", "text_encoder", "tokenizer", "vae", DENOISER_FOLDER[name]]
+
+
+def pipeline_files(name: str) -> list[str]:
+    """What an export of the ``name`` pipeline writes at the top of its folder."""
+    return ["model_index.json", "training.json", *_components(name)]
 
 
 def _check_folder(name: str, folder: Path) -> None:
@@ -99,6 +105,8 @@ def load_t2i_pipeline(name: str, sampler: str = "ddim", weights_dir: Path | None
     except Exception as exc:  # diffusers and transformers raise many types for a damaged folder
         raise WeightsError(f"the {name} pipeline in {folder} is corrupt: {str(exc).splitlines()[0][:200]} "
                            "(reinstall diffaccel or re-export it)") from exc
+    for part in ("text_encoder", "vae", DENOISER_FOLDER[name]):
+        check_complete(getattr(pipe, part), folder / part)
     if sampler == "dpm":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                                  solver_order=2)
@@ -130,8 +138,10 @@ def _folder_mb(folder: Path) -> float:
 
 def write_pipeline(model: torch.nn.Module, vae_folder: Path, dest: Path, info: dict) -> dict:
     """Write a trained :class:`~diffaccel.zoo.t2i.models.TextToImage` with the VAE of ``vae_folder`` as a
-    standard fp16 pipeline folder at ``dest`` (replacing it); returns ``info`` with the folder's size."""
+    standard fp16 pipeline folder at ``dest`` (replacing an earlier export there, never other files); returns
+    ``info`` with the folder's size."""
     kind = model.kind
+    check_export("--export", dest, pipeline_files(kind), {"--vae": vae_folder})
     vae, scheduler = load_vae(vae_folder), make_scheduler("ddim")
     scheduler.register_to_config(steps_offset=1)  # unused with trailing spacing; SD's pipeline warns unless 1
     if kind == "pixart":

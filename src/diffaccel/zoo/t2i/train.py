@@ -9,8 +9,11 @@ in any order. Every run is reproducible from its seed and resumable (see :mod:`.
     python -m diffaccel.zoo.t2i.train --model pixart --out runs/t2i/pixart --resume   # continue a stopped run
 
 Without ``--resume`` an existing checkpoint in ``--out`` is an error, so that no run is silently
-continued with other settings; with it, the saved settings apply, except the ones given again
+continued with other settings; with it, the saved settings apply. Only the settings that say when to
+stop (``--steps``, never below the step reached, ``--stop-after``, ``--time-limit-min``,
+``--checkpoint-every``) and where the latent cache lives may be given again; another recipe is refused
 (``--stop-after`` and ``--time-limit-min`` apply to one invocation only and are not carried over).
+``--export`` writes into a new or empty folder or replaces an earlier export of the same model.
 """
 
 from __future__ import annotations
@@ -22,18 +25,29 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
 
 from diffaccel.errors import DiffaccelError
-from diffaccel.zoo.t2i import loop
+from diffaccel.zoo.t2i import loop, text
 from diffaccel.zoo.t2i.evaluator import CaptionClassifier, classifier_loss, export_classifier
-from diffaccel.zoo.t2i.models import TextToImage, diffusion_loss
-from diffaccel.zoo.t2i.pipelines import write_pipeline
+from diffaccel.zoo.t2i.models import DENOISERS, TextToImage, diffusion_loss
+from diffaccel.zoo.t2i.pipelines import pipeline_files, write_pipeline
 from diffaccel.zoo.t2i.vae import build_vae, export_vae, load_latents, train_images, vae_loss
-from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, json_object
+from diffaccel.zoo.train_options import (
+    COMMON_HELP,
+    WEIGHTS_FILES,
+    check_export,
+    check_folder,
+    check_numbers,
+    check_overrides,
+    check_recipe,
+    init_settings,
+)
+from diffaccel.zoo.weights import WEIGHTS_DIR
 
 MODELS = ("vae", "pixart", "sd", "t2i_evaluator")
 DEFAULTS: dict[str, dict] = {
-    "vae": dict(steps=2400, batch=16, lr=1e-3, warmup=100, ema_decay=0.995),
+    "vae": dict(steps=3000, batch=16, lr=1e-3, warmup=100, ema_decay=0.995),
     "pixart": dict(steps=14000, batch=64, lr=1e-3, warmup=200),  # the shipped run: 4000 left shapes unlearned
     "sd": dict(steps=4000, batch=64, lr=1e-3, warmup=200),
     "t2i_evaluator": dict(steps=1500, batch=64, lr=2e-3, warmup=100, weight_decay=1e-4, ema_decay=0.99),
@@ -85,6 +99,9 @@ HELP = {
 }
 AT_LEAST = {"steps": 1, "batch": 1, "warmup": 0, "weight_decay": 0, "seed": 0, "checkpoint_every": 1,
             "time_limit_min": 0, "stop_after": 0, "kl_weight": 0, "cache_items": 1, "threads": 0}
+TRAINED = {"vae": AutoencoderKL, "pixart": PixArtTransformer2DModel, "sd": UNet2DConditionModel,
+           "t2i_evaluator": CaptionClassifier}  # the class --overrides configures
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
 def check_config(cfg: TrainConfig, threads: int = 0) -> None:
@@ -93,8 +110,19 @@ def check_config(cfg: TrainConfig, threads: int = 0) -> None:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
     check_numbers({**asdict(cfg), "threads": threads}, AT_LEAST, positive=("lr", "min_snr_gamma"),
                   fractions=("ema_decay", "caption_dropout"))
-    json_object("--overrides", cfg.overrides)
-    json_object("--text-overrides", cfg.text_overrides)
+    check_overrides("--overrides", cfg.overrides, init_settings(TRAINED[cfg.model]), TRAINED[cfg.model].__name__)
+    check_overrides("--text-overrides", cfg.text_overrides, text.text_encoder_config().to_dict(), "CLIPTextConfig")
+    if cfg.model in DENOISERS and not all((Path(cfg.vae) / name).is_file() for name in VAE_FILES):
+        raise ValueError(f"--vae {cfg.vae} is not an exported VAE (no {' and '.join(VAE_FILES)} there), whose latents "
+                         f"the denoisers learn: make one with `diffaccel train --model vae --out runs/t2i/vae --export "
+                         f"{cfg.vae}`, or pass the shipped one, --vae {WEIGHTS_DIR / 'sd' / 'vae'}")
+
+
+def check_outputs(cfg: TrainConfig, out: Path, dest: Path | None) -> None:
+    """Before any work: the run continues only with its own recipe, and the export overwrites no other files."""
+    check_recipe(out, asdict(cfg))
+    writes = pipeline_files(cfg.model) if cfg.model in DENOISERS else WEIGHTS_FILES
+    check_export("--export", dest, writes, {"--out": out, "--vae": Path(cfg.vae) if cfg.model in DENOISERS else None})
 
 
 def _help(field: str, default: object) -> str:
@@ -126,14 +154,16 @@ def build_task(cfg: TrainConfig) -> tuple[torch.nn.Module, Callable[[int, torch.
 
 def train(cfg: TrainConfig, out: Path, show_progress: bool = True) -> dict:
     """Train (or continue) the run in ``out``; returns the final step, recent losses and seconds per step."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     module, loss_at = build_task(cfg)
-    return loop.run(module, loss_at, cfg, out, desc=f"train {cfg.model}", show_progress=show_progress)
+    return loop.run(module, loss_at, cfg, out, asdict(cfg), desc=f"train {cfg.model}", show_progress=show_progress)
 
 
 def saved_config(out: Path) -> TrainConfig:
-    return TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    path = out / "train_config.json"
+    try:
+        return TrainConfig(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DiffaccelError(f"cannot read the run's recipe {path}: {exc}") from None
 
 
 def export(out: Path, dest: Path) -> dict:
@@ -184,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cfg = TrainConfig.for_model(given.pop("model", "pixart"), **given)
     check_config(cfg, threads)
+    check_outputs(cfg, out, dest)
     if threads:
         torch.set_num_threads(threads)
     summary = {} if only else train(cfg, out)

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from diffaccel.errors import DiffaccelError
 from diffaccel.zoo.t2i import captions
+from diffaccel.zoo.weights import _load
 
 LATENT_CHANNELS = 4
 DOWNSCALE = 4
@@ -89,7 +91,7 @@ def reconstruction_psnr(vae: AutoencoderKL, count: int = 720, batch: int = 120) 
 
 
 def load_vae(folder: Path) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False).float().eval()
+    return _load(AutoencoderKL, folder)
 
 
 def export_vae(vae: AutoencoderKL, dest: Path, info: dict) -> dict:
@@ -125,12 +127,19 @@ def cache_latents(vae_folder: Path, path: Path, count: int, batch: int = 256) ->
 
 
 def load_latents(vae_folder: Path, path: Path, count: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The cached latents and attributes of the first ``count`` training items (cached first if missing)."""
+    """The cached latents and attributes of the first ``count`` training items (cached first if missing, made
+    again if stale). A file that is no latent cache is refused, not overwritten: it may be the user's."""
     if path.exists():
-        with safe_open(str(path), framework="pt") as handle:
-            valid = handle.metadata().get("vae") == weights_digest(vae_folder)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                digest, keys = (handle.metadata() or {}).get("vae"), set(handle.keys())
+        except (SafetensorError, OSError):
+            digest, keys = None, set()
+        if digest is None or not {"latents", "attributes"} <= keys:
+            raise DiffaccelError(f"--latents {path} is not a latent cache diffaccel wrote: point --latents at a new "
+                                 "file (it is made there) or at an earlier cache")
         tensors = load_file(str(path))
-        if valid and len(tensors["latents"]) >= count:
+        if digest == weights_digest(vae_folder) and len(tensors["latents"]) >= count:
             return tensors["latents"][:count], tensors["attributes"][:count].numpy()
     cache_latents(vae_folder, path, count)
     tensors = load_file(str(path))
