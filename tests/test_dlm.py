@@ -528,3 +528,13 @@ def test_the_lm_bench_adds_rows_to_its_results_and_resumes(monkeypatch, tmp_path
     assert measured == ["baseline", "block-4", "block-4", "block-2"]  # --resume measures only the missing row
     with pytest.raises(ValueError, match="other settings .*per_task 1 there, 2 now"):
         cli_lm.lm_bench(out, "accuracy>=-1", 2, 1, None, ["block-4"], None)
+
+
+def test_the_lm_export_never_writes_over_a_folder_that_is_not_an_earlier_export(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not empty and not an earlier export"):
+        main(["--out", str(tmp_path / "run"), "--steps", "1", "--export", str(tmp_path / "mine")])
+    with pytest.raises(ValueError, match="would overwrite --out"):
+        main(["--out", str(tmp_path / "run"), "--steps", "1", "--export", str(tmp_path / "run")])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "run").exists()

@@ -44,7 +44,14 @@ from diffaccel.lm.pipeline import DLMPipeline
 from diffaccel.lm.tasks import LANGUAGE, LONGEST, TASKS, Problem, check_mix, held_out, training_batch
 from diffaccel.lm.tokenizer import CharTokenizer
 from diffaccel.zoo import checkpoint
-from diffaccel.zoo.train_options import COMMON_HELP, check_folder, check_numbers, check_recipe, json_object
+from diffaccel.zoo.train_options import (
+    COMMON_HELP,
+    check_export,
+    check_folder,
+    check_numbers,
+    check_recipe,
+    json_object,
+)
 
 
 @dataclass
@@ -238,6 +245,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     return {"step": step, "loss_last": losses[-20:]}
 
 
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "pipeline.json", "training.json")
+
+
 def export(out: Path, dest: Path) -> None:
     """Write the EMA weights of a run as the shipped folder: fp16 safetensors, config, vocabulary,
     layout (``pipeline.json``) and how it was trained (``training.json``)."""
@@ -271,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     check_folder("--out", out)
     cfg = resumed_config(out, args) if resume else TrainConfig(**args)
     check_config(cfg, threads)  # bad numbers, a malformed --overrides or --mix fail here, before any work
-    check_folder("--export", dest)
+    check_folder("--export", dest)  # and files of anything but an earlier export are not written over
+    check_export("--export", dest, EXPORT_FILES, {"--out": out})
     if threads:
         torch.set_num_threads(threads)
     result = train(cfg, out, resume=resume)
