@@ -657,3 +657,28 @@ def test_a_pipeline_run_that_stops_before_the_plan_ends_warns():
     with pytest.warns(PlanWarning, match=f"stopped after {steps // 2} of the plan's {steps} steps"):
         with diffaccel.accelerate(pipe, methods.fora(pipe, steps, interval=2)):
             pipe(**call, denoising_end=0.5, output_type="latent")
+
+
+@pytest.mark.parametrize("strength, evaluations", [(0.75, 7), (0.9, 8)])
+def test_an_image_to_image_call_under_pndm_starts_at_the_right_one_of_its_twice_evaluated_timestep(
+        strength, evaluations):
+    """PNDM's 8-step schedule evaluates t = 751 twice ([876, 751, 751, 626, ...]) and keeps no begin
+    index: a run sliced from either 751 sees 751 first. The first had always been taken, so at strength
+    0.75 (7 evaluations) a plan made on the call was refused and an 8-step plan ran misaligned."""
+    pipe, call = CASES["sd-pndm"][0]()
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        return i2i(prompt=call["prompt"], image=image, strength=strength, num_inference_steps=8, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+
+    plain = run()
+    with diffaccel.accelerate(i2i, methods.fora(pipe, evaluations, interval=1)) as full:
+        assert torch.equal(run(), plain) and full.stats.steps == evaluations
+    for wrong in (evaluations - 1, evaluations + 1):
+        with pytest.raises(PlanError, match=f"runs {evaluations} .*make the plan for {evaluations} steps"):
+            with diffaccel.accelerate(i2i, methods.fora(pipe, wrong, interval=2)):
+                run()
+    assert torch.equal(run(), plain)

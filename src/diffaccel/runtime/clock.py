@@ -43,21 +43,39 @@ class StepClock:
         self.timesteps: list[float] = []
         self.begin = 0
         self.begin_told = False  # the pipeline set the begin index itself (0 included)
+        self.in_doubt = False  # the first timestep seen stands twice in the schedule (PNDM's)
 
     @property
     def expected_steps(self) -> int:
         return len(self.timesteps) - self.begin
 
     def start(self, timesteps: Any) -> None:
-        self.active, self.step, self.calls, self.begin, self.begin_told = True, 0, 0, 0, False
+        self.active, self.step, self.calls, self.begin, self.begin_told, self.in_doubt = True, 0, 0, 0, False, False
         self.timesteps = [timestep_value(t) for t in timesteps]
 
-    def find_begin(self, t: float) -> None:
+    def find_begin(self, t: float, wanted: int | None = None) -> None:
         """At a run's first forward: where an image-to-image pipeline whose scheduler keeps no begin
-        index (DDIM) starts in the schedule, read off the timestep the model sees there (not where the
-        pipeline told it: AuraFlow sets 0 and passes t / 1000, which can equal a later timestep)."""
-        if not self.begin_told and self.timesteps and t != self.timesteps[0] and t in self.timesteps:
-            self.begin = self.timesteps.index(t)
+        index (DDIM, PNDM) starts in the schedule, read off the timestep the model sees there (not where
+        the pipeline told it: AuraFlow sets 0 and passes t / 1000, which can equal a later timestep). A
+        timestep PNDM evaluates twice leaves two starts: the one that leaves ``wanted`` evaluations (the
+        plan's), else the first, checked at the next step (``recheck_begin``)."""
+        if self.begin_told or not self.timesteps or t == self.timesteps[0] or t not in self.timesteps:
+            return
+        places = [i for i, x in enumerate(self.timesteps) if x == t]
+        self.begin = next((i for i in places if len(self.timesteps) - i == wanted), places[0])
+        self.in_doubt = len(places) > 1
+
+    def recheck_begin(self, t: float) -> bool:
+        """At the second step of a run whose start was in doubt: the timestep seen now settles it (the
+        begin moves to the other place if need be); True when it was settled here."""
+        if not self.in_doubt or self.step != 1 or self.calls:
+            return False
+        self.in_doubt = False
+        ts, begin = self.timesteps, self.begin
+        for other in (begin - 1, begin + 1):
+            if 0 <= other < len(ts) - 1 and ts[other] == ts[begin] and ts[other + 1] == t != ts[begin + 1]:
+                self.begin = other
+        return True
 
     def next_branch(self) -> int:
         branch = self.calls

@@ -169,18 +169,21 @@ class Executor:
         self.scheduler = self._pipe = None
 
     def _run_set(self) -> None:
-        """The scheduler's timesteps are set: the run starts at its first forward, where an image-to-image
-        pipeline's begin index is known (its evaluations are the schedule's tail from there)."""
+        """The timesteps are set: the run starts at its first forward, where an image-to-image begins."""
         self._pending_run = True
 
-    def _start_run(self) -> None:
-        """A pipeline call starts: forget all cache state; fit the plan to the run's step count."""
-        self._pending_run = False
-        self._states.clear()
-        self.stats = Stats()
+    def _fit_plan(self) -> None:
+        """The plan for the run's step count (as it is, mapped when asked, or refused)."""
         steps = self.clock.expected_steps
         if not self.source_plan.step_free and steps != self.plan.num_steps:
             self._use(plan_for_run(self.source_plan, steps, len(self.clock.timesteps), self.resample))
+
+    def _start_run(self) -> None:
+        """A pipeline call starts: forget all cache state; fit the plan to the run's step count."""
+        self._pending_run, self.stats = False, Stats()
+        self._states.clear()
+        if self.resample or not self.clock.in_doubt:  # else the second step says which count to refuse
+            self._fit_plan()
         for feature in self._hooks["start_run"]:
             feature.start_run()
 
@@ -214,18 +217,18 @@ class Executor:
         if self._current is not None:  # re-entrant call (e.g. parallel decoding): plain pass-through
             return original(*args, **kwargs)
         if self._pipe is not None and getattr(self._pipe, "scheduler", None) is not self.scheduler:
-            raise PlanError("the pipeline's scheduler was replaced inside the accelerate block, so its steps are "
-                            "not counted and the plan's rows would not match them: set pipe.scheduler before "
-                            "applying the plan")
+            raise PlanError("the pipeline's scheduler was replaced inside the accelerate block, so its steps are not "
+                            "counted and the plan's rows would not match them: set pipe.scheduler before applying it")
         bound = self._signature.bind(*args, **kwargs)
         sample = bound.arguments[self.adapter.sample_arg]
         t = timestep_value(bound.arguments[self.adapter.timestep_arg])
         if self._pending_run:
-            self.clock.find_begin(t)
+            self.clock.find_begin(t, None if self.source_plan.step_free else self.source_plan.num_steps)
             self._start_run()
+        elif self.clock.recheck_begin(t):  # PNDM's twice-evaluated timestep had left the start in doubt:
+            self._fit_plan()  # the first step computed every unit under any plan, so its caches stand
         state = self._branch(tuple(sample.shape), t)
-        state.last_t = t
-        state.passthrough = set()
+        state.last_t, state.passthrough = t, set()
         self.stats.steps = max(self.stats.steps, state.step + 1)
         if self.plan.num_steps is not None and state.step >= self.plan.num_steps:
             raise PlanError(f"the plan is for {self.plan.num_steps} steps but the sampler asked for step "
