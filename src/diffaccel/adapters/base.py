@@ -148,19 +148,6 @@ class TransformerAdapter(Adapter):
             return {u for u in units if u.rsplit(".", 1)[-1] in components}
         return set(units)
 
-    def check_arguments(self, model: torch.nn.Module) -> None:
-        """``sample_arg`` and ``timestep_arg`` must name arguments of the model's forward: the executor
-        reads a call's sample and timestep by these names."""
-        parameters = inspect.signature(model.forward).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            return
-        for field in ("sample_arg", "timestep_arg"):
-            if getattr(self, field) not in parameters:
-                raise UnsupportedModelError(
-                    f"the {self.name!r} adapter's {field} is {getattr(self, field)!r}, which "
-                    f"{type(model).__name__}.forward does not take (its arguments: {', '.join(parameters)}): "
-                    f"set {field} to the name of its {'noisy input' if field == 'sample_arg' else 'timestep'}")
-
     def units(self, model: torch.nn.Module, granularity: str = "block") -> list[Unit]:
         self.check_granularity(granularity)
         units = []
