@@ -434,3 +434,15 @@ def test_plan_show_reads_a_plan_from_a_pipe_and_says_what_it_cannot_count(monkey
     code, _, err = run_cli(monkeypatch, capsys, "plan", "make", "fora", "--model", "dit", "--steps", "10",
                            "--interval", "2", "--param", "interval=3", "--out", tmp_path / "twice.json")
     assert code == 2 and "interval is given twice" in err and not (tmp_path / "twice.json").exists()
+
+
+@requires_weights
+def test_a_quantized_plan_saved_by_generate_records_what_it_was_calibrated_on(monkeypatch, capsys, tmp_path):
+    """It had no calibration section, so it ran under another scheduler without the warning a plan
+    made by `diffaccel quantize` gives."""
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", "dit", "--quant", "w8a8", "--per-class", "1",
+                           "--classes", "circle", "--steps", "4", "--threads", "1", "--out", tmp_path / "g",
+                           "--save-plan", tmp_path / "q.json")
+    assert code == 0, err
+    plan = Plan.load(tmp_path / "q.json")
+    assert plan.method == "ptq" and plan.calibration is not None and plan.calibration.scheduler == "DDIMScheduler"

@@ -319,3 +319,37 @@ def test_overrides_that_keep_every_layer_in_floating_point_warn_that_nothing_is_
     with pytest.warns(UserWarning, match="quantizes nothing"):
         methods.quant_spec(pipe, pipe.workload_calls(STEPS, per_class=1, classes=[0]), overrides={"*": 32},
                            calibration=str(tmp_path / "c.safetensors"))
+
+
+def test_sensitivity_measures_each_layer_at_the_width_the_plan_gives_it():
+    """`--keep` layers had been ranked as if at the spec's bits (the worst of all, for an output layer
+    the plan keeps in floating point), and the 8-bit defaults scored at 4 bits."""
+    from diffaccel.calibration.record import denoiser_calls
+    from diffaccel.quant.sensitivity import sensitivity
+
+    pipe = make_pipes()[0]
+    workload = pipe.workload_calls(4, per_class=1, classes=[0, 1])
+    plan = methods.ptq(pipe, workload, bits="w4a8", keep=("proj_out_2",))
+    rows = sensitivity(pipe.denoiser, plan.quant, Calibration.load(plan.quant.calibration),
+                       denoiser_calls(pipe, workload, every=2), progress=False)
+    by_layer = {row["layer"]: row for row in rows}
+    assert by_layer["proj_out_2"]["relative_error"] is None and rows[-1]["layer"] == "proj_out_2"
+    assert by_layer["pos_embed.proj"]["bits"] == 8 and {r["bits"] for r in rows[:-1]} == {4, 8}
+    assert all(r["relative_error"] > 0 for r in rows[:-1])
+
+
+def test_the_output_layer_of_pixart_stays_at_8_bits_and_quantize_takes_a_calibration_path():
+    import sys
+
+    sys.path.insert(0, "tests")
+    from stock_pipelines import build
+
+    from diffaccel.methods.ptq import default_overrides
+
+    pixart, _ = build("pixart-alpha")
+    assert default_overrides(4, pixart.transformer).get("proj_out") == 8  # the docs' "layers that touch pixels"
+    pipe = make_pipes()[0]
+    plan = methods.ptq(pipe, pipe.workload_calls(4, per_class=1, classes=[0]), bits="w8a8")
+    handle = quantize_(pipe.denoiser, plan.quant, plan.quant.calibration)  # a path: had been an AttributeError
+    handle.restore()
+    assert untouched(pipe.denoiser)

@@ -273,7 +273,8 @@ def load_target(model: str | None = None, pipeline: Path | None = None, prompts:
         check_arguments(calls, pipe)
         return Target(Path(pipeline).name, pipe, calls, str(pipeline))
     if prompts is not None:
-        raise WorkloadError("--prompts goes with --pipeline or --model pixart|sd; the embedded models take --classes")
+        raise WorkloadError("--prompts goes with --pipeline or --model pixart|sd; the embedded models draw their "
+                            "classes (--classes, where a command takes it)")
     pipe = load_pipeline(model or "dit", sampler, weights)
     return Target(model or "dit", pipe, None, str(weights) if weights else None, load_evaluator())
 

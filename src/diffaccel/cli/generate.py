@@ -38,7 +38,7 @@ from diffaccel.cli.common import (
 from diffaccel.cli.lm import LM_MODEL, generate_command
 from diffaccel.errors import DiffaccelError, lost_peer
 from diffaccel.generate import GenerateConfig, run_generate
-from diffaccel.methods.ptq import quant_spec
+from diffaccel.methods.ptq import ptq, quant_spec
 from diffaccel.parallel import ParallelError, close, init, tag_logging
 from diffaccel.parallel.job import ParallelConfig
 from diffaccel.plan import Plan
@@ -191,7 +191,10 @@ def _whole_model(tgt, plan: Plan | None, calls: Any, quant: str | None, backend:
     backend = quant_backend_for(quant, backend)
     if quant is None and precision is None:
         return plan
-    plan = plan or identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "ptq" if quant else "precision"})
+    if plan is None and quant is not None:  # made as `diffaccel quantize` makes it: with the record of its calls
+        plan = ptq(tgt.pipe, calls, bits=quant, backend=backend, per_step=per_step)
+        return plan if precision is None else Plan.from_dict({**plan.model_dump(), "precision": precision})
+    plan = plan or identity_plan(tgt.denoiser()[0]).model_copy(update={"method": "precision"})
     if quant is not None:
         if plan.quant is not None:
             raise ValueError(f"the plan is already quantized ({plan.quant.label} {plan.quant.backend}): drop --quant, "

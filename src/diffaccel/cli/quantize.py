@@ -61,8 +61,10 @@ def quantize(
             rows = rank_layers(tgt.denoiser()[0], the_plan.quant, Calibration.load(the_plan.quant.calibration),
                                recorded)
             (out / "sensitivity.json").write_text(json.dumps(rows, indent=2))
-            for row in rows[:10]:
-                typer.echo(f"  {row['relative_error']:.2e}  {row['layer']}")
-            typer.echo(f"wrote {out / 'sensitivity.json'} ({len(rows)} layers, worst first)")
+            for row in [r for r in rows if r["relative_error"] is not None][:10]:
+                typer.echo(f"  {row['relative_error']:.2e}  {row['layer']} ({row['bits']}-bit weights)")
+            kept = sum(r["relative_error"] is None for r in rows)
+            typer.echo(f"wrote {out / 'sensitivity.json'} ({len(rows)} layers, worst first"
+                       + (f"; {kept} kept in floating point are listed last)" if kept else ")"))
 
     run_guarded(job, out_dir=out)

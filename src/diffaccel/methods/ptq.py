@@ -38,7 +38,8 @@ from diffaccel.runtime.fitted import scheduler_settings
 
 # Layers that carry the timestep or touch pixels directly: one step more precise than the rest
 # (QuEST: time-embedding layers are the most sensitive at low bit widths).
-SENSITIVE = ("*timestep_embedder*", "*time_embedding*", "pos_embed.proj", "proj_out_2", "conv_in", "conv_out")
+SENSITIVE = ("*timestep_embedder*", "*time_embedding*", "pos_embed.proj", "proj_out_2", "proj_out",  # proj_out: PixArt,
+             "conv_in", "conv_out")  # SD3 and Flux's output layer
 
 
 def default_overrides(weight_bits: int, model: torch.nn.Module) -> dict[str, int]:

@@ -7,6 +7,7 @@ Everything is checked before the first layer is swapped, so a bad request leaves
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 import torch
 
@@ -89,11 +90,14 @@ class QuantHandle:
             self.applied = False
 
 
-def prepare(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
+def prepare(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration | str | Path,
             clock: StepClock | None = None) -> QuantHandle:
     """Check the request and build the quantized layers, leaving the model as it is until ``apply()``.
-    ``clock`` returns the current step for per-step scales (the executor passes its own)."""
+    ``calibration``: a ``Calibration`` or its file (``spec.calibration``). ``clock`` returns the current
+    step for per-step scales (the executor passes its own)."""
     check_float32(model)
+    if isinstance(calibration, (str, Path)):
+        calibration = Calibration.load(calibration)
     return QuantHandle(quantized_layers(model, spec, calibration, clock))
 
 
@@ -107,7 +111,7 @@ def check_float32(model: torch.nn.Module) -> None:
                          "(autocast) instead")
 
 
-def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration,
+def quantize_(model: torch.nn.Module, spec: QuantSpec, calibration: Calibration | str | Path,
               clock: StepClock | None = None) -> QuantHandle:
     """Quantize ``model`` in place as ``spec`` says; ``handle.restore()`` undoes it."""
     return prepare(model, spec, calibration, clock).apply()
