@@ -291,3 +291,39 @@ def test_bench_counts_the_images_of_calls_that_draw_several(monkeypatch, capsys,
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert results["samples"]["n_images"] == 8 and not results["skipped"]
     assert {row["n_images"] for row in results["rows"]} == {8}
+
+
+def test_prompt_lines_of_different_cost_are_counted_each_at_its_own(monkeypatch, capsys, sd_folder, tmp_path):
+    """The first line's MACs per image had stood for every line: 18.1 M for a file averaging 67.9 M."""
+    folder, _ = sd_folder
+    lines = {"cheap": {"prompt": "a red circle", "num_inference_steps": 2, "guidance_scale": 1.0},
+             "dear": {"prompt": "a blue circle", "num_inference_steps": 6, "guidance_scale": 7.5,
+                      "num_images_per_prompt": 3}}
+    records = {}
+    for name, chosen in (("cheap", ["cheap"]), ("dear", ["dear"]), ("both", ["cheap", "dear"])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(lines[k]) for k in chosen) + "\n")
+        ok(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", tmp_path / f"{name}.jsonl",
+           "--threads", "1", "--out", tmp_path / name)
+        records[name] = json.loads((tmp_path / name / "record.json").read_text())
+    weighted = sum(records[k]["macs_per_image"] * records[k]["n_images"] for k in ("cheap", "dear"))
+    assert records["both"]["macs_per_image"] == pytest.approx(weighted / records["both"]["n_images"], rel=1e-3)
+
+
+def test_bench_runs_at_the_step_count_every_prompt_line_sets(monkeypatch, capsys, sd_folder, tmp_path):
+    """Every line sets 3 steps; the bench had run 50, skipped every plan as made for 50 steps, and timed
+    its fewer-step baselines at more steps than the lines' own."""
+    folder, _ = sd_folder
+    three = tmp_path / "three.jsonl"
+    three.write_text(json.dumps({"prompt": "a red circle", "num_inference_steps": 3}) + "\n")
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"fora": [{"interval": 2}]}))
+    ok(monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", three, "--quick", "--per-class", "1",
+       "--no-peers", "--sweep", sweep, "--threads", "1", "--out", tmp_path / "b")
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert results["baseline"]["steps"] == 3 and [r["name"] for r in results["rows"]] == ["fora"]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(three.read_text() + json.dumps({"prompt": "a blue circle", "num_inference_steps": 4}) + "\n")
+    assert "different num_inference_steps" in one_line_error(
+        monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", mixed, "--out", tmp_path / "m")
+    assert "--threads 100000 is more than" in one_line_error(
+        monkeypatch, capsys, "generate", "--model", "dit", "--threads", "100000", "--out", tmp_path / "t")

@@ -339,12 +339,8 @@ def test_sensitivity_measures_each_layer_at_the_width_the_plan_gives_it():
 
 
 def test_the_output_layer_of_pixart_stays_at_8_bits_and_quantize_takes_a_calibration_path():
-    import sys
-
-    sys.path.insert(0, "tests")
-    from stock_pipelines import build
-
     from diffaccel.methods.ptq import default_overrides
+    from stock_pipelines import build
 
     pixart, _ = build("pixart-alpha")
     assert default_overrides(4, pixart.transformer).get("proj_out") == 8  # the docs' "layers that touch pixels"

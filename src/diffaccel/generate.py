@@ -131,21 +131,26 @@ def _sample(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool,
     With ``compare`` the warm-ups run under torch's FLOP counter: the MACs of each side's whole call (text encoder and
     decoder too, as ``bench`` counts them), so a plan that changes the sampler or its steps compares
     with the baseline's own run, not with the plan's forwards done in full."""
-    held: list = []
+    per_image_full = 0.0
+    call_macs = (0.0, 0.0) if plan is not None and compare else None
+    groups = cost_groups(calls)
+    total = sum(weight for _, weight in groups)
+    for first, weight in groups:  # one discarded warm-up per kind of call (its steps, guidance, size): its MACs
+        runner.macs = runner.full_macs = 0
+        held: list = []
 
-    def warm_up() -> None:  # also measures the unit costs
-        held.append(runner(calls[0], accelerated=True))
+        def warm_up(call: Call = first, out: list = held) -> None:  # also measures the unit costs
+            out.append(runner(call, accelerated=True))
 
-    call_macs = None
-    if plan is not None and compare:
-        plan_macs = count_macs(warm_up)
-        base_macs = count_macs(lambda: runner(calls[0], accelerated=False))
-        # per image: the baseline's whole call, and what the plan's call runs outside the denoiser
-        call_macs = (base_macs / len(held[0]), (plan_macs - runner.macs) / len(held[0]))
-    else:
-        warm_up()
-    warm = held[0]
-    per_image_full = runner.full_macs / len(warm)
+        if call_macs is not None:
+            plan_macs = count_macs(warm_up)
+            base_macs = count_macs(lambda c=first: runner(c, accelerated=False))
+            # per image: the baseline's whole call, and what the plan's call runs outside the denoiser
+            share = weight / total / len(held[0])
+            call_macs = (call_macs[0] + base_macs * share, call_macs[1] + (plan_macs - runner.macs) * share)
+        else:
+            warm_up()
+        per_image_full += runner.full_macs * weight / total / len(held[0])
     runner.macs = runner.full_macs = 0
     fast, base, base_times, fast_times = [], [], [], []
     for call in tqdm(calls, desc="sampling", disable=not progress or len(calls) < 2):
@@ -160,6 +165,19 @@ def _sample(runner: Runner, calls: list[Call], plan: Plan | None, compare: bool,
     return {"fast": fast, "base": base, "base_times": base_times, "fast_times": fast_times,
             "warmup_macs": per_image_full,
             "call_macs": call_macs}
+
+
+COST_ARGUMENTS = ("num_inference_steps", "guidance_scale", "height", "width", "true_cfg_scale")
+
+
+def cost_groups(calls: list[Call]) -> list[tuple[Call, int]]:
+    """The calls by what sets their cost per image (steps, guidance, size): the first of each kind and the
+    images all of that kind make (a prompt file's lines may differ; the first line's cost had stood for all)."""
+    groups: dict[tuple, list] = {}
+    for call in calls:
+        key = tuple(repr(call.kwargs.get(name)) for name in COST_ARGUMENTS)
+        groups.setdefault(key, [call, 0])[1] += call_images(call)
+    return [(first, weight) for first, weight in groups.values()]
 
 
 def _concat(images: list[torch.Tensor]) -> torch.Tensor:

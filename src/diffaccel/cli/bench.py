@@ -16,7 +16,6 @@ from diffaccel.bench.sweeps import read_sweep
 from diffaccel.cli.common import (
     ANY_MODEL,
     ANY_STEPS,
-    DEFAULT_STEPS,
     PIPELINE,
     PROMPTS,
     SamplerName,
@@ -25,6 +24,7 @@ from diffaccel.cli.common import (
     fail,
     refuse_sampler_with_folder,
     run_guarded,
+    steps_of,
 )
 from diffaccel.cli.lm import BENCH_OPTIONS, LM_MODEL, lm_bench, refuse_image_options
 from diffaccel.eval.io import write_json
@@ -80,7 +80,7 @@ def bench(
         pipeline, prompts, adherence, weights = _inputs(model, pipeline, prompts, weights, sampler.value, guidance, out)
         names = class_names(classes)
         cfg = BenchConfig(model=model, quick=quick, per_class=per_class, batch_size=batch_size,
-                          steps=steps or DEFAULT_STEPS,
+                          steps=_bench_steps(prompts, steps),
                           sampler=sampler.value, guidance=guidance, seed=seed, threads=threads, classes=names,
                           sweep=read_sweep(sweep) if sweep is not None else None,
                           only=[n.strip() for n in only.split(",") if n.strip()] if only is not None else None,
@@ -119,6 +119,16 @@ def _check_options(ctx: typer.Context, pipeline: Path | None, tail: float | None
 def _check_tail(tail: float | None) -> None:
     if tail is not None and not math.isfinite(tail):
         raise ValueError(f"--tail must be a finite number of dB, got {tail}")
+
+
+def _bench_steps(prompts: Path | None, steps: int | None) -> int:
+    """The one step count the bench compares every setting at: ``--steps``, else the prompt file's (it had
+    run 50 and skipped every plan when each line set 6), else 50."""
+    lines = read_prompts(prompts) if prompts else None
+    if len({line.get("num_inference_steps") for line in lines or [{}]}) > 1:
+        raise ValueError("the prompt file's lines run different num_inference_steps, and the bench compares every "
+                         "setting at one step count: give every line the same (or none, and --steps)")
+    return steps_of(lines, steps)
 
 
 def _print_summary(path: Path, out: Path) -> None:

@@ -56,6 +56,7 @@ ANY_STEPS = typer.Option(None, min=1, help="denoising steps (num_inference_steps
                                           "token per step)")
 GUIDANCE = typer.Option(3.0, help="classifier-free guidance scale (<= 1 disables it)")
 THREADS = typer.Option(0, min=0, help="torch threads (0: torch's default)")
+MAX_THREADS = 4096
 
 
 def fail(message: str) -> None:
@@ -70,6 +71,9 @@ def setup(threads: int = 0, guidance: float | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.showwarning = _one_line_warning
     keep_freed_memory()
+    if threads > MAX_THREADS:  # torch's thread pool segfaulted at 100000
+        raise ValueError(f"--threads {threads} is more than {MAX_THREADS}: give at most the machine's cores "
+                         f"({os.cpu_count()} here)")
     if threads:
         torch.set_num_threads(threads)
     if guidance is not None and not math.isfinite(guidance):
@@ -104,7 +108,12 @@ def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: Sam
 def call_steps(tgt: Target, steps: int | None) -> int:
     """The steps the command's calls run: ``--steps``, else the count every line of the prompt file
     sets, else 50. A prompt file's own count wins on its lines (said, when ``--steps`` asks another)."""
-    own = {call.get("num_inference_steps") for call in tgt.calls or [{}]}
+    return steps_of(tgt.calls, steps)
+
+
+def steps_of(calls: list[dict] | None, steps: int | None) -> int:
+    """``call_steps`` for the lines of a prompt file (None: an embedded model's calls)."""
+    own = {call.get("num_inference_steps") for call in calls or [{}]}
     if len(own) == 1 and None not in own:
         (file_steps,) = own
         if steps is not None and steps != file_steps:
