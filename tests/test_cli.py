@@ -161,7 +161,8 @@ def test_generate_counts_a_fewer_step_plan_against_the_baselines_own_run(run, tm
     (["--precision", "int4"], ["precision", "bfloat16"]),
     (["--precision", "int4", "--method", "warpdrive"], ["precision", "bfloat16"]),  # refused before the model loads
     (["--quant-backend", "int8"], ["--quant-backend goes with --quant"]),  # was ignored
-    (["--compare"], ["--compare needs something to compare"]),  # was ignored
+    (["--compare"], ["--compare needs a plan"]),  # was ignored
+    (["--save-plan", "p.json"], ["--save-plan needs a plan"]),  # had written nothing without a word
     (["--quant", "w8a8", "--quant-backend", "int4"], ["backend: Input should be"]),  # names the setting
 ])
 def test_generate_bad_input_gives_one_line_error(run, args, fragments, tmp_path):
@@ -446,3 +447,10 @@ def test_a_quantized_plan_saved_by_generate_records_what_it_was_calibrated_on(mo
     assert code == 0, err
     plan = Plan.load(tmp_path / "q.json")
     assert plan.method == "ptq" and plan.calibration is not None and plan.calibration.scheduler == "DDIMScheduler"
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_sampling(run, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    assert_clean_error(run("generate", "--steps", "2", "--per-class", "1", "--out", str(tmp_path / "afile")),
+                       "--out", "is a file")  # had sampled every image first
+    assert (tmp_path / "afile").read_text() == "mine"

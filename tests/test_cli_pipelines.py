@@ -327,3 +327,9 @@ def test_bench_runs_at_the_step_count_every_prompt_line_sets(monkeypatch, capsys
         monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", mixed, "--out", tmp_path / "m")
     assert "--threads 100000 is more than" in one_line_error(
         monkeypatch, capsys, "generate", "--model", "dit", "--threads", "100000", "--out", tmp_path / "t")
+
+
+def test_any_seed_runs_on_a_pipeline_folder_as_on_the_shipped_models(monkeypatch, capsys, sd_folder, tmp_path):
+    folder, prompts = sd_folder  # seeds past 2**63 had failed inside torch's generator ("Overflow when unpacking")
+    ok(monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", prompts, "--per-class", "2", "--steps", "2",
+       "--seed", str(2**64 - 1), "--threads", "1", "--out", tmp_path / "g")

@@ -155,7 +155,7 @@ class Target:
             return self.pipe.workload_calls(steps, guidance, per_class, seed, calibration, classes, batch_size)
         base = (CALIBRATION_SEED if calibration else 0) + seed
         calls = [{"num_inference_steps": steps, "guidance_scale": guidance, **call,
-                  "seed": base + _own_seed(call, i * per_class) + k}
+                  "seed": (base + _own_seed(call, i * per_class) + k) % 2**63}  # torch's generators take < 2**63
                  for i, call in enumerate(self.calls) for k in range(per_class)]
         kind = "calibration" if calibration else "evaluation"
         return Workload.from_calls(calls, description=f"{kind} seeds from {base}, {len(self.calls)} prompts x "

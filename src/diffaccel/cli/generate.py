@@ -108,7 +108,7 @@ def generate(
         tag_logging(init())
         names = class_names(classes)
         settings = parse_params(param, interval=interval, branch=branch, order=order, threshold=threshold, keys=keys)
-        _check_inputs(plan, compare and not (method or plan or quant or precision), save_plan)
+        _check_inputs(plan, not (method or plan or quant or precision), compare, save_plan, out)
         tgt = target(model, pipeline, prompts, sampler, weights)
         num_steps = call_steps(tgt, steps)
         cfg = GenerateConfig(classes=names, per_class=per_class, steps=num_steps, sampler=sampler.value,
@@ -128,12 +128,15 @@ def generate(
     _report(run_guarded(_rank_tagged, job, out_dir=out), out, compare)
 
 
-def _check_inputs(plan: Path | None, compares_nothing: bool, save_plan: Path | None) -> None:
-    """Refuse a broken plan file, ``--compare`` with nothing to compare, or a folder where ``--save-plan``
-    (written after the run) would go, before any model loads."""
+def _check_inputs(plan: Path | None, no_plan: bool, compare: bool, save_plan: Path | None, out: Path) -> None:
+    """Refuse a broken plan file, ``--compare`` or ``--save-plan`` with no plan, a file where ``--out`` goes,
+    or a folder where ``--save-plan`` (written after the run) would go, before any model loads."""
     check_plan_file(plan)
-    if compares_nothing:
-        raise ValueError("--compare needs something to compare: give --method, --plan, --quant or --precision")
+    if no_plan and (compare or save_plan is not None):
+        raise ValueError(f"{'--compare' if compare else '--save-plan'} needs a plan: give --method, --plan, --quant "
+                         "or --precision")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for grid.png and record.json")
     if save_plan is not None and save_plan.is_dir():
         raise ValueError(f"--save-plan {save_plan} is a folder: name a .json file")
     if save_plan is not None and not _can_write_in(save_plan.parent):
