@@ -325,6 +325,12 @@ def test_bench_runs_at_the_step_count_every_prompt_line_sets(monkeypatch, capsys
     mixed.write_text(three.read_text() + json.dumps({"prompt": "a blue circle", "num_inference_steps": 4}) + "\n")
     assert "different num_inference_steps" in one_line_error(
         monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", mixed, "--out", tmp_path / "m")
+    sizes = tmp_path / "sizes.jsonl"
+    sizes.write_text(three.read_text() + json.dumps({"prompt": "a blue circle", "num_inference_steps": 3,
+                                                     "height": 32, "width": 24}) + "\n")
+    assert "images of different sizes" in one_line_error(
+        monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", sizes, "--out", tmp_path / "s")
+    assert not (tmp_path / "s").exists()
     assert "--threads 100000 is more than" in one_line_error(
         monkeypatch, capsys, "generate", "--model", "dit", "--threads", "100000", "--out", tmp_path / "t")
 

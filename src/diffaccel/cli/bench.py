@@ -128,6 +128,9 @@ def _bench_steps(prompts: Path | None, steps: int | None) -> int:
     if len({line.get("num_inference_steps") for line in lines or [{}]}) > 1:
         raise ValueError("the prompt file's lines run different num_inference_steps, and the bench compares every "
                          "setting at one step count: give every line the same (or none, and --steps)")
+    if len({(line.get("height"), line.get("width")) for line in lines or [{}]}) > 1:  # failed after every group
+        raise ValueError("the prompt file's lines make images of different sizes, which the bench scores side by "
+                         "side: give every line the same height and width")
     return steps_of(lines, steps)
 
 
