@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ from diffaccel.calibration.dp import optimal_keys
 from diffaccel.calibration.reference import CalibrationRun, identity_plan
 from diffaccel.calibration.workload import Workload, as_workload
 from diffaccel.cli.search import default_strategy, summary_line
-from diffaccel.errors import SearchError, SearchWarning, WorkloadError
+from diffaccel.errors import SearchError, SearchWarning, SettingError, WorkloadError
 from diffaccel.eval.paired import paired_change
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
@@ -46,7 +47,15 @@ from diffaccel.search.context import Context
 from diffaccel.search.handmade import handmade_plans
 from diffaccel.search.heldout import compare, heldout_check, heldout_reserve
 from diffaccel.search.judged import JudgedCheck, chance_to_pass
-from diffaccel.search.sizing import CALIBRATION_PER_CLASS, HELDOUT_PER_CLASS, PROBE_STEPS, affordable_sizes
+from diffaccel.search.result import marked
+from diffaccel.search.sizing import (
+    CALIBRATION_PER_CLASS,
+    HELDOUT_PER_CLASS,
+    PROBE_STEPS,
+    SIZES_FILE,
+    affordable_sizes,
+    kept_sizes,
+)
 from diffaccel.search.space import Space
 from diffaccel.search.validation import (
     FINAL_SHARE,
@@ -109,6 +118,13 @@ def test_budget_parsing():
         SearchConfig(budget="psnr>=30,judge>=-1", validate=False).check()
     with pytest.raises(SearchError, match="judge_images"):
         SearchConfig(budget="psnr>=30,judge>=-1", judge_images=0).check()
+    # checked before the calibration run (they had been optuna's and the DP's ValueErrors after it)
+    for bad in ({"population": 1}, {"population": 2.5}, {"k_values": (0,)}, {"k_values": ()}, {"k_values": (2.0,)}):
+        with pytest.raises(SettingError, match="population|k_values"):
+            SearchConfig(**bad).check()
+    SearchConfig(k_values=(99,)).check()  # the steps are known after the calibration run
+    with pytest.raises(SettingError, match="from 1 to 6"):
+        SearchConfig(k_values=(99,)).check_k_values(6)
 
 
 def test_unparsable_budget_fails_before_any_work(pipes):
@@ -364,12 +380,13 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
     hand = SimpleNamespace(source="deepcache 5", latency_fraction=0.5)
     handmade = [SimpleNamespace(key="deepcache 5", plan="the hand-made plan")]
 
-    def check(started: float) -> dict:
+    def check(started: float, source: str = "unipc 5") -> dict:
         compared.clear()
         ctx = SimpleNamespace(calib=SimpleNamespace(pipe=None, reference=[0] * 4), log=lines.append,
                               budget=parse_budget("psnr>=30"), started=started, judge=None,
                               config=SimpleNamespace(pairs=2, time_limit=900.0))
         summary = {"met": True, "model": "m", "strategy": "joint", "calib_psnr": 32.0, "budget": "psnr>=30",
+                   "source": source, "calib_speedup_macs": 2.9,
                    "best_handmade": {"name": "deepcache", "settings": {"interval": 5}, "met": True,
                                      "calib_psnr": 33.0, "calib_speedup_macs": 2.6}}
         heldout_check(ctx, summary, "the chosen plan", object(), (hand, True, 0.0), handmade)
@@ -384,6 +401,11 @@ def test_the_best_handmade_plans_held_out_check_is_skipped_when_it_would_end_pas
     assert "5th pct" not in summary_line(late)  # the budget bounds the mean only
     tailed = {**late, "budget": "psnr>=30,psnr_p5>=25", "heldout_psnr_p5": 26.04, "validation_psnr_p5_bound": 27.34}
     assert "(5th pct 26.0 dB held-out, at least 27.3 on validation)" in summary_line(tailed)
+    assert "denoiser MACs" in summary_line(late) and "the chosen plan there: 2.90x" in summary_line(late)
+    # the hand-made plan chosen: its held-out figures are the chosen plan's, not "not re-measured" calibration ones
+    same = check(started=time.time() - 899.9, source="deepcache 5")
+    assert compared == ["the chosen plan"] and same["best_handmade"]["speedup_macs"] == same["speedup_macs"] == 4.0
+    assert "is the plan chosen" in summary_line(same) and "not re-measured" not in summary_line(same)
 
 
 def test_a_plan_slower_than_the_pipeline_on_the_held_out_check_is_said_to_be(monkeypatch):
@@ -444,7 +466,7 @@ def test_storage_from_another_model_is_refused(pipes, dit_search):
     with pytest.raises(StorageMismatchError, match="another model"):
         search(pipes[1], calib(), budget="psnr>=20", out=out, trials=1, log=quiet)
     other_steps = make_pipes()[0]
-    with pytest.raises(StorageMismatchError, match=f"a search of this model at {STEPS} steps, not {STEPS + 1}"):
+    with pytest.raises(StorageMismatchError, match=f"this model at {STEPS} denoiser evaluations, not {STEPS + 1}"):
         search(other_steps, calib(STEPS + 1), budget="psnr>=20", out=out, trials=1, log=quiet)
 
 
@@ -556,6 +578,15 @@ def _assert_failed_and_retried_once(url, name, hanging):
     assert len(retried) == 1 and retried[0].params == hanging.params and retried[0].state.name == "COMPLETE"
 
 
+def test_a_search_storage_it_cannot_write_to_is_refused_in_one_line(pipes, tmp_path):
+    """Re-running a finished search on a read-only copy of its folder ended in optuna's
+    StorageInternalError traceback; it is a SearchError that says what to give instead."""
+    search(pipes[0], calib(), trials=4, out=tmp_path, log=quiet, **RESUME)
+    read_only = f"sqlite:///file:{tmp_path / 'study.db'}?mode=ro&uri=true"
+    with pytest.raises(SearchError, match="cannot write to the search storage .*readonly"):
+        search(pipes[0], calib(), trials=4, storage=read_only, log=quiet, **RESUME)
+
+
 def test_a_trial_left_running_is_re_evaluated(pipes, straight, tmp_path):
     """A kill during an evaluation leaves the trial RUNNING: it is failed, and its parameters
     evaluated again first."""
@@ -640,6 +671,13 @@ def test_the_cli_strategy_is_nsga2_only_for_the_options_only_nsga2_uses():
     assert default_strategy(12, None, None, "fake") == "nsga2"
     assert default_strategy(None, "8,4", "w8a8", "fake") == "nsga2"
     assert default_strategy(None, None, "w8a8", "fake") == "nsga2"
+
+
+def test_the_cli_refuses_nsga2_options_given_to_another_strategy(monkeypatch, capsys, tmp_path):
+    """``--strategy dp --trials 5`` ran the dp strategy and ignored the trials without a word."""
+    code, _, err = run_cli(monkeypatch, capsys, "search", "--model", "unet", "--strategy", "dp", "--trials", "5",
+                           "--out", tmp_path / "s")
+    assert code != 0 and "--trials only apply to --strategy nsga2, not dp" in err and not (tmp_path / "s").exists()
 
 
 def test_the_calibration_and_held_out_sets_grow_with_the_time_limit_between_their_bounds(pipes):
@@ -1018,6 +1056,32 @@ def test_a_search_validates_its_choice_unless_told_not_to(pipes):
     assert plain.chosen.source == tried[0]["source"]  # unvalidated: the cheapest that cleared, the first one tried
     if checked.summary["validation_confirmed"]:
         assert checked.chosen.source == tried[-1]["source"] and checked.summary["validation_psnr"] >= 20
+
+
+def test_a_resumed_search_logs_the_image_counts_it_runs_with(tmp_path):
+    """The log of a search resumed in a folder gave the stored counts even where the command gave its own
+    (``--calib-per-class 1`` logged "2 for calibration"); it gives the ones used."""
+    (tmp_path / SIZES_FILE).write_text(json.dumps({"calibration": 2, "heldout": 3}))
+    lines: list[str] = []
+    assert kept_sizes(tmp_path, (1, None), lines.append) == (1, 3)
+    assert "1 for calibration, 3 held-out (held-out as the search" in lines[-1]
+    assert kept_sizes(tmp_path, (None, None), lines.append) == (2, 3) and "(both as" in lines[-1]
+    assert kept_sizes(tmp_path, (4, 5), lines.append) == (4, 5) and len(lines) == 2
+
+
+def test_a_plan_the_validation_did_not_confirm_is_returned_with_a_warning(pipes):
+    """A plan that cleared the budget on calibration but that the validation seeds refused (the best
+    of those tried is returned) had come back with budget_met true and no warning: only a log line,
+    off by default, said "not confirmed"."""
+    plan, budget = identity_plan(pipes[0].transformer), parse_budget("psnr>=30")
+    summary = {"met": True, "heldout_met": None, "validation_confirmed": False}
+    with pytest.warns(SearchWarning, match="validation seeds"):
+        unconfirmed = marked(plan, summary, budget)
+    assert unconfirmed.params["validation_confirmed"] is False and unconfirmed.params["budget_met"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        confirmed = marked(plan, {**summary, "validation_confirmed": True}, budget)
+    assert confirmed.params["validation_confirmed"] is True
 
 
 def test_the_validation_and_judge_copies_of_the_embedded_models_seeds_stay_in_range():

@@ -421,13 +421,21 @@ def test_the_joint_search_quantizes_its_best_plans_at_the_measured_speed_of_the_
     assert 1.0 < _headroom_for(30, 36) < 1.5 and _headroom_for(30, 29) == 0.0
     with pytest.raises(SearchError, match="objective bops"):  # a simulated quantization, by MACs
         search(pipes[0], work, strategy="joint", quant=spec, log=lambda _: None)
+    # no time left: the searched plans stay unquantized beside the quantized hand-made ones, and the log says so
+    lines: list[str] = []
+    late = JointSearch(joint.calib, parse_budget("psnr>=1"), "bops", time.time(), lines.append, quant=spec)
+    late.quantized()
+    assert late.quant_speed is None and "warning" in lines[-1] and "stay unquantized" in lines[-1]
 
 
-@pytest.mark.parametrize("offset,expected", [(25, [10, 8, 6, 4, 3, 5]), (15, [10, 13, 16, 14, 15])])
+@pytest.mark.parametrize("offset,expected", [(25, [10, 8, 6, 4, 3, 1, 5]), (15, [10, 13, 16, 14, 15]),
+                                             (29, [10, 8, 6, 4, 3, 1])])
 def test_the_joint_search_tries_half_the_steps_full_first_and_the_dear_plans_only_when_needed(pipes, monkeypatch,
                                                                                                offset, expected):
     """PSNR = offset + full steps, budget 30 at 20 steps: where 10 full steps meet it, 16 and 13 (each
-    nearly a full run) are never scored; where 10 miss, more until one meets, then the bisection."""
+    nearly a full run) are never scored; where 10 miss, more until one meets, then the bisection. While
+    the budget holds the descent goes down to one key step (it had stopped at two, where the dp strategy
+    found a one-key plan twice as fast)."""
     calib = CalibrationRun(pipes[0], shapes_workload([0], 20, per_class=1))
     joint = JointSearch(calib, parse_budget("psnr>=30"), "macs", None, lambda _: None)
     base = identity_plan(pipes[0].denoiser)

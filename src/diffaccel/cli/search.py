@@ -70,6 +70,17 @@ def parse_bit_choices(bits: str | None, quant: str | None) -> tuple[int, ...] | 
     return choices
 
 
+def check_nsga_options(strategy: Enum | None, trials: int | None, bits: str | None,
+                       quant: str | None) -> tuple[int, ...] | None:
+    """``--bits`` parsed; ``--trials`` and ``--bits`` are NSGA-II's: refused with another strategy, which
+    would ignore them."""
+    ignored = [name for name, given in (("--trials", trials), ("--bits", bits)) if given is not None]
+    if strategy is not None and strategy.value != "nsga2" and ignored:
+        raise ValueError(f"{' and '.join(ignored)} only apply to --strategy nsga2, not {strategy.value}: leave them "
+                         "out, or give --strategy nsga2 (the default with them)")
+    return parse_bit_choices(bits, quant)
+
+
 def default_strategy(trials: int | None, bits: str | None, quant: str | None, quant_backend: str) -> str:
     """joint, unless an option only NSGA-II uses is given (``--trials``, ``--bits``) or a simulated
     quantization, which a joint search by MACs could not rank."""
@@ -148,7 +159,7 @@ def search(
         setup(threads, guidance)
         quality = _checked_budget(ctx, pipeline, budget)
         backend = quant_backend_for(quant, quant_backend)
-        limit, choices = parse_duration(time_limit), parse_bit_choices(bits, quant)
+        limit, choices = parse_duration(time_limit), check_nsga_options(strategy, trials, bits, quant)
         tgt = target(model, pipeline, prompts, sampler, weights)
         calibrate, heldout, sizes = _workloads(tgt, call_steps(tgt, steps), guidance, seed, limit, pairs,
                                                kept_sizes(out, (calib_per_class, heldout_per_class), _log))
@@ -216,8 +227,11 @@ def summary_line(s: dict) -> str:
             + f" / {s['heldout_psnr']:.2f} dB held-out" + _tail_text(s) + _judged_text(s))
     hand = s.get("best_handmade")
     if hand and "heldout_psnr" not in hand:  # not re-measured on held-out: no time was left
-        line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['calib_speedup_macs']:.2f}x MACs, "
-                 f"PSNR {hand['calib_psnr']:.2f} dB calibration (not re-measured: time limit)")
+        line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['calib_speedup_macs']:.2f}x denoiser "
+                 f"MACs, PSNR {hand['calib_psnr']:.2f} dB calibration (not re-measured: time limit; the chosen plan "
+                 f"there: {s['calib_speedup_macs']:.2f}x, {s['calib_psnr']:.2f} dB)")
+    elif hand and hand.get("chosen"):
+        line += f" | the best hand-made plan, {hand['name']} {hand['settings']}, is the plan chosen"
     elif hand:
         line += (f" | best hand-made {hand['name']} {hand['settings']}: {hand['speedup_macs']:.2f}x MACs, "
                  f"{hand['speedup_wall']:.2f}x wall, PSNR {hand['calib_psnr']:.2f} / {hand['heldout_psnr']:.2f} dB"

@@ -252,6 +252,18 @@ class SearchConfig:
             raise SettingError(f"judge_images must be a whole number >= 1, got {self.judge_images!r}")
         if self.objective == "bops" and self.quant is None:
             raise SettingError("the bops objective weighs MACs by weight bits: give a quantization spec (--quant)")
+        if isinstance(self.population, bool) or not isinstance(self.population, int) or self.population < 2:
+            raise SettingError(f"population (nsga2's generation size) must be a whole number >= 2, got "
+                               f"{self.population!r}")
+        self.check_k_values()
+
+    def check_k_values(self, num_steps: int | None = None) -> None:
+        """The dp strategy's budgets of full steps: whole numbers from 1 to the steps (when known)."""
+        top = num_steps or math.inf
+        if self.k_values is not None and (not self.k_values or any(
+                isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top for k in self.k_values)):
+            raise SettingError(f"k_values (dp's numbers of full steps) must be whole numbers from 1 to "
+                               f"{num_steps or 'the steps'}, got {self.k_values!r}")
 
 
 def configured(config: SearchConfig | None, options: dict[str, Any]) -> SearchConfig:

@@ -261,18 +261,17 @@ class JointSearch(FitPhases, GuidancePhase):
                 clearing.append((c.cost(self.objective), spec))
 
     def cached(self, spec: SolverSpec | None) -> None:
-        """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps
-        at several budgets per level, from about half the steps full: fewer while quality holds, else
-        more until one meets the budget (the dear plans with most steps full are scored only when
-        needed: on a slow pipeline each costs nearly a full run); then the key count refined between
-        the fewest keys that met the budget and the most that missed it (a bisection)."""
+        """Phase 2 for one sampler setting (None: the pipeline's own): its profile, then DP key steps at several
+        budgets per level, from about half the steps full: fewer while quality holds (down to one), else more until
+        one meets the budget (the dear plans with most steps full, each nearly a full run, only when needed); then
+        the key count refined between the fewest keys that met the budget and the most that missed (a bisection)."""
         if self.late() or spec in self._cached:
             return
         self._cached.append(spec)
         profile = self.calib if spec is None else CalibrationRun(self.calib.pipe, self.calib.calibrate, solver=spec)
         label = spec.label if spec is not None else f"own sampler {profile.num_steps}"
         steps = profile.num_steps
-        counts = sorted({k for f in self.space.key_fractions if (k := max(2, round(f * steps))) < steps}, reverse=True)
+        counts = sorted({1} | {k for f in self.space.key_fractions if (k := round(f * steps)) in range(1, steps)})[::-1]
         first = min(range(len(counts)), key=lambda i: abs(counts[i] - KEY_START * steps), default=0)
         for level in reversed(adapter_for(profile.model).levels(profile.model)[1:]):  # the most reuse first
             meets = {steps: True}  # key count -> whether its plan met the budget (all keys: the setting itself)
@@ -332,7 +331,8 @@ class JointSearch(FitPhases, GuidancePhase):
         """Phase 3: the cheapest plans that clear the budget, and the cheapest that clear it by the
         quantization's own error (measured on the full-compute run), quantized."""
         if self.deadline is not None and time.time() + 4 * self.calib.seconds >= self.deadline:
-            self.log("  no time left to measure the quantized model: phase 3 skipped")
+            self.log("  warning: no time left to measure the quantized model: phase 3 skipped, the searched plans stay "
+                     "unquantized beside the quantized hand-made ones; give more time to quantize them")
             return
         full = identity_plan(self.calib.model)
         speed, quantized = self.calib.timed_against(full.with_quant(self.quant), full)

@@ -19,7 +19,7 @@ import numpy as np
 
 from diffaccel.calibration.reference import Calibrate, CalibrationRun
 from diffaccel.calibration.workload import Workload, as_calibration, as_workload, calibration_workload
-from diffaccel.errors import SearchError, SearchWarning, warn
+from diffaccel.errors import SearchError
 from diffaccel.methods.feature_correction import fit_feature_correction
 from diffaccel.plan import Plan
 from diffaccel.search.candidates import Candidate, candidates_of, choose, handmade_scores, ordered, pareto
@@ -34,7 +34,7 @@ from diffaccel.search.judged import Judge, check_judge, judged_for
 from diffaccel.search.nsga import ClockSeededNSGAII, run_list, run_nsga
 from diffaccel.search.outputs import output_folder, write_outputs
 from diffaccel.search.precision import lower_precision
-from diffaccel.search.result import SearchResult
+from diffaccel.search.result import SearchResult, marked
 from diffaccel.search.space import Genome, Space
 from diffaccel.search.store import Store, study_key
 from diffaccel.search.validation import Validation, Validator, plan_getter, validate, validator_for
@@ -75,6 +75,7 @@ def search(pipe: Any, calibrate: Calibrate, config: SearchConfig | None = None, 
         space = Space(calib.model, calib.num_steps, config.granularity, config.searched_quant(), config.bits)
     except ValueError as exc:
         raise SearchError(str(exc)) from None
+    config.check_k_values(space.num_steps)
     own_file = storage is None and out is not None  # the default storage: one search of one model
     if own_file:
         storage = f"sqlite:///{(out / 'study.db').resolve()}"
@@ -193,7 +194,7 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     validation = _validation(ctx, points, cleared, hand) if met else None
     chosen = validation.chosen if validation is not None else chosen
     from_hand = chosen in hand
-    if from_hand:
+    if from_hand and searched:
         ctx.log(f"the best hand-made plan ({chosen.source}) beats every searched plan under {budget.text}: "
                 "it is the plan returned")
     if met:
@@ -213,28 +214,12 @@ def _search(ctx: Context, pipe: Any, heldout: Calibrate | None, name: str) -> Se
     if best_hand is not None:
         summary["best_handmade"] = _handmade_summary(best_hand)
     heldout_check(ctx, summary, plan, heldout, best_hand, handmade)
-    plan = _marked(plan, summary, budget)
+    plan = marked(plan, summary, budget)
     result = SearchResult(plan, met, shortfall, chosen, front, hand, summary, ctx.out, points)
     if ctx.out is not None:
         write_outputs(result, budget, config.objective)
         ctx.log(f"wrote {ctx.out / 'plan.json'}, front.json, front.png and summary.json")
     return result
-
-
-def _marked(plan: Plan, summary: dict, budget: Budget) -> Plan:
-    """``plan`` with whether it met the budget in its params; a Python warning, not only a log line,
-    when it missed: a caller of ``find_plan`` gets a plan either way, and the log is off by default."""
-    if not summary["met"]:
-        warn(SearchWarning(f"no plan that saves work met {budget.text} on the calibration set: the closest "
-                           f"is returned, short by {summary['shortfall_text']} (its plan.params "
-                           "say budget_met: false); loosen the budget or search longer"))
-    elif summary.get("heldout_met") is False:
-        warn(SearchWarning(f"the plan returned met {budget.text} on the calibration set but misses it on the "
-                           f"held-out seeds ({summary['heldout_' + budget.metric]:.4g}{budget.unit()} mean, "
-                           f"5th percentile {summary['heldout_psnr_p5']:.4g} dB); search again with more "
-                           "calibration images or a larger margin"))
-    return plan.model_copy(update={"params": {**plan.params, "budget_met": summary["met"],
-                                              "heldout_met": summary.get("heldout_met")}})
 
 
 def _validator(ctx: Context) -> Validator | None:

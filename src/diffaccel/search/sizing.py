@@ -75,9 +75,12 @@ def kept_sizes(out: Path | None, sizes: tuple[int | None, int | None],
         found = (int(kept["calibration"]), int(kept["heldout"]))
     except (OSError, ValueError, KeyError, TypeError):
         return sizes
-    log(f"images per class or prompt: {found[0]} for calibration, {found[1]} held-out, as the search in {out} "
-        "was sized (give --calib-per-class and --heldout-per-class to change them, in another --out)")
-    return tuple(given if given is not None else stored for given, stored in zip(sizes, found))
+    merged = tuple(given if given is not None else stored for given, stored in zip(sizes, found))
+    log(f"images per class or prompt: {merged[0]} for calibration, {merged[1]} held-out ("
+        + ("both" if sizes == (None, None) else "calibration" if sizes[0] is None else "held-out")
+        + f" as the search in {out} was sized; give --calib-per-class and --heldout-per-class to change them, "
+        "in another --out)")
+    return merged
 
 
 @contextlib.contextmanager

@@ -122,11 +122,17 @@ class Store:
                                   f"{str(exc).splitlines()[0][:160]}; give sqlite:///PATH (a file in a folder that "
                                   "exists) or postgresql://user:password@host/db") from None
             self._check_others(fp, study_name, check_all_studies)
-        self.study = _retrying(lambda: optuna.create_study(
-            study_name=study_name, storage=self.storage, sampler=sampler, directions=["maximize", "minimize"],
-            load_if_exists=True))
-        _retrying(lambda: self._claim(fp))
-        self._recover()
+        try:
+            self.study = _retrying(lambda: optuna.create_study(
+                study_name=study_name, storage=self.storage, sampler=sampler, directions=["maximize", "minimize"],
+                load_if_exists=True))
+            _retrying(lambda: self._claim(fp))
+            self._recover()
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            cause = exc.__cause__ or exc
+            raise SearchError(f"cannot write to the search storage {storage}: {str(cause).splitlines()[0][:160]}; "
+                              "a search writes its trials there, also when it resumes: give a storage (or --out) "
+                              "it can write to") from None
 
     def _claim(self, fp: dict) -> None:
         """Record the model's fingerprint on a new study, or refuse a study of another model."""
@@ -141,13 +147,13 @@ class Store:
         differ = {k for k in set(stored) | set(fp) if stored.get(k) != fp.get(k)}
         if differ == {"calibration"}:
             return (f"{where} holds a search of this model on another calibration set or quantization (there: "
-                    f"{stored.get('calibration')}; this one: {fp.get('calibration')}); use another --out (or "
-                    "delete it) to search with this one")
+                    f"{stored.get('calibration')}; this one: {fp.get('calibration')}); use another --out or --storage "
+                    "(or delete it) to search with this one")
         if differ <= {"calibration", "num_steps"}:
-            return (f"{where} holds a search of this model at {stored.get('num_steps')} steps, not "
-                    f"{fp.get('num_steps')}; use another --out (or delete it) to search at these steps")
+            return (f"{where} holds a search of this model at {stored.get('num_steps')} denoiser evaluations, not "
+                    f"{fp.get('num_steps')}; use another --out or --storage (or delete it) to search at these steps")
         return (f"{where} holds a search of another model: {_describe(stored)}, not {_describe(fp)}; "
-                "use another --out (or delete the storage) for this model")
+                "use another --out or --storage (or delete it) for this model")
 
     def _check_others(self, fp: dict, study_name: str, check_all: bool) -> None:
         try:
