@@ -86,6 +86,13 @@ def test_train_help_names_the_models_and_how_to_see_a_recipes_options(monkeypatc
         assert code == 0 and stdout.startswith("usage: diffaccel train") and option in stdout, stdout
         assert "optimizer steps of the whole run" in stdout and "(default: " in stdout, stdout
     assert "usage: diffaccel train --model dlm" in stdout
+    code, stdout, _ = run_cli(monkeypatch, capsys, "train", "--model", "evaluator", "--help-train")
+    assert code == 0 and "--model evaluator takes only --steps, --batch, --lr, --seed" in " ".join(stdout.split())
+
+
+def test_an_unknown_model_error_names_the_language_model_too(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", "foo", "--threads", "1")
+    assert code != 0 and "unknown model 'foo'" in err and "dlm" in err
 
 
 def test_every_recipe_option_has_a_help_string():

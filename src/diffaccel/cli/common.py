@@ -99,7 +99,7 @@ def target(model: str, pipeline: Path | None, prompts: Path | None, sampler: Sam
         raise ValueError("--model dlm (the diffusion language model) works with generate, search, bench and train")
     if pipeline is None and model not in EMBEDDED + T2I_MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(EMBEDDED + T2I_MODELS)}, or give "
-                         "--pipeline PATH")
+                         "--pipeline PATH (dlm, the language model, works with generate, search, bench and train)")
     if pipeline is not None and weights is not None:
         raise ValueError("--weights is for --model; a pipeline folder holds its own weights")
     return load_target(model, pipeline, prompts, getattr(sampler, "value", sampler), weights)

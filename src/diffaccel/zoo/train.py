@@ -282,7 +282,10 @@ def export(out: Path, dest: Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffaccel train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="--model evaluator takes only --steps, --batch, --lr, --seed, --out and "
+                                     "--threads (the shipped one: --steps 1500 --batch 128 --lr 2e-3); the defaults "
+                                     "above are the denoisers'")
     for field, default in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default,
                             choices=MODELS if field == "model" else None, help=f"{HELP[field]} (default: {default})")
