@@ -258,8 +258,6 @@ def test_report_command_rerenders_from_saved_results(tiny_run, tmp_path, monkeyp
     (lambda text: json.dumps({"rows": []}), ["not a diffaccel bench results file"]),
     (lambda text: json.dumps({"model": "dlm", "rows": []}), ["the language model's bench", "results.md"]),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "baseline"}), ["baseline"]),
-    (lambda text: json.dumps({**json.loads(text), "baseline": {**json.loads(text)["baseline"],
-                                                               "grid": "nowhere/missing.png"}}), ["missing"]),
     (lambda text: json.dumps({**json.loads(text), "samples": {}}), ["samples.n_images", "Field required"]),
     (lambda text: json.dumps({**json.loads(text), "rows": [{**r, "psnr": float("nan")} for r in json.loads(text)[
         "rows"]]}), ["rows.0.psnr", "finite number"]),  # had been ranked, and printed as "nan dB"

@@ -81,12 +81,14 @@ class StorageMismatchError(SearchError):
     """The search storage holds a search of another model (or calibration set)."""
 
 
-# how gloo reports a peer that died (a plain RuntimeError, not torch's DistError)
-LOST_PEER_MARKS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# how gloo reports a peer that died, or hangs past the group's timeout ("Timed out waiting 15000ms for
+# recv operation to complete"; send alike): a plain RuntimeError, not torch's DistError
+LOST_PEER_MARKS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting")
 
 
 def lost_peer(exc: BaseException) -> bool:
-    """Whether ``exc`` (or the error it was raised from) says another process of the group is gone."""
+    """Whether ``exc`` (or the error it was raised from) says another process of the group is gone, or
+    stopped answering."""
     while exc is not None:
         if isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in LOST_PEER_MARKS):
             return True

@@ -29,7 +29,7 @@ from diffaccel.parallel.agree import check_agreement
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.exchange import gather_objects
 from diffaccel.parallel.group import Group, alone, current
-from diffaccel.parallel.job import ParallelConfig, check_job, merge_work, split_denoiser
+from diffaccel.parallel.job import ParallelConfig, check_job, merge_work, per_image_mean, split_denoiser
 from diffaccel.parallel.shard import assemble, gather_times, shard
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import Executor
@@ -210,16 +210,22 @@ def _sample_parallel(runner: Runner, calls: list[Call], plan: Plan | None, compa
     pieces = shard(calls, group) if parallel.mode == "batch" else None
     mine = calls if pieces is None else [p.call for p in pieces]
     if not all(gather_objects(bool(mine), group)):
-        raise ParallelError(f"the job has fewer images ({sum(len(c.seeds) for c in calls)}) than ranks "
-                            f"({group.world}): some ranks would have nothing to do; start fewer processes")
+        count = sum(min(len(c.seeds), group.world) for c in calls)
+        raise ParallelError(f"the job's {sum(call_images(c) for c in calls)} image(s) split into only {count} "
+                            f"piece(s) for {group.world} ranks (a call splits by its seeds; the images of one seed, "
+                            f"num_images_per_prompt, stay together): some ranks would have nothing to do; start at "
+                            f"most {count} process(es)")
     with split_denoiser(parallel, group, runner.executor.model):
         done = _sample(runner, mine, plan, compare, progress)
-    if parallel.mode != "batch" and done["call_macs"] is not None:
-        done["call_macs"] = whole_call_macs(gather_objects(done["call_macs"], group))
+    my_images = sum(call_images(c) for c in mine)
+    if done["call_macs"] is not None:  # batch: each rank measured its own calls, whose costs may differ
+        done["call_macs"] = per_image_mean(done["call_macs"], my_images, group) if parallel.mode == "batch" \
+            else whole_call_macs(gather_objects(done["call_macs"], group))
     last = pieces[-1].index if pieces else len(calls) - 1
     done["warmup_macs"], done["work"] = merge_work(parallel, group, runner, done["warmup_macs"],
-                                                   runner.executor.stats.as_dict(), last, len(calls))
-    if pieces is not None:
+                                                   runner.executor.stats.as_dict(), last, len(calls), my_images)
+    if pieces is not None:  # the plan as the job's last call ran it (mapped to its steps), wherever it ran
+        done["plan_ran"] = dict(gather_objects((pieces[-1].index, runner.executor.plan), group))[len(calls) - 1]
         seconds = gather_objects((sum(done["base_times"]), sum(done["fast_times"])), group)
         done["seconds"] = [max(s[0] for s in seconds), max(s[1] for s in seconds)]
         for key in ("fast", "base"):
@@ -244,8 +250,8 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
     calls = list(workload.calls)
     runner = Runner(target, plan)
     check_job(parallel, group, runner.executor.model, plan)
-    check_agreement(group, runner.executor.model, plan, {"config": asdict(cfg), "compare": compare, "calls": [
-        c.seeds for c in calls], "parallel": None if parallel is None else asdict(parallel)})
+    check_agreement(group, runner.executor.model, plan, {"config": asdict(cfg), "compare": compare, "parallel": None
+                    if parallel is None else asdict(parallel)}, pipe=target.pipe, calls=calls)
     done = _sample_parallel(runner, calls, plan, compare, progress and group.main, parallel, group)
     if not group.main:
         return None
@@ -298,8 +304,9 @@ def _record(target: Target, cfg: GenerateConfig, ids: list[int], calls: list[Cal
         if target.evaluator is not None:  # a t2i zoo model on prompts of its caption language
             record.update(target.prompt_scores(main, calls))
     if plan is not None:
-        mapped = runner.executor.plan is not plan and runner.executor.plan.params.get("resampled_from")
-        record["plan"] = (runner.executor.plan if mapped else plan).model_dump(exclude_none=True)  # the plan that ran
+        ran = done.get("plan_ran", runner.executor.plan)  # its last call's (batch: maybe another rank's, a copy)
+        mapped = ran != plan and ran.params.get("resampled_from")
+        record["plan"] = (ran if mapped else plan).model_dump(exclude_none=True)  # the plan that ran
         record["macs_per_image"] = round(runner.macs / n)
         # the executor's: the work its caching skipped, at the plan's own sampler and steps
         record["speedup_macs_executor"] = runner.full_macs / runner.macs

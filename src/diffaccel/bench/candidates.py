@@ -32,10 +32,12 @@ def plan_file(ctx: Context, settings: dict) -> Candidate:
 
 
 def planned(ctx: Context, pipe: Any, plan: Plan, notes: str) -> Candidate:
-    """Sampling with ``plan`` under the executor; reports the executor's own MAC count beside the bench's."""
+    """Sampling with ``plan`` under the executor; reports the executor's own MAC count beside the bench's,
+    against the baseline's forwards (``ctx.shared["base_forwards"]`` per call, else one per step): the
+    executor's own full count is at the plan's step count, which had made every fewer-step row 1.0."""
     model, scheduler = ctx.denoiser(pipe), pipe.scheduler
     executor = Executor(model, plan)
-    spent = {"macs": 0, "full_macs": 0}
+    spent = {"macs": 0, "baseline_macs": 0.0}
 
     def run(call):
         executor.install(scheduler, pipe)
@@ -43,11 +45,13 @@ def planned(ctx: Context, pipe: Any, plan: Plan, notes: str) -> Candidate:
             return ctx.sample(pipe, call)
         finally:
             executor.remove()
-            spent["macs"] += executor.stats.macs
-            spent["full_macs"] += executor.stats.full_macs
+            stats = executor.stats
+            spent["macs"] += stats.macs
+            if stats.forwards:  # the baseline's forwards at this call's full cost of one forward
+                spent["baseline_macs"] += stats.full_macs / stats.forwards * ctx.shared.get("base_forwards", ctx.steps)
 
     def extra() -> dict[str, Any]:
-        return {"speedup_macs_executor": spent["full_macs"] / spent["macs"] if spent["macs"] else None}
+        return {"speedup_macs_executor": spent["baseline_macs"] / spent["macs"] if spent["macs"] else None}
 
     return Candidate(run, notes=notes, extra=extra)
 

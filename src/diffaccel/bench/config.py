@@ -3,7 +3,11 @@ and the calls every group runs: the same batches, seeds and settings for all of 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from diffaccel.zoo import shapes
 from diffaccel.zoo.models import MODEL_NAMES
 
 PROGRESS = "@@progress"  # a worker's progress lines on stdout: "@@progress N"
+PARENT_ENV = "DIFFACCEL_BENCH_PARENT"  # the bench's pid, in its workers' environment: they end with it
 QUICK = {"per_class": 2, "batch_size": 4, "timed_pairs": None}  # 12 images, 3 interleaved batches, all timed
 FULL = {"per_class": 100, "batch_size": 60, "timed_pairs": 5}  # 600 images (the protocol's FD minimum), 10 batches
 
@@ -111,6 +116,25 @@ def adapter_of(cfg: BenchConfig) -> str:
     raise BenchError(f"found no transformer or unet in {folder}/model_index.json")
 
 
+def check_prompt_images(path: Path) -> None:
+    """Every prompt line makes at least one image (a line of none had failed every group, with
+    torch's reshape error, after the whole run)."""
+    try:
+        prompts = read_prompts(path)
+    except DiffaccelError as exc:
+        raise BenchError(str(exc)) from None
+    text = path.read_text(encoding="utf-8-sig").splitlines()
+    numbers = [n for n, line in enumerate(text, start=1) if line.strip() and not line.strip().startswith("#")]
+    for number, prompt in zip(numbers, prompts, strict=True):
+        count = prompt.get("num_images_per_prompt", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise BenchError(f"{path}, line {number}: num_images_per_prompt must be a whole number >= 1, got "
+                             f"{count!r}; leave it out for one image per prompt")
+        if prompt.get("prompt") == []:
+            raise BenchError(f"{path}, line {number}: \"prompt\" is an empty list, which makes no image; give a "
+                             "prompt or a list of prompts")
+
+
 def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
     """Validate everything before any process starts; returns the resolved config and sweep."""
     if cfg.pipeline is None and cfg.model not in MODEL_NAMES:
@@ -119,6 +143,8 @@ def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:
         raise BenchError("--pipeline needs --prompts FILE: the prompts to benchmark on")
     if cfg.sampler not in ("ddim", "dpm"):
         raise BenchError(f"unknown sampler {cfg.sampler!r}; choose ddim or dpm")
+    if cfg.prompts is not None:
+        check_prompt_images(Path(cfg.prompts))
     cfg = cfg.resolved()
     for key in ("per_class", "batch_size", "steps", "threads", "timed_pairs"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
@@ -171,3 +197,17 @@ def items(cfg: BenchConfig) -> dict:
     calib = [{"kwargs": {**common, **prompt}, "seeds": [CALIBRATION_SEED + i]} for i, prompt in enumerate(prompts)]
     images = sum(call_images(Call(c["kwargs"], tuple(c["seeds"]))) for c in calls)  # num_images_per_prompt counts
     return {"calls": calls, "calib_calls": calib, "classes": None, "n_images": images, "grid_rows": len(prompts)}
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: this process is killed when the bench that started it dies, even by SIGKILL (an orphaned
+    worker had gone on sampling for hours); ends at once if the bench is already gone."""
+    parent = os.environ.get(PARENT_ENV)
+    if sys.platform != "linux" or parent is None:
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(parent):  # it died before the line above
+        os._exit(1)

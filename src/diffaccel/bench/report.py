@@ -8,6 +8,7 @@ import html
 import io
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -223,29 +224,36 @@ img.plot{width:100%}
 """
 
 
-def sample_grids(results: Results, base: Path) -> list[tuple[str, str, str]]:
+def sample_grids(results: Results, base: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
     """(title, base64 PNG, caption) of the baseline grid, the best rows' grids and, beside each, its
-    amplified difference to the baseline."""
+    amplified difference to the baseline; and why each grid that could not be read is left out (a
+    results file without its run folder still renders, without its pictures)."""
     ours = best_ours(results)
     peer = best_peer_at(results, ours.speedup_wall if ours else None)
-    grids = [("unaccelerated baseline", _grid_b64(base, results.baseline.grid, "the baseline"),
-              f"{results.baseline.steps} {results.baseline.sampler} steps")]
-    if ours is not None:
-        grids.append((f"best diffaccel: {ours.name} {ours.setting}", _grid_b64(base, ours.grid, ours.name),
-                      f"{_fmt(ours.speedup_wall)}x wall, {_fmt(ours.speedup_macs)}x MACs, PSNR {ours.psnr:.1f} dB"))
-    if peer is not None:
-        grids.append((f"best peer at that speed: {peer.name} {peer.setting}", _grid_b64(base, peer.grid, peer.name),
-                      f"{_fmt(peer.speedup_wall)}x wall, {_fmt(peer.speedup_macs)}x MACs, PSNR {peer.psnr:.1f} dB"))
+    wanted = [("unaccelerated baseline", results.baseline.grid, "the baseline",
+               f"{results.baseline.steps} {results.baseline.sampler} steps")]
+    for label, row in (("best diffaccel", ours), ("best peer at that speed", peer)):
+        if row is not None:
+            wanted.append((f"{label}: {row.name} {row.setting}", row.grid, row.name,
+                           f"{_fmt(row.speedup_wall)}x wall, {_fmt(row.speedup_macs)}x MACs, PSNR {row.psnr:.1f} dB"))
+    grids, missing = [], []
+    for title, rel, what, caption in wanted:
+        try:
+            grids.append((title, _grid_b64(base, rel, what), caption))
+        except BenchError as exc:
+            missing.append(str(exc))
+    if not grids or grids[0][0] != wanted[0][0]:  # no baseline grid: no differences to draw
+        return grids, missing
     base_grid = grids[0][1]
-    return [grids[0]] + [item for title, b, cap in grids[1:] for item in (
+    return grids[:1] + [item for title, b, cap in grids[1:] for item in (
         (title, b, cap), (f"|difference| x{DIFFERENCE_GAIN}: {title.split(':', 1)[1].strip()}",
-                          difference_b64(base_grid, b), "white where identical to the baseline"))]
+                          difference_b64(base_grid, b), "white where identical to the baseline"))], missing
 
 
-def render_html(results: Results, base: Path) -> str:
+def render_html(results: Results, grids: list[tuple[str, str, str]], missing: list[str]) -> str:
+    """The page, with the sample grids given (``sample_grids``) and a note of those missing."""
     esc = html.escape
     s = results.samples.model_dump()
-    grids = sample_grids(results, base)
     plots = [("wall", _png_b64(plot(results, "wall"))), ("macs", _png_b64(plot(results, "macs")))]
 
     out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>diffaccel bench: "
@@ -271,6 +279,7 @@ def render_html(results: Results, base: Path) -> str:
     out += [f"<figure><img class='plot' id='plot-{k}' alt='PSNR vs {k} speedup' src='data:image/png;base64,{b}'>"
             f"</figure>" for k, b in plots]
     out.append("<h2 id='grids'>Samples (same seeds; a row per class)</h2>")
+    out += [f"<p class='note'>Left out: {esc(why)}</p>" for why in missing]
     out += [f"<figure><img class='grid' alt='{esc(title)}' src='data:image/png;base64,{b}'>"
             f"<figcaption><b>{esc(title)}</b><br>{esc(cap)}</figcaption></figure>" for title, b, cap in grids]
     b = results.baseline
@@ -305,20 +314,32 @@ def _atomic_write(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def render_report(results: Results, base: Path) -> tuple[str, str]:
-    """``(results.md text, report.html text)``, grid paths relative to ``base``; nothing is written."""
-    return markdown(results), render_html(results, Path(base))
+@dataclass(frozen=True)
+class Rendered:
+    """A report in memory: results.md, report.html, and why each sample grid it lacks is missing."""
+
+    markdown: str
+    html: str
+    missing: list[str]
 
 
-def save_report(out: Path, rendered: tuple[str, str]) -> tuple[Path, Path]:
-    """Replace ``out/results.md`` and ``out/report.html``, each through a temporary file."""
+def render_report(results: Results, base: Path) -> Rendered:
+    """The report's files' text, grid paths relative to ``base``; nothing is written. A grid that is
+    gone is left out of the page (``missing`` says which): the tables need none."""
+    grids, missing = sample_grids(results, Path(base))
+    return Rendered(markdown(results), render_html(results, grids, missing), missing)
+
+
+def save_report(out: Path, rendered: Rendered, keep_page: bool = False) -> tuple[Path, Path]:
+    """Replace ``out/results.md`` and ``out/report.html`` (not with ``keep_page``), each through a temporary file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.md", rendered[0])
-    _atomic_write(out / "report.html", rendered[1])
+    _atomic_write(out / "results.md", rendered.markdown)
+    if not keep_page:
+        _atomic_write(out / "report.html", rendered.html)
     return out / "results.md", out / "report.html"
 
 
 def write_report(results: Results, base: Path, out: Path) -> tuple[Path, Path]:
-    """Render both files in memory first (a missing grid fails here and writes nothing), then save."""
+    """Render both files in memory first, then save them."""
     return save_report(out, render_report(results, base))

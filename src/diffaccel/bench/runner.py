@@ -14,19 +14,22 @@ The first group samples the baseline on every batch and saves its images in the 
 others reuse them for quality and time the baseline only on ``timed_pairs`` interleaved batches.
 ``--resume`` continues the newest run of the same configuration in ``--out``: groups whose results
 are on disk for the same settings are read back, not run again (a long run survives being killed,
-and a sweep that gained entries runs only what is new).
+and a sweep that gained entries runs only what is new). SIGTERM ends a bench as Ctrl-C does, its
+running worker with it; on Linux a worker also dies with a bench killed outright.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +41,7 @@ from tqdm import tqdm
 
 import diffaccel
 from diffaccel.bench import sweeps
-from diffaccel.bench.config import PROGRESS, BenchConfig, BenchJob, check_config, items
+from diffaccel.bench.config import PARENT_ENV, PROGRESS, BenchConfig, BenchJob, check_config, items
 from diffaccel.bench.peers import PEERS, peer_versions
 from diffaccel.bench.report import render_report, save_report
 from diffaccel.bench.results import FORMAT_VERSION, PSNR_FLOOR, BenchError, Results, summarize
@@ -98,7 +101,7 @@ def _run_worker(job_path: Path, result_path: Path, log_path: Path, threads: int,
                 bar: tqdm) -> tuple[dict | None, str | None, int]:
     """Start a worker, follow its progress lines, wait; returns (result, failure reason, units seen)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", PARENT_ENV: str(os.getpid())}
     seen = [0]
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "diffaccel.bench.worker", str(job_path), str(result_path)],
@@ -131,6 +134,24 @@ def _run_worker(job_path: Path, result_path: Path, log_path: Path, threads: int,
     if proc.returncode != 0 or not result_path.exists():
         return None, f"worker failed (exit {proc.returncode}): {_last_error(log_path)} (see {log_path})", seen[0]
     return json.loads(result_path.read_text()), None, seen[0]
+
+
+@contextlib.contextmanager
+def sigterm_ends_the_run() -> Iterator[None]:
+    """SIGTERM (kill, timeout, a job scheduler) ends the bench as Ctrl-C does, so the running worker is
+    killed on the way out: Python's default had ended the bench alone, leaving its worker running."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def target_of(cfg: BenchConfig) -> dict:
@@ -278,9 +299,10 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log: Callable[
     total = sum(group_units(len(g["entries"]), len(run.data["calls"])) for g in runnable)
     bar = tqdm(total=total, desc=f"bench {run.cfg.model}", unit="run", disable=not progress, dynamic_ncols=True)
     try:
-        for group in runnable:
-            bar.set_postfix_str(group["group"])
-            _group(run, group, bar)
+        with sigterm_ends_the_run():
+            for group in runnable:
+                bar.set_postfix_str(group["group"])
+                _group(run, group, bar)
     finally:
         bar.close()
     if run.baseline is None:
@@ -291,4 +313,6 @@ def run_bench(cfg: BenchConfig, out: Path, progress: bool = True, log: Callable[
     path = run.out / "results.json"
     write_json(path, results.model_dump(mode="json"))
     save_report(run.out, rendered)
+    for why in rendered.missing:
+        run.say(f"warning: report.html is without a sample grid: {why}")
     return path

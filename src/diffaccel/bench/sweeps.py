@@ -8,6 +8,7 @@ keeps two settings of each, and ``--sweep FILE`` replaces it with a JSON file of
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,8 @@ def entry(name: str) -> Entry:
     if name in METHODS:  # the embedded models are named as their adapters
         return Entry("diffaccel", parameters(name), lambda model: METHODS[name].applies(adapter_by_name(model)))
     if name in PEERS:
-        return Entry("peer", dict(PEERS[name].knobs), lambda model: model in PEERS[name].models)
+        return Entry("peer", dict(PEERS[name].knobs), lambda model: model in PEERS[name].models,
+                     lambda setting, source, model: _check_peer_setting(name, setting, source))
     if name in STEP_NAMES:  # a flow-matching model runs the samplers of solvers/flow.py
         return Entry("steps", dict(STEP_KNOBS), lambda model: STEP_NAMES[name] in FLOW_SOLVERS
                      or "flow-matching" not in adapter_by_name(model).capabilities)
@@ -157,22 +159,29 @@ def default_sweep(model: str, sampler: str = "ddim", steps: int = 50, quick: boo
     every_peer = {**PEER_SWEEPS["dit"], **PEER_SWEEPS["unet"], **PEER_SWEEPS[kind]}
     peers = {name: every_peer[name] for name in PEERS if name in every_peer and applies_to(name, model)}
     fewer = {name: s for name, s in step_sweep(sampler, steps, quick).items() if applies_to(name, model)}
-    sweep = {**{name: _keys_for(settings, steps) for name, settings in OURS[kind].items()}, **peers, **fewer}
+    sweep = {**{name: _scaled_to(settings, steps) for name, settings in {**OURS[kind], **peers}.items()}, **fewer}
     if quick:  # two settings of each: a mild one and the most aggressive one
         sweep = {name: settings if name in STEP_NAMES or len(settings) <= 2 else [settings[1], settings[-1]]
                  for name, settings in sweep.items()}
     return sweep
 
 
-def _keys_for(settings: list[dict], steps: int) -> list[dict]:
-    """Key-step counts (``keys``, also a quantized row's ``cache``), written for 50 steps, scaled to
-    ``steps`` (at 10 steps, 12 keys of 50 had refused the whole family); repeats dropped."""
+# settings counted in steps of the run, written for 50 steps: key steps (ours, and the quantization peers'
+# key-step plan) and T-GATE's step after which guidance stops
+STEP_COUNTED = ("keys", "cache_keys", "gate_step")
+
+
+def _scaled_to(settings: list[dict], steps: int) -> list[dict]:
+    """The step-counted settings (``STEP_COUNTED``, also inside a quantized row's ``cache``), written
+    for 50 steps, scaled to ``steps`` and kept below it (at 10 steps, 12 keys of 50 had refused the
+    whole family, and a gate_step of 10 or more never gated); repeats dropped."""
     def scaled(one: dict) -> dict:
-        if "cache" in one:
-            return {**one, "cache": scaled(one["cache"])}
-        if "keys" not in one or steps == 50:
+        if "cache" in one and isinstance(one["cache"], dict):
+            one = {**one, "cache": scaled(one["cache"])}
+        if steps == 50:
             return one
-        return {**one, "keys": min(max(1, round(one["keys"] * steps / 50)), max(1, steps - 1))}
+        return {**one, **{knob: min(max(1, round(one[knob] * steps / 50)), max(1, steps - 1))
+                          for knob in STEP_COUNTED if isinstance(one.get(knob), int)}}
     kept = [scaled(one) for one in settings]
     return [one for i, one in enumerate(kept) if one not in kept[:i]]
 
@@ -192,7 +201,8 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
         try:
             spec = entry(name)
         except SweepError:
-            valid = sorted({*OURS[kind_of(model)], *PEER_SWEEPS[kind_of(model)], *STEP_NAMES, PLAN_FILE})
+            kind_of(model)  # an unknown model kind says so first
+            valid = sorted(n for n in {*METHODS, *PEERS, *STEP_NAMES, PLAN_FILE} if applies_to(n, model))
             raise SweepError(f"{source}: unknown method or peer {name!r}; for the {model} choose from "
                              f"{', '.join(valid)}") from None
         if not spec.applies(model):
@@ -213,17 +223,44 @@ def validate(sweep: object, model: str, source: str = "the sweep") -> dict[str, 
                                  f"its settings are {', '.join(allowed) or '(none)'}")
             _check_types(name, setting, allowed, source)
             spec.check(setting, source, model)
-    return {name: [dict(s) for s in settings] for name, settings in sweep.items()}
+    return {name: [_whole_as_int(s, entry(name).knobs) for s in settings] for name, settings in sweep.items()}
+
+
+# settings without a numeric default that take a whole number when given
+WHOLE_WITHOUT_DEFAULT = ("cache_keys",)
+
+
+def _is_whole_knob(knob: str, default: object) -> bool:
+    return knob in WHOLE_WITHOUT_DEFAULT or (isinstance(default, int) and not isinstance(default, bool))
 
 
 def _check_types(name: str, setting: dict, defaults: dict, source: str) -> None:
-    """A number where the default is a number (``"three"`` for an interval once passed, and the row
-    was only skipped when the bench ran it)."""
+    """A finite number where the default is a number (``"three"`` for an interval once passed, and the
+    row was only skipped when the bench ran it), and a whole one where the setting counts something
+    (2.5 steps had run as 2 under the label steps=2.5)."""
     for knob, value in setting.items():
         default = defaults.get(knob)
-        number = isinstance(default, int | float) and not isinstance(default, bool)
-        if number and (isinstance(value, bool) or not isinstance(value, int | float)):
+        whole = _is_whole_knob(knob, default) and value is not None
+        if not (whole or isinstance(default, float)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise SweepError(f"{source}: {name}'s {knob} is a number (default {default!r}), got {value!r}")
+        if whole and not float(value).is_integer():
+            raise SweepError(f"{source}: {name}'s {knob} is a whole number (default {default!r}), got {value!r}")
+
+
+def _whole_as_int(setting: dict, defaults: dict) -> dict:
+    """A copy of ``setting`` with whole-number settings written 2.0 passed on as 2."""
+    return {knob: int(value) if _is_whole_knob(knob, defaults.get(knob)) and isinstance(value, float) else value
+            for knob, value in setting.items()}
+
+
+def _check_peer_setting(name: str, setting: dict, source: str) -> None:
+    """The peer's own range checks (an interval of 0 had reached diffusers as a ZeroDivisionError)."""
+    try:
+        PEERS[name].settings(setting)
+    except ValueError as exc:
+        raise SweepError(f"{source}: {name}'s {exc}") from None
 
 
 def _check_plan_file(setting: dict, source: str, model: str) -> None:

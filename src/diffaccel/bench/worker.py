@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffaccel.bench.candidates import open_candidate
-from diffaccel.bench.config import PROGRESS, BenchJob
+from diffaccel.bench.config import PROGRESS, BenchJob, die_with_parent
 from diffaccel.bench.peers import Context
 from diffaccel.bench.scoring import paired, scorer
 from diffaccel.bench.sweeps import setting_label
@@ -248,6 +248,17 @@ def _row(job: BenchJob, index: int, item: dict, reference: torch.Tensor, base: d
     return row
 
 
+def _warm_up(pipe: Any, call: Call) -> tuple[int, int]:
+    """The baseline's first (warm-up) run: its image count and its denoiser forwards, which the
+    executor's MAC count of a plan at fewer steps is set against."""
+    forwards = [0]
+    handle = Context.denoiser(pipe).register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    try:
+        return len(Context.sample(pipe, call)), forwards[0]
+    finally:
+        handle.remove()
+
+
 def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -> dict:
     """Run one group (see the module doc) and return ``{"baseline", "rows", "skipped"}``."""
     torch.set_num_threads(job.threads)
@@ -263,9 +274,9 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
     scores_of = scorer(job, calls, embedded)
 
     first = calls[0]
-    n_first = len(Context.sample(base_pipe, first))  # also warms the baseline up
+    n_first, base_forwards = _warm_up(base_pipe, first)
     base_macs = count_macs(lambda: Context.sample(base_pipe, first))
-    ctx.shared.update(base_pipe=base_pipe, n_first=n_first)
+    ctx.shared.update(base_pipe=base_pipe, n_first=n_first, base_forwards=base_forwards)
     progress(1)
     live, skipped = _open_all(job, ctx, first, progress)
     cache = Path(job.baseline_cache) if job.baseline_cache else None
@@ -308,6 +319,7 @@ def run_group(job: BenchJob, progress: Callable[[int], None] = lambda n: None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m diffaccel.bench.worker JOB.json RESULT.json", file=sys.stderr)

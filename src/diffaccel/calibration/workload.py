@@ -201,7 +201,7 @@ class Workload:
         digest = hashlib.sha256()
         for call in self.calls:
             for key in sorted(call.kwargs):
-                digest.update(f"{key}={_stable(call.kwargs[key])};".encode())
+                digest.update(f"{key}={stable_text(call.kwargs[key])};".encode())
             digest.update(f"seeds={call.seeds}|".encode())
         return digest.hexdigest()[:16]
 
@@ -224,7 +224,7 @@ class Workload:
         return self.run(pipe)
 
 
-def _stable(value: Any) -> str:
+def stable_text(value: Any) -> str:
     """A call argument as text that is the same in every process: tensors by their bytes, not their ids."""
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().contiguous()
@@ -235,9 +235,9 @@ def _stable(value: Any) -> str:
         array = np.ascontiguousarray(np.asarray(value))  # repr summarizes a large array to its corners
         return f"array{array.shape}{array.dtype}:{hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()}"
     if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_stable(value[k])}" for k in sorted(value, key=str)) + "}"
+        return "{" + ",".join(f"{k}:{stable_text(value[k])}" for k in sorted(value, key=str)) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_stable(v) for v in value) + "]"
+        return "[" + ",".join(stable_text(v) for v in value) + "]"
     return repr(value)
 
 

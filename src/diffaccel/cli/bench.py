@@ -10,8 +10,8 @@ import torch
 import typer
 
 from diffaccel.bench import BenchConfig, load_results, run_bench
-from diffaccel.bench.report import summary_lines, write_report
-from diffaccel.bench.results import headline, relocated, resummarized
+from diffaccel.bench.report import render_report, save_report, summary_lines
+from diffaccel.bench.results import BenchError, Results, headline, relocated, resummarized
 from diffaccel.bench.sweeps import read_sweep
 from diffaccel.cli.common import (
     ANY_MODEL,
@@ -172,29 +172,54 @@ def _t2i_inputs(model: str, weights: Path | None, prompts: Path | None, out: Pat
 @app.command()
 def report(
     results: Path = typer.Argument(..., help="a results.json written by `diffaccel bench`"),
-    out: Path = typer.Option(None, help="output folder (default: the results file's folder)"),
+    out: Path = typer.Option(None, help="output folder (default: the results file's folder). Elsewhere, the "
+                                        "results.json is written there too, beside its results.md and report.html "
+                                        "(so the three agree); a folder holding another run's results.json is "
+                                        "refused"),
     tail: float = typer.Option(None, help="rank the summary again with the 5th-percentile image's PSNR bounded "
-                                          "too (dB); default: as the bench ran. With --out elsewhere, the re-ranked "
-                                          "results.json is written there too"),
+                                          "too (dB); default: as the bench ran. The results.json next to the "
+                                          "bench's run keeps the bench's own ranking"),
 ) -> None:
-    """Render results.md and report.html again from a saved results.json, without rerunning."""
+    """Render results.md and report.html again from a saved results.json, without rerunning. Sample
+    grids that are gone (a results file without its run folder) are left out of the page, with a
+    warning: the tables need none."""
 
     def job():
         _check_tail(tail)
         saved = load_results(results)
         folder = out if out is not None else results.parent
-        if tail is None:
-            return write_report(saved, results.parent, folder)
-        ranked = resummarized(saved, tail)
-        written = write_report(ranked, results.parent, folder)
-        if folder.resolve() != results.parent.resolve():  # that folder's three files agree; the bench's stays
+        in_place = folder.resolve() == results.parent.resolve()
+        ranked = saved if tail is None else resummarized(saved, tail)
+        rendered = render_report(ranked, results.parent)  # all of it in memory first: a failure replaces nothing
+        if not in_place:  # that folder's three files agree
+            _refuse_another_run(folder, saved)
+            folder.mkdir(parents=True, exist_ok=True)
             write_json(folder / "results.json", relocated(ranked, results.parent, folder).model_dump(mode="json"))
-        else:
+        elif tail is not None:
             typer.echo(f"{results} keeps the bench's own ranking; the report shows the one under --tail {tail:g}",
                        err=True)
-        return written
+        keep = bool(rendered.missing) and in_place and (folder / "report.html").exists()  # it embeds its grids
+        for why in rendered.missing:
+            typer.echo(f"warning: a sample grid is gone ({why}): " + ("the existing report.html, which embeds it, is "
+                       "kept; only results.md is rewritten" if keep else "report.html is written without it"), err=True)
+        return save_report(folder, rendered, keep_page=keep), keep
 
-    md, page = run_guarded(job)
-    typer.echo(f"wrote {md} and {page}")
+    (md, page), kept = run_guarded(job)
+    typer.echo(f"wrote {md}" + ("" if kept else f" and {page}"))
 
 
+def _refuse_another_run(folder: Path, saved: Results) -> None:
+    """``report A/results.json --out B`` replaces B's report: not when B holds another run's results
+    (B's results.json had been left beside the tables of A's run)."""
+    existing = folder / "results.json"
+    if not existing.exists():
+        return
+    try:
+        other = load_results(existing)
+    except BenchError:
+        other = None
+    if other is None or (other.created, other.baseline.sha256) != (saved.created, saved.baseline.sha256):
+        what = "an unreadable results.json" if other is None else f"the results of another run ({other.model}, " \
+                                                                   f"{other.created})"
+        raise BenchError(f"--out {folder} holds {what}; give an empty folder as --out, or leave --out out to write "
+                         "beside the results file")

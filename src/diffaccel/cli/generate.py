@@ -177,7 +177,7 @@ def _rank_tagged(job: Callable[[], Any]) -> Any:
             if not isinstance(exc, dist.DistError) and not lost_peer(exc):
                 raise
             raise ParallelError(f"{_tag()} lost contact with the other ranks ({str(exc).splitlines()[0][:200]}); "
-                                "another rank probably failed: see its error") from None
+                                "another rank probably failed (see its error) or stopped answering") from None
     finally:
         close()
 

@@ -9,7 +9,7 @@
 Each composes with any static plan: hooks run outside the executor's ``forward`` wrapper, so every
 rank's executor sees its own consistent part. ``group.py`` joins the group a launcher describes
 (``torchrun --nproc-per-node 2 -m diffaccel generate --parallel cfg ...``) or spawns one from Python;
-``agree.py`` stops every rank when they hold different plans, weights or settings. See
+``agree.py`` stops every rank when they hold different plans, weights, schedulers, calls or settings. See
 docs/parallel.md.
 """
 

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from diffaccel.adapters import find_denoiser
-from diffaccel.parallel.agree import agreed_and_installed
+from diffaccel.errors import warn
+from diffaccel.parallel.agree import agreed_and_installed, applied_plan
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.exchange import bounds, split_sizes, start_gather
 from diffaccel.parallel.group import Group, current
@@ -42,9 +43,13 @@ from diffaccel.parallel.group import Group, current
 SAMPLE_ARGS = ("hidden_states", "sample", "x")
 
 
-def _batchless(key: str | None) -> bool:
-    """Inputs without a batch dimension that could be mistaken for one (Flux's position ids)."""
-    return key is not None and key.endswith("_ids")
+# inputs without a batch dimension whose first one may equal the batch by chance: Flux's (and its
+# kin's) position ids of the text and image tokens, shared by every row. Named exactly: SDXL's
+# ``time_ids`` (in ``added_cond_kwargs``) has one row per sample and must be split.
+BATCHLESS = ("txt_ids", "img_ids")
+RULE_WARNING = ("a runtime-rule plan (first-block / dual-block caching) decides on each rank's part of the batch "
+                "under CFG parallelism (each guidance branch on its own residual): the images differ from the "
+                "single-process run's")
 
 
 Ranges = list[tuple[int, int]]
@@ -67,7 +72,7 @@ def _take(tensor: torch.Tensor, ranges: Ranges) -> torch.Tensor:
 def slice_rows(value: Any, batch: int, ranges: Ranges, key: str | None = None) -> Any:
     """``value`` with every tensor whose first dimension is the batch cut to the rows of ``ranges``."""
     if isinstance(value, torch.Tensor):
-        return _take(value, ranges) if value.dim() and value.shape[0] == batch and not _batchless(key) else value
+        return _take(value, ranges) if value.dim() and value.shape[0] == batch and key not in BATCHLESS else value
     if isinstance(value, dict):
         return type(value)({k: slice_rows(v, batch, ranges, k) for k, v in value.items()})
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
@@ -108,9 +113,11 @@ class CFGParallel:
         self.group = group or current()
         self._handles: list[Any] = []
         self._layouts: list[list[Ranges]] = []  # per call in flight (a stack: a hooked call inside another)
+        self._plan_seen = False  # whether a plan's executor was looked at (its rule warned about) yet
 
     def install(self) -> CFGParallel:
         if self.group.world > 1 and not self._handles:
+            self._look_at_plan()
             self._handles = [self.model.register_forward_pre_hook(self._split, with_kwargs=True),
                              self.model.register_forward_hook(self._gather)]
         return self
@@ -118,7 +125,18 @@ class CFGParallel:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._layouts = [], []
+        self._handles, self._layouts, self._plan_seen = [], [], False
+
+    def _look_at_plan(self) -> None:
+        """Warn once that a runtime-rule plan's images will differ, whether the plan was applied
+        before the split (seen at install) or after it (seen at the first denoiser call)."""
+        if self._plan_seen:
+            return
+        plan = applied_plan(self.model)
+        if plan is not None:
+            self._plan_seen = True
+            if plan.rule is not None:
+                warn(RULE_WARNING)
 
     def __enter__(self) -> CFGParallel:
         return self.install()
@@ -135,6 +153,7 @@ class CFGParallel:
         return sample.shape[0]
 
     def _split(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._look_at_plan()
         batch = self._batch(args, kwargs)
         if batch < self.group.world:
             raise ParallelError(f"a denoiser call of {batch} row(s) cannot be split over {self.group.world} ranks: "
@@ -154,9 +173,10 @@ class CFGParallel:
 @contextmanager
 def cfg_parallel(pipe: Any, group: Group | None = None, denoiser: str | None = None) -> Iterator[CFGParallel]:
     """Split ``pipe``'s denoiser calls over the ranks of ``group`` (default: the initialised one)
-    inside the ``with`` block; composable with ``diffaccel.accelerate`` in either order. Every rank
-    must hold the same weights (and plan, when one is applied already): checked on entry."""
+    inside the ``with`` block; composable with ``diffaccel.accelerate`` in either order (a runtime-rule
+    plan warns: its images differ). Every rank must hold the same weights, scheduler and other models
+    (and plan, when one is applied already): checked on entry."""
     model, _ = find_denoiser(pipe, denoiser)
     wrapper = CFGParallel(model, group)
-    with agreed_and_installed(wrapper, model):
+    with agreed_and_installed(wrapper, model, pipe):
         yield wrapper

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from diffaccel.adapters import find_denoiser
-from diffaccel.parallel.agree import agreed_and_installed
+from diffaccel.parallel.agree import agreed_and_installed, applied_plan
 from diffaccel.parallel.errors import ParallelError
 from diffaccel.parallel.exchange import Pending, bounds, gather_cat, split_sizes, start_gather
 from diffaccel.parallel.group import Group, current
+from diffaccel.plan import Plan
 
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
@@ -59,6 +60,14 @@ def check_supported(model: torch.nn.Module) -> None:
         if attn is None or attn.spatial_norm is not None or attn.group_norm is not None or attn.is_cross_attention:
             raise ParallelError(f"patch parallelism needs plain self-attention in every block; block {index} of "
                                 f"{name} has another kind")
+
+
+def check_static(plan: Plan | None) -> None:
+    """Raise ``ParallelError`` for a runtime-rule plan: each rank would decide on its own band, skip
+    other blocks than the others and fall out of step with their exchanges."""
+    if plan is not None and plan.rule is not None:
+        raise ParallelError("a runtime-rule plan (first-block / dual-block caching) decides on each rank's own "
+                            "band, so ranks would skip different blocks; patch parallelism needs a static plan")
 
 
 class StaleSelfAttention:
@@ -140,6 +149,7 @@ class PatchParallel:
 
     # -- install / remove ----------------------------------------------------------------------------
     def install(self) -> PatchParallel:
+        check_static(applied_plan(self.model))  # before anything changes: the model stays as it was
         if self.group.world == 1 or self._handles:
             return self
         blocks = self.model.transformer_blocks
@@ -178,6 +188,7 @@ class PatchParallel:
     def _start_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Which band (from the input's size), which run and guidance branch, and whether this step
         exchanges synchronously."""
+        check_static(applied_plan(module))  # a plan applied after the split: refused before any exchange
         arguments = self._signature.bind(module, *args, **kwargs).arguments
         sample = arguments["hidden_states"]
         rows, cols = sample.shape[-2] // self.patch, sample.shape[-1] // self.patch
@@ -209,9 +220,10 @@ def patch_parallel(pipe: Any, warmup_steps: int = 1, group: Group | None = None,
                    denoiser: str | None = None) -> Iterator[PatchParallel]:
     """Split ``pipe``'s transformer into bands of patch rows over the ranks inside the ``with`` block;
     the first ``warmup_steps`` steps of each call exchange synchronously, later ones use the other
-    bands' keys and values from the previous step. Every rank must hold the same weights (and plan,
-    when one is applied already): checked on entry."""
+    bands' keys and values from the previous step. Every rank must hold the same weights, scheduler
+    and other models (and plan, when one is applied already): checked on entry. A runtime-rule plan
+    is refused, applied before the split (on entry) or after it (at the first denoiser call)."""
     model, _ = find_denoiser(pipe, denoiser)
     wrapper = PatchParallel(model, group, warmup_steps)
-    with agreed_and_installed(wrapper, model):
+    with agreed_and_installed(wrapper, model, pipe):
         yield wrapper

@@ -68,6 +68,9 @@ class PeerSpec:
     knobs: dict[str, object]  # settings and their defaults
     open: Callable[[Context, dict], Candidate]
     url: str = ""
+    # raises ValueError("<knob> must be ..., got ...") for settings out of the peer's range: checked
+    # in the sweep before any worker starts, and again by ``settings`` where a worker opens the peer
+    check: Callable[[dict], None] = lambda settings: None
 
     def available(self) -> str | None:
         """None if the peer's package is importable, else why not (one line)."""
@@ -87,4 +90,15 @@ class PeerSpec:
             return None
 
     def settings(self, given: dict) -> dict:
-        return {**self.knobs, **given}
+        """The knobs' defaults with ``given`` over them, checked (ValueError saying what to change)."""
+        settings = {**self.knobs, **given}
+        self.check(settings)
+        return settings
+
+
+def at_least(settings: dict, low: int, *knobs: str) -> None:
+    """Each of ``knobs`` is a number >= ``low`` (an interval of 0 divides by zero in the peers)."""
+    for knob in knobs:
+        value = settings[knob]
+        if value is not None and not (isinstance(value, int | float) and value >= low):
+            raise ValueError(f"{knob} must be a number >= {low}, got {value!r}")

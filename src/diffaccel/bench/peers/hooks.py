@@ -31,7 +31,7 @@ from diffusers.hooks import (
 from diffusers.hooks.faster_cache import _UNCOND_COND_INPUT_KWARGS_IDENTIFIERS
 from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
 
-from diffaccel.bench.peers.base import Candidate, Context, PeerSpec
+from diffaccel.bench.peers.base import Candidate, Context, PeerSpec, at_least
 
 TRANSFORMERS = ("dit", "pixart")
 
@@ -57,14 +57,27 @@ def _diffusers_hooked(ctx: Context, apply: Callable[[torch.nn.Module, dict], Non
         current["t"] = current["t"] if t is None else t
         _set_cache_context(model, CacheContext("cond"))  # guidance runs as one doubled batch
 
-    model.register_forward_pre_hook(enter, with_kwargs=True)
-    model.register_forward_hook(lambda module, args, out: _set_cache_context(model, None))
+    handles = [model.register_forward_pre_hook(enter, with_kwargs=True),
+               model.register_forward_hook(lambda module, args, out: _set_cache_context(model, None))]
 
     def run(call):
         registry.reset_stateful_hooks()
         return ctx.sample(pipe, call)
 
-    return Candidate(run)
+    def close() -> None:  # the transformer as it came: its forwards unhooked
+        for handle in handles:
+            handle.remove()
+        remove_diffusers_hooks(model)
+
+    return Candidate(run, close=close)
+
+
+def remove_diffusers_hooks(model: torch.nn.Module) -> None:
+    """Every diffusers hook on ``model`` and its submodules, removed (each restores the forward it wrapped)."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in list(registry.hooks) if registry is not None else []:
+            registry.remove_hook(name, recurse=False)
 
 
 def diffusers_fbc(ctx: Context, settings: dict) -> Candidate:
@@ -96,6 +109,8 @@ def diffusers_pab(ctx: Context, settings: dict) -> Candidate:
 
 def diffusers_fastercache(ctx: Context, settings: dict) -> Candidate:
     s = SPECS["diffusers-fastercache"].settings(settings)
+    if ctx.guidance <= 1.0:  # without guidance there is no unconditional half (it had failed with an IndexError)
+        raise ValueError("FasterCache skips the unconditional half of classifier-free guidance; it needs guidance > 1")
 
     def apply(model, current):
         apply_faster_cache(model, FasterCacheConfig(
@@ -138,17 +153,50 @@ def diffusers_magcache(ctx: Context, settings: dict) -> Candidate:
     candidate.notes = f"mag_ratios calibrated on {images} calibration images (not timed)"
     return candidate
 
+def _check_timestep_range(settings: dict) -> None:
+    window = settings["timestep_range"]
+    if not (isinstance(window, list | tuple) and len(window) == 2
+            and all(isinstance(t, int | float) and not isinstance(t, bool) for t in window) and window[0] < window[1]):
+        raise ValueError(f"timestep_range must be two timesteps [first, last] with first < last, e.g. [100, 800], "
+                         f"got {window!r}")
+
+
+def _check_taylorseer(settings: dict) -> None:
+    at_least(settings, 1, "interval")
+    at_least(settings, 0, "order", "warmup")
+    if not isinstance(getattr(torch, str(settings["factors_dtype"]), None), torch.dtype):
+        raise ValueError(f"factors_dtype must name a torch dtype (bfloat16, float32, ...), got "
+                         f"{settings['factors_dtype']!r}")
+
+
+def _check_pab(settings: dict) -> None:
+    at_least(settings, 1, "skip_range")
+    _check_timestep_range(settings)
+
+
+def _check_fastercache(settings: dict) -> None:
+    at_least(settings, 1, "skip_range", "unconditional_skip")
+    _check_timestep_range(settings)
+
+
+def _check_magcache(settings: dict) -> None:
+    at_least(settings, 0, "threshold", "max_skip_steps", "retention_ratio")
+
+
 SPECS: dict[str, PeerSpec] = {spec.name: spec for spec in [
     PeerSpec("diffusers-fbc", "diffusers FirstBlockCache", TRANSFORMERS, "diffusers", "diffusers",
              {"threshold": 0.05}, diffusers_fbc),
     PeerSpec("diffusers-taylorseer", "diffusers TaylorSeer", TRANSFORMERS, "diffusers", "diffusers",
              {"interval": 5, "order": 1, "warmup": 3, "factors_dtype": "bfloat16",
               # without these identifiers TaylorSeer hooks nothing on a DiT (see PEERS.md)
-              "identifiers": [r"^transformer_blocks\.\d+\.attn\d?"]}, diffusers_taylorseer),
+              "identifiers": [r"^transformer_blocks\.\d+\.attn\d?"]}, diffusers_taylorseer,
+             check=_check_taylorseer),
     PeerSpec("diffusers-pab", "diffusers Pyramid Attention Broadcast", TRANSFORMERS, "diffusers", "diffusers",
-             {"skip_range": 2, "timestep_range": [100, 800]}, diffusers_pab),
+             {"skip_range": 2, "timestep_range": [100, 800]}, diffusers_pab, check=_check_pab),
     PeerSpec("diffusers-fastercache", "diffusers FasterCache", TRANSFORMERS, "diffusers", "diffusers",
-             {"skip_range": 2, "timestep_range": [-1, 681], "unconditional_skip": 5}, diffusers_fastercache),
+             {"skip_range": 2, "timestep_range": [-1, 681], "unconditional_skip": 5}, diffusers_fastercache,
+             check=_check_fastercache),
     PeerSpec("diffusers-magcache", "diffusers MagCache", TRANSFORMERS, "diffusers", "diffusers",
-             {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}, diffusers_magcache),
+             {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}, diffusers_magcache,
+             check=_check_magcache),
 ]}

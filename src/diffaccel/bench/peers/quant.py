@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffaccel.bench.peers.base import Candidate, Context, PeerSpec
+from diffaccel.bench.peers.base import Candidate, Context, PeerSpec, at_least
 from diffaccel.calibration.workload import Workload
 from diffaccel.methods.registry import build
 from diffaccel.runtime import accelerate
@@ -50,8 +50,6 @@ def torchao_int8(ctx: Context, settings: dict) -> Candidate:
     import torchao.quantization as tq  # optional: the peers extra
 
     s = SPECS["torchao"].settings(settings)
-    if s["config"] not in TORCHAO_CONFIGS:
-        raise ValueError(f"unknown torchao config {s['config']!r}; choose {', '.join(TORCHAO_CONFIGS)}")
     config = getattr(tq, TORCHAO_CONFIGS[s["config"]])()
     return _with_our_cache(ctx, ctx.fresh_pipe(), s["cache_keys"], lambda model: tq.quantize_(model, config))
 
@@ -75,9 +73,16 @@ def quanto_int8(ctx: Context, settings: dict) -> Candidate:
 
     return _with_our_cache(ctx, pipe, s["cache_keys"], quantize, counted=False)
 
+def _check_torchao(settings: dict) -> None:
+    at_least(settings, 1, "cache_keys")
+    if settings["config"] not in TORCHAO_CONFIGS:
+        raise ValueError(f"config must be one of {', '.join(TORCHAO_CONFIGS)}, got {settings['config']!r}")
+
+
 SPECS: dict[str, PeerSpec] = {spec.name: spec for spec in [
     PeerSpec("torchao", "torchao int8", ANY, "torchao", "torchao==0.18.0",
-             {"config": "int8-weight-only", "cache_keys": None}, torchao_int8),
+             {"config": "int8-weight-only", "cache_keys": None}, torchao_int8, check=_check_torchao),
     PeerSpec("quanto", "optimum-quanto int8", ANY, "optimum.quanto", "optimum-quanto==0.2.7",
-             {"weights": "qint8", "activations": None, "cache_keys": None}, quanto_int8),
+             {"weights": "qint8", "activations": None, "cache_keys": None}, quanto_int8,
+             check=lambda settings: at_least(settings, 1, "cache_keys")),
 ]}

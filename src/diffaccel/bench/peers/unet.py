@@ -4,18 +4,22 @@ Stable Diffusion pipeline; on the embedded U-Net, the least adaptation that make
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffaccel.bench.peers.base import Candidate, Context, PeerSpec
+from diffaccel.bench.peers.base import Candidate, Context, PeerSpec, at_least
 from diffaccel.calibration.workload import images_of
 
 
-def _scalar_timestep(pipe) -> None:
+def _scalar_timestep(pipe) -> Callable[[], None]:
     """Call the U-Net with one timestep for the batch (it broadcasts it itself: same output), which
-    is what Stable Diffusion pipelines pass and what DeepCache's helper reads with ``.item()``."""
+    is what Stable Diffusion pipelines pass and what DeepCache's helper reads with ``.item()``.
+    Returns what puts the pipeline's own ``denoise`` back."""
     pipe.denoise = lambda x, t, labels: pipe.unet(x, t.reshape(-1)[0],
                                                   encoder_hidden_states=pipe.class_embedder(labels)).sample
+    return lambda: vars(pipe).pop("denoise", None)
 
 
 def deepcache_sdhelper(ctx: Context, settings: dict) -> Candidate:
@@ -24,8 +28,7 @@ def deepcache_sdhelper(ctx: Context, settings: dict) -> Candidate:
 
     s = SPECS["deepcache-sdhelper"].settings(settings)
     pipe = ctx.fresh_pipe()
-    if ctx.embedded:
-        _scalar_timestep(pipe)
+    restore = _scalar_timestep(pipe) if ctx.embedded else lambda: None
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=s["interval"], cache_branch_id=s["branch"], skip_mode=s["skip_mode"])
 
@@ -36,7 +39,7 @@ def deepcache_sdhelper(ctx: Context, settings: dict) -> Candidate:
         finally:
             helper.disable()
 
-    return Candidate(run)
+    return Candidate(run, close=restore)
 
 
 def tgate(ctx: Context, settings: dict) -> Candidate:
@@ -110,11 +113,17 @@ def tomesd(ctx: Context, settings: dict) -> Candidate:
                      use_rand=s["use_rand"])
     return Candidate(lambda call: ctx.sample(pipe, call), close=lambda: tome.remove_patch(pipe))
 
+def _check_tgate(settings: dict) -> None:
+    at_least(settings, 1, "gate_step", "sp_interval", "fi_interval")
+    at_least(settings, 0, "warm_up")
+
+
 SPECS: dict[str, PeerSpec] = {spec.name: spec for spec in [
     PeerSpec("deepcache-sdhelper", "DeepCache (DeepCacheSDHelper)", ("unet",), "DeepCache", "DeepCache==0.1.1",
-             {"interval": 3, "branch": 0, "skip_mode": "uniform"}, deepcache_sdhelper),
+             {"interval": 3, "branch": 0, "skip_mode": "uniform"}, deepcache_sdhelper,
+             check=lambda settings: at_least(settings, 1, "interval")),
     PeerSpec("tgate", "T-GATE", ("unet", "pixart"), "tgate", "tgate==1.0.0",
-             {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2}, tgate),
+             {"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2}, tgate, check=_check_tgate),
     PeerSpec("tomesd", "ToMe for SD", ("unet",), "tomesd", "tomesd==0.1.3",
              # tiny U-Nets have attention at 8x8 and below only: max_downsample=2 (PEERS.md);
              # use_rand=False keeps runs reproducible across the interleaved repeats
