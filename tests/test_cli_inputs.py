@@ -118,3 +118,23 @@ def test_bench_refuses_numbers_below_their_minimum_before_any_work(monkeypatch, 
     line = refused(monkeypatch, capsys, "bench", "--model", model, "--quick", option, value, "--out", out)
     assert option in line, line
     assert not out.exists()
+
+
+def test_a_prompt_line_that_makes_no_image_is_refused_when_the_file_is_read(tmp_path):
+    """``num_images_per_prompt: 0`` or an empty prompt list had run until torch's reshape error (and
+    counted as one image); every command that reads a prompt file now refuses the line."""
+    import json
+
+    from diffaccel.calibration.workload import Call, call_images
+    from diffaccel.errors import WorkloadError
+    from diffaccel.targets import read_prompts
+
+    for line, message in (({"prompt": "a", "num_images_per_prompt": 0}, "num_images_per_prompt must be a whole"),
+                          ({"prompt": "a", "num_images_per_prompt": 1.5}, "num_images_per_prompt must be a whole"),
+                          ({"prompt": []}, "empty list")):
+        path = tmp_path / "prompts.txt"
+        path.write_text("# a comment\n" + json.dumps(line) + "\n")
+        with pytest.raises(WorkloadError, match=f"line 2: .*{message}"):
+            read_prompts(path)
+    assert call_images(Call({"prompt": ["a", "b"], "num_images_per_prompt": 0}, (0,))) == 0
+    assert call_images(Call({"prompt": ["a", "b"]}, (0,))) == 2

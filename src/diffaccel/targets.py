@@ -54,10 +54,13 @@ def read_prompts(path: Path) -> list[dict]:
                                     "JSON object of pipeline arguments per line") from None
             if not isinstance(call, dict):
                 raise WorkloadError(f"{path}, line {number}: a JSON line must be an object of pipeline arguments")
-            steps = call.get("num_inference_steps", 1)
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-                raise WorkloadError(f"{path}, line {number}: num_inference_steps must be a whole number >= 1, got "
-                                    f"{steps!r}")
+            for key in ("num_inference_steps", "num_images_per_prompt"):
+                value = call.get(key, 1)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise WorkloadError(f"{path}, line {number}: {key} must be a whole number >= 1, got {value!r}")
+            if call.get("prompt") == []:
+                raise WorkloadError(f"{path}, line {number}: \"prompt\" is an empty list, which makes no image; give a "
+                                    "prompt or a list of prompts")
             calls.append(call)
         elif line.startswith("[") and _is_json(line):
             raise WorkloadError(f"{path}, line {number}: a JSON line must be an object of pipeline arguments "

@@ -117,22 +117,12 @@ def adapter_of(cfg: BenchConfig) -> str:
 
 
 def check_prompt_images(path: Path) -> None:
-    """Every prompt line makes at least one image (a line of none had failed every group, with
-    torch's reshape error, after the whole run)."""
+    """The prompt file reads, every line making at least one image (``targets.read_prompts``): a line of
+    none had failed every group, with torch's reshape error, after the whole run."""
     try:
-        prompts = read_prompts(path)
+        read_prompts(path)
     except DiffaccelError as exc:
         raise BenchError(str(exc)) from None
-    text = path.read_text(encoding="utf-8-sig").splitlines()
-    numbers = [n for n, line in enumerate(text, start=1) if line.strip() and not line.strip().startswith("#")]
-    for number, prompt in zip(numbers, prompts, strict=True):
-        count = prompt.get("num_images_per_prompt", 1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise BenchError(f"{path}, line {number}: num_images_per_prompt must be a whole number >= 1, got "
-                             f"{count!r}; leave it out for one image per prompt")
-        if prompt.get("prompt") == []:
-            raise BenchError(f"{path}, line {number}: \"prompt\" is an empty list, which makes no image; give a "
-                             "prompt or a list of prompts")
 
 
 def check_config(cfg: BenchConfig) -> tuple[BenchConfig, dict[str, list[dict]]]:

@@ -76,7 +76,8 @@ def call_images(call: Call) -> int:
     ``num_images_per_prompt``."""
     embeds = call.kwargs.get("prompt_embeds")
     rows = embeds.shape[0] if isinstance(embeds, torch.Tensor) else len(call.describe())
-    return max(rows, len(call.seeds)) * int(call.kwargs.get("num_images_per_prompt") or 1)
+    per_prompt = call.kwargs.get("num_images_per_prompt")
+    return max(rows, len(call.seeds)) * (1 if per_prompt is None else int(per_prompt))
 
 
 def images_of(result: Any) -> torch.Tensor:
