@@ -84,9 +84,12 @@ class QuantHandle:
         return self
 
     def restore(self) -> None:
+        """Put the originals back, moved to the device and dtype the stand-ins have now (a ``pipe.to``
+        while quantized moved those, not the originals, which are no part of the model meanwhile)."""
         if self.applied:
-            for parent, child, original, _new in reversed(self.replacements):
-                setattr(parent, child, original)
+            for parent, child, original, new in reversed(self.replacements):
+                scale = new.weight_scale
+                setattr(parent, child, original.to(device=scale.device, dtype=scale.dtype))
             self.applied = False
 
 

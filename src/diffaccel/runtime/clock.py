@@ -82,15 +82,18 @@ class StepClock:
         self.calls += 1
         return branch
 
-    def hook(self, scheduler: Any, patch: Callable[[Any, str, Any], None], on_run: Callable[[], None],
+    def hook(self, scheduler: Any, patch: Callable[[Any, str, Any], None], guard: Any, on_run: Callable[[], None],
              on_step: StepHook | None) -> None:
         """Wrap ``scheduler``'s ``set_timesteps``, ``set_begin_index`` and ``step`` through ``patch``
-        (which records the originals for restoring). ``on_step`` sees each step's latents."""
+        (which records the originals for restoring). ``on_step`` sees each step's latents. Each wrapper
+        first asks ``guard.enter_scheduler()`` (``guard.py``): False, the plan is gone, pass the call through."""
         set_timesteps, step = scheduler.set_timesteps, scheduler.step
         step_signature = inspect.signature(step)
 
         @functools.wraps(set_timesteps)
         def set_timesteps_counted(*args, **kwargs):
+            if not guard.enter_scheduler():
+                return set_timesteps(*args, **kwargs)
             out = set_timesteps(*args, **kwargs)
             self.start(scheduler.timesteps)
             on_run()
@@ -98,6 +101,8 @@ class StepClock:
 
         @functools.wraps(step)
         def step_counted(*args, **kwargs):
+            if not guard.enter_scheduler():
+                return step(*args, **kwargs)
             out = step(*args, **kwargs)
             if on_step is not None:
                 sample = step_signature.bind(*args, **kwargs).arguments["sample"]
@@ -106,12 +111,15 @@ class StepClock:
             self.calls = 0
             return out
 
+        step_counted.diffaccel_guard = guard  # a second plan on this scheduler is refused (guard.py)
         patch(scheduler, "set_timesteps", set_timesteps_counted)
         patch(scheduler, "step", step_counted)
         set_begin_index = getattr(scheduler, "set_begin_index", None)
         if callable(set_begin_index):
             @functools.wraps(set_begin_index)
             def set_begin_index_counted(*args, **kwargs):
+                if not guard.enter_scheduler():
+                    return set_begin_index(*args, **kwargs)
                 out = set_begin_index(*args, **kwargs)
                 self.begin, self.begin_told = int(getattr(scheduler, "begin_index", None) or 0), True
                 return out

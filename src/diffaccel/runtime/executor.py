@@ -27,17 +27,15 @@ from diffaccel.runtime.cache import UnitCache, all_finite, non_finite_error, tre
 from diffaccel.runtime.clock import StepClock, StepHook, timestep_value
 from diffaccel.runtime.features import Feature, overrides
 from diffaccel.runtime.fitted import check_scheduler, check_weights, plan_for_run
-from diffaccel.runtime.sampler import plan_scheduler
+from diffaccel.runtime.guard import NESTED, Guard, check_scheduler_free, register
+from diffaccel.runtime.patches import Patches, Saved
+from diffaccel.runtime.sampler import plan_scheduler, release_plan_scheduler
 from diffaccel.runtime.state import BranchState, Stats, merged_run
 
 log = logging.getLogger("diffaccel")
 
 
-NESTED = ("a plan is already applied to this model (plans do not nest): leave its `accelerate` block, or "
-          "`diffaccel.disable` it, before applying another")
-
-
-class Executor:
+class Executor(Patches):
     def __init__(self, model: torch.nn.Module, plan: Plan, adapter: Adapter | None = None,
                  check_finite: bool = True, unit_macs: dict[tuple, list[int]] | None = None,
                  resample: bool = False, merge_runs: bool = True):
@@ -71,7 +69,8 @@ class Executor:
         self.mac_key: tuple = ()
         self._states: dict[Any, BranchState] = {}
         self._current: BranchState | None = None
-        self._saved: list[tuple[Any, str, Any, bool]] = []
+        self._saved: list[Saved] = []
+        self.guard: Guard | None = None  # set by install: checks every call that enters the executor
         self._measuring: list[int] | None = None
         self.scheduler: Any = None  # the one whose steps are counted (set by install)
         self._pipe: Any = None
@@ -110,17 +109,15 @@ class Executor:
         return list(self.plan.timesteps) if self.plan.timesteps else None
 
     # -- install / remove --------------------------------------------------------------------------
-    def patch(self, obj: Any, name: str, replacement: Any) -> None:
-        """Set ``obj.name`` until ``remove()``, which undoes the patches newest first (features patch too)."""
-        had = name in vars(obj)
-        self._saved.append((obj, name, vars(obj).get(name), had))
-        setattr(obj, name, replacement)
-
     def install(self, scheduler: Any = None, pipe: Any = None) -> None:
         """Apply the plan until ``remove()``; ``scheduler`` (the pipeline's) counts steps, ``pipe`` is
         needed by plans with a solver section, whose scheduler replaces the pipeline's meanwhile."""
         if getattr(self.model, "_diffaccel_executor", None) is not None:
             raise PlanError(NESTED)
+        if self.plan.solver is None:
+            check_scheduler_free(scheduler)
+        guard = self.guard = Guard(self.model, pipe)
+        bare_forward = self.model.forward  # what a wrapper left in place after the plan's removal calls
         try:
             if self.plan.solver is not None:
                 scheduler = plan_scheduler(self.plan, pipe, self.adapter, self.model)
@@ -136,6 +133,8 @@ class Executor:
 
             @functools.wraps(original)
             def model_forward(*args, **kwargs):
+                if not guard.enter():
+                    return bare_forward(*args, **kwargs)
                 return self._model_forward(original, args, kwargs)
 
             self.patch(self.model, "forward", model_forward)
@@ -147,22 +146,23 @@ class Executor:
                     lambda *a, _i=index, _f=unit_original, **k: self._unit_forward(_i, _f, a, k)))
             self.clock = StepClock()
             if scheduler is not None:
-                self.clock.hook(scheduler, self.patch, self._run_set, self._after_step)
+                self.clock.hook(scheduler, self.patch, guard, self._run_set, self._after_step)
             self.scheduler, self._pipe = scheduler, pipe
             self.patch(self.model, "_diffaccel_executor", self)
+            register(pipe, self)
         except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
+        """Undo ``install``; a wrapper another library put over one of ours since is left working."""
+        if self.guard is not None:
+            self.guard.close(self)
         for feature in self.features:
             feature.remove()
-        while self._saved:
-            obj, name, value, had = self._saved.pop()
-            if had:
-                setattr(obj, name, value)
-            else:
-                delattr(obj, name)
+        self.undo_patches()
+        if self.plan.solver is not None:
+            release_plan_scheduler(self.scheduler)
         self._states.clear()
         self._current = None
         self.clock = StepClock()

@@ -12,6 +12,7 @@ from diffaccel.adapters import find_denoiser
 from diffaccel.errors import PlanError, PlanWarning, warn
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import NESTED, Executor
+from diffaccel.runtime.guard import applied, check_not_stale
 
 # schedulers that evaluate the model twice at some timestep of a run
 REPEATS_TIMESTEPS = ("PNDMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
@@ -45,6 +46,7 @@ def enable(target: Any, plan: Plan, check_finite: bool = True, resample: bool = 
     """Apply ``plan`` until ``disable(target)``; returns the executor (its ``stats`` count the work
     of the latest pipeline call)."""
     plan = _checked(plan)
+    check_not_stale(target)
     model, scheduler = find_denoiser(target, denoiser)
     if getattr(model, "_diffaccel_executor", None) is not None:  # before the weights check: a quantized model's differ
         raise PlanError(NESTED)
@@ -90,16 +92,18 @@ def _check_bare_model(plan: Plan, resample: bool) -> None:
 
 
 def disable(target: Any) -> None:
-    """Remove whatever plan is applied to ``target``'s models (a no-op if none is)."""
-    models = [target] if hasattr(target, "_diffaccel_executor") else []
+    """Remove whatever plan is applied to ``target``'s models (a no-op if none is), also one applied to a
+    denoiser the pipeline no longer holds (replaced meanwhile)."""
+    executors = [*applied(target), getattr(target, "_diffaccel_executor", None)]
     components = getattr(target, "components", None)
     source = components if isinstance(components, dict) else vars(target)
-    models += [m for m in source.values() if getattr(m, "_diffaccel_executor", None) is not None]
-    for model in models:
-        executor = getattr(model, "_diffaccel_executor", None)
-        if executor is not None:
+    executors += [getattr(m, "_diffaccel_executor", None) for m in source.values()]
+    removed: list[Executor] = []
+    for executor in executors:
+        if isinstance(executor, Executor) and not any(executor is done for done in removed):
             _check_short_run(executor)
             executor.remove()
+            removed.append(executor)
 
 
 def _check_short_run(executor: Executor) -> None:

@@ -90,10 +90,21 @@ def solver_scheduler(spec: SolverSpec, base: Any, exact_steps: bool = False, siz
         if spec.timesteps is not None:
             place_timesteps(scheduler, spec.timesteps)
 
+    set_planned_timesteps.diffaccel_planned = True  # release_planned_steps takes it off again
     scheduler.set_timesteps = set_planned_timesteps
     wrapped = Corrected(scheduler, spec.coefficients, fitter) if spec.coefficients is not None or fitter is not None \
         else scheduler
     return ModelTime(wrapped, spec.model_timesteps) if spec.model_timesteps is not None else wrapped
+
+
+def release_planned_steps(scheduler: Any) -> None:
+    """Take the plan's step count off ``scheduler`` once the plan is removed: a pipeline made from the
+    one the plan was applied to (``from_pipe``, ``Pipeline(**pipe.components)``) may hold it still,
+    and then runs the step counts it is called with (the solver and its schedule settings stay)."""
+    while scheduler is not None:
+        if getattr(vars(scheduler).get("set_timesteps"), "diffaccel_planned", False):
+            del scheduler.set_timesteps
+        scheduler = vars(scheduler).get("inner")
 
 
 def _check_schedule(spec: SolverSpec, scheduler: Any) -> None:

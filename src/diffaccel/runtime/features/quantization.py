@@ -5,12 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffaccel.errors import CacheError, PlanError, warn
+from diffaccel.errors import CacheError, PlanError, PlanWarning, warn
 from diffaccel.plan import Plan
 from diffaccel.quant import Calibration, prepare
 from diffaccel.quant.layers import int8_matmul_speed
 from diffaccel.runtime.cache import all_finite
 from diffaccel.runtime.features.base import Feature
+
+
+def refuse_save(*args: Any, **kwargs: Any) -> None:
+    """The model holds quantized stand-ins meanwhile: what it saves would not load as the model."""
+    raise PlanError("the denoiser holds quantized layers while the plan is applied, and would save them in place of "
+                    "its weights (a reload gives NaN): save the pipeline before applying the plan or after removing it")
+
+
+def fused(module: Any) -> bool:
+    """Whether diffusers' ``fuse_qkv_projections`` fused this attention's projections into one layer."""
+    return bool(getattr(module, "fused_projections", False))
 
 
 class Quantization(Feature):
@@ -36,7 +47,9 @@ class Quantization(Feature):
         return plan.quant
 
     def install(self) -> None:
+        self.fused_before = {id(parent) for parent, *_ in self.handle.replacements if fused(parent)}
         self.handle.apply()
+        self.executor.patch(self.executor.model, "save_pretrained", refuse_save)
 
     def forward(self, original: Any, bound: Any, state: Any) -> None:
         """The integer paths round a NaN into a number, which the executor's check of the output would
@@ -58,6 +71,11 @@ class Quantization(Feature):
                             "calibrate one scale per trajectory (per_step=False), which runs at any step count")
 
     def remove(self) -> None:
+        if self.handle.applied and any(fused(parent) and id(parent) not in self.fused_before
+                                       for parent, *_ in self.handle.replacements):
+            warn(PlanWarning("fuse_qkv_projections ran while the quantized plan was applied: the fused layers hold "
+                             "the quantized weights, rounded; call unfuse_qkv_projections() on the model (and fuse "
+                             "again now, if you want), or fuse before applying the plan"))
         self.handle.restore()
 
     def swapped(self) -> dict[int, Any]:
