@@ -341,3 +341,23 @@ def test_a_begin_index_the_pipeline_sets_is_not_guessed_again():
     clock.start([1000.0, 750.0, 500.0, 250.0, 1.0])
     clock.find_begin(500.0)  # no begin index told (DDIM's image-to-image): read off the timestep
     assert clock.expected_steps == 3
+
+
+def test_two_denoisers_of_one_class_are_named_and_a_video_patch_size_is_spatial():
+    """Wan 2.2 keeps ``transformer`` and ``transformer_2``: the plan ran on the first alone, the second
+    unaccelerated and uncounted while ``mac_ratio`` read 1.74. A tuple ``patch_size`` (Wan's (1, 2, 2))
+    failed a solver plan with int()'s TypeError."""
+    from types import SimpleNamespace
+
+    from diffaccel.adapters.registry import denoiser_name, find_adapter
+
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    pipe = SimpleNamespace(components={"transformer": first, "transformer_2": second, "vae": torch.nn.Conv2d(1, 1, 1)})
+    with pytest.raises(UnsupportedModelError, match=r"several denoisers of one class \(transformer, transformer_2\)"):
+        denoiser_name(pipe)
+    assert denoiser_name(pipe, "transformer_2") == "transformer_2"
+    pipe.components.pop("transformer_2")
+    assert denoiser_name(pipe) == "transformer"
+    adapter = find_adapter(_dit().model)
+    for size, multiple in ((2, 2), ((1, 2, 2), 2), ((1, 4, 4), 4), (None, 1)):
+        assert adapter.size_multiple(SimpleNamespace(config=SimpleNamespace(patch_size=size))) == multiple

@@ -138,3 +138,20 @@ def test_a_prompt_line_that_makes_no_image_is_refused_when_the_file_is_read(tmp_
             read_prompts(path)
     assert call_images(Call({"prompt": ["a", "b"], "num_images_per_prompt": 0}, (0,))) == 0
     assert call_images(Call({"prompt": ["a", "b"]}, (0,))) == 2
+
+
+def test_a_video_pipelines_output_is_told_apart_from_a_broken_one():
+    """Calibrated methods on a video pipeline (its output under ``.frames``) said to return images "as
+    diffusers pipelines do with output_type='pt'", a fix that does not exist for video."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffaccel.calibration.workload import images_of
+    from diffaccel.errors import WorkloadError
+
+    with pytest.raises(WorkloadError, match="not video frames"):
+        images_of(SimpleNamespace(frames=torch.zeros(1, 3, 3, 8, 8)))
+    with pytest.raises(WorkloadError, match="output_type='pt'"):
+        images_of(SimpleNamespace(images="a caption"))
+    assert images_of(SimpleNamespace(images=torch.zeros(2, 3, 8, 8))).shape == (2, 3, 8, 8)

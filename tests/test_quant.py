@@ -349,3 +349,32 @@ def test_the_output_layer_of_pixart_stays_at_8_bits_and_quantize_takes_a_calibra
     handle = quantize_(pipe.denoiser, plan.quant, plan.quant.calibration)  # a path: had been an AttributeError
     handle.restore()
     assert untouched(pipe.denoiser)
+
+
+class _KeywordCaller(torch.nn.Module):
+    """Calls its Linear as ``linear(input=...)``, as AnimateDiff's motion modules call ``proj_in``."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(input=hidden)
+
+
+@pytest.mark.parametrize("backend", ["fake", "int8", "int8-dynamic"])
+def test_a_layer_called_with_its_input_by_keyword_is_calibrated_and_quantized(backend, tmp_path):
+    """The range recorder read ``args[0]`` (an IndexError blamed on the user's call) and the quantized
+    layers took ``x``, not nn.Linear's ``input``."""
+    pipe = make_pipes()[0]
+    block = pipe.denoiser.transformer_blocks[0].ff.net
+    block[-1] = _KeywordCaller(block[-1])
+    base = call(pipe, steps=STEPS)
+    calls = pipe.workload_calls(STEPS, per_class=1, classes=[0, 1])
+    cal = activation_ranges(pipe, calls, progress=False)
+    assert any(name.endswith("ff.net.2.linear") for name in cal.absmax)
+    plan = methods.fora(pipe.denoiser, STEPS, interval=1).with_quant(
+        QuantSpec(weight_bits=8, act_bits=8, backend=backend, calibration=str(cal.save(tmp_path / "c.safetensors"))))
+    with diffaccel.accelerate(pipe, plan):
+        out = call(pipe, steps=STEPS)
+    assert torch.isfinite(out).all() and (out - base).abs().mean() < 0.05

@@ -107,6 +107,36 @@ def test_a_call_from_a_second_thread_while_one_runs_is_refused_and_the_running_c
     diffaccel.disable(pipe)
 
 
+@pytest.mark.parametrize("way", ["from_pipe", "bare model"])
+def test_a_second_thread_is_refused_while_a_call_runs_through_a_sibling_or_around_a_bare_model(served, way):
+    """The guard looked for the running call in the frames of the pipeline the plan was applied to: a
+    call through a ``from_pipe`` sibling, or any call around a plan on the bare model, let the second
+    thread in (the first call then failed, or changed silently)."""
+    pipe, call, plan, expected = served
+    runner = type(pipe).from_pipe(pipe) if way == "from_pipe" else pipe
+    target = pipe if way == "from_pipe" else pipe.transformer
+    diffaccel.enable(target, plan)
+    second: dict = {}
+
+    def at_step(step, timestep, latents):
+        if step == 2 and not second:
+            def call_from_another_thread():
+                try:
+                    second["out"] = run(pipe, call)
+                except PlanError as exc:
+                    second["error"] = exc
+            thread = threading.Thread(target=call_from_another_thread)
+            thread.start()
+            thread.join()
+
+    try:
+        first = run(runner, call, callback=at_step, callback_steps=1)
+    finally:
+        diffaccel.disable(target)
+    assert "one call at a time" in str(second.get("error")), second
+    assert torch.equal(first, expected)
+
+
 def test_disable_removes_a_plan_whose_denoiser_was_replaced_and_calls_meanwhile_are_refused(served):
     pipe, call, plan, _ = served
     old, scheduler = pipe.transformer, pipe.scheduler

@@ -93,8 +93,10 @@ class Adapter:
         raise NotImplementedError
 
     def size_multiple(self, model: torch.nn.Module) -> int:
-        """The latent sizes ``model`` runs at are multiples of this (a transformer's patch size)."""
-        return int(getattr(getattr(model, "config", None), "patch_size", None) or 1)
+        """The latent sizes ``model`` runs at are multiples of this (a transformer's patch size; of a video
+        model's ``(frames, height, width)`` patch, the spatial one)."""
+        size = getattr(getattr(model, "config", None), "patch_size", None) or 1
+        return int(max(size[-2:]) if isinstance(size, (tuple, list)) else size)
 
     def check_granularity(self, granularity: str) -> None:
         if granularity not in self.granularities:

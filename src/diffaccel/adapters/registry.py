@@ -81,6 +81,11 @@ def denoiser_name(target: Any, attribute: str | None = None) -> str:
         return attribute
     for name in DENOISER_NAMES:
         if name in modules:
+            twins = [other for other, module in modules.items() if type(module) is type(modules[name])]
+            if len(twins) > 1:  # Wan 2.2: transformer for the noisy steps, transformer_2 for the rest
+                raise UnsupportedModelError(f"{type(target).__name__} has several denoisers of one class "
+                                            f"({', '.join(twins)}): a plan runs on one, the others unaccelerated and "
+                                            "uncounted; name it with denoiser='...' to accept that")
             return name
     supported = [name for name, module in modules.items() if find_adapter(module) is not None]
     if len(supported) == 1:

@@ -53,12 +53,12 @@ def activation_ranges(pipe: Any, workload: Workload, act_bits: int = 8, split_sh
     clock: dict[str, Executor | None] = {"executor": None}
 
     def recorder(name: str):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             executor = clock["executor"]
             step = executor.current_step if executor is not None else None
             if step is None:
                 return
-            x = args[0].detach().float()
+            x = (args[0] if args else kwargs["input"]).detach().float()  # layer(input=...): AnimateDiff's proj_in
             if name in splits:
                 cut = splits[name]
                 values = torch.stack([x[:, :cut].abs().amax(), x[:, cut:].abs().amax()])
@@ -68,7 +68,7 @@ def activation_ranges(pipe: Any, workload: Workload, act_bits: int = 8, split_sh
             per_step[name][step] = values.cpu() if seen is None else torch.maximum(seen, values.cpu())
         return hook
 
-    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
     try:
         executor = run_each(pipe, workload, None, lambda e: clock.update(executor=e), progress)
     finally:

@@ -95,8 +95,11 @@ def images_of(result: Any) -> torch.Tensor:
         if images.dim() == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
             images = images.permute(0, 3, 1, 2)  # NHWC (DiTPipeline, numpy output) -> NCHW
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        video = hasattr(result, "frames") and not hasattr(result, "images")
         raise WorkloadError(f"the pipeline returned no batch of images (got {type(images).__name__}); "
-                            "it must return images, as diffusers pipelines do with output_type='pt'")
+                            + ("calibrated methods and the search score images, not video frames: use a method "
+                               "made without a calibration run (fora, first_block_cache, ...)" if video else
+                               "it must return images, as diffusers pipelines do with output_type='pt'"))
     return images.detach().float().cpu()
 
 

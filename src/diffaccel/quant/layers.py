@@ -162,14 +162,14 @@ class QuantLinear(QuantizedLayer):
     def integer_weight(self) -> torch.Tensor:
         return self.weight_q.t() if self.mode == "int8" else super().integer_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named as nn.Linear's: layer(input=...) calls work
         if self.mode == "int8-dynamic":
-            rows = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self.packed, True)
-            return rows.reshape(*x.shape[:-1], rows.shape[-1])
+            rows = torch.ops.quantized.linear_dynamic(input.reshape(-1, input.shape[-1]), self.packed, True)
+            return rows.reshape(*input.shape[:-1], rows.shape[-1])
         if self.mode == "fake":
-            return F.linear(self.fake_quant_input(x, -1), self.dequantized_weight(), self.bias)
+            return F.linear(self.fake_quant_input(input, -1), self.dequantized_weight(), self.bias)
         scale = self.step_scale()
-        rows = x.reshape(-1, x.shape[-1])
+        rows = input.reshape(-1, input.shape[-1])
         q = torch.clamp(torch.round(rows / scale), -127, 127).to(torch.int8)
         try:
             acc = torch._int_mm(q, self.weight_q)
@@ -178,7 +178,7 @@ class QuantLinear(QuantizedLayer):
         out = acc.float().mul_(scale * self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out.reshape(*input.shape[:-1], out.shape[-1])
 
 
 class QuantConv2d(QuantizedLayer):
@@ -195,8 +195,8 @@ class QuantConv2d(QuantizedLayer):
         if layer.padding_mode != "zeros":
             raise ValueError(f"Conv2d with padding_mode {layer.padding_mode!r} is not supported")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.fake_quant_input(x, 1), self.dequantized_weight(), self.bias, **self.conv_args)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.fake_quant_input(input, 1), self.dequantized_weight(), self.bias, **self.conv_args)
 
 
 def quantized(layer: torch.nn.Module, weight_bits: int, act_bits: int, act_absmax: torch.Tensor,

@@ -43,7 +43,7 @@ class Guard:
         me = threading.get_ident()
         if self._thread != me:
             with self._lock:
-                if self._thread is not None and self._thread != me and _calling(self._thread, self.host):
+                if self._thread is not None and self._thread != me and _calling(self._thread, self.host, self.model):
                     raise PlanError(CONCURRENT)
                 self._thread = me
         return True
@@ -67,12 +67,14 @@ def replaced_denoiser(component: str) -> str:
             f"new model): diffaccel.disable(pipe) before replacing it, then apply a plan made for the new one")
 
 
-def _calling(thread: int, host: Any) -> bool:
-    """Whether ``thread`` is inside a method of ``host`` (a call still running, not one that stopped
-    mid-run: the next thread may start its own)."""
+def _calling(thread: int, host: Any, model: torch.nn.Module) -> bool:
+    """Whether ``thread`` is inside a method of ``host``, of ``model`` or of another object holding
+    ``model`` (a pipeline made with ``from_pipe``, or any pipeline around a bare model under a plan):
+    a call still running, not one that stopped mid-run (the next thread may start its own)."""
     frame = sys._current_frames().get(thread)
     while frame is not None:
-        if frame.f_locals.get("self") is host:
+        owner = frame.f_locals.get("self")
+        if owner is host or owner is model or any(value is model for value in getattr(owner, "__dict__", {}).values()):
             return True
         frame = frame.f_back
     return False

@@ -38,7 +38,8 @@ def check_call(spec: SolverSpec, num_inference_steps: int | None, timesteps: Any
     override or that the pipeline itself would misread."""
     if timesteps is not None or sigmas is not None:
         raise PlanError("the plan's solver section sets the timesteps: call the pipeline without timesteps= and "
-                        "sigmas= (or use a plan without a solver section)")
+                        "sigmas= (a pipeline that passes its own to its scheduler, as CogView4 does, cannot run a "
+                        "solver section: use a plan without one)")
     if num_inference_steps is None or int(num_inference_steps) == spec.steps:
         return
     if exact_steps:

@@ -75,7 +75,7 @@ class Quantization(Feature):
                                        for parent, *_ in self.handle.replacements):
             warn(PlanWarning("fuse_qkv_projections ran while the quantized plan was applied: the fused layers hold "
                              "the quantized weights, rounded; call unfuse_qkv_projections() on the model (and fuse "
-                             "again now, if you want), or fuse before applying the plan"))
+                             "again now, if you want): a quantized plan runs on the unfused model"))
         self.handle.restore()
 
     def swapped(self) -> dict[int, Any]:
