@@ -331,6 +331,12 @@ def test_bench_runs_at_the_step_count_every_prompt_line_sets(monkeypatch, capsys
     assert "images of different sizes" in one_line_error(
         monkeypatch, capsys, "bench", "--pipeline", folder, "--prompts", sizes, "--out", tmp_path / "s")
     assert not (tmp_path / "s").exists()
+    two_sizes = tmp_path / "two_sizes.jsonl"  # generate refuses them before sampling too (it did after)
+    two_sizes.write_text("".join(json.dumps({"prompt": "a red circle", "num_inference_steps": 3, "height": 32,
+                                             "width": width}) + "\n" for width in (32, 24)))
+    assert "prompt lines make images of different sizes" in one_line_error(
+        monkeypatch, capsys, "generate", "--pipeline", folder, "--prompts", two_sizes, "--out", tmp_path / "g")
+    assert not (tmp_path / "g" / "record.json").exists()
     assert "--threads 100000 is more than" in one_line_error(
         monkeypatch, capsys, "generate", "--model", "dit", "--threads", "100000", "--out", tmp_path / "t")
 

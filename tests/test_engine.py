@@ -490,3 +490,13 @@ def test_a_failed_save_of_a_quantized_plan_leaves_the_earlier_plan_and_its_calib
     assert (tmp_path / "out" / "plan.calibration.safetensors").read_bytes() == before  # had been the new plan's
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plan.calibration.safetensors", "plan.json",
                                                                      "plan.json.tmp"]
+
+
+def test_a_guidance_scale_too_large_for_the_dtype_is_named_among_the_causes_of_a_non_finite_output(pipes):
+    """``--guidance 1e30`` ended in "the model, its input or the plan's correction or scale values are
+    broken": guidance was not among the causes named."""
+    pipe = pipes[0]
+    with pytest.raises(CacheError, match="non-finite value .*a guidance scale too large"):
+        with diffaccel.accelerate(pipe, identity_plan(pipe.denoiser)):
+            call(pipe, guidance=1e38)
+    assert untouched(pipe.denoiser)

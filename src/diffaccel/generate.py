@@ -248,6 +248,9 @@ def run_generate(target: Target, cfg: GenerateConfig, out: Path, plan: Plan | No
     workload = target.workload(cfg.steps, cfg.guidance, cfg.per_class, cfg.seed, calibration=False,
                                classes=ids or None, batch_size=cfg.batch_size)
     calls = list(workload.calls)
+    if len({size for c in calls if None not in (size := (c.kwargs.get("height"), c.kwargs.get("width")))}) > 1:
+        raise WorkloadError("the prompt lines make images of different sizes (one grid holds them): give every "
+                            "line the same height and width")  # checked before sampling: _concat's is after
     runner = Runner(target, plan)
     check_job(parallel, group, runner.executor.model, plan)
     check_agreement(group, runner.executor.model, plan, {"config": asdict(cfg), "compare": compare, "parallel": None

@@ -46,8 +46,9 @@ def non_finite_error(state: Any, names: list[str]) -> CacheError:
     (one reduction over the output found it: a check per unit cost 5% of a small DiT's run)."""
     index = next((i for i, value in state.computed.items() if not all_finite(value)), None)
     where = "the model" if index is None else f"unit {names[index]}"
-    return CacheError(f"{where} produced a non-finite value at step {state.step}: the model, its input or the "
-                      "plan's correction or scale values are broken (NaN or infinity); the run was stopped")
+    return CacheError(f"{where} produced a non-finite value at step {state.step}: the model, its input (latents, "
+                      "conditioning, a guidance scale too large for the dtype) or the plan's correction or scale "
+                      "values are broken (NaN or infinity); the run was stopped")
 
 
 def primary(tree: Any) -> torch.Tensor:
