@@ -54,6 +54,8 @@ def test_integer_settings_refuse_fractions_and_take_whole_floats():
         sweeps.validate({"torchao": [{"cache_keys": 2.5}]}, "dit")
     with pytest.raises(SweepError, match="fora's interval is a number"):
         sweeps.validate({"fora": [{"interval": float("nan")}]}, "dit")
+    with pytest.raises(SweepError, match="fora's interval is a number .*got null"):
+        sweeps.validate({"fora": [{"interval": None}]}, "dit")  # had passed, to fail when the row ran
     kept = sweeps.validate({"fora": [{"interval": 2.0}], "torchao": [{"cache_keys": None}]}, "dit")
     assert kept["fora"] == [{"interval": 2}] and type(kept["fora"][0]["interval"]) is int
     assert kept["torchao"] == [{"cache_keys": None}]

@@ -240,7 +240,11 @@ def _check_types(name: str, setting: dict, defaults: dict, source: str) -> None:
     (2.5 steps had run as 2 under the label steps=2.5)."""
     for knob, value in setting.items():
         default = defaults.get(knob)
-        whole = _is_whole_knob(knob, default) and value is not None
+        if value is None:  # null: allowed where the default is null too (cache_keys), not for a number
+            if isinstance(default, int | float) and not isinstance(default, bool):
+                raise SweepError(f"{source}: {name}'s {knob} is a number (default {default!r}), got null")
+            continue
+        whole = _is_whole_knob(knob, default)
         if not (whole or isinstance(default, float)):
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
