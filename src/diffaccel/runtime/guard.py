@@ -81,6 +81,7 @@ def _calling(thread: int, host: Any, model: torch.nn.Module) -> bool:
 
 
 def components(pipe: Any) -> dict[str, Any]:
+    """A pipeline's named parts: diffusers' ``components``, else the object's attributes."""
     if pipe is None:
         return {}
     found = getattr(pipe, "components", None)

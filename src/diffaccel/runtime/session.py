@@ -12,7 +12,7 @@ from diffaccel.adapters import find_denoiser
 from diffaccel.errors import PlanError, PlanWarning, warn
 from diffaccel.plan import Plan
 from diffaccel.runtime.executor import NESTED, Executor
-from diffaccel.runtime.guard import applied, check_not_stale
+from diffaccel.runtime.guard import applied, check_not_stale, components
 
 # schedulers that evaluate the model twice at some timestep of a run
 REPEATS_TIMESTEPS = ("PNDMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
@@ -95,9 +95,7 @@ def disable(target: Any) -> None:
     """Remove whatever plan is applied to ``target``'s models (a no-op if none is), also one applied to a
     denoiser the pipeline no longer holds (replaced meanwhile)."""
     executors = [*applied(target), getattr(target, "_diffaccel_executor", None)]
-    components = getattr(target, "components", None)
-    source = components if isinstance(components, dict) else vars(target)
-    executors += [getattr(m, "_diffaccel_executor", None) for m in source.values()]
+    executors += [getattr(m, "_diffaccel_executor", None) for m in components(target).values()]
     removed: list[Executor] = []
     for executor in executors:
         if isinstance(executor, Executor) and not any(executor is done for done in removed):
